@@ -1,0 +1,196 @@
+//! The block map of an image: one digest per block, one per group of blocks,
+//! and one for the whole image.
+//!
+//! It is a two-level hash tree. A group digest covers the full digests of
+//! about 1 MiB of blocks, and the image digest covers the group digests plus
+//! the image's size and block size. Comparing group digests first lets two
+//! ends holding identical data agree after exchanging only 32 bytes per MiB;
+//! checking every settled group against its full digest is what makes the
+//! truncated per-block keys on the wire safe.
+//!
+//! Hashing runs on all cores (rayon), one group per task, and hands finished
+//! groups to the caller in order so that a sender can stream them while the
+//! rest of the image is still being hashed.
+
+use rayon::prelude::*;
+
+use crate::digest::{is_zero, Algorithm, Digest, ZeroDigests};
+use crate::image::{Image, ImageError};
+use crate::layout::Layout;
+
+const GROUP_LABEL: &[u8] = b"xenmig-group-v1";
+/// Groups hashed per parallel batch: enough work for every core, small enough
+/// that the first digests leave early.
+const BATCH_GROUPS: u64 = 16;
+
+#[derive(Clone, Debug)]
+pub struct BlockMap {
+    pub algo: Algorithm,
+    pub layout: Layout,
+    /// Full digest of each block, in block order.
+    pub digests: Vec<Digest>,
+    /// Whether each block is all zeros.
+    pub zero: Vec<bool>,
+    /// Digest of each group of `layout.group_blocks()` blocks.
+    pub groups: Vec<Digest>,
+    pub image_digest: Digest,
+}
+
+/// Digest of a group from the full digests of its blocks.
+pub fn group_digest(algo: Algorithm, blocks: &[Digest]) -> Digest {
+    algo.digest_of_digests(GROUP_LABEL, blocks.iter())
+}
+
+/// Digest of a whole image from its group digests.
+pub fn image_digest(algo: Algorithm, layout: &Layout, groups: &[Digest]) -> Digest {
+    let mut label = b"xenmig-image-v1".to_vec();
+    label.extend_from_slice(&layout.size.to_le_bytes());
+    label.extend_from_slice(&layout.block_size.to_le_bytes());
+    algo.digest_of_digests(&label, groups.iter())
+}
+
+/// Byte range `[start, end)` covered by blocks `[first, end)`. Segments tile
+/// the image, so consecutive blocks are contiguous on disk.
+pub fn byte_range(layout: &Layout, first: u64, end: u64) -> (u64, u64) {
+    let (start, _) = layout.extent(first);
+    let (last, len) = layout.extent(end - 1);
+    (start, last + len as u64)
+}
+
+/// One hashed group: block digests, zero flags and the group digest.
+pub struct HashedGroup {
+    pub blocks: Vec<Digest>,
+    pub zero: Vec<bool>,
+    pub digest: Digest,
+}
+
+/// Read and hash group `g` of `img` under `layout`.
+pub fn hash_group(img: &Image, layout: &Layout, algo: Algorithm, zeros: &ZeroDigests, g: u64) -> Result<HashedGroup, ImageError> {
+    let (first, end) = layout.group_range(g);
+    let (start, stop) = byte_range(layout, first, end);
+    let mut buf = vec![0u8; (stop - start) as usize];
+    img.read_at(&mut buf, start)?;
+    let n = (end - first) as usize;
+    let mut blocks = Vec::with_capacity(n);
+    let mut zero = Vec::with_capacity(n);
+    for i in first..end {
+        let (off, len) = layout.extent(i);
+        let data = &buf[(off - start) as usize..(off - start) as usize + len];
+        if is_zero(data) {
+            blocks.push(zeros.get(len));
+            zero.push(true);
+        } else {
+            blocks.push(algo.digest(data));
+            zero.push(false);
+        }
+    }
+    let digest = group_digest(algo, &blocks);
+    Ok(HashedGroup { blocks, zero, digest })
+}
+
+impl BlockMap {
+    /// Hash `img` under `layout` on all cores. `on_batch(first_group, groups)`
+    /// sees each batch of finished groups in order; `progress(bytes)` counts
+    /// bytes hashed.
+    pub fn compute(
+        img: &Image,
+        layout: Layout,
+        algo: Algorithm,
+        mut on_batch: impl FnMut(u64, &[HashedGroup]),
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<BlockMap, ImageError> {
+        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        let n = layout.block_count() as usize;
+        let mut digests = Vec::with_capacity(n);
+        let mut zero = Vec::with_capacity(n);
+        let mut groups = Vec::with_capacity(layout.group_count() as usize);
+        let gcount = layout.group_count();
+        let mut g = 0;
+        while g < gcount {
+            let end = (g + BATCH_GROUPS).min(gcount);
+            let batch: Vec<HashedGroup> = (g..end)
+                .into_par_iter()
+                .map(|gi| {
+                    let h = hash_group(img, &layout, algo, &zeros, gi)?;
+                    let (a, b) = layout.group_range(gi);
+                    let (s, e) = byte_range(&layout, a, b);
+                    progress(e - s);
+                    Ok(h)
+                })
+                .collect::<Result<_, ImageError>>()?;
+            on_batch(g, &batch);
+            for h in batch {
+                digests.extend_from_slice(&h.blocks);
+                zero.extend_from_slice(&h.zero);
+                groups.push(h.digest);
+            }
+            g = end;
+        }
+        let image_digest = image_digest(algo, &layout, &groups);
+        Ok(BlockMap { algo, layout, digests, zero, groups, image_digest })
+    }
+
+    /// Hash without streaming or progress.
+    pub fn of_image(img: &Image, layout: Layout, algo: Algorithm) -> Result<BlockMap, ImageError> {
+        Self::compute(img, layout, algo, |_, _| {}, &|_| {})
+    }
+
+    pub fn zero_blocks(&self) -> u64 {
+        self.zero.iter().filter(|&&z| z).count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image_with(data: &[u8]) -> (tempfile::NamedTempFile, Image) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(data).unwrap();
+        f.flush().unwrap();
+        let img = Image::open_read(f.path()).unwrap();
+        (f, img)
+    }
+
+    #[test]
+    fn map_matches_direct_hashing() {
+        let mut data = vec![0u8; 3 * 4096 + 100];
+        data[4096..8192].fill(9);
+        data[12288..].fill(3);
+        let (_f, img) = image_with(&data);
+        let layout = Layout::flat(data.len() as u64, 4096).unwrap();
+        let m = BlockMap::of_image(&img, layout, Algorithm::Blake3).unwrap();
+        assert_eq!(m.digests.len(), 4);
+        assert_eq!(m.zero, vec![true, false, true, false]);
+        assert_eq!(m.digests[1], Algorithm::Blake3.digest(&data[4096..8192]));
+        assert_eq!(m.digests[3], Algorithm::Blake3.digest(&data[12288..]));
+        assert_eq!(m.groups.len(), 1);
+        assert_eq!(m.groups[0], group_digest(Algorithm::Blake3, &m.digests));
+        assert_eq!(m.zero_blocks(), 2);
+    }
+
+    #[test]
+    fn streaming_sees_every_group_in_order() {
+        let data: Vec<u8> = (0..(40u32 << 20) / 4096 * 4096).map(|i| (i / 4096 % 251) as u8).collect();
+        let (_f, img) = image_with(&data);
+        let layout = Layout::flat(data.len() as u64, 4096).unwrap();
+        let mut seen = Vec::new();
+        let m = BlockMap::compute(&img, layout, Algorithm::Sha256, |g, b| seen.push((g, b.len())), &|_| {}).unwrap();
+        assert_eq!(seen, vec![(0, 16), (16, 16), (32, 8)]);
+        assert_eq!(m.groups.len(), 40);
+    }
+
+    #[test]
+    fn image_digest_depends_on_content_and_size() {
+        let (_f, a) = image_with(&[1u8; 8192]);
+        let (_g, b) = image_with(&[2u8; 8192]);
+        let la = Layout::flat(8192, 4096).unwrap();
+        let ma = BlockMap::of_image(&a, la.clone(), Algorithm::Blake3).unwrap();
+        let mb = BlockMap::of_image(&b, la, Algorithm::Blake3).unwrap();
+        assert_ne!(ma.image_digest, mb.image_digest);
+        let l512 = Layout::flat(8192, 512).unwrap();
+        let m512 = BlockMap::of_image(&a, l512, Algorithm::Blake3).unwrap();
+        assert_ne!(ma.image_digest, m512.image_digest);
+    }
+}

@@ -1,0 +1,322 @@
+//! Command-line interface: argument parsing, output and exit codes.
+//!
+//! Exit codes scripts can rely on: 0 success (for `copy`: the target is
+//! verified), 1 the operation failed (nothing reported verified), 2 bad
+//! usage (from clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use xenmig::blockmap::BlockMap;
+use xenmig::compress::Choice;
+use xenmig::digest::{hex, Algorithm};
+use xenmig::engine::copy::{self, CopyOptions, ServeRole};
+use xenmig::engine::references::layout_of;
+use xenmig::engine::source::SourceOptions;
+use xenmig::engine::target::TargetOptions;
+use xenmig::engine::{Progress, Report};
+use xenmig::hashfile;
+use xenmig::image::Image;
+use xenmig::index::Index;
+use xenmig::layout::{check_block_size, Align};
+use xenmig::transport::Location;
+
+const AFTER_HELP: &str = "\
+Examples:
+  xenmig copy guest.img root@host2:/dev/vg0/guest      push a disk to another host over ssh
+  xenmig copy -r /dev/vg0/debian12 host1:/dev/vg0/web /dev/vg0/web
+                                                       pull, reusing blocks of a local template
+  xenmig hash -o web.xmh /dev/vg0/web                  per-block digests (the seed's shafs)
+  xenmig index -o refs.xmi /dev/vg0/debian11 /dev/vg0/debian12
+                                                       index reference images (the seed's mkidx)
+
+Exit status: 0 success (copy: target verified), 1 failure, 2 bad usage.
+Logging: -v, -vv, or RUST_LOG=debug.";
+
+#[derive(Parser)]
+#[command(name = "xenmig", version, about = "Move Xen guests with their local disks: hash-dedup block copy between hosts", after_help = AFTER_HELP)]
+struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// No progress bar.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct HashArgs {
+    /// Block digest: blake3 (default), sha256, or sha1 (seed-compatible, NOT
+    /// collision-safe: avoid when references hold other tenants' data).
+    #[arg(long = "hash", default_value = "blake3", value_name = "ALGO")]
+    algo: Algorithm,
+    /// Block size in bytes: a power of two from 512 to 1048576.
+    #[arg(long, default_value_t = 4096, value_parser = parse_block_size)]
+    block_size: u32,
+    /// How to cut images: `partitions` hashes each MBR partition from its
+    /// own start (so a partition at sector 63 dedups against an aligned
+    /// copy), `flat` cuts from offset 0.
+    #[arg(long, default_value = "partitions", value_name = "MODE")]
+    align: Align,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy a disk image or block device, sending only blocks the target
+    /// does not already have.
+    ///
+    /// SRC and DST are local paths (file or block device) or [user@]host:path,
+    /// reached over ssh, where `xenmig serve` runs as the far end. The
+    /// target rebuilds SRC from zero blocks, its own earlier content (so
+    /// copying onto an older copy, or rerunning an interrupted copy, moves
+    /// only what differs), reference images, and runs fetched from the
+    /// source, compressed. Every block is verified before it counts, and the
+    /// whole target is checked against the source's image digest.
+    Copy(CopyArgs),
+    /// Compute per-block digests of an image (the seed's shafs).
+    Hash {
+        image: PathBuf,
+        /// Write the hash file here (format: see README).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        hash: HashArgs,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an index of reference images, for `copy -r` (the seed's mkidx).
+    Index {
+        /// Where to write the index.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Reference images (files or block devices) to index.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        hash: HashArgs,
+    },
+    /// Print what a hash or index file holds.
+    Show { file: PathBuf },
+    /// One end of a copy on stdin/stdout; what `copy` runs on a remote host.
+    Serve {
+        /// Serve this image as the source.
+        #[arg(long, conflicts_with = "target", required_unless_present = "target")]
+        source: Option<PathBuf>,
+        /// Rebuild the source's image into this path.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        #[command(flatten)]
+        hash: HashArgs,
+        #[arg(long, default_value = "auto")]
+        compress: Choice,
+        #[arg(short = 'r', long = "reference")]
+        references: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct CopyArgs {
+    /// Source: PATH or [user@]host:PATH.
+    src: String,
+    /// Destination: PATH or [user@]host:PATH. A file is created or resized
+    /// to the source's size; a block device must be at least as large.
+    dst: String,
+    /// Image or index file on the DST side whose blocks may be reused
+    /// (repeatable).
+    #[arg(short = 'r', long = "reference", value_name = "PATH")]
+    references: Vec<PathBuf>,
+    /// Compression of fetched blocks: auto (from measured link rate and CPU
+    /// cost), none, lz4, zstd[:LEVEL], zlib[:LEVEL].
+    #[arg(long, default_value = "auto", value_name = "CODEC")]
+    compress: Choice,
+    #[command(flatten)]
+    hash: HashArgs,
+    /// Command used to reach a remote host instead of `ssh` (as `xl
+    /// migrate -s`); an empty string runs the remote command locally.
+    #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "COMMAND")]
+    ssh: String,
+    /// The xenmig program on the remote host.
+    #[arg(long, default_value = "xenmig", value_name = "PATH")]
+    remote_xenmig: String,
+    /// Print one JSON object with the report at the end (also on failure).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    check_block_size(n)?;
+    Ok(n)
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .target(env_logger::Target::Stderr)
+        .init();
+    let quiet = cli.quiet;
+    match run(cli.command, quiet) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xenmig: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Copy(a) => Ok(run_copy(a, quiet)),
+        Command::Hash { image, output, hash, json } => {
+            let img = Image::open_read(&image)?;
+            let layout = layout_of(&img, hash.block_size, hash.align)?;
+            if !hash.algo.collision_safe() {
+                log::warn!("SHA-1 is not collision-safe: use it only for compatibility with the seed's tools");
+            }
+            let progress = Progress::stderr(quiet);
+            progress.phase("hashing", layout.size);
+            let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+            progress.finish();
+            if let Some(out) = &output {
+                hashfile::write(&map, out)?;
+            }
+            print_map_summary(&image, &map, json);
+            Ok(0)
+        }
+        Command::Index { output, images, hash } => {
+            let progress = Progress::stderr(quiet);
+            let mut idx = Index::new(hash.algo, hash.block_size);
+            for path in &images {
+                let img = Image::open_read(path)?;
+                let layout = layout_of(&img, hash.block_size, hash.align)?;
+                progress.phase("indexing", layout.size);
+                let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+                let abs = std::fs::canonicalize(path)?;
+                idx.add(abs, &map);
+            }
+            progress.finish();
+            idx.write(&output)?;
+            println!("{}: {} images, {} distinct blocks, {} distinct groups", output.display(), idx.images.len(), idx.blocks.len(), idx.groups.len());
+            Ok(0)
+        }
+        Command::Show { file } => {
+            if xenmig::engine::references::is_index_file(&file) {
+                let idx = Index::read(&file)?;
+                println!("index {}: {} {} bytes/block, {} distinct blocks", file.display(), idx.algo, idx.block_size, idx.blocks.len());
+                for im in &idx.images {
+                    println!("  {}  {} bytes  {}", hex(&im.image_digest[..idx.algo.width()]), im.layout.size, im.path.display());
+                }
+            } else {
+                let map = hashfile::read(&file)?;
+                print_map_summary(&file, &map, false);
+            }
+            Ok(0)
+        }
+        Command::Serve { source, target, hash, compress, references } => {
+            let role = match (source, target) {
+                (Some(p), None) => ServeRole::Source(p, SourceOptions { algo: hash.algo, block_size: hash.block_size, align: hash.align, compress }),
+                (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
+                _ => anyhow::bail!("give exactly one of --source and --target"),
+            };
+            copy::serve(role)?;
+            Ok(0)
+        }
+    }
+}
+
+fn print_map_summary(path: &std::path::Path, map: &BlockMap, json: bool) {
+    let w = map.algo.width();
+    if json {
+        let v = json!({
+            "image": path.display().to_string(),
+            "algorithm": map.algo.name(),
+            "block_size": map.layout.block_size,
+            "image_size": map.layout.size,
+            "segments": map.layout.segments,
+            "blocks_total": map.digests.len(),
+            "blocks_zero": map.zero_blocks(),
+            "digest": hex(&map.image_digest[..w]),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{}  {}  {} {}-byte blocks ({} zero), {} segment(s), {}",
+            hex(&map.image_digest[..w]),
+            path.display(),
+            map.digests.len(),
+            map.layout.block_size,
+            map.zero_blocks(),
+            map.layout.segments.len(),
+            map.algo
+        );
+    }
+}
+
+fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
+    let src = Location::parse(&a.src);
+    let dst = Location::parse(&a.dst);
+    if !a.hash.algo.collision_safe() {
+        log::warn!("SHA-1 is not collision-safe: a reference holding another tenant's data could supply colliding blocks");
+    }
+    let opts = CopyOptions {
+        source: SourceOptions { algo: a.hash.algo, block_size: a.hash.block_size, align: a.hash.align, compress: a.compress },
+        target: TargetOptions { references: a.references },
+        ssh: a.ssh,
+        remote_xenmig: a.remote_xenmig,
+    };
+    let progress = Progress::stderr(quiet || a.json);
+    let result = copy::copy(&src, &dst, &opts, &progress);
+    progress.finish();
+    match result {
+        Ok(report) => {
+            print_report(&report, a.json);
+            0
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
+            }
+            eprintln!("xenmig: copy {} -> {} failed: {e}", a.src, a.dst);
+            1
+        }
+    }
+}
+
+fn print_report(r: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+        return;
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let pct = |n: u64| if r.blocks_total == 0 { 0.0 } else { 100.0 * n as f64 / r.blocks_total as f64 };
+    println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
+    println!(
+        "  blocks: {} total, {} zero ({:.1}%), {} reused ({:.1}%, {} in place), {} fetched ({:.1}%)",
+        r.blocks_total,
+        r.blocks_zero,
+        pct(r.blocks_zero),
+        r.blocks_reused,
+        pct(r.blocks_reused),
+        r.blocks_in_place,
+        r.blocks_fetched,
+        pct(r.blocks_fetched),
+    );
+    println!(
+        "  wire: {:.2} MiB in all ({:.3}% of the image); fetched {:.2} MiB sent as {:.2} MiB",
+        mib(r.bytes_wire),
+        if r.image_size == 0 { 0.0 } else { 100.0 * r.bytes_wire as f64 / r.image_size as f64 },
+        mib(r.bytes_fetched),
+        mib(r.bytes_payload_wire)
+    );
+}

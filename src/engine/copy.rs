@@ -1,0 +1,133 @@
+//! A whole copy: start both ends (a thread for a local end, `xenmig serve`
+//! through ssh for a remote one), run the protocol, and return the report.
+
+use std::path::PathBuf;
+use std::thread;
+use std::time::Instant;
+
+use crate::transport::{Link, Location, Peer};
+
+use super::source::{self, SourceOptions};
+use super::target::{self, TargetOptions};
+use super::{EngineError, Progress, Report};
+
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    pub source: SourceOptions,
+    pub target: TargetOptions,
+    /// Command that reaches a remote host (`ssh` by default); empty runs the
+    /// remote command locally.
+    pub ssh: String,
+    /// The xenmig program on the remote host.
+    pub remote_xenmig: String,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions { source: SourceOptions::default(), target: TargetOptions::default(), ssh: "ssh".into(), remote_xenmig: "xenmig".into() }
+    }
+}
+
+/// Arguments for `xenmig serve` playing the source end.
+fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
+    let s = &o.source;
+    let align = match s.align {
+        crate::layout::Align::Partitions => "partitions",
+        crate::layout::Align::Flat => "flat",
+    };
+    let compress = match s.compress {
+        crate::compress::Choice::Auto => "auto".to_string(),
+        crate::compress::Choice::Fixed(c) => c.to_string(),
+    };
+    vec![
+        o.remote_xenmig.clone(),
+        "serve".into(),
+        "--source".into(),
+        path.into(),
+        "--hash".into(),
+        s.algo.name().into(),
+        "--block-size".into(),
+        s.block_size.to_string(),
+        "--align".into(),
+        align.into(),
+        "--compress".into(),
+        compress,
+    ]
+}
+
+/// Arguments for `xenmig serve` playing the target end.
+fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
+    let mut v = vec![o.remote_xenmig.clone(), "serve".into(), "--target".into(), path.into()];
+    for r in &o.target.references {
+        v.push("--reference".into());
+        v.push(r.display().to_string());
+    }
+    v
+}
+
+/// Copy `src` to `dst`; at most one of them may be remote.
+pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progress) -> Result<Report, EngineError> {
+    let started = Instant::now();
+    let mut report = match (src, dst) {
+        (Location::Local(s), Location::Local(d)) => {
+            let (a, b) = Link::pair()?;
+            let (s, sopts) = (s.clone(), opts.source.clone());
+            let source = thread::spawn(move || source::run(&s, &sopts, a, &Progress::hidden()));
+            let result = target::run(d, &opts.target, b, progress);
+            let source_result = source.join().expect("source thread panicked");
+            // The target's error is the more telling one: it names what did
+            // not arrive or did not verify.
+            let report = result?;
+            source_result?;
+            report
+        }
+        (Location::Local(s), Location::Remote { host, path }) => {
+            let (link, peer) = Link::spawn(&opts.ssh, host, &serve_target_args(opts, path))?;
+            let stats = link.stats.clone();
+            let r = source::run(s, &opts.source, link, progress);
+            let mut report = finish_remote(r, peer)?;
+            report.bytes_wire = stats.total();
+            report
+        }
+        (Location::Remote { host, path }, Location::Local(d)) => {
+            let (link, peer) = Link::spawn(&opts.ssh, host, &serve_source_args(opts, path))?;
+            let r = target::run(d, &opts.target, link, progress);
+            finish_remote(r, peer)?
+        }
+        (Location::Remote { .. }, Location::Remote { .. }) => {
+            return Err(EngineError::Other("both SRC and DST are remote; run xenmig on one of the two hosts".into()))
+        }
+    };
+    report.source = src.to_string();
+    report.target = dst.to_string();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Wait for the remote end after our end is done; on failure, stop it.
+fn finish_remote(r: Result<Report, EngineError>, peer: Peer) -> Result<Report, EngineError> {
+    match r {
+        Ok(report) => {
+            peer.close()?;
+            Ok(report)
+        }
+        Err(e) => {
+            peer.abort();
+            Err(e)
+        }
+    }
+}
+
+/// `xenmig serve`: one end of a copy on stdin/stdout.
+pub enum ServeRole {
+    Source(PathBuf, SourceOptions),
+    Target(PathBuf, TargetOptions),
+}
+
+pub fn serve(role: ServeRole) -> Result<Option<Report>, EngineError> {
+    let link = Link::stdio();
+    match role {
+        ServeRole::Source(p, o) => source::run(&p, &o, link, &Progress::hidden()).map(Some),
+        ServeRole::Target(p, o) => target::run(&p, &o, link, &Progress::hidden()).map(Some),
+    }
+}

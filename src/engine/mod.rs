@@ -1,0 +1,91 @@
+//! The two ends of a copy and what they report.
+//!
+//! [`source::run`] reads the image and answers requests; [`target::run`]
+//! rebuilds the image from zero blocks, its own earlier content, reference
+//! images and fetched runs, verifying everything. [`copy`] joins two local
+//! ends with a socket pair so that a local copy speaks exactly the protocol
+//! a remote one does.
+
+pub mod copy;
+pub mod progress;
+pub mod references;
+pub mod source;
+pub mod target;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::compress::CodecError;
+use crate::fileformat::FormatError;
+use crate::image::ImageError;
+use crate::protocol::ProtocolError;
+use crate::transport::TransportError;
+
+pub use progress::Progress;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("fetched run at block {block}: {source}")]
+    Codec { block: u64, source: CodecError },
+    #[error("block {block} (offset {offset}) from the source does not match its digest: the source changed during the copy, or the link corrupted data")]
+    BadBlock { block: u64, offset: u64 },
+    #[error("group {group} (blocks {first}..{end}) still differs from the source's digest after refetching it")]
+    GroupMismatch { group: u64, first: u64, end: u64 },
+    #[error("the peer's request is out of range: {0}")]
+    BadRequest(String),
+    #[error("the peer sent {0}")]
+    BadReply(String),
+    #[error("reference {path}: {what}")]
+    Reference { path: PathBuf, what: String },
+    #[error("the copy finished but its digest {got} does not match the source's {want}")]
+    NotVerified { got: String, want: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The outcome of a copy, as `--json` prints it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub source: String,
+    pub target: String,
+    pub image_size: u64,
+    pub block_size: u32,
+    pub algorithm: String,
+    pub blocks_total: u64,
+    /// All-zero blocks: never sent, left as holes in a fresh file.
+    pub blocks_zero: u64,
+    /// Non-zero blocks found on the target side (its own earlier content or
+    /// a reference), each verified.
+    pub blocks_reused: u64,
+    /// Non-zero blocks fetched from the source, each verified.
+    pub blocks_fetched: u64,
+    /// Of the reused blocks, those already in place in the target.
+    pub blocks_in_place: u64,
+    /// Groups settled by their group digest alone (no per-block keys sent).
+    pub groups_matched: u64,
+    pub groups_total: u64,
+    /// Groups fetched whole again because their blocks did not add up.
+    pub groups_refetched: u64,
+    /// Raw bytes of fetched blocks, and what they cost on the wire.
+    pub bytes_fetched: u64,
+    pub bytes_payload_wire: u64,
+    /// Every byte that crossed between the two ends, both directions,
+    /// framing included.
+    pub bytes_wire: u64,
+    pub seconds: f64,
+    /// True only when every group, and so the whole target as written,
+    /// matched the source's digests.
+    pub verified: bool,
+    /// The source's whole-image digest (hex).
+    pub digest: String,
+}

@@ -1,0 +1,58 @@
+//! Progress display: a bar with rate and ETA on a terminal, nothing
+//! otherwise (scripts read the final report instead).
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+#[derive(Clone)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// A bar on stderr if it is a terminal and `quiet` is false.
+    pub fn stderr(quiet: bool) -> Progress {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Progress { bar: Some(bar) }
+    }
+
+    pub fn hidden() -> Progress {
+        Progress { bar: None }
+    }
+
+    /// Start a phase of `total` bytes.
+    pub fn phase(&self, name: &str, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_prefix(name.to_string());
+            b.set_length(total);
+            b.set_position(0);
+            b.reset_eta();
+        }
+    }
+
+    pub fn inc(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+
+    pub fn message(&self, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

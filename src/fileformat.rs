@@ -1,0 +1,163 @@
+//! Shared framing of xenmig's persisted binary files (hash files, indexes).
+//!
+//! Every file is: an 8-byte magic naming its kind, a little-endian `u16`
+//! format version, the body, and a 32-byte BLAKE3 checksum of everything
+//! before it. The checksum is what turns a truncated or damaged file into a
+//! clear error instead of wrong digests. Readers refuse versions newer than
+//! they know.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::digest::{Algorithm, Digest};
+use crate::layout::{Layout, Segment};
+
+const TRAILER: usize = 32;
+
+#[derive(Debug, Error)]
+pub enum FormatError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a xenmig {kind} file (bad magic)")]
+    Magic { path: PathBuf, kind: &'static str },
+    #[error("{path} is format version {found}; this xenmig reads version {known} (upgrade xenmig)")]
+    Version { path: PathBuf, found: u16, known: u16 },
+    #[error("{path} is truncated or corrupt (checksum mismatch)")]
+    Checksum { path: PathBuf },
+    #[error("{path} is malformed: {what}")]
+    Malformed { path: PathBuf, what: String },
+}
+
+/// Builds a file body in memory, then writes it atomically with its checksum.
+pub struct FileWriter {
+    buf: Vec<u8>,
+}
+
+impl FileWriter {
+    pub fn new(magic: &[u8; 8], version: u16) -> Self {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(magic);
+        buf.extend_from_slice(&version.to_le_bytes());
+        FileWriter { buf }
+    }
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    pub fn layout(&mut self, l: &Layout) {
+        self.u64(l.size);
+        self.u32(l.block_size);
+        self.u32(l.segments.len() as u32);
+        for s in &l.segments {
+            self.u64(s.start);
+            self.u64(s.len);
+        }
+    }
+    /// Write to `path` through a temporary file and rename, so that a crash
+    /// never leaves a half-written file under the final name.
+    pub fn finish(mut self, path: &Path) -> Result<(), FormatError> {
+        let sum = blake3::hash(&self.buf);
+        self.buf.extend_from_slice(sum.as_bytes());
+        let tmp = path.with_extension("partial");
+        let werr = |source| FormatError::Write { path: path.into(), source };
+        std::fs::write(&tmp, &self.buf).map_err(werr)?;
+        std::fs::rename(&tmp, path).map_err(werr)
+    }
+}
+
+/// Reads a checked file body; every read is bounds-checked.
+pub struct FileReader {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    path: PathBuf,
+}
+
+impl FileReader {
+    pub fn open(path: &Path, magic: &[u8; 8], kind: &'static str, known: u16) -> Result<(Self, u16), FormatError> {
+        let buf = std::fs::read(path).map_err(|source| FormatError::Io { path: path.into(), source })?;
+        if buf.len() < 8 || &buf[..8] != magic {
+            return Err(FormatError::Magic { path: path.into(), kind });
+        }
+        if buf.len() < 10 + TRAILER {
+            return Err(FormatError::Checksum { path: path.into() });
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        if version > known || version == 0 {
+            return Err(FormatError::Version { path: path.into(), found: version, known });
+        }
+        let end = buf.len() - TRAILER;
+        if blake3::hash(&buf[..end]).as_bytes() != &buf[end..] {
+            return Err(FormatError::Checksum { path: path.into() });
+        }
+        Ok((FileReader { buf, pos: 10, end, path: path.into() }, version))
+    }
+
+    pub fn malformed(&self, what: impl Into<String>) -> FormatError {
+        FormatError::Malformed { path: self.path.clone(), what: what.into() }
+    }
+
+    pub fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
+        if self.end - self.pos < n {
+            return Err(self.malformed(format!("ends early at byte {}", self.pos)));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    pub fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    pub fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    pub fn digest(&mut self) -> Result<Digest, FormatError> {
+        Ok(self.take(32)?.try_into().unwrap())
+    }
+    pub fn algo(&mut self) -> Result<Algorithm, FormatError> {
+        let c = self.u8()?;
+        Algorithm::from_code(c).ok_or_else(|| self.malformed(format!("unknown digest algorithm code {c}")))
+    }
+    /// A count of items of `item_len` bytes each, checked against what is
+    /// left so that a corrupt count cannot make us allocate terabytes.
+    pub fn count(&mut self, item_len: usize) -> Result<usize, FormatError> {
+        let n = self.u64()?;
+        if n.saturating_mul(item_len as u64) > (self.end - self.pos) as u64 {
+            return Err(self.malformed(format!("claims {n} entries, more than the file holds")));
+        }
+        Ok(n as usize)
+    }
+    pub fn layout(&mut self) -> Result<Layout, FormatError> {
+        let size = self.u64()?;
+        let bs = self.u32()?;
+        let n = self.u32()? as usize;
+        if n.saturating_mul(16) > self.end - self.pos {
+            return Err(self.malformed("segment table larger than the file"));
+        }
+        let mut segs = Vec::with_capacity(n);
+        for _ in 0..n {
+            segs.push(Segment { start: self.u64()?, len: self.u64()? });
+        }
+        Layout::from_segments(size, bs, segs).map_err(|e| self.malformed(e))
+    }
+    pub fn done(&self) -> Result<(), FormatError> {
+        if self.pos != self.end {
+            return Err(self.malformed(format!("{} unexpected trailing bytes", self.end - self.pos)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,26 @@
+//! xenmig: move a running Xen guest to another host together with its
+//! local disk.
+//!
+//! The disk half is a library; the `xenmig` binary is a thin CLI over it.
+//!
+//! - [`digest`]: block digest algorithms and the short wire key.
+//! - [`layout`]: how an image is cut into blocks (partition-aware).
+//! - [`image`]: files and block devices, read and written by offset.
+//! - [`blockmap`]: per-block, per-group and whole-image digests, hashed on all cores.
+//! - [`fileformat`], [`hashfile`], [`index`]: the persisted hash list and index.
+//! - [`compress`]: codecs and the `auto` policy.
+//! - [`protocol`]: frames exchanged by the two ends, and the exchange itself.
+//! - [`transport`]: local socket pairs, ssh, and byte counting.
+//! - [`engine`]: the source and target ends of a copy, and its report.
+
+pub mod blockmap;
+pub mod compress;
+pub mod digest;
+pub mod engine;
+pub mod fileformat;
+pub mod hashfile;
+pub mod image;
+pub mod index;
+pub mod layout;
+pub mod protocol;
+pub mod transport;

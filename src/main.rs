@@ -1,0 +1,7 @@
+//! The `xenmig` command: a thin layer over the library.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::main());
+}

@@ -1,0 +1,412 @@
+//! The xenmig wire protocol between a *source* end (reads the image) and a
+//! *target* end (writes the copy and holds the references).
+//!
+//! ```text
+//!  source                                              target
+//!    | -- Hello(version, role=source, caps) -------------> |
+//!    | <------------- Hello(version, role=target, caps) -- |
+//!    | -- ImageInfo(algorithm, layout) ------------------> |  target opens DST,
+//!    |                                                     |  hashes DST + refs
+//!    | -- Groups(first, group digests...) ---------------> |  streamed while the
+//!    | -- Groups(...) -----------------------------------> |  source still hashes
+//!    | -- GroupsEnd(image digest) -----------------------> |
+//!    | <----------------- WantDigests(first group, count) -|  groups it lacks
+//!    | -- BlockDigests(group, 16-byte keys...) ----------> |
+//!    | <--------------------- Fetch(first block, count) -- |  missing runs,
+//!    | <--------------------- Fetch(...) ----------------- |  pipelined: never
+//!    | -- Blocks(first, count, codec, payload) ----------> |  waits for a reply
+//!    | -- Blocks(...) -----------------------------------> |
+//!    | <--------------------------- Done(report JSON) ---- |  after verifying
+//!    | -- Bye -------------------------------------------> |
+//! ```
+//!
+//! Requests and replies are matched by the block or group numbers they
+//! carry, not by order, so the target keeps many requests in flight and the
+//! source answers them on several threads.
+//!
+//! Receiver (target) states:
+//!
+//! ```text
+//!  AwaitHello -> AwaitImageInfo -> Comparing --(GroupsEnd and every group
+//!  settled and verified)--> Finishing --(Done sent, Bye read)--> Closed
+//!  any state --(Error frame, bad frame, EOF)--> Failed (nothing reported
+//!  verified; DST holds only verified blocks)
+//! ```
+//!
+//! A group is *settled* when every block in it is zero, found locally, or
+//! fetched, and each of those blocks matched its key; it is *verified* when
+//! the full digests of what was written reproduce the source's group digest.
+//!
+//! Framing: `u8 kind, u32 payload length (LE), payload`. A payload longer
+//! than [`MAX_FRAME`] or shorter/longer than its kind requires is an error
+//! naming the frame; nothing is read past what a frame declares.
+//!
+//! Versioning: [`VERSION`] changes whenever a frame's meaning changes; both
+//! ends must speak the same version, or the handshake fails with both
+//! versions named. Optional features are capability bits in Hello: a bit is
+//! used only when both ends set it, and unknown bits are ignored, so adding a
+//! feature does not need a new version.
+
+use std::io::{self, Read, Write};
+
+use thiserror::Error;
+
+use crate::digest::{Algorithm, Digest, Key, KEY_LEN};
+use crate::layout::{Layout, Segment};
+
+pub const VERSION: u16 = 1;
+const MAGIC: &[u8; 6] = b"XENMIG";
+/// Largest payload accepted (a 4 MiB run of blocks plus headroom).
+pub const MAX_FRAME: usize = 16 << 20;
+/// Largest run of raw bytes one Blocks frame carries.
+pub const MAX_RUN_BYTES: u64 = 4 << 20;
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Hello = 1,
+    ImageInfo = 2,
+    Groups = 3,
+    GroupsEnd = 4,
+    WantDigests = 5,
+    BlockDigests = 6,
+    Fetch = 7,
+    Blocks = 8,
+    Done = 9,
+    Bye = 10,
+    Error = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        [Hello, ImageInfo, Groups, GroupsEnd, WantDigests, BlockDigests, Fetch, Blocks, Done, Bye, Error]
+            .into_iter()
+            .find(|k| *k as u8 == v)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Source = 1,
+    Target = 2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello { version: u16, role: Role, caps: u32 },
+    ImageInfo { algo: Algorithm, layout: Layout },
+    Groups { first: u64, digests: Vec<Digest> },
+    GroupsEnd { image_digest: Digest },
+    WantDigests { first_group: u64, count: u32 },
+    BlockDigests { group: u64, keys: Vec<Key> },
+    Fetch { first_block: u64, count: u32 },
+    Blocks { first_block: u64, count: u32, codec: u8, raw_len: u32, payload: Vec<u8> },
+    Done { report: String },
+    Bye,
+    Error { message: String },
+}
+
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("the peer closed the connection {0}")]
+    Eof(&'static str),
+    #[error("connection to the peer failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer sent a frame of unknown kind {0} (not a xenmig peer, or garbage on the stream)")]
+    UnknownKind(u8),
+    #[error("the peer sent a {kind:?} frame of {len} bytes, more than the {max} allowed")]
+    TooLarge { kind: Kind, len: usize, max: usize },
+    #[error("malformed {kind:?} frame: {what}")]
+    Malformed { kind: Kind, what: String },
+    #[error("protocol version mismatch: this end speaks {ours}, the peer {theirs}; install the same xenmig version on both hosts")]
+    Version { ours: u16, theirs: u16 },
+    #[error("the peer reported an error: {0}")]
+    Remote(String),
+    #[error("unexpected {got:?} frame while {state}")]
+    Unexpected { got: Kind, state: &'static str },
+}
+
+fn put_u32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello { .. } => Kind::Hello,
+            Message::ImageInfo { .. } => Kind::ImageInfo,
+            Message::Groups { .. } => Kind::Groups,
+            Message::GroupsEnd { .. } => Kind::GroupsEnd,
+            Message::WantDigests { .. } => Kind::WantDigests,
+            Message::BlockDigests { .. } => Kind::BlockDigests,
+            Message::Fetch { .. } => Kind::Fetch,
+            Message::Blocks { .. } => Kind::Blocks,
+            Message::Done { .. } => Kind::Done,
+            Message::Bye => Kind::Bye,
+            Message::Error { .. } => Kind::Error,
+        }
+    }
+
+    /// The whole frame, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![self.kind() as u8, 0, 0, 0, 0];
+        match self {
+            Message::Hello { version, role, caps } => {
+                b.extend_from_slice(MAGIC);
+                b.extend_from_slice(&version.to_le_bytes());
+                b.push(*role as u8);
+                put_u32(&mut b, *caps);
+            }
+            Message::ImageInfo { algo, layout } => {
+                b.push(algo.code());
+                put_u64(&mut b, layout.size);
+                put_u32(&mut b, layout.block_size);
+                put_u32(&mut b, layout.segments.len() as u32);
+                for s in &layout.segments {
+                    put_u64(&mut b, s.start);
+                    put_u64(&mut b, s.len);
+                }
+            }
+            Message::Groups { first, digests } => {
+                put_u64(&mut b, *first);
+                for d in digests {
+                    b.extend_from_slice(d);
+                }
+            }
+            Message::GroupsEnd { image_digest } => b.extend_from_slice(image_digest),
+            Message::WantDigests { first_group, count } => {
+                put_u64(&mut b, *first_group);
+                put_u32(&mut b, *count);
+            }
+            Message::BlockDigests { group, keys } => {
+                put_u64(&mut b, *group);
+                for k in keys {
+                    b.extend_from_slice(k);
+                }
+            }
+            Message::Fetch { first_block, count } => {
+                put_u64(&mut b, *first_block);
+                put_u32(&mut b, *count);
+            }
+            Message::Blocks { first_block, count, codec, raw_len, payload } => {
+                put_u64(&mut b, *first_block);
+                put_u32(&mut b, *count);
+                b.push(*codec);
+                put_u32(&mut b, *raw_len);
+                b.extend_from_slice(payload);
+            }
+            Message::Done { report } => b.extend_from_slice(report.as_bytes()),
+            Message::Bye => {}
+            Message::Error { message } => b.extend_from_slice(message.as_bytes()),
+        }
+        let len = (b.len() - 5) as u32;
+        b[1..5].copy_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    /// Decode one payload of a known kind; every length is checked.
+    pub fn decode(kind: Kind, p: &[u8]) -> Result<Message, ProtocolError> {
+        let bad = |what: String| ProtocolError::Malformed { kind, what };
+        let exact = |n: usize| if p.len() == n { Ok(()) } else { Err(bad(format!("{} bytes, expected {n}", p.len()))) };
+        let u32_at = |o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().unwrap());
+        Ok(match kind {
+            Kind::Hello => {
+                exact(13)?;
+                if &p[..6] != MAGIC {
+                    return Err(bad("no XENMIG magic (is the remote command really xenmig?)".into()));
+                }
+                let role = match p[8] {
+                    1 => Role::Source,
+                    2 => Role::Target,
+                    r => return Err(bad(format!("unknown role {r}"))),
+                };
+                Message::Hello { version: u16::from_le_bytes([p[6], p[7]]), role, caps: u32_at(9) }
+            }
+            Kind::ImageInfo => {
+                if p.len() < 17 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let algo = Algorithm::from_code(p[0]).ok_or_else(|| bad(format!("unknown digest algorithm {}", p[0])))?;
+                let nseg = u32_at(13) as usize;
+                exact(17usize.saturating_add(nseg.saturating_mul(16)))?;
+                let segs = (0..nseg).map(|i| Segment { start: u64_at(17 + 16 * i), len: u64_at(25 + 16 * i) }).collect();
+                let layout = Layout::from_segments(u64_at(1), u32_at(9), segs).map_err(bad)?;
+                Message::ImageInfo { algo, layout }
+            }
+            Kind::Groups => {
+                if p.len() < 8 || (p.len() - 8) % 32 != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x 32", p.len())));
+                }
+                let digests = p[8..].chunks_exact(32).map(|c| c.try_into().unwrap()).collect();
+                Message::Groups { first: u64_at(0), digests }
+            }
+            Kind::GroupsEnd => {
+                exact(32)?;
+                Message::GroupsEnd { image_digest: p.try_into().unwrap() }
+            }
+            Kind::WantDigests => {
+                exact(12)?;
+                Message::WantDigests { first_group: u64_at(0), count: u32_at(8) }
+            }
+            Kind::BlockDigests => {
+                if p.len() < 8 || (p.len() - 8) % KEY_LEN != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x {KEY_LEN}", p.len())));
+                }
+                let keys = p[8..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::BlockDigests { group: u64_at(0), keys }
+            }
+            Kind::Fetch => {
+                exact(12)?;
+                Message::Fetch { first_block: u64_at(0), count: u32_at(8) }
+            }
+            Kind::Blocks => {
+                if p.len() < 17 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let raw_len = u32_at(13);
+                if raw_len as u64 > MAX_RUN_BYTES {
+                    return Err(bad(format!("claims {raw_len} raw bytes, more than a run may hold")));
+                }
+                Message::Blocks { first_block: u64_at(0), count: u32_at(8), codec: p[12], raw_len, payload: p[17..].to_vec() }
+            }
+            Kind::Done => Message::Done {
+                report: String::from_utf8(p.to_vec()).map_err(|_| bad("report is not UTF-8".into()))?,
+            },
+            Kind::Bye => {
+                exact(0)?;
+                Message::Bye
+            }
+            Kind::Error => Message::Error { message: String::from_utf8_lossy(p).into_owned() },
+        })
+    }
+}
+
+/// Read one frame. `context` names what was expected, for EOF errors.
+pub fn read_message(r: &mut impl Read, context: &'static str) -> Result<Message, ProtocolError> {
+    let mut h = [0u8; 5];
+    read_exact_or_eof(r, &mut h, context)?;
+    let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
+    let len = u32::from_le_bytes(h[1..5].try_into().unwrap()) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge { kind, len, max: MAX_FRAME });
+    }
+    let mut p = vec![0u8; len];
+    read_exact_or_eof(r, &mut p, "in the middle of a frame")?;
+    match Message::decode(kind, &p)? {
+        Message::Error { message } => Err(ProtocolError::Remote(message)),
+        m => Ok(m),
+    }
+}
+
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8], context: &'static str) -> Result<(), ProtocolError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ProtocolError::Eof(context),
+        _ => ProtocolError::Io(e),
+    })
+}
+
+pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+    w.write_all(&m.encode())?;
+    Ok(())
+}
+
+/// Exchange Hello frames: send ours, read theirs, check version and role.
+pub fn handshake(r: &mut impl Read, w: &mut impl Write, role: Role, caps: u32) -> Result<u32, ProtocolError> {
+    write_message(w, &Message::Hello { version: VERSION, role, caps })?;
+    w.flush()?;
+    match read_message(r, "before the handshake (is xenmig installed on the remote host?)")? {
+        Message::Hello { version, role: theirs, caps: their_caps } => {
+            if version != VERSION {
+                return Err(ProtocolError::Version { ours: VERSION, theirs: version });
+            }
+            if theirs == role {
+                return Err(ProtocolError::Malformed { kind: Kind::Hello, what: format!("both ends claim the {role:?} role") });
+            }
+            Ok(caps & their_caps)
+        }
+        other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Hello" }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello { version: VERSION, role: Role::Target, caps: 5 },
+            Message::ImageInfo {
+                algo: Algorithm::Sha256,
+                layout: Layout::from_segments(
+                    40_000,
+                    4096,
+                    vec![Segment { start: 0, len: 32_256 }, Segment { start: 32_256, len: 7_744 }],
+                )
+                .unwrap(),
+            },
+            Message::Groups { first: 3, digests: vec![[1; 32], [2; 32]] },
+            Message::GroupsEnd { image_digest: [9; 32] },
+            Message::WantDigests { first_group: 7, count: 2 },
+            Message::BlockDigests { group: 1, keys: vec![[3; 16]; 4] },
+            Message::Fetch { first_block: 99, count: 12 },
+            Message::Blocks { first_block: 1, count: 2, codec: 1, raw_len: 8192, payload: vec![1, 2, 3] },
+            Message::Done { report: "{}".into() },
+            Message::Bye,
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let bytes = m.encode();
+            let back = read_message(&mut &bytes[..], "test").unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn truncated_frames_are_eof_errors() {
+        for m in samples() {
+            let bytes = m.encode();
+            for cut in [1, bytes.len() - 1] {
+                if cut >= bytes.len() || cut == 0 {
+                    continue;
+                }
+                let e = read_message(&mut &bytes[..cut], "test").unwrap_err();
+                assert!(matches!(e, ProtocolError::Eof(_)), "{m:?} cut at {cut}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_refused_before_reading_them() {
+        let mut f = vec![Kind::Blocks as u8];
+        f.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::TooLarge { .. })));
+        let f = [200u8, 0, 0, 0, 0];
+        assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::UnknownKind(200))));
+    }
+
+    #[test]
+    fn remote_errors_surface_as_errors() {
+        let f = Message::Error { message: "disk on fire".into() }.encode();
+        let e = read_message(&mut &f[..], "t").unwrap_err();
+        assert_eq!(e.to_string(), "the peer reported an error: disk on fire");
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(kind in 0u8..16, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut f = vec![kind];
+            f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            f.extend_from_slice(&payload);
+            let _ = read_message(&mut &f[..], "t");
+        }
+    }
+}
