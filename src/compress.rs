@@ -241,7 +241,14 @@ mod tests {
 
     #[test]
     fn auto_follows_the_link() {
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| ((i / 64) % 13) as u8).collect();
+        // Text-like data: words drawn pseudo-randomly from a small vocabulary.
+        let words = ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero "];
+        let mut x = 12345u32;
+        let mut data = Vec::new();
+        while data.len() < 1_000_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            data.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
+        }
         let mut p = AutoPolicy::default();
         assert!(p.wants_sample());
         p.sample(&data);
