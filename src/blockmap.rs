@@ -99,6 +99,22 @@ impl BlockMap {
         mut on_batch: impl FnMut(u64, &[HashedGroup]),
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<BlockMap, ImageError> {
+        let map = Self::compute_streaming(img, layout, algo, |g, b| {
+            on_batch(g, b);
+            true
+        }, progress)?;
+        Ok(map.expect("never stopped early"))
+    }
+
+    /// Like [`compute`](Self::compute), but `on_batch` returns whether to go
+    /// on; Ok(None) means it asked to stop.
+    pub fn compute_streaming(
+        img: &Image,
+        layout: Layout,
+        algo: Algorithm,
+        mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Option<BlockMap>, ImageError> {
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let n = layout.block_count() as usize;
         let mut digests = Vec::with_capacity(n);
@@ -118,7 +134,9 @@ impl BlockMap {
                     Ok(h)
                 })
                 .collect::<Result<_, ImageError>>()?;
-            on_batch(g, &batch);
+            if !on_batch(g, &batch) {
+                return Ok(None);
+            }
             for h in batch {
                 digests.extend_from_slice(&h.blocks);
                 zero.extend_from_slice(&h.zero);
@@ -127,7 +145,7 @@ impl BlockMap {
             g = end;
         }
         let image_digest = image_digest(algo, &layout, &groups);
-        Ok(BlockMap { algo, layout, digests, zero, groups, image_digest })
+        Ok(Some(BlockMap { algo, layout, digests, zero, groups, image_digest }))
     }
 
     /// Hash without streaming or progress.

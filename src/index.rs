@@ -12,9 +12,9 @@
 //!     [32] image digest
 //!     layout (u64 size, u32 block size, u32 segments, segments x (u64, u64))
 //! u64 block entry count, then per entry, sorted by key:
-//!     [16] key (first 16 bytes of the block digest)  u32 image  u64 block
+//!     [15] key (first 15 bytes of the block digest)  u32 image  u64 block
 //! u64 group entry count, then per entry, sorted by key:
-//!     [16] key (first 16 bytes of the group digest)  u32 image  u64 group
+//!     [15] key (first 15 bytes of the group digest)  u32 image  u64 group
 //! [32] BLAKE3 checksum
 //! ```
 //!

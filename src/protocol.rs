@@ -11,7 +11,7 @@
 //!    | -- Groups(...) -----------------------------------> |  source still hashes
 //!    | -- GroupsEnd(image digest) -----------------------> |
 //!    | <----------------- WantDigests(first group, count) -|  groups it lacks
-//!    | -- BlockDigests(group, 16-byte keys...) ----------> |
+//!    | -- BlockDigests(group, 15-byte keys...) ----------> |
 //!    | <--------------------- Fetch(first block, count) -- |  missing runs,
 //!    | <--------------------- Fetch(...) ----------------- |  pipelined: never
 //!    | -- Blocks(first, count, codec, payload) ----------> |  waits for a reply
@@ -353,7 +353,7 @@ mod tests {
             Message::Groups { first: 3, digests: vec![[1; 32], [2; 32]] },
             Message::GroupsEnd { image_digest: [9; 32] },
             Message::WantDigests { first_group: 7, count: 2 },
-            Message::BlockDigests { group: 1, keys: vec![[3; 16]; 4] },
+            Message::BlockDigests { group: 1, keys: vec![[3; KEY_LEN]; 4] },
             Message::Fetch { first_block: 99, count: 12 },
             Message::Blocks { first_block: 1, count: 2, codec: 1, raw_len: 8192, payload: vec![1, 2, 3] },
             Message::Done { report: "{}".into() },

@@ -73,19 +73,45 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
     let Link { reader, writer, .. } = link;
     let (frames_tx, frames_rx) = bounded::<Message>(2 * workers + 2);
     let (work_tx, work_rx) = unbounded::<Message>();
+    // Failures of any thread, and the reader's final answer: the caller
+    // waits on whichever comes first, so a dead link never leaves it
+    // waiting for a Done that cannot come.
+    let (fail_tx, fail_rx) = unbounded::<EngineError>();
+    let (done_tx, done_rx) = bounded::<Result<Report, EngineError>>(1);
+    let (writer_done_tx, writer_done_rx) = bounded::<()>(1);
 
-    let writer_thread = thread::spawn(move || write_loop(writer, frames_rx));
+    let fail = fail_tx.clone();
+    let writer_thread = thread::spawn(move || {
+        if let Err(e) = write_loop(writer, frames_rx) {
+            let _ = fail.send(e);
+        }
+        let _ = writer_done_tx.send(());
+    });
     let reader_frames = frames_tx.clone();
-    let reader_thread = thread::spawn(move || read_loop(reader, work_tx, reader_frames));
+    thread::spawn(move || {
+        let _ = done_tx.send(read_loop(reader, work_tx, reader_frames));
+    });
     let mut worker_threads = Vec::new();
     for _ in 0..workers {
-        let (rx, tx, sh) = (work_rx.clone(), frames_tx.clone(), shared.clone());
-        worker_threads.push(thread::spawn(move || work_loop(&sh, rx, tx)));
+        let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
+        worker_threads.push(thread::spawn(move || {
+            if let Err(e) = work_loop(&sh, rx, tx) {
+                let _ = fail.send(e);
+            }
+        }));
     }
-    drop(work_rx);
+    drop((work_rx, fail_tx));
+
+    // Let the writer flush what it has (an Error frame, say) before we
+    // return and the process may exit.
+    let give_up = |e: EngineError, frames_tx: crossbeam_channel::Sender<Message>| {
+        drop(frames_tx);
+        let _ = writer_done_rx.recv_timeout(std::time::Duration::from_secs(2));
+        Err(e)
+    };
 
     progress.phase("hashing", layout.size);
-    let hashed = BlockMap::compute(
+    let hashed = BlockMap::compute_streaming(
         &shared.img,
         layout.clone(),
         opts.algo,
@@ -97,42 +123,52 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
                 }
             }
             let digests = batch.iter().map(|g| g.digest).collect();
-            // A send fails only when the writer died; its error is reported below.
-            let _ = frames_tx.send(Message::Groups { first, digests });
+            // Stop hashing as soon as the link or a worker has failed.
+            frames_tx.send(Message::Groups { first, digests }).is_ok() && fail_rx.is_empty() && done_rx.is_empty()
         },
         &|n| progress.inc(n),
     );
-    let outcome = match hashed {
-        Ok(map) => {
+    match hashed {
+        Ok(Some(map)) => {
             let _ = frames_tx.send(Message::GroupsEnd { image_digest: map.image_digest });
-            progress.phase("sending", layout.size);
-            Ok(())
+        }
+        Ok(None) => {
+            // Stopped early: the cause is the failure or the reader's answer.
+            let e = match fail_rx.try_recv() {
+                Ok(e) => e,
+                Err(_) => match done_rx.recv() {
+                    Ok(Err(e)) => e,
+                    _ => EngineError::Other("the target finished before the source was hashed".into()),
+                },
+            };
+            return give_up(e, frames_tx);
         }
         Err(e) => {
             let _ = frames_tx.send(Message::Error { message: format!("source: {e}") });
-            Err(EngineError::from(e))
+            return give_up(e.into(), frames_tx);
         }
+    }
+    progress.phase("sending", layout.size);
+
+    let answer = crossbeam_channel::select! {
+        recv(done_rx) -> r => r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
+        recv(fail_rx) -> e => Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
+    };
+    let report = match answer {
+        Ok(r) => r,
+        Err(e) => return give_up(e, frames_tx),
     };
     drop(frames_tx);
-
-    let report = reader_thread.join().expect("reader thread panicked");
-    let mut worker_error = None;
     for w in worker_threads {
-        if let Err(e) = w.join().expect("worker thread panicked") {
-            worker_error.get_or_insert(e);
-        }
+        w.join().expect("worker thread panicked");
     }
-    let written = writer_thread.join().expect("writer thread panicked");
-    // The first failure is the cause; later ones are its echoes.
-    outcome?;
-    if let Some(e) = worker_error {
+    writer_thread.join().expect("writer thread panicked");
+    // A failure to deliver Bye is still a failure of this end.
+    if let Ok(e) = fail_rx.try_recv() {
         return Err(e);
     }
-    let report = report?;
-    written?;
     Ok(report)
 }
-
 
 /// Own the write half: send frames, flushing whenever the queue runs dry.
 fn write_loop(mut w: Writer, rx: Receiver<Message>) -> Result<(), EngineError> {

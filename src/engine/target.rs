@@ -87,17 +87,18 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             Message::ImageInfo { algo, layout } => (algo, layout),
             other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
         };
-        let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
         if !algo.collision_safe() {
             log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
         }
+        // References first: a bad one stops the copy before DST is touched.
+        let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
+        let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
         progress.phase("scanning", if had_data { layout.size } else { 0 });
         let dst_map = if had_data {
             Some(BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?)
         } else {
             None
         };
-        let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
         if let Some(m) = &dst_map {
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run every test of xenmig: unit, property and integration tests, plus the
+# ssh tests against an sshd this script starts on 127.0.0.1:2222 (needs root
+# and openssh-server; .ci/run installs it). Tests that need root (loop
+# devices, a small tmpfs) fail with a message when not run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ] || [ ! -x /usr/sbin/sshd ]; then
+    echo "scripts/test.sh: needs root and openssh-server (apt-get install openssh-server) for the ssh and device tests" >&2
+    exit 1
+fi
+
+tmp=$(mktemp -d /tmp/xenmig-test.XXXXXX)
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/client_key"
+mkdir -p /root/.ssh /run/sshd
+chmod 700 /root/.ssh
+touch /root/.ssh/authorized_keys
+pubkey=$(cat "$tmp/client_key.pub")
+echo "$pubkey" >> /root/.ssh/authorized_keys
+cat > "$tmp/sshd_config" <<CONF
+Port 2222
+ListenAddress 127.0.0.1
+HostKey $tmp/host_key
+PidFile $tmp/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AuthorizedKeysFile /root/.ssh/authorized_keys
+SetEnv PATH=/usr/local/bin:/usr/bin:/bin
+CONF
+cleanup() {
+    [ -f "$tmp/sshd.pid" ] && kill "$(cat "$tmp/sshd.pid")" 2>/dev/null || true
+    grep -vxF "$pubkey" /root/.ssh/authorized_keys > "$tmp/keys" || true
+    cat "$tmp/keys" > /root/.ssh/authorized_keys
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+/usr/sbin/sshd -f "$tmp/sshd_config"
+
+export XENMIG_SSH="ssh -p 2222 -i $tmp/client_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+# Prove the loopback sshd answers before blaming xenmig for it.
+$XENMIG_SSH root@127.0.0.1 true
+
+cargo test --all-targets -- --include-ignored "$@"
