@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Run every test of xenmig: unit, property and integration tests, plus the
 # ssh tests against an sshd this script starts on 127.0.0.1:2222 (needs root
-# and openssh-server; .ci/run installs it). Tests that need root (loop
+# and openssh-server, which it installs when missing). Tests that need root (loop
 # devices, a small tmpfs) fail with a message when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" != 0 ] || [ ! -x /usr/sbin/sshd ]; then
-    echo "scripts/test.sh: needs root and openssh-server (apt-get install openssh-server) for the ssh and device tests" >&2
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: run as root (sudo): the ssh, loop-device and tmpfs tests need it" >&2
     exit 1
+fi
+if [ ! -x /usr/sbin/sshd ] || ! command -v losetup >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq openssh-server openssh-client util-linux mount >/dev/null
 fi
 
 tmp=$(mktemp -d /tmp/xenmig-test.XXXXXX)
