@@ -65,7 +65,13 @@ pub struct HashedGroup {
 }
 
 /// Read and hash group `g` of `img` under `layout`.
-pub fn hash_group(img: &Image, layout: &Layout, algo: Algorithm, zeros: &ZeroDigests, g: u64) -> Result<HashedGroup, ImageError> {
+pub fn hash_group(
+    img: &Image,
+    layout: &Layout,
+    algo: Algorithm,
+    zeros: &ZeroDigests,
+    g: u64,
+) -> Result<HashedGroup, ImageError> {
     let (first, end) = layout.group_range(g);
     let (start, stop) = byte_range(layout, first, end);
     let mut buf = vec![0u8; (stop - start) as usize];
@@ -85,7 +91,11 @@ pub fn hash_group(img: &Image, layout: &Layout, algo: Algorithm, zeros: &ZeroDig
         }
     }
     let digest = group_digest(algo, &blocks);
-    Ok(HashedGroup { blocks, zero, digest })
+    Ok(HashedGroup {
+        blocks,
+        zero,
+        digest,
+    })
 }
 
 impl BlockMap {
@@ -99,10 +109,16 @@ impl BlockMap {
         mut on_batch: impl FnMut(u64, &[HashedGroup]),
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<BlockMap, ImageError> {
-        let map = Self::compute_streaming(img, layout, algo, |g, b| {
-            on_batch(g, b);
-            true
-        }, progress)?;
+        let map = Self::compute_streaming(
+            img,
+            layout,
+            algo,
+            |g, b| {
+                on_batch(g, b);
+                true
+            },
+            progress,
+        )?;
         Ok(map.expect("never stopped early"))
     }
 
@@ -145,7 +161,14 @@ impl BlockMap {
             g = end;
         }
         let image_digest = image_digest(algo, &layout, &groups);
-        Ok(Some(BlockMap { algo, layout, digests, zero, groups, image_digest }))
+        Ok(Some(BlockMap {
+            algo,
+            layout,
+            digests,
+            zero,
+            groups,
+            image_digest,
+        }))
     }
 
     /// Hash without streaming or progress.
@@ -190,11 +213,20 @@ mod tests {
 
     #[test]
     fn streaming_sees_every_group_in_order() {
-        let data: Vec<u8> = (0..(40u32 << 20) / 4096 * 4096).map(|i| (i / 4096 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(40u32 << 20) / 4096 * 4096)
+            .map(|i| (i / 4096 % 251) as u8)
+            .collect();
         let (_f, img) = image_with(&data);
         let layout = Layout::flat(data.len() as u64, 4096).unwrap();
         let mut seen = Vec::new();
-        let m = BlockMap::compute(&img, layout, Algorithm::Sha256, |g, b| seen.push((g, b.len())), &|_| {}).unwrap();
+        let m = BlockMap::compute(
+            &img,
+            layout,
+            Algorithm::Sha256,
+            |g, b| seen.push((g, b.len())),
+            &|_| {},
+        )
+        .unwrap();
         assert_eq!(seen, vec![(0, 16), (16, 16), (32, 8)]);
         assert_eq!(m.groups.len(), 40);
     }

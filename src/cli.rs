@@ -138,7 +138,12 @@ struct CopyArgs {
     hash: HashArgs,
     /// Command used to reach a remote host instead of `ssh` (as `xl
     /// migrate -s`); an empty string runs the remote command locally.
-    #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "COMMAND")]
+    #[arg(
+        short = 's',
+        long = "ssh",
+        default_value = "ssh",
+        value_name = "COMMAND"
+    )]
     ssh: String,
     /// The xenmig program on the remote host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
@@ -149,7 +154,9 @@ struct CopyArgs {
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
     check_block_size(n)?;
     Ok(n)
 }
@@ -178,7 +185,12 @@ pub fn main() -> i32 {
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
         Command::Copy(a) => Ok(run_copy(a, quiet)),
-        Command::Hash { image, output, hash, json } => {
+        Command::Hash {
+            image,
+            output,
+            hash,
+            json,
+        } => {
             let img = Image::open_read(&image)?;
             let layout = layout_of(&img, hash.block_size, hash.align)?;
             if !hash.algo.collision_safe() {
@@ -194,28 +206,50 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             print_map_summary(&image, &map, json);
             Ok(0)
         }
-        Command::Index { output, images, hash } => {
+        Command::Index {
+            output,
+            images,
+            hash,
+        } => {
             let progress = Progress::stderr(quiet);
             let mut idx = Index::new(hash.algo, hash.block_size);
             for path in &images {
                 let img = Image::open_read(path)?;
                 let layout = layout_of(&img, hash.block_size, hash.align)?;
                 progress.phase("indexing", layout.size);
-                let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+                let map =
+                    BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
                 let abs = std::fs::canonicalize(path)?;
                 idx.add(abs, &map);
             }
             progress.finish();
             idx.write(&output)?;
-            println!("{}: {} images, {} distinct blocks, {} distinct groups", output.display(), idx.images.len(), idx.blocks.len(), idx.groups.len());
+            println!(
+                "{}: {} images, {} distinct blocks, {} distinct groups",
+                output.display(),
+                idx.images.len(),
+                idx.blocks.len(),
+                idx.groups.len()
+            );
             Ok(0)
         }
         Command::Show { file } => {
             if xenmig::engine::references::is_index_file(&file) {
                 let idx = Index::read(&file)?;
-                println!("index {}: {} {} bytes/block, {} distinct blocks", file.display(), idx.algo, idx.block_size, idx.blocks.len());
+                println!(
+                    "index {}: {} {} bytes/block, {} distinct blocks",
+                    file.display(),
+                    idx.algo,
+                    idx.block_size,
+                    idx.blocks.len()
+                );
                 for im in &idx.images {
-                    println!("  {}  {} bytes  {}", hex(&im.image_digest[..idx.algo.width()]), im.layout.size, im.path.display());
+                    println!(
+                        "  {}  {} bytes  {}",
+                        hex(&im.image_digest[..idx.algo.width()]),
+                        im.layout.size,
+                        im.path.display()
+                    );
                 }
             } else {
                 let map = hashfile::read(&file)?;
@@ -223,9 +257,23 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Serve { source, target, hash, compress, references } => {
+        Command::Serve {
+            source,
+            target,
+            hash,
+            compress,
+            references,
+        } => {
             let role = match (source, target) {
-                (Some(p), None) => ServeRole::Source(p, SourceOptions { algo: hash.algo, block_size: hash.block_size, align: hash.align, compress }),
+                (Some(p), None) => ServeRole::Source(
+                    p,
+                    SourceOptions {
+                        algo: hash.algo,
+                        block_size: hash.block_size,
+                        align: hash.align,
+                        compress,
+                    },
+                ),
                 (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
@@ -270,8 +318,15 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         log::warn!("SHA-1 is not collision-safe: a reference holding another tenant's data could supply colliding blocks");
     }
     let opts = CopyOptions {
-        source: SourceOptions { algo: a.hash.algo, block_size: a.hash.block_size, align: a.hash.align, compress: a.compress },
-        target: TargetOptions { references: a.references },
+        source: SourceOptions {
+            algo: a.hash.algo,
+            block_size: a.hash.block_size,
+            align: a.hash.align,
+            compress: a.compress,
+        },
+        target: TargetOptions {
+            references: a.references,
+        },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };
@@ -285,7 +340,10 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         }
         Err(e) => {
             if a.json {
-                println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()})
+                );
             }
             eprintln!("xenmig: copy {} -> {} failed: {e}", a.src, a.dst);
             1
@@ -299,8 +357,21 @@ fn print_report(r: &Report, json: bool) {
         return;
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let pct = |n: u64| if r.blocks_total == 0 { 0.0 } else { 100.0 * n as f64 / r.blocks_total as f64 };
-    println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
+    let pct = |n: u64| {
+        if r.blocks_total == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / r.blocks_total as f64
+        }
+    };
+    println!(
+        "{} -> {}: {:.1} MiB in {:.2} s, verified {}",
+        r.source,
+        r.target,
+        mib(r.image_size),
+        r.seconds,
+        r.digest
+    );
     println!(
         "  blocks: {} total, {} zero ({:.1}%), {} reused ({:.1}%, {} in place), {} fetched ({:.1}%)",
         r.blocks_total,
@@ -315,7 +386,11 @@ fn print_report(r: &Report, json: bool) {
     println!(
         "  wire: {:.2} MiB in all ({:.3}% of the image); fetched {:.2} MiB sent as {:.2} MiB",
         mib(r.bytes_wire),
-        if r.image_size == 0 { 0.0 } else { 100.0 * r.bytes_wire as f64 / r.image_size as f64 },
+        if r.image_size == 0 {
+            0.0
+        } else {
+            100.0 * r.bytes_wire as f64 / r.image_size as f64
+        },
         mib(r.bytes_fetched),
         mib(r.bytes_payload_wire)
     );

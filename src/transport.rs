@@ -32,7 +32,10 @@ pub enum TransportError {
 pub enum Location {
     Local(PathBuf),
     /// `[user@]host:path`
-    Remote { host: String, path: String },
+    Remote {
+        host: String,
+        path: String,
+    },
 }
 
 impl Location {
@@ -41,7 +44,10 @@ impl Location {
     pub fn parse(s: &str) -> Location {
         if let Some((host, path)) = s.split_once(':') {
             if !host.is_empty() && !host.contains('/') {
-                return Location::Remote { host: host.to_string(), path: path.to_string() };
+                return Location::Remote {
+                    host: host.to_string(),
+                    path: path.to_string(),
+                };
             }
         }
         Location::Local(PathBuf::from(s))
@@ -114,7 +120,9 @@ impl<W: Write> Write for CountingWriter<W> {
         let t = Instant::now();
         let n = self.inner.write(buf)?;
         self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.write_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats
+            .write_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -143,8 +151,20 @@ impl Link {
     pub fn new(reader: impl Read + Send + 'static, writer: impl Write + Send + 'static) -> Link {
         let stats = Arc::new(LinkStats::default());
         Link {
-            reader: Box::new(BufReader::with_capacity(BUF, CountingReader { inner: reader, stats: stats.clone() })),
-            writer: Box::new(BufWriter::with_capacity(BUF, CountingWriter { inner: writer, stats: stats.clone() })),
+            reader: Box::new(BufReader::with_capacity(
+                BUF,
+                CountingReader {
+                    inner: reader,
+                    stats: stats.clone(),
+                },
+            )),
+            writer: Box::new(BufWriter::with_capacity(
+                BUF,
+                CountingWriter {
+                    inner: writer,
+                    stats: stats.clone(),
+                },
+            )),
             stats,
         }
     }
@@ -165,9 +185,21 @@ impl Link {
     /// Run `remote_args` on `host` through `ssh_cmd` and talk to it on its
     /// stdin/stdout. An empty `ssh_cmd` runs the command here, as
     /// `xl migrate -s ""` does (useful for tests and for wrappers).
-    pub fn spawn(ssh_cmd: &str, host: &str, remote_args: &[String]) -> Result<(Link, Peer), TransportError> {
+    pub fn spawn(
+        ssh_cmd: &str,
+        host: &str,
+        remote_args: &[String],
+    ) -> Result<(Link, Peer), TransportError> {
         let remote = shell_words::join(remote_args);
-        let command = if ssh_cmd.trim().is_empty() { remote } else { format!("{ssh_cmd} {} {}", shell_words::quote(host), shell_words::quote(&remote)) };
+        let command = if ssh_cmd.trim().is_empty() {
+            remote
+        } else {
+            format!(
+                "{ssh_cmd} {} {}",
+                shell_words::quote(host),
+                shell_words::quote(&remote)
+            )
+        };
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&command)
@@ -175,10 +207,18 @@ impl Link {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+            .map_err(|source| TransportError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)) }))
+        Ok((
+            Link::new(stdout, stdin),
+            Peer {
+                child: Some((child, command)),
+            },
+        ))
     }
 }
 
@@ -191,9 +231,15 @@ impl Peer {
     /// Wait for a spawned peer to exit (call after dropping the link).
     pub fn close(self) -> Result<(), TransportError> {
         if let Some((mut child, command)) = self.child {
-            let status = child.wait().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+            let status = child.wait().map_err(|source| TransportError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
             if !status.success() {
-                return Err(TransportError::Remote { command, status: status.to_string() });
+                return Err(TransportError::Remote {
+                    command,
+                    status: status.to_string(),
+                });
             }
         }
         Ok(())
@@ -214,12 +260,21 @@ mod tests {
 
     #[test]
     fn locations_parse_like_scp() {
-        assert_eq!(Location::parse("disk.img"), Location::Local("disk.img".into()));
-        assert_eq!(Location::parse("/dev/vg0/a:b"), Location::Local("/dev/vg0/a:b".into()));
+        assert_eq!(
+            Location::parse("disk.img"),
+            Location::Local("disk.img".into())
+        );
+        assert_eq!(
+            Location::parse("/dev/vg0/a:b"),
+            Location::Local("/dev/vg0/a:b".into())
+        );
         assert_eq!(Location::parse("./x:y"), Location::Local("./x:y".into()));
         assert_eq!(
             Location::parse("root@h2:/dev/vg0/guest"),
-            Location::Remote { host: "root@h2".into(), path: "/dev/vg0/guest".into() }
+            Location::Remote {
+                host: "root@h2".into(),
+                path: "/dev/vg0/guest".into()
+            }
         );
         assert!(Location::parse("h:img").is_remote());
     }
@@ -241,7 +296,8 @@ mod tests {
 
     #[test]
     fn spawned_peer_failure_is_reported() {
-        let (link, peer) = Link::spawn("", "unused", &["sh".into(), "-c".into(), "exit 3".into()]).unwrap();
+        let (link, peer) =
+            Link::spawn("", "unused", &["sh".into(), "-c".into(), "exit 3".into()]).unwrap();
         drop(link);
         let e = peer.close().unwrap_err().to_string();
         assert!(e.contains("exit status: 3"), "{e}");

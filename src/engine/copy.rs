@@ -24,7 +24,12 @@ pub struct CopyOptions {
 
 impl Default for CopyOptions {
     fn default() -> Self {
-        CopyOptions { source: SourceOptions::default(), target: TargetOptions::default(), ssh: "ssh".into(), remote_xenmig: "xenmig".into() }
+        CopyOptions {
+            source: SourceOptions::default(),
+            target: TargetOptions::default(),
+            ssh: "ssh".into(),
+            remote_xenmig: "xenmig".into(),
+        }
     }
 }
 
@@ -57,7 +62,12 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
 
 /// Arguments for `xenmig serve` playing the target end.
 fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
-    let mut v = vec![o.remote_xenmig.clone(), "serve".into(), "--target".into(), path.into()];
+    let mut v = vec![
+        o.remote_xenmig.clone(),
+        "serve".into(),
+        "--target".into(),
+        path.into(),
+    ];
     for r in &o.target.references {
         v.push("--reference".into());
         v.push(r.display().to_string());
@@ -66,7 +76,12 @@ fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
 }
 
 /// Copy `src` to `dst`; at most one of them may be remote.
-pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progress) -> Result<Report, EngineError> {
+pub fn copy(
+    src: &Location,
+    dst: &Location,
+    opts: &CopyOptions,
+    progress: &Progress,
+) -> Result<Report, EngineError> {
     let started = Instant::now();
     let mut report = match (src, dst) {
         (Location::Local(s), Location::Local(d)) => {
@@ -95,7 +110,9 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             finish_remote(r, peer)?
         }
         (Location::Remote { .. }, Location::Remote { .. }) => {
-            return Err(EngineError::Other("both SRC and DST are remote; run xenmig on one of the two hosts".into()))
+            return Err(EngineError::Other(
+                "both SRC and DST are remote; run xenmig on one of the two hosts".into(),
+            ))
         }
     };
     report.source = src.to_string();

@@ -34,7 +34,12 @@ pub struct SourceOptions {
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        SourceOptions { algo: Algorithm::Blake3, block_size: 4096, align: Align::Partitions, compress: Choice::Auto }
+        SourceOptions {
+            algo: Algorithm::Blake3,
+            block_size: 4096,
+            align: Align::Partitions,
+            compress: Choice::Auto,
+        }
     }
 }
 
@@ -52,14 +57,28 @@ struct Shared {
 
 /// Serve `path` as the source of a copy over `link`. Returns the target's
 /// report once the target has verified its copy and said Done.
-pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progress) -> Result<Report, EngineError> {
+pub fn run(
+    path: &Path,
+    opts: &SourceOptions,
+    mut link: Link,
+    progress: &Progress,
+) -> Result<Report, EngineError> {
     let img = Image::open_read(path)?;
     let layout = layout_of(&img, opts.block_size, opts.align)?;
     protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, 0)?;
-    write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
+    write_message(
+        &mut link.writer,
+        &Message::ImageInfo {
+            algo: opts.algo,
+            layout: layout.clone(),
+        },
+    )?;
     link.writer.flush().map_err(protocol::ProtocolError::Io)?;
 
-    let workers = thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    let workers = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
     let shared = Arc::new(Shared {
         img,
         layout: layout.clone(),
@@ -93,7 +112,12 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
     });
     let mut worker_threads = Vec::new();
     for _ in 0..workers {
-        let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
+        let (rx, tx, sh, fail) = (
+            work_rx.clone(),
+            frames_tx.clone(),
+            shared.clone(),
+            fail_tx.clone(),
+        );
         worker_threads.push(thread::spawn(move || {
             if let Err(e) = work_loop(&sh, rx, tx) {
                 let _ = fail.send(e);
@@ -124,13 +148,17 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
             }
             let digests = batch.iter().map(|g| g.digest).collect();
             // Stop hashing as soon as the link or a worker has failed.
-            frames_tx.send(Message::Groups { first, digests }).is_ok() && fail_rx.is_empty() && done_rx.is_empty()
+            frames_tx.send(Message::Groups { first, digests }).is_ok()
+                && fail_rx.is_empty()
+                && done_rx.is_empty()
         },
         &|n| progress.inc(n),
     );
     match hashed {
         Ok(Some(map)) => {
-            let _ = frames_tx.send(Message::GroupsEnd { image_digest: map.image_digest });
+            let _ = frames_tx.send(Message::GroupsEnd {
+                image_digest: map.image_digest,
+            });
         }
         Ok(None) => {
             // Stopped early: the cause is the failure or the reader's answer.
@@ -138,13 +166,17 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
                 Ok(e) => e,
                 Err(_) => match done_rx.recv() {
                     Ok(Err(e)) => e,
-                    _ => EngineError::Other("the target finished before the source was hashed".into()),
+                    _ => EngineError::Other(
+                        "the target finished before the source was hashed".into(),
+                    ),
                 },
             };
             return give_up(e, frames_tx);
         }
         Err(e) => {
-            let _ = frames_tx.send(Message::Error { message: format!("source: {e}") });
+            let _ = frames_tx.send(Message::Error {
+                message: format!("source: {e}"),
+            });
             return give_up(e.into(), frames_tx);
         }
     }
@@ -188,24 +220,34 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>) -> Result<(), EngineError> {
 }
 
 /// Take requests off the link until Done; answer Done with Bye.
-fn read_loop(mut r: Reader, work: Sender<Message>, frames: Sender<Message>) -> Result<Report, EngineError> {
+fn read_loop(
+    mut r: Reader,
+    work: Sender<Message>,
+    frames: Sender<Message>,
+) -> Result<Report, EngineError> {
     let result = (|| loop {
         match read_message(&mut r, "before the target said Done")? {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 let _ = work.send(m);
             }
             Message::Done { report } => {
-                let report: Report = serde_json::from_str(&report).map_err(|e| EngineError::BadReply(format!("an unreadable report: {e}")))?;
+                let report: Report = serde_json::from_str(&report)
+                    .map_err(|e| EngineError::BadReply(format!("an unreadable report: {e}")))?;
                 let _ = frames.send(Message::Bye);
                 return Ok(report);
             }
             other => {
-                return Err(EngineError::Protocol(protocol::ProtocolError::Unexpected { got: other.kind(), state: "serving requests" }))
+                return Err(EngineError::Protocol(protocol::ProtocolError::Unexpected {
+                    got: other.kind(),
+                    state: "serving requests",
+                }))
             }
         }
     })();
     if let Err(e) = &result {
-        let _ = frames.send(Message::Error { message: format!("source: {e}") });
+        let _ = frames.send(Message::Error {
+            message: format!("source: {e}"),
+        });
     }
     result
 }
@@ -213,31 +255,47 @@ fn read_loop(mut r: Reader, work: Sender<Message>, frames: Sender<Message>) -> R
 fn work_loop(sh: &Shared, rx: Receiver<Message>, tx: Sender<Message>) -> Result<(), EngineError> {
     for m in rx {
         let reply = match m {
-            Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx),
+            Message::WantDigests { first_group, count } => {
+                want_digests(sh, first_group, count, &tx)
+            }
             Message::Fetch { first_block, count } => fetch(sh, first_block, count).map(|m| {
                 let _ = tx.send(m);
             }),
             _ => unreachable!("reader forwards only requests"),
         };
         if let Err(e) = reply {
-            let _ = tx.send(Message::Error { message: format!("source: {e}") });
+            let _ = tx.send(Message::Error {
+                message: format!("source: {e}"),
+            });
             return Err(e);
         }
     }
     Ok(())
 }
 
-fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Result<(), EngineError> {
-    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.group_count() && count > 0);
+fn want_digests(
+    sh: &Shared,
+    first: u64,
+    count: u32,
+    tx: &Sender<Message>,
+) -> Result<(), EngineError> {
+    let end = first
+        .checked_add(count as u64)
+        .filter(|&e| e <= sh.layout.group_count() && count > 0);
     let Some(end) = end else {
-        return Err(EngineError::BadRequest(format!("digests of groups {first}+{count}, image has {}", sh.layout.group_count())));
+        return Err(EngineError::BadRequest(format!(
+            "digests of groups {first}+{count}, image has {}",
+            sh.layout.group_count()
+        )));
     };
     for g in first..end {
         let (a, b) = sh.layout.group_range(g);
         let keys = {
             let d = sh.digests.read().unwrap();
             if (d.len() as u64) < b {
-                return Err(EngineError::BadRequest(format!("digests of group {g} before it was announced")));
+                return Err(EngineError::BadRequest(format!(
+                    "digests of group {g} before it was announced"
+                )));
             }
             d[a as usize..b as usize].iter().map(key_of).collect()
         };
@@ -247,16 +305,25 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 }
 
 fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
-    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.block_count() && count > 0);
+    let end = first
+        .checked_add(count as u64)
+        .filter(|&e| e <= sh.layout.block_count() && count > 0);
     let Some(end) = end else {
-        return Err(EngineError::BadRequest(format!("blocks {first}+{count}, image has {}", sh.layout.block_count())));
+        return Err(EngineError::BadRequest(format!(
+            "blocks {first}+{count}, image has {}",
+            sh.layout.block_count()
+        )));
     };
     let (start, stop) = byte_range(&sh.layout, first, end);
     if stop - start > MAX_RUN_BYTES {
-        return Err(EngineError::BadRequest(format!("a run of {} bytes, more than {MAX_RUN_BYTES}", stop - start)));
+        return Err(EngineError::BadRequest(format!(
+            "a run of {} bytes, more than {MAX_RUN_BYTES}",
+            stop - start
+        )));
     }
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
+    let raw_len = raw.len() as u32;
     let codec = match sh.compress {
         Choice::Fixed(c) => c,
         Choice::Auto => {
@@ -267,11 +334,19 @@ fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
             p.choose(sh.stats.drain_rate(), sh.workers, raw.len() as u64)
         }
     };
-    let mut payload = codec.compress(&raw);
-    let mut code = codec.code();
-    if payload.len() >= raw.len() {
-        payload = raw;
-        code = Codec::None.code();
+    let (mut payload, mut code) = (raw, Codec::None.code());
+    if codec != Codec::None {
+        let packed = codec.compress(&payload);
+        // Incompressible data goes raw: cheaper to decode, never larger.
+        if packed.len() < payload.len() {
+            (payload, code) = (packed, codec.code());
+        }
     }
-    Ok(Message::Blocks { first_block: first, count, codec: code, raw_len: (stop - start) as u32, payload })
+    Ok(Message::Blocks {
+        first_block: first,
+        count,
+        codec: code,
+        raw_len,
+        payload,
+    })
 }

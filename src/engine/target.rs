@@ -29,7 +29,9 @@ use crate::compress::Codec;
 use crate::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::image::Image;
 use crate::layout::Layout;
-use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, MAX_RUN_BYTES};
+use crate::protocol::{
+    self, read_message, write_message, Message, ProtocolError, Role, MAX_RUN_BYTES,
+};
 use crate::transport::{Link, Writer};
 
 use super::references::ReferenceSet;
@@ -78,14 +80,29 @@ struct Target<'a> {
 }
 
 /// Rebuild the source's image into `dst` over `link`.
-pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
+pub fn run(
+    dst: &Path,
+    opts: &TargetOptions,
+    link: Link,
+    progress: &Progress,
+) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let Link { mut reader, mut writer, stats } = link;
+    let Link {
+        mut reader,
+        mut writer,
+        stats,
+    } = link;
     protocol::handshake(&mut reader, &mut writer, Role::Target, 0)?;
     let result = (|| {
         let (algo, layout) = match read_message(&mut reader, "before describing the image")? {
             Message::ImageInfo { algo, layout } => (algo, layout),
-            other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for ImageInfo",
+                }
+                .into())
+            }
         };
         if !algo.collision_safe() {
             log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
@@ -95,7 +112,13 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
         progress.phase("scanning", if had_data { layout.size } else { 0 });
         let dst_map = if had_data {
-            Some(BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?)
+            Some(BlockMap::compute(
+                &dst_img,
+                layout.clone(),
+                algo,
+                |_, _| {},
+                &|n| progress.inc(n),
+            )?)
         } else {
             None
         };
@@ -118,7 +141,12 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             state: vec![State::Pending; n],
             written: vec![[0; 32]; n],
             keys: Default::default(),
-            pending_in_group: (0..g as u64).map(|i| { let (a, b) = layout.group_range(i); (b - a) as u32 }).collect(),
+            pending_in_group: (0..g as u64)
+                .map(|i| {
+                    let (a, b) = layout.group_range(i);
+                    (b - a) as u32
+                })
+                .collect(),
             verified: vec![false; g],
             verified_count: 0,
             refetched: HashSet::new(),
@@ -157,7 +185,12 @@ impl Target<'_> {
         });
         let result = self.main_loop(&rx);
         if let Err(e) = &result {
-            let _ = write_message(&mut self.out, &Message::Error { message: format!("target: {e}") });
+            let _ = write_message(
+                &mut self.out,
+                &Message::Error {
+                    message: format!("target: {e}"),
+                },
+            );
             let _ = self.out.flush();
         }
         drop(rx);
@@ -169,17 +202,32 @@ impl Target<'_> {
         result
     }
 
-    fn main_loop(&mut self, rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>) -> Result<Report, EngineError> {
+    fn main_loop(
+        &mut self,
+        rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>,
+    ) -> Result<Report, EngineError> {
         loop {
-            let m = rx.recv().map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
+            let m = rx
+                .recv()
+                .map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
             match m {
                 Message::Groups { first, digests } => self.on_groups(first, digests)?,
                 Message::GroupsEnd { image_digest } => self.image_digest = Some(image_digest),
                 Message::BlockDigests { group, keys } => self.on_block_digests(group, keys)?,
-                Message::Blocks { first_block, count, codec, raw_len, payload } => {
-                    self.on_blocks(first_block, count, codec, raw_len, &payload)?
+                Message::Blocks {
+                    first_block,
+                    count,
+                    codec,
+                    raw_len,
+                    payload,
+                } => self.on_blocks(first_block, count, codec, raw_len, payload)?,
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other.kind(),
+                        state: "copying",
+                    }
+                    .into())
                 }
-                other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
             if rx.is_empty() {
                 self.out.flush().map_err(ProtocolError::Io)?;
@@ -192,11 +240,22 @@ impl Target<'_> {
         }
     }
 
-    fn finish(&mut self, want: Digest, rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>) -> Result<Report, EngineError> {
-        let groups: Vec<Digest> = self.groups.iter().map(|g| g.expect("every group verified")).collect();
+    fn finish(
+        &mut self,
+        want: Digest,
+        rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>,
+    ) -> Result<Report, EngineError> {
+        let groups: Vec<Digest> = self
+            .groups
+            .iter()
+            .map(|g| g.expect("every group verified"))
+            .collect();
         let got = image_digest(self.algo, &self.layout, &groups);
         if got != want {
-            return Err(EngineError::NotVerified { got: hex(&got), want: hex(&want) });
+            return Err(EngineError::NotVerified {
+                got: hex(&got),
+                want: hex(&want),
+            });
         }
         self.dst.sync()?;
         self.progress.finish();
@@ -223,9 +282,16 @@ impl Target<'_> {
         let json = serde_json::to_string(&report).expect("report serialises");
         write_message(&mut self.out, &Message::Done { report: json })?;
         self.out.flush().map_err(ProtocolError::Io)?;
-        match rx.recv().map_err(|_| ProtocolError::Eof("before saying Bye"))?? {
+        match rx
+            .recv()
+            .map_err(|_| ProtocolError::Eof("before saying Bye"))??
+        {
             Message::Bye => Ok(report),
-            other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Bye" }.into()),
+            other => Err(ProtocolError::Unexpected {
+                got: other.kind(),
+                state: "waiting for Bye",
+            }
+            .into()),
         }
     }
 
@@ -236,9 +302,15 @@ impl Target<'_> {
     }
 
     fn on_groups(&mut self, first: u64, digests: Vec<Digest>) -> Result<(), EngineError> {
-        let end = first.checked_add(digests.len() as u64).filter(|&e| e <= self.layout.group_count());
+        let end = first
+            .checked_add(digests.len() as u64)
+            .filter(|&e| e <= self.layout.group_count());
         if end.is_none() || digests.is_empty() {
-            return Err(EngineError::BadReply(format!("digests for groups {first}+{}, the image has {}", digests.len(), self.layout.group_count())));
+            return Err(EngineError::BadReply(format!(
+                "digests for groups {first}+{}, the image has {}",
+                digests.len(),
+                self.layout.group_count()
+            )));
         }
         let mut want: Option<(u64, u32)> = None;
         for (i, d) in digests.into_iter().enumerate() {
@@ -253,14 +325,26 @@ impl Target<'_> {
             want = match want {
                 Some((f, c)) if f + c as u64 == g => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
+                    write_message(
+                        &mut self.out,
+                        &Message::WantDigests {
+                            first_group: f,
+                            count: c,
+                        },
+                    )?;
                     Some((g, 1))
                 }
                 None => Some((g, 1)),
             };
         }
         if let Some((f, c)) = want {
-            write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
+            write_message(
+                &mut self.out,
+                &Message::WantDigests {
+                    first_group: f,
+                    count: c,
+                },
+            )?;
         }
         Ok(())
     }
@@ -273,14 +357,20 @@ impl Target<'_> {
             if m.groups[g as usize] == *want {
                 for i in a..b {
                     self.written[i as usize] = m.digests[i as usize];
-                    self.state[i as usize] = if m.zero[i as usize] { State::Zero } else { State::InPlace };
+                    self.state[i as usize] = if m.zero[i as usize] {
+                        State::Zero
+                    } else {
+                        State::InPlace
+                    };
                 }
                 self.groups_matched += 1;
                 return self.group_done(g, true);
             }
         }
         // 2. All zeros.
-        let zero: Vec<Digest> = (a..b).map(|i| self.zeros.get(self.layout.extent(i).1)).collect();
+        let zero: Vec<Digest> = (a..b)
+            .map(|i| self.zeros.get(self.layout.extent(i).1))
+            .collect();
         if group_digest(self.algo, &zero) == *want {
             for i in a..b {
                 self.set_zero(i)?;
@@ -295,7 +385,10 @@ impl Target<'_> {
             if rb - ra == b - a {
                 let mut blocks = Vec::with_capacity((b - a) as usize);
                 for (k, i) in (a..b).enumerate() {
-                    match self.refs.read_block(e.image, ra + k as u64, self.layout.extent(i).1) {
+                    match self
+                        .refs
+                        .read_block(e.image, ra + k as u64, self.layout.extent(i).1)
+                    {
                         Some(data) => blocks.push(data),
                         None => return Ok(false),
                     }
@@ -322,7 +415,11 @@ impl Target<'_> {
     /// Make block `i` zero in DST (nothing to do in a fresh file).
     fn set_zero(&mut self, i: u64) -> Result<(), EngineError> {
         let (off, len) = self.layout.extent(i);
-        let already = self.fresh || self.dst_map.as_ref().is_some_and(|m| m.zero[i as usize] && self.state[i as usize] == State::Pending);
+        let already = self.fresh
+            || self
+                .dst_map
+                .as_ref()
+                .is_some_and(|m| m.zero[i as usize] && self.state[i as usize] == State::Pending);
         if !already {
             self.dst.zero_range(off, len)?;
         }
@@ -332,12 +429,22 @@ impl Target<'_> {
     }
 
     fn on_block_digests(&mut self, g: u64, keys: Vec<Key>) -> Result<(), EngineError> {
-        if g >= self.layout.group_count() || self.groups[g as usize].is_none() || self.verified[g as usize] || self.keys.contains_key(&g) {
-            return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
+        if g >= self.layout.group_count()
+            || self.groups[g as usize].is_none()
+            || self.verified[g as usize]
+            || self.keys.contains_key(&g)
+        {
+            return Err(EngineError::BadReply(format!(
+                "block digests for group {g}, which was not asked for"
+            )));
         }
         let (a, b) = self.layout.group_range(g);
         if keys.len() as u64 != b - a {
-            return Err(EngineError::BadReply(format!("{} block digests for group {g} of {} blocks", keys.len(), b - a)));
+            return Err(EngineError::BadReply(format!(
+                "{} block digests for group {g} of {} blocks",
+                keys.len(),
+                b - a
+            )));
         }
         let mut missing = Vec::new();
         for (k, i) in (a..b).enumerate() {
@@ -371,9 +478,13 @@ impl Target<'_> {
 
     /// Copy block `i` from a reference if one holds data with `key`.
     fn reuse_block(&mut self, i: u64, key: &Key) -> Result<bool, EngineError> {
-        let Some(e) = self.refs.index.find_block(key) else { return Ok(false) };
+        let Some(e) = self.refs.index.find_block(key) else {
+            return Ok(false);
+        };
         let (off, len) = self.layout.extent(i);
-        let Some(data) = self.refs.read_block(e.image, e.pos, len) else { return Ok(false) };
+        let Some(data) = self.refs.read_block(e.image, e.pos, len) else {
+            return Ok(false);
+        };
         let d = self.algo.digest(&data);
         if key_of(&d) != *key {
             log::debug!("reference block changed since indexing; fetching block {i} instead");
@@ -393,31 +504,66 @@ impl Target<'_> {
             run = match run {
                 Some((f, c)) if f + c as u64 == i && c < max => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
+                    write_message(
+                        &mut self.out,
+                        &Message::Fetch {
+                            first_block: f,
+                            count: c,
+                        },
+                    )?;
                     Some((i, 1))
                 }
                 None => Some((i, 1)),
             };
         }
         if let Some((f, c)) = run {
-            write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
+            write_message(
+                &mut self.out,
+                &Message::Fetch {
+                    first_block: f,
+                    count: c,
+                },
+            )?;
         }
         Ok(())
     }
 
-    fn on_blocks(&mut self, first: u64, count: u32, codec: u8, raw_len: u32, payload: &[u8]) -> Result<(), EngineError> {
-        let end = first.checked_add(count as u64).filter(|&e| e <= self.layout.block_count() && count > 0);
+    fn on_blocks(
+        &mut self,
+        first: u64,
+        count: u32,
+        codec: u8,
+        raw_len: u32,
+        payload: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        let end = first
+            .checked_add(count as u64)
+            .filter(|&e| e <= self.layout.block_count() && count > 0);
         let Some(end) = end else {
-            return Err(EngineError::BadReply(format!("blocks {first}+{count}, the image has {}", self.layout.block_count())));
+            return Err(EngineError::BadReply(format!(
+                "blocks {first}+{count}, the image has {}",
+                self.layout.block_count()
+            )));
         };
         if (first..end).any(|i| self.state[i as usize] != State::Pending) {
-            return Err(EngineError::BadReply(format!("blocks {first}+{count}, which were not asked for")));
+            return Err(EngineError::BadReply(format!(
+                "blocks {first}+{count}, which were not asked for"
+            )));
         }
         let (start, stop) = byte_range(&self.layout, first, end);
         if stop - start != raw_len as u64 {
-            return Err(EngineError::BadReply(format!("a run of {raw_len} bytes for blocks {first}+{count}, which hold {}", stop - start)));
+            return Err(EngineError::BadReply(format!(
+                "a run of {raw_len} bytes for blocks {first}+{count}, which hold {}",
+                stop - start
+            )));
         }
-        let raw = Codec::decompress(codec, payload, raw_len as usize).map_err(|source| EngineError::Codec { block: first, source })?;
+        let payload_len = payload.len() as u64;
+        let raw = Codec::decompress(codec, payload, raw_len as usize).map_err(|source| {
+            EngineError::Codec {
+                block: first,
+                source,
+            }
+        })?;
         let layout = &self.layout;
         let algo = self.algo;
         let digests: Vec<Digest> = (first..end)
@@ -429,14 +575,20 @@ impl Target<'_> {
             .collect();
         for (k, i) in (first..end).enumerate() {
             let g = i / self.layout.group_blocks();
-            let want = self.keys.get(&g).map(|keys| keys[(i - g * self.layout.group_blocks()) as usize]);
+            let want = self
+                .keys
+                .get(&g)
+                .map(|keys| keys[(i - g * self.layout.group_blocks()) as usize]);
             if want != Some(key_of(&digests[k])) {
-                return Err(EngineError::BadBlock { block: i, offset: self.layout.extent(i).0 });
+                return Err(EngineError::BadBlock {
+                    block: i,
+                    offset: self.layout.extent(i).0,
+                });
             }
         }
         self.dst.write_at(&raw, start)?;
         self.bytes_fetched += raw_len as u64;
-        self.bytes_payload += payload.len() as u64;
+        self.bytes_payload += payload_len;
         let mut touched = Vec::new();
         for (k, i) in (first..end).enumerate() {
             self.written[i as usize] = digests[k];
@@ -460,16 +612,26 @@ impl Target<'_> {
         let want = self.groups[g as usize].expect("announced");
         if !from_digest && group_digest(self.algo, &self.written[a as usize..b as usize]) != want {
             if !self.refetched.insert(g) {
-                return Err(EngineError::GroupMismatch { group: g, first: a, end: b });
+                return Err(EngineError::GroupMismatch {
+                    group: g,
+                    first: a,
+                    end: b,
+                });
             }
             log::warn!("group {g} did not match its digest; fetching it whole");
-            let redo: Vec<u64> = (a..b).filter(|&i| self.state[i as usize] != State::Zero).collect();
+            let redo: Vec<u64> = (a..b)
+                .filter(|&i| self.state[i as usize] != State::Zero)
+                .collect();
             for &i in &redo {
                 self.state[i as usize] = State::Pending;
             }
             self.pending_in_group[g as usize] = redo.len() as u32;
             if redo.is_empty() {
-                return Err(EngineError::GroupMismatch { group: g, first: a, end: b });
+                return Err(EngineError::GroupMismatch {
+                    group: g,
+                    first: a,
+                    end: b,
+                });
             }
             self.request_runs(&redo)?;
             return Ok(false);
