@@ -1,0 +1,60 @@
+#!/bin/bash
+# The xenmig Xen lab, one command: build the dom0 image if needed (cached),
+# build xenmig, make the payload disk, boot emulated Xen 4.17 hosts under QEMU,
+# run the checks, shut everything down. Exit status 0 only if every check passed.
+#
+# Usage: sudo scripts/lab/test.sh [--hosts 1|2] [--keep]
+#   XENMIG_LAB_CACHE   cache and run directories (default /var/tmp/xenmig-lab)
+#   XENMIG_LAB_BIN     use this xenmig binary instead of building target/release/xenmig
+# Needs root, qemu-system-x86, qemu-utils, debootstrap, e2fsprogs, cpio, python3.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${XENMIG_LAB_CACHE:-/var/tmp/xenmig-lab}
+START=$SECONDS
+
+die() { echo "lab: FAILED: $*" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || die "must run as root (debootstrap, mknod)"
+for t in qemu-system-x86_64 qemu-img debootstrap mkfs.ext4 cpio python3 gzip; do
+    command -v $t >/dev/null || die "missing $t: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs cpio python3"
+done
+
+echo "lab: [1/4] dom0 image"
+t=$SECONDS
+IMAGE=$("$HERE/build.sh" | tail -1) || die "image build failed"
+echo "lab: image $IMAGE ($((SECONDS - t)) s)"
+
+echo "lab: [2/4] xenmig binary"
+mkdir -p "$CACHE"
+t=$SECONDS
+BIN=${XENMIG_LAB_BIN:-}
+if [[ -z $BIN ]]; then
+    BIN=$REPO/target/release/xenmig
+    built=no
+    for attempt in 1 2 3; do
+        if (cd "$REPO" && cargo build --release --bin xenmig) >"$CACHE/cargo-build.log" 2>&1; then
+            built=yes; break
+        fi
+        tail -5 "$CACHE/cargo-build.log"
+        echo "lab: cargo build --release failed (attempt $attempt; others may be mid-edit), retrying in 20 s"
+        sleep 20
+    done
+    if [[ $built != yes ]]; then
+        [[ -x $BIN ]] || die "cargo build --release failed and there is no earlier $BIN"
+        echo "lab: WARNING: cargo build --release failed; using the last built $BIN ($(date -r "$BIN"))"
+    fi
+fi
+[[ -x $BIN ]] || die "no xenmig binary at $BIN"
+echo "lab: xenmig $BIN ($((SECONDS - t)) s)"
+
+echo "lab: [3/4] payload disk"
+mkdir -p "$CACHE"
+PAYLOAD=$CACHE/payload.ext4
+"$HERE/payload.sh" "$IMAGE" "$PAYLOAD" "$BIN" || die "payload disk failed"
+
+echo "lab: [4/4] boot and check"
+rc=0
+python3 "$HERE/lab.py" test --image "$IMAGE" --payload "$PAYLOAD" "$@" || rc=$?
+echo "lab: total $((SECONDS - START)) s"
+[[ $rc == 0 ]] || die "lab checks failed (see the summary and serial logs above)"
+echo "lab: all checks passed"
