@@ -62,6 +62,10 @@ pub struct HashedGroup {
     pub blocks: Vec<Digest>,
     pub zero: Vec<bool>,
     pub digest: Digest,
+    /// Fast non-cryptographic hash of each block (XXH3), read from the same
+    /// buffer: a live copy compares it on later passes to find blocks that
+    /// changed since they were hashed, without recomputing the strong digest.
+    pub fast: Vec<u64>,
 }
 
 /// Read and hash group `g` of `img` under `layout`.
@@ -79,9 +83,11 @@ pub fn hash_group(
     let n = (end - first) as usize;
     let mut blocks = Vec::with_capacity(n);
     let mut zero = Vec::with_capacity(n);
+    let mut fast = Vec::with_capacity(n);
     for i in first..end {
         let (off, len) = layout.extent(i);
         let data = &buf[(off - start) as usize..(off - start) as usize + len];
+        fast.push(xxhash_rust::xxh3::xxh3_64(data));
         if is_zero(data) {
             blocks.push(zeros.get(len));
             zero.push(true);
@@ -95,6 +101,7 @@ pub fn hash_group(
         blocks,
         zero,
         digest,
+        fast,
     })
 }
 

@@ -14,7 +14,7 @@ use xenmig::compress::Choice;
 use xenmig::digest::{hex, Algorithm};
 use xenmig::engine::copy::{self, CopyOptions, ServeRole};
 use xenmig::engine::references::layout_of;
-use xenmig::engine::source::SourceOptions;
+use xenmig::engine::source::{LiveOptions, SourceOptions};
 use xenmig::engine::target::TargetOptions;
 use xenmig::engine::{Progress, Report};
 use xenmig::hashfile;
@@ -116,7 +116,46 @@ enum Command {
         compress: Choice,
         #[arg(short = 'r', long = "reference")]
         references: Vec<PathBuf>,
+        #[command(flatten)]
+        live: LiveArgs,
     },
+}
+
+/// Live copy: copy while the source keeps changing.
+#[derive(Args, Clone)]
+struct LiveArgs {
+    /// Copy while the source changes: pass 1 copies everything, each later
+    /// pass only what changed since, until little changes or the pass limit
+    /// is reached; then the source is frozen (--freeze-cmd), the last delta
+    /// is sent, the whole target is verified, and the source is thawed
+    /// (--thaw-cmd, which also runs when anything fails).
+    #[arg(long)]
+    live: bool,
+    /// Live: passes in all, the frozen one included.
+    #[arg(long, default_value_t = 6, value_name = "N", requires = "live", value_parser = clap::value_parser!(u32).range(2..))]
+    max_passes: u32,
+    /// Live: freeze once a pass finds at most this many changed blocks.
+    #[arg(long, default_value_t = 256, value_name = "BLOCKS", requires = "live")]
+    converge_blocks: u64,
+    /// Live: shell command that stops the source from changing (for
+    /// example `fsfreeze -f /mnt`), run on the source's host.
+    #[arg(long, value_name = "COMMAND", requires = "live")]
+    freeze_cmd: Option<String>,
+    /// Live: shell command that undoes the freeze (for example `fsfreeze -u
+    /// /mnt`); runs after the last pass, on success and on failure.
+    #[arg(long, value_name = "COMMAND", requires = "live")]
+    thaw_cmd: Option<String>,
+}
+
+impl LiveArgs {
+    fn options(&self) -> Option<LiveOptions> {
+        self.live.then(|| LiveOptions {
+            max_passes: self.max_passes,
+            converge_blocks: self.converge_blocks,
+            freeze_cmd: self.freeze_cmd.clone(),
+            thaw_cmd: self.thaw_cmd.clone(),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -151,6 +190,8 @@ struct CopyArgs {
     /// Print one JSON object with the report at the end (also on failure).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    live: LiveArgs,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -263,6 +304,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             hash,
             compress,
             references,
+            live,
         } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(
@@ -272,6 +314,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                         block_size: hash.block_size,
                         align: hash.align,
                         compress,
+                        live: live.options(),
                     },
                 ),
                 (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
@@ -323,6 +366,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             block_size: a.hash.block_size,
             align: a.hash.align,
             compress: a.compress,
+            live: a.live.options(),
         },
         target: TargetOptions {
             references: a.references,

@@ -17,7 +17,29 @@
 //!    | -- Blocks(first, count, codec, payload) ----------> |  waits for a reply
 //!    | -- Blocks(...) -----------------------------------> |
 //!    | <--------------------------- Done(report JSON) ---- |  after verifying
-//!    | -- Bye -------------------------------------------> |
+//!    | -- Bye(downtime) ---------------------------------> |
+//! ```
+//!
+//! Live copies (`--live`, capability [`CAP_LIVE`]) run that exchange in
+//! passes while the guest keeps writing. Each pass opens with
+//! `PassBegin(n, final)`; later passes announce only the groups that changed
+//! (or that the target could not verify) since the previous pass. A
+//! non-final pass ends with the target's `PassDone(n, stale groups)`
+//! instead of `Done`: blocks that changed between the source's hashing and
+//! its reading them cannot be verified yet and are simply announced again.
+//! The final pass runs with the source frozen and is strict, as above:
+//!
+//! ```text
+//!    | -- PassBegin(1, live) -> Groups.. GroupsEnd ------> |
+//!    |        (WantDigests / Fetch / replies as above)     |
+//!    | <------------------------- PassDone(1, stale) ----- |
+//!    | -- PassBegin(2, live) -> changed Groups.. End ----> |
+//!    | <------------------------- PassDone(2, stale) ----- |
+//!    |   freeze                                            |
+//!    | -- PassBegin(3, final) -> changed Groups.. End ---> |
+//!    | <----------------------------------- Done --------- |
+//!    |   thaw                                              |
+//!    | -- Bye(downtime) ---------------------------------> |
 //! ```
 //!
 //! Requests and replies are matched by the block or group numbers they
@@ -55,6 +77,8 @@ use crate::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::layout::{Layout, Segment};
 
 pub const VERSION: u16 = 1;
+/// Capability: the source may run a live copy in passes.
+pub const CAP_LIVE: u32 = 1;
 const MAGIC: &[u8; 6] = b"XENMIG";
 /// Largest payload accepted (a 4 MiB run of blocks plus headroom).
 pub const MAX_FRAME: usize = 16 << 20;
@@ -77,6 +101,8 @@ pub enum Kind {
     Done = 9,
     Bye = 10,
     Error = 11,
+    PassBegin = 12,
+    PassDone = 13,
 }
 
 impl Kind {
@@ -94,6 +120,8 @@ impl Kind {
             Done,
             Bye,
             Error,
+            PassBegin,
+            PassDone,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -146,7 +174,19 @@ pub enum Message {
     Done {
         report: String,
     },
-    Bye,
+    /// Ends a copy; `downtime_ns` is the freeze-to-thaw time of a live copy.
+    Bye {
+        downtime_ns: u64,
+    },
+    PassBegin {
+        pass: u32,
+        final_pass: bool,
+        changed_blocks: u64,
+    },
+    PassDone {
+        pass: u32,
+        stale_groups: Vec<u64>,
+    },
     Error {
         message: String,
     },
@@ -193,7 +233,9 @@ impl Message {
             Message::Fetch { .. } => Kind::Fetch,
             Message::Blocks { .. } => Kind::Blocks,
             Message::Done { .. } => Kind::Done,
-            Message::Bye => Kind::Bye,
+            Message::Bye { .. } => Kind::Bye,
+            Message::PassBegin { .. } => Kind::PassBegin,
+            Message::PassDone { .. } => Kind::PassDone,
             Message::Error { .. } => Kind::Error,
         }
     }
@@ -266,7 +308,22 @@ impl Message {
                 tail = payload;
             }
             Message::Done { report } => b.extend_from_slice(report.as_bytes()),
-            Message::Bye => {}
+            Message::Bye { downtime_ns } => put_u64(&mut b, *downtime_ns),
+            Message::PassBegin {
+                pass,
+                final_pass,
+                changed_blocks,
+            } => {
+                put_u32(&mut b, *pass);
+                b.push(*final_pass as u8);
+                put_u64(&mut b, *changed_blocks);
+            }
+            Message::PassDone { pass, stale_groups } => {
+                put_u32(&mut b, *pass);
+                for g in stale_groups {
+                    put_u64(&mut b, *g);
+                }
+            }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
         }
         let len = (b.len() - 5 + tail.len()) as u32;
@@ -391,8 +448,33 @@ impl Message {
                     .map_err(|_| bad("report is not UTF-8".into()))?,
             },
             Kind::Bye => {
-                exact(0)?;
-                Message::Bye
+                exact(8)?;
+                Message::Bye {
+                    downtime_ns: u64_at(0),
+                }
+            }
+            Kind::PassBegin => {
+                exact(13)?;
+                let final_pass = match p[4] {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad(format!("final flag {v}"))),
+                };
+                Message::PassBegin {
+                    pass: u32_at(0),
+                    final_pass,
+                    changed_blocks: u64_at(5),
+                }
+            }
+            Kind::PassDone => {
+                if p.len() < 4 || (p.len() - 4) % 8 != 0 {
+                    return Err(bad(format!("{} bytes is not 4 + n x 8", p.len())));
+                }
+                let stale_groups = (0..(p.len() - 4) / 8).map(|i| u64_at(4 + 8 * i)).collect();
+                Message::PassDone {
+                    pass: u32_at(0),
+                    stale_groups,
+                }
             }
             Kind::Error => Message::Error {
                 message: String::from_utf8_lossy(p).into_owned(),
@@ -568,7 +650,16 @@ mod tests {
             Message::Done {
                 report: "{}".into(),
             },
-            Message::Bye,
+            Message::Bye { downtime_ns: 12 },
+            Message::PassBegin {
+                pass: 2,
+                final_pass: true,
+                changed_blocks: 77,
+            },
+            Message::PassDone {
+                pass: 1,
+                stale_groups: vec![3, 9],
+            },
         ]
     }
 

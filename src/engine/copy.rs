@@ -44,7 +44,7 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         crate::compress::Choice::Auto => "auto".to_string(),
         crate::compress::Choice::Fixed(c) => c.to_string(),
     };
-    vec![
+    let mut v = vec![
         o.remote_xenmig.clone(),
         "serve".into(),
         "--source".into(),
@@ -57,7 +57,19 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         align.into(),
         "--compress".into(),
         compress,
-    ]
+    ];
+    if let Some(live) = &s.live {
+        v.push("--live".into());
+        v.extend(["--max-passes".into(), live.max_passes.to_string()]);
+        v.extend(["--converge-blocks".into(), live.converge_blocks.to_string()]);
+        if let Some(c) = &live.freeze_cmd {
+            v.extend(["--freeze-cmd".into(), c.clone()]);
+        }
+        if let Some(c) = &live.thaw_cmd {
+            v.extend(["--thaw-cmd".into(), c.clone()]);
+        }
+    }
+    v
 }
 
 /// Arguments for `xenmig serve` playing the target end.

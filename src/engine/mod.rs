@@ -7,6 +7,7 @@
 //! a remote one does.
 
 pub mod copy;
+pub mod hooks;
 pub mod progress;
 pub mod references;
 pub mod source;
@@ -88,4 +89,25 @@ pub struct Report {
     pub verified: bool,
     /// The source's whole-image digest (hex).
     pub digest: String,
+    /// Passes of the copy: one for a plain copy; for a live copy, the live
+    /// passes and the final, frozen one.
+    pub passes: Vec<PassReport>,
+    /// Live copy: time the source was frozen (freeze to thaw), in seconds.
+    pub downtime_seconds: f64,
+}
+
+/// One pass of a copy, as the target saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PassReport {
+    pub pass: u32,
+    pub final_pass: bool,
+    /// Blocks the source found changed since the previous pass.
+    pub changed_blocks: u64,
+    /// Groups announced in this pass.
+    pub groups: u64,
+    pub blocks_fetched: u64,
+    pub blocks_reused: u64,
+    /// Groups that changed under the pass and go again in the next one.
+    pub groups_stale: u64,
+    pub seconds: f64,
 }

@@ -1,28 +1,68 @@
-//! The source end: hash the image, stream group digests, answer requests.
+//! The source end: hash the image, stream group digests, answer requests;
+//! for a live copy, repeat on what changed, then freeze for the last delta.
 //!
 //! Threads: the caller hashes (on all cores through rayon) and streams
 //! group digests; a reader thread takes requests off the link; a few worker
 //! threads read, compress and frame the requested blocks; one writer thread
 //! owns the link's write half. Replies carry their block numbers, so
 //! workers may finish in any order.
+//!
+//! Live copies find changed blocks generically, for any file or device: each
+//! pass re-reads the image and compares every block's XXH3 with the value
+//! read when its strong digest was taken, and only blocks whose XXH3 differs
+//! are re-hashed with the strong digest. The re-read is the cost that still
+//! grows with the disk; what lands on the target is verified with the strong
+//! digest as always.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rayon::prelude::*;
 
-use crate::blockmap::{byte_range, BlockMap};
+use crate::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::compress::{AutoPolicy, Choice, Codec};
-use crate::digest::{key_of, Algorithm, Digest};
-use crate::image::Image;
+use crate::digest::{is_zero, key_of, Algorithm, Digest, ZeroDigests};
+use crate::image::{Image, ImageError};
 use crate::layout::{Align, Layout};
-use crate::protocol::{self, read_message, write_message, Message, Role, MAX_RUN_BYTES};
+use crate::protocol::{
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES,
+};
 use crate::transport::{Link, LinkStats, Reader, Writer};
 
+use super::hooks::Freeze;
 use super::references::layout_of;
 use super::{EngineError, Progress, Report};
+
+/// How a live copy iterates before it freezes the source.
+#[derive(Clone, Debug)]
+pub struct LiveOptions {
+    /// Passes in all, the frozen one included (at least 2).
+    pub max_passes: u32,
+    /// Freeze once a pass finds at most this many changed blocks.
+    pub converge_blocks: u64,
+    /// Shell command that quiesces the source (e.g. `fsfreeze -f /mnt`, or
+    /// pausing the guest); run before the last pass.
+    pub freeze_cmd: Option<String>,
+    /// Shell command that undoes the freeze; run after the last pass,
+    /// whether the copy succeeded or not.
+    pub thaw_cmd: Option<String>,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            max_passes: 6,
+            converge_blocks: 256,
+            freeze_cmd: None,
+            thaw_cmd: None,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
@@ -30,6 +70,8 @@ pub struct SourceOptions {
     pub block_size: u32,
     pub align: Align,
     pub compress: Choice,
+    /// Copy while the source changes (None: the source is quiescent).
+    pub live: Option<LiveOptions>,
 }
 
 impl Default for SourceOptions {
@@ -39,6 +81,7 @@ impl Default for SourceOptions {
             block_size: 4096,
             align: Align::Partitions,
             compress: Choice::Auto,
+            live: None,
         }
     }
 }
@@ -47,12 +90,19 @@ impl Default for SourceOptions {
 struct Shared {
     img: Image,
     layout: Layout,
-    /// Block digests hashed so far (a prefix of the image, whole groups).
+    /// Block digests hashed so far (a prefix of the image, whole groups);
+    /// between passes of a live copy, updated where blocks changed.
     digests: RwLock<Vec<Digest>>,
     compress: Choice,
     auto: Mutex<AutoPolicy>,
     stats: Arc<LinkStats>,
     workers: usize,
+}
+
+/// What the reader thread hands to the caller.
+enum Event {
+    PassDone { pass: u32, stale: Vec<u64> },
+    Done(Report),
 }
 
 /// Serve `path` as the source of a copy over `link`. Returns the target's
@@ -65,7 +115,13 @@ pub fn run(
 ) -> Result<Report, EngineError> {
     let img = Image::open_read(path)?;
     let layout = layout_of(&img, opts.block_size, opts.align)?;
-    protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, 0)?;
+    let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
+    let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
+    if caps & want_caps != want_caps {
+        return Err(EngineError::Other(
+            "the target's xenmig cannot take a live copy; upgrade it".into(),
+        ));
+    }
     write_message(
         &mut link.writer,
         &Message::ImageInfo {
@@ -73,7 +129,7 @@ pub fn run(
             layout: layout.clone(),
         },
     )?;
-    link.writer.flush().map_err(protocol::ProtocolError::Io)?;
+    link.writer.flush().map_err(ProtocolError::Io)?;
 
     let workers = thread::available_parallelism()
         .map(|n| n.get())
@@ -92,11 +148,11 @@ pub fn run(
     let Link { reader, writer, .. } = link;
     let (frames_tx, frames_rx) = bounded::<Message>(2 * workers + 2);
     let (work_tx, work_rx) = unbounded::<Message>();
-    // Failures of any thread, and the reader's final answer: the caller
-    // waits on whichever comes first, so a dead link never leaves it
-    // waiting for a Done that cannot come.
+    // Failures of any thread, and the reader's events: the caller waits on
+    // whichever comes first, so a dead link never leaves it waiting for an
+    // answer that cannot come.
     let (fail_tx, fail_rx) = unbounded::<EngineError>();
-    let (done_tx, done_rx) = bounded::<Result<Report, EngineError>>(1);
+    let (event_tx, event_rx) = unbounded::<Result<Event, EngineError>>();
     let (writer_done_tx, writer_done_rx) = bounded::<()>(1);
 
     let fail = fail_tx.clone();
@@ -107,9 +163,7 @@ pub fn run(
         let _ = writer_done_tx.send(());
     });
     let reader_frames = frames_tx.clone();
-    thread::spawn(move || {
-        let _ = done_tx.send(read_loop(reader, work_tx, reader_frames));
-    });
+    thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx));
     let mut worker_threads = Vec::new();
     for _ in 0..workers {
         let (rx, tx, sh, fail) = (
@@ -126,70 +180,38 @@ pub fn run(
     }
     drop((work_rx, fail_tx));
 
-    // Let the writer flush what it has (an Error frame, say) before we
-    // return and the process may exit.
-    let give_up = |e: EngineError, frames_tx: crossbeam_channel::Sender<Message>| {
-        drop(frames_tx);
-        let _ = writer_done_rx.recv_timeout(std::time::Duration::from_secs(2));
-        Err(e)
+    let mut session = Session {
+        shared: &shared,
+        opts,
+        frames: &frames_tx,
+        fail_rx: &fail_rx,
+        events: &event_rx,
+        progress,
     };
-
-    progress.phase("hashing", layout.size);
-    let hashed = BlockMap::compute_streaming(
-        &shared.img,
-        layout.clone(),
-        opts.algo,
-        |first, batch| {
-            {
-                let mut d = shared.digests.write().unwrap();
-                for g in batch {
-                    d.extend_from_slice(&g.blocks);
-                }
-            }
-            let digests = batch.iter().map(|g| g.digest).collect();
-            // Stop hashing as soon as the link or a worker has failed.
-            frames_tx.send(Message::Groups { first, digests }).is_ok()
-                && fail_rx.is_empty()
-                && done_rx.is_empty()
-        },
-        &|n| progress.inc(n),
-    );
-    match hashed {
-        Ok(Some(map)) => {
-            let _ = frames_tx.send(Message::GroupsEnd {
-                image_digest: map.image_digest,
-            });
-        }
-        Ok(None) => {
-            // Stopped early: the cause is the failure or the reader's answer.
-            let e = match fail_rx.try_recv() {
-                Ok(e) => e,
-                Err(_) => match done_rx.recv() {
-                    Ok(Err(e)) => e,
-                    _ => EngineError::Other(
-                        "the target finished before the source was hashed".into(),
-                    ),
-                },
-            };
-            return give_up(e, frames_tx);
-        }
-        Err(e) => {
-            let _ = frames_tx.send(Message::Error {
-                message: format!("source: {e}"),
-            });
-            return give_up(e.into(), frames_tx);
-        }
-    }
-    progress.phase("sending", layout.size);
-
-    let answer = crossbeam_channel::select! {
-        recv(done_rx) -> r => r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
-        recv(fail_rx) -> e => Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
-    };
-    let report = match answer {
+    let mut freeze: Option<Freeze> = None;
+    let outcome = session.passes(&mut freeze);
+    let report = match outcome {
         Ok(r) => r,
-        Err(e) => return give_up(e, frames_tx),
+        Err(e) => {
+            // Thaw first (the guest must not stay frozen), then let the
+            // writer flush what it has (an Error frame, say) before we
+            // return and the process may exit.
+            let thawed = freeze.take().map(Freeze::thaw);
+            drop(frames_tx);
+            let _ = writer_done_rx.recv_timeout(Duration::from_secs(2));
+            if let Some(Err(t)) = thawed {
+                log::error!("{t}");
+            }
+            return Err(e);
+        }
     };
+    let mut report = report;
+    let downtime = match freeze.take() {
+        Some(f) => Some(f.thaw()?),
+        None => None,
+    };
+    let downtime_ns = downtime.map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let _ = frames_tx.send(Message::Bye { downtime_ns });
     drop(frames_tx);
     for w in worker_threads {
         w.join().expect("worker thread panicked");
@@ -199,7 +221,239 @@ pub fn run(
     if let Ok(e) = fail_rx.try_recv() {
         return Err(e);
     }
+    report.downtime_seconds = downtime_ns as f64 / 1e9;
     Ok(report)
+}
+
+/// The caller's side of one source run: hashing and announcing passes.
+struct Session<'a> {
+    shared: &'a Shared,
+    opts: &'a SourceOptions,
+    frames: &'a Sender<Message>,
+    fail_rx: &'a Receiver<EngineError>,
+    events: &'a Receiver<Result<Event, EngineError>>,
+    progress: &'a Progress,
+}
+
+impl Session<'_> {
+    fn send(&self, m: Message) -> Result<(), EngineError> {
+        self.frames.send(m).map_err(|_| self.failure())
+    }
+
+    /// The reason the link or a thread stopped.
+    fn failure(&self) -> EngineError {
+        match self.fail_rx.try_recv() {
+            Ok(e) => e,
+            Err(_) => match self.events.try_recv() {
+                Ok(Err(e)) => e,
+                _ => EngineError::Other("the link to the target closed".into()),
+            },
+        }
+    }
+
+    /// Wait for the reader's next event or any failure.
+    fn next_event(&self) -> Result<Event, EngineError> {
+        crossbeam_channel::select! {
+            recv(self.events) -> r => r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
+            recv(self.fail_rx) -> e => Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
+        }
+    }
+
+    /// Run every pass; returns the target's report (before any thaw).
+    fn passes(&mut self, freeze: &mut Option<Freeze>) -> Result<Report, EngineError> {
+        let sh = self.shared;
+        let layout = &sh.layout;
+        let algo = self.opts.algo;
+        let live = self.opts.live.clone();
+        if live.is_some() {
+            self.send(Message::PassBegin {
+                pass: 1,
+                final_pass: false,
+                changed_blocks: layout.block_count(),
+            })?;
+        }
+        self.progress.phase("hashing", layout.size);
+        let mut fast: Vec<u64> = Vec::with_capacity(layout.block_count() as usize);
+        let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
+        let hashed = BlockMap::compute_streaming(
+            &sh.img,
+            layout.clone(),
+            algo,
+            |first, batch| {
+                {
+                    let mut d = sh.digests.write().unwrap();
+                    for g in batch {
+                        d.extend_from_slice(&g.blocks);
+                    }
+                }
+                for g in batch {
+                    fast.extend_from_slice(&g.fast);
+                    groups.push(g.digest);
+                }
+                let digests = batch.iter().map(|g| g.digest).collect();
+                // Stop hashing as soon as the link or a worker has failed.
+                self.frames.send(Message::Groups { first, digests }).is_ok()
+                    && self.fail_rx.is_empty()
+                    && self.events.is_empty()
+            },
+            &|n| self.progress.inc(n),
+        );
+        let map = match hashed {
+            Ok(Some(map)) => map,
+            Ok(None) => return Err(self.failure()),
+            Err(e) => {
+                let _ = self.frames.send(Message::Error {
+                    message: format!("source: {e}"),
+                });
+                return Err(e.into());
+            }
+        };
+        self.send(Message::GroupsEnd {
+            image_digest: map.image_digest,
+        })?;
+        self.progress.phase("sending", layout.size);
+
+        if let Some(live) = live {
+            let mut pass = 1;
+            let mut previous = layout.block_count();
+            loop {
+                let stale = match self.next_event()? {
+                    Event::PassDone { pass: p, stale } if p == pass => stale,
+                    Event::PassDone { pass: p, .. } => {
+                        return Err(EngineError::BadReply(format!(
+                            "the end of pass {p} during pass {pass}"
+                        )))
+                    }
+                    Event::Done(_) => {
+                        return Err(EngineError::BadReply("Done before the final pass".into()))
+                    }
+                };
+                let changed = self.rescan(&mut fast, &mut groups)?;
+                let mut announce: BTreeSet<u64> = stale
+                    .into_iter()
+                    .filter(|&g| g < layout.group_count())
+                    .collect();
+                announce.extend(changed.iter().map(|&b| b / layout.group_blocks()));
+                let n = changed.len() as u64;
+                let last = pass + 1 >= live.max_passes.max(2)
+                    || n <= live.converge_blocks
+                    || n * 10 >= previous * 9;
+                log::info!(
+                    "pass {pass}: {n} blocks changed since hashed; next pass {}",
+                    if last {
+                        "is final (frozen)"
+                    } else {
+                        "runs live"
+                    }
+                );
+                let mut changed_blocks = n;
+                if last {
+                    *freeze = Some(Freeze::run(
+                        live.freeze_cmd.as_deref(),
+                        live.thaw_cmd.clone(),
+                    )?);
+                    let more = self.rescan(&mut fast, &mut groups)?;
+                    changed_blocks += more.len() as u64;
+                    announce.extend(more.iter().map(|&b| b / layout.group_blocks()));
+                }
+                pass += 1;
+                previous = n;
+                self.send(Message::PassBegin {
+                    pass,
+                    final_pass: last,
+                    changed_blocks,
+                })?;
+                self.announce(&announce, &groups)?;
+                self.send(Message::GroupsEnd {
+                    image_digest: image_digest(algo, layout, &groups),
+                })?;
+                if last {
+                    break;
+                }
+            }
+        }
+        match self.next_event()? {
+            Event::Done(report) => Ok(report),
+            Event::PassDone { pass, .. } => Err(EngineError::BadReply(format!(
+                "the end of pass {pass} after the final pass"
+            ))),
+        }
+    }
+
+    /// Send the digests of `set` (ascending), consecutive groups together.
+    fn announce(&self, set: &BTreeSet<u64>, groups: &[Digest]) -> Result<(), EngineError> {
+        let mut run: Vec<Digest> = Vec::new();
+        let mut first = 0;
+        for &g in set {
+            if !run.is_empty() && (first + run.len() as u64 != g || run.len() == 64) {
+                self.send(Message::Groups {
+                    first,
+                    digests: std::mem::take(&mut run),
+                })?;
+            }
+            if run.is_empty() {
+                first = g;
+            }
+            run.push(groups[g as usize]);
+        }
+        if !run.is_empty() {
+            self.send(Message::Groups {
+                first,
+                digests: run,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Re-read the image; re-hash the blocks whose XXH3 changed, update
+    /// digests and group digests, and return those blocks.
+    fn rescan(&self, fast: &mut [u64], groups: &mut [Digest]) -> Result<Vec<u64>, EngineError> {
+        let sh = self.shared;
+        let layout = &sh.layout;
+        let algo = self.opts.algo;
+        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        self.progress.phase("rescanning", layout.size);
+        let fast_ro: &[u64] = fast;
+        let found: Vec<(u64, Vec<(u64, Digest, u64)>)> = (0..layout.group_count())
+            .into_par_iter()
+            .map(|g| {
+                let (a, b) = layout.group_range(g);
+                let (start, stop) = byte_range(layout, a, b);
+                let mut buf = vec![0u8; (stop - start) as usize];
+                sh.img.read_at(&mut buf, start)?;
+                self.progress.inc(stop - start);
+                let mut changed = Vec::new();
+                for i in a..b {
+                    let (off, len) = layout.extent(i);
+                    let data = &buf[(off - start) as usize..(off - start) as usize + len];
+                    let x = xxhash_rust::xxh3::xxh3_64(data);
+                    if x != fast_ro[i as usize] {
+                        let d = if is_zero(data) {
+                            zeros.get(len)
+                        } else {
+                            algo.digest(data)
+                        };
+                        changed.push((i, d, x));
+                    }
+                }
+                Ok((g, changed))
+            })
+            .filter(|r: &Result<_, ImageError>| r.as_ref().map_or(true, |(_, c)| !c.is_empty()))
+            .collect::<Result<_, ImageError>>()?;
+        let mut blocks = Vec::new();
+        let mut digests = sh.digests.write().unwrap();
+        for (g, changed) in found {
+            for (i, d, x) in changed {
+                digests[i as usize] = d;
+                fast[i as usize] = x;
+                blocks.push(i);
+            }
+            let (a, b) = layout.group_range(g);
+            groups[g as usize] = group_digest(algo, &digests[a as usize..b as usize]);
+        }
+        self.progress.phase("sending", layout.size);
+        Ok(blocks)
+    }
 }
 
 /// Own the write half: send frames, flushing whenever the queue runs dry.
@@ -208,7 +462,7 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>) -> Result<(), EngineError> {
         let m = match rx.try_recv() {
             Ok(m) => m,
             Err(_) => {
-                w.flush().map_err(protocol::ProtocolError::Io)?;
+                w.flush().map_err(ProtocolError::Io)?;
                 match rx.recv() {
                     Ok(m) => m,
                     Err(_) => return Ok(()),
@@ -219,37 +473,48 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>) -> Result<(), EngineError> {
     }
 }
 
-/// Take requests off the link until Done; answer Done with Bye.
+/// Take requests off the link and pass events on, until Done.
 fn read_loop(
     mut r: Reader,
     work: Sender<Message>,
     frames: Sender<Message>,
-) -> Result<Report, EngineError> {
+    events: Sender<Result<Event, EngineError>>,
+) {
     let result = (|| loop {
         match read_message(&mut r, "before the target said Done")? {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 let _ = work.send(m);
             }
+            Message::PassDone { pass, stale_groups } => {
+                let _ = events.send(Ok(Event::PassDone {
+                    pass,
+                    stale: stale_groups,
+                }));
+            }
             Message::Done { report } => {
                 let report: Report = serde_json::from_str(&report)
                     .map_err(|e| EngineError::BadReply(format!("an unreadable report: {e}")))?;
-                let _ = frames.send(Message::Bye);
                 return Ok(report);
             }
             other => {
-                return Err(EngineError::Protocol(protocol::ProtocolError::Unexpected {
+                return Err(EngineError::Protocol(ProtocolError::Unexpected {
                     got: other.kind(),
                     state: "serving requests",
                 }))
             }
         }
     })();
-    if let Err(e) = &result {
-        let _ = frames.send(Message::Error {
-            message: format!("source: {e}"),
-        });
+    match result {
+        Ok(report) => {
+            let _ = events.send(Ok(Event::Done(report)));
+        }
+        Err(e) => {
+            let _ = frames.send(Message::Error {
+                message: format!("source: {e}"),
+            });
+            let _ = events.send(Err(e));
+        }
     }
-    result
 }
 
 fn work_loop(sh: &Shared, rx: Receiver<Message>, tx: Sender<Message>) -> Result<(), EngineError> {

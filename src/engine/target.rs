@@ -14,14 +14,20 @@
 //! A settled group is verified by recomputing its digest from the full
 //! digests of exactly what was written; a group that fails (a key collision,
 //! or a reference changed under us) is fetched whole once more.
+//!
+//! Live copies come in passes (see `protocol`). In a live pass the source
+//! is still changing, so a fetched block may not match the key announced
+//! earlier: it is written anyway (it is newer), its group is reported stale
+//! and the source announces it again. Only the final, frozen pass is strict,
+//! and only it can end in Done and `verified`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::thread;
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
 use crate::blockmap::{byte_range, group_digest, image_digest, BlockMap};
@@ -30,12 +36,12 @@ use crate::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::image::Image;
 use crate::layout::Layout;
 use crate::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, MAX_RUN_BYTES,
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES,
 };
-use crate::transport::{Link, Writer};
+use crate::transport::{Link, Reader, Writer};
 
 use super::references::ReferenceSet;
-use super::{EngineError, Progress, Report};
+use super::{EngineError, PassReport, Progress, Report};
 
 #[derive(Clone, Debug, Default)]
 pub struct TargetOptions {
@@ -56,25 +62,35 @@ struct Target<'a> {
     algo: Algorithm,
     layout: Layout,
     dst: Image,
-    /// DST held no data before: zero blocks need no writing.
-    fresh: bool,
-    dst_map: Option<BlockMap>,
     refs: ReferenceSet,
     zeros: ZeroDigests,
-    /// Source digest of each group, as announced.
+    /// Digest of what DST holds now at each block (a fresh file reads as
+    /// zeros); kept current as blocks are written.
+    have: Vec<Digest>,
+    /// Source digest of each group, as last announced.
     groups: Vec<Option<Digest>>,
+    /// Pass in which each group was last announced (0: not yet).
+    announced_in: Vec<u32>,
     image_digest: Option<Digest>,
     state: Vec<State>,
-    written: Vec<Digest>,
     /// Keys of groups being settled block by block.
-    keys: std::collections::HashMap<u64, Vec<Key>>,
+    keys: HashMap<u64, Vec<Key>>,
     pending_in_group: Vec<u32>,
+    /// A block of the group did not match its key in a live pass.
+    tainted: Vec<bool>,
     verified: Vec<bool>,
-    verified_count: u64,
+    /// Groups announced in this pass and not yet verified or found stale.
+    open_groups: u64,
+    stale: Vec<u64>,
     refetched: HashSet<u64>,
     groups_matched: u64,
     bytes_fetched: u64,
     bytes_payload: u64,
+    pass: u32,
+    strict: bool,
+    pass_report: PassReport,
+    pass_started: Instant,
+    passes: Vec<PassReport>,
     out: Writer,
     progress: &'a Progress,
 }
@@ -92,68 +108,72 @@ pub fn run(
         mut writer,
         stats,
     } = link;
-    protocol::handshake(&mut reader, &mut writer, Role::Target, 0)?;
-    let result = (|| {
-        let (algo, layout) = match read_message(&mut reader, "before describing the image")? {
-            Message::ImageInfo { algo, layout } => (algo, layout),
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.kind(),
-                    state: "waiting for ImageInfo",
-                }
-                .into())
+    protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
+    let (algo, layout) = match read_message(&mut reader, "before describing the image")? {
+        Message::ImageInfo { algo, layout } => (algo, layout),
+        other => {
+            return Err(ProtocolError::Unexpected {
+                got: other.kind(),
+                state: "waiting for ImageInfo",
             }
-        };
+            .into())
+        }
+    };
+    let result = (|| {
         if !algo.collision_safe() {
             log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
         }
         // References first: a bad one stops the copy before DST is touched.
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
         let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
-        progress.phase("scanning", if had_data { layout.size } else { 0 });
-        let dst_map = if had_data {
-            Some(BlockMap::compute(
-                &dst_img,
-                layout.clone(),
-                algo,
-                |_, _| {},
-                &|n| progress.inc(n),
-            )?)
-        } else {
-            None
-        };
-        if let Some(m) = &dst_map {
+        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        let have = if had_data {
+            progress.phase("scanning", layout.size);
+            let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| {
+                progress.inc(n)
+            })?;
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.
-            refs.add_image(dst.into(), Image::open_read(dst)?, m);
-        }
+            refs.add_image(dst.into(), Image::open_read(dst)?, &m);
+            m.digests
+        } else {
+            (0..layout.block_count())
+                .map(|i| zeros.get(layout.extent(i).1))
+                .collect()
+        };
         let n = layout.block_count() as usize;
         let g = layout.group_count() as usize;
         let mut t = Target {
             algo,
-            zeros: ZeroDigests::new(algo, layout.block_size as usize),
+            zeros,
             dst: dst_img,
-            fresh: !had_data,
-            dst_map,
             refs,
+            have,
             groups: vec![None; g],
+            announced_in: vec![0; g],
             image_digest: None,
             state: vec![State::Pending; n],
-            written: vec![[0; 32]; n],
-            keys: Default::default(),
-            pending_in_group: (0..g as u64)
-                .map(|i| {
-                    let (a, b) = layout.group_range(i);
-                    (b - a) as u32
-                })
-                .collect(),
+            keys: HashMap::new(),
+            pending_in_group: vec![0; g],
+            tainted: vec![false; g],
             verified: vec![false; g],
-            verified_count: 0,
+            open_groups: 0,
+            stale: Vec::new(),
             refetched: HashSet::new(),
             groups_matched: 0,
             bytes_fetched: 0,
             bytes_payload: 0,
-            layout,
+            pass: 1,
+            strict: true,
+            pass_report: PassReport {
+                pass: 1,
+                final_pass: true,
+                changed_blocks: n as u64,
+                ..Default::default()
+            },
+            pass_started: Instant::now(),
+            passes: Vec::new(),
+            layout: layout.clone(),
             out: writer,
             progress,
         };
@@ -170,15 +190,17 @@ pub fn run(
     }
 }
 
+type Inbox = Receiver<Result<Message, ProtocolError>>;
+
 impl Target<'_> {
-    fn receive(&mut self, reader: crate::transport::Reader) -> Result<Report, EngineError> {
+    fn receive(&mut self, reader: Reader) -> Result<Report, EngineError> {
         // A reader thread keeps the link drained while we hash and write, so
         // the source never stalls on a full pipe while we are busy.
         let (tx, rx) = bounded::<Result<Message, ProtocolError>>(64);
         let mut reader = reader;
         let reader_thread = thread::spawn(move || loop {
             let m = read_message(&mut reader, "before the copy was complete");
-            let stop = matches!(m, Err(_) | Ok(Message::Bye));
+            let stop = matches!(m, Err(_) | Ok(Message::Bye { .. }));
             if tx.send(m).is_err() || stop {
                 return;
             }
@@ -202,17 +224,26 @@ impl Target<'_> {
         result
     }
 
-    fn main_loop(
-        &mut self,
-        rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>,
-    ) -> Result<Report, EngineError> {
+    fn main_loop(&mut self, rx: &Inbox) -> Result<Report, EngineError> {
         loop {
             let m = rx
                 .recv()
                 .map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
             match m {
+                Message::PassBegin {
+                    pass,
+                    final_pass,
+                    changed_blocks,
+                } => self.on_pass_begin(pass, final_pass, changed_blocks)?,
                 Message::Groups { first, digests } => self.on_groups(first, digests)?,
-                Message::GroupsEnd { image_digest } => self.image_digest = Some(image_digest),
+                Message::GroupsEnd { image_digest } => {
+                    if self.image_digest.replace(image_digest).is_some() {
+                        return Err(EngineError::BadReply(format!(
+                            "a second end of pass {}",
+                            self.pass
+                        )));
+                    }
+                }
                 Message::BlockDigests { group, keys } => self.on_block_digests(group, keys)?,
                 Message::Blocks {
                     first_block,
@@ -229,22 +260,83 @@ impl Target<'_> {
                     .into())
                 }
             }
+            if let Some(want) = self.image_digest {
+                if self.open_groups == 0 {
+                    if self.strict {
+                        return self.finish(want, rx);
+                    }
+                    self.end_live_pass()?;
+                }
+            }
             if rx.is_empty() {
                 self.out.flush().map_err(ProtocolError::Io)?;
-            }
-            if let Some(want) = self.image_digest {
-                if self.verified_count == self.layout.group_count() {
-                    return self.finish(want, rx);
-                }
             }
         }
     }
 
-    fn finish(
+    fn close_pass_report(&mut self) {
+        let mut r = std::mem::take(&mut self.pass_report);
+        r.seconds = self.pass_started.elapsed().as_secs_f64();
+        r.groups_stale = self.stale.len() as u64;
+        self.passes.push(r);
+    }
+
+    fn on_pass_begin(
         &mut self,
-        want: Digest,
-        rx: &crossbeam_channel::Receiver<Result<Message, ProtocolError>>,
-    ) -> Result<Report, EngineError> {
+        pass: u32,
+        final_pass: bool,
+        changed_blocks: u64,
+    ) -> Result<(), EngineError> {
+        let first = self.passes.is_empty() && self.announced_in.iter().all(|&p| p == 0);
+        if (first && pass != 1)
+            || (!first && (pass != self.pass + 1 || self.image_digest.is_some()))
+        {
+            return Err(EngineError::BadReply(format!(
+                "pass {pass} out of order (at pass {})",
+                self.pass
+            )));
+        }
+        self.pass = pass;
+        self.strict = final_pass;
+        self.pass_report = PassReport {
+            pass,
+            final_pass,
+            changed_blocks,
+            ..Default::default()
+        };
+        self.pass_started = Instant::now();
+        let label = if final_pass {
+            format!("final {pass}")
+        } else {
+            format!("pass {pass}")
+        };
+        self.progress
+            .phase(&label, changed_blocks * self.layout.block_size as u64);
+        Ok(())
+    }
+
+    /// A live pass is settled: tell the source which groups must go again.
+    fn end_live_pass(&mut self) -> Result<(), EngineError> {
+        self.close_pass_report();
+        let stale = std::mem::take(&mut self.stale);
+        write_message(
+            &mut self.out,
+            &Message::PassDone {
+                pass: self.pass,
+                stale_groups: stale,
+            },
+        )?;
+        self.out.flush().map_err(ProtocolError::Io)?;
+        self.image_digest = None;
+        Ok(())
+    }
+
+    fn finish(&mut self, want: Digest, rx: &Inbox) -> Result<Report, EngineError> {
+        if let Some(g) = self.verified.iter().position(|v| !v) {
+            return Err(EngineError::BadReply(format!(
+                "the final pass ended with group {g} never verified"
+            )));
+        }
         let groups: Vec<Digest> = self
             .groups
             .iter()
@@ -258,9 +350,10 @@ impl Target<'_> {
             });
         }
         self.dst.sync()?;
+        self.close_pass_report();
         self.progress.finish();
         let count = |s: State| self.state.iter().filter(|&&x| x == s).count() as u64;
-        let report = Report {
+        let mut report = Report {
             target: self.dst.path().display().to_string(),
             image_size: self.layout.size,
             block_size: self.layout.block_size,
@@ -277,6 +370,7 @@ impl Target<'_> {
             bytes_payload_wire: self.bytes_payload,
             verified: true,
             digest: hex(&want[..self.algo.width()]),
+            passes: std::mem::take(&mut self.passes),
             ..Report::default()
         };
         let json = serde_json::to_string(&report).expect("report serialises");
@@ -286,7 +380,10 @@ impl Target<'_> {
             .recv()
             .map_err(|_| ProtocolError::Eof("before saying Bye"))??
         {
-            Message::Bye => Ok(report),
+            Message::Bye { downtime_ns } => {
+                report.downtime_seconds = downtime_ns as f64 / 1e9;
+                Ok(report)
+            }
             other => Err(ProtocolError::Unexpected {
                 got: other.kind(),
                 state: "waiting for Bye",
@@ -305,7 +402,7 @@ impl Target<'_> {
         let end = first
             .checked_add(digests.len() as u64)
             .filter(|&e| e <= self.layout.group_count());
-        if end.is_none() || digests.is_empty() {
+        if end.is_none() || digests.is_empty() || self.image_digest.is_some() {
             return Err(EngineError::BadReply(format!(
                 "digests for groups {first}+{}, the image has {}",
                 digests.len(),
@@ -315,10 +412,7 @@ impl Target<'_> {
         let mut want: Option<(u64, u32)> = None;
         for (i, d) in digests.into_iter().enumerate() {
             let g = first + i as u64;
-            if self.groups[g as usize].is_some() {
-                return Err(EngineError::BadReply(format!("group {g} twice")));
-            }
-            self.groups[g as usize] = Some(d);
+            self.announce(g, d)?;
             if self.settle_group_locally(g, &d)? {
                 continue;
             }
@@ -349,23 +443,44 @@ impl Target<'_> {
         Ok(())
     }
 
+    /// Take group `g` with digest `d` into this pass, forgetting any earlier
+    /// settlement of it.
+    fn announce(&mut self, g: u64, d: Digest) -> Result<(), EngineError> {
+        if self.announced_in[g as usize] == self.pass {
+            return Err(EngineError::BadReply(format!(
+                "group {g} twice in pass {}",
+                self.pass
+            )));
+        }
+        self.verified[g as usize] = false;
+        let (a, b) = self.layout.group_range(g);
+        self.state[a as usize..b as usize].fill(State::Pending);
+        self.pending_in_group[g as usize] = (b - a) as u32;
+        self.keys.remove(&g);
+        self.tainted[g as usize] = false;
+        self.groups[g as usize] = Some(d);
+        self.announced_in[g as usize] = self.pass;
+        self.open_groups += 1;
+        self.pass_report.groups += 1;
+        Ok(())
+    }
+
     /// Try to settle a whole group without per-block keys.
     fn settle_group_locally(&mut self, g: u64, want: &Digest) -> Result<bool, EngineError> {
         let (a, b) = self.layout.group_range(g);
-        // 1. Already in place.
-        if let Some(m) = &self.dst_map {
-            if m.groups[g as usize] == *want {
-                for i in a..b {
-                    self.written[i as usize] = m.digests[i as usize];
-                    self.state[i as usize] = if m.zero[i as usize] {
-                        State::Zero
-                    } else {
-                        State::InPlace
-                    };
-                }
-                self.groups_matched += 1;
-                return self.group_done(g, true);
+        let (ai, bi) = (a as usize, b as usize);
+        // 1. Already in place (this covers all-zero groups of a fresh file).
+        if group_digest(self.algo, &self.have[ai..bi]) == *want {
+            for i in a..b {
+                let len = self.layout.extent(i).1;
+                self.state[i as usize] = if self.zeros.is_zero_digest(&self.have[i as usize], len) {
+                    State::Zero
+                } else {
+                    State::InPlace
+                };
             }
+            self.groups_matched += 1;
+            return self.group_done(g, true);
         }
         // 2. All zeros.
         let zero: Vec<Digest> = (a..b)
@@ -383,7 +498,7 @@ impl Target<'_> {
             let r = &self.refs.images[e.image as usize];
             let (ra, rb) = r.layout.group_range(e.pos);
             if rb - ra == b - a {
-                let mut blocks = Vec::with_capacity((b - a) as usize);
+                let mut blocks = Vec::with_capacity(bi - ai);
                 for (k, i) in (a..b).enumerate() {
                     match self
                         .refs
@@ -399,9 +514,7 @@ impl Target<'_> {
                         if crate::digest::is_zero(&blocks[k]) {
                             self.set_zero(i)?;
                         } else {
-                            self.dst.write_at(&blocks[k], self.layout.extent(i).0)?;
-                            self.written[i as usize] = digests[k];
-                            self.state[i as usize] = State::Reused;
+                            self.write_block(i, &blocks[k], digests[k], State::Reused)?;
                         }
                     }
                     self.groups_matched += 1;
@@ -412,25 +525,36 @@ impl Target<'_> {
         Ok(false)
     }
 
-    /// Make block `i` zero in DST (nothing to do in a fresh file).
+    fn write_block(
+        &mut self,
+        i: u64,
+        data: &[u8],
+        digest: Digest,
+        state: State,
+    ) -> Result<(), EngineError> {
+        self.dst.write_at(data, self.layout.extent(i).0)?;
+        self.have[i as usize] = digest;
+        self.state[i as usize] = state;
+        if state == State::Reused {
+            self.pass_report.blocks_reused += 1;
+        }
+        Ok(())
+    }
+
+    /// Make block `i` zero in DST (nothing to do where it already is).
     fn set_zero(&mut self, i: u64) -> Result<(), EngineError> {
         let (off, len) = self.layout.extent(i);
-        let already = self.fresh
-            || self
-                .dst_map
-                .as_ref()
-                .is_some_and(|m| m.zero[i as usize] && self.state[i as usize] == State::Pending);
-        if !already {
+        if !self.zeros.is_zero_digest(&self.have[i as usize], len) {
             self.dst.zero_range(off, len)?;
+            self.have[i as usize] = self.zeros.get(len);
         }
-        self.written[i as usize] = self.zeros.get(len);
         self.state[i as usize] = State::Zero;
         Ok(())
     }
 
     fn on_block_digests(&mut self, g: u64, keys: Vec<Key>) -> Result<(), EngineError> {
         if g >= self.layout.group_count()
-            || self.groups[g as usize].is_none()
+            || self.announced_in[g as usize] != self.pass
             || self.verified[g as usize]
             || self.keys.contains_key(&g)
         {
@@ -452,22 +576,13 @@ impl Target<'_> {
             let len = self.layout.extent(i).1;
             if self.zeros.is_zero_key(key, len) {
                 self.set_zero(i)?;
-                continue;
+            } else if key_of(&self.have[i as usize]) == *key {
+                self.state[i as usize] = State::InPlace;
+            } else if !self.reuse_block(i, key)? {
+                missing.push(i);
             }
-            if let Some(m) = &self.dst_map {
-                if key_of(&m.digests[i as usize]) == *key {
-                    self.written[i as usize] = m.digests[i as usize];
-                    self.state[i as usize] = State::InPlace;
-                    continue;
-                }
-            }
-            if self.reuse_block(i, key)? {
-                continue;
-            }
-            missing.push(i);
         }
-        let settled = (b - a) as u32 - missing.len() as u32;
-        self.pending_in_group[g as usize] -= settled;
+        self.pending_in_group[g as usize] -= (b - a) as u32 - missing.len() as u32;
         self.keys.insert(g, keys);
         self.request_runs(&missing)?;
         if self.pending_in_group[g as usize] == 0 {
@@ -481,7 +596,7 @@ impl Target<'_> {
         let Some(e) = self.refs.index.find_block(key) else {
             return Ok(false);
         };
-        let (off, len) = self.layout.extent(i);
+        let len = self.layout.extent(i).1;
         let Some(data) = self.refs.read_block(e.image, e.pos, len) else {
             return Ok(false);
         };
@@ -490,9 +605,7 @@ impl Target<'_> {
             log::debug!("reference block changed since indexing; fetching block {i} instead");
             return Ok(false);
         }
-        self.dst.write_at(&data, off)?;
-        self.written[i as usize] = d;
-        self.state[i as usize] = State::Reused;
+        self.write_block(i, &data, d, State::Reused)?;
         Ok(true)
     }
 
@@ -573,27 +686,31 @@ impl Target<'_> {
                 algo.digest(&raw[(off - start) as usize..(off - start) as usize + len])
             })
             .collect();
+        let gb = self.layout.group_blocks();
         for (k, i) in (first..end).enumerate() {
-            let g = i / self.layout.group_blocks();
-            let want = self
-                .keys
-                .get(&g)
-                .map(|keys| keys[(i - g * self.layout.group_blocks()) as usize]);
+            let g = i / gb;
+            let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
             if want != Some(key_of(&digests[k])) {
-                return Err(EngineError::BadBlock {
-                    block: i,
-                    offset: self.layout.extent(i).0,
-                });
+                if self.strict {
+                    return Err(EngineError::BadBlock {
+                        block: i,
+                        offset: self.layout.extent(i).0,
+                    });
+                }
+                // Changed since the source hashed it: newer data, announced
+                // again in the next pass.
+                self.tainted[g as usize] = true;
             }
         }
         self.dst.write_at(&raw, start)?;
         self.bytes_fetched += raw_len as u64;
         self.bytes_payload += payload_len;
+        self.pass_report.blocks_fetched += count as u64;
         let mut touched = Vec::new();
         for (k, i) in (first..end).enumerate() {
-            self.written[i as usize] = digests[k];
+            self.have[i as usize] = digests[k];
             self.state[i as usize] = State::Fetched;
-            let g = i / self.layout.group_blocks();
+            let g = i / gb;
             self.pending_in_group[g as usize] -= 1;
             if self.pending_in_group[g as usize] == 0 {
                 touched.push(g);
@@ -610,7 +727,17 @@ impl Target<'_> {
     fn group_done(&mut self, g: u64, from_digest: bool) -> Result<bool, EngineError> {
         let (a, b) = self.layout.group_range(g);
         let want = self.groups[g as usize].expect("announced");
-        if !from_digest && group_digest(self.algo, &self.written[a as usize..b as usize]) != want {
+        let matches =
+            from_digest || group_digest(self.algo, &self.have[a as usize..b as usize]) == want;
+        if !self.strict && (self.tainted[g as usize] || !matches) {
+            self.tainted[g as usize] = false;
+            self.keys.remove(&g);
+            self.stale.push(g);
+            self.open_groups -= 1;
+            self.progress.inc(self.group_bytes(g));
+            return Ok(false);
+        }
+        if !matches {
             if !self.refetched.insert(g) {
                 return Err(EngineError::GroupMismatch {
                     group: g,
@@ -622,10 +749,6 @@ impl Target<'_> {
             let redo: Vec<u64> = (a..b)
                 .filter(|&i| self.state[i as usize] != State::Zero)
                 .collect();
-            for &i in &redo {
-                self.state[i as usize] = State::Pending;
-            }
-            self.pending_in_group[g as usize] = redo.len() as u32;
             if redo.is_empty() {
                 return Err(EngineError::GroupMismatch {
                     group: g,
@@ -633,13 +756,17 @@ impl Target<'_> {
                     end: b,
                 });
             }
+            for &i in &redo {
+                self.state[i as usize] = State::Pending;
+            }
+            self.pending_in_group[g as usize] = redo.len() as u32;
             self.request_runs(&redo)?;
             return Ok(false);
         }
         self.pending_in_group[g as usize] = 0;
         self.keys.remove(&g);
         self.verified[g as usize] = true;
-        self.verified_count += 1;
+        self.open_groups -= 1;
         self.progress.inc(self.group_bytes(g));
         Ok(true)
     }
