@@ -102,6 +102,36 @@ enum Command {
     },
     /// Print what a hash or index file holds.
     Show { file: PathBuf },
+    /// List Xen domains like `xl list` (id, name, state, memory in MiB,
+    /// vCPUs), each with its disks and the LVs behind them.
+    Domains {
+        /// Only this domain (name or id).
+        domain: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a domain's CPU and memory to FILE (runs `xl save`; the file
+    /// can be restored by `xl restore` too). The domain is destroyed
+    /// afterwards unless -p.
+    Save {
+        domain: String,
+        file: PathBuf,
+        /// Leave the domain paused instead of destroying it (as `xl save -p`).
+        #[arg(short = 'p', long)]
+        paused: bool,
+    },
+    /// Restore a domain saved by `xenmig save` or `xl save`.
+    Restore {
+        file: PathBuf,
+        /// Leave the restored domain paused (as `xl restore -p`).
+        #[arg(short = 'p', long)]
+        paused: bool,
+    },
+    /// Pause a domain's vCPUs (as `xl pause`).
+    Pause { domain: String },
+    /// Let a paused domain run again (as `xl unpause`).
+    Unpause { domain: String },
     /// One end of a copy on stdin/stdout; what `copy` runs on a remote host.
     Serve {
         /// Serve this image as the source.
@@ -298,6 +328,17 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Domains { domain, json } => {
+            Ok(xenmig::xen::commands::domains(domain.as_deref(), json)?)
+        }
+        Command::Save {
+            domain,
+            file,
+            paused,
+        } => Ok(xenmig::xen::commands::save(&domain, &file, paused)?),
+        Command::Restore { file, paused } => Ok(xenmig::xen::commands::restore(&file, paused)?),
+        Command::Pause { domain } => Ok(xenmig::xen::commands::pause(&domain, true)?),
+        Command::Unpause { domain } => Ok(xenmig::xen::commands::pause(&domain, false)?),
         Command::Serve {
             source,
             target,

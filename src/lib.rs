@@ -12,6 +12,8 @@
 //! - [`protocol`]: frames exchanged by the two ends, and the exchange itself.
 //! - [`transport`]: local socket pairs, ssh, and byte counting.
 //! - [`engine`]: the source and target ends of a copy, and its report.
+//! - [`xen`]: the hypervisor, its domains and their disks (Xen libraries loaded at run time).
+//! - [`lvm`]: logical volumes through the lvm2 commands.
 
 pub mod blockmap;
 pub mod compress;
@@ -22,5 +24,7 @@ pub mod hashfile;
 pub mod image;
 pub mod index;
 pub mod layout;
+pub mod lvm;
 pub mod protocol;
 pub mod transport;
+pub mod xen;
