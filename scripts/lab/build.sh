@@ -51,7 +51,7 @@ echo "build: debootstrap took $((SECONDS - t0)) s" >&2
 # ---- dom0 configuration (files written into the tree, no chroot needed except ssh-keygen output) ----
 cat >"$ROOT/etc/fstab" <<'EOF'
 /dev/vda / ext4 rw,errors=remount-ro 0 1
-LABEL=xenmig-pl /opt/xenmig ext4 ro,nofail,x-systemd.device-timeout=20s 0 0
+/dev/vdc /opt/xenmig ext4 ro,nofail,x-systemd.device-timeout=90s 0 0
 EOF
 mkdir -p "$ROOT/opt/xenmig"
 ln -sf /opt/xenmig/xenmig "$ROOT/usr/local/bin/xenmig"
@@ -149,9 +149,10 @@ done
 echo "build: guest modules: $(paste -sd' ' "$IMG/guest/mods/order")" >&2
 cp "$WORK/lab_key" "$IMG/lab_key"
 
+# downloaded .debs are dead weight in the image
+rm -f "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/cache/apt/*.bin
 # ---- pack without mounting ----
 t1=$SECONDS
-rm -f "$ROOT"/etc/ssh/ssh_host_*_key*.lab-none 2>/dev/null || true
 mkfs.ext4 -q -F -L xenlab-root -d "$ROOT" "$WORK/root.ext4" 3G
 qemu-img convert -O qcow2 "$WORK/root.ext4" "$IMG/dom0.qcow2"
 rm -f "$WORK/root.ext4"

@@ -180,22 +180,47 @@ class Host:
             except LabError:
                 if time.monotonic() > end:
                     raise
-        self.send("stty -echo -onlcr; export PS1='> ' TERM=dumb PAGER=cat SYSTEMD_PAGER=cat\n")
-        time.sleep(1)
+        # no readline (its echo wraps and redraws); the tty's own echo is verbatim
+        self.send("stty -onlcr cols 2000; exec bash --noediting\n")
+        time.sleep(2)
+        self.send("export PS1='> ' PS2='' TERM=dumb PAGER=cat SYSTEMD_PAGER=cat\n")
+        time.sleep(2)
         rc, out = self.run("dmesg -n 1; uname -r", 60)
+        # the payload disk (xenmig, the guest) normally mounts from fstab; under
+        # load udev may be late with the label link, so make sure
+        self.sh("mountpoint -q /opt/xenmig || mount -o ro /dev/vdc /opt/xenmig; "
+                "test -x /opt/xenmig/xenmig", 60)
         booted = time.monotonic() - self.boot_start
         log(f"{self.name}: dom0 shell after {booted:.0f} s (kernel {out.strip()})")
         return booted
 
     def run(self, cmd, timeout=120, check=False):
-        """Run a shell command in dom0; return (status, output)."""
+        """Run a shell command in dom0; return (status, output).
+
+        The line is typed without its newline, and Enter is pressed only once
+        the terminal has echoed it back intact: Xen's serial input ring drops
+        characters when dom0 is busy, and a dropped quote would hang the shell.
+        """
         self.seq += 1
         n = self.seq
-        with self.lock:
-            mark = len(self.buf)
-        # the markers are split by "" so that an echoed command line never matches
-        line = f'echo __XB""{n}__; {{ {cmd} ; }} </dev/null 2>&1; echo __XE""{n}_$?__\n'
-        self.send(line)
+        # the markers are split by "" so that the echoed command line never matches
+        line = f'echo __XB""{n}__; {{ {cmd} ; }} </dev/null 2>&1; echo __XE""{n}_$?__'
+        for attempt in range(1, 5):
+            with self.lock:
+                mark = len(self.buf)
+            self.send(line)
+            try:
+                self.wait_for(re.escape(line), 10 + len(line) / 50, mark)
+                break
+            except LabError:
+                log(f"{self.name}: console: line not echoed intact (attempt {attempt}), "
+                    f"retyping")
+                self.sock.sendall(b"\x03")
+                time.sleep(2)
+        else:
+            raise LabError(f"{self.name}: console: cannot type a command intact; "
+                           f"serial log {self.serial_log}")
+        self.send("\n")
         try:
             m_end = self.wait_for(rf"__XE{n}_(\d+)__", timeout, mark)
         except LabError:
@@ -204,7 +229,7 @@ class Host:
                            f"serial log {self.serial_log}")
         with self.lock:
             text = self.buf[mark:m_end.start()]
-        m_beg = re.search(rf"__XB{n}__\n", text)
+        m_beg = re.search(rf"(?m)^__XB{n}__\n", text)
         out = text[m_beg.end():] if m_beg else text
         rc = int(m_end.group(1))
         if check and rc != 0:
@@ -217,8 +242,7 @@ class Host:
 
 # ---- the guest's heartbeat, read from xenconsoled's log in dom0 ----
 def heartbeats(host, logname="guest-g1.log"):
-    out = host.sh(f"grep -ao 'heartbeat [0-9]*' /var/log/xen/console/{logname} "
-                  f"2>/dev/null | tail -n 400 | cut -d' ' -f2 | paste -sd' ' ; true")
+    out = host.sh(f"/opt/xenmig/lab/hb {logname}")
     return [int(x) for x in out.split()]
 
 
@@ -234,8 +258,11 @@ def wait_heartbeat_above(host, value, timeout=90, logname="guest-g1.log"):
         if hb is not None and (value is None or hb > value):
             return hb
         time.sleep(2)
+    rc, diag = host.run(f"xl list; tail -c 1500 /var/log/xen/console/{logname}; "
+                        f"ls -l /var/log/xen/console/", 60)
     raise LabError(f"{host.name}: no heartbeat above {value} within {timeout}s in "
-                   f"/var/log/xen/console/{logname} (dom0); serial log {host.serial_log}")
+                   f"/var/log/xen/console/{logname} (dom0); serial log {host.serial_log}\n"
+                   f"{diag}")
 
 
 class Checks:
@@ -520,15 +547,41 @@ def shell(args):
           f"kill it when done)")
 
 
+def exec_cmd(args):
+    """Run one command in an already running dom0 (e.g. one left by --keep)."""
+    h = Host(0, "", "", os.path.dirname(args.socket), None)
+    h.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    h.sock.connect(args.socket)
+    h.proc = subprocess.Popen(["sleep", "100000"])  # stands in for QEMU in liveness checks
+    threading.Thread(target=h._reader, daemon=True).start()
+    try:
+        h.seq = int(time.time()) % 100000 * 10
+        h.sock.sendall(b"\x03")  # abandon any half-typed line
+        time.sleep(1)
+        rc, out = h.run(args.command, args.timeout)
+        sys.stdout.write(out)
+        return rc
+    finally:
+        h.proc.kill()
+        h.sock.close()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["test", "shell"])
-    p.add_argument("--image", required=True)
-    p.add_argument("--payload", required=True)
+    p.add_argument("cmd", choices=["test", "shell", "exec"])
+    p.add_argument("--image")
+    p.add_argument("--payload")
+    p.add_argument("--socket", help="exec: the console socket of a running host")
+    p.add_argument("--timeout", type=int, default=120, help="exec: seconds")
+    p.add_argument("command", nargs="?", help="exec: the shell command")
     p.add_argument("--hosts", type=int, default=2, choices=[1, 2])
     p.add_argument("--boot-timeout", type=int, default=300)
     p.add_argument("--keep", action="store_true", help="leave QEMU running")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
+    if args.cmd == "exec":
+        return exec_cmd(args)
+    if not (args.image and args.payload):
+        p.error("--image and --payload are required")
     if args.cmd == "shell":
         return shell(args)
     return run_tests(args)

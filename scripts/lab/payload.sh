@@ -1,7 +1,7 @@
 #!/bin/bash
 # Make the lab's payload disk: a small ext4 image (mkfs.ext4 -d, no mounting)
 # holding the xenmig binary under test and the lab guest (kernel, initramfs,
-# xl config). Each dom0 mounts it read-only on /opt/xenmig (LABEL=xenmig-pl),
+# xl config). Each dom0 mounts it read-only on /opt/xenmig (the third virtio disk, /dev/vdc),
 # and /usr/local/bin/xenmig points into it, so a new binary never needs a new
 # debootstrap.
 #
@@ -36,6 +36,8 @@ mknod -m 600 "$R/dev/console" c 5 1
 rm -rf "$R"
 cp "$IMG/vmlinuz" "$STAGE/guest/vmlinuz"
 cp "$HERE/guest/g1.cfg" "$STAGE/guest/g1.cfg"
+mkdir -p "$STAGE/lab"
+install -m 755 "$HERE"/dom0/* "$STAGE/lab/"
 # size: contents + 25% + 8 MiB
 KB=$(du -sk "$STAGE" | cut -f1)
 rm -f "$OUT"
