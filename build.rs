@@ -129,7 +129,7 @@ fn generate(out: &Path) -> Result<XenVersion, String> {
     }
     let version = xen_version(&include)?;
 
-    let clang_args = vec![format!("-I{}", include.display())];
+    let clang_args = [format!("-I{}", include.display())];
     let wrapper = "xen-headers/wrapper.h";
 
     // bindgen (runtime feature) panics when it cannot load libclang; a
