@@ -197,6 +197,9 @@ pub fn run(
             // writer flush what it has (an Error frame, say) before we
             // return and the process may exit.
             let thawed = freeze.take().map(Freeze::thaw);
+            // Tell the target why, so that it stops waiting and hangs up
+            // (which also ends our reader); a no-op if the link is gone.
+            let _ = frames_tx.try_send(Message::Error { message: format!("source: {e}") });
             drop(frames_tx);
             let _ = writer_done_rx.recv_timeout(Duration::from_secs(2));
             if let Some(Err(t)) = thawed {
