@@ -43,25 +43,9 @@ const LIBRARIES: &[(&str, &str, &[&str])] = &[
             "xc_domain_unpause",
         ],
     ),
-    (
-        "XenStoreLib",
-        "xenstore_fns.rs",
-        &["xs_open", "xs_close", "xs_read", "xs_directory"],
-    ),
-    (
-        "XenLightLib",
-        "xenlight_fns.rs",
-        &[
-            "libxl_ctx_alloc",
-            "libxl_ctx_free",
-            "libxl_get_version_info",
-        ],
-    ),
-    (
-        "XenToolLogLib",
-        "xentoollog_fns.rs",
-        &["xtl_createlogger_stdiostream", "xtl_logger_destroy"],
-    ),
+    ("XenStoreLib", "xenstore_fns.rs", &["xs_open", "xs_close", "xs_read", "xs_directory"]),
+    ("XenLightLib", "xenlight_fns.rs", &["libxl_ctx_alloc", "libxl_ctx_free", "libxl_get_version_info"]),
+    ("XenToolLogLib", "xentoollog_fns.rs", &["xtl_createlogger_stdiostream", "xtl_logger_destroy"]),
 ];
 
 const TYPES: &[&str] = &[
@@ -78,14 +62,8 @@ const TYPES: &[&str] = &[
     "FILE",
 ];
 
-const VARS: &[&str] = &[
-    "XEN_DOMINF_.*",
-    "XENVER_version",
-    "XENVER_extraversion",
-    "XBT_NULL",
-    "LIBXL_VERSION",
-    "SHUTDOWN_.*",
-];
+const VARS: &[&str] =
+    &["XEN_DOMINF_.*", "XENVER_version", "XENVER_extraversion", "XBT_NULL", "LIBXL_VERSION", "SHUTDOWN_.*"];
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(xenmig_no_xen_bindings)");
@@ -151,9 +129,7 @@ fn generate(out: &Path) -> Result<XenVersion, String> {
         }
         b.generate().map_err(|e| e.to_string())
     })?;
-    types
-        .write_to_file(out.join("xen_types.rs"))
-        .map_err(|e| format!("cannot write bindings: {e}"))?;
+    types.write_to_file(out.join("xen_types.rs")).map_err(|e| format!("cannot write bindings: {e}"))?;
 
     for (lib, file, functions) in LIBRARIES {
         let fns = guarded(|| {
@@ -168,8 +144,7 @@ fn generate(out: &Path) -> Result<XenVersion, String> {
             }
             b.generate().map_err(|e| e.to_string())
         })?;
-        fns.write_to_file(out.join(file))
-            .map_err(|e| format!("cannot write bindings: {e}"))?;
+        fns.write_to_file(out.join(file)).map_err(|e| format!("cannot write bindings: {e}"))?;
     }
     Ok(version)
 }
@@ -190,10 +165,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(format!(
-                "bindgen could not run, libclang is probably missing: {}",
-                msg.lines().next().unwrap_or("")
-            ))
+            Err(format!("bindgen could not run, libclang is probably missing: {}", msg.lines().next().unwrap_or("")))
         }
     }
 }
@@ -216,11 +188,7 @@ fn find_include_dir() -> Result<PathBuf, String> {
     Err(format!(
         "Xen headers ({}) not found in {}",
         HEADERS.join(", "),
-        candidates
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
     ))
 }
 
@@ -230,42 +198,29 @@ fn find_include_dir() -> Result<PathBuf, String> {
 /// which points at the versioned soname installed with these headers.
 fn xen_version(include: &Path) -> Result<XenVersion, String> {
     if include == Path::new("/usr/include") {
-        if let Ok(o) = Command::new("dpkg-query")
-            .args(["-W", "-f=${Version}", "libxen-dev"])
-            .output()
-        {
+        if let Ok(o) = Command::new("dpkg-query").args(["-W", "-f=${Version}", "libxen-dev"]).output() {
             let full = String::from_utf8_lossy(&o.stdout).trim().to_string();
             if o.status.success() {
                 if let Some(release) = major_minor(&full) {
-                    return Ok(XenVersion {
-                        release,
-                        package: format!("libxen-dev {full}"),
-                    });
+                    return Ok(XenVersion { release, package: format!("libxen-dev {full}") });
                 }
             }
         }
     }
-    let lib_dirs = [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib64",
-        "/usr/lib",
-        "/usr/local/lib",
-    ];
+    let lib_dirs =
+        ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"];
     for dir in lib_dirs {
         if let Ok(target) = fs::read_link(Path::new(dir).join("libxenctrl.so")) {
             let name = target.to_string_lossy().to_string();
             if let Some(v) = name.strip_prefix("libxenctrl.so.") {
                 if let Some(release) = major_minor(v) {
-                    return Ok(XenVersion {
-                        package: format!("libxenctrl.so.{v}"),
-                        release,
-                    });
+                    return Ok(XenVersion { package: format!("libxenctrl.so.{v}"), release });
                 }
             }
         }
     }
-    Err("cannot tell which Xen release the headers are from (no dpkg record of libxen-dev, no libxenctrl.so symlink)".into())
+    Err("cannot tell which Xen release the headers are from (no dpkg record of libxen-dev, no libxenctrl.so symlink)"
+        .into())
 }
 
 /// `4.17.7+13-g2445b30a44-0+deb12u1` -> `4.17`.

@@ -97,12 +97,7 @@ pub fn hash_group(
         }
     }
     let digest = group_digest(algo, &blocks);
-    Ok(HashedGroup {
-        blocks,
-        zero,
-        digest,
-        fast,
-    })
+    Ok(HashedGroup { blocks, zero, digest, fast })
 }
 
 impl BlockMap {
@@ -168,14 +163,7 @@ impl BlockMap {
             g = end;
         }
         let image_digest = image_digest(algo, &layout, &groups);
-        Ok(Some(BlockMap {
-            algo,
-            layout,
-            digests,
-            zero,
-            groups,
-            image_digest,
-        }))
+        Ok(Some(BlockMap { algo, layout, digests, zero, groups, image_digest }))
     }
 
     /// Hash without streaming or progress.
@@ -220,20 +208,11 @@ mod tests {
 
     #[test]
     fn streaming_sees_every_group_in_order() {
-        let data: Vec<u8> = (0..(40u32 << 20) / 4096 * 4096)
-            .map(|i| (i / 4096 % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(40u32 << 20) / 4096 * 4096).map(|i| (i / 4096 % 251) as u8).collect();
         let (_f, img) = image_with(&data);
         let layout = Layout::flat(data.len() as u64, 4096).unwrap();
         let mut seen = Vec::new();
-        let m = BlockMap::compute(
-            &img,
-            layout,
-            Algorithm::Sha256,
-            |g, b| seen.push((g, b.len())),
-            &|_| {},
-        )
-        .unwrap();
+        let m = BlockMap::compute(&img, layout, Algorithm::Sha256, |g, b| seen.push((g, b.len())), &|_| {}).unwrap();
         assert_eq!(seen, vec![(0, 16), (16, 16), (32, 8)]);
         assert_eq!(m.groups.len(), 40);
     }

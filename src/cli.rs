@@ -14,7 +14,7 @@ use xenmig::compress::Choice;
 use xenmig::digest::{hex, Algorithm};
 use xenmig::engine::copy::{self, CopyOptions, ServeRole};
 use xenmig::engine::references::layout_of;
-use xenmig::engine::source::{LiveOptions, SourceOptions};
+use xenmig::engine::source::{LiveOptions, Rescan, SourceOptions};
 use xenmig::engine::target::TargetOptions;
 use xenmig::engine::{Progress, Report};
 use xenmig::hashfile;
@@ -175,6 +175,11 @@ struct LiveArgs {
     /// /mnt`); runs after the last pass, on success and on failure.
     #[arg(long, value_name = "COMMAND", requires = "live")]
     thaw_cmd: Option<String>,
+    /// Live: how passes find changed blocks: `fast` re-reads and compares
+    /// each block's XXH3 (default); `full` recomputes every strong digest,
+    /// as the seed did (for comparison).
+    #[arg(long, default_value = "fast", value_name = "HOW", requires = "live")]
+    rescan: Rescan,
 }
 
 impl LiveArgs {
@@ -184,6 +189,7 @@ impl LiveArgs {
             converge_blocks: self.converge_blocks,
             freeze_cmd: self.freeze_cmd.clone(),
             thaw_cmd: self.thaw_cmd.clone(),
+            rescan: self.rescan,
         })
     }
 }
@@ -207,12 +213,7 @@ struct CopyArgs {
     hash: HashArgs,
     /// Command used to reach a remote host instead of `ssh` (as `xl
     /// migrate -s`); an empty string runs the remote command locally.
-    #[arg(
-        short = 's',
-        long = "ssh",
-        default_value = "ssh",
-        value_name = "COMMAND"
-    )]
+    #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "COMMAND")]
     ssh: String,
     /// The xenmig program on the remote host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
@@ -225,9 +226,7 @@ struct CopyArgs {
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of bytes"))?;
     check_block_size(n)?;
     Ok(n)
 }
@@ -256,12 +255,7 @@ pub fn main() -> i32 {
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
         Command::Copy(a) => Ok(run_copy(a, quiet)),
-        Command::Hash {
-            image,
-            output,
-            hash,
-            json,
-        } => {
+        Command::Hash { image, output, hash, json } => {
             let img = Image::open_read(&image)?;
             let layout = layout_of(&img, hash.block_size, hash.align)?;
             if !hash.algo.collision_safe() {
@@ -277,19 +271,14 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             print_map_summary(&image, &map, json);
             Ok(0)
         }
-        Command::Index {
-            output,
-            images,
-            hash,
-        } => {
+        Command::Index { output, images, hash } => {
             let progress = Progress::stderr(quiet);
             let mut idx = Index::new(hash.algo, hash.block_size);
             for path in &images {
                 let img = Image::open_read(path)?;
                 let layout = layout_of(&img, hash.block_size, hash.align)?;
                 progress.phase("indexing", layout.size);
-                let map =
-                    BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+                let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
                 let abs = std::fs::canonicalize(path)?;
                 idx.add(abs, &map);
             }
@@ -328,25 +317,12 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Domains { domain, json } => {
-            Ok(xenmig::xen::commands::domains(domain.as_deref(), json)?)
-        }
-        Command::Save {
-            domain,
-            file,
-            paused,
-        } => Ok(xenmig::xen::commands::save(&domain, &file, paused)?),
+        Command::Domains { domain, json } => Ok(xenmig::xen::commands::domains(domain.as_deref(), json)?),
+        Command::Save { domain, file, paused } => Ok(xenmig::xen::commands::save(&domain, &file, paused)?),
         Command::Restore { file, paused } => Ok(xenmig::xen::commands::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xenmig::xen::commands::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xenmig::xen::commands::pause(&domain, false)?),
-        Command::Serve {
-            source,
-            target,
-            hash,
-            compress,
-            references,
-            live,
-        } => {
+        Command::Serve { source, target, hash, compress, references, live } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(
                     p,
@@ -399,7 +375,9 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
     let src = Location::parse(&a.src);
     let dst = Location::parse(&a.dst);
     if !a.hash.algo.collision_safe() {
-        log::warn!("SHA-1 is not collision-safe: a reference holding another tenant's data could supply colliding blocks");
+        log::warn!(
+            "SHA-1 is not collision-safe: a reference holding another tenant's data could supply colliding blocks"
+        );
     }
     let opts = CopyOptions {
         source: SourceOptions {
@@ -409,9 +387,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             compress: a.compress,
             live: a.live.options(),
         },
-        target: TargetOptions {
-            references: a.references,
-        },
+        target: TargetOptions { references: a.references },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };
@@ -425,10 +401,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         }
         Err(e) => {
             if a.json {
-                println!(
-                    "{}",
-                    json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()})
-                );
+                println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
             }
             eprintln!("xenmig: copy {} -> {} failed: {e}", a.src, a.dst);
             1
@@ -449,14 +422,7 @@ fn print_report(r: &Report, json: bool) {
             100.0 * n as f64 / r.blocks_total as f64
         }
     };
-    println!(
-        "{} -> {}: {:.1} MiB in {:.2} s, verified {}",
-        r.source,
-        r.target,
-        mib(r.image_size),
-        r.seconds,
-        r.digest
-    );
+    println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
     println!(
         "  blocks: {} total, {} zero ({:.1}%), {} reused ({:.1}%, {} in place), {} fetched ({:.1}%)",
         r.blocks_total,
@@ -471,11 +437,7 @@ fn print_report(r: &Report, json: bool) {
     println!(
         "  wire: {:.2} MiB in all ({:.3}% of the image); fetched {:.2} MiB sent as {:.2} MiB",
         mib(r.bytes_wire),
-        if r.image_size == 0 {
-            0.0
-        } else {
-            100.0 * r.bytes_wire as f64 / r.image_size as f64
-        },
+        if r.image_size == 0 { 0.0 } else { 100.0 * r.bytes_wire as f64 / r.image_size as f64 },
         mib(r.bytes_fetched),
         mib(r.bytes_payload_wire)
     );

@@ -36,11 +36,7 @@ pub enum CodecError {
     #[error("{codec} payload does not decompress: {detail}")]
     Corrupt { codec: &'static str, detail: String },
     #[error("{codec} payload decompressed to {got} bytes, expected {want}")]
-    Length {
-        codec: &'static str,
-        got: usize,
-        want: usize,
-    },
+    Length { codec: &'static str, got: usize, want: usize },
 }
 
 impl Codec {
@@ -66,13 +62,10 @@ impl Codec {
         match self {
             Codec::None => data.to_vec(), // callers send raw data as is; see source::fetch
             Codec::Lz4 => lz4_flex::block::compress(data),
-            Codec::Zstd(level) => {
-                zstd::bulk::compress(data, level).expect("zstd compression of an in-memory buffer")
-            }
+            Codec::Zstd(level) => zstd::bulk::compress(data, level).expect("zstd compression of an in-memory buffer"),
             Codec::Zlib(level) => {
                 use std::io::Write;
-                let mut e =
-                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level));
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level));
                 e.write_all(data).expect("in-memory write");
                 e.finish().expect("in-memory write")
             }
@@ -85,14 +78,8 @@ impl Codec {
         let data = &payload[..];
         let (name, out) = match code {
             0 => ("none", Ok(payload)),
-            1 => (
-                "lz4",
-                lz4_flex::block::decompress(data, raw_len).map_err(|e| e.to_string()),
-            ),
-            2 => (
-                "zstd",
-                zstd::bulk::decompress(data, raw_len).map_err(|e| e.to_string()),
-            ),
+            1 => ("lz4", lz4_flex::block::decompress(data, raw_len).map_err(|e| e.to_string())),
+            2 => ("zstd", zstd::bulk::decompress(data, raw_len).map_err(|e| e.to_string())),
             3 => {
                 use std::io::Read;
                 let mut out = Vec::with_capacity(raw_len);
@@ -106,16 +93,9 @@ impl Codec {
             }
             c => return Err(CodecError::Unknown(c)),
         };
-        let out = out.map_err(|detail| CodecError::Corrupt {
-            codec: name,
-            detail,
-        })?;
+        let out = out.map_err(|detail| CodecError::Corrupt { codec: name, detail })?;
         if out.len() != raw_len {
-            return Err(CodecError::Length {
-                codec: name,
-                got: out.len(),
-                want: raw_len,
-            });
+            return Err(CodecError::Length { codec: name, got: out.len(), want: raw_len });
         }
         Ok(out)
     }
@@ -135,13 +115,7 @@ impl FromStr for Choice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, level) = match s.split_once(':') {
-            Some((n, l)) => (
-                n,
-                Some(
-                    l.parse::<i32>()
-                        .map_err(|_| format!("bad compression level '{l}'"))?,
-                ),
-            ),
+            Some((n, l)) => (n, Some(l.parse::<i32>().map_err(|_| format!("bad compression level '{l}'"))?)),
             None => (s, None),
         };
         let codec = match (name, level) {
@@ -162,7 +136,11 @@ impl FromStr for Choice {
                 }
                 Codec::Zlib(l as u32)
             }
-            _ => return Err(format!("unknown compression '{s}' (expected auto, none, lz4, zstd[:LEVEL] or zlib[:LEVEL])")),
+            _ => {
+                return Err(format!(
+                    "unknown compression '{s}' (expected auto, none, lz4, zstd[:LEVEL] or zlib[:LEVEL])"
+                ))
+            }
         };
         Ok(Choice::Fixed(codec))
     }
@@ -189,11 +167,7 @@ pub struct AutoPolicy {
 
 impl Default for AutoPolicy {
     fn default() -> Self {
-        AutoPolicy {
-            samples: [None; 4],
-            since_sample: u64::MAX,
-            current: Codec::Lz4,
-        }
+        AutoPolicy { samples: [None; 4], since_sample: u64::MAX, current: Codec::Lz4 }
     }
 }
 
@@ -211,11 +185,7 @@ impl AutoPolicy {
             let cpu = t.elapsed().as_secs_f64();
             self.samples[i] = Some(Sample {
                 ratio: out.len() as f64 / data.len().max(1) as f64,
-                cpu_per_byte: if *c == Codec::None {
-                    0.0
-                } else {
-                    cpu / data.len().max(1) as f64
-                },
+                cpu_per_byte: if *c == Codec::None { 0.0 } else { cpu / data.len().max(1) as f64 },
             });
         }
         self.since_sample = 0;
@@ -252,11 +222,7 @@ mod tests {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
         for c in [Codec::None, Codec::Lz4, Codec::Zstd(3), Codec::Zlib(6)] {
             let z = c.compress(&data);
-            assert_eq!(
-                Codec::decompress(c.code(), z, data.len()).unwrap(),
-                data,
-                "{c}"
-            );
+            assert_eq!(Codec::decompress(c.code(), z, data.len()).unwrap(), data, "{c}");
         }
     }
 
@@ -265,33 +231,18 @@ mod tests {
         let data = vec![7u8; 10_000];
         for c in [Codec::Lz4, Codec::Zstd(3), Codec::Zlib(6)] {
             let z = c.compress(&data);
-            assert!(
-                Codec::decompress(c.code(), z.clone(), data.len() - 1).is_err(),
-                "{c} short"
-            );
-            assert!(
-                Codec::decompress(c.code(), z[..z.len() / 2].to_vec(), data.len()).is_err(),
-                "{c} cut"
-            );
+            assert!(Codec::decompress(c.code(), z.clone(), data.len() - 1).is_err(), "{c} short");
+            assert!(Codec::decompress(c.code(), z[..z.len() / 2].to_vec(), data.len()).is_err(), "{c} cut");
         }
         assert!(Codec::decompress(0, data.clone(), 5).is_err());
-        assert!(matches!(
-            Codec::decompress(9, data, 5),
-            Err(CodecError::Unknown(9))
-        ));
+        assert!(matches!(Codec::decompress(9, data, 5), Err(CodecError::Unknown(9))));
     }
 
     #[test]
     fn parse_choices() {
         assert_eq!("auto".parse::<Choice>().unwrap(), Choice::Auto);
-        assert_eq!(
-            "zstd:9".parse::<Choice>().unwrap(),
-            Choice::Fixed(Codec::Zstd(9))
-        );
-        assert_eq!(
-            "zlib".parse::<Choice>().unwrap(),
-            Choice::Fixed(Codec::Zlib(6))
-        );
+        assert_eq!("zstd:9".parse::<Choice>().unwrap(), Choice::Fixed(Codec::Zstd(9)));
+        assert_eq!("zlib".parse::<Choice>().unwrap(), Choice::Fixed(Codec::Zlib(6)));
         assert!("zstd:99".parse::<Choice>().is_err());
         assert!("lzo".parse::<Choice>().is_err());
     }
@@ -299,9 +250,7 @@ mod tests {
     #[test]
     fn auto_follows_the_link() {
         // Text-like data: words drawn pseudo-randomly from a small vocabulary.
-        let words = [
-            "block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero ",
-        ];
+        let words = ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero "];
         let mut x = 12345u32;
         let mut data = Vec::new();
         while data.len() < 1_000_000 {

@@ -92,11 +92,7 @@ impl Algorithm {
     /// Digest over a sequence of digests (a group, or the whole image), with a
     /// domain-separation label so that a group digest can never equal a block
     /// digest of the same bytes.
-    pub fn digest_of_digests<'a>(
-        self,
-        label: &[u8],
-        parts: impl Iterator<Item = &'a Digest>,
-    ) -> Digest {
+    pub fn digest_of_digests<'a>(self, label: &[u8], parts: impl Iterator<Item = &'a Digest>) -> Digest {
         let width = self.width();
         let mut buf = Vec::with_capacity(label.len() + 64 * width);
         buf.extend_from_slice(label);
@@ -128,9 +124,7 @@ impl FromStr for Algorithm {
             "blake3" => Ok(Algorithm::Blake3),
             "sha256" | "sha-256" => Ok(Algorithm::Sha256),
             "sha1" | "sha-1" => Ok(Algorithm::Sha1),
-            other => Err(format!(
-                "unknown digest algorithm '{other}' (expected blake3, sha256 or sha1)"
-            )),
+            other => Err(format!("unknown digest algorithm '{other}' (expected blake3, sha256 or sha1)")),
         }
     }
 }
@@ -150,9 +144,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// True if every byte of `data` is zero; the fast path of zero detection.
 pub fn is_zero(data: &[u8]) -> bool {
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
 /// Caches the digest of an all-zero block per length, since most zero blocks
@@ -167,11 +159,7 @@ pub struct ZeroDigests {
 impl ZeroDigests {
     pub fn new(algo: Algorithm, block_size: usize) -> Self {
         let full = algo.digest(&vec![0u8; block_size]);
-        ZeroDigests {
-            algo,
-            block_size,
-            full,
-        }
+        ZeroDigests { algo, block_size, full }
     }
 
     pub fn get(&self, len: usize) -> Digest {
@@ -198,10 +186,7 @@ mod tests {
     #[test]
     fn known_vectors() {
         // Empty-input digests are published for each algorithm.
-        assert_eq!(
-            hex(&Algorithm::Sha1.digest(b"")[..20]),
-            "da39a3ee5e6b4b0d3255bfef95601890afd80709"
-        );
+        assert_eq!(hex(&Algorithm::Sha1.digest(b"")[..20]), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
         assert_eq!(
             hex(&Algorithm::Sha256.digest(b"")),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -18,25 +18,13 @@ const TRAILER: usize = 32;
 #[derive(Debug, Error)]
 pub enum FormatError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a xenmig {kind} file (bad magic)")]
     Magic { path: PathBuf, kind: &'static str },
-    #[error(
-        "{path} is format version {found}; this xenmig reads version {known} (upgrade xenmig)"
-    )]
-    Version {
-        path: PathBuf,
-        found: u16,
-        known: u16,
-    },
+    #[error("{path} is format version {found}; this xenmig reads version {known} (upgrade xenmig)")]
+    Version { path: PathBuf, found: u16, known: u16 },
     #[error("{path} is truncated or corrupt (checksum mismatch)")]
     Checksum { path: PathBuf },
     #[error("{path} is malformed: {what}")]
@@ -82,10 +70,7 @@ impl FileWriter {
         let sum = blake3::hash(&self.buf);
         self.buf.extend_from_slice(sum.as_bytes());
         let tmp = path.with_extension("partial");
-        let werr = |source| FormatError::Write {
-            path: path.into(),
-            source,
-        };
+        let werr = |source| FormatError::Write { path: path.into(), source };
         std::fs::write(&tmp, &self.buf).map_err(werr)?;
         std::fs::rename(&tmp, path).map_err(werr)
     }
@@ -100,53 +85,27 @@ pub struct FileReader {
 }
 
 impl FileReader {
-    pub fn open(
-        path: &Path,
-        magic: &[u8; 8],
-        kind: &'static str,
-        known: u16,
-    ) -> Result<(Self, u16), FormatError> {
-        let buf = std::fs::read(path).map_err(|source| FormatError::Io {
-            path: path.into(),
-            source,
-        })?;
+    pub fn open(path: &Path, magic: &[u8; 8], kind: &'static str, known: u16) -> Result<(Self, u16), FormatError> {
+        let buf = std::fs::read(path).map_err(|source| FormatError::Io { path: path.into(), source })?;
         if buf.len() < 8 || &buf[..8] != magic {
-            return Err(FormatError::Magic {
-                path: path.into(),
-                kind,
-            });
+            return Err(FormatError::Magic { path: path.into(), kind });
         }
         if buf.len() < 10 + TRAILER {
             return Err(FormatError::Checksum { path: path.into() });
         }
         let version = u16::from_le_bytes([buf[8], buf[9]]);
         if version > known || version == 0 {
-            return Err(FormatError::Version {
-                path: path.into(),
-                found: version,
-                known,
-            });
+            return Err(FormatError::Version { path: path.into(), found: version, known });
         }
         let end = buf.len() - TRAILER;
         if blake3::hash(&buf[..end]).as_bytes() != &buf[end..] {
             return Err(FormatError::Checksum { path: path.into() });
         }
-        Ok((
-            FileReader {
-                buf,
-                pos: 10,
-                end,
-                path: path.into(),
-            },
-            version,
-        ))
+        Ok((FileReader { buf, pos: 10, end, path: path.into() }, version))
     }
 
     pub fn malformed(&self, what: impl Into<String>) -> FormatError {
-        FormatError::Malformed {
-            path: self.path.clone(),
-            what: what.into(),
-        }
+        FormatError::Malformed { path: self.path.clone(), what: what.into() }
     }
 
     pub fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
@@ -171,8 +130,7 @@ impl FileReader {
     }
     pub fn algo(&mut self) -> Result<Algorithm, FormatError> {
         let c = self.u8()?;
-        Algorithm::from_code(c)
-            .ok_or_else(|| self.malformed(format!("unknown digest algorithm code {c}")))
+        Algorithm::from_code(c).ok_or_else(|| self.malformed(format!("unknown digest algorithm code {c}")))
     }
     /// A count of items of `item_len` bytes each, checked against what is
     /// left so that a corrupt count cannot make us allocate terabytes.
@@ -192,18 +150,13 @@ impl FileReader {
         }
         let mut segs = Vec::with_capacity(n);
         for _ in 0..n {
-            segs.push(Segment {
-                start: self.u64()?,
-                len: self.u64()?,
-            });
+            segs.push(Segment { start: self.u64()?, len: self.u64()? });
         }
         Layout::from_segments(size, bs, segs).map_err(|e| self.malformed(e))
     }
     pub fn done(&self) -> Result<(), FormatError> {
         if self.pos != self.end {
-            return Err(
-                self.malformed(format!("{} unexpected trailing bytes", self.end - self.pos))
-            );
+            return Err(self.malformed(format!("{} unexpected trailing bytes", self.end - self.pos)));
         }
         Ok(())
     }

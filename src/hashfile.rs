@@ -48,10 +48,7 @@ pub fn read(path: &Path) -> Result<BlockMap, FormatError> {
     let stored_image = r.digest()?;
     let n = r.count(32)?;
     if n as u64 != layout.block_count() {
-        return Err(r.malformed(format!(
-            "holds {n} digests for a layout of {} blocks",
-            layout.block_count()
-        )));
+        return Err(r.malformed(format!("holds {n} digests for a layout of {} blocks", layout.block_count())));
     }
     let mut digests = Vec::with_capacity(n);
     for _ in 0..n {
@@ -59,9 +56,7 @@ pub fn read(path: &Path) -> Result<BlockMap, FormatError> {
     }
     r.done()?;
     let zeros = ZeroDigests::new(algo, layout.block_size as usize);
-    let zero = (0..n as u64)
-        .map(|i| zeros.is_zero_digest(&digests[i as usize], layout.extent(i).1))
-        .collect();
+    let zero = (0..n as u64).map(|i| zeros.is_zero_digest(&digests[i as usize], layout.extent(i).1)).collect();
     let groups: Vec<_> = (0..layout.group_count())
         .map(|g| {
             let (a, b) = layout.group_range(g);
@@ -72,14 +67,7 @@ pub fn read(path: &Path) -> Result<BlockMap, FormatError> {
     if image != stored_image {
         return Err(r.malformed("block digests do not add up to its image digest"));
     }
-    Ok(BlockMap {
-        algo,
-        layout,
-        digests,
-        zero,
-        groups,
-        image_digest: image,
-    })
+    Ok(BlockMap { algo, layout, digests, zero, groups, image_digest: image })
 }
 
 #[cfg(test)]
@@ -94,12 +82,7 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 7) as u8).collect();
         std::fs::write(&p, &data).unwrap();
         let img = Image::open_read(&p).unwrap();
-        BlockMap::of_image(
-            &img,
-            Layout::flat(data.len() as u64, 4096).unwrap(),
-            Algorithm::Sha1,
-        )
-        .unwrap()
+        BlockMap::of_image(&img, Layout::flat(data.len() as u64, 4096).unwrap(), Algorithm::Sha1).unwrap()
     }
 
     #[test]
@@ -129,22 +112,12 @@ mod tests {
         let mut bad = bytes.clone();
         bad[200] ^= 1;
         std::fs::write(&h, &bad).unwrap();
-        assert!(matches!(
-            read(&h).unwrap_err(),
-            FormatError::Checksum { .. }
-        ));
-        std::fs::write(
-            &h,
-            b"not a hash file at all, just text....................................",
-        )
-        .unwrap();
+        assert!(matches!(read(&h).unwrap_err(), FormatError::Checksum { .. }));
+        std::fs::write(&h, b"not a hash file at all, just text....................................").unwrap();
         assert!(matches!(read(&h).unwrap_err(), FormatError::Magic { .. }));
         let mut future = bytes.clone();
         future[8] = 9;
         std::fs::write(&h, &future).unwrap();
-        assert!(matches!(
-            read(&h).unwrap_err(),
-            FormatError::Version { found: 9, .. }
-        ));
+        assert!(matches!(read(&h).unwrap_err(), FormatError::Version { found: 9, .. }));
     }
 }

@@ -18,31 +18,15 @@ pub enum ImageError {
     #[error("{path} is neither a regular file nor a block device")]
     NotADisk { path: PathBuf },
     #[error("cannot read {path} at offset {offset}: {source}")]
-    Read {
-        path: PathBuf,
-        offset: u64,
-        source: io::Error,
-    },
+    Read { path: PathBuf, offset: u64, source: io::Error },
     #[error("{path} ended at offset {offset}, before the {size} bytes it had when opened (did it shrink?)")]
-    Short {
-        path: PathBuf,
-        offset: u64,
-        size: u64,
-    },
+    Short { path: PathBuf, offset: u64, size: u64 },
     #[error("cannot write {path} at offset {offset}: {source}")]
-    Write {
-        path: PathBuf,
-        offset: u64,
-        source: io::Error,
-    },
+    Write { path: PathBuf, offset: u64, source: io::Error },
     #[error("target block device {path} holds {have} bytes, smaller than the {need}-byte source; nothing was written")]
     TooSmall { path: PathBuf, have: u64, need: u64 },
     #[error("cannot size {path} to {size} bytes: {source}")]
-    Resize {
-        path: PathBuf,
-        size: u64,
-        source: io::Error,
-    },
+    Resize { path: PathBuf, size: u64, source: io::Error },
     #[error("cannot flush {path} to stable storage: {source}")]
     Sync { path: PathBuf, source: io::Error },
 }
@@ -66,37 +50,23 @@ fn device_size(file: &File) -> io::Result<u64> {
 }
 
 fn probe(file: File, path: &Path) -> Result<Image, ImageError> {
-    let meta = file.metadata().map_err(|source| ImageError::Open {
-        path: path.into(),
-        source,
-    })?;
+    let meta = file.metadata().map_err(|source| ImageError::Open { path: path.into(), source })?;
     let ft = meta.file_type();
     let (size, is_block_device) = if ft.is_block_device() {
-        let size = device_size(&file).map_err(|source| ImageError::Open {
-            path: path.into(),
-            source,
-        })?;
+        let size = device_size(&file).map_err(|source| ImageError::Open { path: path.into(), source })?;
         (size, true)
     } else if ft.is_file() {
         (meta.len(), false)
     } else {
         return Err(ImageError::NotADisk { path: path.into() });
     };
-    Ok(Image {
-        file,
-        path: path.into(),
-        size,
-        is_block_device,
-    })
+    Ok(Image { file, path: path.into(), size, is_block_device })
 }
 
 impl Image {
     /// Open an image read-only: sources and references are only ever read.
     pub fn open_read(path: &Path) -> Result<Image, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::Open {
-            path: path.into(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
         probe(file, path)
     }
 
@@ -113,31 +83,17 @@ impl Image {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|source| ImageError::Open {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Open { path: path.into(), source })?;
         let mut img = probe(file, path)?;
         if img.is_block_device {
             if img.size < size {
-                return Err(ImageError::TooSmall {
-                    path: path.into(),
-                    have: img.size,
-                    need: size,
-                });
+                return Err(ImageError::TooSmall { path: path.into(), have: img.size, need: size });
             }
         } else if img.size != size {
-            img.file
-                .set_len(size)
-                .map_err(|source| ImageError::Resize {
-                    path: path.into(),
-                    size,
-                    source,
-                })?;
+            img.file.set_len(size).map_err(|source| ImageError::Resize { path: path.into(), size, source })?;
             img.size = size;
         }
-        let had_data = existed
-            && (img.is_block_device || img.file.metadata().map(|m| m.len() > 0).unwrap_or(false));
+        let had_data = existed && (img.is_block_device || img.file.metadata().map(|m| m.len() > 0).unwrap_or(false));
         Ok((img, had_data))
     }
 
@@ -167,26 +123,18 @@ impl Image {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(ImageError::Read {
-                        path: self.path.clone(),
-                        offset,
-                        source,
-                    })
-                }
+                Err(source) => return Err(ImageError::Read { path: self.path.clone(), offset, source }),
             }
         }
         Ok(())
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|source| ImageError::Write {
-                path: self.path.clone(),
-                offset,
-                source,
-            })
+        self.file.write_all_at(buf, offset).map_err(|source| ImageError::Write {
+            path: self.path.clone(),
+            offset,
+            source,
+        })
     }
 
     /// Make `[offset, offset+len)` read as zeros: a hole in a file, written
@@ -210,10 +158,7 @@ impl Image {
     }
 
     pub fn sync(&self) -> Result<(), ImageError> {
-        self.file.sync_all().map_err(|source| ImageError::Sync {
-            path: self.path.clone(),
-            source,
-        })
+        self.file.sync_all().map_err(|source| ImageError::Sync { path: self.path.clone(), source })
     }
 }
 

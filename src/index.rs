@@ -80,13 +80,7 @@ fn lookup(v: &[Entry], key: &Key) -> Option<Entry> {
 
 impl Index {
     pub fn new(algo: Algorithm, block_size: u32) -> Self {
-        Index {
-            algo,
-            block_size,
-            images: Vec::new(),
-            blocks: Vec::new(),
-            groups: Vec::new(),
-        }
+        Index { algo, block_size, images: Vec::new(), blocks: Vec::new(), groups: Vec::new() }
     }
 
     /// Add an image's block map. Entries of earlier images win ties.
@@ -103,19 +97,11 @@ impl Index {
         });
         for (i, d) in map.digests.iter().enumerate() {
             if !map.zero[i] {
-                self.blocks.push(Entry {
-                    key: key_of(d),
-                    image,
-                    pos: i as u64,
-                });
+                self.blocks.push(Entry { key: key_of(d), image, pos: i as u64 });
             }
         }
         for (g, d) in map.groups.iter().enumerate() {
-            self.groups.push(Entry {
-                key: key_of(d),
-                image,
-                pos: g as u64,
-            });
+            self.groups.push(Entry { key: key_of(d), image, pos: g as u64 });
         }
         sort_first_occurrence(&mut self.blocks);
         sort_first_occurrence(&mut self.groups);
@@ -125,10 +111,7 @@ impl Index {
     pub fn merge(&mut self, other: Index) {
         let base = self.images.len() as u32;
         self.images.extend(other.images);
-        let shift = |e: Entry| Entry {
-            image: e.image + base,
-            ..e
-        };
+        let shift = |e: Entry| Entry { image: e.image + base, ..e };
         self.blocks.extend(other.blocks.into_iter().map(shift));
         self.groups.extend(other.groups.into_iter().map(shift));
         sort_first_occurrence(&mut self.blocks);
@@ -177,23 +160,16 @@ impl Index {
         let mut images = Vec::new();
         for _ in 0..nimg {
             let len = r.u32()? as usize;
-            let p = String::from_utf8(r.take(len)?.to_vec())
-                .map_err(|_| r.malformed("image path is not UTF-8"))?;
+            let p = String::from_utf8(r.take(len)?.to_vec()).map_err(|_| r.malformed("image path is not UTF-8"))?;
             let mtime_ns = r.u64()?;
             let image_digest = r.digest()?;
             let layout = r.layout()?;
             if layout.block_size != block_size {
-                return Err(r.malformed(format!(
-                    "image {p} has block size {}, index has {block_size}",
-                    layout.block_size
-                )));
+                return Err(
+                    r.malformed(format!("image {p} has block size {}, index has {block_size}", layout.block_size))
+                );
             }
-            images.push(IndexedImage {
-                path: p.into(),
-                mtime_ns,
-                image_digest,
-                layout,
-            });
+            images.push(IndexedImage { path: p.into(), mtime_ns, image_digest, layout });
         }
         let mut tables = [Vec::new(), Vec::new()];
         for (t, table) in tables.iter_mut().enumerate() {
@@ -206,16 +182,9 @@ impl Index {
                 let Some(im) = images.get(image as usize) else {
                     return Err(r.malformed(format!("entry names image {image}, index has {nimg}")));
                 };
-                let limit = if t == 0 {
-                    im.layout.block_count()
-                } else {
-                    im.layout.group_count()
-                };
+                let limit = if t == 0 { im.layout.block_count() } else { im.layout.group_count() };
                 if pos >= limit {
-                    return Err(r.malformed(format!(
-                        "entry points past the end of {}",
-                        im.path.display()
-                    )));
+                    return Err(r.malformed(format!("entry points past the end of {}", im.path.display())));
                 }
                 table.push(Entry { key, image, pos });
             }
@@ -225,13 +194,7 @@ impl Index {
         }
         r.done()?;
         let [blocks, groups] = tables;
-        Ok(Index {
-            algo,
-            block_size,
-            images,
-            blocks,
-            groups,
-        })
+        Ok(Index { algo, block_size, images, blocks, groups })
     }
 }
 
@@ -243,12 +206,7 @@ mod tests {
     fn map_of(path: &Path, data: &[u8]) -> BlockMap {
         std::fs::write(path, data).unwrap();
         let img = Image::open_read(path).unwrap();
-        BlockMap::of_image(
-            &img,
-            Layout::flat(data.len() as u64, 4096).unwrap(),
-            Algorithm::Blake3,
-        )
-        .unwrap()
+        BlockMap::of_image(&img, Layout::flat(data.len() as u64, 4096).unwrap(), Algorithm::Blake3).unwrap()
     }
 
     #[test]

@@ -51,9 +51,7 @@ impl std::str::FromStr for Align {
         match s {
             "partitions" | "auto" => Ok(Align::Partitions),
             "flat" | "none" => Ok(Align::Flat),
-            _ => Err(format!(
-                "unknown alignment '{s}' (expected partitions or flat)"
-            )),
+            _ => Err(format!("unknown alignment '{s}' (expected partitions or flat)")),
         }
     }
 }
@@ -63,19 +61,13 @@ pub fn check_block_size(bs: u32) -> Result<(), String> {
     if bs.is_power_of_two() && (512..=1 << 20).contains(&bs) {
         Ok(())
     } else {
-        Err(format!(
-            "block size {bs} is not a power of two from 512 to 1048576"
-        ))
+        Err(format!("block size {bs} is not a power of two from 512 to 1048576"))
     }
 }
 
 impl Layout {
     /// Build a layout from explicit segments, which must tile `[0, size)`.
-    pub fn from_segments(
-        size: u64,
-        block_size: u32,
-        segments: Vec<Segment>,
-    ) -> Result<Self, String> {
+    pub fn from_segments(size: u64, block_size: u32, segments: Vec<Segment>) -> Result<Self, String> {
         check_block_size(block_size)?;
         let mut pos = 0;
         for s in &segments {
@@ -94,35 +86,17 @@ impl Layout {
             first_block.push(count);
             count += s.len.div_ceil(bs);
         }
-        Ok(Layout {
-            size,
-            block_size,
-            segments,
-            first_block,
-            block_count: count,
-        })
+        Ok(Layout { size, block_size, segments, first_block, block_count: count })
     }
 
     /// One segment covering the image.
     pub fn flat(size: u64, block_size: u32) -> Result<Self, String> {
-        let segs = if size == 0 {
-            vec![]
-        } else {
-            vec![Segment {
-                start: 0,
-                len: size,
-            }]
-        };
+        let segs = if size == 0 { vec![] } else { vec![Segment { start: 0, len: size }] };
         Self::from_segments(size, block_size, segs)
     }
 
     /// The layout of an image given its first sector.
-    pub fn detect(
-        first_sector: &[u8],
-        size: u64,
-        block_size: u32,
-        align: Align,
-    ) -> Result<Self, String> {
+    pub fn detect(first_sector: &[u8], size: u64, block_size: u32, align: Align) -> Result<Self, String> {
         match align {
             Align::Flat => Self::flat(size, block_size),
             Align::Partitions => match mbr_partitions(first_sector, size) {
@@ -223,19 +197,13 @@ fn tile(size: u64, parts: &[Segment]) -> Vec<Segment> {
     let mut pos = 0;
     for p in parts {
         if p.start > pos {
-            out.push(Segment {
-                start: pos,
-                len: p.start - pos,
-            });
+            out.push(Segment { start: pos, len: p.start - pos });
         }
         out.push(*p);
         pos = p.start + p.len;
     }
     if pos < size {
-        out.push(Segment {
-            start: pos,
-            len: size - pos,
-        });
+        out.push(Segment { start: pos, len: size - pos });
     }
     out
 }

@@ -36,11 +36,7 @@ pub enum LvmError {
     #[error("`{command}` is not permitted here (run as root): {detail}")]
     NotPermitted { command: String, detail: String },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { command: String, status: String, stderr: String },
     #[error("`{command}` printed a report xenmig cannot read: {detail}")]
     BadReport { command: String, detail: String },
     #[error("cannot run `{command}`: {source}")]
@@ -60,10 +56,7 @@ pub struct LvRef {
 
 impl LvRef {
     pub fn new(vg: impl Into<String>, lv: impl Into<String>) -> LvRef {
-        LvRef {
-            vg: vg.into(),
-            lv: lv.into(),
-        }
+        LvRef { vg: vg.into(), lv: lv.into() }
     }
 
     /// `/dev/VG/LV`, the udev symlink lvm maintains.
@@ -181,10 +174,7 @@ impl LogicalVolume {
             return true;
         }
         match std::fs::canonicalize(path) {
-            Ok(real) => mine
-                .iter()
-                .flatten()
-                .any(|p| std::fs::canonicalize(p).ok().as_deref() == Some(real.as_path())),
+            Ok(real) => mine.iter().flatten().any(|p| std::fs::canonicalize(p).ok().as_deref() == Some(real.as_path())),
             Err(_) => false,
         }
     }
@@ -253,8 +243,7 @@ fn bytes(field: &str, value: &str) -> Result<u64, String> {
     if v.is_empty() {
         return Ok(0);
     }
-    v.parse()
-        .map_err(|_| format!("{field} is \"{value}\", not a number of bytes"))
+    v.parse().map_err(|_| format!("{field} is \"{value}\", not a number of bytes"))
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -308,50 +297,23 @@ fn quoted_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
 /// Turns a failed lvm command's stderr into the error a caller can act on.
 /// `command` is the command line (for messages); `vg`/`lv` are what the
 /// caller asked about, used when lvm's message does not name them.
-pub fn classify(
-    command: &str,
-    status: &str,
-    stderr: &str,
-    vg: Option<&str>,
-    lv: Option<&str>,
-) -> LvmError {
-    let lines: Vec<&str> = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("File descriptor"))
-        .collect();
+pub fn classify(command: &str, status: &str, stderr: &str, vg: Option<&str>, lv: Option<&str>) -> LvmError {
+    let lines: Vec<&str> =
+        stderr.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("File descriptor")).collect();
     let text = lines.join("; ");
     for l in &lines {
         let lower = l.to_ascii_lowercase();
         if lower.contains("already exists in volume group") {
-            let name = quoted_after(l, "olume")
-                .or(lv)
-                .unwrap_or_default()
-                .to_string();
-            let group = quoted_after(l, "volume group")
-                .or(vg)
-                .unwrap_or_default()
-                .to_string();
-            return LvmError::LvExists {
-                vg: group,
-                lv: name,
-            };
+            let name = quoted_after(l, "olume").or(lv).unwrap_or_default().to_string();
+            let group = quoted_after(l, "volume group").or(vg).unwrap_or_default().to_string();
+            return LvmError::LvExists { vg: group, lv: name };
         }
         if lower.contains("insufficient free space") || lower.contains("insufficient suitable") {
-            let group = quoted_after(l, "Volume group")
-                .or(vg)
-                .unwrap_or_default()
-                .to_string();
-            return LvmError::NoFreeSpace {
-                vg: group,
-                detail: l.to_string(),
-            };
+            let group = quoted_after(l, "Volume group").or(vg).unwrap_or_default().to_string();
+            return LvmError::NoFreeSpace { vg: group, detail: l.to_string() };
         }
         if lower.starts_with("volume group") && lower.contains("not found") {
-            let group = quoted_after(l, "Volume group")
-                .or(vg)
-                .unwrap_or_default()
-                .to_string();
+            let group = quoted_after(l, "Volume group").or(vg).unwrap_or_default().to_string();
             return LvmError::NoSuchVg { vg: group };
         }
         if lower.contains("failed to find logical volume") {
@@ -362,34 +324,20 @@ pub fn classify(
             return LvmError::NoSuchLv { lv: name };
         }
         if lower.contains(" in use") || lower.contains("is open") {
-            let name = lv
-                .map(|lv| format!("{}/{lv}", vg.unwrap_or("")))
-                .unwrap_or_default();
-            return LvmError::InUse {
-                lv: name,
-                detail: l.to_string(),
-            };
+            let name = lv.map(|lv| format!("{}/{lv}", vg.unwrap_or(""))).unwrap_or_default();
+            return LvmError::InUse { lv: name, detail: l.to_string() };
         }
     }
     if text.contains("/dev/mapper/control") || text.contains("device-mapper driver") {
-        return LvmError::NoDeviceMapper {
-            detail: lines.first().copied().unwrap_or_default().to_string(),
-        };
+        return LvmError::NoDeviceMapper { detail: lines.first().copied().unwrap_or_default().to_string() };
     }
     if text.contains("Permission denied") || text.contains("non-root user") {
-        return LvmError::NotPermitted {
-            command: command.to_string(),
-            detail: text,
-        };
+        return LvmError::NotPermitted { command: command.to_string(), detail: text };
     }
     LvmError::Failed {
         command: command.to_string(),
         status: status.to_string(),
-        stderr: if text.is_empty() {
-            "(nothing on stderr)".into()
-        } else {
-            text
-        },
+        stderr: if text.is_empty() { "(nothing on stderr)".into() } else { text },
     }
 }
 
@@ -406,9 +354,7 @@ impl Lvm {
 
     /// Looks for the lvm2 commands only in `dir` (tests; unusual installs).
     pub fn with_bin_dir(dir: impl Into<PathBuf>) -> Lvm {
-        Lvm {
-            bin_dir: Some(dir.into()),
-        }
+        Lvm { bin_dir: Some(dir.into()) }
     }
 
     fn run<S: AsRef<OsStr>>(
@@ -423,10 +369,7 @@ impl Lvm {
             None => PathBuf::from(cmd),
         };
         let line = std::iter::once(cmd.to_string())
-            .chain(
-                args.iter()
-                    .map(|a| a.as_ref().to_string_lossy().into_owned()),
-            )
+            .chain(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()))
             .collect::<Vec<_>>()
             .join(" ");
         let out = Command::new(&program)
@@ -437,45 +380,24 @@ impl Lvm {
             .output()
             .map_err(|e| {
                 if e.kind() == io::ErrorKind::NotFound {
-                    LvmError::NotInstalled {
-                        command: cmd.to_string(),
-                    }
+                    LvmError::NotInstalled { command: cmd.to_string() }
                 } else {
-                    LvmError::Io {
-                        command: line.clone(),
-                        source: e,
-                    }
+                    LvmError::Io { command: line.clone(), source: e }
                 }
             })?;
         if !out.status.success() {
-            return Err(classify(
-                &line,
-                &out.status.to_string(),
-                &String::from_utf8_lossy(&out.stderr),
-                vg,
-                lv,
-            ));
+            return Err(classify(&line, &out.status.to_string(), &String::from_utf8_lossy(&out.stderr), vg, lv));
         }
         Ok(out)
     }
 
     /// Logical volumes, of one VG or all.
     pub fn lvs(&self, vg: Option<&str>) -> Result<Vec<LogicalVolume>, LvmError> {
-        let mut args = vec![
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            LV_FIELDS,
-        ];
+        let mut args = vec!["--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS];
         args.extend(vg);
         let out = self.run("lvs", &args, vg, None)?;
-        parse_lvs(&String::from_utf8_lossy(&out.stdout)).map_err(|detail| LvmError::BadReport {
-            command: "lvs".into(),
-            detail,
-        })
+        parse_lvs(&String::from_utf8_lossy(&out.stdout))
+            .map_err(|detail| LvmError::BadReport { command: "lvs".into(), detail })
     }
 
     /// One logical volume.
@@ -483,24 +405,12 @@ impl Lvm {
         let name = r.to_string();
         let out = self.run(
             "lvs",
-            &[
-                "--reportformat",
-                "json",
-                "--units",
-                "b",
-                "--nosuffix",
-                "-o",
-                LV_FIELDS,
-                &name,
-            ],
+            &["--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS, &name],
             Some(&r.vg),
             Some(&r.lv),
         )?;
         parse_lvs(&String::from_utf8_lossy(&out.stdout))
-            .map_err(|detail| LvmError::BadReport {
-                command: "lvs".into(),
-                detail,
-            })?
+            .map_err(|detail| LvmError::BadReport { command: "lvs".into(), detail })?
             .into_iter()
             .next()
             .ok_or(LvmError::NoSuchLv { lv: name })
@@ -508,21 +418,11 @@ impl Lvm {
 
     /// Volume groups, or one.
     pub fn vgs(&self, vg: Option<&str>) -> Result<Vec<VolumeGroup>, LvmError> {
-        let mut args = vec![
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            VG_FIELDS,
-        ];
+        let mut args = vec!["--reportformat", "json", "--units", "b", "--nosuffix", "-o", VG_FIELDS];
         args.extend(vg);
         let out = self.run("vgs", &args, vg, None)?;
-        parse_vgs(&String::from_utf8_lossy(&out.stdout)).map_err(|detail| LvmError::BadReport {
-            command: "vgs".into(),
-            detail,
-        })
+        parse_vgs(&String::from_utf8_lossy(&out.stdout))
+            .map_err(|detail| LvmError::BadReport { command: "vgs".into(), detail })
     }
 
     /// Creates `vg/lv` of at least `size_bytes` (lvm rounds up to whole
@@ -530,31 +430,16 @@ impl Lvm {
     /// LV is about to be overwritten anyway.
     pub fn create(&self, r: &LvRef, size_bytes: u64) -> Result<LogicalVolume, LvmError> {
         let size = format!("{size_bytes}b");
-        self.run(
-            "lvcreate",
-            &["--yes", "-n", &r.lv, "-L", &size, &r.vg],
-            Some(&r.vg),
-            Some(&r.lv),
-        )?;
+        self.run("lvcreate", &["--yes", "-n", &r.lv, "-L", &size, &r.vg], Some(&r.vg), Some(&r.lv))?;
         self.lv(r)
     }
 
     /// Creates snapshot `vg/name` of `origin` with `cow_bytes` of room for
     /// changes: a stable view of a disk while its guest keeps writing.
-    pub fn snapshot(
-        &self,
-        origin: &LvRef,
-        name: &str,
-        cow_bytes: u64,
-    ) -> Result<LogicalVolume, LvmError> {
+    pub fn snapshot(&self, origin: &LvRef, name: &str, cow_bytes: u64) -> Result<LogicalVolume, LvmError> {
         let size = format!("{cow_bytes}b");
         let o = origin.to_string();
-        self.run(
-            "lvcreate",
-            &["--yes", "-s", "-n", name, "-L", &size, &o],
-            Some(&origin.vg),
-            Some(name),
-        )?;
+        self.run("lvcreate", &["--yes", "-s", "-n", name, "-L", &size, &o], Some(&origin.vg), Some(name))?;
         self.lv(&LvRef::new(&origin.vg, name))
     }
 
@@ -644,18 +529,9 @@ mod tests {
 
     #[test]
     fn device_paths_name_lvs() {
-        assert_eq!(
-            LvRef::from_device_path("/dev/vg0/g1"),
-            Some(LvRef::new("vg0", "g1"))
-        );
-        assert_eq!(
-            LvRef::from_device_path("/dev/mapper/vg0-g1"),
-            Some(LvRef::new("vg0", "g1"))
-        );
-        assert_eq!(
-            LvRef::from_device_path("/dev/mapper/data--vg-my--web"),
-            Some(LvRef::new("data-vg", "my-web"))
-        );
+        assert_eq!(LvRef::from_device_path("/dev/vg0/g1"), Some(LvRef::new("vg0", "g1")));
+        assert_eq!(LvRef::from_device_path("/dev/mapper/vg0-g1"), Some(LvRef::new("vg0", "g1")));
+        assert_eq!(LvRef::from_device_path("/dev/mapper/data--vg-my--web"), Some(LvRef::new("data-vg", "my-web")));
         assert_eq!(LvRef::from_device_path("/dev/sda1"), None);
         assert_eq!(LvRef::from_device_path("/dev/md/root"), None);
         assert_eq!(LvRef::from_device_path("/dev/disk/by-id/x"), None);
@@ -684,10 +560,7 @@ mod tests {
             Some("vg9"),
             None,
         );
-        assert!(
-            matches!(&e, LvmError::NoSuchVg { vg } if vg == "vg9"),
-            "{e}"
-        );
+        assert!(matches!(&e, LvmError::NoSuchVg { vg } if vg == "vg9"), "{e}");
 
         let e = classify(
             "lvcreate",
@@ -696,10 +569,7 @@ mod tests {
             Some("vg0"),
             Some("g1"),
         );
-        assert!(
-            matches!(&e, LvmError::LvExists { vg, lv } if vg == "vg0" && lv == "g1"),
-            "{e}"
-        );
+        assert!(matches!(&e, LvmError::LvExists { vg, lv } if vg == "vg0" && lv == "g1"), "{e}");
 
         let e = classify(
             "lvcreate",
@@ -708,10 +578,7 @@ mod tests {
             Some("vg0"),
             Some("big"),
         );
-        assert!(
-            matches!(&e, LvmError::NoFreeSpace { vg, .. } if vg == "vg0"),
-            "{e}"
-        );
+        assert!(matches!(&e, LvmError::NoFreeSpace { vg, .. } if vg == "vg0"), "{e}");
         assert!(e.to_string().contains("256 required"));
 
         let e = classify(
@@ -721,18 +588,9 @@ mod tests {
             Some("vg0"),
             Some("nope"),
         );
-        assert!(
-            matches!(&e, LvmError::NoSuchLv { lv } if lv == "vg0/nope"),
-            "{e}"
-        );
+        assert!(matches!(&e, LvmError::NoSuchLv { lv } if lv == "vg0/nope"), "{e}");
 
-        let e = classify(
-            "lvremove",
-            "exit status: 5",
-            "  Logical volume vg0/g1 in use.\n",
-            Some("vg0"),
-            Some("g1"),
-        );
+        let e = classify("lvremove", "exit status: 5", "  Logical volume vg0/g1 in use.\n", Some("vg0"), Some("g1"));
         assert!(matches!(&e, LvmError::InUse { .. }), "{e}");
 
         // Captured on this machine (a container without device-mapper).

@@ -198,9 +198,7 @@ pub enum ProtocolError {
     Eof(&'static str),
     #[error("connection to the peer failed: {0}")]
     Io(#[from] io::Error),
-    #[error(
-        "the peer sent a frame of unknown kind {0} (not a xenmig peer, or garbage on the stream)"
-    )]
+    #[error("the peer sent a frame of unknown kind {0} (not a xenmig peer, or garbage on the stream)")]
     UnknownKind(u8),
     #[error("the peer sent a {kind:?} frame of {len} bytes, more than the {max} allowed")]
     TooLarge { kind: Kind, len: usize, max: usize },
@@ -253,11 +251,7 @@ impl Message {
         let mut tail: &[u8] = &[];
         let mut b = vec![self.kind() as u8, 0, 0, 0, 0];
         match self {
-            Message::Hello {
-                version,
-                role,
-                caps,
-            } => {
+            Message::Hello { version, role, caps } => {
                 b.extend_from_slice(MAGIC);
                 b.extend_from_slice(&version.to_le_bytes());
                 b.push(*role as u8);
@@ -294,13 +288,7 @@ impl Message {
                 put_u64(&mut b, *first_block);
                 put_u32(&mut b, *count);
             }
-            Message::Blocks {
-                first_block,
-                count,
-                codec,
-                raw_len,
-                payload,
-            } => {
+            Message::Blocks { first_block, count, codec, raw_len, payload } => {
                 put_u64(&mut b, *first_block);
                 put_u32(&mut b, *count);
                 b.push(*codec);
@@ -309,11 +297,7 @@ impl Message {
             }
             Message::Done { report } => b.extend_from_slice(report.as_bytes()),
             Message::Bye { downtime_ns } => put_u64(&mut b, *downtime_ns),
-            Message::PassBegin {
-                pass,
-                final_pass,
-                changed_blocks,
-            } => {
+            Message::PassBegin { pass, final_pass, changed_blocks } => {
                 put_u32(&mut b, *pass);
                 b.push(*final_pass as u8);
                 put_u64(&mut b, *changed_blocks);
@@ -347,35 +331,25 @@ impl Message {
             Kind::Hello => {
                 exact(13)?;
                 if &p[..6] != MAGIC {
-                    return Err(bad(
-                        "no XENMIG magic (is the remote command really xenmig?)".into(),
-                    ));
+                    return Err(bad("no XENMIG magic (is the remote command really xenmig?)".into()));
                 }
                 let role = match p[8] {
                     1 => Role::Source,
                     2 => Role::Target,
                     r => return Err(bad(format!("unknown role {r}"))),
                 };
-                Message::Hello {
-                    version: u16::from_le_bytes([p[6], p[7]]),
-                    role,
-                    caps: u32_at(9),
-                }
+                Message::Hello { version: u16::from_le_bytes([p[6], p[7]]), role, caps: u32_at(9) }
             }
             Kind::ImageInfo => {
                 if p.len() < 17 {
                     return Err(bad(format!("{} bytes, shorter than its header", p.len())));
                 }
-                let algo = Algorithm::from_code(p[0])
-                    .ok_or_else(|| bad(format!("unknown digest algorithm {}", p[0])))?;
+                let algo =
+                    Algorithm::from_code(p[0]).ok_or_else(|| bad(format!("unknown digest algorithm {}", p[0])))?;
                 let nseg = u32_at(13) as usize;
                 exact(17usize.saturating_add(nseg.saturating_mul(16)))?;
-                let segs = (0..nseg)
-                    .map(|i| Segment {
-                        start: u64_at(17 + 16 * i),
-                        len: u64_at(25 + 16 * i),
-                    })
-                    .collect();
+                let segs =
+                    (0..nseg).map(|i| Segment { start: u64_at(17 + 16 * i), len: u64_at(25 + 16 * i) }).collect();
                 let layout = Layout::from_segments(u64_at(1), u32_at(9), segs).map_err(bad)?;
                 Message::ImageInfo { algo, layout }
             }
@@ -383,47 +357,27 @@ impl Message {
                 if p.len() < 8 || (p.len() - 8) % 32 != 0 {
                     return Err(bad(format!("{} bytes is not 8 + n x 32", p.len())));
                 }
-                let digests = p[8..]
-                    .chunks_exact(32)
-                    .map(|c| c.try_into().unwrap())
-                    .collect();
-                Message::Groups {
-                    first: u64_at(0),
-                    digests,
-                }
+                let digests = p[8..].chunks_exact(32).map(|c| c.try_into().unwrap()).collect();
+                Message::Groups { first: u64_at(0), digests }
             }
             Kind::GroupsEnd => {
                 exact(32)?;
-                Message::GroupsEnd {
-                    image_digest: p.try_into().unwrap(),
-                }
+                Message::GroupsEnd { image_digest: p.try_into().unwrap() }
             }
             Kind::WantDigests => {
                 exact(12)?;
-                Message::WantDigests {
-                    first_group: u64_at(0),
-                    count: u32_at(8),
-                }
+                Message::WantDigests { first_group: u64_at(0), count: u32_at(8) }
             }
             Kind::BlockDigests => {
                 if p.len() < 8 || (p.len() - 8) % KEY_LEN != 0 {
                     return Err(bad(format!("{} bytes is not 8 + n x {KEY_LEN}", p.len())));
                 }
-                let keys = p[8..]
-                    .chunks_exact(KEY_LEN)
-                    .map(|c| c.try_into().unwrap())
-                    .collect();
-                Message::BlockDigests {
-                    group: u64_at(0),
-                    keys,
-                }
+                let keys = p[8..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::BlockDigests { group: u64_at(0), keys }
             }
             Kind::Fetch => {
                 exact(12)?;
-                Message::Fetch {
-                    first_block: u64_at(0),
-                    count: u32_at(8),
-                }
+                Message::Fetch { first_block: u64_at(0), count: u32_at(8) }
             }
             Kind::Blocks => {
                 if p.len() < BLOCKS_HEAD {
@@ -431,9 +385,7 @@ impl Message {
                 }
                 let raw_len = u32_at(13);
                 if raw_len as u64 > MAX_RUN_BYTES {
-                    return Err(bad(format!(
-                        "claims {raw_len} raw bytes, more than a run may hold"
-                    )));
+                    return Err(bad(format!("claims {raw_len} raw bytes, more than a run may hold")));
                 }
                 Message::Blocks {
                     first_block: u64_at(0),
@@ -443,15 +395,12 @@ impl Message {
                     payload: p[17..].to_vec(),
                 }
             }
-            Kind::Done => Message::Done {
-                report: String::from_utf8(p.to_vec())
-                    .map_err(|_| bad("report is not UTF-8".into()))?,
-            },
+            Kind::Done => {
+                Message::Done { report: String::from_utf8(p.to_vec()).map_err(|_| bad("report is not UTF-8".into()))? }
+            }
             Kind::Bye => {
                 exact(8)?;
-                Message::Bye {
-                    downtime_ns: u64_at(0),
-                }
+                Message::Bye { downtime_ns: u64_at(0) }
             }
             Kind::PassBegin => {
                 exact(13)?;
@@ -460,25 +409,16 @@ impl Message {
                     1 => true,
                     v => return Err(bad(format!("final flag {v}"))),
                 };
-                Message::PassBegin {
-                    pass: u32_at(0),
-                    final_pass,
-                    changed_blocks: u64_at(5),
-                }
+                Message::PassBegin { pass: u32_at(0), final_pass, changed_blocks: u64_at(5) }
             }
             Kind::PassDone => {
                 if p.len() < 4 || (p.len() - 4) % 8 != 0 {
                     return Err(bad(format!("{} bytes is not 4 + n x 8", p.len())));
                 }
                 let stale_groups = (0..(p.len() - 4) / 8).map(|i| u64_at(4 + 8 * i)).collect();
-                Message::PassDone {
-                    pass: u32_at(0),
-                    stale_groups,
-                }
+                Message::PassDone { pass: u32_at(0), stale_groups }
             }
-            Kind::Error => Message::Error {
-                message: String::from_utf8_lossy(p).into_owned(),
-            },
+            Kind::Error => Message::Error { message: String::from_utf8_lossy(p).into_owned() },
         })
     }
 }
@@ -490,11 +430,7 @@ pub fn read_message(r: &mut impl Read, context: &'static str) -> Result<Message,
     let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
     let len = u32::from_le_bytes(h[1..5].try_into().unwrap()) as usize;
     if len > MAX_FRAME {
-        return Err(ProtocolError::TooLarge {
-            kind,
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::TooLarge { kind, len, max: MAX_FRAME });
     }
     if kind == Kind::Blocks && len >= BLOCKS_HEAD {
         // Read the bulk straight into the payload buffer it will stay in.
@@ -503,19 +439,9 @@ pub fn read_message(r: &mut impl Read, context: &'static str) -> Result<Message,
         let mut payload = vec![0u8; len - BLOCKS_HEAD];
         read_exact_or_eof(r, &mut payload, "in the middle of a frame")?;
         return match Message::decode(kind, &head)? {
-            Message::Blocks {
-                first_block,
-                count,
-                codec,
-                raw_len,
-                ..
-            } => Ok(Message::Blocks {
-                first_block,
-                count,
-                codec,
-                raw_len,
-                payload,
-            }),
+            Message::Blocks { first_block, count, codec, raw_len, .. } => {
+                Ok(Message::Blocks { first_block, count, codec, raw_len, payload })
+            }
             _ => unreachable!("a Blocks head decodes as Blocks"),
         };
     }
@@ -527,11 +453,7 @@ pub fn read_message(r: &mut impl Read, context: &'static str) -> Result<Message,
     }
 }
 
-fn read_exact_or_eof(
-    r: &mut impl Read,
-    buf: &mut [u8],
-    context: &'static str,
-) -> Result<(), ProtocolError> {
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8], context: &'static str) -> Result<(), ProtocolError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => ProtocolError::Eof(context),
         _ => ProtocolError::Io(e),
@@ -546,35 +468,13 @@ pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolErro
 }
 
 /// Exchange Hello frames: send ours, read theirs, check version and role.
-pub fn handshake(
-    r: &mut impl Read,
-    w: &mut impl Write,
-    role: Role,
-    caps: u32,
-) -> Result<u32, ProtocolError> {
-    write_message(
-        w,
-        &Message::Hello {
-            version: VERSION,
-            role,
-            caps,
-        },
-    )?;
+pub fn handshake(r: &mut impl Read, w: &mut impl Write, role: Role, caps: u32) -> Result<u32, ProtocolError> {
+    write_message(w, &Message::Hello { version: VERSION, role, caps })?;
     w.flush()?;
-    match read_message(
-        r,
-        "before the handshake (is xenmig installed on the remote host?)",
-    )? {
-        Message::Hello {
-            version,
-            role: theirs,
-            caps: their_caps,
-        } => {
+    match read_message(r, "before the handshake (is xenmig installed on the remote host?)")? {
+        Message::Hello { version, role: theirs, caps: their_caps } => {
             if version != VERSION {
-                return Err(ProtocolError::Version {
-                    ours: VERSION,
-                    theirs: version,
-                });
+                return Err(ProtocolError::Version { ours: VERSION, theirs: version });
             }
             if theirs == role {
                 return Err(ProtocolError::Malformed {
@@ -584,10 +484,7 @@ pub fn handshake(
             }
             Ok(caps & their_caps)
         }
-        other => Err(ProtocolError::Unexpected {
-            got: other.kind(),
-            state: "waiting for Hello",
-        }),
+        other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Hello" }),
     }
 }
 
@@ -598,68 +495,26 @@ mod tests {
 
     fn samples() -> Vec<Message> {
         vec![
-            Message::Hello {
-                version: VERSION,
-                role: Role::Target,
-                caps: 5,
-            },
+            Message::Hello { version: VERSION, role: Role::Target, caps: 5 },
             Message::ImageInfo {
                 algo: Algorithm::Sha256,
                 layout: Layout::from_segments(
                     40_000,
                     4096,
-                    vec![
-                        Segment {
-                            start: 0,
-                            len: 32_256,
-                        },
-                        Segment {
-                            start: 32_256,
-                            len: 7_744,
-                        },
-                    ],
+                    vec![Segment { start: 0, len: 32_256 }, Segment { start: 32_256, len: 7_744 }],
                 )
                 .unwrap(),
             },
-            Message::Groups {
-                first: 3,
-                digests: vec![[1; 32], [2; 32]],
-            },
-            Message::GroupsEnd {
-                image_digest: [9; 32],
-            },
-            Message::WantDigests {
-                first_group: 7,
-                count: 2,
-            },
-            Message::BlockDigests {
-                group: 1,
-                keys: vec![[3; KEY_LEN]; 4],
-            },
-            Message::Fetch {
-                first_block: 99,
-                count: 12,
-            },
-            Message::Blocks {
-                first_block: 1,
-                count: 2,
-                codec: 1,
-                raw_len: 8192,
-                payload: vec![1, 2, 3],
-            },
-            Message::Done {
-                report: "{}".into(),
-            },
+            Message::Groups { first: 3, digests: vec![[1; 32], [2; 32]] },
+            Message::GroupsEnd { image_digest: [9; 32] },
+            Message::WantDigests { first_group: 7, count: 2 },
+            Message::BlockDigests { group: 1, keys: vec![[3; KEY_LEN]; 4] },
+            Message::Fetch { first_block: 99, count: 12 },
+            Message::Blocks { first_block: 1, count: 2, codec: 1, raw_len: 8192, payload: vec![1, 2, 3] },
+            Message::Done { report: "{}".into() },
             Message::Bye { downtime_ns: 12 },
-            Message::PassBegin {
-                pass: 2,
-                final_pass: true,
-                changed_blocks: 77,
-            },
-            Message::PassDone {
-                pass: 1,
-                stale_groups: vec![3, 9],
-            },
+            Message::PassBegin { pass: 2, final_pass: true, changed_blocks: 77 },
+            Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
         ]
     }
 
@@ -681,10 +536,7 @@ mod tests {
                     continue;
                 }
                 let e = read_message(&mut &bytes[..cut], "test").unwrap_err();
-                assert!(
-                    matches!(e, ProtocolError::Eof(_)),
-                    "{m:?} cut at {cut}: {e}"
-                );
+                assert!(matches!(e, ProtocolError::Eof(_)), "{m:?} cut at {cut}: {e}");
             }
         }
     }
@@ -693,23 +545,14 @@ mod tests {
     fn oversized_and_unknown_frames_are_refused_before_reading_them() {
         let mut f = vec![Kind::Blocks as u8];
         f.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            read_message(&mut &f[..], "t"),
-            Err(ProtocolError::TooLarge { .. })
-        ));
+        assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::TooLarge { .. })));
         let f = [200u8, 0, 0, 0, 0];
-        assert!(matches!(
-            read_message(&mut &f[..], "t"),
-            Err(ProtocolError::UnknownKind(200))
-        ));
+        assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::UnknownKind(200))));
     }
 
     #[test]
     fn remote_errors_surface_as_errors() {
-        let f = Message::Error {
-            message: "disk on fire".into(),
-        }
-        .encode();
+        let f = Message::Error { message: "disk on fire".into() }.encode();
         let e = read_message(&mut &f[..], "t").unwrap_err();
         assert_eq!(e.to_string(), "the peer reported an error: disk on fire");
     }

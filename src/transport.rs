@@ -44,10 +44,7 @@ impl Location {
     pub fn parse(s: &str) -> Location {
         if let Some((host, path)) = s.split_once(':') {
             if !host.is_empty() && !host.contains('/') {
-                return Location::Remote {
-                    host: host.to_string(),
-                    path: path.to_string(),
-                };
+                return Location::Remote { host: host.to_string(), path: path.to_string() };
             }
         }
         Location::Local(PathBuf::from(s))
@@ -120,9 +117,7 @@ impl<W: Write> Write for CountingWriter<W> {
         let t = Instant::now();
         let n = self.inner.write(buf)?;
         self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats
-            .write_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.write_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -151,20 +146,8 @@ impl Link {
     pub fn new(reader: impl Read + Send + 'static, writer: impl Write + Send + 'static) -> Link {
         let stats = Arc::new(LinkStats::default());
         Link {
-            reader: Box::new(BufReader::with_capacity(
-                BUF,
-                CountingReader {
-                    inner: reader,
-                    stats: stats.clone(),
-                },
-            )),
-            writer: Box::new(BufWriter::with_capacity(
-                BUF,
-                CountingWriter {
-                    inner: writer,
-                    stats: stats.clone(),
-                },
-            )),
+            reader: Box::new(BufReader::with_capacity(BUF, CountingReader { inner: reader, stats: stats.clone() })),
+            writer: Box::new(BufWriter::with_capacity(BUF, CountingWriter { inner: writer, stats: stats.clone() })),
             stats,
         }
     }
@@ -185,20 +168,12 @@ impl Link {
     /// Run `remote_args` on `host` through `ssh_cmd` and talk to it on its
     /// stdin/stdout. An empty `ssh_cmd` runs the command here, as
     /// `xl migrate -s ""` does (useful for tests and for wrappers).
-    pub fn spawn(
-        ssh_cmd: &str,
-        host: &str,
-        remote_args: &[String],
-    ) -> Result<(Link, Peer), TransportError> {
+    pub fn spawn(ssh_cmd: &str, host: &str, remote_args: &[String]) -> Result<(Link, Peer), TransportError> {
         let remote = shell_words::join(remote_args);
         let command = if ssh_cmd.trim().is_empty() {
             remote
         } else {
-            format!(
-                "{ssh_cmd} {} {}",
-                shell_words::quote(host),
-                shell_words::quote(&remote)
-            )
+            format!("{ssh_cmd} {} {}", shell_words::quote(host), shell_words::quote(&remote))
         };
         let mut child = Command::new("sh")
             .arg("-c")
@@ -207,18 +182,10 @@ impl Link {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|source| TransportError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        Ok((
-            Link::new(stdout, stdin),
-            Peer {
-                child: Some((child, command)),
-            },
-        ))
+        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)) }))
     }
 }
 
@@ -231,15 +198,9 @@ impl Peer {
     /// Wait for a spawned peer to exit (call after dropping the link).
     pub fn close(self) -> Result<(), TransportError> {
         if let Some((mut child, command)) = self.child {
-            let status = child.wait().map_err(|source| TransportError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            let status = child.wait().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
             if !status.success() {
-                return Err(TransportError::Remote {
-                    command,
-                    status: status.to_string(),
-                });
+                return Err(TransportError::Remote { command, status: status.to_string() });
             }
         }
         Ok(())
@@ -260,21 +221,12 @@ mod tests {
 
     #[test]
     fn locations_parse_like_scp() {
-        assert_eq!(
-            Location::parse("disk.img"),
-            Location::Local("disk.img".into())
-        );
-        assert_eq!(
-            Location::parse("/dev/vg0/a:b"),
-            Location::Local("/dev/vg0/a:b".into())
-        );
+        assert_eq!(Location::parse("disk.img"), Location::Local("disk.img".into()));
+        assert_eq!(Location::parse("/dev/vg0/a:b"), Location::Local("/dev/vg0/a:b".into()));
         assert_eq!(Location::parse("./x:y"), Location::Local("./x:y".into()));
         assert_eq!(
             Location::parse("root@h2:/dev/vg0/guest"),
-            Location::Remote {
-                host: "root@h2".into(),
-                path: "/dev/vg0/guest".into()
-            }
+            Location::Remote { host: "root@h2".into(), path: "/dev/vg0/guest".into() }
         );
         assert!(Location::parse("h:img").is_remote());
     }
@@ -296,8 +248,7 @@ mod tests {
 
     #[test]
     fn spawned_peer_failure_is_reported() {
-        let (link, peer) =
-            Link::spawn("", "unused", &["sh".into(), "-c".into(), "exit 3".into()]).unwrap();
+        let (link, peer) = Link::spawn("", "unused", &["sh".into(), "-c".into(), "exit 3".into()]).unwrap();
         drop(link);
         let e = peer.close().unwrap_err().to_string();
         assert!(e.contains("exit status: 3"), "{e}");

@@ -18,10 +18,7 @@ fn fresh_copy_is_identical_sparse_and_reported() {
     // Zero blocks stay holes in a fresh file.
     use std::os::unix::fs::MetadataExt;
     let allocated = fs::metadata(&b).unwrap().blocks() * 512;
-    assert!(
-        allocated <= 1600 * 4096 + 65536,
-        "{allocated} bytes allocated"
-    );
+    assert!(allocated <= 1600 * 4096 + 65536, "{allocated} bytes allocated");
     // With no block shared, digests and framing cost at most 0.4% of an
     // image of incompressible data.
     let c = d.path().join("c.img");
@@ -29,10 +26,7 @@ fn fresh_copy_is_identical_sparse_and_reported() {
     fs::write(&a, &dense).unwrap();
     let w = copy_json(&["--compress", "none", s(&a), s(&c)]);
     let overhead = w["bytes_wire"].as_u64().unwrap() - w["bytes_payload_wire"].as_u64().unwrap();
-    assert!(
-        overhead * 1000 <= 4 * dense.len() as u64,
-        "overhead {overhead}: {w}"
-    );
+    assert!(overhead * 1000 <= 4 * dense.len() as u64, "overhead {overhead}: {w}");
     fs::write(&a, &data).unwrap();
     // The hash command agrees with the copy's digest.
     let out = run(&["hash", "--json", s(&a)]);
@@ -52,20 +46,13 @@ fn copy_onto_an_older_copy_moves_only_what_changed() {
     assert_eq!(v["blocks_fetched"], 10 - 0, "{v}");
     assert!(v["blocks_in_place"].as_u64().unwrap() >= 4096 - 820 - 10);
     // Unchanged groups travel as group digests only.
-    assert!(
-        v["bytes_wire"].as_u64().unwrap() < 10 * 4096 + 20_000,
-        "{v}"
-    );
+    assert!(v["bytes_wire"].as_u64().unwrap() < 10 * 4096 + 20_000, "{v}");
 }
 
 #[test]
 fn precache_costs_at_most_a_ten_thousandth_of_the_image() {
     let d = tempfile::tempdir().unwrap();
-    let (a, r, b) = (
-        d.path().join("a.img"),
-        d.path().join("ref.img"),
-        d.path().join("b.img"),
-    );
+    let (a, r, b) = (d.path().join("a.img"), d.path().join("ref.img"), d.path().join("b.img"));
     let data = sample_image(&a, 3, 16384); // 64 MiB
     fs::write(&r, &data).unwrap();
     // Identical data in a reference...
@@ -73,28 +60,18 @@ fn precache_costs_at_most_a_ten_thousandth_of_the_image() {
     assert_eq!(fs::read(&b).unwrap(), data);
     assert_eq!(v["blocks_fetched"], 0);
     let wire = v["bytes_wire"].as_u64().unwrap();
-    assert!(
-        wire * 10_000 <= data.len() as u64,
-        "{wire} bytes on the wire"
-    );
+    assert!(wire * 10_000 <= data.len() as u64, "{wire} bytes on the wire");
     // ...and already in the target.
     let v = copy_json(&[s(&a), s(&b)]);
-    assert!(
-        v["bytes_wire"].as_u64().unwrap() * 10_000 <= data.len() as u64,
-        "{v}"
-    );
+    assert!(v["bytes_wire"].as_u64().unwrap() * 10_000 <= data.len() as u64, "{v}");
     assert_eq!(v["blocks_in_place"], 16384 - 3277);
 }
 
 #[test]
 fn references_by_index_and_by_image_supply_blocks() {
     let d = tempfile::tempdir().unwrap();
-    let (a, r, b, idx) = (
-        d.path().join("a.img"),
-        d.path().join("r.img"),
-        d.path().join("b.img"),
-        d.path().join("r.xmi"),
-    );
+    let (a, r, b, idx) =
+        (d.path().join("a.img"), d.path().join("r.img"), d.path().join("b.img"), d.path().join("r.xmi"));
     sample_image(&a, 4, 1000);
     // The reference holds the second half of a, shifted by 3 blocks.
     let data = fs::read(&a).unwrap();
@@ -102,11 +79,7 @@ fn references_by_index_and_by_image_supply_blocks() {
     rdata.extend_from_slice(&data[500 * 4096..]);
     fs::write(&r, &rdata).unwrap();
     let out = run(&["index", "-o", s(&idx), s(&r)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for reference in [&idx, &r] {
         let _ = fs::remove_file(&b);
         let v = copy_json(&["-r", s(reference), s(&a), s(&b)]);
@@ -118,12 +91,8 @@ fn references_by_index_and_by_image_supply_blocks() {
 #[test]
 fn a_reference_changed_after_indexing_never_corrupts_the_target() {
     let d = tempfile::tempdir().unwrap();
-    let (a, r, b, idx) = (
-        d.path().join("a.img"),
-        d.path().join("r.img"),
-        d.path().join("b.img"),
-        d.path().join("r.xmi"),
-    );
+    let (a, r, b, idx) =
+        (d.path().join("a.img"), d.path().join("r.img"), d.path().join("b.img"), d.path().join("r.xmi"));
     let data = sample_image(&a, 5, 1000);
     fs::copy(&a, &r).unwrap();
     assert!(run(&["index", "-o", s(&idx), s(&r)]).status.success());
@@ -141,11 +110,7 @@ fn every_codec_digest_and_block_size_round_trips() {
     // Compressible content with some odd tail.
     let mut data = Vec::new();
     for i in 0..600u32 {
-        data.extend_from_slice(
-            format!("line {i} of a text-like disk image block\n")
-                .repeat(20)
-                .as_bytes(),
-        );
+        data.extend_from_slice(format!("line {i} of a text-like disk image block\n").repeat(20).as_bytes());
     }
     data.extend_from_slice(&[1, 2, 3]);
     fs::write(&a, &data).unwrap();
@@ -167,8 +132,7 @@ fn every_codec_digest_and_block_size_round_trips() {
         assert_eq!(fs::read(&b).unwrap(), data, "{extra:?}");
         if extra[1].starts_with("zstd") || extra[1].starts_with("zlib") || extra[1] == "lz4" {
             assert!(
-                v["bytes_payload_wire"].as_u64().unwrap() * 4
-                    < v["bytes_fetched"].as_u64().unwrap(),
+                v["bytes_payload_wire"].as_u64().unwrap() * 4 < v["bytes_fetched"].as_u64().unwrap(),
                 "{extra:?} did not compress: {v}"
             );
         }
@@ -178,11 +142,7 @@ fn every_codec_digest_and_block_size_round_trips() {
 #[test]
 fn a_partition_at_sector_63_dedups_against_an_aligned_copy() {
     let d = tempfile::tempdir().unwrap();
-    let (disk, fsimg, b) = (
-        d.path().join("disk.img"),
-        d.path().join("fs.img"),
-        d.path().join("b.img"),
-    );
+    let (disk, fsimg, b) = (d.path().join("disk.img"), d.path().join("fs.img"), d.path().join("b.img"));
     // A "file system" of 1000 blocks, on its own (aligned) ...
     let fsdata = common::noise(6, 1000 * 4096);
     fs::write(&fsimg, &fsdata).unwrap();
@@ -209,11 +169,7 @@ fn a_partition_at_sector_63_dedups_against_an_aligned_copy() {
 #[test]
 fn hash_and_index_files_round_trip_and_damage_is_named() {
     let d = tempfile::tempdir().unwrap();
-    let (a, h, i) = (
-        d.path().join("a.img"),
-        d.path().join("a.xmh"),
-        d.path().join("a.xmi"),
-    );
+    let (a, h, i) = (d.path().join("a.img"), d.path().join("a.xmh"), d.path().join("a.xmi"));
     sample_image(&a, 7, 300);
     assert!(run(&["hash", "-o", s(&h), s(&a)]).status.success());
     assert!(run(&["index", "-o", s(&i), s(&a)]).status.success());
@@ -226,10 +182,7 @@ fn hash_and_index_files_round_trip_and_damage_is_named() {
         let out = run(&["show", s(f)]);
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(s(f)) && err.contains("truncated or corrupt"),
-            "{err}"
-        );
+        assert!(err.contains(s(f)) && err.contains("truncated or corrupt"), "{err}");
     }
     // A damaged index given as a reference stops the copy before any write.
     let b = d.path().join("b.img");

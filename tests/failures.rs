@@ -25,14 +25,8 @@ fn failed_copy(args: &[&str]) -> (String, serde_json::Value) {
     let mut all = vec!["copy", "--json"];
     all.extend_from_slice(args);
     let out = run(&all);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "xenmig {all:?} should fail: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("a JSON report even on failure");
+    assert_eq!(out.status.code(), Some(1), "xenmig {all:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report even on failure");
     assert_eq!(v["verified"], false);
     (String::from_utf8_lossy(&out.stderr).into_owned(), v)
 }
@@ -42,25 +36,11 @@ fn a_peer_that_sends_garbage_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let b = d.path().join("b.img");
     let garbage = fake_remote(d.path(), "garbage", "cat /dev/zero | head -c 100000; echo");
-    let (err, _) = failed_copy(&[
-        "-s",
-        "",
-        "--remote-xenmig",
-        &garbage,
-        "somehost:/x.img",
-        s(&b),
-    ]);
+    let (err, _) = failed_copy(&["-s", "", "--remote-xenmig", &garbage, "somehost:/x.img", s(&b)]);
     assert!(err.contains("frame") || err.contains("peer"), "{err}");
-    let text = fake_remote(
-        d.path(),
-        "text",
-        "echo 'Welcome to host2! Last login: yesterday'",
-    );
+    let text = fake_remote(d.path(), "text", "echo 'Welcome to host2! Last login: yesterday'");
     let (err, _) = failed_copy(&["-s", "", "--remote-xenmig", &text, "somehost:/x.img", s(&b)]);
-    assert!(
-        err.contains("unknown kind") || err.contains("peer"),
-        "{err}"
-    );
+    assert!(err.contains("unknown kind") || err.contains("peer"), "{err}");
 }
 
 #[test]
@@ -72,22 +52,10 @@ fn a_source_that_dies_mid_stream_fails_cleanly_and_a_rerun_resumes() {
     let dying = fake_remote(
         d.path(),
         "dying",
-        &format!(
-            "{} \"$@\" | dd iflag=count_bytes count=12000000 bs=65536 status=none",
-            bin().display()
-        ),
+        &format!("{} \"$@\" | dd iflag=count_bytes count=12000000 bs=65536 status=none", bin().display()),
     );
     let remote = format!("host:{}", s(&a));
-    let (err, _) = failed_copy(&[
-        "--compress",
-        "none",
-        "-s",
-        "",
-        "--remote-xenmig",
-        &dying,
-        &remote,
-        s(&b),
-    ]);
+    let (err, _) = failed_copy(&["--compress", "none", "-s", "", "--remote-xenmig", &dying, &remote, s(&b)]);
     assert!(err.contains("closed the connection"), "{err}");
     assert_eq!(digest_of(&a), before, "the source was modified");
     // Rerun onto the same target: what arrived is reused in place.
@@ -105,10 +73,7 @@ fn a_target_that_dies_mid_stream_fails_cleanly() {
     let dying = fake_remote(
         d.path(),
         "dying",
-        &format!(
-            "dd iflag=count_bytes count=5000000 bs=65536 status=none | {} \"$@\"",
-            bin().display()
-        ),
+        &format!("dd iflag=count_bytes count=5000000 bs=65536 status=none | {} \"$@\"", bin().display()),
     );
     let remote = format!("host:{}", s(&b));
     let (err, _) = failed_copy(&["-s", "", "--remote-xenmig", &dying, s(&a), &remote]);
@@ -122,10 +87,7 @@ fn a_full_target_is_named_and_not_verified() {
     let d = tempfile::tempdir().unwrap();
     let mnt = d.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", s(&mnt)])
-        .status()
-        .unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", s(&mnt)]).status().unwrap();
     assert!(ok.success(), "mount tmpfs");
     let a = d.path().join("a.img");
     sample_image(&a, 13, 2048); // 8 MiB, 6.4 MiB of data
@@ -135,10 +97,7 @@ fn a_full_target_is_named_and_not_verified() {
     let _ = Command::new("umount").arg(&mnt).status();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("b.img") && err.contains("No space left"),
-        "{err}"
-    );
+    assert!(err.contains("b.img") && err.contains("No space left"), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("verified"));
     assert_eq!(digest_of(&a), before);
 }
@@ -147,15 +106,8 @@ fn a_full_target_is_named_and_not_verified() {
 struct Loop(String);
 impl Loop {
     fn new(backing: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", s(backing)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("losetup").args(["--find", "--show", s(backing)]).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
         Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
     }
 }
@@ -169,11 +121,7 @@ impl Drop for Loop {
 fn block_devices_are_sized_by_ioctl_and_never_overrun() {
     require_root("loop devices");
     let d = tempfile::tempdir().unwrap();
-    let (a, small, big) = (
-        d.path().join("a.img"),
-        d.path().join("small"),
-        d.path().join("big"),
-    );
+    let (a, small, big) = (d.path().join("a.img"), d.path().join("small"), d.path().join("big"));
     let data = sample_image(&a, 14, 1024); // 4 MiB
     fs::write(&small, common::noise(1, 1 << 20)).unwrap();
     fs::write(&big, common::noise(2, 6 << 20)).unwrap();
@@ -181,16 +129,9 @@ fn block_devices_are_sized_by_ioctl_and_never_overrun() {
     {
         let dev = Loop::new(&small);
         let (err, _) = failed_copy(&[s(&a), &dev.0]);
-        assert!(
-            err.contains("smaller than") && err.contains(&dev.0),
-            "{err}"
-        );
+        assert!(err.contains("smaller than") && err.contains(&dev.0), "{err}");
     }
-    assert_eq!(
-        digest_of(&small),
-        small_before,
-        "a too-small target was written"
-    );
+    assert_eq!(digest_of(&small), small_before, "a too-small target was written");
     {
         let dev = Loop::new(&big);
         let v = copy_json(&[s(&a), &dev.0]);

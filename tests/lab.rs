@@ -31,11 +31,6 @@ fn xen_lab() {
     if let Ok(hosts) = std::env::var("XENMIG_LAB_HOSTS") {
         cmd.args(["--hosts", &hosts]);
     }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
-    assert!(
-        status.success(),
-        "{script} failed ({status}); its output above names the serial logs"
-    );
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(status.success(), "{script} failed ({status}); its output above names the serial logs");
 }

@@ -45,14 +45,19 @@ fn passes(v: &serde_json::Value) -> &Vec<serde_json::Value> {
 fn live_copy_of_a_mounted_file_system_under_write_load() {
     require_root("loop-mounting ext4 and fsfreeze");
     let d = tempfile::tempdir().unwrap();
-    let (img, dst, frozen, mnt) = (d.path().join("fs.img"), d.path().join("copy.img"), d.path().join("frozen.img"), d.path().join("mnt"));
+    let (img, dst, frozen, mnt) =
+        (d.path().join("fs.img"), d.path().join("copy.img"), d.path().join("frozen.img"), d.path().join("mnt"));
     fs::create_dir(&mnt).unwrap();
     assert!(Command::new("truncate").args(["-s", "256M", s(&img)]).status().unwrap().success());
     assert!(Command::new("mkfs.ext4").args(["-q", "-F", s(&img)]).status().unwrap().success());
     assert!(Command::new("mount").args(["-o", "loop", s(&img), s(&mnt)]).status().unwrap().success());
     let _m = Mounted(s(&mnt).to_string());
     // Seed some data, then keep creating and rewriting files throughout.
-    assert!(Command::new("sh").args(["-c", &format!("for i in $(seq 40); do head -c 1M /dev/urandom > {0}/seed$i; done; sync", s(&mnt))]).status().unwrap().success());
+    assert!(Command::new("sh")
+        .args(["-c", &format!("for i in $(seq 40); do head -c 1M /dev/urandom > {0}/seed$i; done; sync", s(&mnt))])
+        .status()
+        .unwrap()
+        .success());
     let writer = Writer::start(&format!(
         "i=0; while :; do head -c 200000 /dev/urandom > {0}/w$((i % 30)).tmp && mv {0}/w$((i % 30)).tmp {0}/w$((i % 30)); sync {0}/w$((i % 30)); i=$((i+1)); done",
         s(&mnt)
@@ -89,7 +94,19 @@ fn a_writer_that_never_converges_ends_at_the_pass_limit() {
     let pid = writer.pid();
     let freeze = format!("kill -s STOP -- -{pid}");
     let thaw = format!("cp {} {} && kill -s CONT -- -{pid}", s(&a), s(&frozen));
-    let v = copy_json(&["--live", "--max-passes", "2", "--converge-blocks", "0", "--freeze-cmd", &freeze, "--thaw-cmd", &thaw, s(&a), s(&b)]);
+    let v = copy_json(&[
+        "--live",
+        "--max-passes",
+        "2",
+        "--converge-blocks",
+        "0",
+        "--freeze-cmd",
+        &freeze,
+        "--thaw-cmd",
+        &thaw,
+        s(&a),
+        s(&b),
+    ]);
     drop(writer);
     assert_eq!(passes(&v).len(), 2, "{v}");
     assert_eq!(fs::read(&frozen).unwrap(), fs::read(&b).unwrap());
@@ -101,7 +118,17 @@ fn a_failing_freeze_thaws_and_reports_nothing_verified() {
     let (a, b, thawed) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("thawed"));
     sample_image(&a, 32, 1000);
     let thaw = format!("touch {}", s(&thawed));
-    let out = run(&["copy", "--json", "--live", "--freeze-cmd", "echo cannot freeze >&2; exit 3", "--thaw-cmd", &thaw, s(&a), s(&b)]);
+    let out = run(&[
+        "copy",
+        "--json",
+        "--live",
+        "--freeze-cmd",
+        "echo cannot freeze >&2; exit 3",
+        "--thaw-cmd",
+        &thaw,
+        s(&a),
+        s(&b),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verified"], false);
@@ -112,7 +139,8 @@ fn a_failing_freeze_thaws_and_reports_nothing_verified() {
 #[test]
 fn a_target_lost_while_frozen_thaws_the_source() {
     let d = tempfile::tempdir().unwrap();
-    let (a, b, thawed, pidfile) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("thawed"), d.path().join("pid"));
+    let (a, b, thawed, pidfile) =
+        (d.path().join("a.img"), d.path().join("b.img"), d.path().join("thawed"), d.path().join("pid"));
     let data = sample_image(&a, 33, 2000);
     let remote = d.path().join("remote-xenmig");
     fs::write(&remote, format!("#!/bin/sh\necho $$ > {}\nexec {} \"$@\"\n", s(&pidfile), bin().display())).unwrap();
@@ -121,7 +149,21 @@ fn a_target_lost_while_frozen_thaws_the_source() {
     let freeze = format!("kill -9 $(cat {})", s(&pidfile));
     let thaw = format!("touch {}", s(&thawed));
     let target = format!("host:{}", s(&b));
-    let out = run(&["copy", "--json", "--live", "-s", "", "--remote-xenmig", s(&remote), "--freeze-cmd", &freeze, "--thaw-cmd", &thaw, s(&a), &target]);
+    let out = run(&[
+        "copy",
+        "--json",
+        "--live",
+        "-s",
+        "",
+        "--remote-xenmig",
+        s(&remote),
+        "--freeze-cmd",
+        &freeze,
+        "--thaw-cmd",
+        &thaw,
+        s(&a),
+        &target,
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verified"], false);

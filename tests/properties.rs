@@ -17,21 +17,14 @@ const BS: usize = 512;
 fn palette() -> Vec<Vec<u8>> {
     let mut p = vec![vec![0u8; BS]];
     for i in 1..12u8 {
-        p.push(
-            (0..BS)
-                .map(|j| i.wrapping_mul(31).wrapping_add((j % 7) as u8))
-                .collect(),
-        );
+        p.push((0..BS).map(|j| i.wrapping_mul(31).wrapping_add((j % 7) as u8)).collect());
     }
     p
 }
 
 fn build(picks: &[u8], tail: usize) -> Vec<u8> {
     let p = palette();
-    let mut v: Vec<u8> = picks
-        .iter()
-        .flat_map(|&i| p[i as usize % p.len()].clone())
-        .collect();
+    let mut v: Vec<u8> = picks.iter().flat_map(|&i| p[i as usize % p.len()].clone()).collect();
     v.extend(std::iter::repeat_n(7u8, tail));
     v
 }

@@ -8,9 +8,8 @@ use common::*;
 use std::fs;
 
 fn ssh_command() -> String {
-    std::env::var("XENMIG_SSH").expect(
-        "XENMIG_SSH must name the ssh command for the loopback sshd (scripts/test.sh sets it)",
-    )
+    std::env::var("XENMIG_SSH")
+        .expect("XENMIG_SSH must name the ssh command for the loopback sshd (scripts/test.sh sets it)")
 }
 
 #[test]
@@ -18,11 +17,7 @@ fn ssh_command() -> String {
 fn push_and_pull_over_ssh() {
     let ssh = ssh_command();
     let d = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        d.path().join("a.img"),
-        d.path().join("b.img"),
-        d.path().join("c.img"),
-    );
+    let (a, b, c) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("c.img"));
     let data = sample_image(&a, 21, 4096);
     let bin = bin();
     let remote = |p: &std::path::Path| format!("root@127.0.0.1:{}", p.display());
@@ -44,19 +39,8 @@ fn a_missing_remote_program_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("a.img");
     sample_image(&a, 22, 10);
-    let out = run(&[
-        "copy",
-        "-s",
-        &ssh,
-        "--remote-xenmig",
-        "/nonexistent/xenmig",
-        s(&a),
-        "root@127.0.0.1:/tmp/x.img",
-    ]);
+    let out = run(&["copy", "-s", &ssh, "--remote-xenmig", "/nonexistent/xenmig", s(&a), "root@127.0.0.1:/tmp/x.img"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("is xenmig installed on the remote host") || err.contains("not found"),
-        "{err}"
-    );
+    assert!(err.contains("is xenmig installed on the remote host") || err.contains("not found"), "{err}");
 }

@@ -13,11 +13,7 @@ use xenmig::lvm::{Lvm, LvmError};
 use xenmig::xen::{self, XenError};
 
 fn xenmig(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xenmig"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run xenmig")
+    Command::new(env!("CARGO_BIN_EXE_xenmig")).args(args).env("RUST_BACKTRACE", "0").output().expect("run xenmig")
 }
 
 fn is_dom0() -> bool {
@@ -28,34 +24,17 @@ fn is_dom0() -> bool {
 fn assert_explains_missing_xen(args: &[&str]) {
     let out = xenmig(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "xenmig {args:?}: expected exit 1, stderr: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "xenmig {args:?} panicked: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(1), "xenmig {args:?}: expected exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "xenmig {args:?} panicked: {stderr}");
     let explained = match xen::BINDINGS_RELEASE {
         Some(release) => {
             stderr.contains("no Xen hypervisor here") && stderr.contains(&format!("Xen {release}"))
                 || stderr.contains("cannot load lib")
         }
-        None => {
-            stderr.contains("built without Xen bindings")
-                && stderr.contains("install libxen-dev and libclang-dev")
-        }
+        None => stderr.contains("built without Xen bindings") && stderr.contains("install libxen-dev and libclang-dev"),
     };
-    assert!(
-        explained,
-        "xenmig {args:?} did not say what is missing: {stderr}"
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "xenmig {args:?} printed on stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(explained, "xenmig {args:?} did not say what is missing: {stderr}");
+    assert!(out.stdout.is_empty(), "xenmig {args:?} printed on stdout: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
@@ -83,12 +62,7 @@ fn domain_commands_without_hypervisor_exit_1() {
 
 #[test]
 fn missing_arguments_are_usage_errors() {
-    for args in [
-        &["pause"][..],
-        &["save", "g1"],
-        &["restore"],
-        &["domains", "--bogus"],
-    ] {
+    for args in [&["pause"][..], &["save", "g1"], &["restore"], &["domains", "--bogus"]] {
         let out = xenmig(args);
         assert_eq!(out.status.code(), Some(2), "xenmig {args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));

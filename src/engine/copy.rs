@@ -65,6 +65,9 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if let Some(c) = &live.freeze_cmd {
             v.extend(["--freeze-cmd".into(), c.clone()]);
         }
+        if live.rescan == super::source::Rescan::Full {
+            v.extend(["--rescan".into(), "full".into()]);
+        }
         if let Some(c) = &live.thaw_cmd {
             v.extend(["--thaw-cmd".into(), c.clone()]);
         }
@@ -74,12 +77,7 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
 
 /// Arguments for `xenmig serve` playing the target end.
 fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
-    let mut v = vec![
-        o.remote_xenmig.clone(),
-        "serve".into(),
-        "--target".into(),
-        path.into(),
-    ];
+    let mut v = vec![o.remote_xenmig.clone(), "serve".into(), "--target".into(), path.into()];
     for r in &o.target.references {
         v.push("--reference".into());
         v.push(r.display().to_string());
@@ -88,12 +86,7 @@ fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
 }
 
 /// Copy `src` to `dst`; at most one of them may be remote.
-pub fn copy(
-    src: &Location,
-    dst: &Location,
-    opts: &CopyOptions,
-    progress: &Progress,
-) -> Result<Report, EngineError> {
+pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progress) -> Result<Report, EngineError> {
     let started = Instant::now();
     let mut report = match (src, dst) {
         (Location::Local(s), Location::Local(d)) => {
@@ -122,9 +115,7 @@ pub fn copy(
             finish_remote(r, peer)?
         }
         (Location::Remote { .. }, Location::Remote { .. }) => {
-            return Err(EngineError::Other(
-                "both SRC and DST are remote; run xenmig on one of the two hosts".into(),
-            ))
+            return Err(EngineError::Other("both SRC and DST are remote; run xenmig on one of the two hosts".into()))
         }
     };
     report.source = src.to_string();

@@ -28,9 +28,7 @@ pub fn run_hook(what: &str, cmd: &str) -> Result<(), EngineError> {
         .status()
         .map_err(|e| EngineError::Other(format!("cannot run the {what} command '{cmd}': {e}")))?;
     if !status.success() {
-        return Err(EngineError::Other(format!(
-            "the {what} command '{cmd}' failed ({status})"
-        )));
+        return Err(EngineError::Other(format!("the {what} command '{cmd}' failed ({status})")));
     }
     Ok(())
 }
@@ -45,11 +43,7 @@ pub struct Freeze {
 impl Freeze {
     /// Run the freeze command. If it fails, the thaw command runs too.
     pub fn run(freeze_cmd: Option<&str>, thaw_cmd: Option<String>) -> Result<Freeze, EngineError> {
-        let guard = Freeze {
-            thaw_cmd,
-            started: Instant::now(),
-            thawed: false,
-        };
+        let guard = Freeze { thaw_cmd, started: Instant::now(), thawed: false };
         if let Some(cmd) = freeze_cmd {
             log::info!("freezing the source: {cmd}");
             run_hook("freeze", cmd)?;
@@ -90,13 +84,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mark = d.path().join("thawed");
         let thaw = format!("touch {}", mark.display());
-        let e = Freeze::run(Some("exit 4"), Some(thaw))
-            .err()
-            .expect("freeze fails");
-        assert!(
-            e.to_string().contains("freeze command 'exit 4' failed"),
-            "{e}"
-        );
+        let e = Freeze::run(Some("exit 4"), Some(thaw)).err().expect("freeze fails");
+        assert!(e.to_string().contains("freeze command 'exit 4' failed"), "{e}");
         assert!(mark.exists(), "thaw did not run after a failed freeze");
     }
 

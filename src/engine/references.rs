@@ -45,10 +45,7 @@ pub fn layout_of(img: &Image, block_size: u32, align: Align) -> Result<Layout, E
 
 impl ReferenceSet {
     pub fn empty(algo: Algorithm, block_size: u32) -> Self {
-        ReferenceSet {
-            images: Vec::new(),
-            index: Index::new(algo, block_size),
-        }
+        ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size) }
     }
 
     /// Open every reference: index files as they are, images hashed now.
@@ -69,10 +66,7 @@ impl ReferenceSet {
 
     fn add_index(&mut self, path: &Path) -> Result<(), EngineError> {
         let idx = Index::read(path)?;
-        let err = |what: String| EngineError::Reference {
-            path: path.into(),
-            what,
-        };
+        let err = |what: String| EngineError::Reference { path: path.into(), what };
         if idx.algo != self.index.algo || idx.block_size != self.index.block_size {
             return Err(err(format!(
                 "index was built with {}/{} bytes, the source uses {}/{} bytes; rebuild it with `xenmig index --hash {} --block-size {}`",
@@ -80,12 +74,8 @@ impl ReferenceSet {
             )));
         }
         for im in &idx.images {
-            let image = Image::open_read(&im.path).map_err(|e| {
-                err(format!(
-                    "cannot open indexed image {}: {e}",
-                    im.path.display()
-                ))
-            })?;
+            let image = Image::open_read(&im.path)
+                .map_err(|e| err(format!("cannot open indexed image {}: {e}", im.path.display())))?;
             if image.size() != im.layout.size || index::mtime_ns(&im.path) != im.mtime_ns {
                 log::warn!(
                     "{} changed since {} was built; its blocks will be checked and stale ones fetched instead",
@@ -93,10 +83,7 @@ impl ReferenceSet {
                     path.display()
                 );
             }
-            self.images.push(RefImage {
-                image,
-                layout: im.layout.clone(),
-            });
+            self.images.push(RefImage { image, layout: im.layout.clone() });
         }
         self.index.merge(idx);
         Ok(())
@@ -106,10 +93,7 @@ impl ReferenceSet {
     pub fn add_image(&mut self, path: PathBuf, image: Image, map: &BlockMap) {
         let mut one = Index::new(self.index.algo, self.index.block_size);
         one.add(path, map);
-        self.images.push(RefImage {
-            image,
-            layout: map.layout.clone(),
-        });
+        self.images.push(RefImage { image, layout: map.layout.clone() });
         self.index.merge(one);
     }
 

@@ -29,9 +29,7 @@ use crate::compress::{AutoPolicy, Choice, Codec};
 use crate::digest::{is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::image::{Image, ImageError};
 use crate::layout::{Align, Layout};
-use crate::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES,
-};
+use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
 use crate::transport::{Link, LinkStats, Reader, Writer};
 
 use super::hooks::Freeze;
@@ -51,16 +49,36 @@ pub struct LiveOptions {
     /// Shell command that undoes the freeze; run after the last pass,
     /// whether the copy succeeded or not.
     pub thaw_cmd: Option<String>,
+    /// How each pass finds changed blocks.
+    pub rescan: Rescan,
+}
+
+/// How a live pass finds the blocks that changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Rescan {
+    /// Re-read every block and compare its XXH3; strong digests only for
+    /// blocks that differ (default).
+    #[default]
+    Fast,
+    /// Recompute every block's strong digest, as the seed did while the
+    /// guest was paused; kept to measure against.
+    Full,
+}
+
+impl std::str::FromStr for Rescan {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fast" => Ok(Rescan::Fast),
+            "full" => Ok(Rescan::Full),
+            _ => Err(format!("unknown rescan '{s}' (expected fast or full)")),
+        }
+    }
 }
 
 impl Default for LiveOptions {
     fn default() -> Self {
-        LiveOptions {
-            max_passes: 6,
-            converge_blocks: 256,
-            freeze_cmd: None,
-            thaw_cmd: None,
-        }
+        LiveOptions { max_passes: 6, converge_blocks: 256, freeze_cmd: None, thaw_cmd: None, rescan: Rescan::Fast }
     }
 }
 
@@ -107,34 +125,18 @@ enum Event {
 
 /// Serve `path` as the source of a copy over `link`. Returns the target's
 /// report once the target has verified its copy and said Done.
-pub fn run(
-    path: &Path,
-    opts: &SourceOptions,
-    mut link: Link,
-    progress: &Progress,
-) -> Result<Report, EngineError> {
+pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let img = Image::open_read(path)?;
     let layout = layout_of(&img, opts.block_size, opts.align)?;
     let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
     let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
     if caps & want_caps != want_caps {
-        return Err(EngineError::Other(
-            "the target's xenmig cannot take a live copy; upgrade it".into(),
-        ));
+        return Err(EngineError::Other("the target's xenmig cannot take a live copy; upgrade it".into()));
     }
-    write_message(
-        &mut link.writer,
-        &Message::ImageInfo {
-            algo: opts.algo,
-            layout: layout.clone(),
-        },
-    )?;
+    write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
     link.writer.flush().map_err(ProtocolError::Io)?;
 
-    let workers = thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 8);
+    let workers = thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
     let shared = Arc::new(Shared {
         img,
         layout: layout.clone(),
@@ -166,12 +168,7 @@ pub fn run(
     thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx));
     let mut worker_threads = Vec::new();
     for _ in 0..workers {
-        let (rx, tx, sh, fail) = (
-            work_rx.clone(),
-            frames_tx.clone(),
-            shared.clone(),
-            fail_tx.clone(),
-        );
+        let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
         worker_threads.push(thread::spawn(move || {
             if let Err(e) = work_loop(&sh, rx, tx) {
                 let _ = fail.send(e);
@@ -180,14 +177,8 @@ pub fn run(
     }
     drop((work_rx, fail_tx));
 
-    let mut session = Session {
-        shared: &shared,
-        opts,
-        frames: &frames_tx,
-        fail_rx: &fail_rx,
-        events: &event_rx,
-        progress,
-    };
+    let mut session =
+        Session { shared: &shared, opts, frames: &frames_tx, fail_rx: &fail_rx, events: &event_rx, progress };
     let mut freeze: Option<Freeze> = None;
     let outcome = session.passes(&mut freeze);
     let report = match outcome {
@@ -269,11 +260,7 @@ impl Session<'_> {
         let algo = self.opts.algo;
         let live = self.opts.live.clone();
         if live.is_some() {
-            self.send(Message::PassBegin {
-                pass: 1,
-                final_pass: false,
-                changed_blocks: layout.block_count(),
-            })?;
+            self.send(Message::PassBegin { pass: 1, final_pass: false, changed_blocks: layout.block_count() })?;
         }
         self.progress.phase("hashing", layout.size);
         let mut fast: Vec<u64> = Vec::with_capacity(layout.block_count() as usize);
@@ -305,15 +292,11 @@ impl Session<'_> {
             Ok(Some(map)) => map,
             Ok(None) => return Err(self.failure()),
             Err(e) => {
-                let _ = self.frames.send(Message::Error {
-                    message: format!("source: {e}"),
-                });
+                let _ = self.frames.send(Message::Error { message: format!("source: {e}") });
                 return Err(e.into());
             }
         };
-        self.send(Message::GroupsEnd {
-            image_digest: map.image_digest,
-        })?;
+        self.send(Message::GroupsEnd { image_digest: map.image_digest })?;
         self.progress.phase("sending", layout.size);
 
         if let Some(live) = live {
@@ -323,53 +306,31 @@ impl Session<'_> {
                 let stale = match self.next_event()? {
                     Event::PassDone { pass: p, stale } if p == pass => stale,
                     Event::PassDone { pass: p, .. } => {
-                        return Err(EngineError::BadReply(format!(
-                            "the end of pass {p} during pass {pass}"
-                        )))
+                        return Err(EngineError::BadReply(format!("the end of pass {p} during pass {pass}")))
                     }
-                    Event::Done(_) => {
-                        return Err(EngineError::BadReply("Done before the final pass".into()))
-                    }
+                    Event::Done(_) => return Err(EngineError::BadReply("Done before the final pass".into())),
                 };
-                let changed = self.rescan(&mut fast, &mut groups)?;
-                let mut announce: BTreeSet<u64> = stale
-                    .into_iter()
-                    .filter(|&g| g < layout.group_count())
-                    .collect();
+                let changed = self.rescan(&mut fast, &mut groups, live.rescan)?;
+                let mut announce: BTreeSet<u64> = stale.into_iter().filter(|&g| g < layout.group_count()).collect();
                 announce.extend(changed.iter().map(|&b| b / layout.group_blocks()));
                 let n = changed.len() as u64;
-                let last = pass + 1 >= live.max_passes.max(2)
-                    || n <= live.converge_blocks
-                    || n * 10 >= previous * 9;
+                let last = pass + 1 >= live.max_passes.max(2) || n <= live.converge_blocks || n * 10 >= previous * 9;
                 log::info!(
                     "pass {pass}: {n} blocks changed since hashed; next pass {}",
-                    if last {
-                        "is final (frozen)"
-                    } else {
-                        "runs live"
-                    }
+                    if last { "is final (frozen)" } else { "runs live" }
                 );
                 let mut changed_blocks = n;
                 if last {
-                    *freeze = Some(Freeze::run(
-                        live.freeze_cmd.as_deref(),
-                        live.thaw_cmd.clone(),
-                    )?);
-                    let more = self.rescan(&mut fast, &mut groups)?;
+                    *freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
+                    let more = self.rescan(&mut fast, &mut groups, live.rescan)?;
                     changed_blocks += more.len() as u64;
                     announce.extend(more.iter().map(|&b| b / layout.group_blocks()));
                 }
                 pass += 1;
                 previous = n;
-                self.send(Message::PassBegin {
-                    pass,
-                    final_pass: last,
-                    changed_blocks,
-                })?;
+                self.send(Message::PassBegin { pass, final_pass: last, changed_blocks })?;
                 self.announce(&announce, &groups)?;
-                self.send(Message::GroupsEnd {
-                    image_digest: image_digest(algo, layout, &groups),
-                })?;
+                self.send(Message::GroupsEnd { image_digest: image_digest(algo, layout, &groups) })?;
                 if last {
                     break;
                 }
@@ -377,9 +338,9 @@ impl Session<'_> {
         }
         match self.next_event()? {
             Event::Done(report) => Ok(report),
-            Event::PassDone { pass, .. } => Err(EngineError::BadReply(format!(
-                "the end of pass {pass} after the final pass"
-            ))),
+            Event::PassDone { pass, .. } => {
+                Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
+            }
         }
     }
 
@@ -389,10 +350,7 @@ impl Session<'_> {
         let mut first = 0;
         for &g in set {
             if !run.is_empty() && (first + run.len() as u64 != g || run.len() == 64) {
-                self.send(Message::Groups {
-                    first,
-                    digests: std::mem::take(&mut run),
-                })?;
+                self.send(Message::Groups { first, digests: std::mem::take(&mut run) })?;
             }
             if run.is_empty() {
                 first = g;
@@ -400,23 +358,22 @@ impl Session<'_> {
             run.push(groups[g as usize]);
         }
         if !run.is_empty() {
-            self.send(Message::Groups {
-                first,
-                digests: run,
-            })?;
+            self.send(Message::Groups { first, digests: run })?;
         }
         Ok(())
     }
 
     /// Re-read the image; re-hash the blocks whose XXH3 changed, update
     /// digests and group digests, and return those blocks.
-    fn rescan(&self, fast: &mut [u64], groups: &mut [Digest]) -> Result<Vec<u64>, EngineError> {
+    fn rescan(&self, fast: &mut [u64], groups: &mut [Digest], how: Rescan) -> Result<Vec<u64>, EngineError> {
         let sh = self.shared;
         let layout = &sh.layout;
         let algo = self.opts.algo;
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         self.progress.phase("rescanning", layout.size);
         let fast_ro: &[u64] = fast;
+        let digests_guard = sh.digests.read().unwrap();
+        let digests_ro: &[Digest] = &digests_guard;
         let found: Vec<(u64, Vec<(u64, Digest, u64)>)> = (0..layout.group_count())
             .into_par_iter()
             .map(|g| {
@@ -430,19 +387,23 @@ impl Session<'_> {
                     let (off, len) = layout.extent(i);
                     let data = &buf[(off - start) as usize..(off - start) as usize + len];
                     let x = xxhash_rust::xxh3::xxh3_64(data);
-                    if x != fast_ro[i as usize] {
-                        let d = if is_zero(data) {
-                            zeros.get(len)
-                        } else {
-                            algo.digest(data)
-                        };
-                        changed.push((i, d, x));
+                    let strong = || if is_zero(data) { zeros.get(len) } else { algo.digest(data) };
+                    match how {
+                        Rescan::Fast if x != fast_ro[i as usize] => changed.push((i, strong(), x)),
+                        Rescan::Fast => {}
+                        Rescan::Full => {
+                            let d = strong();
+                            if d != digests_ro[i as usize] {
+                                changed.push((i, d, x));
+                            }
+                        }
                     }
                 }
                 Ok((g, changed))
             })
             .filter(|r: &Result<_, ImageError>| r.as_ref().map_or(true, |(_, c)| !c.is_empty()))
             .collect::<Result<_, ImageError>>()?;
+        drop(digests_guard);
         let mut blocks = Vec::new();
         let mut digests = sh.digests.write().unwrap();
         for (g, changed) in found {
@@ -489,10 +450,7 @@ fn read_loop(
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
-                let _ = events.send(Ok(Event::PassDone {
-                    pass,
-                    stale: stale_groups,
-                }));
+                let _ = events.send(Ok(Event::PassDone { pass, stale: stale_groups }));
             }
             Message::Done { report } => {
                 let report: Report = serde_json::from_str(&report)
@@ -512,9 +470,7 @@ fn read_loop(
             let _ = events.send(Ok(Event::Done(report)));
         }
         Err(e) => {
-            let _ = frames.send(Message::Error {
-                message: format!("source: {e}"),
-            });
+            let _ = frames.send(Message::Error { message: format!("source: {e}") });
             let _ = events.send(Err(e));
         }
     }
@@ -523,33 +479,22 @@ fn read_loop(
 fn work_loop(sh: &Shared, rx: Receiver<Message>, tx: Sender<Message>) -> Result<(), EngineError> {
     for m in rx {
         let reply = match m {
-            Message::WantDigests { first_group, count } => {
-                want_digests(sh, first_group, count, &tx)
-            }
+            Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx),
             Message::Fetch { first_block, count } => fetch(sh, first_block, count).map(|m| {
                 let _ = tx.send(m);
             }),
             _ => unreachable!("reader forwards only requests"),
         };
         if let Err(e) = reply {
-            let _ = tx.send(Message::Error {
-                message: format!("source: {e}"),
-            });
+            let _ = tx.send(Message::Error { message: format!("source: {e}") });
             return Err(e);
         }
     }
     Ok(())
 }
 
-fn want_digests(
-    sh: &Shared,
-    first: u64,
-    count: u32,
-    tx: &Sender<Message>,
-) -> Result<(), EngineError> {
-    let end = first
-        .checked_add(count as u64)
-        .filter(|&e| e <= sh.layout.group_count() && count > 0);
+fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Result<(), EngineError> {
+    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.group_count() && count > 0);
     let Some(end) = end else {
         return Err(EngineError::BadRequest(format!(
             "digests of groups {first}+{count}, image has {}",
@@ -561,9 +506,7 @@ fn want_digests(
         let keys = {
             let d = sh.digests.read().unwrap();
             if (d.len() as u64) < b {
-                return Err(EngineError::BadRequest(format!(
-                    "digests of group {g} before it was announced"
-                )));
+                return Err(EngineError::BadRequest(format!("digests of group {g} before it was announced")));
             }
             d[a as usize..b as usize].iter().map(key_of).collect()
         };
@@ -573,21 +516,13 @@ fn want_digests(
 }
 
 fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
-    let end = first
-        .checked_add(count as u64)
-        .filter(|&e| e <= sh.layout.block_count() && count > 0);
+    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.block_count() && count > 0);
     let Some(end) = end else {
-        return Err(EngineError::BadRequest(format!(
-            "blocks {first}+{count}, image has {}",
-            sh.layout.block_count()
-        )));
+        return Err(EngineError::BadRequest(format!("blocks {first}+{count}, image has {}", sh.layout.block_count())));
     };
     let (start, stop) = byte_range(&sh.layout, first, end);
     if stop - start > MAX_RUN_BYTES {
-        return Err(EngineError::BadRequest(format!(
-            "a run of {} bytes, more than {MAX_RUN_BYTES}",
-            stop - start
-        )));
+        return Err(EngineError::BadRequest(format!("a run of {} bytes, more than {MAX_RUN_BYTES}", stop - start)));
     }
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
@@ -610,11 +545,5 @@ fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
             (payload, code) = (packed, codec.code());
         }
     }
-    Ok(Message::Blocks {
-        first_block: first,
-        count,
-        codec: code,
-        raw_len,
-        payload,
-    })
+    Ok(Message::Blocks { first_block: first, count, codec: code, raw_len, payload })
 }

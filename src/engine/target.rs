@@ -35,9 +35,7 @@ use crate::compress::Codec;
 use crate::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::image::Image;
 use crate::layout::Layout;
-use crate::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES,
-};
+use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
 use crate::transport::{Link, Reader, Writer};
 
 use super::references::ReferenceSet;
@@ -96,28 +94,13 @@ struct Target<'a> {
 }
 
 /// Rebuild the source's image into `dst` over `link`.
-pub fn run(
-    dst: &Path,
-    opts: &TargetOptions,
-    link: Link,
-    progress: &Progress,
-) -> Result<Report, EngineError> {
+pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let Link {
-        mut reader,
-        mut writer,
-        stats,
-    } = link;
+    let Link { mut reader, mut writer, stats } = link;
     protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
     let (algo, layout) = match read_message(&mut reader, "before describing the image")? {
         Message::ImageInfo { algo, layout } => (algo, layout),
-        other => {
-            return Err(ProtocolError::Unexpected {
-                got: other.kind(),
-                state: "waiting for ImageInfo",
-            }
-            .into())
-        }
+        other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
     };
     let result = (|| {
         if !algo.collision_safe() {
@@ -129,17 +112,13 @@ pub fn run(
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
-            let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| {
-                progress.inc(n)
-            })?;
+            let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?;
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.
             refs.add_image(dst.into(), Image::open_read(dst)?, &m);
             m.digests
         } else {
-            (0..layout.block_count())
-                .map(|i| zeros.get(layout.extent(i).1))
-                .collect()
+            (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
         };
         let n = layout.block_count() as usize;
         let g = layout.group_count() as usize;
@@ -165,12 +144,7 @@ pub fn run(
             bytes_payload: 0,
             pass: 1,
             strict: true,
-            pass_report: PassReport {
-                pass: 1,
-                final_pass: true,
-                changed_blocks: n as u64,
-                ..Default::default()
-            },
+            pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
             pass_started: Instant::now(),
             passes: Vec::new(),
             layout: layout.clone(),
@@ -207,12 +181,7 @@ impl Target<'_> {
         });
         let result = self.main_loop(&rx);
         if let Err(e) = &result {
-            let _ = write_message(
-                &mut self.out,
-                &Message::Error {
-                    message: format!("target: {e}"),
-                },
-            );
+            let _ = write_message(&mut self.out, &Message::Error { message: format!("target: {e}") });
             let _ = self.out.flush();
         }
         drop(rx);
@@ -226,39 +195,22 @@ impl Target<'_> {
 
     fn main_loop(&mut self, rx: &Inbox) -> Result<Report, EngineError> {
         loop {
-            let m = rx
-                .recv()
-                .map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
+            let m = rx.recv().map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
             match m {
-                Message::PassBegin {
-                    pass,
-                    final_pass,
-                    changed_blocks,
-                } => self.on_pass_begin(pass, final_pass, changed_blocks)?,
+                Message::PassBegin { pass, final_pass, changed_blocks } => {
+                    self.on_pass_begin(pass, final_pass, changed_blocks)?
+                }
                 Message::Groups { first, digests } => self.on_groups(first, digests)?,
                 Message::GroupsEnd { image_digest } => {
                     if self.image_digest.replace(image_digest).is_some() {
-                        return Err(EngineError::BadReply(format!(
-                            "a second end of pass {}",
-                            self.pass
-                        )));
+                        return Err(EngineError::BadReply(format!("a second end of pass {}", self.pass)));
                     }
                 }
                 Message::BlockDigests { group, keys } => self.on_block_digests(group, keys)?,
-                Message::Blocks {
-                    first_block,
-                    count,
-                    codec,
-                    raw_len,
-                    payload,
-                } => self.on_blocks(first_block, count, codec, raw_len, payload)?,
-                other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: other.kind(),
-                        state: "copying",
-                    }
-                    .into())
+                Message::Blocks { first_block, count, codec, raw_len, payload } => {
+                    self.on_blocks(first_block, count, codec, raw_len, payload)?
                 }
+                other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
             if let Some(want) = self.image_digest {
                 if self.open_groups == 0 {
@@ -281,37 +233,17 @@ impl Target<'_> {
         self.passes.push(r);
     }
 
-    fn on_pass_begin(
-        &mut self,
-        pass: u32,
-        final_pass: bool,
-        changed_blocks: u64,
-    ) -> Result<(), EngineError> {
+    fn on_pass_begin(&mut self, pass: u32, final_pass: bool, changed_blocks: u64) -> Result<(), EngineError> {
         let first = self.passes.is_empty() && self.announced_in.iter().all(|&p| p == 0);
-        if (first && pass != 1)
-            || (!first && (pass != self.pass + 1 || self.image_digest.is_some()))
-        {
-            return Err(EngineError::BadReply(format!(
-                "pass {pass} out of order (at pass {})",
-                self.pass
-            )));
+        if (first && pass != 1) || (!first && (pass != self.pass + 1 || self.image_digest.is_some())) {
+            return Err(EngineError::BadReply(format!("pass {pass} out of order (at pass {})", self.pass)));
         }
         self.pass = pass;
         self.strict = final_pass;
-        self.pass_report = PassReport {
-            pass,
-            final_pass,
-            changed_blocks,
-            ..Default::default()
-        };
+        self.pass_report = PassReport { pass, final_pass, changed_blocks, ..Default::default() };
         self.pass_started = Instant::now();
-        let label = if final_pass {
-            format!("final {pass}")
-        } else {
-            format!("pass {pass}")
-        };
-        self.progress
-            .phase(&label, changed_blocks * self.layout.block_size as u64);
+        let label = if final_pass { format!("final {pass}") } else { format!("pass {pass}") };
+        self.progress.phase(&label, changed_blocks * self.layout.block_size as u64);
         Ok(())
     }
 
@@ -319,13 +251,7 @@ impl Target<'_> {
     fn end_live_pass(&mut self) -> Result<(), EngineError> {
         self.close_pass_report();
         let stale = std::mem::take(&mut self.stale);
-        write_message(
-            &mut self.out,
-            &Message::PassDone {
-                pass: self.pass,
-                stale_groups: stale,
-            },
-        )?;
+        write_message(&mut self.out, &Message::PassDone { pass: self.pass, stale_groups: stale })?;
         self.out.flush().map_err(ProtocolError::Io)?;
         self.image_digest = None;
         Ok(())
@@ -333,21 +259,12 @@ impl Target<'_> {
 
     fn finish(&mut self, want: Digest, rx: &Inbox) -> Result<Report, EngineError> {
         if let Some(g) = self.verified.iter().position(|v| !v) {
-            return Err(EngineError::BadReply(format!(
-                "the final pass ended with group {g} never verified"
-            )));
+            return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
-        let groups: Vec<Digest> = self
-            .groups
-            .iter()
-            .map(|g| g.expect("every group verified"))
-            .collect();
+        let groups: Vec<Digest> = self.groups.iter().map(|g| g.expect("every group verified")).collect();
         let got = image_digest(self.algo, &self.layout, &groups);
         if got != want {
-            return Err(EngineError::NotVerified {
-                got: hex(&got),
-                want: hex(&want),
-            });
+            return Err(EngineError::NotVerified { got: hex(&got), want: hex(&want) });
         }
         self.dst.sync()?;
         self.close_pass_report();
@@ -376,19 +293,12 @@ impl Target<'_> {
         let json = serde_json::to_string(&report).expect("report serialises");
         write_message(&mut self.out, &Message::Done { report: json })?;
         self.out.flush().map_err(ProtocolError::Io)?;
-        match rx
-            .recv()
-            .map_err(|_| ProtocolError::Eof("before saying Bye"))??
-        {
+        match rx.recv().map_err(|_| ProtocolError::Eof("before saying Bye"))?? {
             Message::Bye { downtime_ns } => {
                 report.downtime_seconds = downtime_ns as f64 / 1e9;
                 Ok(report)
             }
-            other => Err(ProtocolError::Unexpected {
-                got: other.kind(),
-                state: "waiting for Bye",
-            }
-            .into()),
+            other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Bye" }.into()),
         }
     }
 
@@ -399,9 +309,7 @@ impl Target<'_> {
     }
 
     fn on_groups(&mut self, first: u64, digests: Vec<Digest>) -> Result<(), EngineError> {
-        let end = first
-            .checked_add(digests.len() as u64)
-            .filter(|&e| e <= self.layout.group_count());
+        let end = first.checked_add(digests.len() as u64).filter(|&e| e <= self.layout.group_count());
         if end.is_none() || digests.is_empty() || self.image_digest.is_some() {
             return Err(EngineError::BadReply(format!(
                 "digests for groups {first}+{}, the image has {}",
@@ -419,26 +327,14 @@ impl Target<'_> {
             want = match want {
                 Some((f, c)) if f + c as u64 == g => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(
-                        &mut self.out,
-                        &Message::WantDigests {
-                            first_group: f,
-                            count: c,
-                        },
-                    )?;
+                    write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
                     Some((g, 1))
                 }
                 None => Some((g, 1)),
             };
         }
         if let Some((f, c)) = want {
-            write_message(
-                &mut self.out,
-                &Message::WantDigests {
-                    first_group: f,
-                    count: c,
-                },
-            )?;
+            write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
         }
         Ok(())
     }
@@ -447,10 +343,7 @@ impl Target<'_> {
     /// settlement of it.
     fn announce(&mut self, g: u64, d: Digest) -> Result<(), EngineError> {
         if self.announced_in[g as usize] == self.pass {
-            return Err(EngineError::BadReply(format!(
-                "group {g} twice in pass {}",
-                self.pass
-            )));
+            return Err(EngineError::BadReply(format!("group {g} twice in pass {}", self.pass)));
         }
         self.verified[g as usize] = false;
         let (a, b) = self.layout.group_range(g);
@@ -473,19 +366,14 @@ impl Target<'_> {
         if group_digest(self.algo, &self.have[ai..bi]) == *want {
             for i in a..b {
                 let len = self.layout.extent(i).1;
-                self.state[i as usize] = if self.zeros.is_zero_digest(&self.have[i as usize], len) {
-                    State::Zero
-                } else {
-                    State::InPlace
-                };
+                self.state[i as usize] =
+                    if self.zeros.is_zero_digest(&self.have[i as usize], len) { State::Zero } else { State::InPlace };
             }
             self.groups_matched += 1;
             return self.group_done(g, true);
         }
         // 2. All zeros.
-        let zero: Vec<Digest> = (a..b)
-            .map(|i| self.zeros.get(self.layout.extent(i).1))
-            .collect();
+        let zero: Vec<Digest> = (a..b).map(|i| self.zeros.get(self.layout.extent(i).1)).collect();
         if group_digest(self.algo, &zero) == *want {
             for i in a..b {
                 self.set_zero(i)?;
@@ -500,10 +388,7 @@ impl Target<'_> {
             if rb - ra == b - a {
                 let mut blocks = Vec::with_capacity(bi - ai);
                 for (k, i) in (a..b).enumerate() {
-                    match self
-                        .refs
-                        .read_block(e.image, ra + k as u64, self.layout.extent(i).1)
-                    {
+                    match self.refs.read_block(e.image, ra + k as u64, self.layout.extent(i).1) {
                         Some(data) => blocks.push(data),
                         None => return Ok(false),
                     }
@@ -525,13 +410,7 @@ impl Target<'_> {
         Ok(false)
     }
 
-    fn write_block(
-        &mut self,
-        i: u64,
-        data: &[u8],
-        digest: Digest,
-        state: State,
-    ) -> Result<(), EngineError> {
+    fn write_block(&mut self, i: u64, data: &[u8], digest: Digest, state: State) -> Result<(), EngineError> {
         self.dst.write_at(data, self.layout.extent(i).0)?;
         self.have[i as usize] = digest;
         self.state[i as usize] = state;
@@ -558,9 +437,7 @@ impl Target<'_> {
             || self.verified[g as usize]
             || self.keys.contains_key(&g)
         {
-            return Err(EngineError::BadReply(format!(
-                "block digests for group {g}, which was not asked for"
-            )));
+            return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
         }
         let (a, b) = self.layout.group_range(g);
         if keys.len() as u64 != b - a {
@@ -617,26 +494,14 @@ impl Target<'_> {
             run = match run {
                 Some((f, c)) if f + c as u64 == i && c < max => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(
-                        &mut self.out,
-                        &Message::Fetch {
-                            first_block: f,
-                            count: c,
-                        },
-                    )?;
+                    write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
                     Some((i, 1))
                 }
                 None => Some((i, 1)),
             };
         }
         if let Some((f, c)) = run {
-            write_message(
-                &mut self.out,
-                &Message::Fetch {
-                    first_block: f,
-                    count: c,
-                },
-            )?;
+            write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
         }
         Ok(())
     }
@@ -649,9 +514,7 @@ impl Target<'_> {
         raw_len: u32,
         payload: Vec<u8>,
     ) -> Result<(), EngineError> {
-        let end = first
-            .checked_add(count as u64)
-            .filter(|&e| e <= self.layout.block_count() && count > 0);
+        let end = first.checked_add(count as u64).filter(|&e| e <= self.layout.block_count() && count > 0);
         let Some(end) = end else {
             return Err(EngineError::BadReply(format!(
                 "blocks {first}+{count}, the image has {}",
@@ -659,9 +522,7 @@ impl Target<'_> {
             )));
         };
         if (first..end).any(|i| self.state[i as usize] != State::Pending) {
-            return Err(EngineError::BadReply(format!(
-                "blocks {first}+{count}, which were not asked for"
-            )));
+            return Err(EngineError::BadReply(format!("blocks {first}+{count}, which were not asked for")));
         }
         let (start, stop) = byte_range(&self.layout, first, end);
         if stop - start != raw_len as u64 {
@@ -671,12 +532,8 @@ impl Target<'_> {
             )));
         }
         let payload_len = payload.len() as u64;
-        let raw = Codec::decompress(codec, payload, raw_len as usize).map_err(|source| {
-            EngineError::Codec {
-                block: first,
-                source,
-            }
-        })?;
+        let raw = Codec::decompress(codec, payload, raw_len as usize)
+            .map_err(|source| EngineError::Codec { block: first, source })?;
         let layout = &self.layout;
         let algo = self.algo;
         let digests: Vec<Digest> = (first..end)
@@ -692,10 +549,7 @@ impl Target<'_> {
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
             if want != Some(key_of(&digests[k])) {
                 if self.strict {
-                    return Err(EngineError::BadBlock {
-                        block: i,
-                        offset: self.layout.extent(i).0,
-                    });
+                    return Err(EngineError::BadBlock { block: i, offset: self.layout.extent(i).0 });
                 }
                 // Changed since the source hashed it: newer data, announced
                 // again in the next pass.
@@ -727,8 +581,7 @@ impl Target<'_> {
     fn group_done(&mut self, g: u64, from_digest: bool) -> Result<bool, EngineError> {
         let (a, b) = self.layout.group_range(g);
         let want = self.groups[g as usize].expect("announced");
-        let matches =
-            from_digest || group_digest(self.algo, &self.have[a as usize..b as usize]) == want;
+        let matches = from_digest || group_digest(self.algo, &self.have[a as usize..b as usize]) == want;
         if !self.strict && (self.tainted[g as usize] || !matches) {
             self.tainted[g as usize] = false;
             self.keys.remove(&g);
@@ -739,22 +592,12 @@ impl Target<'_> {
         }
         if !matches {
             if !self.refetched.insert(g) {
-                return Err(EngineError::GroupMismatch {
-                    group: g,
-                    first: a,
-                    end: b,
-                });
+                return Err(EngineError::GroupMismatch { group: g, first: a, end: b });
             }
             log::warn!("group {g} did not match its digest; fetching it whole");
-            let redo: Vec<u64> = (a..b)
-                .filter(|&i| self.state[i as usize] != State::Zero)
-                .collect();
+            let redo: Vec<u64> = (a..b).filter(|&i| self.state[i as usize] != State::Zero).collect();
             if redo.is_empty() {
-                return Err(EngineError::GroupMismatch {
-                    group: g,
-                    first: a,
-                    end: b,
-                });
+                return Err(EngineError::GroupMismatch { group: g, first: a, end: b });
             }
             for &i in &redo {
                 self.state[i as usize] = State::Pending;

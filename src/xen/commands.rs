@@ -24,9 +24,7 @@ pub fn domains(only: Option<&str>, json: bool) -> Result<i32, XenError> {
     // Ask lvm which disk targets really are LVs; without lvm, keep the
     // guesses made from the device paths.
     match Lvm::new().lvs(None) {
-        Ok(lvs) => list
-            .iter_mut()
-            .for_each(|d| resolve_lvs(&mut d.disks, &lvs)),
+        Ok(lvs) => list.iter_mut().for_each(|d| resolve_lvs(&mut d.disks, &lvs)),
         Err(e) => log::info!("LVs guessed from device paths: {e}"),
     }
     let toolstack = xen.toolstack_version();
@@ -51,10 +49,7 @@ pub fn domains(only: Option<&str>, json: bool) -> Result<i32, XenError> {
 
 /// The `xl list` table, with each domain's disks indented under it.
 pub fn format_table(list: &[Domain]) -> String {
-    let mut s = format!(
-        "{:<32} {:>5} {:>7} {:>5} {:>8} {:>10}\n",
-        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)"
-    );
+    let mut s = format!("{:<32} {:>5} {:>7} {:>5} {:>8} {:>10}\n", "Name", "ID", "Mem", "VCPUs", "State", "Time(s)");
     for d in list {
         s += &format!(
             "{:<32} {:>5} {:>7} {:>5} {:>8} {:>10.1}\n",
@@ -72,8 +67,7 @@ pub fn format_table(list: &[Domain]) -> String {
                 k.mode.map_or("?", |m| m.letter()),
                 k.backend_type.as_deref().unwrap_or(&k.backend),
                 k.target.as_deref().unwrap_or(&k.params),
-                k.lv.as_ref()
-                    .map_or_else(|| "(not an LV)".to_string(), |lv| format!("LV {lv}"))
+                k.lv.as_ref().map_or_else(|| "(not an LV)".to_string(), |lv| format!("LV {lv}"))
             );
         }
     }
@@ -84,11 +78,7 @@ pub fn format_table(list: &[Domain]) -> String {
 pub fn pause(domain: &str, pause: bool) -> Result<i32, XenError> {
     let xen = Xen::open()?;
     let r = DomainRef::parse(domain);
-    let d = if pause {
-        xen.pause(&r)?
-    } else {
-        xen.unpause(&r)?
-    };
+    let d = if pause { xen.pause(&r)? } else { xen.unpause(&r)? };
     println!("{}: {} ({})", d.label(), d.state, d.flags);
     Ok(0)
 }
@@ -101,11 +91,7 @@ pub fn save(domain: &str, file: &Path, leave_paused: bool) -> Result<i32, XenErr
         "saved {} to {}{}",
         d.label(),
         file.display(),
-        if leave_paused {
-            "; the domain is left paused"
-        } else {
-            ""
-        }
+        if leave_paused { "; the domain is left paused" } else { "" }
     );
     Ok(0)
 }
@@ -114,13 +100,7 @@ pub fn save(domain: &str, file: &Path, leave_paused: bool) -> Result<i32, XenErr
 pub fn restore(file: &Path, paused: bool) -> Result<i32, XenError> {
     let xen = Xen::open()?;
     match super::restore(&xen, file, paused)? {
-        Some(d) => println!(
-            "restored {} from {}: {} ({})",
-            d.label(),
-            file.display(),
-            d.state,
-            d.flags
-        ),
+        Some(d) => println!("restored {} from {}: {} ({})", d.label(), file.display(), d.state, d.flags),
         None => println!("restored {} (xl reported success)", file.display()),
     }
     Ok(0)
@@ -168,10 +148,7 @@ mod tests {
         let t = format_table(&[dom0, g1]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
-        assert!(
-            lines[0].starts_with("Name") && lines[0].contains("VCPUs"),
-            "{t}"
-        );
+        assert!(lines[0].starts_with("Name") && lines[0].contains("VCPUs"), "{t}");
         let cols: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(cols, ["Domain-0", "0", "2048", "2", "r-----", "12.3"]);
         let cols: Vec<&str> = lines[2].split_whitespace().collect();

@@ -40,10 +40,7 @@ impl MemStore {
         for line in text.lines() {
             if let Some((path, value)) = line.split_once(" = ") {
                 let v = value.trim();
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(v);
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
                 m.insert(path.trim().to_string(), v.to_string());
             }
         }
@@ -155,12 +152,9 @@ pub fn parse_params(params: &str) -> (Option<String>, Option<String>) {
 pub fn parse_backend_path(path: &str) -> Option<(u32, String, u32, u32)> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["", "local", "domain", bd, "backend", kind, domid, devid] => Some((
-            bd.parse().ok()?,
-            kind.to_string(),
-            domid.parse().ok()?,
-            devid.parse().ok()?,
-        )),
+        ["", "local", "domain", bd, "backend", kind, domid, devid] => {
+            Some((bd.parse().ok()?, kind.to_string(), domid.parse().ok()?, devid.parse().ok()?))
+        }
         _ => None,
     }
 }
@@ -218,11 +212,7 @@ pub fn disks_of(xs: &impl XenstoreRead, domid: u32) -> Vec<Disk> {
 /// (a partition, an md device, a file).
 pub fn resolve_lvs(disks: &mut [Disk], lvs: &[LogicalVolume]) {
     for d in disks {
-        d.lv = d
-            .target
-            .as_deref()
-            .and_then(|t| lvs.iter().find(|lv| lv.matches(t)))
-            .map(LogicalVolume::lv_ref);
+        d.lv = d.target.as_deref().and_then(|t| lvs.iter().find(|lv| lv.matches(t))).map(LogicalVolume::lv_ref);
     }
 }
 
@@ -267,26 +257,11 @@ mod tests {
 
     #[test]
     fn params_values() {
-        assert_eq!(
-            parse_params("/dev/vg0/g1"),
-            (None, Some("/dev/vg0/g1".into()))
-        );
-        assert_eq!(
-            parse_params("phy:/dev/vg0/g1"),
-            (None, Some("/dev/vg0/g1".into()))
-        );
-        assert_eq!(
-            parse_params("qcow2:/srv/xen/g1.qcow2"),
-            (Some("qcow2".into()), Some("/srv/xen/g1.qcow2".into()))
-        );
-        assert_eq!(
-            parse_params("tap:aio:/srv/xen/g1.img"),
-            (Some("aio".into()), Some("/srv/xen/g1.img".into()))
-        );
-        assert_eq!(
-            parse_params("file:/srv/xen/g1.img"),
-            (None, Some("/srv/xen/g1.img".into()))
-        );
+        assert_eq!(parse_params("/dev/vg0/g1"), (None, Some("/dev/vg0/g1".into())));
+        assert_eq!(parse_params("phy:/dev/vg0/g1"), (None, Some("/dev/vg0/g1".into())));
+        assert_eq!(parse_params("qcow2:/srv/xen/g1.qcow2"), (Some("qcow2".into()), Some("/srv/xen/g1.qcow2".into())));
+        assert_eq!(parse_params("tap:aio:/srv/xen/g1.img"), (Some("aio".into()), Some("/srv/xen/g1.img".into())));
+        assert_eq!(parse_params("file:/srv/xen/g1.img"), (None, Some("/srv/xen/g1.img".into())));
         assert_eq!(parse_params(""), (None, None));
         // An empty CD drive: format only.
         assert_eq!(parse_params("raw:"), (Some("raw".into()), None));
@@ -296,14 +271,8 @@ mod tests {
 
     #[test]
     fn backend_paths() {
-        assert_eq!(
-            parse_backend_path("/local/domain/0/backend/vbd/3/51712"),
-            Some((0, "vbd".into(), 3, 51712))
-        );
-        assert_eq!(
-            parse_backend_path("/local/domain/7/backend/qdisk/12/768/"),
-            Some((7, "qdisk".into(), 12, 768))
-        );
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712"), Some((0, "vbd".into(), 3, 51712)));
+        assert_eq!(parse_backend_path("/local/domain/7/backend/qdisk/12/768/"), Some((7, "qdisk".into(), 12, 768)));
         assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3"), None);
         assert_eq!(parse_backend_path("/local/domain/x/backend/vbd/3/1"), None);
     }
@@ -372,10 +341,7 @@ mod tests {
     #[test]
     fn mem_store_lists_children_once() {
         let xs = MemStore::from_xenstore_ls(TREE);
-        assert_eq!(
-            xs.list("/local/domain/3/device/vbd"),
-            vec!["51712", "51728", "51744"]
-        );
+        assert_eq!(xs.list("/local/domain/3/device/vbd"), vec!["51712", "51728", "51744"]);
         assert_eq!(xs.list("/local/domain"), vec!["0", "3"]);
         assert_eq!(xs.read("/local/domain/3/name").as_deref(), Some("g1"));
         assert!(xs.list("/nope").is_empty());

@@ -110,9 +110,8 @@ impl Flags {
     }
 
     pub fn shutdown_reason(self) -> Option<ShutdownReason> {
-        self.has(flags::SHUTDOWN).then(|| {
-            ShutdownReason::from_code((self.0 >> flags::SHUTDOWN_SHIFT) & flags::SHUTDOWN_MASK)
-        })
+        self.has(flags::SHUTDOWN)
+            .then(|| ShutdownReason::from_code((self.0 >> flags::SHUTDOWN_SHIFT) & flags::SHUTDOWN_MASK))
     }
 
     pub fn state(self) -> State {
@@ -280,10 +279,7 @@ mod tests {
         // `xl pause` on a blocked guest: shown paused.
         assert_eq!(Flags(PAUSED | BLOCKED).state(), State::Paused);
         // Suspended for save and paused by the toolstack: shut down.
-        assert_eq!(
-            Flags(PAUSED | shutdown(REASON_SUSPEND)).state(),
-            State::Shutdown
-        );
+        assert_eq!(Flags(PAUSED | shutdown(REASON_SUSPEND)).state(), State::Shutdown);
         // Being destroyed after a crash: dying wins.
         assert_eq!(Flags(DYING | shutdown(REASON_CRASH)).state(), State::Dying);
         // HVM does not change the state.
@@ -295,18 +291,9 @@ mod tests {
     fn shutdown_reason_is_read_only_with_the_shutdown_flag() {
         // Stray bits in the reason field without SHUTDOWN mean nothing.
         assert_eq!(Flags(3 << SHUTDOWN_SHIFT | RUNNING).shutdown_reason(), None);
-        assert_eq!(
-            Flags(shutdown(REASON_SUSPEND)).shutdown_reason(),
-            Some(ShutdownReason::Suspend)
-        );
-        assert_eq!(
-            Flags(shutdown(REASON_WATCHDOG)).shutdown_reason(),
-            Some(ShutdownReason::Watchdog)
-        );
-        assert_eq!(
-            Flags(shutdown(77)).shutdown_reason(),
-            Some(ShutdownReason::Unknown(77))
-        );
+        assert_eq!(Flags(shutdown(REASON_SUSPEND)).shutdown_reason(), Some(ShutdownReason::Suspend));
+        assert_eq!(Flags(shutdown(REASON_WATCHDOG)).shutdown_reason(), Some(ShutdownReason::Watchdog));
+        assert_eq!(Flags(shutdown(77)).shutdown_reason(), Some(ShutdownReason::Unknown(77)));
     }
 
     #[test]
@@ -369,21 +356,10 @@ mod tests {
         assert_eq!(DomainRef::parse("g1"), DomainRef::Name("g1".into()));
         assert_eq!(DomainRef::parse("+7"), DomainRef::Name("+7".into()));
         assert_eq!(DomainRef::parse("1g"), DomainRef::Name("1g".into()));
-        let mk = |id, name: &str| {
-            Domain::from_raw(
-                RawInfo {
-                    domid: id,
-                    ..Default::default()
-                },
-                Some(name.into()),
-            )
-        };
+        let mk = |id, name: &str| Domain::from_raw(RawInfo { domid: id, ..Default::default() }, Some(name.into()));
         let doms = vec![mk(0, "Domain-0"), mk(4, "g1"), mk(5, "g2")];
         assert_eq!(DomainRef::parse("g2").select(&doms).unwrap().id, 5);
-        assert_eq!(
-            DomainRef::parse("4").select(&doms).unwrap().name.as_deref(),
-            Some("g1")
-        );
+        assert_eq!(DomainRef::parse("4").select(&doms).unwrap().name.as_deref(), Some("g1"));
         assert!(DomainRef::parse("g3").select(&doms).is_none());
         assert!(DomainRef::parse("9").select(&doms).is_none());
     }

@@ -26,10 +26,7 @@ pub struct Xen {
 }
 
 fn last_os_error(what: impl Into<String>) -> XenError {
-    XenError::Call {
-        what: what.into(),
-        source: io::Error::last_os_error(),
-    }
+    XenError::Call { what: what.into(), source: io::Error::last_os_error() }
 }
 
 impl Xen {
@@ -63,57 +60,34 @@ impl Xen {
                 let source = io::Error::last_os_error();
                 let hint = match source.raw_os_error() {
                     Some(libc::EACCES) | Some(libc::EPERM) => ": run xenmig as root",
-                    Some(libc::ENOENT) => {
-                        ": no /dev/xen/privcmd, the kernel is not running under Xen"
-                    }
+                    Some(libc::ENOENT) => ": no /dev/xen/privcmd, the kernel is not running under Xen",
                     _ => "",
                 };
                 destroy_logger(&libs, logger);
                 return Err(XenError::Open { source, hint });
             };
-            let mut xen = Xen {
-                libs,
-                logger,
-                xch,
-                xsh: ptr::null_mut(),
-                release: String::new(),
-                extra: String::new(),
-            };
+            let mut xen = Xen { libs, logger, xch, xsh: ptr::null_mut(), release: String::new(), extra: String::new() };
             // From here on `xen` owns the handles; `Drop` closes them.
             xen.xsh = (xen.libs.store.xs_open)(0);
             if xen.xsh.is_null() {
-                return Err(XenError::Xenstore {
-                    source: io::Error::last_os_error(),
-                });
+                return Err(XenError::Xenstore { source: io::Error::last_os_error() });
             }
 
-            let v = (xen.libs.ctrl.xc_version)(
-                xen.xch.as_ptr(),
-                sys::XENVER_version as i32,
-                ptr::null_mut(),
-            );
+            let v = (xen.libs.ctrl.xc_version)(xen.xch.as_ptr(), sys::XENVER_version as i32, ptr::null_mut());
             if v < 0 {
                 return Err(last_os_error("xc_version"));
             }
             let (major, minor) = ((v as u32) >> 16, (v as u32) & 0xffff);
             xen.release = format!("{major}.{minor}");
             let mut extra: sys::xen_extraversion_t = [0; 16];
-            if (xen.libs.ctrl.xc_version)(
-                xen.xch.as_ptr(),
-                sys::XENVER_extraversion as i32,
-                extra.as_mut_ptr().cast(),
-            ) >= 0
+            if (xen.libs.ctrl.xc_version)(xen.xch.as_ptr(), sys::XENVER_extraversion as i32, extra.as_mut_ptr().cast())
+                >= 0
             {
                 extra[15] = 0;
-                xen.extra = CStr::from_ptr(extra.as_ptr())
-                    .to_string_lossy()
-                    .into_owned();
+                xen.extra = CStr::from_ptr(extra.as_ptr()).to_string_lossy().into_owned();
             }
             if xen.release != built_for {
-                return Err(XenError::VersionMismatch {
-                    running: xen.version(),
-                    built_for: built_for.to_string(),
-                });
+                return Err(XenError::VersionMismatch { running: xen.version(), built_for: built_for.to_string() });
             }
             Ok(xen)
         }
@@ -136,35 +110,21 @@ impl Xen {
                 return Err(XenError::Libxl("no logger for libxl".into()));
             }
             let mut ctx: *mut sys::libxl_ctx = ptr::null_mut();
-            let rc = (self.libs.light.libxl_ctx_alloc)(
-                &mut ctx,
-                sys::LIBXL_VERSION as i32,
-                0,
-                self.logger,
-            );
+            let rc = (self.libs.light.libxl_ctx_alloc)(&mut ctx, sys::LIBXL_VERSION as i32, 0, self.logger);
             if rc != 0 || ctx.is_null() {
-                return Err(XenError::Libxl(format!(
-                    "libxl_ctx_alloc failed (error {rc})"
-                )));
+                return Err(XenError::Libxl(format!("libxl_ctx_alloc failed (error {rc})")));
             }
             let info = (self.libs.light.libxl_get_version_info)(ctx);
             let v = if info.is_null() {
-                Err(XenError::Libxl(
-                    "libxl_get_version_info returned nothing".into(),
-                ))
+                Err(XenError::Libxl("libxl_get_version_info returned nothing".into()))
             } else {
                 let i = &*info;
                 let extra = if i.xen_version_extra.is_null() {
                     String::new()
                 } else {
-                    CStr::from_ptr(i.xen_version_extra)
-                        .to_string_lossy()
-                        .into_owned()
+                    CStr::from_ptr(i.xen_version_extra).to_string_lossy().into_owned()
                 };
-                Ok(format!(
-                    "{}.{}{}",
-                    i.xen_version_major, i.xen_version_minor, extra
-                ))
+                Ok(format!("{}.{}{}", i.xen_version_major, i.xen_version_minor, extra))
             };
             (self.libs.light.libxl_ctx_free)(ctx);
             v
@@ -179,12 +139,7 @@ impl Xen {
             let mut buf = vec![sys::xc_domaininfo_t::default(); BATCH];
             // SAFETY: `buf` holds BATCH writable entries.
             let n = unsafe {
-                (self.libs.ctrl.xc_domain_getinfolist)(
-                    self.xch.as_ptr(),
-                    first,
-                    BATCH as u32,
-                    buf.as_mut_ptr(),
-                )
+                (self.libs.ctrl.xc_domain_getinfolist)(self.xch.as_ptr(), first, BATCH as u32, buf.as_mut_ptr())
             };
             if n < 0 {
                 return Err(last_os_error("xc_domain_getinfolist"));
@@ -210,11 +165,7 @@ impl Xen {
 
     /// Every domain, with its name and disks from xenstore.
     pub fn domains(&self) -> Result<Vec<Domain>, XenError> {
-        Ok(self
-            .raw_domains()?
-            .into_iter()
-            .map(|raw| self.describe(raw))
-            .collect())
+        Ok(self.raw_domains()?.into_iter().map(|raw| self.describe(raw)).collect())
     }
 
     fn describe(&self, raw: RawInfo) -> Domain {
@@ -227,9 +178,7 @@ impl Xen {
     /// The domain `r` names.
     pub fn domain(&self, r: &DomainRef) -> Result<Domain, XenError> {
         let domains = self.domains()?;
-        r.select(&domains)
-            .cloned()
-            .ok_or_else(|| XenError::NoSuchDomain(r.clone()))
+        r.select(&domains).cloned().ok_or_else(|| XenError::NoSuchDomain(r.clone()))
     }
 
     /// Stops scheduling the domain's vCPUs (`xl pause`).
@@ -284,9 +233,7 @@ impl XenstoreRead for Xen {
             if v.is_null() {
                 return Vec::new();
             }
-            let out = (0..num as usize)
-                .map(|i| CStr::from_ptr(*v.add(i)).to_string_lossy().into_owned())
-                .collect();
+            let out = (0..num as usize).map(|i| CStr::from_ptr(*v.add(i)).to_string_lossy().into_owned()).collect();
             libc::free(v.cast());
             out
         }
@@ -316,8 +263,7 @@ unsafe fn make_logger(libs: &Libraries) -> *mut sys::xentoollog_logger {
         libc::close(fd);
         return ptr::null_mut();
     }
-    let l =
-        (libs.toollog.xtl_createlogger_stdiostream)(f.cast(), sys::xentoollog_level_XTL_ERROR, 0);
+    let l = (libs.toollog.xtl_createlogger_stdiostream)(f.cast(), sys::xentoollog_level_XTL_ERROR, 0);
     // The stdiostream logger begins with the generic logger struct.
     l.cast()
 }
@@ -346,22 +292,15 @@ mod tests {
             Ok(_) => panic!("opened a hypervisor that check_dom0 says is absent"),
         }
         let e = Xen::open().err().expect("no hypervisor here");
-        assert!(
-            matches!(e, XenError::NoHypervisor { .. } | XenError::NotDom0 { .. }),
-            "{e}"
-        );
+        assert!(matches!(e, XenError::NoHypervisor { .. } | XenError::NotDom0 { .. }), "{e}");
     }
 
     #[test]
     fn wrong_release_names_the_library() {
         match Xen::open_unchecked("9.99") {
-            Err(XenError::Library {
-                soname, built_for, ..
-            }) => {
+            Err(XenError::Library { soname, built_for, .. }) => {
                 assert!(
-                    soname.ends_with(".so.9.99")
-                        || soname.ends_with(".so.1")
-                        || soname.ends_with(".so.4"),
+                    soname.ends_with(".so.9.99") || soname.ends_with(".so.1") || soname.ends_with(".so.4"),
                     "{soname}"
                 );
                 assert_eq!(built_for, "9.99");

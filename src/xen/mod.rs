@@ -64,10 +64,7 @@ pub fn bindings_description() -> String {
     match (BINDINGS_RELEASE, BINDINGS_SOURCE) {
         (Some(r), Some(s)) => format!("Xen {r} (headers from {s})"),
         (Some(r), None) => format!("Xen {r}"),
-        _ => format!(
-            "no Xen bindings ({})",
-            NO_BINDINGS_REASON.unwrap_or("unknown reason")
-        ),
+        _ => format!("no Xen bindings ({})", NO_BINDINGS_REASON.unwrap_or("unknown reason")),
     }
 }
 
@@ -80,17 +77,9 @@ pub enum XenError {
     #[error("this machine is a Xen guest (domU), not dom0: {detail}; run xenmig in dom0")]
     NotDom0 { detail: String },
     #[error("cannot load {soname} (Debian package {package}; xenmig's bindings are for Xen {built_for}): {reason}")]
-    Library {
-        soname: String,
-        package: String,
-        built_for: String,
-        reason: String,
-    },
+    Library { soname: String, package: String, built_for: String, reason: String },
     #[error("cannot open the hypervisor interface (xc_interface_open): {source}{hint}")]
-    Open {
-        source: io::Error,
-        hint: &'static str,
-    },
+    Open { source: io::Error, hint: &'static str },
     #[error("the hypervisor runs Xen {running}, but this xenmig's bindings are for Xen {built_for}: rebuild xenmig on this host (with its libxen-dev)")]
     VersionMismatch { running: String, built_for: String },
     #[error("cannot connect to xenstore (xs_open): {source}; is xenstored running? (/etc/init.d/xen start)")]
@@ -132,23 +121,22 @@ pub fn check_dom0(root: &Path) -> Result<(), XenError> {
     let built_for = BINDINGS_RELEASE.unwrap_or("(none)").to_string();
     let caps = std::fs::read_to_string(at("/proc/xen/capabilities")).ok();
     let privcmd = PRIVCMD_PATHS.iter().any(|p| at(p).exists());
-    let hyp_type = std::fs::read_to_string(at("/sys/hypervisor/type"))
-        .ok()
-        .map(|s| s.trim().to_string());
+    let hyp_type = std::fs::read_to_string(at("/sys/hypervisor/type")).ok().map(|s| s.trim().to_string());
     match (&caps, privcmd) {
         (Some(c), _) if c.contains("control_d") => Ok(()),
-        (Some(_), _) => Err(XenError::NotDom0 {
-            detail: "/proc/xen/capabilities lacks control_d".into(),
-        }),
+        (Some(_), _) => Err(XenError::NotDom0 { detail: "/proc/xen/capabilities lacks control_d".into() }),
         (None, true) => Ok(()),
         (None, false) => {
             if hyp_type.as_deref() == Some("xen") {
                 Err(XenError::NotDom0 {
-                    detail: "/sys/hypervisor/type is xen but there is no /dev/xen/privcmd (is xenfs mounted on /proc/xen?)".into(),
+                    detail:
+                        "/sys/hypervisor/type is xen but there is no /dev/xen/privcmd (is xenfs mounted on /proc/xen?)"
+                            .into(),
                 })
             } else {
                 Err(XenError::NoHypervisor {
-                    detail: "neither /dev/xen/privcmd nor /proc/xen exists (this kernel is not running under Xen)".into(),
+                    detail: "neither /dev/xen/privcmd nor /proc/xen exists (this kernel is not running under Xen)"
+                        .into(),
                     built_for,
                 })
             }
@@ -160,12 +148,7 @@ pub fn check_dom0(root: &Path) -> Result<(), XenError> {
 /// the domain is destroyed afterwards unless `leave_paused`. Checks first,
 /// through the hypervisor, that the domain exists, so that the error names
 /// it rather than whatever xl prints.
-pub fn save(
-    xen: &Xen,
-    domain: &DomainRef,
-    file: &Path,
-    leave_paused: bool,
-) -> Result<Domain, XenError> {
+pub fn save(xen: &Xen, domain: &DomainRef, file: &Path, leave_paused: bool) -> Result<Domain, XenError> {
     let d = xen.domain(domain)?;
     if d.id == 0 {
         return Err(XenError::Call {
@@ -177,41 +160,23 @@ pub fn save(
         if !dir.is_dir() {
             return Err(XenError::SaveFile {
                 path: file.to_path_buf(),
-                source: io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("directory {} does not exist", dir.display()),
-                ),
+                source: io::Error::new(io::ErrorKind::NotFound, format!("directory {} does not exist", dir.display())),
             });
         }
     }
-    xl::run(
-        &xl::program(),
-        &xl::save_args(&d.id.to_string(), file, leave_paused),
-    )
-    .map_err(|source| XenError::Xl {
-        domain: format!("save {} to {}", d.label(), file.display()),
-        source,
-    })?;
+    xl::run(&xl::program(), &xl::save_args(&d.id.to_string(), file, leave_paused))
+        .map_err(|source| XenError::Xl { domain: format!("save {} to {}", d.label(), file.display()), source })?;
     Ok(d)
 }
 
 /// Restores a domain saved by [`save`] or `xl save`, and returns it as
 /// the hypervisor lists it afterwards (the domain that appeared).
 pub fn restore(xen: &Xen, file: &Path, paused: bool) -> Result<Option<Domain>, XenError> {
-    std::fs::File::open(file).map_err(|source| XenError::SaveFile {
-        path: file.to_path_buf(),
-        source,
-    })?;
+    std::fs::File::open(file).map_err(|source| XenError::SaveFile { path: file.to_path_buf(), source })?;
     let before: Vec<u32> = xen.domains()?.iter().map(|d| d.id).collect();
-    xl::run(&xl::program(), &xl::restore_args(file, paused)).map_err(|source| XenError::Xl {
-        domain: format!("restore from {}", file.display()),
-        source,
-    })?;
-    Ok(xen
-        .domains()?
-        .into_iter()
-        .filter(|d| !before.contains(&d.id))
-        .max_by_key(|d| d.id))
+    xl::run(&xl::program(), &xl::restore_args(file, paused))
+        .map_err(|source| XenError::Xl { domain: format!("restore from {}", file.display()), source })?;
+    Ok(xen.domains()?.into_iter().filter(|d| !before.contains(&d.id)).max_by_key(|d| d.id))
 }
 
 #[cfg(test)]
@@ -267,19 +232,11 @@ mod tests {
             reason: "cannot open shared object file".into(),
         };
         let m = e.to_string();
-        assert!(
-            m.contains("libxenctrl.so.4.17") && m.contains("Xen 4.17"),
-            "{m}"
-        );
-        let e = XenError::VersionMismatch {
-            running: "4.18".into(),
-            built_for: "4.17".into(),
-        };
+        assert!(m.contains("libxenctrl.so.4.17") && m.contains("Xen 4.17"), "{m}");
+        let e = XenError::VersionMismatch { running: "4.18".into(), built_for: "4.17".into() };
         assert!(e.to_string().contains("runs Xen 4.18"), "{e}");
         let e = XenError::NoBindings { reason: "x".into() };
-        assert!(e
-            .to_string()
-            .contains("install libxen-dev and libclang-dev and rebuild"));
+        assert!(e.to_string().contains("install libxen-dev and libclang-dev and rebuild"));
         let e = XenError::NoSuchDomain(DomainRef::parse("g9"));
         assert!(e.to_string().contains("domain 'g9'"), "{e}");
     }

@@ -13,34 +13,18 @@
 //! development symlink `libxenctrl.so`, which only exists with the headers
 //! installed and may point at another release).
 
-#![allow(
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    dead_code,
-    clippy::all
-)]
+#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
 
 /// Structs, typedefs and `#define` constants from the Xen headers.
 pub mod types {
-    #![allow(
-        non_camel_case_types,
-        non_snake_case,
-        non_upper_case_globals,
-        dead_code
-    )]
+    #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
     include!(concat!(env!("OUT_DIR"), "/xen_types.rs"));
 }
 
 macro_rules! library {
     ($module:ident, $file:literal) => {
         pub mod $module {
-            #![allow(
-                non_camel_case_types,
-                non_snake_case,
-                non_upper_case_globals,
-                dead_code
-            )]
+            #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
             use super::types::*;
             include!(concat!(env!("OUT_DIR"), "/", $file));
         }
@@ -112,9 +96,7 @@ impl Libraries {
 
     /// As [`Libraries::load`], with the file name of each library chosen by
     /// `name` (tests use this to provoke a missing library).
-    pub fn load_with(
-        name: impl Fn(Which) -> String,
-    ) -> Result<Libraries, (Which, String, libloading::Error)> {
+    pub fn load_with(name: impl Fn(Which) -> String) -> Result<Libraries, (Which, String, libloading::Error)> {
         // SAFETY: these are Xen's C libraries; their initialisers only set
         // up internal state. Each function pointer is resolved by name and
         // typed from the header of the same release (build.rs), which is
@@ -136,12 +118,7 @@ impl Libraries {
                 let n = name(Which::Light);
                 XenLightLib::new(&n).map_err(|e| (Which::Light, n, e))?
             };
-            Ok(Libraries {
-                ctrl,
-                store,
-                light,
-                toollog,
-            })
+            Ok(Libraries { ctrl, store, light, toollog })
         }
     }
 }

@@ -14,9 +14,7 @@ pub struct Xen {
 impl Xen {
     pub fn open() -> Result<Xen, XenError> {
         Err(XenError::NoBindings {
-            reason: NO_BINDINGS_REASON
-                .unwrap_or("headers or libclang missing at build time")
-                .to_string(),
+            reason: NO_BINDINGS_REASON.unwrap_or("headers or libclang missing at build time").to_string(),
         })
     }
 

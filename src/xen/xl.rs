@@ -23,7 +23,9 @@ use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
 pub enum XlError {
-    #[error("the `xl` command ({program}) is not installed: it comes with Xen's tools (apt-get install xen-utils-4.17)")]
+    #[error(
+        "the `xl` command ({program}) is not installed: it comes with Xen's tools (apt-get install xen-utils-4.17)"
+    )]
     NotInstalled { program: String },
     #[error("cannot run `{command}`: {source}")]
     Io {
@@ -32,19 +34,12 @@ pub enum XlError {
         source: io::Error,
     },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { command: String, status: String, stderr: String },
 }
 
 /// The `xl` program to run.
 pub fn program() -> PathBuf {
-    std::env::var_os("XENMIG_XL")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("xl"))
+    std::env::var_os("XENMIG_XL").filter(|p| !p.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("xl"))
 }
 
 /// Arguments of `xl save`: `-p` leaves the domain paused after saving
@@ -85,14 +80,9 @@ pub fn run(program: &Path, args: &[OsString]) -> Result<(), XlError> {
         .output()
         .map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                XlError::NotInstalled {
-                    program: program.display().to_string(),
-                }
+                XlError::NotInstalled { program: program.display().to_string() }
             } else {
-                XlError::Io {
-                    command: command.clone(),
-                    source: e,
-                }
+                XlError::Io { command: command.clone(), source: e }
             }
         })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -102,20 +92,12 @@ pub fn run(program: &Path, args: &[OsString]) -> Result<(), XlError> {
         }
         return Ok(());
     }
-    let tail: Vec<&str> = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let tail: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let tail = tail[tail.len().saturating_sub(6)..].join("; ");
     Err(XlError::Failed {
         command,
         status: out.status.to_string(),
-        stderr: if tail.is_empty() {
-            "(nothing on stderr)".into()
-        } else {
-            tail
-        },
+        stderr: if tail.is_empty() { "(nothing on stderr)".into() } else { tail },
     })
 }
 
@@ -126,22 +108,10 @@ mod tests {
 
     #[test]
     fn args_follow_xl() {
-        assert_eq!(
-            save_args("g1", Path::new("/tmp/g1.save"), false),
-            vec!["save", "g1", "/tmp/g1.save"]
-        );
-        assert_eq!(
-            save_args("g1", Path::new("/tmp/g1.save"), true),
-            vec!["save", "-p", "g1", "/tmp/g1.save"]
-        );
-        assert_eq!(
-            restore_args(Path::new("/tmp/g1.save"), true),
-            vec!["restore", "-p", "/tmp/g1.save"]
-        );
-        assert_eq!(
-            restore_args(Path::new("/tmp/g1.save"), false),
-            vec!["restore", "/tmp/g1.save"]
-        );
+        assert_eq!(save_args("g1", Path::new("/tmp/g1.save"), false), vec!["save", "g1", "/tmp/g1.save"]);
+        assert_eq!(save_args("g1", Path::new("/tmp/g1.save"), true), vec!["save", "-p", "g1", "/tmp/g1.save"]);
+        assert_eq!(restore_args(Path::new("/tmp/g1.save"), true), vec!["restore", "-p", "/tmp/g1.save"]);
+        assert_eq!(restore_args(Path::new("/tmp/g1.save"), false), vec!["restore", "/tmp/g1.save"]);
     }
 
     #[test]

@@ -40,15 +40,11 @@ pub fn sample_image(path: &Path, seed: u64, blocks: usize) -> Vec<u8> {
 pub fn change_blocks(path: &Path, first: usize, count: usize, seed: u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&noise(seed, count * 4096), (first * 4096) as u64)
-        .unwrap();
+    f.write_all_at(&noise(seed, count * 4096), (first * 4096) as u64).unwrap();
 }
 
 pub fn run(args: &[&str]) -> Output {
-    std::process::Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run xenmig")
+    std::process::Command::new(bin()).args(args).output().expect("run xenmig")
 }
 
 /// Run a `copy --json` and parse its report; panics with stderr on failure.
@@ -57,13 +53,8 @@ pub fn copy_json(args: &[&str]) -> Value {
     all.extend_from_slice(args);
     let out = run(&all);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "xenmig {all:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad JSON {stdout}: {e}"));
+    assert!(out.status.success(), "xenmig {all:?} failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad JSON {stdout}: {e}"));
     check_counters(&v);
     v
 }
@@ -71,11 +62,7 @@ pub fn copy_json(args: &[&str]) -> Value {
 /// The report's counters must add up, and a success must be verified.
 pub fn check_counters(v: &Value) {
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
-    assert_eq!(
-        n("blocks_total"),
-        n("blocks_zero") + n("blocks_reused") + n("blocks_fetched"),
-        "{v}"
-    );
+    assert_eq!(n("blocks_total"), n("blocks_zero") + n("blocks_reused") + n("blocks_fetched"), "{v}");
     assert!(n("blocks_in_place") <= n("blocks_reused"));
     assert!(n("bytes_wire") >= n("bytes_payload_wire"));
     assert_eq!(v["verified"], Value::Bool(true));
@@ -91,8 +78,5 @@ pub fn is_root() -> bool {
 
 /// Tests that need root (loop devices, tmpfs) say so instead of passing.
 pub fn require_root(what: &str) {
-    assert!(
-        is_root(),
-        "this test needs root for {what}; run the suite as root (scripts/test.sh, as CI does)"
-    );
+    assert!(is_root(), "this test needs root for {what}; run the suite as root (scripts/test.sh, as CI does)");
 }
