@@ -242,8 +242,15 @@ class Host:
 
 # ---- the guest's heartbeat, read from xenconsoled's log in dom0 ----
 def heartbeats(host, logname="guest-g1.log"):
-    out = host.sh(f"/opt/xenmig/lab/hb {logname}")
-    return [int(x) for x in out.split()]
+    for attempt in range(3):
+        out = host.sh(f"/opt/xenmig/lab/hb {logname}")
+        words = out.split()
+        if all(w.isdigit() for w in words):
+            return [int(w) for w in words]
+        # seen once under TCG: "Segmentation fault" from one of the pipeline's tools
+        log(f"{host.name}: unexpected output from hb (attempt {attempt + 1}), retrying: "
+            f"{out.strip()[:200]!r}")
+    raise LabError(f"{host.name}: cannot read heartbeats: {out.strip()[:500]}")
 
 
 def last_heartbeat(host, logname="guest-g1.log"):
@@ -369,6 +376,11 @@ def run_tests(args):
         print(f"\nLAB ERROR: {e}")
     except KeyboardInterrupt:
         print("\ninterrupted")
+    except Exception as e:  # a bug in this script: still report, clean up, show logs
+        import traceback
+        traceback.print_exc()
+        checks.summary()
+        print(f"\nLAB ERROR (internal): {e!r}")
     finally:
         if args.keep:
             log(f"--keep: leaving QEMU running: "
