@@ -11,9 +11,9 @@ use serde_json::json;
 
 use xenmig::blockmap::BlockMap;
 use xenmig::compress::Choice;
-use xenmig::digest::{hex, Algorithm};
+use xenmig::digest::{hex, key_of, Algorithm};
 use xenmig::engine::copy::{self, CopyOptions, ServeRole};
-use xenmig::engine::references::layout_of;
+use xenmig::engine::references::{layout_of, ReferenceSet};
 use xenmig::engine::source::{LiveOptions, Rescan, SourceOptions};
 use xenmig::engine::target::TargetOptions;
 use xenmig::engine::{Progress, Report};
@@ -99,6 +99,19 @@ enum Command {
         images: Vec<PathBuf>,
         #[command(flatten)]
         hash: HashArgs,
+    },
+    /// How much of an image its references already hold (the seed's
+    /// Table 5.1): blocks found, zero blocks apart. Reads only; moves nothing.
+    Similarity {
+        image: PathBuf,
+        /// Reference images or index files (repeatable, at least one).
+        #[arg(short = 'r', long = "reference", value_name = "PATH", required = true)]
+        references: Vec<PathBuf>,
+        #[command(flatten)]
+        hash: HashArgs,
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what a hash or index file holds.
     Show { file: PathBuf },
@@ -291,6 +304,44 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                 idx.blocks.len(),
                 idx.groups.len()
             );
+            Ok(0)
+        }
+        Command::Similarity { image, references, hash, json } => {
+            let img = Image::open_read(&image)?;
+            let layout = layout_of(&img, hash.block_size, hash.align)?;
+            let progress = Progress::stderr(quiet);
+            progress.phase("hashing", layout.size);
+            let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+            let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;
+            progress.finish();
+            let total = map.digests.len() as u64;
+            let zero = map.zero_blocks();
+            let found = (0..map.digests.len())
+                .filter(|&i| !map.zero[i] && refs.index.find_block(&key_of(&map.digests[i])).is_some())
+                .count() as u64;
+            let pct = |n: u64, of: u64| if of == 0 { 0.0 } else { 100.0 * n as f64 / of as f64 };
+            let v = json!({
+                "image": image.display().to_string(),
+                "references": references.iter().map(|r| r.display().to_string()).collect::<Vec<_>>(),
+                "blocks_total": total,
+                "blocks_zero": zero,
+                "blocks_found": found,
+                "blocks_missing": total - zero - found,
+                "found_percent_of_nonzero": pct(found, total - zero),
+                "found_or_zero_percent": pct(found + zero, total),
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{}: {total} blocks, {zero} zero ({:.1}%), {found} of the {} non-zero found in the references ({:.1}%), {} missing",
+                    image.display(),
+                    pct(zero, total),
+                    total - zero,
+                    pct(found, total - zero),
+                    total - zero - found
+                );
+            }
             Ok(0)
         }
         Command::Show { file } => {

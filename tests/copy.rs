@@ -203,3 +203,22 @@ fn usage_errors_exit_2_and_help_teaches() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/src.img"));
 }
+
+#[test]
+fn similarity_counts_blocks_found_in_references_and_zeros_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, r) = (d.path().join("a.img"), d.path().join("r.img"));
+    let data = sample_image(&a, 41, 1000);
+    // The reference holds blocks 0..500 of a, then noise.
+    let mut rdata = data[..500 * 4096].to_vec();
+    rdata.extend_from_slice(&common::noise(42, 300 * 4096));
+    fs::write(&r, &rdata).unwrap();
+    let out = run(&["similarity", "--json", s(&a), "-r", s(&r)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["blocks_total"], 1000);
+    assert_eq!(v["blocks_zero"], 200);
+    assert_eq!(v["blocks_found"], 400);
+    assert_eq!(v["blocks_missing"], 400);
+    assert_eq!(v["found_percent_of_nonzero"], 50.0);
+}
