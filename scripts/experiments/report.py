@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Tables and plots for docs/experiments.md from the measured files only.
+
+    python3 scripts/experiments/report.py [--quick|--full] [--fixed SECONDS]
+
+Reads docs/experiments/results-<mode>.csv (scripts/experiments/run.sh) and
+docs/experiments/similarity-<mode>.jsonl (scripts/experiments/similarity.sh);
+writes docs/experiments/results-<mode>.md and the PNG figures beside them.
+Cells with several rounds show medians. Nothing is typed in by hand.
+"""
+import csv
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+mode = "full" if "--full" in sys.argv else "quick"
+FIXED = float(sys.argv[sys.argv.index("--fixed") + 1]) if "--fixed" in sys.argv else 3.0
+here = os.path.dirname(os.path.abspath(__file__))
+out = os.path.normpath(os.path.join(here, "../../docs/experiments"))
+csv_path = os.path.join(out, f"results-{mode}.csv")
+sim_path = os.path.join(out, f"similarity-{mode}.jsonl")
+
+XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "precache"]
+PEERS = ["simple", "rsync", "rsync-z", "casync", "zstd-patch"]
+ORDER = ["simple"] + XM + PEERS[1:]
+SCEN = ["release", "clone", "return", "cold"]
+SCEN_TXT = {
+    "release": "trixie, target has bookworm",
+    "clone": "template clone, target has bookworm template",
+    "return": "return migration, target has the pre-change clone",
+    "cold": "cold: clone, target has nothing",
+}
+MB = 1e6
+md = []
+
+
+def link_name(l):
+    return "unshaped" if l == 0 else f"{l} Mbit/s"
+
+
+# ------------------------------------------------------------ similarity --
+if os.path.exists(sim_path):
+    md.append(f"### Similarity (`xenmig similarity --json`, 4 KiB blocks), {mode} images\n")
+    md.append("| guest | target has | blocks | zero | found (of non-zero) | found or zero (of all) | missing |")
+    md.append("|---|---|---|---|---|---|---|")
+    for line in open(sim_path):
+        d = json.loads(line)
+        md.append(
+            f"| {d['guest']} | {d['target_has']} | {d['blocks_total']} | {d['blocks_zero']} "
+            f"({100 * d['blocks_zero'] / d['blocks_total']:.1f}%) | {d['blocks_found']} "
+            f"(**{d['found_percent_of_nonzero']:.1f}%**) | {d['found_or_zero_percent']:.1f}% | {d['blocks_missing']} |"
+        )
+    md.append("")
+
+# --------------------------------------------------------------- results --
+rows = list(csv.DictReader(open(csv_path))) if os.path.exists(csv_path) else []
+cells = defaultdict(list)
+meta = {}
+for r in rows:
+    key = (r["scenario"], int(r["link_mbps"]), r["method"])
+    cells[key].append(r)
+    meta[r["scenario"]] = (r["source"], r["reference"], int(r["image_bytes"]), int(r["nonzero_bytes"]))
+
+
+def med(key, field):
+    v = [float(r[field]) for r in cells[key] if r[field] != ""]
+    return statistics.median(v) if v else None
+
+
+def ok(key):
+    return all(r["verified"] == "1" for r in cells[key])
+
+
+links = sorted({k[1] for k in cells}, key=lambda l: (l == 0, -l))
+links = [l for l in links if l != 0] + ([0] if 0 in links else [])
+scens = [s for s in SCEN if any(k[0] == s for k in cells)]
+methods = [m for m in ORDER if any(k[2] == m for k in cells)]
+
+if rows:
+    md.append(f"### Images ({mode})\n")
+    md.append("| scenario | source image | target holds | image size | allocated (non-hole) |")
+    md.append("|---|---|---|---|---|")
+    for s in scens:
+        src, ref, size, nz = meta[s]
+        md.append(f"| {s} | {src}.img | {ref} | {size / MB:.1f} MB | {nz / MB:.1f} MB |")
+    md.append("")
+    for s in scens:
+        md.append(f"### {s}: {SCEN_TXT[s]}\n")
+        hdr = "| method | " + " | ".join(f"{link_name(l)} s | {link_name(l)} MB wire" for l in links) + " |"
+        md.append(hdr)
+        md.append("|---|" + "---|---|" * len(links))
+        for m in methods:
+            if not any((s, l, m) in cells for l in links):
+                continue
+            parts = []
+            for l in links:
+                k = (s, l, m)
+                if k not in cells:
+                    parts += ["", ""]
+                    continue
+                t, b = med(k, "seconds"), med(k, "wire_bytes")
+                flag = "" if ok(k) else " (FAILED)"
+                n = len(cells[k])
+                parts += [f"{t:.1f}{flag}" + (f" (n={n})" if n > 1 else ""), f"{b / MB:.1f}"]
+            md.append(f"| {m} | " + " | ".join(parts) + " |")
+        md.append("")
+
+    # ------------------------------------------------------------ claims --
+    md.append(f"### Claims check (fixed cost allowed: {FIXED:.0f} s)\n")
+    md.append(
+        "Bound: xenmig's time <= 1.1 x (its bytes on the veth x 8 / link rate) + fixed cost. "
+        "Peers: simple, rsync, rsync-z, casync, zstd-patch (precache is xenmig itself, not a peer).\n"
+    )
+    md.append("| scenario | link | xenmig method | s | wire MB | bound s | within bound | fastest peer | peer s | xenmig faster |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|")
+    for s in scens:
+        for l in links:
+            peers = [(med((s, l, p), "seconds"), p) for p in PEERS if (s, l, p) in cells and ok((s, l, p))]
+            best_peer = min(peers) if peers else None
+            for m in XM:
+                k = (s, l, m)
+                if k not in cells:
+                    continue
+                t, b = med(k, "seconds"), med(k, "wire_bytes")
+                if l:
+                    bound = 1.1 * b * 8 / (l * 1e6) + FIXED
+                    within = "yes" if t <= bound else f"**no** ({t / (1.1 * b * 8 / (l * 1e6)):.1f}x the wire time)"
+                    bs = f"{bound:.1f}"
+                else:
+                    bs, within = "n/a", "n/a (unshaped)"
+                if best_peer:
+                    faster = "yes" if t < best_peer[0] else f"**no** ({t / best_peer[0]:.2f}x)"
+                    bp, bpt = best_peer[1], f"{best_peer[0]:.1f}"
+                else:
+                    faster, bp, bpt = "n/a", "", ""
+                if not ok(k):
+                    within = faster = "FAILED"
+                md.append(f"| {s} | {link_name(l)} | {m} | {t:.1f} | {b / MB:.1f} | {bs} | {within} | {bp} | {bpt} | {faster} |")
+    md.append("")
+
+    # ------------------------------------------------------------- plots --
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {
+        "simple": "#888888", "xm-none": "#1f77b4", "xm-zlib": "#4a90d9", "xm-lz4": "#7fb3e6",
+        "xm-zstd": "#0b4f8a", "xm-auto": "#2ca02c", "precache": "#98df8a", "rsync": "#d62728",
+        "rsync-z": "#ff9896", "casync": "#9467bd", "zstd-patch": "#ff7f0e",
+    }
+    figs = []
+
+    def bars(ax, value, ylabel):
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            xs, ys = [], []
+            for j, s in enumerate(scens):
+                v = value(s, m)
+                if v is not None:
+                    xs.append(j + (i - len(methods) / 2 + 0.5) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=m, color=colors.get(m))
+        ax.set_xticks(range(len(scens)))
+        ax.set_xticklabels(scens)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+
+    for l in links:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        bars(ax, lambda s, m: med((s, l, m), "seconds") if (s, l, m) in cells else None, "seconds (median)")
+        ax.set_title(f"Time per method, {link_name(l)} link ({mode} images)")
+        ax.legend(ncol=6, fontsize=8, loc="upper left")
+        name = f"time-{mode}-{l if l else 'unshaped'}.png"
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=90)
+        plt.close(fig)
+        figs.append((f"Time per method, {link_name(l)}", name))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ref_link = links[0]
+
+    def wire_any(s, m):
+        v = [med((s, l, m), "wire_bytes") for l in links if (s, l, m) in cells]
+        return statistics.median(v) / MB if v else None
+
+    bars(ax, wire_any, "MB on the veth (both directions)")
+    ax.set_title(f"Bytes on the wire per method ({mode} images; median over links)")
+    ax.legend(ncol=6, fontsize=8, loc="upper left")
+    name = f"bytes-{mode}.png"
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=90)
+    plt.close(fig)
+    figs.append(("Bytes on the wire per method", name))
+    md.append("### Figures\n")
+    for t, n in figs:
+        md.append(f"![{t}](experiments/{n})\n")
+
+path = os.path.join(out, f"results-{mode}.md")
+open(path, "w").write("\n".join(md) + "\n")
+print(path)
