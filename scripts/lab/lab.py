@@ -23,6 +23,9 @@ import time
 CACHE = os.environ.get("XENMIG_LAB_CACHE", "/var/tmp/xenmig-lab")
 T0 = time.monotonic()
 # multi-threaded TCG is faster for one host; see docs/lab.md for the hangs seen with it
+# -smap: a PV dom0 crashes at once with emulated SMAP (notes). -xsave,-avx,-avx2:
+# see docs/lab.md (random segfaults/hangs of dom0 programs once a guest runs)
+CPU = os.environ.get("XENMIG_LAB_CPU", "max,-smap,-smep,-xsave,-avx,-avx2")
 TCG_THREAD = os.environ.get("XENMIG_LAB_TCG_THREAD", "single")
 
 
@@ -72,7 +75,7 @@ class Host:
             "qemu-system-x86_64", "-name", self.name,
             "-machine", "pc", "-nodefaults", "-display", "none",
             "-accel", f"tcg,thread={TCG_THREAD},tb-size=1024",
-            "-cpu", "max,-smap,-smep", "-smp", "2", "-m", str(self.mem),
+            "-cpu", CPU, "-smp", "2", "-m", str(self.mem),
             "-kernel", os.path.join(self.image, "xen"),
             "-append", self.XEN_ARGS.format(mem=self.dom0_mem),
             "-initrd", f"{os.path.join(self.image, 'vmlinuz')} {dom0_args},"
@@ -369,16 +372,20 @@ def run_tests(args):
             checks.step("xenmig --version inside dom0", lambda: check_version(h1))
             checks.step("xenmig copy --json /dev/vg0/g1 /tmp/g1.img (guest paused)",
                         lambda: check_copy(h1))
+            checks.step("guest shut down: e2fsck -fn clean, counter on disk = last "
+                        "heartbeat", lambda: check_shutdown_fsck(h1, "guest-g1.log"))
+            # a fresh domain for the migration: a restored one failed to migrate
+            # every time here ("Bad mfn for L1"), see docs/lab.md
+            recreated = checks.step("guest started again from its LV: the counter "
+                                    "continues from the disk", lambda: check_recreate(h1))
             if two:
                 checks.step("ssh between the dom0s", lambda: check_ssh(hosts))
-                if checks.step("xl migrate g1 to xenlab2 over ssh (disk copied first, "
-                               "guest paused)", lambda: check_migrate(hosts), retry=True):
+                if recreated and checks.step(
+                        "xl migrate g1 to xenlab2 over ssh (disk copied first, guest paused)",
+                        lambda: check_migrate(hosts), retry=True):
                     checks.step("guest shut down on xenlab2: e2fsck -fn clean, counter "
                                 "on disk = last heartbeat",
                                 lambda: check_shutdown_fsck(hosts[1], "guest-g1--incoming.log"))
-            else:
-                checks.step("guest shut down: e2fsck -fn clean, counter on disk = last "
-                            "heartbeat", lambda: check_shutdown_fsck(h1, "guest-g1.log"))
         ok = checks.summary()
     except LabError as e:
         checks.summary()
@@ -495,6 +502,8 @@ def check_copy(h):
         if cmp_rc != 0 or "IDENTICAL" not in cmp_out:
             raise LabError(f"copy differs from the LV: {cmp_out}\nxenmig said:\n{out}")
         js = [l for l in out.splitlines() if l.strip().startswith("{")]
+        if not js or '"verified":true' not in js[-1].replace(" ", ""):
+            raise LabError(f"xenmig copy --json did not report \"verified\":true:\n{out}")
     finally:
         h.run("xl unpause g1")
         h.run("rm -f /tmp/g1.img")
@@ -554,6 +563,18 @@ def check_shutdown_fsck(h, logname):
     if disk != str(last):
         raise LabError(f"counter on disk {disk!r}, last heartbeat {last}")
     return f"e2fsck -fn status 0, counter on disk {disk} = last heartbeat {last}"
+
+
+def check_recreate(h):
+    disk = int(h.sh("debugfs -R 'cat /counter' /dev/vg0/g1 2>/dev/null").strip())
+    h.sh("mv /var/log/xen/console/guest-g1.log /var/log/xen/console/guest-g1.log.1")
+    h.sh("xl create /opt/xenmig/guest/g1.cfg", 120)
+    first = wait_heartbeat_above(h, None, 120)
+    wait_heartbeat_above(h, first, 60)
+    seq = heartbeats(h)
+    if seq[0] != disk + 1:
+        raise LabError(f"counter on disk {disk}, first heartbeat after xl create {seq[0]}")
+    return f"counter on disk {disk}, heartbeats now {' '.join(map(str, seq[:4]))}"
 
 
 def shell(args):
