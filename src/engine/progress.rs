@@ -15,7 +15,9 @@ impl Progress {
         if quiet || !std::io::stderr().is_terminal() {
             return Progress::hidden();
         }
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        // Hidden until the first phase gives it a length, so that no empty
+        // "0 B/0 B" bar flashes up.
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
@@ -33,10 +35,13 @@ impl Progress {
     /// Start a phase of `total` bytes.
     pub fn phase(&self, name: &str, total: u64) {
         if let Some(b) = &self.bar {
-            b.set_prefix(name.to_string());
             b.set_length(total);
             b.set_position(0);
             b.reset_eta();
+            b.set_prefix(name.to_string());
+            if b.is_hidden() {
+                b.set_draw_target(ProgressDrawTarget::stderr());
+            }
         }
     }
 
