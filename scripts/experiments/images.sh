@@ -2,7 +2,10 @@
 # Test images for the seed's chapter 5 experiments, built from real Debian
 # packages (see docs/experiments.md).
 #
-#   sudo scripts/experiments/images.sh [--quick|--full] [--rebuild]
+#   sudo scripts/experiments/images.sh [--quick|--full] [--rebuild|--repack]
+#
+# --rebuild runs debootstrap again; --repack only re-packs the kept roots
+# (and rebuilds the images derived from them).
 #
 # Releases: debootstrap --variant=minbase of bullseye, bookworm and trixie with
 # the same package selection, each packed into an ext4 image (4 KiB blocks)
@@ -18,12 +21,14 @@ set -euo pipefail
 
 MODE=quick
 REBUILD=0
+REPACK=0
 for a in "$@"; do
     case "$a" in
         --quick) MODE=quick ;;
         --full) MODE=full ;;
         --rebuild) REBUILD=1 ;;
-        *) echo "usage: $0 [--quick|--full] [--rebuild]" >&2; exit 2 ;;
+        --repack) REBUILD=1; REPACK=1 ;;
+        *) echo "usage: $0 [--quick|--full] [--rebuild|--repack]" >&2; exit 2 ;;
     esac
 done
 [ "$(id -u)" = 0 ] || { echo "$0: needs root (debootstrap, loop mounts)" >&2; exit 1; }
@@ -39,16 +44,15 @@ RELEASES=(bullseye bookworm trixie)
 mkdir -p "$EXP/roots" "$EXP/img" "$EXP/debs"
 log() { echo "[images $(date +%T)] $*" >&2; }
 
-# Pack a directory into an ext4 image sized to its content + ~10% (+16 MiB of
-# room for the file system's own metadata); grow by 10% and retry if mkfs says
-# it does not fit.
+# Pack a directory into an ext4 image sized to its content + ~10% (content =
+# its allocated 4 KiB blocks) + 24 MiB for the file system's own metadata
+# (journal, inode tables); grow by 10% and retry if mkfs says it does not fit.
 pack() {
     local dir=$1 img=$2 kib size
-    kib=$(du -s --apparent-size -B1K "$dir" | cut -f1)
+    kib=$(du -s -B1K "$dir" | cut -f1)
     local files
     files=$(find "$dir" -xdev | wc -l)
-    # content + 10% + one 4 KiB block per inode's slack + metadata room
-    size=$(( (kib * 11 / 10 + files * 4 + 16384) / 1024 ))
+    size=$(( (kib * 11 / 10 + 24576) / 1024 ))
     for _ in 1 2 3 4 5; do
         rm -f "$img"
         if mkfs.ext4 -q -F -b 4096 -d "$dir" "$img" "${size}M" 2>"$img.log"; then
@@ -67,6 +71,10 @@ build_release() {
     if [ "$REBUILD" = 0 ] && [ -s "$EXP/img/$rel.img" ]; then
         log "$rel.img cached"
         return 0
+    fi
+    if [ "$REPACK" = 1 ] && [ -d "$root/usr" ]; then
+        pack "$root" "$EXP/img/$rel.img"
+        return
     fi
     rm -rf "$root"
     log "debootstrap $rel ($INCLUDE)"
@@ -93,7 +101,7 @@ trap cleanup EXIT
 if [ "$REBUILD" = 1 ] || [ ! -s "$EXP/img/clone.img" ]; then
     log "clone.img: from bookworm.img"
     cp --sparse=always "$EXP/img/bookworm.img" "$EXP/img/clone.tmp"
-    truncate -s +160M "$EXP/img/clone.tmp"
+    truncate -s +128M "$EXP/img/clone.tmp"
     e2fsck -fy "$EXP/img/clone.tmp" >/dev/null 2>&1 || true
     resize2fs "$EXP/img/clone.tmp" >/dev/null 2>&1
     # Host is Debian 12, so apt-get download gives bookworm packages.

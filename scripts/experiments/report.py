@@ -140,6 +140,44 @@ if rows:
                 md.append(f"| {s} | {link_name(l)} | {m} | {t:.1f} | {b / MB:.1f} | {bs} | {within} | {bp} | {bpt} | {faster} |")
     md.append("")
 
+    # ------------------------------------------- how long the runs take --
+    starts = sorted(r["started"] for r in rows)
+    per_link = defaultdict(float)
+    for k, rs in cells.items():
+        per_link[k[1]] += sum(float(r["seconds"]) for r in rs)
+    md.append("### Run time\n")
+    md.append("Sum of the measured method times per link (setup, preparation and verification come on top; "
+              f"first row started {starts[0]}, last {starts[-1]}):\n")
+    md.append("| link | methods' seconds | cells |")
+    md.append("|---|---|---|")
+    for l in links:
+        md.append(f"| {link_name(l)} | {per_link[l]:.0f} | {sum(len(v) for k, v in cells.items() if k[1] == l)} |")
+    md.append("")
+    # Full mode estimate: every (scenario, method) cell at every full link,
+    # 3 rounds, images SCALE times larger: CPU part from the unshaped run (or
+    # the fastest measured), wire part from the bytes at the new rate.
+    SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 2.5
+    est = defaultdict(float)
+    for s in SCEN:
+        for m in ORDER:
+            ks = [k for k in cells if k[0] == s and k[2] == m]
+            if not ks:
+                continue
+            cpu = min(med(k, "seconds") for k in ks)
+            b = statistics.median(med(k, "wire_bytes") for k in ks)
+            for l in (100, 0, 20, 2):
+                wire_t = b * 8 / (l * 1e6) if l else 0
+                est[l] += 3 * SCALE * max(cpu, wire_t)
+    md.append(f"Estimated full mode (`run.sh --full`: links 100, unshaped, 20 and 2 Mbit/s, all four scenarios, "
+              f"3 rounds, images ~{SCALE}x the quick ones; each cell max(CPU time, wire bytes / rate), scaled; "
+              "cold at 20 Mbit/s estimated from its 100 Mbit/s bytes):\n")
+    md.append("| link | estimated hours |")
+    md.append("|---|---|")
+    for l in (100, 0, 20, 2):
+        md.append(f"| {link_name(l)} | {est[l] / 3600:.1f} |")
+    md.append(f"| total | {sum(est.values()) / 3600:.1f} |")
+    md.append("")
+
     # ------------------------------------------------------------- plots --
     import matplotlib
 
@@ -198,5 +236,15 @@ if rows:
         md.append(f"![{t}](experiments/{n})\n")
 
 path = os.path.join(out, f"results-{mode}.md")
-open(path, "w").write("\n".join(md) + "\n")
+text = "\n".join(md) + "\n"
+open(path, "w").write(text)
 print(path)
+# Splice the same text into docs/experiments.md between its markers.
+doc = os.path.join(out, "..", "experiments.md")
+begin, end = f"<!-- BEGIN generated {mode} -->", f"<!-- END generated {mode} -->"
+if os.path.exists(doc):
+    d = open(doc).read()
+    if begin in d and end in d:
+        a, b = d.index(begin) + len(begin), d.index(end)
+        open(doc, "w").write(d[:a] + "\n" + text + d[b:])
+        print(os.path.normpath(doc))
