@@ -22,7 +22,7 @@ out = os.path.normpath(os.path.join(here, "../../docs/experiments"))
 csv_path = os.path.join(out, f"results-{mode}.csv")
 sim_path = os.path.join(out, f"similarity-{mode}.jsonl")
 
-XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "precache"]
+XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-inplace", "precache"]
 PEERS = ["simple", "rsync", "rsync-z", "casync", "zstd-patch"]
 ORDER = ["simple"] + XM + PEERS[1:]
 SCEN = ["release", "clone", "return", "cold"]
@@ -130,7 +130,9 @@ if rows:
                     bs = f"{bound:.1f}"
                 else:
                     bs, within = "n/a", "n/a (unshaped)"
-                if best_peer:
+                if m == "precache":
+                    faster, bp, bpt = "n/a (no peer was given an identical image)", "", ""
+                elif best_peer:
                     faster = "yes" if t < best_peer[0] else f"**no** ({t / best_peer[0]:.2f}x)"
                     bp, bpt = best_peer[1], f"{best_peer[0]:.1f}"
                 else:
@@ -186,7 +188,7 @@ if rows:
 
     colors = {
         "simple": "#888888", "xm-none": "#1f77b4", "xm-zlib": "#4a90d9", "xm-lz4": "#7fb3e6",
-        "xm-zstd": "#0b4f8a", "xm-auto": "#2ca02c", "precache": "#98df8a", "rsync": "#d62728",
+        "xm-zstd": "#0b4f8a", "xm-auto": "#2ca02c", "xm-inplace": "#17becf", "precache": "#98df8a", "rsync": "#d62728",
         "rsync-z": "#ff9896", "casync": "#9467bd", "zstd-patch": "#ff7f0e",
     }
     figs = []
@@ -210,10 +212,10 @@ if rows:
         fig, ax = plt.subplots(figsize=(10, 4.5))
         bars(ax, lambda s, m: med((s, l, m), "seconds") if (s, l, m) in cells else None, "seconds (median)")
         ax.set_title(f"Time per method, {link_name(l)} link ({mode} images)")
-        ax.legend(ncol=6, fontsize=8, loc="upper left")
+        ax.legend(ncol=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
         name = f"time-{mode}-{l if l else 'unshaped'}.png"
         fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=90)
+        fig.savefig(os.path.join(out, name), dpi=90, bbox_inches="tight")
         plt.close(fig)
         figs.append((f"Time per method, {link_name(l)}", name))
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -223,12 +225,13 @@ if rows:
         v = [med((s, l, m), "wire_bytes") for l in links if (s, l, m) in cells]
         return statistics.median(v) / MB if v else None
 
-    bars(ax, wire_any, "MB on the veth (both directions)")
+    bars(ax, wire_any, "MB on the veth (both directions, log scale)")
+    ax.set_yscale("log")
     ax.set_title(f"Bytes on the wire per method ({mode} images; median over links)")
-    ax.legend(ncol=6, fontsize=8, loc="upper left")
+    ax.legend(ncol=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     name = f"bytes-{mode}.png"
     fig.tight_layout()
-    fig.savefig(os.path.join(out, name), dpi=90)
+    fig.savefig(os.path.join(out, name), dpi=90, bbox_inches="tight")
     plt.close(fig)
     figs.append(("Bytes on the wire per method", name))
     md.append("### Figures\n")

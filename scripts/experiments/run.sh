@@ -13,6 +13,8 @@
 #   LINKS      link rates in Mbit/s, 0 = unshaped          quick: "100 0 20"   full: "100 0 20 2"
 #   SCENARIOS  release clone return cold                   quick: all four
 #   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto precache rsync rsync-z casync zstd-patch
+#              (and xm-inplace: xenmig --compress auto onto a DST that already is a copy of
+#              REF, no -r: the same starting point rsync gets)
 #   ROUNDS     rounds per cell (methods interleaved within a round)   quick: 1   full: 3
 #   SKIP_CELLS scenario:link cells left out                 quick: "cold:20"   full: none
 #
@@ -52,7 +54,7 @@ else
     SKIP_CELLS=${SKIP_CELLS:-}
 fi
 SCENARIOS=${SCENARIOS:-release clone return cold}
-METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto precache rsync rsync-z casync zstd-patch}
+METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace precache rsync rsync-z casync zstd-patch}
 CSV=$OUT/results-$MODE.csv
 JSONDIR=$OUT/raw-$MODE
 mkdir -p "$W/tgt" "$OUT" "$JSONDIR"
@@ -153,7 +155,7 @@ prepare() { # untimed: what the target holds before the method runs
     rm -rf "$W/castr"/*
     case $m in
         precache) cp --sparse=always "$S" "$OUTF" ;;
-        rsync|rsync-z) [ -n "$R" ] && cp --sparse=always "$R" "$OUTF" || true ;;
+        rsync|rsync-z|xm-inplace) [ -n "$R" ] && cp --sparse=always "$R" "$OUTF" || true ;;
     esac
     sync "$W/tgt" 2>/dev/null || sync
 }
@@ -165,6 +167,11 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
     case $m in
         simple)
             ip netns exec $NS_S sh -c "cat '$S' | $SSH root@$DST_IP 'cat > $OUTF'" ;;
+        xm-inplace)
+            # like rsync: DST already holds a copy of REF, xenmig gets no -r
+            # (DST's own content is its reference) and rewrites it in place
+            ip netns exec $NS_S "$BIN" copy -q --json --compress auto -s "$SSH" \
+                --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
         xm-*|precache)
             local c=${m#xm-}; [ "$m" = precache ] && c=auto
             ip netns exec $NS_S "$BIN" copy -q --json --compress "$c" "${refarg[@]}" -s "$SSH" \
@@ -199,7 +206,7 @@ for link in $LINKS; do
         for round in $(seq "$ROUNDS"); do
             for m in $METHODS; do
                 # cold: nothing on the target, so precache does not apply
-                [ "$scen" = cold ] && [ "$m" = precache ] && continue
+                [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ]; } && continue
                 prepare "$m" "$S" "$R"
                 J=$JSONDIR/$scen-$link-$m-$round.json
                 rm -f "$J"
