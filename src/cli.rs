@@ -189,8 +189,10 @@ struct LiveArgs {
     #[arg(long, value_name = "COMMAND", requires = "live")]
     thaw_cmd: Option<String>,
     /// Live: how passes find changed blocks: `fast` re-reads and compares
-    /// each block's XXH3 (default); `full` recomputes every strong digest,
-    /// as the seed did (for comparison).
+    /// each block's XXH3 (default); `lvm-snapshot` (source is an LVM
+    /// logical volume) reads device-mapper snapshots' exception tables and
+    /// reads nothing else; `full` recomputes every strong digest, as the
+    /// seed did (for comparison).
     #[arg(long, default_value = "fast", value_name = "HOW", requires = "live")]
     rescan: Rescan,
 }

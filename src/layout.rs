@@ -128,6 +128,14 @@ impl Layout {
         (seg.start + within, len as usize)
     }
 
+    /// The block holding byte `offset` (which must be inside the image).
+    pub fn block_at(&self, offset: u64) -> u64 {
+        debug_assert!(offset < self.size);
+        let seg_idx = self.segments.partition_point(|s| s.start <= offset) - 1;
+        let seg = self.segments[seg_idx];
+        self.first_block[seg_idx] + (offset - seg.start) / self.block_size as u64
+    }
+
     /// Blocks per group for this block size.
     pub fn group_blocks(&self) -> u64 {
         (GROUP_BYTES / self.block_size as u64).max(1)
@@ -247,6 +255,18 @@ mod tests {
         assert_eq!(l.group_count(), 1);
         let flat = Layout::detect(&s, size, 4096, Align::Flat).unwrap();
         assert!(!flat.is_partitioned());
+    }
+
+    #[test]
+    fn block_at_inverts_extent() {
+        let size = 64 * 512 + 100 * 4096;
+        let s = mbr(&[(0x83, 63, 8 * 100 + 1)]);
+        let l = Layout::detect(&s, size, 4096, Align::Partitions).unwrap();
+        for i in 0..l.block_count() {
+            let (off, len) = l.extent(i);
+            assert_eq!(l.block_at(off), i);
+            assert_eq!(l.block_at(off + len as u64 - 1), i);
+        }
     }
 
     #[test]

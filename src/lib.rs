@@ -18,6 +18,7 @@
 pub mod blockmap;
 pub mod compress;
 pub mod digest;
+pub mod dmsnap;
 pub mod engine;
 pub mod fileformat;
 pub mod hashfile;

@@ -184,3 +184,15 @@ fn live_without_a_writer_converges_at_once() {
     assert_eq!(p[1]["changed_blocks"], 0);
     assert_eq!(p[1]["groups"], 0);
 }
+
+#[test]
+fn snapshot_tracking_of_a_plain_file_is_refused_before_the_target_is_touched() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    sample_image(&a, 35, 100);
+    let out = run(&["copy", "--live", "--rescan", "lvm-snapshot", s(&a), s(&b)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("logical volume") || err.contains("change tracking"), "{err}");
+    assert!(!b.exists(), "the target was created");
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::Instant;
 
+use crate::protocol::ProtocolError;
 use crate::transport::{Link, Location, Peer};
 
 use super::source::{self, SourceOptions};
@@ -65,8 +66,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if let Some(c) = &live.freeze_cmd {
             v.extend(["--freeze-cmd".into(), c.clone()]);
         }
-        if live.rescan == super::source::Rescan::Full {
-            v.extend(["--rescan".into(), "full".into()]);
+        match live.rescan {
+            super::source::Rescan::Fast => {}
+            super::source::Rescan::Full => v.extend(["--rescan".into(), "full".into()]),
+            super::source::Rescan::LvmSnapshot => v.extend(["--rescan".into(), "lvm-snapshot".into()]),
         }
         if let Some(c) = &live.thaw_cmd {
             v.extend(["--thaw-cmd".into(), c.clone()]);
@@ -95,11 +98,14 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             let source = thread::spawn(move || source::run(&s, &sopts, a, &Progress::hidden()));
             let result = target::run(d, &opts.target, b, progress);
             let source_result = source.join().expect("source thread panicked");
-            // The target's error is the more telling one: it names what did
-            // not arrive or did not verify.
-            let report = result?;
-            source_result?;
-            report
+            // The target's error is usually the more telling one (it names
+            // what did not arrive or did not verify), unless it only saw the
+            // source hang up: then the source's own error says why.
+            match (result, source_result) {
+                (Ok(report), Ok(_)) => report,
+                (Err(EngineError::Protocol(ProtocolError::Eof(_) | ProtocolError::Io(_))), Err(e)) => return Err(e),
+                (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            }
         }
         (Location::Local(s), Location::Remote { host, path }) => {
             let (link, peer) = Link::spawn(&opts.ssh, host, &serve_target_args(opts, path))?;

@@ -12,6 +12,7 @@ pub mod progress;
 pub mod references;
 pub mod source;
 pub mod target;
+pub mod tracker;
 
 use std::path::PathBuf;
 

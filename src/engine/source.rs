@@ -34,6 +34,7 @@ use crate::transport::{Link, LinkStats, Reader, Writer};
 
 use super::hooks::Freeze;
 use super::references::layout_of;
+use super::tracker::SnapTracker;
 use super::{EngineError, Progress, Report};
 
 /// How a live copy iterates before it freezes the source.
@@ -63,6 +64,9 @@ pub enum Rescan {
     /// Recompute every block's strong digest, as the seed did while the
     /// guest was paused; kept to measure against.
     Full,
+    /// The source is an LVM logical volume: device-mapper snapshots list
+    /// the chunks written during each pass, so nothing else is read.
+    LvmSnapshot,
 }
 
 impl std::str::FromStr for Rescan {
@@ -71,7 +75,8 @@ impl std::str::FromStr for Rescan {
         match s {
             "fast" => Ok(Rescan::Fast),
             "full" => Ok(Rescan::Full),
-            _ => Err(format!("unknown rescan '{s}' (expected fast or full)")),
+            "lvm-snapshot" => Ok(Rescan::LvmSnapshot),
+            _ => Err(format!("unknown rescan '{s}' (expected fast, full or lvm-snapshot)")),
         }
     }
 }
@@ -128,6 +133,13 @@ enum Event {
 pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let img = Image::open_read(path)?;
     let layout = layout_of(&img, opts.block_size, opts.align)?;
+    // Snapshot tracking starts first: a source that cannot be tracked fails
+    // before the target is touched, and writes made while pass 1 hashes are
+    // caught too.
+    let tracker = match &opts.live {
+        Some(l) if l.rescan == Rescan::LvmSnapshot => Some(SnapTracker::start(path, img.size())?),
+        _ => None,
+    };
     let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
     let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
     if caps & want_caps != want_caps {
@@ -180,7 +192,7 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
     let mut session =
         Session { shared: &shared, opts, frames: &frames_tx, fail_rx: &fail_rx, events: &event_rx, progress };
     let mut freeze: Option<Freeze> = None;
-    let outcome = session.passes(&mut freeze);
+    let outcome = session.passes(&mut freeze, tracker);
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -254,7 +266,7 @@ impl Session<'_> {
     }
 
     /// Run every pass; returns the target's report (before any thaw).
-    fn passes(&mut self, freeze: &mut Option<Freeze>) -> Result<Report, EngineError> {
+    fn passes(&mut self, freeze: &mut Option<Freeze>, mut tracker: Option<SnapTracker>) -> Result<Report, EngineError> {
         let sh = self.shared;
         let layout = &sh.layout;
         let algo = self.opts.algo;
@@ -310,7 +322,7 @@ impl Session<'_> {
                     }
                     Event::Done(_) => return Err(EngineError::BadReply("Done before the final pass".into())),
                 };
-                let changed = self.rescan(&mut fast, &mut groups, live.rescan)?;
+                let changed = self.changed_blocks(&mut fast, &mut groups, live.rescan, &mut tracker, false)?;
                 let mut announce: BTreeSet<u64> = stale.into_iter().filter(|&g| g < layout.group_count()).collect();
                 announce.extend(changed.iter().map(|&b| b / layout.group_blocks()));
                 let n = changed.len() as u64;
@@ -322,7 +334,7 @@ impl Session<'_> {
                 let mut changed_blocks = n;
                 if last {
                     *freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
-                    let more = self.rescan(&mut fast, &mut groups, live.rescan)?;
+                    let more = self.changed_blocks(&mut fast, &mut groups, live.rescan, &mut tracker, true)?;
                     changed_blocks += more.len() as u64;
                     announce.extend(more.iter().map(|&b| b / layout.group_blocks()));
                 }
@@ -363,9 +375,43 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Re-read the image; re-hash the blocks whose XXH3 changed, update
-    /// digests and group digests, and return those blocks.
-    fn rescan(&self, fast: &mut [u64], groups: &mut [Digest], how: Rescan) -> Result<Vec<u64>, EngineError> {
+    /// Blocks changed since the last call, with digests and group digests
+    /// updated: from the snapshot tracker when there is one (falling back to
+    /// a re-read if its snapshot overflowed), else by re-reading.
+    fn changed_blocks(
+        &self,
+        fast: &mut [u64],
+        groups: &mut [Digest],
+        how: Rescan,
+        tracker: &mut Option<SnapTracker>,
+        last: bool,
+    ) -> Result<Vec<u64>, EngineError> {
+        let layout = &self.shared.layout;
+        let Some(t) = tracker else { return self.rescan(fast, groups, how, None) };
+        match t.changed(last)? {
+            None => self.rescan(fast, groups, Rescan::Fast, None),
+            Some(ranges) => {
+                let mut blocks = BTreeSet::new();
+                for (start, end) in ranges {
+                    let end = end.min(layout.size);
+                    if start < end {
+                        blocks.extend(layout.block_at(start)..=layout.block_at(end - 1));
+                    }
+                }
+                self.rescan(fast, groups, how, Some(&blocks))
+            }
+        }
+    }
+
+    /// Re-read the image (or only `only`); re-hash the blocks whose content
+    /// changed, update digests and group digests, and return those blocks.
+    fn rescan(
+        &self,
+        fast: &mut [u64],
+        groups: &mut [Digest],
+        how: Rescan,
+        only: Option<&BTreeSet<u64>>,
+    ) -> Result<Vec<u64>, EngineError> {
         let sh = self.shared;
         let layout = &sh.layout;
         let algo = self.opts.algo;
@@ -374,35 +420,60 @@ impl Session<'_> {
         let fast_ro: &[u64] = fast;
         let digests_guard = sh.digests.read().unwrap();
         let digests_ro: &[Digest] = &digests_guard;
-        let found: Vec<(u64, Vec<(u64, Digest, u64)>)> = (0..layout.group_count())
-            .into_par_iter()
-            .map(|g| {
-                let (a, b) = layout.group_range(g);
-                let (start, stop) = byte_range(layout, a, b);
-                let mut buf = vec![0u8; (stop - start) as usize];
-                sh.img.read_at(&mut buf, start)?;
-                self.progress.inc(stop - start);
-                let mut changed = Vec::new();
-                for i in a..b {
+        let found: Vec<(u64, Vec<(u64, Digest, u64)>)> = if let Some(only) = only {
+            // Only the blocks the tracker named: read each, keep those whose
+            // strong digest moved.
+            let list: Vec<u64> = only.iter().copied().collect();
+            let checked: Vec<(u64, Digest, u64)> = list
+                .par_iter()
+                .map(|&i| {
                     let (off, len) = layout.extent(i);
-                    let data = &buf[(off - start) as usize..(off - start) as usize + len];
-                    let x = xxhash_rust::xxh3::xxh3_64(data);
-                    let strong = || if is_zero(data) { zeros.get(len) } else { algo.digest(data) };
-                    match how {
-                        Rescan::Fast if x != fast_ro[i as usize] => changed.push((i, strong(), x)),
-                        Rescan::Fast => {}
-                        Rescan::Full => {
-                            let d = strong();
-                            if d != digests_ro[i as usize] {
-                                changed.push((i, d, x));
+                    let mut data = vec![0u8; len];
+                    sh.img.read_at(&mut data, off)?;
+                    let d = if is_zero(&data) { zeros.get(len) } else { algo.digest(&data) };
+                    Ok((i, d, xxhash_rust::xxh3::xxh3_64(&data)))
+                })
+                .collect::<Result<_, ImageError>>()?;
+            let mut by_group: Vec<(u64, Vec<(u64, Digest, u64)>)> = Vec::new();
+            for (i, d, x) in checked.into_iter().filter(|(i, d, _)| *d != digests_ro[*i as usize]) {
+                let g = i / layout.group_blocks();
+                match by_group.last_mut() {
+                    Some((lg, v)) if *lg == g => v.push((i, d, x)),
+                    _ => by_group.push((g, vec![(i, d, x)])),
+                }
+            }
+            by_group
+        } else {
+            (0..layout.group_count())
+                .into_par_iter()
+                .map(|g| {
+                    let (a, b) = layout.group_range(g);
+                    let (start, stop) = byte_range(layout, a, b);
+                    let mut buf = vec![0u8; (stop - start) as usize];
+                    sh.img.read_at(&mut buf, start)?;
+                    self.progress.inc(stop - start);
+                    let mut changed = Vec::new();
+                    for i in a..b {
+                        let (off, len) = layout.extent(i);
+                        let data = &buf[(off - start) as usize..(off - start) as usize + len];
+                        let x = xxhash_rust::xxh3::xxh3_64(data);
+                        let strong = || if is_zero(data) { zeros.get(len) } else { algo.digest(data) };
+                        match how {
+                            Rescan::Fast if x != fast_ro[i as usize] => changed.push((i, strong(), x)),
+                            Rescan::Fast => {}
+                            Rescan::Full | Rescan::LvmSnapshot => {
+                                let d = strong();
+                                if d != digests_ro[i as usize] {
+                                    changed.push((i, d, x));
+                                }
                             }
                         }
                     }
-                }
-                Ok((g, changed))
-            })
-            .filter(|r: &Result<_, ImageError>| r.as_ref().map_or(true, |(_, c)| !c.is_empty()))
-            .collect::<Result<_, ImageError>>()?;
+                    Ok((g, changed))
+                })
+                .filter(|r: &Result<_, ImageError>| r.as_ref().map_or(true, |(_, c)| !c.is_empty()))
+                .collect::<Result<_, ImageError>>()?
+        };
         drop(digests_guard);
         let mut blocks = Vec::new();
         let mut digests = sh.digests.write().unwrap();
