@@ -405,6 +405,10 @@ def run_tests(args):
         else:
             for h in hosts:
                 h.stop()
+            # the throw-away disks are big; the logs stay
+            for f in os.listdir(rundir):
+                if f.endswith((".qcow2", ".raw", ".ext4")):
+                    os.unlink(os.path.join(rundir, f))
         for h in hosts:
             print(f"serial log {h.name}: {h.serial_log}")
     print(f"total {time.monotonic() - T0:.0f} s; run directory {rundir}")
