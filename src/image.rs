@@ -67,7 +67,26 @@ impl Image {
     /// Open an image read-only: sources and references are only ever read.
     pub fn open_read(path: &Path) -> Result<Image, ImageError> {
         let file = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
-        probe(file, path)
+        let img = probe(file, path)?;
+        img.drop_cache();
+        Ok(img)
+    }
+
+    /// Forget this process's host's cached pages of a block device, so that
+    /// the next reads come from the device. A Xen guest's disk is written by
+    /// blkback underneath dom0's page cache: a dom0 read through the cache
+    /// can return what the disk held before the guest wrote it (seen in the
+    /// lab: a live copy found no changes). Clean pages only are dropped, and
+    /// a regular file's cache is always current, so it is left alone.
+    pub fn drop_cache(&self) {
+        if self.is_block_device {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain advisory call on an open descriptor.
+            let r = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if r != 0 {
+                log::warn!("cannot drop the page cache of {}: error {r}", self.path.display());
+            }
+        }
     }
 
     /// Open (or create) a target for a `size`-byte image. A block device

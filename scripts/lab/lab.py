@@ -10,6 +10,7 @@ directory under the cache ($XENMIG_LAB_CACHE/runs/...), printed at start and on
 failure.
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -374,6 +375,16 @@ def run_tests(args):
                 checks.step("xenmig --version inside dom0", lambda: check_version(h1))
                 checks.step("xenmig copy --json /dev/vg0/g1 /tmp/g1.img (guest paused)",
                             lambda: check_copy(h1))
+                checks.step("xenmig domains lists g1 and its LV; a missing domain is an error",
+                            lambda: check_xenmig_domains(h1))
+                checks.step("xenmig pause stops the heartbeat, xenmig unpause resumes it",
+                            lambda: check_xenmig_pause(h1))
+                checks.step("xenmig save + xenmig restore: the counter continues",
+                            lambda: check_xenmig_save_restore(h1))
+                checks.step("xenmig copy --live (XXH3 rescan) of the running guest's LV, "
+                            "freeze = xl pause", lambda: check_live_copy(h1, "fast"))
+                checks.step("xenmig copy --live --rescan lvm-snapshot of the running guest's "
+                            "LV, freeze = xl pause", lambda: check_live_copy(h1, "lvm-snapshot"))
                 checks.step("guest shut down: e2fsck -fn clean, counter on disk = last "
                             "heartbeat", lambda: check_shutdown_fsck(h1, "guest-g1.log"))
                 recreated = checks.step("guest started again from its LV: the counter "
@@ -502,7 +513,9 @@ def check_copy(h):
         dt = time.monotonic() - t
         if rc != 0:
             raise LabError(f"xenmig copy: status {rc}:\n{out}")
-        cmp_rc, cmp_out = h.run("cmp /dev/vg0/g1 /tmp/g1.img && echo IDENTICAL", 120)
+        # O_DIRECT: compare with what the device holds, not dom0's page cache
+        cmp_rc, cmp_out = h.run("dd if=/dev/vg0/g1 bs=1M iflag=direct status=none | cmp - /tmp/g1.img "
+                                "&& echo IDENTICAL", 120)
         if cmp_rc != 0 or "IDENTICAL" not in cmp_out:
             raise LabError(f"copy differs from the LV: {cmp_out}\nxenmig said:\n{out}")
         js = [l for l in out.splitlines() if l.strip().startswith("{")]
@@ -512,6 +525,97 @@ def check_copy(h):
         h.run("xl unpause g1")
         h.run("rm -f /tmp/g1.img")
     return f"status 0 in {dt:.1f} s, cmp identical; JSON: {js[-1] if js else out.strip()[:300]}"
+
+
+
+# ---- xenmig's own Xen layer and live copy, on the real guest ----
+def check_xenmig_domains(h):
+    out = h.sh("xenmig domains --json", 60)
+    js = [l for l in out.splitlines() if l.strip().startswith(("{", "["))]
+    text = " ".join(js) if js else out
+    if '"g1"' not in text or "/dev/vg0/g1" not in text:
+        raise LabError(f"xenmig domains --json does not list g1 with /dev/vg0/g1:\n{out}")
+    table = h.sh("xenmig domains", 60)
+    if "g1" not in table:
+        raise LabError(f"xenmig domains does not list g1:\n{table}")
+    rc, err = h.run("xenmig pause nosuchdomain", 60)
+    if rc != 1 or "nosuchdomain" not in err:
+        raise LabError(f"xenmig pause of a missing domain: status {rc}, said: {err}")
+    return f"g1 listed with its LV; a missing domain: status 1, {err.strip()[:120]}"
+
+
+def check_xenmig_pause(h):
+    h.sh("xenmig pause g1", 60)
+    time.sleep(2)
+    a = last_heartbeat(h)
+    time.sleep(6)
+    b = last_heartbeat(h)
+    h.sh("xenmig unpause g1", 60)
+    if a != b:
+        raise LabError(f"heartbeat moved while paused by xenmig: {a} -> {b}")
+    c = wait_heartbeat_above(h, b, 60)
+    return f"paused at heartbeat {a}, still {b} 6 s later; after xenmig unpause {c}"
+
+
+def check_xenmig_save_restore(h):
+    t = time.monotonic()
+    h.sh("xenmig save g1 /tmp/g1x.save", 300)
+    t_save = time.monotonic() - t
+    before = last_heartbeat(h)
+    t = time.monotonic()
+    h.sh("xenmig restore /tmp/g1x.save", 300)
+    t_restore = time.monotonic() - t
+    after = wait_heartbeat_above(h, before, 60)
+    after = wait_heartbeat_above(h, after, 60)
+    seq = heartbeats(h)
+    i = seq.index(before)
+    nxt = seq[i + 1:i + 4]
+    h.run("rm -f /tmp/g1x.save")
+    if not nxt or nxt[0] != before + 1:
+        raise LabError(f"counter did not continue after xenmig restore: {before}, then {nxt}")
+    return (f"xenmig save {t_save:.1f} s, restore {t_restore:.1f} s; "
+            f"last heartbeat before {before}, after {' '.join(map(str, nxt))}")
+
+
+def check_live_copy(h, rescan):
+    """xenmig copy --live of the running guest's LV: the freeze is xl pause;
+    the thaw first keeps a copy of the frozen LV to compare against."""
+    before = last_heartbeat(h)
+    t = time.monotonic()
+    rc, out = h.run(
+        f"xenmig -q copy --json --live --rescan {rescan} --freeze-cmd 'xl pause g1' "
+        f"--thaw-cmd 'dd if=/dev/vg0/g1 of=/tmp/frozen.img bs=1M iflag=direct status=none && xl unpause g1' "
+        f"/dev/vg0/g1 /tmp/live.img", 600)
+    dt = time.monotonic() - t
+    try:
+        if rc != 0:
+            raise LabError(f"xenmig copy --live --rescan {rescan}: status {rc}:\n{out}")
+        js = [l for l in out.splitlines() if l.strip().startswith("{")]
+        if not js:
+            raise LabError(f"no JSON report:\n{out}")
+        rep = json.loads(js[-1])
+        if rep.get("verified") is not True or len(rep.get("passes", [])) < 2:
+            raise LabError(f"not verified or fewer than 2 passes:\n{js[-1]}")
+        # The guest writes every second, and dom0 must see it (its reads of
+        # the LV must not come from a stale page cache): later passes find
+        # changed blocks, or groups that changed under a pass.
+        moved = sum(p["changed_blocks"] for p in rep["passes"][1:]) + \
+            sum(p["groups_stale"] for p in rep["passes"])
+        if moved == 0:
+            raise LabError(f"no change seen while the guest wrote (stale reads?):\n{js[-1]}")
+        crc, cout = h.run("cmp /tmp/frozen.img /tmp/live.img && echo IDENTICAL", 120)
+        if crc != 0 or "IDENTICAL" not in cout:
+            raise LabError(f"the copy differs from the frozen LV: {cout}")
+        left = h.sh("lvs --noheadings -o lv_name vg0", 60)
+        if "xenmigtrack" in left:
+            raise LabError(f"tracking snapshots left behind: {left}")
+        after = wait_heartbeat_above(h, before, 60)
+    finally:
+        h.run("xl unpause g1 2>/dev/null; rm -f /tmp/frozen.img /tmp/live.img")
+    passes = ", ".join(f"{p['changed_blocks']}/{p['groups_stale']}" for p in rep["passes"])
+    return (f"{dt:.1f} s, {len(rep['passes'])} passes (changed blocks/stale groups {passes}), "
+            f"downtime {rep['downtime_seconds']:.2f} s, verified, cmp identical with the "
+            f"frozen LV; guest ran on (heartbeat {before} -> {after})")
 
 
 def check_ssh(hosts):

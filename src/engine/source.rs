@@ -192,7 +192,8 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
     let mut session =
         Session { shared: &shared, opts, frames: &frames_tx, fail_rx: &fail_rx, events: &event_rx, progress };
     let mut freeze: Option<Freeze> = None;
-    let outcome = session.passes(&mut freeze, tracker);
+    let mut tracker = tracker;
+    let outcome = session.passes(&mut freeze, &mut tracker);
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -200,6 +201,7 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
             // writer flush what it has (an Error frame, say) before we
             // return and the process may exit.
             let thawed = freeze.take().map(Freeze::thaw);
+            drop(tracker);
             // Tell the target why, so that it stops waiting and hangs up
             // (which also ends our reader); a no-op if the link is gone.
             let _ = frames_tx.try_send(Message::Error { message: format!("source: {e}") });
@@ -216,6 +218,8 @@ pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progres
         Some(f) => Some(f.thaw()?),
         None => None,
     };
+    // Snapshots go only now: removing them is slow and the guest is running.
+    drop(tracker);
     let downtime_ns = downtime.map(|d| d.as_nanos() as u64).unwrap_or(0);
     let _ = frames_tx.send(Message::Bye { downtime_ns });
     drop(frames_tx);
@@ -266,7 +270,11 @@ impl Session<'_> {
     }
 
     /// Run every pass; returns the target's report (before any thaw).
-    fn passes(&mut self, freeze: &mut Option<Freeze>, mut tracker: Option<SnapTracker>) -> Result<Report, EngineError> {
+    fn passes(
+        &mut self,
+        freeze: &mut Option<Freeze>,
+        tracker: &mut Option<SnapTracker>,
+    ) -> Result<Report, EngineError> {
         let sh = self.shared;
         let layout = &sh.layout;
         let algo = self.opts.algo;
@@ -322,7 +330,7 @@ impl Session<'_> {
                     }
                     Event::Done(_) => return Err(EngineError::BadReply("Done before the final pass".into())),
                 };
-                let changed = self.changed_blocks(&mut fast, &mut groups, live.rescan, &mut tracker, false)?;
+                let changed = self.changed_blocks(&mut fast, &mut groups, live.rescan, tracker, false)?;
                 let mut announce: BTreeSet<u64> = stale.into_iter().filter(|&g| g < layout.group_count()).collect();
                 announce.extend(changed.iter().map(|&b| b / layout.group_blocks()));
                 let n = changed.len() as u64;
@@ -334,7 +342,7 @@ impl Session<'_> {
                 let mut changed_blocks = n;
                 if last {
                     *freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
-                    let more = self.changed_blocks(&mut fast, &mut groups, live.rescan, &mut tracker, true)?;
+                    let more = self.changed_blocks(&mut fast, &mut groups, live.rescan, tracker, true)?;
                     changed_blocks += more.len() as u64;
                     announce.extend(more.iter().map(|&b| b / layout.group_blocks()));
                 }
@@ -416,6 +424,8 @@ impl Session<'_> {
         let layout = &sh.layout;
         let algo = self.opts.algo;
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        // Read what the device holds now, not what an earlier pass cached.
+        sh.img.drop_cache();
         self.progress.phase("rescanning", layout.size);
         let fast_ro: &[u64] = fast;
         let digests_guard = sh.digests.read().unwrap();

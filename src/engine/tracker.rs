@@ -20,6 +20,9 @@ pub struct SnapTracker {
     lvm: Lvm,
     origin: LvRef,
     current: Option<LvRef>,
+    /// Read but not yet removed: removing a snapshot takes seconds under
+    /// emulation, so the last one is removed after the thaw, on drop.
+    retired: Option<LvRef>,
     seq: u32,
     cow_bytes: u64,
 }
@@ -51,7 +54,14 @@ impl SnapTracker {
                 path.display()
             ))
         })?;
-        let mut t = SnapTracker { lvm, origin: lv.lv_ref(), current: None, seq: 0, cow_bytes: (size / 4).max(8 << 20) };
+        let mut t = SnapTracker {
+            lvm,
+            origin: lv.lv_ref(),
+            current: None,
+            retired: None,
+            seq: 0,
+            cow_bytes: (size / 4).max(8 << 20),
+        };
         t.current = Some(t.take()?);
         Ok(t)
     }
@@ -72,7 +82,11 @@ impl SnapTracker {
         let cur = self.current.take().expect("a snapshot is tracking");
         self.current = next;
         let table = dmsnap::read_cow_device(&cow_path(&cur));
-        self.lvm.remove(&cur).map_err(lvm_err)?;
+        if last {
+            self.retired = Some(cur.clone());
+        } else {
+            self.lvm.remove(&cur).map_err(lvm_err)?;
+        }
         let table = table.map_err(lvm_err)?;
         if !table.valid {
             log::warn!("snapshot {cur} overflowed; this pass re-reads the whole volume");
@@ -84,9 +98,9 @@ impl SnapTracker {
 
 impl Drop for SnapTracker {
     fn drop(&mut self) {
-        if let Some(cur) = self.current.take() {
-            if let Err(e) = self.lvm.remove(&cur) {
-                log::error!("could not remove tracking snapshot {cur}: {e}");
+        for snap in [self.current.take(), self.retired.take()].into_iter().flatten() {
+            if let Err(e) = self.lvm.remove(&snap) {
+                log::error!("could not remove tracking snapshot {snap}: {e}");
             }
         }
     }
