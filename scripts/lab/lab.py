@@ -385,6 +385,9 @@ def run_tests(args):
                             "freeze = xl pause", lambda: check_live_copy(h1, "fast"))
                 checks.step("xenmig copy --live --rescan lvm-snapshot of the running guest's "
                             "LV, freeze = xl pause", lambda: check_live_copy(h1, "lvm-snapshot"))
+                if os.environ.get("XENMIG_LAB_BENCH") == "1":
+                    checks.step("live copy downtime at 64 and 512 MiB under a dom0 writer "
+                                "(XENMIG_LAB_BENCH=1)", lambda: check_live_bench(h1))
                 checks.step("guest shut down: e2fsck -fn clean, counter on disk = last "
                             "heartbeat", lambda: check_shutdown_fsck(h1, "guest-g1.log"))
                 recreated = checks.step("guest started again from its LV: the counter "
@@ -616,6 +619,42 @@ def check_live_copy(h, rescan):
     return (f"{dt:.1f} s, {len(rep['passes'])} passes (changed blocks/stale groups {passes}), "
             f"downtime {rep['downtime_seconds']:.2f} s, verified, cmp identical with the "
             f"frozen LV; guest ran on (heartbeat {before} -> {after})")
+
+
+
+def check_live_bench(h):
+    """Downtime of live copies at two LV sizes under the same write load (a
+    dom0 writer rewriting random 4 KiB blocks with O_DIRECT as fast as it
+    can; freeze = SIGSTOP of the writer). Only with XENMIG_LAB_BENCH=1."""
+    rows = []
+    for mib in (64, 512):
+        lv = f"/dev/vg0/bench{mib}"
+        h.sh(f"lvcreate -q -y -L {mib}M -n bench{mib} vg0 && "
+             f"dd if=/dev/urandom of={lv} bs=1M count={mib} oflag=direct status=none", 600)
+        blocks = mib * 256
+        # set -m: the writer gets its own process group, stopped as a whole
+        pid = h.sh(f"set -m; sh -c 'while :; do dd if=/dev/urandom of={lv} bs=4k count=1 "
+                   f"seek=$(( $(od -An -N4 -tu4 /dev/urandom) % {blocks} )) oflag=direct "
+                   f"conv=notrunc status=none; done' >/dev/null 2>&1 & echo $!").strip().split()[-1]
+        try:
+            for rescan in ("fast", "lvm-snapshot"):
+                rc, out = h.run(f"xenmig -q copy --json --live --rescan {rescan} "
+                                f"--freeze-cmd 'kill -s STOP -- -{pid}' --thaw-cmd 'kill -s CONT -- -{pid}' "
+                                f"{lv} /tmp/bench.img", 1200)
+                h.run("rm -f /tmp/bench.img")
+                js = [l for l in out.splitlines() if l.strip().startswith("{")]
+                if rc != 0 or not js:
+                    raise LabError(f"live copy of {lv} ({rescan}): status {rc}:\n{out}")
+                rep = json.loads(js[-1])
+                if rep.get("verified") is not True:
+                    raise LabError(f"not verified: {js[-1]}")
+                rows.append((mib, rescan, rep["downtime_seconds"], len(rep["passes"]),
+                             rep["passes"][-1]["changed_blocks"], rep["seconds"]))
+        finally:
+            h.run(f"kill -s KILL -- -{pid}; sleep 1; lvremove -q -y vg0/bench{mib}", 120)
+    table = "; ".join(f"{m} MiB {r}: downtime {d:.2f} s, {p} passes, final {c} blocks, copy {t:.1f} s"
+                      for m, r, d, p, c, t in rows)
+    return table
 
 
 def check_ssh(hosts):
