@@ -172,7 +172,7 @@ if rows:
                 est[l] += 3 * SCALE * max(cpu, wire_t)
     md.append(f"Estimated full mode (`run.sh --full`: links 100, unshaped, 20 and 2 Mbit/s, all four scenarios, "
               f"3 rounds, images ~{SCALE}x the quick ones; each cell max(CPU time, wire bytes / rate), scaled; "
-              "cold at 20 Mbit/s estimated from its 100 Mbit/s bytes):\n")
+              "unmeasured cells (e.g. Simple at 2 Mbit/s) from the bytes measured on other links):\n")
     md.append("| link | estimated hours |")
     md.append("|---|---|")
     for l in (100, 0, 20, 2):

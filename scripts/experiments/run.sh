@@ -47,7 +47,7 @@ OUT=${OUT:-$REPO/docs/experiments}
 if [ "$MODE" = quick ]; then
     LINKS=${LINKS:-100 0 20}
     ROUNDS=${ROUNDS:-1}
-    SKIP_CELLS=${SKIP_CELLS:-cold:20}
+    SKIP_CELLS=${SKIP_CELLS-cold:20}
 else
     LINKS=${LINKS:-100 0 20 2}
     ROUNDS=${ROUNDS:-3}
