@@ -72,6 +72,17 @@ impl Codec {
         }
     }
 
+    /// The name of a wire codec code (for reports).
+    pub fn name_of(code: u8) -> &'static str {
+        match code {
+            0 => "none",
+            1 => "lz4",
+            2 => "zstd",
+            3 => "zlib",
+            _ => "unknown",
+        }
+    }
+
     /// Decompress a payload that must expand to exactly `raw_len` bytes.
     /// Takes the payload by value so that raw data is never copied.
     pub fn decompress(code: u8, payload: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, CodecError> {

@@ -130,6 +130,13 @@ fn every_codec_digest_and_block_size_round_trips() {
         args.extend([s(&a), s(&b)]);
         let v = copy_json(&args);
         assert_eq!(fs::read(&b).unwrap(), data, "{extra:?}");
+        // The report says which codec the runs travelled with.
+        let codecs = v["codecs"].as_object().unwrap();
+        let fetched = v["bytes_fetched"].as_u64().unwrap();
+        assert_eq!(codecs.values().map(|b| b.as_u64().unwrap()).sum::<u64>(), fetched, "{v}");
+        if let Some(name) = extra[1].split(':').next().filter(|n| ["lz4", "zstd", "zlib"].contains(n)) {
+            assert!(codecs.contains_key(name), "{extra:?}: {v}");
+        }
         if extra[1].starts_with("zstd") || extra[1].starts_with("zlib") || extra[1] == "lz4" {
             assert!(
                 v["bytes_payload_wire"].as_u64().unwrap() * 4 < v["bytes_fetched"].as_u64().unwrap(),

@@ -81,6 +81,9 @@ pub struct Report {
     /// Raw bytes of fetched blocks, and what they cost on the wire.
     pub bytes_fetched: u64,
     pub bytes_payload_wire: u64,
+    /// Fetched runs by the codec they travelled with (what `auto` chose):
+    /// codec name -> raw bytes.
+    pub codecs: std::collections::BTreeMap<String, u64>,
     /// Every byte that crossed between the two ends, both directions,
     /// framing included.
     pub bytes_wire: u64,

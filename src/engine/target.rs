@@ -84,6 +84,7 @@ struct Target<'a> {
     groups_matched: u64,
     bytes_fetched: u64,
     bytes_payload: u64,
+    codecs: std::collections::BTreeMap<String, u64>,
     pass: u32,
     strict: bool,
     pass_report: PassReport,
@@ -142,6 +143,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             groups_matched: 0,
             bytes_fetched: 0,
             bytes_payload: 0,
+            codecs: Default::default(),
             pass: 1,
             strict: true,
             pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
@@ -285,6 +287,7 @@ impl Target<'_> {
             groups_refetched: self.refetched.len() as u64,
             bytes_fetched: self.bytes_fetched,
             bytes_payload_wire: self.bytes_payload,
+            codecs: std::mem::take(&mut self.codecs),
             verified: true,
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
@@ -559,6 +562,7 @@ impl Target<'_> {
         self.dst.write_at(&raw, start)?;
         self.bytes_fetched += raw_len as u64;
         self.bytes_payload += payload_len;
+        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
         self.pass_report.blocks_fetched += count as u64;
         let mut touched = Vec::new();
         for (k, i) in (first..end).enumerate() {
