@@ -378,9 +378,9 @@ def run_tests(args):
                 checks.step("xenmig domains lists g1 and its LV; a missing domain is an error",
                             lambda: check_xenmig_domains(h1))
                 checks.step("xenmig pause stops the heartbeat, xenmig unpause resumes it",
-                            lambda: check_xenmig_pause(h1))
+                            lambda: check_pause(h1, "xenmig"))
                 checks.step("xenmig save + xenmig restore: the counter continues",
-                            lambda: check_xenmig_save_restore(h1))
+                            lambda: check_save_restore(h1, "xenmig"))
                 checks.step("xenmig copy --live (XXH3 rescan) of the running guest's LV, "
                             "freeze = xl pause", lambda: check_live_copy(h1, "fast"))
                 checks.step("xenmig copy --live --rescan lvm-snapshot of the running guest's "
@@ -462,31 +462,33 @@ def check_guest_start(h):
             f"heartbeats {seq[0]}..{seq[-1]}")
 
 
-def check_pause(h):
-    h.sh("xl pause g1")
+def check_pause(h, tool="xl"):
+    """`tool pause` stops the heartbeat, `tool unpause` resumes it (xl or xenmig)."""
+    h.sh(f"{tool} pause g1", 60)
     time.sleep(2)  # a heartbeat already in the console ring may still land
     a = last_heartbeat(h)
     time.sleep(6)
     b = last_heartbeat(h)
     state = h.sh("xl list g1 | tail -1")
     if a != b:
-        raise LabError(f"heartbeat moved while paused: {a} -> {b}")
-    h.sh("xl unpause g1")
+        raise LabError(f"heartbeat moved while paused by {tool}: {a} -> {b}")
+    h.sh(f"{tool} unpause g1", 60)
     c = wait_heartbeat_above(h, b, 60)
     return f"paused at heartbeat {a}, still {b} 6 s later ({' '.join(state.split())}); " \
            f"after unpause {c}"
 
 
-def check_save_restore(h):
+def check_save_restore(h, tool="xl"):
+    """`tool save` then `tool restore`: the counter continues (xl or xenmig)."""
     t = time.monotonic()
-    h.sh("xl save g1 /tmp/g1.save", 300)
+    h.sh(f"{tool} save g1 /tmp/g1.save", 300)
     t_save = time.monotonic() - t
     before = last_heartbeat(h)
     size = h.sh("stat -c %s /tmp/g1.save").strip()
     if "g1" in h.sh("xl list | awk '{print $1}'"):
-        raise LabError("g1 still listed after xl save")
+        raise LabError(f"g1 still listed after {tool} save")
     t = time.monotonic()
-    h.sh("xl restore /tmp/g1.save", 300)
+    h.sh(f"{tool} restore /tmp/g1.save", 300)
     t_restore = time.monotonic() - t
     after = wait_heartbeat_above(h, before, 60)
     after = wait_heartbeat_above(h, after, 60)
@@ -497,7 +499,7 @@ def check_save_restore(h):
         raise LabError(f"counter did not continue after restore: last before {before}, "
                        f"then {nxt}")
     h.sh("rm -f /tmp/g1.save")
-    return (f"xl save {t_save:.1f} s ({int(size) >> 20} MiB), xl restore {t_restore:.1f} s; "
+    return (f"{tool} save {t_save:.1f} s ({int(size) >> 20} MiB), {tool} restore {t_restore:.1f} s; "
             f"last heartbeat before save {before}, after restore {' '.join(map(str, nxt))}")
 
 
@@ -545,39 +547,6 @@ def check_xenmig_domains(h):
     if rc != 1 or "nosuchdomain" not in err:
         raise LabError(f"xenmig pause of a missing domain: status {rc}, said: {err}")
     return f"g1 listed with its LV; a missing domain: status 1, {err.strip()[:120]}"
-
-
-def check_xenmig_pause(h):
-    h.sh("xenmig pause g1", 60)
-    time.sleep(2)
-    a = last_heartbeat(h)
-    time.sleep(6)
-    b = last_heartbeat(h)
-    h.sh("xenmig unpause g1", 60)
-    if a != b:
-        raise LabError(f"heartbeat moved while paused by xenmig: {a} -> {b}")
-    c = wait_heartbeat_above(h, b, 60)
-    return f"paused at heartbeat {a}, still {b} 6 s later; after xenmig unpause {c}"
-
-
-def check_xenmig_save_restore(h):
-    t = time.monotonic()
-    h.sh("xenmig save g1 /tmp/g1x.save", 300)
-    t_save = time.monotonic() - t
-    before = last_heartbeat(h)
-    t = time.monotonic()
-    h.sh("xenmig restore /tmp/g1x.save", 300)
-    t_restore = time.monotonic() - t
-    after = wait_heartbeat_above(h, before, 60)
-    after = wait_heartbeat_above(h, after, 60)
-    seq = heartbeats(h)
-    i = seq.index(before)
-    nxt = seq[i + 1:i + 4]
-    h.run("rm -f /tmp/g1x.save")
-    if not nxt or nxt[0] != before + 1:
-        raise LabError(f"counter did not continue after xenmig restore: {before}, then {nxt}")
-    return (f"xenmig save {t_save:.1f} s, restore {t_restore:.1f} s; "
-            f"last heartbeat before {before}, after {' '.join(map(str, nxt))}")
 
 
 def check_live_copy(h, rescan):
