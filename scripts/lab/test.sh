@@ -6,7 +6,8 @@
 # Usage: sudo scripts/lab/test.sh [--hosts 1|2] [--keep]
 #   XENMIG_LAB_CACHE   cache and run directories (default /var/tmp/xenmig-lab)
 #   XENMIG_LAB_BIN     use this xenmig binary instead of building target/release/xenmig
-# Needs root, qemu-system-x86, qemu-utils, debootstrap, e2fsprogs, cpio, python3.
+# Needs root; installs qemu-system-x86, qemu-utils, debootstrap, e2fsprogs, cpio
+# through scripts/lab/install-deps.sh when one of them is missing.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -15,9 +16,14 @@ START=$SECONDS
 
 die() { echo "lab: FAILED: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, mknod)"
+need_install=no
 for t in qemu-system-x86_64 qemu-img debootstrap mkfs.ext4 cpio python3 gzip; do
-    command -v $t >/dev/null || die "missing $t: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs cpio python3"
+    command -v $t >/dev/null || need_install=yes
 done
+if [[ $need_install == yes ]]; then
+    echo "lab: installing what the lab needs (scripts/lab/install-deps.sh)"
+    "$HERE/install-deps.sh" || die "scripts/lab/install-deps.sh failed"
+fi
 
 echo "lab: [1/4] dom0 image"
 t=$SECONDS
@@ -30,18 +36,11 @@ t=$SECONDS
 BIN=${XENMIG_LAB_BIN:-}
 if [[ -z $BIN ]]; then
     BIN=$REPO/target/release/xenmig
-    built=no
-    for attempt in 1 2 3; do
-        if (cd "$REPO" && cargo build --release --bin xenmig) >"$CACHE/cargo-build.log" 2>&1; then
-            built=yes; break
-        fi
-        tail -5 "$CACHE/cargo-build.log"
-        echo "lab: cargo build --release failed (attempt $attempt; others may be mid-edit), retrying in 20 s"
-        sleep 20
-    done
-    if [[ $built != yes ]]; then
-        [[ -x $BIN ]] || die "cargo build --release failed and there is no earlier $BIN"
-        echo "lab: WARNING: cargo build --release failed; using the last built $BIN ($(date -r "$BIN"))"
+    # A failed build fails the lab: testing an older binary would report on
+    # code that is not the code under test.
+    if ! (cd "$REPO" && cargo build --release --bin xenmig) >"$CACHE/cargo-build.log" 2>&1; then
+        tail -20 "$CACHE/cargo-build.log"
+        die "cargo build --release failed (log: $CACHE/cargo-build.log)"
     fi
 fi
 [[ -x $BIN ]] || die "no xenmig binary at $BIN"
