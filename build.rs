@@ -44,7 +44,11 @@ const LIBRARIES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     ("XenStoreLib", "xenstore_fns.rs", &["xs_open", "xs_close", "xs_read", "xs_directory"]),
-    ("XenLightLib", "xenlight_fns.rs", &["libxl_ctx_alloc", "libxl_ctx_free", "libxl_get_version_info"]),
+    (
+        "XenLightLib",
+        "xenlight_fns.rs",
+        &["libxl_ctx_alloc", "libxl_ctx_free", "libxl_get_version_info", "libxl_domain_resume"],
+    ),
     ("XenToolLogLib", "xentoollog_fns.rs", &["xtl_createlogger_stdiostream", "xtl_logger_destroy"]),
 ];
 
@@ -55,6 +59,7 @@ const TYPES: &[&str] = &[
     "xs_transaction_t",
     "libxl_ctx",
     "libxl_version_info",
+    "libxl_asyncop_how",
     "xentoollog_logger",
     "xentoollog_logger_stdiostream",
     "xentoollog_level",

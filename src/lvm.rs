@@ -146,9 +146,16 @@ pub struct LogicalVolume {
     pub origin: Option<String>,
     pub path: Option<String>,
     pub dm_path: Option<String>,
+    /// lvm tags (`lvchange --addtag`); `migrate` marks a domain's LVs with them.
+    pub tags: Vec<String>,
 }
 
 impl LogicalVolume {
+    /// Open by some process or a guest's block backend (attribute 6 is `o`).
+    pub fn is_open(&self) -> bool {
+        self.attr.chars().nth(5) == Some('o')
+    }
+
     pub fn lv_ref(&self) -> LvRef {
         LvRef::new(&self.vg, &self.name)
     }
@@ -191,7 +198,7 @@ pub struct VolumeGroup {
     pub pv_count: u64,
 }
 
-const LV_FIELDS: &str = "lv_name,vg_name,lv_attr,lv_size,origin,lv_path,lv_dm_path";
+const LV_FIELDS: &str = "lv_name,vg_name,lv_attr,lv_size,origin,lv_path,lv_dm_path,lv_tags";
 const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,lv_count,pv_count";
 
 #[derive(Deserialize)]
@@ -221,6 +228,8 @@ struct RawLv {
     lv_path: String,
     #[serde(default)]
     lv_dm_path: String,
+    #[serde(default)]
+    lv_tags: String,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +272,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LogicalVolume>, String> {
             origin: non_empty(raw.origin),
             path: non_empty(raw.lv_path),
             dm_path: non_empty(raw.lv_dm_path),
+            tags: raw.lv_tags.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect(),
         });
     }
     Ok(out)
@@ -441,6 +451,13 @@ impl Lvm {
         let o = origin.to_string();
         self.run("lvcreate", &["--yes", "-s", "-n", name, "-L", &size, &o], Some(&origin.vg), Some(name))?;
         self.lv(&LvRef::new(&origin.vg, name))
+    }
+
+    /// Adds tag `tag` to `vg/lv`.
+    pub fn add_tag(&self, r: &LvRef, tag: &str) -> Result<(), LvmError> {
+        let name = r.to_string();
+        self.run("lvchange", &["--addtag", tag, &name], Some(&r.vg), Some(&r.lv))?;
+        Ok(())
     }
 
     /// Removes `vg/lv` (it must not be open).

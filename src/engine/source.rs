@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::compress::{AutoPolicy, Choice, Codec};
-use crate::digest::{is_zero, key_of, Algorithm, Digest, ZeroDigests};
+use crate::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::image::{Image, ImageError};
 use crate::layout::{Align, Layout};
 use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
@@ -128,126 +128,191 @@ enum Event {
     Done(Report),
 }
 
-/// Serve `path` as the source of a copy over `link`. Returns the target's
-/// report once the target has verified its copy and said Done.
-pub fn run(path: &Path, opts: &SourceOptions, mut link: Link, progress: &Progress) -> Result<Report, EngineError> {
-    let img = Image::open_read(path)?;
-    let layout = layout_of(&img, opts.block_size, opts.align)?;
-    // Snapshot tracking starts first: a source that cannot be tracked fails
-    // before the target is touched, and writes made while pass 1 hashes are
-    // caught too.
-    let tracker = match &opts.live {
-        Some(l) if l.rescan == Rescan::LvmSnapshot => Some(SnapTracker::start(path, img.size())?),
-        _ => None,
-    };
-    let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
-    let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
-    if caps & want_caps != want_caps {
-        return Err(EngineError::Other("the target's xenmig cannot take a live copy; upgrade it".into()));
+/// When a live copy stops iterating and freezes the source: once a pass
+/// finds at most `converge_blocks` changed blocks, once the changed set stops
+/// shrinking (by 10%), or at `max_passes`. The one home of that rule, used
+/// by `copy --live` for one image and by `migrate` for all of a domain's
+/// disks at once (it sums their counts).
+#[derive(Clone, Debug)]
+pub struct Convergence {
+    max_passes: u32,
+    converge_blocks: u64,
+    previous: u64,
+}
+
+impl Convergence {
+    /// `total_blocks`: what pass 1 sent (every block of every image).
+    pub fn new(max_passes: u32, converge_blocks: u64, total_blocks: u64) -> Convergence {
+        Convergence { max_passes: max_passes.max(2), converge_blocks, previous: total_blocks }
     }
-    write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
-    link.writer.flush().map_err(ProtocolError::Io)?;
 
-    let workers = thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-    let shared = Arc::new(Shared {
-        img,
-        layout: layout.clone(),
-        digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
-        compress: opts.compress,
-        auto: Mutex::new(AutoPolicy::default()),
-        stats: link.stats.clone(),
-        workers,
-    });
+    /// After pass `done` found `changed` blocks: is the next pass the final,
+    /// frozen one?
+    pub fn next_is_final(&mut self, done: u32, changed: u64) -> bool {
+        let last = done + 1 >= self.max_passes
+            || changed <= self.converge_blocks
+            || changed.saturating_mul(10) >= self.previous.saturating_mul(9);
+        self.previous = changed;
+        last
+    }
+}
 
-    let Link { reader, writer, .. } = link;
-    let (frames_tx, frames_rx) = bounded::<Message>(2 * workers + 2);
-    let (work_tx, work_rx) = unbounded::<Message>();
-    // Failures of any thread, and the reader's events: the caller waits on
-    // whichever comes first, so a dead link never leaves it waiting for an
-    // answer that cannot come.
-    let (fail_tx, fail_rx) = unbounded::<EngineError>();
-    let (event_tx, event_rx) = unbounded::<Result<Event, EngineError>>();
-    let (writer_done_tx, writer_done_rx) = bounded::<()>(1);
+/// What [`SourceSession::scan`] found since the previous pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scan {
+    /// The pass the target just finished.
+    pub pass_done: u32,
+    /// Blocks whose content changed since they were last announced.
+    pub changed_blocks: u64,
+    /// Groups the target reported stale (changed under it while fetching).
+    pub stale_groups: u64,
+}
 
-    let fail = fail_tx.clone();
-    let writer_thread = thread::spawn(move || {
-        if let Err(e) = write_loop(writer, frames_rx) {
-            let _ = fail.send(e);
+/// The source end driven step by step, so that the caller owns the pass
+/// loop and the freeze: [`start`](Self::start) hashes and announces pass 1;
+/// then, as often as the caller's policy wants, [`scan`](Self::scan) (wait
+/// for the target to finish the pass in flight and find what changed) and
+/// [`send_pass`](Self::send_pass) (announce it as a live pass); once the
+/// caller has frozen the source, [`final_pass`](Self::final_pass) sends the
+/// last delta and returns the target's report, checked against this end's
+/// own digest; [`finish`](Self::finish) says goodbye. Dropping a session
+/// that did not finish tells the target why and hangs up.
+pub struct SourceSession {
+    shared: Arc<Shared>,
+    opts: SourceOptions,
+    progress: Progress,
+    frames: Option<Sender<Message>>,
+    fail_rx: Receiver<EngineError>,
+    events: Receiver<Result<Event, EngineError>>,
+    writer_done: Receiver<()>,
+    threads: Vec<thread::JoinHandle<()>>,
+    tracker: Option<SnapTracker>,
+    rescan: Rescan,
+    /// XXH3 of every block as last hashed, and every group's strong digest.
+    fast: Vec<u64>,
+    groups: Vec<Digest>,
+    /// The pass announced last, and whether the target is still on it.
+    pass: u32,
+    in_flight: bool,
+    /// Found by scans and not yet announced.
+    pending: BTreeSet<u64>,
+    pending_changed: u64,
+    finished: bool,
+}
+
+impl SourceSession {
+    /// Open `path`, start change tracking (a source that cannot be tracked
+    /// fails before the target is touched), shake hands, hash the image and
+    /// announce it as pass 1. A live session (`opts.live` set) then waits
+    /// for [`scan`](Self::scan); a plain one for [`final_pass`](Self::final_pass).
+    pub fn start(path: &Path, opts: &SourceOptions, mut link: Link, progress: Progress) -> Result<SourceSession, EngineError> {
+        let img = Image::open_read(path)?;
+        let layout = layout_of(&img, opts.block_size, opts.align)?;
+        let rescan = opts.live.as_ref().map(|l| l.rescan).unwrap_or_default();
+        // Snapshot tracking starts first: writes made while pass 1 hashes
+        // are caught too.
+        let tracker = match &opts.live {
+            Some(l) if l.rescan == Rescan::LvmSnapshot => Some(SnapTracker::start(path, img.size())?),
+            _ => None,
+        };
+        let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
+        let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
+        if caps & want_caps != want_caps {
+            return Err(EngineError::Other("the target's xenmig cannot take a live copy; upgrade it".into()));
         }
-        let _ = writer_done_tx.send(());
-    });
-    let reader_frames = frames_tx.clone();
-    thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx));
-    let mut worker_threads = Vec::new();
-    for _ in 0..workers {
-        let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
-        worker_threads.push(thread::spawn(move || {
-            if let Err(e) = work_loop(&sh, rx, tx) {
+        write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
+        link.writer.flush().map_err(ProtocolError::Io)?;
+
+        let workers = thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+        let shared = Arc::new(Shared {
+            img,
+            layout: layout.clone(),
+            digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
+            compress: opts.compress,
+            auto: Mutex::new(AutoPolicy::default()),
+            stats: link.stats.clone(),
+            workers,
+        });
+
+        let Link { reader, writer, .. } = link;
+        let (frames_tx, frames_rx) = bounded::<Message>(2 * workers + 2);
+        let (work_tx, work_rx) = unbounded::<Message>();
+        // Failures of any thread, and the reader's events: the caller waits on
+        // whichever comes first, so a dead link never leaves it waiting for an
+        // answer that cannot come.
+        let (fail_tx, fail_rx) = unbounded::<EngineError>();
+        let (event_tx, event_rx) = unbounded::<Result<Event, EngineError>>();
+        let (writer_done_tx, writer_done_rx) = bounded::<()>(1);
+
+        let mut threads = Vec::new();
+        let fail = fail_tx.clone();
+        threads.push(thread::spawn(move || {
+            if let Err(e) = write_loop(writer, frames_rx) {
                 let _ = fail.send(e);
             }
+            let _ = writer_done_tx.send(());
         }));
-    }
-    drop((work_rx, fail_tx));
-
-    let mut session =
-        Session { shared: &shared, opts, frames: &frames_tx, fail_rx: &fail_rx, events: &event_rx, progress };
-    let mut freeze: Option<Freeze> = None;
-    let mut tracker = tracker;
-    let outcome = session.passes(&mut freeze, &mut tracker);
-    let report = match outcome {
-        Ok(r) => r,
-        Err(e) => {
-            // Thaw first (the guest must not stay frozen), then let the
-            // writer flush what it has (an Error frame, say) before we
-            // return and the process may exit.
-            let thawed = freeze.take().map(Freeze::thaw);
-            drop(tracker);
-            // Tell the target why, so that it stops waiting and hangs up
-            // (which also ends our reader); a no-op if the link is gone.
-            let _ = frames_tx.try_send(Message::Error { message: format!("source: {e}") });
-            drop(frames_tx);
-            let _ = writer_done_rx.recv_timeout(Duration::from_secs(2));
-            if let Some(Err(t)) = thawed {
-                log::error!("{t}");
-            }
-            return Err(e);
+        let reader_frames = frames_tx.clone();
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx));
+        for _ in 0..workers {
+            let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
+            threads.push(thread::spawn(move || {
+                if let Err(e) = work_loop(&sh, rx, tx) {
+                    let _ = fail.send(e);
+                }
+            }));
         }
-    };
-    let mut report = report;
-    let downtime = match freeze.take() {
-        Some(f) => Some(f.thaw()?),
-        None => None,
-    };
-    // Snapshots go only now: removing them is slow and the guest is running.
-    drop(tracker);
-    let downtime_ns = downtime.map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let _ = frames_tx.send(Message::Bye { downtime_ns });
-    drop(frames_tx);
-    for w in worker_threads {
-        w.join().expect("worker thread panicked");
-    }
-    writer_thread.join().expect("writer thread panicked");
-    // A failure to deliver Bye is still a failure of this end.
-    if let Ok(e) = fail_rx.try_recv() {
-        return Err(e);
-    }
-    report.downtime_seconds = downtime_ns as f64 / 1e9;
-    Ok(report)
-}
+        drop((work_rx, fail_tx));
 
-/// The caller's side of one source run: hashing and announcing passes.
-struct Session<'a> {
-    shared: &'a Shared,
-    opts: &'a SourceOptions,
-    frames: &'a Sender<Message>,
-    fail_rx: &'a Receiver<EngineError>,
-    events: &'a Receiver<Result<Event, EngineError>>,
-    progress: &'a Progress,
-}
+        let mut session = SourceSession {
+            shared,
+            opts: opts.clone(),
+            progress,
+            frames: Some(frames_tx),
+            fail_rx,
+            events: event_rx,
+            writer_done: writer_done_rx,
+            threads,
+            tracker,
+            rescan,
+            fast: Vec::new(),
+            groups: Vec::new(),
+            pass: 1,
+            in_flight: true,
+            pending: BTreeSet::new(),
+            pending_changed: 0,
+            finished: false,
+        };
+        session.first_pass()?;
+        Ok(session)
+    }
 
-impl Session<'_> {
+    /// Blocks in the image.
+    pub fn block_count(&self) -> u64 {
+        self.shared.layout.block_count()
+    }
+
+    /// Image size in bytes.
+    pub fn image_size(&self) -> u64 {
+        self.shared.layout.size
+    }
+
+    /// The pass announced last (1 after [`start`](Self::start)).
+    pub fn pass(&self) -> u32 {
+        self.pass
+    }
+
+    /// Bytes that crossed the link so far, both directions.
+    pub fn bytes_wire(&self) -> u64 {
+        self.shared.stats.total()
+    }
+
+    fn frames(&self) -> &Sender<Message> {
+        self.frames.as_ref().expect("frames open until finish")
+    }
+
     fn send(&self, m: Message) -> Result<(), EngineError> {
-        self.frames.send(m).map_err(|_| self.failure())
+        self.frames().send(m).map_err(|_| self.failure())
     }
 
     /// The reason the link or a thread stopped.
@@ -269,22 +334,18 @@ impl Session<'_> {
         }
     }
 
-    /// Run every pass; returns the target's report (before any thaw).
-    fn passes(
-        &mut self,
-        freeze: &mut Option<Freeze>,
-        tracker: &mut Option<SnapTracker>,
-    ) -> Result<Report, EngineError> {
-        let sh = self.shared;
+    /// Pass 1: hash everything and announce every group as it is hashed.
+    fn first_pass(&mut self) -> Result<(), EngineError> {
+        let sh = self.shared.clone();
         let layout = &sh.layout;
         let algo = self.opts.algo;
-        let live = self.opts.live.clone();
-        if live.is_some() {
+        if self.opts.live.is_some() {
             self.send(Message::PassBegin { pass: 1, final_pass: false, changed_blocks: layout.block_count() })?;
         }
         self.progress.phase("hashing", layout.size);
         let mut fast: Vec<u64> = Vec::with_capacity(layout.block_count() as usize);
         let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
+        let frames = self.frames().clone();
         let hashed = BlockMap::compute_streaming(
             &sh.img,
             layout.clone(),
@@ -302,70 +363,143 @@ impl Session<'_> {
                 }
                 let digests = batch.iter().map(|g| g.digest).collect();
                 // Stop hashing as soon as the link or a worker has failed.
-                self.frames.send(Message::Groups { first, digests }).is_ok()
-                    && self.fail_rx.is_empty()
-                    && self.events.is_empty()
+                frames.send(Message::Groups { first, digests }).is_ok() && self.fail_rx.is_empty() && self.events.is_empty()
             },
             &|n| self.progress.inc(n),
         );
         let map = match hashed {
             Ok(Some(map)) => map,
             Ok(None) => return Err(self.failure()),
-            Err(e) => {
-                let _ = self.frames.send(Message::Error { message: format!("source: {e}") });
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
+        self.fast = fast;
+        self.groups = groups;
         self.send(Message::GroupsEnd { image_digest: map.image_digest })?;
         self.progress.phase("sending", layout.size);
-
-        if let Some(live) = live {
-            let mut pass = 1;
-            let mut previous = layout.block_count();
-            loop {
-                let stale = match self.next_event()? {
-                    Event::PassDone { pass: p, stale } if p == pass => stale,
-                    Event::PassDone { pass: p, .. } => {
-                        return Err(EngineError::BadReply(format!("the end of pass {p} during pass {pass}")))
-                    }
-                    Event::Done(_) => return Err(EngineError::BadReply("Done before the final pass".into())),
-                };
-                let changed = self.changed_blocks(&mut fast, &mut groups, live.rescan, tracker, false)?;
-                let mut announce: BTreeSet<u64> = stale.into_iter().filter(|&g| g < layout.group_count()).collect();
-                announce.extend(changed.iter().map(|&b| b / layout.group_blocks()));
-                let n = changed.len() as u64;
-                let last = pass + 1 >= live.max_passes.max(2) || n <= live.converge_blocks || n * 10 >= previous * 9;
-                log::info!(
-                    "pass {pass}: {n} blocks changed since hashed; next pass {}",
-                    if last { "is final (frozen)" } else { "runs live" }
-                );
-                let mut changed_blocks = n;
-                if last {
-                    *freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
-                    let more = self.changed_blocks(&mut fast, &mut groups, live.rescan, tracker, true)?;
-                    changed_blocks += more.len() as u64;
-                    announce.extend(more.iter().map(|&b| b / layout.group_blocks()));
-                }
-                pass += 1;
-                previous = n;
-                self.send(Message::PassBegin { pass, final_pass: last, changed_blocks })?;
-                self.announce(&announce, &groups)?;
-                self.send(Message::GroupsEnd { image_digest: image_digest(algo, layout, &groups) })?;
-                if last {
-                    break;
-                }
-            }
-        }
-        match self.next_event()? {
-            Event::Done(report) => Ok(report),
-            Event::PassDone { pass, .. } => {
-                Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
-            }
-        }
+        Ok(())
     }
 
+    /// Wait until the target has finished the pass in flight, then find what
+    /// changed since it was announced (the target's stale groups included).
+    /// What is found is kept for the next [`send_pass`](Self::send_pass) or
+    /// [`final_pass`](Self::final_pass).
+    pub fn scan(&mut self) -> Result<Scan, EngineError> {
+        if self.opts.live.is_none() {
+            return Err(EngineError::Other("scan() on a session that is not live".into()));
+        }
+        let mut scan = Scan { pass_done: self.pass, ..Scan::default() };
+        if self.in_flight {
+            let stale = self.wait_pass_done()?;
+            scan.stale_groups = stale.len() as u64;
+            let gc = self.shared.layout.group_count();
+            self.pending.extend(stale.into_iter().filter(|&g| g < gc));
+        }
+        let changed = self.changed_blocks(false)?;
+        scan.changed_blocks = changed;
+        log::info!("pass {}: {changed} blocks changed since hashed", self.pass);
+        Ok(scan)
+    }
+
+    fn wait_pass_done(&mut self) -> Result<Vec<u64>, EngineError> {
+        let stale = match self.next_event()? {
+            Event::PassDone { pass: p, stale } if p == self.pass => stale,
+            Event::PassDone { pass: p, .. } => {
+                return Err(EngineError::BadReply(format!("the end of pass {p} during pass {}", self.pass)))
+            }
+            Event::Done(_) => return Err(EngineError::BadReply("Done before the final pass".into())),
+        };
+        self.in_flight = false;
+        Ok(stale)
+    }
+
+    /// Announce what the scans found as a live pass (the source keeps running).
+    pub fn send_pass(&mut self) -> Result<(), EngineError> {
+        if self.in_flight {
+            return Err(EngineError::Other(format!("send_pass() while pass {} is in flight; scan() first", self.pass)));
+        }
+        self.announce_pending(false)
+    }
+
+    fn announce_pending(&mut self, final_pass: bool) -> Result<(), EngineError> {
+        self.pass += 1;
+        let changed_blocks = std::mem::take(&mut self.pending_changed);
+        self.send(Message::PassBegin { pass: self.pass, final_pass, changed_blocks })?;
+        let set = std::mem::take(&mut self.pending);
+        self.announce(&set)?;
+        let layout = &self.shared.layout;
+        self.send(Message::GroupsEnd { image_digest: image_digest(self.opts.algo, layout, &self.groups) })?;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// The source is frozen (the caller made sure): wait for the pass in
+    /// flight, find the last changes, send them as the final pass, and wait
+    /// for the target's report. The report counts as verified only if the
+    /// digest the target reports is this end's own image digest.
+    pub fn final_pass(&mut self) -> Result<Report, EngineError> {
+        if self.opts.live.is_some() {
+            if self.in_flight {
+                let stale = self.wait_pass_done()?;
+                let gc = self.shared.layout.group_count();
+                self.pending.extend(stale.into_iter().filter(|&g| g < gc));
+            }
+            self.changed_blocks(true)?;
+            self.announce_pending(true)?;
+        }
+        let mut report = match self.next_event()? {
+            Event::Done(report) => report,
+            Event::PassDone { pass, .. } => {
+                return Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
+            }
+        };
+        let algo = self.opts.algo;
+        let own = hex(&image_digest(algo, &self.shared.layout, &self.groups)[..algo.width()]);
+        if !report.verified || report.digest != own {
+            let got = report.digest.clone();
+            report.verified = false;
+            return Err(EngineError::NotVerified { got, want: own });
+        }
+        Ok(report)
+    }
+
+    /// Say goodbye (with the time the source was frozen) and wait for this
+    /// end's threads. A failure to deliver Bye is still a failure.
+    pub fn finish(mut self, downtime: Duration) -> Result<(), EngineError> {
+        // Snapshots go only now: removing them is slow.
+        drop(self.tracker.take());
+        let downtime_ns = downtime.as_nanos() as u64;
+        let _ = self.frames().send(Message::Bye { downtime_ns });
+        drop(self.frames.take());
+        for t in std::mem::take(&mut self.threads) {
+            t.join().expect("source thread panicked");
+        }
+        self.finished = true;
+        if let Ok(e) = self.fail_rx.try_recv() {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Give up: tell the target why (so that it stops waiting and hangs up)
+    /// and let the writer flush that before returning.
+    pub fn abort(mut self, why: &EngineError) {
+        self.abort_inner(&why.to_string());
+    }
+
+    fn abort_inner(&mut self, why: &str) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        drop(self.tracker.take());
+        if let Some(f) = self.frames.take() {
+            let _ = f.try_send(Message::Error { message: format!("source: {why}") });
+        }
+        let _ = self.writer_done.recv_timeout(Duration::from_secs(2));
+    }
     /// Send the digests of `set` (ascending), consecutive groups together.
-    fn announce(&self, set: &BTreeSet<u64>, groups: &[Digest]) -> Result<(), EngineError> {
+    fn announce(&self, set: &BTreeSet<u64>) -> Result<(), EngineError> {
+        let groups = &self.groups;
         let mut run: Vec<Digest> = Vec::new();
         let mut first = 0;
         for &g in set {
@@ -383,19 +517,34 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Blocks changed since the last call, with digests and group digests
-    /// updated: from the snapshot tracker when there is one (falling back to
-    /// a re-read if its snapshot overflowed), else by re-reading.
-    fn changed_blocks(
-        &self,
+    /// Find the blocks changed since the last call, update digests and group
+    /// digests, and add their groups to what the next pass announces;
+    /// returns how many. From the snapshot tracker when there is one
+    /// (falling back to a re-read if its snapshot overflowed), else by
+    /// re-reading.
+    fn changed_blocks(&mut self, last: bool) -> Result<u64, EngineError> {
+        let how = self.rescan;
+        let mut fast = std::mem::take(&mut self.fast);
+        let mut groups = std::mem::take(&mut self.groups);
+        let found = self.tracked_changes(&mut fast, &mut groups, how, last);
+        self.fast = fast;
+        self.groups = groups;
+        let blocks = found?;
+        let gb = self.shared.layout.group_blocks();
+        self.pending.extend(blocks.iter().map(|&b| b / gb));
+        self.pending_changed += blocks.len() as u64;
+        Ok(blocks.len() as u64)
+    }
+
+    fn tracked_changes(
+        &mut self,
         fast: &mut [u64],
         groups: &mut [Digest],
         how: Rescan,
-        tracker: &mut Option<SnapTracker>,
         last: bool,
     ) -> Result<Vec<u64>, EngineError> {
-        let layout = &self.shared.layout;
-        let Some(t) = tracker else { return self.rescan(fast, groups, how, None) };
+        let layout = self.shared.layout.clone();
+        let Some(t) = self.tracker.as_mut() else { return self.rescan(fast, groups, how, None) };
         match t.changed(last)? {
             None => self.rescan(fast, groups, Rescan::Fast, None),
             Some(ranges) => {
@@ -420,7 +569,7 @@ impl Session<'_> {
         how: Rescan,
         only: Option<&BTreeSet<u64>>,
     ) -> Result<Vec<u64>, EngineError> {
-        let sh = self.shared;
+        let sh = &*self.shared;
         let layout = &sh.layout;
         let algo = self.opts.algo;
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
@@ -498,6 +647,58 @@ impl Session<'_> {
         }
         self.progress.phase("sending", layout.size);
         Ok(blocks)
+    }
+}
+
+impl Drop for SourceSession {
+    fn drop(&mut self) {
+        self.abort_inner("the source end stopped");
+    }
+}
+
+/// Serve `path` as the source of a whole copy over `link`: the pass loop of
+/// `copy --live` (the [`Convergence`] rule, the shell freeze and thaw) on
+/// top of [`SourceSession`]. Returns the target's report once the target has
+/// verified its copy and said Done.
+pub fn run(path: &Path, opts: &SourceOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
+    let mut session = SourceSession::start(path, opts, link, progress.clone())?;
+    let mut freeze: Option<Freeze> = None;
+    let outcome = (|| {
+        if let Some(live) = &opts.live {
+            let mut policy = Convergence::new(live.max_passes, live.converge_blocks, session.block_count());
+            loop {
+                let scan = session.scan()?;
+                let last = policy.next_is_final(scan.pass_done, scan.changed_blocks);
+                log::info!("next pass {}", if last { "is final (frozen)" } else { "runs live" });
+                if last {
+                    break;
+                }
+                session.send_pass()?;
+            }
+            freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
+        }
+        session.final_pass()
+    })();
+    match outcome {
+        Ok(mut report) => {
+            let downtime = match freeze.take() {
+                Some(f) => f.thaw()?,
+                None => Duration::ZERO,
+            };
+            session.finish(downtime)?;
+            report.downtime_seconds = downtime.as_secs_f64();
+            Ok(report)
+        }
+        Err(e) => {
+            // Thaw first (the guest must not stay frozen), then tell the
+            // target why.
+            let thawed = freeze.take().map(Freeze::thaw);
+            session.abort(&e);
+            if let Some(Err(t)) = thawed {
+                log::error!("{t}");
+            }
+            Err(e)
+        }
     }
 }
 

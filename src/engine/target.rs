@@ -269,6 +269,9 @@ impl Target<'_> {
             return Err(EngineError::NotVerified { got: hex(&got), want: hex(&want) });
         }
         self.dst.sync()?;
+        // Nothing of this copy stays in dom0's page cache: a Xen guest's
+        // backend writes under it, so cached pages would later be stale.
+        self.dst.drop_cache();
         self.close_pass_report();
         self.progress.finish();
         let count = |s: State| self.state.iter().filter(|&&x| x == s).count() as u64;

@@ -330,6 +330,7 @@ mod tests {
             origin: None,
             path: Some("/dev/vg0/g1".into()),
             dm_path: Some("/dev/mapper/vg0-g1".into()),
+            tags: Vec::new(),
         }];
         resolve_lvs(&mut disks, &lvs);
         assert_eq!(disks[0].lv, Some(LvRef::new("vg0", "g1")));

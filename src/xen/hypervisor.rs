@@ -131,6 +131,39 @@ impl Xen {
         }
     }
 
+    /// Resume a domain that suspended for a save or migration that did not
+    /// complete (`libxl_domain_resume` with `suspend_cancel`: the guest
+    /// returns from its suspend hypercall and carries on). xl has no
+    /// command for this; `migrate --recover` needs it.
+    pub fn resume(&self, domid: u32) -> Result<(), XenError> {
+        // SAFETY: see `toolstack_version`: a fresh context around one
+        // synchronous call (NULL ao_how), freed afterwards.
+        unsafe {
+            if self.logger.is_null() {
+                return Err(XenError::Libxl("no logger for libxl".into()));
+            }
+            let mut ctx: *mut sys::libxl_ctx = ptr::null_mut();
+            let rc = (self.libs.light.libxl_ctx_alloc)(&mut ctx, sys::LIBXL_VERSION as i32, 0, self.logger);
+            if rc != 0 || ctx.is_null() {
+                return Err(XenError::Libxl(format!("libxl_ctx_alloc failed (error {rc})")));
+            }
+            let rc = (self.libs.light.libxl_domain_resume)(ctx, domid, 1, ptr::null());
+            (self.libs.light.libxl_ctx_free)(ctx);
+            if rc != 0 {
+                return Err(XenError::Libxl(format!("libxl_domain_resume of domain {domid} failed (error {rc})")));
+            }
+            Ok(())
+        }
+    }
+
+    /// The domain's UUID, from xenstore (`/local/domain/<id>/vm` names
+    /// `/vm/<uuid>`).
+    pub fn uuid(&self, domid: u32) -> Option<String> {
+        let vm = self.read(&format!("/local/domain/{domid}/vm"))?;
+        let u = vm.trim().trim_start_matches("/vm/");
+        (u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-')).then(|| u.to_string())
+    }
+
     /// The hypervisor's raw view of every domain, in domain id order.
     pub fn raw_domains(&self) -> Result<Vec<RawInfo>, XenError> {
         let mut out = Vec::new();
