@@ -14,6 +14,7 @@
 //! - [`engine`]: the source and target ends of a copy, and its report.
 //! - [`xen`]: the hypervisor, its domains and their disks (Xen libraries loaded at run time).
 //! - [`lvm`]: logical volumes through the lvm2 commands.
+//! - [`migrate`]: a running domain and its LVM disks to another host (above `engine` and `xen`).
 
 pub mod blockmap;
 pub mod compress;
@@ -26,6 +27,7 @@ pub mod image;
 pub mod index;
 pub mod layout;
 pub mod lvm;
+pub mod migrate;
 pub mod protocol;
 pub mod transport;
 pub mod xen;

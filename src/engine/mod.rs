@@ -55,6 +55,13 @@ pub enum EngineError {
     Other(String),
 }
 
+/// Text from a peer or a remote command, made safe for the operator's
+/// terminal: control characters (escape sequences among them) become `?`;
+/// newlines and tabs stay.
+pub fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
+}
+
 /// The outcome of a copy, as `--json` prints it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {

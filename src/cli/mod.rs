@@ -23,6 +23,8 @@ use xenmig::index::Index;
 use xenmig::layout::{check_block_size, Align};
 use xenmig::transport::Location;
 
+mod migrate;
+
 const AFTER_HELP: &str = "\
 Examples:
   xenmig copy guest.img root@host2:/dev/vg0/guest      push a disk to another host over ssh
@@ -49,23 +51,27 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct HashArgs {
+pub(crate) struct HashArgs {
     /// Block digest: blake3 (default), sha256, or sha1 (seed-compatible, NOT
     /// collision-safe: avoid when references hold other tenants' data).
     #[arg(long = "hash", default_value = "blake3", value_name = "ALGO")]
-    algo: Algorithm,
+    pub(crate) algo: Algorithm,
     /// Block size in bytes: a power of two from 512 to 1048576.
     #[arg(long, default_value_t = 4096, value_parser = parse_block_size)]
-    block_size: u32,
+    pub(crate) block_size: u32,
     /// How to cut images: `partitions` hashes each MBR partition from its
     /// own start (so a partition at sector 63 dedups against an aligned
     /// copy), `flat` cuts from offset 0.
     #[arg(long, default_value = "partitions", value_name = "MODE")]
-    align: Align,
+    pub(crate) align: Align,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Move a running domain and its LVM disks to another Xen host (like
+    /// `xl migrate`, without shared storage).
+    #[command(after_help = migrate::MIGRATE_HELP)]
+    Migrate(migrate::MigrateArgs),
     /// Copy a disk image or block device, sending only blocks the target
     /// does not already have.
     ///
@@ -162,6 +168,20 @@ enum Command {
         #[command(flatten)]
         live: LiveArgs,
     },
+    /// xl's transport during `migrate` (started by xl, not by hand).
+    #[command(hide = true)]
+    MigrateRelay {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long, default_value = "ssh")]
+        ssh: String,
+        /// What xl appends: HOST xl migrate-receive ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// The target host's side of `migrate` (run over ssh, not by hand).
+    #[command(hide = true, subcommand)]
+    MigrateTarget(migrate::TargetOp),
 }
 
 /// Live copy: copy while the source keeps changing.
@@ -270,6 +290,9 @@ pub fn main() -> i32 {
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
         Command::Copy(a) => Ok(run_copy(a, quiet)),
+        Command::Migrate(a) => migrate::run_migrate(a, quiet),
+        Command::MigrateRelay { control, ssh, rest } => migrate::run_relay(control, ssh, rest),
+        Command::MigrateTarget(op) => migrate::run_target(op),
         Command::Hash { image, output, hash, json } => {
             let img = Image::open_read(&image)?;
             let layout = layout_of(&img, hash.block_size, hash.align)?;

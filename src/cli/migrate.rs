@@ -1,0 +1,268 @@
+//! `xenmig migrate` and the two commands it runs behind the scenes:
+//! `migrate-relay` (xl's transport, on the source) and `migrate-target`
+//! (preflight and clean-up, on the target).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use xenmig::compress::Choice;
+use xenmig::engine::source::{LiveOptions, Rescan, SourceOptions};
+use xenmig::engine::Progress;
+use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
+
+use super::HashArgs;
+
+pub const MIGRATE_HELP: &str = "\
+How it goes: preflight (the domain runs, its disks are LVs, the target has
+room, the same xenmig and no domain of that name); LVs created on the target
+(tagged with the domain's UUID; an LV tagged for the same domain, left by an
+earlier migration the other way, is reused and only what changed moves);
+disk passes while the guest runs; then `xl migrate` moves CPU and memory
+through a relay that holds the target's \"ready\" back until the last disk
+delta, sent while the guest is suspended, is written and verified there.
+Only then may the target unpause. The source LV is never written and is
+kept (tagged) after the migration.
+
+If anything fails before that point, the guest resumes here and the
+target's half-built copy is destroyed: the guest runs on exactly one host.
+Every phase is journalled in /var/lib/xenmig/journal; if xenmig is killed,
+`xenmig migrate --recover DOMAIN` finishes or rolls back by the same rules.
+
+Examples:
+  xenmig migrate web1 host2                     live, disks to the same VG names
+  xenmig migrate --dry-run web1 host2           the plan: LVs to create or reuse, space
+  xenmig migrate -r /dev/vg0/debian12 web1 host2
+                                                reuse a template held on host2
+  xenmig migrate --json web1 host2 | jq .downtime_seconds
+
+Exit status: 0 the domain runs on HOST (paused with -p) on verified disks;
+1 it did not move (the report says what was rolled back); 2 bad usage.";
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The domain to move (name or id); it must be running.
+    #[arg(required_unless_present = "recover")]
+    domain: Option<String>,
+    /// The target host, as ssh reaches it.
+    #[arg(required_unless_present = "recover")]
+    host: Option<String>,
+    /// Command that reaches HOST instead of `ssh` (as `xl migrate -s`).
+    #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "SSHCOMMAND")]
+    ssh: String,
+    /// xl config to use on the target instead of the running one (as `xl
+    /// migrate -C`); needed when disk paths change (--target-vg).
+    #[arg(short = 'C', value_name = "CONFIG")]
+    config: Option<PathBuf>,
+    /// Leave the domain paused on the target (as `xl migrate -p`).
+    #[arg(short = 'p')]
+    paused: bool,
+    /// Do not wait in the background on the target for the domain's death
+    /// (as `xl migrate -e`).
+    #[arg(short = 'e')]
+    no_monitor: bool,
+    /// Have xl verify the memory copy (as `xl migrate --debug`).
+    #[arg(long)]
+    debug: bool,
+    /// Image or index file on the target whose blocks may be reused
+    /// (repeatable).
+    #[arg(short = 'r', long = "reference", value_name = "PATH")]
+    references: Vec<PathBuf>,
+    /// Compression of fetched blocks, as in `copy`.
+    #[arg(long, default_value = "auto", value_name = "CODEC")]
+    compress: Choice,
+    #[command(flatten)]
+    hash: HashArgs,
+    /// Volume group on the target (default: the same name as on the source).
+    #[arg(long, value_name = "VG")]
+    target_vg: Option<String>,
+    /// Overwrite a target LV of the same name that is not tagged for this
+    /// domain.
+    #[arg(long)]
+    force: bool,
+    /// Check and print the plan (disks, LVs to create or reuse, sizes, free
+    /// space); change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Disk passes while the guest runs, at most (the final one included).
+    #[arg(long, default_value_t = 6, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
+    max_passes: u32,
+    /// Stop the disk passes once all disks together changed at most this
+    /// many blocks in one pass.
+    #[arg(long, default_value_t = 256, value_name = "BLOCKS")]
+    converge_blocks: u64,
+    /// How disk passes find changed blocks, as in `copy --live`.
+    #[arg(long, default_value = "fast", value_name = "HOW")]
+    rescan: Rescan,
+    /// The xenmig program on the target host.
+    #[arg(long, default_value = "xenmig", value_name = "PATH")]
+    remote_xenmig: String,
+    /// Finish or roll back an interrupted migration of DOMAIN from its
+    /// journal, and exit.
+    #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["domain", "host"])]
+    recover: Option<String>,
+    /// Print one JSON report at the end (also on failure).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum TargetOp {
+    /// Versions, domains, the VG's space and LVs.
+    Probe {
+        #[arg(long)]
+        vg: String,
+    },
+    /// Create or reuse the LVs (VG/LV:SIZE), tagged for domain UUID.
+    Prepare {
+        #[arg(long)]
+        uuid: String,
+        #[arg(long = "lv", value_name = "VG/LV:SIZE", required = true)]
+        lvs: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// The state of DOMAIN and DOMAIN--incoming here.
+    State {
+        #[arg(long)]
+        domain: String,
+    },
+    /// Destroy a DOMAIN--incoming left by a failed migration.
+    Cleanup {
+        #[arg(long)]
+        domain: String,
+    },
+}
+
+pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
+    if let Some(domain) = &a.recover {
+        let host = XenHost::open()?;
+        let lines = migrate::recover(&host, &migrate::journal::default_dir(), domain)?;
+        let attention = lines.iter().any(|l| l.starts_with("NEEDS ATTENTION"));
+        for l in &lines {
+            println!("{l}");
+        }
+        return Ok(if attention { 1 } else { 0 });
+    }
+    let (domain, host_name) = (a.domain.clone().expect("clap"), a.host.clone().expect("clap"));
+    let mut opts = MigrateOptions::new(&domain, &host_name);
+    opts.ssh = a.ssh;
+    opts.config = a.config;
+    opts.paused = a.paused;
+    opts.no_monitor = a.no_monitor;
+    opts.debug = a.debug;
+    opts.references = a.references;
+    opts.source = SourceOptions {
+        algo: a.hash.algo,
+        block_size: a.hash.block_size,
+        align: a.hash.align,
+        compress: a.compress,
+        live: Some(LiveOptions {
+            max_passes: a.max_passes,
+            converge_blocks: a.converge_blocks,
+            freeze_cmd: None,
+            thaw_cmd: None,
+            rescan: a.rescan,
+        }),
+    };
+    opts.target_vg = a.target_vg;
+    opts.force = a.force;
+    opts.dry_run = a.dry_run;
+    opts.remote_xenmig = a.remote_xenmig;
+    if let Ok(d) = std::env::var("XENMIG_MEMORY_TIMEOUT") {
+        if let Ok(s) = d.parse::<u64>() {
+            opts.memory_timeout = Duration::from_secs(s);
+        }
+    }
+    let host = XenHost::open()?;
+    let progress = Progress::stderr(quiet || a.json);
+    let (report, result) = migrate::migrate(&host, &opts, &progress);
+    progress.finish();
+    print_migrate_report(&report, a.json);
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("xenmig: migrate {domain} -> {host_name}: {e}");
+            Ok(1)
+        }
+    }
+}
+
+fn print_migrate_report(r: &MigrateReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+        return;
+    }
+    if r.dry_run {
+        println!("plan for migrating {} to {} (nothing changed):", r.domain, r.host);
+        for l in &r.plan {
+            println!("  {l}");
+        }
+        return;
+    }
+    if r.migrated {
+        println!(
+            "{} now runs on {}: {:.1} s in all, downtime {}, last disk delta {}",
+            r.domain,
+            r.host,
+            r.seconds,
+            r.downtime_seconds.map(|d| format!("{d:.2} s")).unwrap_or_else(|| "unknown".into()),
+            r.final_delta_seconds.map(|d| format!("{d:.2} s")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    for p in &r.phases {
+        eprintln!("  {:<32} {:>8.2} s", p.phase, p.seconds);
+    }
+    for d in &r.disks {
+        if let Some(c) = &d.copy {
+            eprintln!(
+                "  {} {} -> {}:{} {}: {} passes, {} blocks fetched, {} reused, verified {}",
+                d.vdev,
+                d.source,
+                r.host,
+                d.target,
+                if d.created { "(created)" } else { "(reused)" },
+                c.passes.len(),
+                c.blocks_fetched,
+                c.blocks_reused,
+                c.digest
+            );
+        }
+    }
+    for l in &r.rolled_back {
+        eprintln!("  rolled back: {l}");
+    }
+    for l in &r.needs_attention {
+        eprintln!("  NEEDS ATTENTION: {l}");
+    }
+}
+
+pub fn run_relay(control: PathBuf, ssh: String, rest: Vec<String>) -> anyhow::Result<i32> {
+    let mut transport = shell_words::split(&ssh).map_err(|e| anyhow::anyhow!("--ssh '{ssh}': {e}"))?;
+    let mut rest = rest;
+    if transport.is_empty() && !rest.is_empty() {
+        // No transport: run the receiver here; xl's HOST word means nothing.
+        rest.remove(0);
+        transport = Vec::new();
+    }
+    match migrate::relay::run(&control, &transport, &rest) {
+        Ok(code) => Ok(code),
+        Err(migrate::relay::RelayError::Aborted) => Ok(1),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run_target(op: TargetOp) -> anyhow::Result<i32> {
+    let out = match op {
+        TargetOp::Probe { vg } => serde_json::to_string(&remote::probe(&vg)?)?,
+        TargetOp::Prepare { uuid, lvs, force } => {
+            let reqs = lvs.iter().map(|s| remote::LvRequest::parse(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+            serde_json::to_string(&remote::prepare(&uuid, &reqs, force)?)?
+        }
+        TargetOp::State { domain } => serde_json::to_string(&remote::state(&domain)?)?,
+        TargetOp::Cleanup { domain } => serde_json::json!({ "destroyed": remote::cleanup(&domain)? }).to_string(),
+    };
+    println!("{out}");
+    Ok(0)
+}

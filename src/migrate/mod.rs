@@ -1,0 +1,1021 @@
+//! `xenmig migrate DOMAIN HOST`: a running guest, its memory and its LVM
+//! disks to another Xen host, committed or rolled back as a whole.
+//!
+//! ```text
+//!  source dom0 (xenmig migrate)                         target dom0
+//!  P0 preflight: domain running, disks are LVs  ── migrate-target probe ──▶ VG space, name free
+//!  P1 prepare                                   ── migrate-target prepare ─▶ lvcreate + tag (or reuse)
+//!  P2 disk pre-copy, guest running              ══ xenmig serve --target ══▶ LV (one link per disk)
+//!     passes until the changes (all disks) converge
+//!  P3 xl migrate -s "xenmig migrate-relay ..."  ── xl's stream (memory) ──▶ NAME--incoming, paused
+//!     source suspended by xl                    ◀── READY, held by the relay
+//!  P4 last disk delta (source quiescent)        ══ final pass, verified ══▶ LV (synced, no page cache)
+//!  P5 RELEASE: READY passed on ─▶ xl sends GO   ─────────────────────────▶ unpause; status 0
+//!     xl destroys the source domain; its LV is kept, tagged
+//! ```
+//!
+//! The guest is never lost: until P5 the target was never told it may
+//! unpause, so any failure resumes the source (xl does it when the relay
+//! closes without READY) and destroys `NAME--incoming` on the target. After
+//! P5 the target's state decides (see [`recover`]). The source LV is only
+//! ever read. Each phase is journalled ([`journal`]).
+//!
+//! What changes by host (the hypervisor, LVM, xl) sits behind
+//! [`SourceHost`], so that the orchestration runs against fakes in tests.
+
+pub mod journal;
+pub mod relay;
+pub mod remote;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::engine::source::{Convergence, LiveOptions, SourceOptions, SourceSession};
+use crate::engine::{EngineError, Progress, Report};
+use crate::transport::{Link, Peer};
+
+use journal::{Journal, Phase};
+use remote::{DomainState, LvRequest, Prepared, Probe, TargetHost};
+
+/// One error per phase, so that the caller (and `--recover`) knows what
+/// was rolled back.
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    #[error("refused before anything changed: {0}")]
+    Preflight(String),
+    #[error("cannot reach the target: {0}")]
+    Unreachable(String),
+    #[error("on the target: {0}")]
+    Target(String),
+    #[error("disk pre-copy of {disk} failed (the guest keeps running here; a rerun reuses what arrived): {source}")]
+    PreCopy { disk: String, source: EngineError },
+    #[error("xl migrate failed before the target was ready ({0}); xl resumes the guest here")]
+    Memory(String),
+    #[error("the last delta of {disk} failed while the guest was suspended; the target was not told to unpause: {source}")]
+    FinalDelta { disk: String, source: EngineError },
+    #[error("after the point of no return: {0}")]
+    Commit(String),
+    #[error("journal: {0}")]
+    Journal(String),
+    #[error(transparent)]
+    Xen(#[from] crate::xen::XenError),
+}
+
+/// What a migration needs from the source host: the hypervisor, LVM and
+/// xl. [`XenHost`] is the real one.
+pub trait SourceHost {
+    /// The domain as the migration needs it.
+    fn domain(&self, name: &str) -> Result<DomainInfo, MigrateError>;
+    /// State of domain `id` now: `None` if it is gone.
+    fn state(&self, id: u32) -> Result<Option<DomState>, MigrateError>;
+    /// Resume a domain left suspended by a migration that did not complete.
+    fn resume(&self, id: u32) -> Result<(), MigrateError>;
+    /// Tag a source LV (kept after the migration, marked for the domain).
+    fn tag_lv(&self, path: &str, tag: &str) -> Result<(), MigrateError>;
+    /// The xl program.
+    fn xl(&self) -> PathBuf;
+}
+
+#[derive(Clone, Debug)]
+pub struct DomainInfo {
+    pub id: u32,
+    pub name: String,
+    pub uuid: String,
+    pub paused: bool,
+    pub memory_kib: u64,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskInfo {
+    /// The guest's name for it (`xvda`).
+    pub vdev: String,
+    pub vg: String,
+    pub lv: String,
+    pub size_bytes: u64,
+}
+
+impl DiskInfo {
+    pub fn path(&self) -> String {
+        format!("/dev/{}/{}", self.vg, self.lv)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomState {
+    Running,
+    Paused,
+    /// Shut down for a suspend (a save or migration under way).
+    Suspended,
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub domain: String,
+    pub host: String,
+    /// As xl's `-s`: the command that reaches HOST.
+    pub ssh: String,
+    pub remote_xenmig: String,
+    /// `-C`: the xl config to use on the target.
+    pub config: Option<PathBuf>,
+    /// `-p`: leave the domain paused on the target.
+    pub paused: bool,
+    /// `-e`: no monitoring process on the target.
+    pub no_monitor: bool,
+    pub debug: bool,
+    /// Target-side references for the disk copies.
+    pub references: Vec<PathBuf>,
+    /// Digest, block size, codec and live-pass settings of the disk copies.
+    pub source: SourceOptions,
+    pub target_vg: Option<String>,
+    pub force: bool,
+    pub dry_run: bool,
+    /// This program, as the relay xl starts.
+    pub self_exe: PathBuf,
+    pub journal_dir: PathBuf,
+    /// Directory for the relay's control socket.
+    pub run_dir: PathBuf,
+    /// How long to wait for the target's READY once xl runs.
+    pub memory_timeout: Duration,
+}
+
+impl MigrateOptions {
+    pub fn new(domain: &str, host: &str) -> MigrateOptions {
+        MigrateOptions {
+            domain: domain.into(),
+            host: host.into(),
+            ssh: "ssh".into(),
+            remote_xenmig: "xenmig".into(),
+            config: None,
+            paused: false,
+            no_monitor: false,
+            debug: false,
+            references: Vec::new(),
+            source: SourceOptions { live: Some(LiveOptions::default()), ..SourceOptions::default() },
+            target_vg: None,
+            force: false,
+            dry_run: false,
+            self_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xenmig")),
+            journal_dir: journal::default_dir(),
+            run_dir: PathBuf::from("/run/xenmig"),
+            memory_timeout: Duration::from_secs(1800),
+        }
+    }
+
+    fn target(&self) -> TargetHost {
+        TargetHost { ssh: self.ssh.clone(), host: self.host.clone(), xenmig: self.remote_xenmig.clone() }
+    }
+}
+
+/// One phase and how long it took.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseTime {
+    pub phase: String,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskReport {
+    pub vdev: String,
+    pub source: String,
+    pub target: String,
+    /// Created on the target by this migration (else reused).
+    pub created: bool,
+    pub size_bytes: u64,
+    pub copy: Option<Report>,
+}
+
+/// What `migrate --json` prints, on success and on failure.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrateReport {
+    pub domain: String,
+    pub host: String,
+    pub mode: String,
+    pub dry_run: bool,
+    /// True only when the target runs (or holds paused, with `-p`) the
+    /// domain on disks verified against the suspended source.
+    pub migrated: bool,
+    pub phases: Vec<PhaseTime>,
+    pub disks: Vec<DiskReport>,
+    /// Disk passes while the guest ran (all disks together).
+    pub disk_passes: u32,
+    /// Source suspended (seen by polling the hypervisor) to the target's
+    /// unpause report.
+    pub downtime_seconds: Option<f64>,
+    /// The last disk delta, sent while the source was suspended.
+    pub final_delta_seconds: Option<f64>,
+    /// Bytes the disk copies moved (both directions, framing included).
+    pub bytes_wire: u64,
+    pub seconds: f64,
+    /// What was undone after a failure, in order.
+    pub rolled_back: Vec<String>,
+    /// What is left for a person to decide, with the command to run.
+    pub needs_attention: Vec<String>,
+    pub error: Option<String>,
+    /// The plan (`--dry-run`, and also recorded on a real run).
+    pub plan: Vec<String>,
+}
+
+/// The real source host: libxenctrl/xenstore, lvm2 and xl.
+pub struct XenHost {
+    xen: crate::xen::Xen,
+}
+
+impl XenHost {
+    pub fn open() -> Result<XenHost, MigrateError> {
+        Ok(XenHost { xen: crate::xen::Xen::open()? })
+    }
+}
+
+impl SourceHost for XenHost {
+    fn domain(&self, name: &str) -> Result<DomainInfo, MigrateError> {
+        use crate::xen::domain::{DomainRef, ShutdownReason, State};
+        let mut d = self.xen.domain(&DomainRef::parse(name))?;
+        if d.id == 0 {
+            return Err(MigrateError::Preflight("dom0 cannot be migrated".into()));
+        }
+        let lvm = crate::lvm::Lvm::new();
+        let lvs = lvm.lvs(None).map_err(|e| MigrateError::Preflight(format!("cannot list LVs: {e}")))?;
+        crate::xen::disk::resolve_lvs(&mut d.disks, &lvs);
+        let mut disks = Vec::new();
+        for disk in &d.disks {
+            let vdev = disk.vdev.clone().unwrap_or_else(|| disk.devid.to_string());
+            let Some(r) = &disk.lv else {
+                return Err(MigrateError::Preflight(format!(
+                    "disk {vdev} of {} ({}) is not an LVM logical volume; xenmig migrates LV-backed disks",
+                    d.label(),
+                    disk.params
+                )));
+            };
+            let lv = lvs.iter().find(|l| l.vg == r.vg && l.name == r.lv).expect("resolved from this list");
+            disks.push(DiskInfo { vdev, vg: r.vg.clone(), lv: r.lv.clone(), size_bytes: lv.size_bytes });
+        }
+        let name_now = d.name.clone().unwrap_or_else(|| name.to_string());
+        let _ = (ShutdownReason::Suspend, State::Paused);
+        Ok(DomainInfo {
+            id: d.id,
+            uuid: self.xen.uuid(d.id).unwrap_or_default(),
+            paused: d.state == State::Paused,
+            memory_kib: d.max_memory_kib.unwrap_or(d.memory_kib),
+            name: name_now,
+            disks,
+        })
+    }
+
+    fn state(&self, id: u32) -> Result<Option<DomState>, MigrateError> {
+        use crate::xen::domain::{DomainRef, ShutdownReason, State};
+        let list = self.xen.raw_domains()?;
+        if !list.iter().any(|r| r.domid == id) {
+            return Ok(None);
+        }
+        let d = self.xen.domain(&DomainRef::Id(id))?;
+        Ok(Some(match (d.state, d.shutdown_reason) {
+            (State::Shutdown, Some(ShutdownReason::Suspend)) => DomState::Suspended,
+            (State::Paused, _) => DomState::Paused,
+            (State::Running | State::Blocked | State::Idle, _) => DomState::Running,
+            _ => DomState::Other,
+        }))
+    }
+
+    fn resume(&self, id: u32) -> Result<(), MigrateError> {
+        Ok(self.xen.resume(id)?)
+    }
+
+    fn tag_lv(&self, path: &str, tag: &str) -> Result<(), MigrateError> {
+        let r = crate::lvm::LvRef::from_device_path(path)
+            .ok_or_else(|| MigrateError::Commit(format!("{path} is not an LV path")))?;
+        crate::lvm::Lvm::new().add_tag(&r, tag).map_err(|e| MigrateError::Commit(e.to_string()))
+    }
+
+    fn xl(&self) -> PathBuf {
+        crate::xen::xl::program()
+    }
+}
+
+/// A phase clock for the report.
+struct Clock {
+    started: Instant,
+    phase_started: Instant,
+    phase: &'static str,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let now = Instant::now();
+        Clock { started: now, phase_started: now, phase: "preflight" }
+    }
+
+    fn next(&mut self, report: &mut MigrateReport, phase: &'static str, progress: &Progress) {
+        report.phases.push(PhaseTime { phase: self.phase.into(), seconds: self.phase_started.elapsed().as_secs_f64() });
+        self.phase = phase;
+        self.phase_started = Instant::now();
+        progress.message(format!("migrate: {phase}"));
+        log::info!("migrate: {phase}");
+    }
+
+    fn close(&mut self, report: &mut MigrateReport) {
+        report.phases.push(PhaseTime { phase: self.phase.into(), seconds: self.phase_started.elapsed().as_secs_f64() });
+        report.seconds = self.started.elapsed().as_secs_f64();
+    }
+}
+
+/// One disk being copied: its session and the link's far end.
+struct DiskCopy {
+    disk: DiskInfo,
+    target_path: String,
+    session: SourceSession,
+    peer: Peer,
+}
+
+/// Events of the memory phase.
+enum Ev {
+    Relay(String),
+    RelayConnected(UnixStream),
+    XlExit(Option<i32>),
+}
+
+/// Run a migration. The report is filled in also on failure.
+pub fn migrate(
+    host: &dyn SourceHost,
+    opts: &MigrateOptions,
+    progress: &Progress,
+) -> (MigrateReport, Result<(), MigrateError>) {
+    let mut report = MigrateReport {
+        domain: opts.domain.clone(),
+        host: opts.host.clone(),
+        mode: "live".into(),
+        dry_run: opts.dry_run,
+        ..MigrateReport::default()
+    };
+    let mut clock = Clock::new();
+    let r = run(host, opts, progress, &mut report, &mut clock);
+    clock.close(&mut report);
+    if let Err(e) = &r {
+        report.error = Some(e.to_string());
+    }
+    (report, r)
+}
+
+fn run(
+    host: &dyn SourceHost,
+    opts: &MigrateOptions,
+    progress: &Progress,
+    report: &mut MigrateReport,
+    clock: &mut Clock,
+) -> Result<(), MigrateError> {
+    // ---- P0 preflight ----
+    if let Some(j) = Journal::load(&opts.journal_dir, &opts.domain)? {
+        return Err(MigrateError::Preflight(format!(
+            "an earlier migration of {} to {} stopped in phase {:?} (pid {}); run `xenmig migrate --recover {}` first",
+            j.domain, j.host, j.phase, j.pid, j.domain
+        )));
+    }
+    let dom = host.domain(&opts.domain)?;
+    if dom.paused {
+        return Err(MigrateError::Preflight(format!(
+            "{} is paused: a paused PV guest cannot answer the suspend request (and libxc refuses its page tables); \
+             unpause it first",
+            dom.name
+        )));
+    }
+    if dom.disks.is_empty() {
+        return Err(MigrateError::Preflight(format!("{} has no disk; use xl migrate", dom.name)));
+    }
+    if dom.uuid.is_empty() {
+        return Err(MigrateError::Preflight(format!("cannot read the UUID of {} from xenstore", dom.name)));
+    }
+    let target = opts.target();
+    let mut requests = Vec::new();
+    for d in &dom.disks {
+        let vg = opts.target_vg.clone().unwrap_or_else(|| d.vg.clone());
+        if vg != d.vg && opts.config.is_none() {
+            return Err(MigrateError::Preflight(format!(
+                "disk {} moves from /dev/{}/{} to /dev/{vg}/{}: give -C with a config that names the target paths",
+                d.vdev, d.vg, d.lv, d.lv
+            )));
+        }
+        requests.push(LvRequest { vg, lv: d.lv.clone(), size_bytes: d.size_bytes });
+    }
+    let mut vgs: Vec<String> = requests.iter().map(|r| r.vg.clone()).collect();
+    vgs.sort();
+    vgs.dedup();
+    let mut probes: Vec<Probe> = Vec::new();
+    for vg in &vgs {
+        let p: Probe = target.call("probe", &["--vg".into(), vg.clone()])?;
+        if p.protocol != crate::protocol::VERSION {
+            return Err(MigrateError::Preflight(format!(
+                "the target's xenmig {} speaks protocol {}, this one {} ({}): install the same xenmig on both hosts",
+                p.version,
+                p.protocol,
+                crate::protocol::VERSION,
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        probes.push(p);
+    }
+    let first = &probes[0];
+    for taken in [dom.name.clone(), format!("{}--incoming", dom.name)] {
+        if first.domains.contains(&taken) {
+            return Err(MigrateError::Preflight(format!("a domain named {taken} already exists on {}", opts.host)));
+        }
+    }
+    if opts.config.is_none() {
+        if let Some(free) = first.free_memory_mib {
+            let need = dom.memory_kib.div_ceil(1024);
+            if free < need {
+                return Err(MigrateError::Preflight(format!(
+                    "{} has {free} MiB of free memory, {} needs {need} MiB",
+                    opts.host, dom.name
+                )));
+            }
+        }
+    }
+    let tag = remote::uuid_tag(&dom.uuid);
+    let mut need_by_vg: std::collections::BTreeMap<String, u64> = Default::default();
+    for r in &requests {
+        let probe = probes.iter().find(|p| p.vg.as_ref().is_some_and(|v| v.name == r.vg));
+        let Some(vg) = probe.and_then(|p| p.vg.clone()) else {
+            return Err(MigrateError::Preflight(format!("{} has no volume group {}", opts.host, r.vg)));
+        };
+        let existing = probe.unwrap().lvs.iter().find(|l| l.name == r.lv);
+        let line = match existing {
+            Some(l) if l.open => {
+                return Err(MigrateError::Preflight(format!(
+                    "{}:/dev/{}/{} exists and is open there",
+                    opts.host, r.vg, r.lv
+                )))
+            }
+            Some(l) if !l.tags.contains(&tag) && !opts.force => {
+                return Err(MigrateError::Preflight(format!(
+                    "{}:/dev/{}/{} exists and is not marked for {} (tags: {}); remove it or pass --force",
+                    opts.host,
+                    r.vg,
+                    r.lv,
+                    dom.name,
+                    if l.tags.is_empty() { "none".into() } else { l.tags.join(",") }
+                )))
+            }
+            Some(l) if l.size_bytes < r.size_bytes => {
+                return Err(MigrateError::Preflight(format!(
+                    "{}:/dev/{}/{} has {} bytes, the source disk {}",
+                    opts.host, r.vg, r.lv, l.size_bytes, r.size_bytes
+                )))
+            }
+            Some(l) => format!(
+                "{} /dev/{}/{} -> {}:{}: reuse ({} bytes, {}); only what changed moves",
+                dom.disks.iter().find(|d| d.lv == r.lv).map(|d| d.vdev.as_str()).unwrap_or("?"),
+                dom.disks.iter().find(|d| d.lv == r.lv).map(|d| d.vg.as_str()).unwrap_or("?"),
+                r.lv,
+                opts.host,
+                r.path(),
+                l.size_bytes,
+                if l.tags.contains(&tag) { "tagged for this domain" } else { "--force" }
+            ),
+            None => {
+                *need_by_vg.entry(r.vg.clone()).or_default() += r.size_bytes;
+                format!("create {}:{} ({} bytes)", opts.host, r.path(), r.size_bytes)
+            }
+        };
+        let _ = vg;
+        report.plan.push(line);
+    }
+    for (vg, need) in &need_by_vg {
+        let free = probes.iter().filter_map(|p| p.vg.as_ref()).find(|v| &v.name == vg).map(|v| v.free_bytes).unwrap_or(0);
+        if *need > free {
+            return Err(MigrateError::Preflight(format!(
+                "volume group {vg} on {} has {free} bytes free, the new LVs need {need}",
+                opts.host
+            )));
+        }
+        report.plan.push(format!("volume group {vg} on {}: {free} bytes free, {need} needed", opts.host));
+    }
+    report.disks = dom
+        .disks
+        .iter()
+        .zip(&requests)
+        .map(|(d, r)| DiskReport {
+            vdev: d.vdev.clone(),
+            source: d.path(),
+            target: r.path(),
+            created: false,
+            size_bytes: d.size_bytes,
+            copy: None,
+        })
+        .collect();
+    if opts.dry_run {
+        return Ok(());
+    }
+
+    // ---- P1 prepare ----
+    let mut journal = Journal {
+        format: format!("{}.{}", journal::FORMAT_MAJOR, journal::FORMAT_MINOR),
+        domain: dom.name.clone(),
+        domid: dom.id,
+        uuid: dom.uuid.clone(),
+        host: opts.host.clone(),
+        ssh: opts.ssh.clone(),
+        remote_xenmig: opts.remote_xenmig.clone(),
+        paused_on_target: opts.paused,
+        phase: Phase::Preflight,
+        disks: dom.disks.iter().zip(&requests).map(|(d, r)| (d.path(), r.path())).collect(),
+        pid: std::process::id(),
+        started_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    journal.save(&opts.journal_dir)?;
+    clock.next(report, "prepare", progress);
+    let mut args = vec!["--uuid".to_string(), dom.uuid.clone()];
+    for r in &requests {
+        args.extend(["--lv".into(), r.to_arg()]);
+    }
+    if opts.force {
+        args.push("--force".into());
+    }
+    let prepared: Vec<Prepared> = match target.call("prepare", &args) {
+        Ok(p) => p,
+        Err(e) => {
+            Journal::remove(&opts.journal_dir, &dom.name);
+            return Err(e);
+        }
+    };
+    for (d, p) in report.disks.iter_mut().zip(&prepared) {
+        d.created = p.created;
+    }
+    journal.set_phase(Phase::Prepared, &opts.journal_dir)?;
+
+    // ---- P2 disk pre-copy ----
+    clock.next(report, "disk pre-copy", progress);
+    journal.set_phase(Phase::PreCopy, &opts.journal_dir)?;
+    let mut copies: Vec<DiskCopy> = Vec::new();
+    let precopy = precopy(opts, &dom, &requests, &mut copies, report, progress);
+    if let Err(e) = precopy {
+        abort_copies(copies, &e);
+        Journal::remove(&opts.journal_dir, &dom.name);
+        return Err(e);
+    }
+
+    // ---- P3 memory: xl migrate through the relay ----
+    clock.next(report, "memory (xl migrate)", progress);
+    journal.set_phase(Phase::Memory, &opts.journal_dir)?;
+    let result = memory_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress);
+    match &result {
+        Ok(()) => {
+            for d in &dom.disks {
+                if let Err(e) = host.tag_lv(&d.path(), &tag) {
+                    log::warn!("cannot tag the source LV {}: {e}", d.path());
+                }
+            }
+            Journal::remove(&opts.journal_dir, &dom.name);
+            report.migrated = true;
+        }
+        Err(_) if report.needs_attention.is_empty() => Journal::remove(&opts.journal_dir, &dom.name),
+        Err(_) => {}
+    }
+    result
+}
+
+/// Start one copy per disk and run live passes until the changes of all
+/// disks together converge.
+fn precopy(
+    opts: &MigrateOptions,
+    dom: &DomainInfo,
+    requests: &[LvRequest],
+    copies: &mut Vec<DiskCopy>,
+    report: &mut MigrateReport,
+    progress: &Progress,
+) -> Result<(), MigrateError> {
+    let live = opts.source.live.clone().unwrap_or_default();
+    for (d, r) in dom.disks.iter().zip(requests) {
+        let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
+        for reference in &opts.references {
+            args.extend(["--reference".into(), reference.display().to_string()]);
+        }
+        let err = |source: EngineError| MigrateError::PreCopy { disk: d.path(), source };
+        let (link, peer) = Link::spawn(&opts.ssh, &opts.host, &args).map_err(|e| err(e.into()))?;
+        progress.message(format!("{}: pass 1", d.vdev));
+        let session = SourceSession::start(Path::new(&d.path()), &opts.source, link, progress.clone()).map_err(err)?;
+        copies.push(DiskCopy { disk: d.clone(), target_path: r.path(), session, peer });
+    }
+    let total: u64 = copies.iter().map(|c| c.session.block_count()).sum();
+    let mut policy = Convergence::new(live.max_passes, live.converge_blocks, total);
+    loop {
+        let mut changed = 0;
+        let mut pass = 0;
+        for c in copies.iter_mut() {
+            let s = c.session.scan().map_err(|source| MigrateError::PreCopy { disk: c.disk.path(), source })?;
+            changed += s.changed_blocks;
+            pass = s.pass_done;
+        }
+        report.disk_passes = pass;
+        progress.message(format!("disk pass {pass} done; {changed} blocks changed since"));
+        log::info!("disk pass {pass}: {changed} blocks changed on all disks");
+        if policy.next_is_final(pass, changed) {
+            return Ok(());
+        }
+        for c in copies.iter_mut() {
+            c.session.send_pass().map_err(|source| MigrateError::PreCopy { disk: c.disk.path(), source })?;
+        }
+    }
+}
+
+fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
+    let e = EngineError::Other(why.to_string());
+    for c in copies {
+        c.session.abort(&e);
+        c.peer.abort();
+    }
+}
+
+/// The relay's command line, as xl's `-s` (xl appends `HOST xl migrate-receive ...`).
+fn relay_command(opts: &MigrateOptions, socket: &Path) -> String {
+    shell_words::join([
+        opts.self_exe.display().to_string(),
+        "migrate-relay".into(),
+        "--control".into(),
+        socket.display().to_string(),
+        "--ssh".into(),
+        opts.ssh.clone(),
+        "--".into(),
+    ])
+}
+
+/// P3 to P5: xl migrate through the relay, the last delta while READY is
+/// held, then release or roll back.
+#[allow(clippy::too_many_arguments)]
+fn memory_and_commit(
+    host: &dyn SourceHost,
+    opts: &MigrateOptions,
+    dom: &DomainInfo,
+    copies: &mut Vec<DiskCopy>,
+    report: &mut MigrateReport,
+    clock: &mut Clock,
+    journal: &mut Journal,
+    progress: &Progress,
+) -> Result<(), MigrateError> {
+    let target = opts.target();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.run_dir)
+        .map_err(|e| MigrateError::Memory(format!("cannot create {}: {e}", opts.run_dir.display())))?;
+    let socket = opts.run_dir.join(format!("relay-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| MigrateError::Memory(format!("cannot listen on {}: {e}", socket.display())))?;
+    let _socket_guard = RemoveOnDrop(socket.clone());
+
+    let (tx, rx) = unbounded::<Ev>();
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            if let Ok((stream, _)) = listener.accept() {
+                let _ = tx.send(Ev::RelayConnected(stream.try_clone().expect("clone unix stream")));
+                for line in BufReader::new(stream).lines() {
+                    match line {
+                        Ok(l) => {
+                            let _ = tx.send(Ev::Relay(l));
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+    }
+    let mut xl = Command::new(host.xl());
+    xl.arg("migrate");
+    if let Some(c) = &opts.config {
+        xl.arg("-C").arg(c);
+    }
+    if opts.paused {
+        xl.arg("-p");
+    }
+    if opts.no_monitor {
+        xl.arg("-e");
+    }
+    if opts.debug {
+        xl.arg("--debug");
+    }
+    xl.arg("-s").arg(relay_command(opts, &socket)).arg(&dom.name).arg(&opts.host);
+    // xl's chatter goes to our stderr: stdout may carry the JSON report.
+    let stderr_fd = std::io::stderr().lock();
+    let out = std::os::fd::AsFd::as_fd(&stderr_fd).try_clone_to_owned().map(Stdio::from).unwrap_or(Stdio::null());
+    drop(stderr_fd);
+    let mut child = xl
+        .stdin(Stdio::null())
+        .stdout(out)
+        .spawn()
+        .map_err(|e| MigrateError::Memory(format!("cannot run {}: {e}", host.xl().display())))?;
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let code = child.wait().ok().and_then(|s| s.code());
+            let _ = tx.send(Ev::XlExit(code));
+        });
+    }
+    drop(tx);
+
+    // Wait for READY, polling the source for the moment it suspends.
+    let deadline = Instant::now() + opts.memory_timeout;
+    let mut relay: Option<UnixStream> = None;
+    let mut suspended_at: Option<Instant> = None;
+    let poll = |suspended_at: &mut Option<Instant>| {
+        if suspended_at.is_none() {
+            if let Ok(Some(DomState::Suspended) | None) = host.state(dom.id) {
+                *suspended_at = Some(Instant::now());
+            }
+        }
+    };
+    loop {
+        poll(&mut suspended_at);
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Ev::RelayConnected(s)) => relay = Some(s),
+            Ok(Ev::Relay(l)) if l == "READY" => break,
+            Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
+            Ok(Ev::XlExit(code)) => {
+                // xl resumes the source itself when READY never came.
+                let e = MigrateError::Memory(format!("xl migrate exited with status {code:?}"));
+                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+                return Err(e);
+            }
+            Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
+                drop(relay.take());
+                wait_xl(&rx, Duration::from_secs(120));
+                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+                return Err(e);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => unreachable!("the xl waiter holds a sender until xl exits"),
+        }
+    }
+    poll(&mut suspended_at);
+    let mut relay = relay.expect("READY comes over the relay's connection");
+
+    // ---- P4 final delta: the source is suspended, the target paused ----
+    clock.next(report, "final disk delta (suspended)", progress);
+    journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
+    let t = Instant::now();
+    let delta = final_delta(copies, report, suspended_at.map(|s| s.elapsed()).unwrap_or_default());
+    report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
+    if let Err(e) = delta {
+        let _ = relay.write_all(b"ABORT\n");
+        drop(relay);
+        wait_xl(&rx, Duration::from_secs(180));
+        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+        return Err(e);
+    }
+
+    // ---- P5 release: the point of no return is xl's GO ----
+    clock.next(report, "commit", progress);
+    journal.set_phase(Phase::Released, &opts.journal_dir)?;
+    let released = relay.write_all(b"RELEASE\n").and_then(|_| relay.flush());
+    if let Err(e) = released {
+        // The relay is gone: xl never got READY and resumes the source.
+        let e = MigrateError::Memory(format!("the relay went away before READY was passed on: {e}"));
+        wait_xl(&rx, Duration::from_secs(180));
+        rollback_before_release(host, opts, dom, Vec::new(), report, &e);
+        return Err(e);
+    }
+    let mut result: Option<u8> = None;
+    let mut unpaused_at: Option<Instant> = None;
+    let code = loop {
+        match rx.recv_timeout(Duration::from_secs(600)) {
+            Ok(Ev::Relay(l)) => {
+                if let Some(s) = l.strip_prefix("RESULT ") {
+                    result = s.trim().parse().ok();
+                    unpaused_at = Some(Instant::now());
+                }
+            }
+            Ok(Ev::RelayConnected(_)) => {}
+            Ok(Ev::XlExit(code)) => break code,
+            Err(_) => break None,
+        }
+    };
+    if let (Some(s), Some(u)) = (suspended_at, unpaused_at) {
+        report.downtime_seconds = Some(u.duration_since(s).as_secs_f64());
+    }
+    if code == Some(0) {
+        return Ok(());
+    }
+    // xl failed after READY went on. Decide from where the domain runs.
+    let why = format!("xl migrate exited with status {code:?} after the target was released (target status {result:?})");
+    settle_after_release(host, &target, dom, opts.paused, report, why)
+}
+
+/// Send every disk's last delta and check it; finish the links.
+fn final_delta(copies: &mut Vec<DiskCopy>, report: &mut MigrateReport, frozen: Duration) -> Result<(), MigrateError> {
+    for c in copies.iter_mut() {
+        let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
+        if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
+            d.copy = Some(r);
+        }
+    }
+    for c in std::mem::take(copies) {
+        let disk = c.disk.path();
+        report.bytes_wire += c.session.bytes_wire();
+        c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?;
+        // The target end exits only after its final sync.
+        c.peer.close().map_err(|e| MigrateError::FinalDelta { disk: disk.clone(), source: e.into() })?;
+        let _ = c.target_path;
+    }
+    Ok(())
+}
+
+fn wait_xl(rx: &Receiver<Ev>, limit: Duration) -> Option<Option<i32>> {
+    let end = Instant::now() + limit;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(Ev::XlExit(c)) => return Some(c),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Before READY went on: the target never unpaused. Make sure the source
+/// runs (xl resumes it; if it did not, resume it here), and remove what the
+/// target built.
+fn rollback_before_release(
+    host: &dyn SourceHost,
+    opts: &MigrateOptions,
+    dom: &DomainInfo,
+    copies: Vec<DiskCopy>,
+    report: &mut MigrateReport,
+    why: &MigrateError,
+) {
+    abort_copies(copies, why);
+    match host.state(dom.id) {
+        Ok(Some(DomState::Suspended)) => match host.resume(dom.id) {
+            Ok(()) => report.rolled_back.push(format!("resumed {} on this host (xl had not)", dom.name)),
+            Err(e) => report.needs_attention.push(format!(
+                "{} is suspended here and could not be resumed ({e}); run `xenmig migrate --recover {}`",
+                dom.name, dom.name
+            )),
+        },
+        Ok(Some(_)) => report.rolled_back.push(format!("{} runs on this host (resumed by xl)", dom.name)),
+        Ok(None) => report.needs_attention.push(format!(
+            "{} is no longer on this host; check {} with `xl list`",
+            dom.name, opts.host
+        )),
+        Err(e) => report.needs_attention.push(format!("cannot read the state of {}: {e}", dom.name)),
+    }
+    match opts.target().call::<serde_json::Value>("cleanup", &["--domain".into(), dom.name.clone()]) {
+        Ok(v) if v.get("destroyed").and_then(|d| d.as_bool()) == Some(true) => {
+            report.rolled_back.push(format!("destroyed {}--incoming on {}", dom.name, opts.host))
+        }
+        Ok(_) => {}
+        Err(e) => report.needs_attention.push(format!(
+            "could not check {} for a leftover {}--incoming ({e}); there: `xl destroy {}--incoming`",
+            opts.host, dom.name, dom.name
+        )),
+    }
+}
+
+/// After READY went on and xl did not report success: the domain must run
+/// on exactly one host. If the target runs it, the source copy goes; if
+/// not, the target's copy goes and the source resumes.
+fn settle_after_release(
+    host: &dyn SourceHost,
+    target: &TargetHost,
+    dom: &DomainInfo,
+    paused_on_target: bool,
+    report: &mut MigrateReport,
+    why: String,
+) -> Result<(), MigrateError> {
+    let there: DomainState = match target.call("state", &["--domain".into(), dom.name.clone()]) {
+        Ok(s) => s,
+        Err(e) => {
+            report.needs_attention.push(format!(
+                "cannot ask {} where {} runs ({e}); the source stays as it is: run `xenmig migrate --recover {}`",
+                target.host, dom.name, dom.name
+            ));
+            return Err(MigrateError::Commit(why));
+        }
+    };
+    let runs_there = there.name.as_deref().is_some_and(|s| paused_on_target || !s.contains('p'));
+    let here = host.state(dom.id)?;
+    if runs_there {
+        if here.is_some() {
+            let st = Command::new(host.xl()).args(["destroy", &dom.id.to_string()]).status();
+            match st {
+                Ok(s) if s.success() => report.rolled_back.push(format!("destroyed the source copy of {}", dom.name)),
+                _ => report.needs_attention.push(format!(
+                    "{} runs on {}; destroy the source copy here: `xl destroy {}`",
+                    dom.name, target.host, dom.id
+                )),
+            }
+        }
+        report.migrated = true;
+        return Ok(());
+    }
+    let _ = target.call::<serde_json::Value>("cleanup", &["--domain".into(), dom.name.clone()]);
+    match here {
+        Some(DomState::Suspended) => match host.resume(dom.id) {
+            Ok(()) => report.rolled_back.push(format!("resumed {} on this host", dom.name)),
+            Err(e) => report.needs_attention.push(format!("resume {} here failed: {e}", dom.name)),
+        },
+        Some(_) => report.rolled_back.push(format!("{} runs on this host", dom.name)),
+        None => report.needs_attention.push(format!("{} runs nowhere: it is not on {} either", dom.name, target.host)),
+    }
+    Err(MigrateError::Commit(why))
+}
+
+/// `xenmig migrate --recover DOMAIN`: apply the rollback rules to a
+/// migration whose xenmig was killed, from its journal.
+pub fn recover(host: &dyn SourceHost, journal_dir: &Path, domain: &str) -> Result<Vec<String>, MigrateError> {
+    let Some(j) = Journal::load(journal_dir, domain)? else {
+        return Ok(vec![format!("no interrupted migration of {domain} is recorded")]);
+    };
+    if j.pid != std::process::id() && Path::new(&format!("/proc/{}", j.pid)).exists() {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", j.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("migrate") {
+            return Err(MigrateError::Preflight(format!(
+                "the migration of {domain} is still running (pid {}); wait for it or stop it first",
+                j.pid
+            )));
+        }
+    }
+    let target = TargetHost { ssh: j.ssh.clone(), host: j.host.clone(), xenmig: j.remote_xenmig.clone() };
+    let dom = DomainInfo {
+        id: j.domid,
+        name: j.domain.clone(),
+        uuid: j.uuid.clone(),
+        paused: false,
+        memory_kib: 0,
+        disks: Vec::new(),
+    };
+    let mut report = MigrateReport::default();
+    if j.phase < Phase::Released {
+        // The target was never told it may unpause.
+        match host.state(j.domid)? {
+            Some(DomState::Suspended) => {
+                host.resume(j.domid)?;
+                report.rolled_back.push(format!("resumed {domain} on this host"));
+            }
+            Some(_) => report.rolled_back.push(format!("{domain} runs on this host")),
+            None => report.needs_attention.push(format!("{domain} (id {}) is gone from this host", j.domid)),
+        }
+        if j.phase >= Phase::Memory {
+            match target.call::<serde_json::Value>("cleanup", &["--domain".into(), domain.into()]) {
+                Ok(v) if v.get("destroyed").and_then(|d| d.as_bool()) == Some(true) => {
+                    report.rolled_back.push(format!("destroyed {domain}--incoming on {}", j.host))
+                }
+                Ok(_) => {}
+                Err(e) => report.needs_attention.push(format!("cannot clean up on {}: {e}", j.host)),
+            }
+        }
+    } else {
+        let _ = settle_after_release(host, &target, &dom, j.paused_on_target, &mut report, "recovered".into());
+    }
+    if report.needs_attention.is_empty() {
+        Journal::remove(journal_dir, domain);
+    }
+    let mut lines = report.rolled_back;
+    lines.extend(report.needs_attention.into_iter().map(|l| format!("NEEDS ATTENTION: {l}")));
+    Ok(lines)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send(_: Sender<Ev>) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_command_quotes_the_transport() {
+        let mut o = MigrateOptions::new("g1", "h");
+        o.self_exe = PathBuf::from("/usr/bin/xenmig");
+        o.ssh = "ssh -o BatchMode=yes".into();
+        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"));
+        assert_eq!(
+            shell_words::split(&c).unwrap(),
+            vec![
+                "/usr/bin/xenmig",
+                "migrate-relay",
+                "--control",
+                "/run/xenmig/relay-1.sock",
+                "--ssh",
+                "ssh -o BatchMode=yes",
+                "--"
+            ]
+        );
+    }
+}
