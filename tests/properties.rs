@@ -5,10 +5,10 @@
 use std::fs;
 
 use proptest::prelude::*;
-use xenmig::engine::copy::{copy, CopyOptions};
-use xenmig::engine::target::TargetOptions;
-use xenmig::engine::Progress;
-use xenmig::transport::Location;
+use xenmig::copy::run::{copy, CopyOptions};
+use xenmig::copy::target::TargetOptions;
+use xenmig::copy::Progress;
+use xenmig::wire::transport::Location;
 
 const BS: usize = 512;
 

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use xenmig::lvm::{Lvm, LvmError};
+use xenmig::storage::lvm::{Lvm, LvmError};
 use xenmig::xen::{self, XenError};
 
 fn xenmig(args: &[&str]) -> Output {

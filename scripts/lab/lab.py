@@ -288,6 +288,13 @@ def wait_heartbeat_above(host, value, timeout=90, logname="guest-g1.log"):
 class Checks:
     def __init__(self):
         self.results = []  # (name, ok, detail, seconds)
+        self.figures = {}  # name -> {figure: value}, from checks that return (detail, figures)
+
+    def write_json(self, path):
+        rows = [{"name": n, "pass": ok, "seconds": round(dt, 1), "detail": str(d),
+                 "figures": self.figures.get(n, {})} for n, ok, d, dt in self.results]
+        with open(path, "w") as f:
+            json.dump({"passed": all(r["pass"] for r in rows), "checks": rows}, f, indent=1)
 
     def step(self, name, fn, retry=False):
         t = time.monotonic()
@@ -296,6 +303,10 @@ class Checks:
         for attempt in range(1, attempts + 1):
             try:
                 detail = fn()
+                figures = {}
+                if isinstance(detail, tuple):
+                    detail, figures = detail
+                self.figures[name] = figures
                 dt = time.monotonic() - t
                 self.results.append((name, True, detail, dt))
                 log(f"PASS  {name} ({dt:.1f} s): {detail}")
@@ -400,6 +411,8 @@ def run_tests(args):
                     checks.step("guest shut down on xenlab2: e2fsck -fn clean, counter "
                                 "on disk = last heartbeat (or +1 in flight)",
                                 lambda: check_shutdown_fsck(hosts[1], "guest-g1--incoming.log"))
+                    if not args.no_xenmig_migrate:
+                        run_xenmig_migrate_checks(checks, hosts)
         ok = checks.summary()
     except LabError as e:
         checks.summary()
@@ -425,7 +438,10 @@ def run_tests(args):
                     os.unlink(os.path.join(rundir, f))
         for h in hosts:
             print(f"serial log {h.name}: {h.serial_log}")
+    summary_json = os.path.join(rundir, "summary.json")
+    checks.write_json(summary_json)
     print(f"total {time.monotonic() - T0:.0f} s; run directory {rundir}")
+    print(f"summary (JSON): {summary_json}")
     print("LAB PASSED" if ok else "LAB FAILED")
     return 0 if ok else 1
 
@@ -703,6 +719,222 @@ def counter_verdict(disk, last):
                    f"unaccounted for")
 
 
+# ---- xenmig migrate ----
+class Guest:
+    """Where g1 runs now and which console log carries its heartbeat."""
+    def __init__(self, host, log):
+        self.host, self.log = host, log
+
+
+def xm_migrate(src, dst, extra="", env="", timeout=900):
+    """Run `xenmig migrate --json g1 DST` on SRC; returns (status, report, stderr)."""
+    rc, _ = src.run(f"{env} xenmig migrate --json {extra} g1 {dst.ip} >/tmp/xm.json 2>/tmp/xm.err",
+                    timeout)
+    raw = src.sh("cat /tmp/xm.json")
+    err = src.sh("tail -c 2500 /tmp/xm.err")
+    try:
+        rep = json.loads(raw.strip().splitlines()[-1]) if raw.strip() else {}
+    except (ValueError, IndexError):
+        raise LabError(f"xenmig migrate printed no JSON report (status {rc}): {raw[-500:]!r}; "
+                       f"stderr: {err}")
+    return rc, rep, err
+
+
+def domains_on(h):
+    return h.sh("xl list | awk 'NR>1{print $1}'").split()
+
+
+def expect_still_running(g, before, what):
+    """After a refused or rolled-back migration: g1 runs where it was, heartbeat going on."""
+    after = wait_heartbeat_above(g.host, before, 90, g.log)
+    if "g1" not in domains_on(g.host):
+        raise LabError(f"{what}: g1 is not listed on {g.host.name} any more")
+    return after
+
+
+def check_xm_start(hosts, g):
+    """Start g1 on xenlab2 from its LV (the xl migrate check left it there, shut down)."""
+    h = hosts[1]
+    h.sh("rm -f /var/log/xen/console/guest-g1.log /var/log/xen/console/guest-g1--incoming.log")
+    h.sh("xl create /opt/xenmig/guest/g1.cfg", 120)
+    first = wait_heartbeat_above(h, None, 120)
+    wait_heartbeat_above(h, first, 60)
+    g.host, g.log = h, "guest-g1.log"
+    return f"g1 running on {h.name}, heartbeats {' '.join(map(str, heartbeats(h)[:4]))}"
+
+
+def check_xm_refused(g, dst, setup, undo, extra, want, what):
+    """A preflight refusal: status 1, the reason named, nothing changed, g1 runs on."""
+    if setup:
+        dst.sh(setup, 120)
+    try:
+        before = last_heartbeat(g.host, g.log)
+        rc, rep, err = xm_migrate(g.host, dst, extra)
+    finally:
+        if undo:
+            dst.run(undo, 120)
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"{what}: status {rc}, report {rep}")
+    if want not in (rep.get("error") or ""):
+        raise LabError(f"{what}: error does not say {want!r}: {rep.get('error')!r}")
+    if "g1--incoming" in domains_on(dst):
+        raise LabError(f"{what}: g1--incoming left on {dst.name}")
+    after = expect_still_running(g, before, what)
+    return f"status 1: {rep['error'][:160]}; g1 runs on {g.host.name} ({before} -> {after})"
+
+
+def check_xm_pause_refused(g, dst):
+    g.host.sh("xl pause g1")
+    try:
+        rc, rep, err = xm_migrate(g.host, dst)
+    finally:
+        g.host.sh("xl unpause g1")
+    if rc != 1 or "paused" not in (rep.get("error") or ""):
+        raise LabError(f"a paused guest: status {rc}, error {rep.get('error')!r}")
+    before = last_heartbeat(g.host, g.log)
+    after = expect_still_running(g, before, "paused guest")
+    return f"status 1: {rep['error'][:120]}; unpaused, heartbeat {before} -> {after}"
+
+
+def check_xm_rolled_back(g, dst, extra, env, want_phase, what, during=None):
+    """A failure after changes began: status 1, rolled back, g1 runs on the source."""
+    before = last_heartbeat(g.host, g.log)
+    rc, rep, err = xm_migrate(g.host, dst, extra, env)
+    if during:
+        during()
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"{what}: status {rc}, report {json.dumps(rep)[:1500]}; stderr {err}")
+    if want_phase not in (rep.get("error") or ""):
+        raise LabError(f"{what}: error {rep.get('error')!r} does not say {want_phase!r}; stderr {err}")
+    if "g1--incoming" in domains_on(dst) or "g1" in domains_on(dst):
+        raise LabError(f"{what}: a copy of g1 is left on {dst.name}: {domains_on(dst)}")
+    after = expect_still_running(g, before, what)
+    return (f"status 1: {rep['error'][:140]}; rolled back: {rep.get('rolled_back')}; "
+            f"g1 runs on {g.host.name} ({before} -> {after})",
+            {"rolled_back": rep.get("rolled_back"), "seconds": rep.get("seconds")})
+
+
+def check_xm_migrate(g, dst, want_created, max_wire_fraction=None):
+    src = g.host
+    dst.sh("rm -f /var/log/xen/console/guest-g1--incoming.log")
+    rc, rep, err = xm_migrate(src, dst)
+    if rc != 0 or not rep.get("migrated"):
+        raise LabError(f"xenmig migrate: status {rc}: {rep.get('error')!r}\nreport "
+                       f"{json.dumps(rep)[:2000]}\nstderr {err}")
+    last = last_heartbeat(src, g.log)
+    if "g1" in domains_on(src) or "g1--migratedaway" in domains_on(src):
+        raise LabError(f"g1 still listed on {src.name} after the migration: {domains_on(src)}")
+    log_in = "guest-g1--incoming.log"
+    first = wait_heartbeat_above(dst, None, 90, log_in)
+    wait_heartbeat_above(dst, first, 60, log_in)
+    seq = heartbeats(dst, log_in)
+    if seq[0] != last + 1:
+        raise LabError(f"counter did not continue: last on {src.name} {last}, first on "
+                       f"{dst.name} {seq[0]} ({seq[:5]})")
+    disks = rep.get("disks", [])
+    if not disks or not all(d.get("copy") and d["copy"].get("verified") for d in disks):
+        raise LabError(f"not every disk verified: {disks}")
+    if any(d.get("created") != want_created for d in disks):
+        raise LabError(f"LV created={[d.get('created') for d in disks]}, expected {want_created}")
+    size = sum(d["size_bytes"] for d in disks)
+    wire = rep.get("bytes_wire", 0)
+    if max_wire_fraction is not None and wire > max_wire_fraction * size:
+        raise LabError(f"bytes_wire {wire} is more than {max_wire_fraction:.0%} of {size}")
+    on_src_lv = src.sh("lvs --noheadings -o lv_tags vg0/g1").strip()
+    if "xenmig-" not in on_src_lv:
+        raise LabError(f"the source LV kept no xenmig tag: {on_src_lv!r}")
+    g.host, g.log = dst, log_in
+    figures = {"downtime_seconds": rep.get("downtime_seconds"),
+               "final_delta_seconds": rep.get("final_delta_seconds"),
+               "seconds": rep.get("seconds"), "bytes_wire": wire, "lv_bytes": size,
+               "disk_passes": rep.get("disk_passes"),
+               "phases": {p["phase"]: round(p["seconds"], 2) for p in rep.get("phases", [])}}
+    return (f"{rep['seconds']:.1f} s in all, downtime {rep.get('downtime_seconds') or 0:.2f} s "
+            f"(last delta {rep.get('final_delta_seconds') or 0:.2f} s), {rep.get('disk_passes')} "
+            f"disk passes, {wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
+            f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
+            f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
+
+
+def check_xm_kill_at_hold(g, dst):
+    """Kill the target's `xenmig serve` while READY is held (XENMIG_TEST_HOLD_READY
+    gives the window): the last delta fails, READY never reaches xl, xl resumes
+    the source and xenmig destroys g1--incoming on the target."""
+    src = g.host
+    before = last_heartbeat(src, g.log)
+    src.sh("rm -f /tmp/xm.rc /tmp/xm.json /tmp/xm.err")
+    src.sh(f"(XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} >/tmp/xm.json "
+           f"2>/tmp/xm.err; echo $? >/tmp/xm.rc) >/dev/null 2>&1 &")
+    end = time.monotonic() + 600
+    while time.monotonic() < end:
+        if "holding READY" in src.sh("cat /tmp/xm.err 2>/dev/null"):
+            break
+        if src.run("test -e /tmp/xm.rc")[0] == 0:
+            raise LabError(f"migrate ended before READY: {src.sh('tail -c 1500 /tmp/xm.err')}")
+        time.sleep(2)
+    else:
+        raise LabError("READY was never held within 600 s")
+    state = dst.sh("xl list | awk 'NR>1{print $1, $5}' | paste -sd' '")
+    killed = dst.sh("pkill -9 -f 'xenmig serve --target' && echo killed || echo none").strip()
+    if killed != "killed":
+        raise LabError(f"no xenmig serve --target to kill on {dst.name}")
+    while time.monotonic() < end:
+        if src.run("test -e /tmp/xm.rc")[0] == 0:
+            break
+        time.sleep(2)
+    rc = int(src.sh("cat /tmp/xm.rc").strip() or "-1")
+    raw = src.sh("cat /tmp/xm.json").strip()
+    rep = json.loads(raw.splitlines()[-1]) if raw else {}
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"status {rc}, report {json.dumps(rep)[:1500]}")
+    if "last delta" not in (rep.get("error") or ""):
+        raise LabError(f"error {rep.get('error')!r} is not the last delta's")
+    left = domains_on(dst)
+    if "g1--incoming" in left or "g1" in left:
+        raise LabError(f"a copy of g1 is left on {dst.name}: {left}")
+    after = expect_still_running(g, before, "target disk end killed")
+    return (f"target while held: {state}; status 1: {rep['error'][:140]}; rolled back: "
+            f"{rep.get('rolled_back')}; g1 runs on {src.name} ({before} -> {after})",
+            {"rolled_back": rep.get("rolled_back")})
+
+
+def run_xenmig_migrate_checks(checks, hosts):
+    h1, h2 = hosts
+    g = Guest(h2, "guest-g1.log")
+    if not checks.step("xenmig migrate: g1 started on xenlab2 from its LV",
+                       lambda: check_xm_start(hosts, g)):
+        return
+    checks.step("xenmig migrate refuses a paused guest; it runs on after unpause",
+                lambda: check_xm_pause_refused(g, h1))
+    checks.step("xenmig migrate refuses a target LV not marked for the domain (xenlab1's old "
+                "vg0/g1); nothing changes", lambda: check_xm_refused(
+                    g, h1, None, None, "", "not marked for", "untagged target LV"))
+    h1.sh("lvremove -y vg0/g1", 60)
+    checks.step("xenmig migrate refuses when the target VG has no room; nothing changes",
+                lambda: check_xm_refused(g, h1, "lvcreate -q -y -l 100%FREE -n filler vg0",
+                                         "lvremove -y vg0/filler", "", "free",
+                                         "full target VG"))
+    h2.sh("cp /opt/xenmig/guest/g1.cfg /tmp/g1-big.cfg && "
+          "sed -i 's/^memory = .*/memory = 4096/; s/^maxmem = .*/maxmem = 4096/' /tmp/g1-big.cfg")
+    checks.step("xenmig migrate -C (a config asking more memory than xenlab1 has): the restore "
+                "fails, g1 resumes on xenlab2", lambda: check_xm_rolled_back(
+                    g, h1, "-C /tmp/g1-big.cfg", "", "xl migrate", "failed restore"))
+
+    checks.step("xenmig migrate with the target's disk end killed while READY is held: "
+                "READY withheld, g1 resumes on xenlab2, no copy left on xenlab1",
+                lambda: check_xm_kill_at_hold(g, h1))
+    if not checks.step("xenmig migrate g1 xenlab2 -> xenlab1, live (LV created there): the "
+                       "counter continues", lambda: check_xm_migrate(g, h1, True)):
+        return
+    if not checks.step("xenmig migrate g1 back xenlab1 -> xenlab2 (its tagged LV reused, "
+                       "under 5% of the LV on the wire)",
+                       lambda: check_xm_migrate(g, h2, False, 0.05)):
+        return
+    checks.step("guest shut down on xenlab2 after the xenmig migrations: e2fsck -fn clean, "
+                "counter on disk = last heartbeat (or +1 in flight)",
+                lambda: check_shutdown_fsck(g.host, g.log))
+
+
 def check_shutdown_fsck(h, logname):
     h.sh("xl shutdown -w g1", 180)
     last = last_heartbeat(h, logname)
@@ -767,6 +999,8 @@ def main():
     p.add_argument("--hosts", type=int, default=2, choices=[1, 2])
     p.add_argument("--boot-timeout", type=int, default=300)
     p.add_argument("--keep", action="store_true", help="leave QEMU running")
+    p.add_argument("--no-xenmig-migrate", action="store_true",
+                   help="skip the xenmig migrate checks")
     p.add_argument("--migrate-only", action="store_true",
                    help="skip the one-host guest checks (pause, save, xenmig, restart)")
     args = p.parse_intermixed_args()

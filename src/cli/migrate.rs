@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use xenmig::compress::Choice;
-use xenmig::engine::source::{LiveOptions, Rescan, SourceOptions};
-use xenmig::engine::Progress;
+use xenmig::wire::compress::Choice;
+use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
+use xenmig::copy::Progress;
 use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
 
 use super::HashArgs;
@@ -174,6 +174,9 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
         if let Ok(s) = d.parse::<u64>() {
             opts.memory_timeout = Duration::from_secs(s);
         }
+    }
+    if let Some(s) = std::env::var("XENMIG_TEST_HOLD_READY").ok().and_then(|v| v.parse::<u64>().ok()) {
+        opts.hold_ready = Some(Duration::from_secs(s));
     }
     let host = XenHost::open()?;
     let progress = Progress::stderr(quiet || a.json);

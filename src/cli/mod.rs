@@ -9,19 +9,19 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use xenmig::blockmap::BlockMap;
-use xenmig::compress::Choice;
-use xenmig::digest::{hex, key_of, Algorithm};
-use xenmig::engine::copy::{self, CopyOptions, ServeRole};
-use xenmig::engine::references::{layout_of, ReferenceSet};
-use xenmig::engine::source::{LiveOptions, Rescan, SourceOptions};
-use xenmig::engine::target::TargetOptions;
-use xenmig::engine::{Progress, Report};
-use xenmig::hashfile;
-use xenmig::image::Image;
-use xenmig::index::Index;
-use xenmig::layout::{check_block_size, Align};
-use xenmig::transport::Location;
+use xenmig::blocks::blockmap::BlockMap;
+use xenmig::wire::compress::Choice;
+use xenmig::blocks::digest::{hex, key_of, Algorithm};
+use xenmig::copy::run::{self, CopyOptions, ServeRole};
+use xenmig::copy::references::{layout_of, ReferenceSet};
+use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
+use xenmig::copy::target::TargetOptions;
+use xenmig::copy::{Progress, Report};
+use xenmig::formats::hashfile;
+use xenmig::storage::image::Image;
+use xenmig::formats::index::Index;
+use xenmig::blocks::layout::{check_block_size, Align};
+use xenmig::wire::transport::Location;
 
 mod migrate;
 
@@ -370,7 +370,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Show { file } => {
-            if xenmig::engine::references::is_index_file(&file) {
+            if xenmig::copy::references::is_index_file(&file) {
                 let idx = Index::read(&file)?;
                 println!(
                     "index {}: {} {} bytes/block, {} distinct blocks",
@@ -413,7 +413,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                 (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
-            copy::serve(role)?;
+            run::serve(role)?;
             Ok(0)
         }
     }
@@ -468,7 +468,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         remote_xenmig: a.remote_xenmig,
     };
     let progress = Progress::stderr(quiet || a.json);
-    let result = copy::copy(&src, &dst, &opts, &progress);
+    let result = run::copy(&src, &dst, &opts, &progress);
     progress.finish();
     match result {
         Ok(report) => {

@@ -38,9 +38,9 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::engine::source::{Convergence, LiveOptions, SourceOptions, SourceSession};
-use crate::engine::{EngineError, Progress, Report};
-use crate::transport::{Link, Peer};
+use crate::copy::source::{Convergence, LiveOptions, SourceOptions, SourceSession};
+use crate::copy::{EngineError, Progress, Report};
+use crate::wire::transport::{Link, Peer};
 
 use journal::{Journal, Phase};
 use remote::{DomainState, LvRequest, Prepared, Probe, TargetHost};
@@ -146,6 +146,9 @@ pub struct MigrateOptions {
     pub run_dir: PathBuf,
     /// How long to wait for the target's READY once xl runs.
     pub memory_timeout: Duration,
+    /// Fault tests only: wait this long with READY held before the last
+    /// delta (`XENMIG_TEST_HOLD_READY=SECONDS`).
+    pub hold_ready: Option<Duration>,
 }
 
 impl MigrateOptions {
@@ -168,6 +171,7 @@ impl MigrateOptions {
             journal_dir: journal::default_dir(),
             run_dir: PathBuf::from("/run/xenmig"),
             memory_timeout: Duration::from_secs(1800),
+            hold_ready: None,
         }
     }
 
@@ -243,7 +247,7 @@ impl SourceHost for XenHost {
         if d.id == 0 {
             return Err(MigrateError::Preflight("dom0 cannot be migrated".into()));
         }
-        let lvm = crate::lvm::Lvm::new();
+        let lvm = crate::storage::lvm::Lvm::new();
         let lvs = lvm.lvs(None).map_err(|e| MigrateError::Preflight(format!("cannot list LVs: {e}")))?;
         crate::xen::disk::resolve_lvs(&mut d.disks, &lvs);
         let mut disks = Vec::new();
@@ -291,9 +295,9 @@ impl SourceHost for XenHost {
     }
 
     fn tag_lv(&self, path: &str, tag: &str) -> Result<(), MigrateError> {
-        let r = crate::lvm::LvRef::from_device_path(path)
+        let r = crate::storage::lvm::LvRef::from_device_path(path)
             .ok_or_else(|| MigrateError::Commit(format!("{path} is not an LV path")))?;
-        crate::lvm::Lvm::new().add_tag(&r, tag).map_err(|e| MigrateError::Commit(e.to_string()))
+        crate::storage::lvm::Lvm::new().add_tag(&r, tag).map_err(|e| MigrateError::Commit(e.to_string()))
     }
 
     fn xl(&self) -> PathBuf {
@@ -411,12 +415,12 @@ fn run(
     let mut probes: Vec<Probe> = Vec::new();
     for vg in &vgs {
         let p: Probe = target.call("probe", &["--vg".into(), vg.clone()])?;
-        if p.protocol != crate::protocol::VERSION {
+        if p.protocol != crate::wire::protocol::VERSION {
             return Err(MigrateError::Preflight(format!(
                 "the target's xenmig {} speaks protocol {}, this one {} ({}): install the same xenmig on both hosts",
                 p.version,
                 p.protocol,
-                crate::protocol::VERSION,
+                crate::wire::protocol::VERSION,
                 env!("CARGO_PKG_VERSION")
             )));
         }
@@ -760,6 +764,12 @@ fn memory_and_commit(
     let mut relay = relay.expect("READY comes over the relay's connection");
 
     // ---- P4 final delta: the source is suspended, the target paused ----
+    if let Some(hold) = opts.hold_ready {
+        // Fault tests: a window in which to kill or cut something while the
+        // target's READY is held.
+        log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
+        std::thread::sleep(hold);
+    }
     clock.next(report, "final disk delta (suspended)", progress);
     journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
     let t = Instant::now();

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use crate::lvm::{LvRef, Lvm};
+use crate::storage::lvm::{LvRef, Lvm};
 
 use super::MigrateError;
 
@@ -152,7 +152,7 @@ pub fn probe(vg: &str) -> Result<Probe, MigrateError> {
         .collect();
     Ok(Probe {
         version: env!("CARGO_PKG_VERSION").into(),
-        protocol: crate::protocol::VERSION,
+        protocol: crate::wire::protocol::VERSION,
         domains,
         vg: vg_info,
         lvs,
@@ -257,7 +257,7 @@ pub struct TargetHost {
 
 impl TargetHost {
     /// The shell command that runs `args` on the target (as
-    /// [`Link::spawn`](crate::transport::Link::spawn) builds it).
+    /// [`Link::spawn`](crate::wire::transport::Link::spawn) builds it).
     pub fn command(&self, args: &[String]) -> String {
         let remote = shell_words::join(args);
         if self.ssh.trim().is_empty() {
@@ -279,7 +279,7 @@ impl TargetHost {
             .stderr(Stdio::piped())
             .output()
             .map_err(|e| MigrateError::Unreachable(format!("{command}: {e}")))?;
-        let stderr = crate::engine::sanitize(&String::from_utf8_lossy(&out.stderr));
+        let stderr = crate::copy::sanitize(&String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
             // 255 is ssh's own failure; 127 a missing program.
             return Err(match out.status.code() {

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::disk::resolve_lvs;
 use super::domain::{Domain, DomainRef};
 use super::{Xen, XenError, BINDINGS_RELEASE};
-use crate::lvm::Lvm;
+use crate::storage::lvm::Lvm;
 
 /// `xenmig domains [DOMAIN] [--json]`.
 pub fn domains(only: Option<&str>, json: bool) -> Result<i32, XenError> {
@@ -109,7 +109,7 @@ pub fn restore(file: &Path, paused: bool) -> Result<i32, XenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lvm::LvRef;
+    use crate::storage::lvm::LvRef;
     use crate::xen::disk::{disks_of, MemStore};
     use crate::xen::domain::{flags, RawInfo};
 

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::lvm::{LogicalVolume, LvRef};
+use crate::storage::lvm::{LogicalVolume, LvRef};
 
 /// The two xenstore reads disk discovery needs.
 pub trait XenstoreRead {

@@ -49,7 +49,7 @@ pub use hypervisor::Xen;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::lvm::LvmError;
+use crate::storage::lvm::LvmError;
 
 /// The Xen release (`major.minor`) the bindings were generated for, if any.
 pub const BINDINGS_RELEASE: Option<&str> = option_env!("XENMIG_XEN_VERSION");

@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::dmsnap;
-use crate::lvm::{LvRef, Lvm};
+use crate::storage::dmsnap;
+use crate::storage::lvm::{LvRef, Lvm};
 
 use super::EngineError;
 

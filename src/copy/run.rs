@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::Instant;
 
-use crate::protocol::ProtocolError;
-use crate::transport::{Link, Location, Peer};
+use crate::wire::protocol::ProtocolError;
+use crate::wire::transport::{Link, Location, Peer};
 
 use super::source::{self, SourceOptions};
 use super::target::{self, TargetOptions};
@@ -38,12 +38,12 @@ impl Default for CopyOptions {
 fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
     let s = &o.source;
     let align = match s.align {
-        crate::layout::Align::Partitions => "partitions",
-        crate::layout::Align::Flat => "flat",
+        crate::blocks::layout::Align::Partitions => "partitions",
+        crate::blocks::layout::Align::Flat => "flat",
     };
     let compress = match s.compress {
-        crate::compress::Choice::Auto => "auto".to_string(),
-        crate::compress::Choice::Fixed(c) => c.to_string(),
+        crate::wire::compress::Choice::Auto => "auto".to_string(),
+        crate::wire::compress::Choice::Fixed(c) => c.to_string(),
     };
     let mut v = vec![
         o.remote_xenmig.clone(),

@@ -20,9 +20,9 @@
 
 use std::path::Path;
 
-use crate::blockmap::{group_digest, image_digest, BlockMap};
-use crate::digest::ZeroDigests;
-use crate::fileformat::{FileReader, FileWriter, FormatError};
+use crate::blocks::blockmap::{group_digest, image_digest, BlockMap};
+use crate::blocks::digest::ZeroDigests;
+use crate::formats::framing::{FileReader, FileWriter, FormatError};
 
 pub const MAGIC: &[u8; 8] = b"XENMIGH\0";
 pub const VERSION: u16 = 1;
@@ -73,9 +73,9 @@ pub fn read(path: &Path) -> Result<BlockMap, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::Algorithm;
-    use crate::image::Image;
-    use crate::layout::Layout;
+    use crate::blocks::digest::Algorithm;
+    use crate::storage::image::Image;
+    use crate::blocks::layout::Layout;
 
     fn sample_map(dir: &Path) -> BlockMap {
         let p = dir.join("img");

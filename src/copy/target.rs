@@ -30,13 +30,13 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
-use crate::blockmap::{byte_range, group_digest, image_digest, BlockMap};
-use crate::compress::Codec;
-use crate::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
-use crate::image::Image;
-use crate::layout::Layout;
-use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
-use crate::transport::{Link, Reader, Writer};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
+use crate::wire::compress::Codec;
+use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
+use crate::storage::image::Image;
+use crate::blocks::layout::Layout;
+use crate::wire::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
+use crate::wire::transport::{Link, Reader, Writer};
 
 use super::references::ReferenceSet;
 use super::{EngineError, PassReport, Progress, Report};
@@ -402,7 +402,7 @@ impl Target<'_> {
                 let digests: Vec<Digest> = blocks.par_iter().map(|d| self.algo.digest(d)).collect();
                 if group_digest(self.algo, &digests) == *want {
                     for (k, i) in (a..b).enumerate() {
-                        if crate::digest::is_zero(&blocks[k]) {
+                        if crate::blocks::digest::is_zero(&blocks[k]) {
                             self.set_zero(i)?;
                         } else {
                             self.write_block(i, &blocks[k], digests[k], State::Reused)?;

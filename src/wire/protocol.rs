@@ -73,8 +73,8 @@ use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
-use crate::digest::{Algorithm, Digest, Key, KEY_LEN};
-use crate::layout::{Layout, Segment};
+use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
+use crate::blocks::layout::{Layout, Segment};
 
 pub const VERSION: u16 = 1;
 /// Capability: the source may run a live copy in passes.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::digest::{Algorithm, Digest};
-use crate::layout::{Layout, Segment};
+use crate::blocks::digest::{Algorithm, Digest};
+use crate::blocks::layout::{Layout, Segment};
 
 const TRAILER: usize = 32;
 

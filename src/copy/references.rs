@@ -8,11 +8,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::blockmap::BlockMap;
-use crate::digest::Algorithm;
-use crate::image::Image;
-use crate::index::{self, Index};
-use crate::layout::{Align, Layout};
+use crate::blocks::blockmap::BlockMap;
+use crate::blocks::digest::Algorithm;
+use crate::storage::image::Image;
+use crate::formats::index::{self, Index};
+use crate::blocks::layout::{Align, Layout};
 
 use super::EngineError;
 

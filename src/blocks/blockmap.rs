@@ -14,9 +14,9 @@
 
 use rayon::prelude::*;
 
-use crate::digest::{is_zero, Algorithm, Digest, ZeroDigests};
-use crate::image::{Image, ImageError};
-use crate::layout::Layout;
+use crate::blocks::digest::{is_zero, Algorithm, Digest, ZeroDigests};
+use crate::storage::image::{Image, ImageError};
+use crate::blocks::layout::Layout;
 
 const GROUP_LABEL: &[u8] = b"xenmig-group-v1";
 /// Groups hashed per parallel batch: enough work for every core, small enough

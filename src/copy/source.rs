@@ -24,15 +24,15 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
 
-use crate::blockmap::{byte_range, group_digest, image_digest, BlockMap};
-use crate::compress::{AutoPolicy, Choice, Codec};
-use crate::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
-use crate::image::{Image, ImageError};
-use crate::layout::{Align, Layout};
-use crate::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
-use crate::transport::{Link, LinkStats, Reader, Writer};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
+use crate::wire::compress::{AutoPolicy, Choice, Codec};
+use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
+use crate::storage::image::{Image, ImageError};
+use crate::blocks::layout::{Align, Layout};
+use crate::wire::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
+use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
-use super::hooks::Freeze;
+use super::quiesce::Freeze;
 use super::references::layout_of;
 use super::tracker::SnapTracker;
 use super::{EngineError, Progress, Report};

@@ -1,15 +1,18 @@
 //! The two ends of a copy and what they report.
 //!
-//! [`source::run`] reads the image and answers requests; [`target::run`]
-//! rebuilds the image from zero blocks, its own earlier content, reference
-//! images and fetched runs, verifying everything. [`copy`] joins two local
-//! ends with a socket pair so that a local copy speaks exactly the protocol
-//! a remote one does.
+//! [`source::SourceSession`] reads the image and answers requests, driven
+//! pass by pass by its caller ([`source::run`] for `copy`, the migrate
+//! orchestrator for a domain's disks); [`target::run`] rebuilds the image
+//! from zero blocks, its own earlier content, reference images and fetched
+//! runs, verifying everything. [`run`] joins two local ends with a socket
+//! pair so that a local copy speaks exactly the protocol a remote one does.
+//! [`quiesce`] freezes and thaws a live source; [`tracker`] finds what
+//! changed between passes.
 
-pub mod copy;
-pub mod hooks;
 pub mod progress;
+pub mod quiesce;
 pub mod references;
+pub mod run;
 pub mod source;
 pub mod target;
 pub mod tracker;
@@ -19,11 +22,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::compress::CodecError;
-use crate::fileformat::FormatError;
-use crate::image::ImageError;
-use crate::protocol::ProtocolError;
-use crate::transport::TransportError;
+use crate::wire::compress::CodecError;
+use crate::formats::framing::FormatError;
+use crate::storage::image::ImageError;
+use crate::wire::protocol::ProtocolError;
+use crate::wire::transport::TransportError;
 
 pub use progress::Progress;
 

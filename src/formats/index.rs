@@ -25,10 +25,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::blockmap::BlockMap;
-use crate::digest::{key_of, Algorithm, Digest, Key, KEY_LEN};
-use crate::fileformat::{FileReader, FileWriter, FormatError};
-use crate::layout::Layout;
+use crate::blocks::blockmap::BlockMap;
+use crate::blocks::digest::{key_of, Algorithm, Digest, Key, KEY_LEN};
+use crate::formats::framing::{FileReader, FileWriter, FormatError};
+use crate::blocks::layout::Layout;
 
 pub const MAGIC: &[u8; 8] = b"XENMIGI\0";
 pub const VERSION: u16 = 1;
@@ -201,7 +201,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::Image;
+    use crate::storage::image::Image;
 
     fn map_of(path: &Path, data: &[u8]) -> BlockMap {
         std::fs::write(path, data).unwrap();

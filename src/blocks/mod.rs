@@ -1,0 +1,9 @@
+//! Blocks: what a disk is cut into and how each block is named.
+//!
+//! - [`digest`]: block digest algorithms and the short wire key.
+//! - [`layout`]: how an image is cut into blocks (partition-aware).
+//! - [`blockmap`]: per-block, per-group and whole-image digests, hashed on all cores.
+
+pub mod blockmap;
+pub mod digest;
+pub mod layout;

@@ -1,0 +1,9 @@
+//! What crosses between the two ends of a copy.
+//!
+//! - [`protocol`]: the frames, the exchange, the versioning rule.
+//! - [`compress`]: codecs and the `auto` policy.
+//! - [`transport`]: local socket pairs, ssh, byte counting.
+
+pub mod compress;
+pub mod protocol;
+pub mod transport;
