@@ -874,8 +874,10 @@ def check_xm_kill_at_hold(g, dst):
     src = g.host
     before = last_heartbeat(src, g.log)
     src.sh("rm -f /tmp/xm.rc /tmp/xm.json /tmp/xm.err")
-    src.sh(f"(XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} >/tmp/xm.json "
-           f"2>/tmp/xm.err; echo $? >/tmp/xm.rc) >/dev/null 2>&1 &")
+    # In the background (setsid: away from the console's Ctrl-C); "& true"
+    # because the driver appends " ;" and "& ;" is a syntax error.
+    src.sh(f"setsid sh -c 'XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} "
+           f">/tmp/xm.json 2>/tmp/xm.err; echo $? >/tmp/xm.rc' </dev/null >/dev/null 2>&1 & true")
     end = time.monotonic() + 600
     while time.monotonic() < end:
         if "holding READY" in src.sh("cat /tmp/xm.err 2>/dev/null"):
