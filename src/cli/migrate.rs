@@ -81,6 +81,13 @@ pub struct MigrateArgs {
     /// domain.
     #[arg(long)]
     force: bool,
+    /// The seed's stop-and-copy path instead of xl's live memory copy:
+    /// after the disk passes, `xl save -p` (the guest stops), the last disk
+    /// delta, the save image through the copy engine (zero pages never
+    /// travel), `xl restore` on HOST; the source is destroyed only once
+    /// HOST runs the domain. Longer downtime than live, no xl migrate needed.
+    #[arg(long)]
+    stop_copy: bool,
     /// Check and print the plan (disks, LVs to create or reuse, sizes, free
     /// space); change nothing.
     #[arg(long)]
@@ -123,15 +130,27 @@ pub enum TargetOp {
         #[arg(long)]
         force: bool,
     },
+    /// Restore the save image FILE (--stop-copy) and report DOMAIN's state.
+    Restore {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        paused: bool,
+    },
     /// The state of DOMAIN and DOMAIN--incoming here.
     State {
         #[arg(long)]
         domain: String,
     },
-    /// Destroy a DOMAIN--incoming left by a failed migration.
+    /// Destroy a DOMAIN--incoming left by a failed migration (and remove
+    /// the save image FILE of a failed --stop-copy).
     Cleanup {
         #[arg(long)]
         domain: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -169,6 +188,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.target_vg = a.target_vg;
     opts.force = a.force;
     opts.dry_run = a.dry_run;
+    opts.stop_copy = a.stop_copy;
     opts.remote_xenmig = a.remote_xenmig;
     if let Ok(d) = std::env::var("XENMIG_MEMORY_TIMEOUT") {
         if let Ok(s) = d.parse::<u64>() {
@@ -264,7 +284,14 @@ pub fn run_target(op: TargetOp) -> anyhow::Result<i32> {
             serde_json::to_string(&remote::prepare(&uuid, &reqs, force)?)?
         }
         TargetOp::State { domain } => serde_json::to_string(&remote::state(&domain)?)?,
-        TargetOp::Cleanup { domain } => serde_json::json!({ "destroyed": remote::cleanup(&domain)? }).to_string(),
+        TargetOp::Restore { domain, file, paused } => serde_json::to_string(&remote::restore(&domain, &file, paused)?)?,
+        TargetOp::Cleanup { domain, file } => {
+            let removed = match &file {
+                Some(f) => remote::remove_incoming(f)?,
+                None => false,
+            };
+            serde_json::json!({ "destroyed": remote::cleanup(&domain)?, "removed": removed }).to_string()
+        }
     };
     println!("{out}");
     Ok(0)

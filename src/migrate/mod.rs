@@ -26,6 +26,7 @@
 pub mod journal;
 pub mod relay;
 pub mod remote;
+pub mod stop_copy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -146,6 +147,9 @@ pub struct MigrateOptions {
     pub run_dir: PathBuf,
     /// How long to wait for the target's READY once xl runs.
     pub memory_timeout: Duration,
+    /// `--stop-copy`: suspend, save memory, last delta, restore there
+    /// (instead of xl migrate's live memory copy).
+    pub stop_copy: bool,
     /// Fault tests only: wait this long with READY held before the last
     /// delta (`XENMIG_TEST_HOLD_READY=SECONDS`).
     pub hold_ready: Option<Duration>,
@@ -172,6 +176,7 @@ impl MigrateOptions {
             run_dir: PathBuf::from("/run/xenmig"),
             memory_timeout: Duration::from_secs(1800),
             hold_ready: None,
+            stop_copy: false,
         }
     }
 
@@ -217,6 +222,8 @@ pub struct MigrateReport {
     pub downtime_seconds: Option<f64>,
     /// The last disk delta, sent while the source was suspended.
     pub final_delta_seconds: Option<f64>,
+    /// `--stop-copy`: the copy of the save image (memory) to the target.
+    pub memory_image: Option<Report>,
     /// Bytes the disk copies moved (both directions, framing included).
     pub bytes_wire: u64,
     pub seconds: f64,
@@ -306,7 +313,7 @@ impl SourceHost for XenHost {
 }
 
 /// A phase clock for the report.
-struct Clock {
+pub(crate) struct Clock {
     started: Instant,
     phase_started: Instant,
     phase: &'static str,
@@ -318,7 +325,7 @@ impl Clock {
         Clock { started: now, phase_started: now, phase: "preflight" }
     }
 
-    fn next(&mut self, report: &mut MigrateReport, phase: &'static str, progress: &Progress) {
+    pub(crate) fn next(&mut self, report: &mut MigrateReport, phase: &'static str, progress: &Progress) {
         report.phases.push(PhaseTime { phase: self.phase.into(), seconds: self.phase_started.elapsed().as_secs_f64() });
         self.phase = phase;
         self.phase_started = Instant::now();
@@ -333,7 +340,7 @@ impl Clock {
 }
 
 /// One disk being copied: its session and the link's far end.
-struct DiskCopy {
+pub(crate) struct DiskCopy {
     disk: DiskInfo,
     target_path: String,
     session: SourceSession,
@@ -356,7 +363,7 @@ pub fn migrate(
     let mut report = MigrateReport {
         domain: opts.domain.clone(),
         host: opts.host.clone(),
-        mode: "live".into(),
+        mode: if opts.stop_copy { "stop-copy" } else { "live" }.into(),
         dry_run: opts.dry_run,
         ..MigrateReport::default()
     };
@@ -566,10 +573,16 @@ fn run(
         return Err(e);
     }
 
-    // ---- P3 memory: xl migrate through the relay ----
-    clock.next(report, "memory (xl migrate)", progress);
-    journal.set_phase(Phase::Memory, &opts.journal_dir)?;
-    let result = memory_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress);
+    // ---- P3 memory ----
+    let result = if opts.stop_copy {
+        clock.next(report, "save (xl save -p)", progress);
+        journal.set_phase(Phase::Memory, &opts.journal_dir)?;
+        stop_copy::save_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+    } else {
+        clock.next(report, "memory (xl migrate)", progress);
+        journal.set_phase(Phase::Memory, &opts.journal_dir)?;
+        memory_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+    };
     match &result {
         Ok(()) => {
             for d in &dom.disks {
@@ -630,7 +643,7 @@ fn precopy(
     }
 }
 
-fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
+pub(crate) fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
     let e = EngineError::Other(why.to_string());
     for c in copies {
         c.session.abort(&e);
@@ -821,7 +834,7 @@ fn memory_and_commit(
 }
 
 /// Send every disk's last delta and check it; finish the links.
-fn final_delta(copies: &mut Vec<DiskCopy>, report: &mut MigrateReport, frozen: Duration) -> Result<(), MigrateError> {
+pub(crate) fn final_delta(copies: &mut Vec<DiskCopy>, report: &mut MigrateReport, frozen: Duration) -> Result<(), MigrateError> {
     for c in copies.iter_mut() {
         let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
         if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {

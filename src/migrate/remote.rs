@@ -19,6 +19,9 @@ use crate::storage::lvm::{LvRef, Lvm};
 
 use super::MigrateError;
 
+/// Where `--stop-copy` puts the save image on the target (mode 0700).
+pub const INCOMING_DIR: &str = "/var/lib/xenmig/incoming";
+
 /// The tag that marks an LV as holding the disk of domain `uuid`.
 pub fn uuid_tag(uuid: &str) -> String {
     format!("xenmig-{uuid}")
@@ -199,6 +202,7 @@ pub fn prepare(uuid: &str, requests: &[LvRequest], force: bool) -> Result<Vec<Pr
             None => plan.push((r, None)),
         }
     }
+    make_incoming_dir()?;
     let mut out = Vec::new();
     for (r, existing) in plan {
         let lv = LvRef::new(&r.vg, &r.lv);
@@ -225,6 +229,54 @@ pub fn state(name: &str) -> Result<DomainState, MigrateError> {
     let incoming = format!("{name}--incoming");
     let find = |n: &str| list.iter().find(|(x, _)| x == n).map(|(_, s)| s.clone());
     Ok(DomainState { name: find(name), incoming: find(&incoming) })
+}
+
+/// `--stop-copy`: restore the save image FILE (from [`INCOMING_DIR`]) with
+/// `xl restore`, remove the file, and report the domain's state.
+pub fn restore(name: &str, file: &std::path::Path, paused: bool) -> Result<DomainState, MigrateError> {
+    check_incoming(file)?;
+    let mut cmd = Command::new(crate::xen::xl::program());
+    cmd.arg("restore");
+    if paused {
+        cmd.arg("-p");
+    }
+    let st = cmd
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| MigrateError::Target(format!("cannot run xl restore: {e}")))?;
+    let _ = std::fs::remove_file(file);
+    if !st.success() {
+        return Err(MigrateError::Target(format!("xl restore {} failed ({st})", file.display())));
+    }
+    state(name)
+}
+
+/// Only files in [`INCOMING_DIR`] are restored or removed on a peer's word.
+fn check_incoming(file: &std::path::Path) -> Result<(), MigrateError> {
+    let ok = file.parent() == Some(std::path::Path::new(INCOMING_DIR))
+        && file.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".save"));
+    if !ok {
+        return Err(MigrateError::Target(format!("{} is not a save image in {INCOMING_DIR}", file.display())));
+    }
+    Ok(())
+}
+
+/// Make [`INCOMING_DIR`] (0700).
+pub fn make_incoming_dir() -> Result<(), MigrateError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(INCOMING_DIR)
+        .map_err(|e| MigrateError::Target(format!("cannot create {INCOMING_DIR}: {e}")))
+}
+
+/// Remove a save image left in [`INCOMING_DIR`].
+pub fn remove_incoming(file: &std::path::Path) -> Result<bool, MigrateError> {
+    check_incoming(file)?;
+    Ok(std::fs::remove_file(file).is_ok())
 }
 
 /// Destroy `NAME--incoming` if it exists; true if it did.
