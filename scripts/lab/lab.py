@@ -666,6 +666,7 @@ def check_migrate(hosts):
            "lvcreate -q -y -L 32M -n g1 vg0", 60)
     h2.run("rm -f /var/log/xen/console/guest-g1--incoming.log")
     h1.sh("xl list g1")
+    gap = HeartbeatGap(h1, "guest-g1.log", h2, "guest-g1--incoming.log")
     t = time.monotonic()
     rc, out = h1.run(f"xl migrate -p g1 {h2.ip}", 600)
     t_mig = time.monotonic() - t
@@ -689,8 +690,14 @@ def check_migrate(hosts):
     if seq[0] != before + 1:
         raise LabError(f"counter did not continue on {h2.name}: last on {h1.name} {before}, "
                        f"first on {h2.name} {seq[0]} ({seq[:5]})")
-    return (f"xl migrate -p {t_mig:.0f} s, disk copy {t_disk:.0f} s; last heartbeat on "
-            f"{h1.name} {before}, on {h2.name} {' '.join(map(str, seq[:4]))}...")
+    m = gap.measure()
+    return (f"xl migrate -p {t_mig:.0f} s, disk copy {t_disk:.0f} s; heartbeat gap "
+            f"{'%.2f s (+-%.2f)' % (m[0], m[1]) if m else 'not measured'}; last heartbeat on "
+            f"{h1.name} {before}, on {h2.name} {' '.join(map(str, seq[:4]))}...",
+            {"mode": "xl migrate -p + dd while suspended", "seconds": t_mig + t_disk,
+             "xl_migrate_seconds": t_mig, "disk_copy_seconds": t_disk,
+             "heartbeat_gap_seconds": m[0] if m else None,
+             "heartbeat_gap_error_seconds": m[1] if m else None})
 
 
 def counter_verdict(disk, last):
@@ -825,12 +832,58 @@ def check_xm_rolled_back(g, dst, extra, env, want_phase, what, during=None):
             {"rolled_back": rep.get("rolled_back"), "seconds": rep.get("seconds")})
 
 
+def clock_offset(src, dst):
+    """dst's dom0 clock minus src's, from three ssh round trips (the one with
+    the shortest round trip wins); returns (offset, error bound), seconds."""
+    out = src.sh(f"for i in 1 2 3; do a=$(date +%s.%N); b=$(ssh -o BatchMode=yes root@{dst.ip} "
+                 f"date +%s.%N); c=$(date +%s.%N); echo $a $b $c; done", 120)
+    best = None
+    for line in out.splitlines():
+        try:
+            a, b, c = map(float, line.split())
+        except ValueError:
+            continue
+        if best is None or c - a < best[1]:
+            best = (b - (a + c) / 2, c - a)
+    if best is None:
+        raise LabError(f"cannot measure the clock offset: {out!r}")
+    return best[0], best[1] / 2
+
+
+class HeartbeatGap:
+    """Stamps heartbeats on both dom0s (dom0/hbstamp) around a migration."""
+    def __init__(self, src, src_log, dst, dst_log):
+        self.src, self.dst = src, dst
+        for h, lg, out in ((src, src_log, "/tmp/hb-src"), (dst, dst_log, "/tmp/hb-dst")):
+            h.sh(f"pkill -f hbstamp; rm -f {out}; setsid /opt/xenmig/lab/hbstamp {lg} {out} "
+                 f"</dev/null >/dev/null 2>&1 & true")
+
+    def measure(self):
+        """(gap seconds, error bound, last n on src, first n on dst) or None."""
+        for h in (self.src, self.dst):
+            h.run("pkill -f hbstamp; pkill -f 'tail -n0 -F /var/log/xen/console'")
+
+        def read(h, path):
+            rows = []
+            for line in h.sh(f"cat {path} 2>/dev/null").splitlines():
+                f = line.split()
+                if len(f) == 2 and f[1].isdigit():
+                    rows.append((float(f[0]), int(f[1])))
+            return rows
+        s, d = read(self.src, "/tmp/hb-src"), read(self.dst, "/tmp/hb-dst")
+        if not s or not d:
+            return None
+        off, err = clock_offset(self.src, self.dst)
+        return (d[0][0] - off) - s[-1][0], err, s[-1][1], d[0][1]
+
+
 def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
     src = g.host
     # live: the domain arrives as g1--incoming (xl's name for it while it is
     # restored) and keeps that console log; --stop-copy: xl restore makes g1
     log_in = "guest-g1.log" if "--stop-copy" in extra else "guest-g1--incoming.log"
     dst.sh(f"rm -f /var/log/xen/console/{log_in}")
+    gap = HeartbeatGap(src, g.log, dst, log_in)
     rc, rep, err = xm_migrate(src, dst, extra)
     if rc != 0 or not rep.get("migrated"):
         raise LabError(f"xenmig migrate: status {rc}: {rep.get('error')!r}\nreport "
@@ -857,14 +910,24 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
     if "xenmig-" not in on_src_lv:
         raise LabError(f"the source LV kept no xenmig tag: {on_src_lv!r}")
     g.host, g.log = dst, log_in
+    measured = gap.measure()
+    hb_gap = None
+    if measured:
+        hb_gap, hb_err, n_src, n_dst = measured
+        if n_dst != n_src + 1:
+            raise LabError(f"stamped heartbeats: last on {src.name} {n_src}, first on {dst.name} {n_dst}")
     figures = {"mode": rep.get("mode"), "downtime_seconds": rep.get("downtime_seconds"),
+               "heartbeat_gap_seconds": hb_gap,
+               "heartbeat_gap_error_seconds": measured[1] if measured else None,
                "final_delta_seconds": rep.get("final_delta_seconds"),
                "seconds": rep.get("seconds"), "bytes_wire": wire, "lv_bytes": size,
                "disk_passes": rep.get("disk_passes"),
                "phases": {p["phase"]: round(p["seconds"], 2) for p in rep.get("phases", [])}}
     return (f"{rep['seconds']:.1f} s in all, downtime {rep.get('downtime_seconds') or 0:.2f} s "
             f"(last delta {rep.get('final_delta_seconds') or 0:.2f} s), {rep.get('disk_passes')} "
-            f"disk passes, {wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
+            f"disk passes, heartbeat gap "
+            f"{'%.2f s (+-%.2f)' % (hb_gap, measured[1]) if measured else 'not measured'}, "
+            f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
             f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
             f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
 
