@@ -976,6 +976,81 @@ def check_xm_kill_at_hold(g, dst):
             {"rolled_back": rep.get("rolled_back")})
 
 
+# ---- the migrate benchmark (XENMIG_LAB_BENCH=1) ----
+def bench_guest_start(h, size_mib):
+    """Domain gb on h with a fresh SIZE MiB LV vg0/gb and a write load."""
+    h.run("xl destroy gb 2>/dev/null; lvremove -y vg0/gb 2>/dev/null", 120)
+    h.sh(f"lvcreate -q -y -L {size_mib}M -n gb vg0 && mkfs.ext4 -q -F /dev/vg0/gb", 300)
+    h.sh("sed -e 's/^name = .*/name = \"gb\"/' -e 's|/dev/vg0/g1|/dev/vg0/gb|' "
+         "-e 's/^extra = \"\\(.*\\)\"/extra = \"\\1 xenmig_load=256\"/' "
+         "/opt/xenmig/guest/g1.cfg >/tmp/gb.cfg && rm -f /var/log/xen/console/guest-gb*.log")
+    h.sh("xl create /tmp/gb.cfg", 120)
+    first = wait_heartbeat_above(h, None, 180, "guest-gb.log")
+    wait_heartbeat_above(h, first + 3, 60, "guest-gb.log")
+
+
+def bench_one(src, src_log, dst, how, size_mib):
+    """Move gb from src to dst by `how`; returns the figures."""
+    dst_log = "guest-gb.log" if how == "xenmig --stop-copy" else "guest-gb--incoming.log"
+    dst.run(f"rm -f /var/log/xen/console/{dst_log}")
+    gap = HeartbeatGap(src, src_log, dst, dst_log)
+    t = time.monotonic()
+    fig = {"method": how, "lv_mib": size_mib}
+    if how == "xl migrate -p + dd":
+        dst.run("xl destroy gb 2>/dev/null; lvremove -y vg0/gb 2>/dev/null", 120)
+        dst.sh(f"lvcreate -q -y -L {size_mib}M -n gb vg0")
+        rc, out = src.run(f"xl migrate -p gb {dst.ip}", 900)
+        if rc != 0:
+            raise LabError(f"xl migrate: {out[-800:]}")
+        t_disk = time.monotonic()
+        src_cmd = (f"dd if=/dev/vg0/gb bs=1M iflag=direct status=none | gzip -1 | "
+                   f"ssh root@{dst.ip} 'gunzip | dd of=/dev/vg0/gb bs=1M oflag=direct status=none'")
+        src.sh(src_cmd, 900)
+        fig["disk_copy_seconds"] = time.monotonic() - t_disk
+        dst.sh("xl unpause gb")
+        fig["bytes_wire"] = None
+    else:
+        extra = "--stop-copy --force" if "stop-copy" in how else "--force"
+        rc, _ = src.run(f"xenmig migrate --json {extra} gb {dst.ip} >/tmp/xb.json 2>/tmp/xb.err", 1200)
+        raw = src.sh("cat /tmp/xb.json").strip()
+        rep = json.loads(raw.splitlines()[-1]) if raw else {}
+        if rc != 0:
+            raise LabError(f"{how}: status {rc}: {rep.get('error')}; {src.sh('tail -c 800 /tmp/xb.err')}")
+        fig.update({"reported_downtime_seconds": rep.get("downtime_seconds"),
+                    "final_delta_seconds": rep.get("final_delta_seconds"),
+                    "bytes_wire": rep.get("bytes_wire"), "disk_passes": rep.get("disk_passes")})
+    fig["seconds"] = time.monotonic() - t
+    first = wait_heartbeat_above(dst, None, 120, dst_log)
+    wait_heartbeat_above(dst, first, 60, dst_log)
+    m = gap.measure()
+    if m is None:
+        raise LabError(f"{how}: no stamped heartbeats")
+    if m[3] != m[2] + 1:
+        raise LabError(f"{how}: counter jumped from {m[2]} to {m[3]}")
+    fig["heartbeat_gap_seconds"], fig["heartbeat_gap_error_seconds"] = m[0], m[1]
+    return dst_log, fig
+
+
+def check_migrate_bench(hosts):
+    h1, h2 = hosts
+    rows = []
+    for size in (64, 512):
+        bench_guest_start(h1, size)
+        where, lg = h1, "guest-gb.log"
+        for how in ("xl migrate -p + dd", "xenmig live", "xenmig --stop-copy"):
+            other = h2 if where is h1 else h1
+            lg, fig = bench_one(where, lg, other, how, size)
+            rows.append(fig)
+            log(f"bench: {fig}")
+            where = other
+        where.run("xl destroy gb", 120)
+        for h in hosts:
+            h.run("lvremove -y vg0/gb 2>/dev/null", 120)
+    table = "; ".join(f"{r['lv_mib']} MiB {r['method']}: gap {r['heartbeat_gap_seconds']:.2f} s, "
+                      f"total {r['seconds']:.0f} s" for r in rows)
+    return table, {"rows": rows}
+
+
 def run_xenmig_migrate_checks(checks, hosts):
     h1, h2 = hosts
     g = Guest(h2, "guest-g1.log")
@@ -1030,6 +1105,10 @@ def run_xenmig_migrate_checks(checks, hosts):
                        "save image through the engine, xl restore): the counter continues",
                        lambda: check_xm_migrate(g, other(), False, None, "--stop-copy")):
         return
+    if os.environ.get("XENMIG_LAB_BENCH") == "1":
+        checks.step("migrate benchmark: xl migrate -p + dd, xenmig live, xenmig --stop-copy at "
+                    "64 and 512 MiB under a write load (XENMIG_LAB_BENCH=1)",
+                    lambda: check_migrate_bench(hosts))
     checks.step("guest shut down on xenlab1 after the xenmig migrations: e2fsck -fn clean, "
                 "counter on disk = last heartbeat (or +1 in flight)",
                 lambda: check_shutdown_fsck(g.host, g.log))
