@@ -1058,13 +1058,15 @@ def run_xenmig_migrate_checks(checks, hosts):
     def other():
         return h1 if g.host is h2 else h2
 
+    inner = checks
+
     class Located:
         """checks.step, after finding where g1 runs (the first step starts it)."""
         def step(self, name, fn):
             def wrapped():
                 locate(g, hosts)
                 return fn()
-            return checks.step(name, wrapped)
+            return inner.step(name, wrapped)
     started = checks
     if not started.step("xenmig migrate: g1 started on xenlab2 from its LV",
                         lambda: check_xm_start(hosts, g)):
