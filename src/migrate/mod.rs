@@ -725,6 +725,11 @@ fn memory_and_commit(
     let stderr_fd = std::io::stderr().lock();
     let out = std::os::fd::AsFd::as_fd(&stderr_fd).try_clone_to_owned().map(Stdio::from).unwrap_or(Stdio::null());
     drop(stderr_fd);
+    // xl (and the relay and ssh it starts) in a process group of its own: a
+    // Ctrl-C at the terminal must not kill xl in the middle of its stream,
+    // where it could leave the guest suspended. xenmig's own end (or death)
+    // is what decides, through the relay: no RELEASE, no READY, xl resumes.
+    std::os::unix::process::CommandExt::process_group(&mut xl, 0);
     let mut child = xl
         .stdin(Stdio::null())
         .stdout(out)

@@ -31,7 +31,11 @@ use super::{final_delta, Clock, DiskCopy, DomainInfo, MigrateError, MigrateOptio
 
 /// Run an xl subcommand on the source; its output goes to our stderr.
 fn xl(host: &dyn SourceHost, args: &[&str]) -> Result<(), String> {
-    let st = Command::new(host.xl())
+    let mut cmd = Command::new(host.xl());
+    // Its own process group: a Ctrl-C meant for xenmig must not kill xl in
+    // the middle of a save.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let st = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
