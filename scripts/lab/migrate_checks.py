@@ -1,0 +1,353 @@
+"""The lab's checks of `xenmig migrate` between the two hosts, its failure
+paths, and the migrate benchmark (XENMIG_LAB_BENCH=1)."""
+import json
+import os
+import time
+
+from console import LabError, log
+from checks import (HeartbeatGap, check_shutdown_fsck, heartbeats, last_heartbeat,
+                    wait_heartbeat_above)
+
+# ---- xenmig migrate ----
+class Guest:
+    """Where g1 runs now and which console log carries its heartbeat."""
+    def __init__(self, host, log):
+        self.host, self.log = host, log
+
+
+def xm_migrate(src, dst, extra="", env="", timeout=900):
+    """Run `xenmig migrate --json g1 DST` on SRC; returns (status, report, stderr)."""
+    rc, _ = src.run(f"{env} xenmig migrate --json {extra} g1 {dst.ip} >/tmp/xm.json 2>/tmp/xm.err",
+                    timeout)
+    raw = src.sh("cat /tmp/xm.json")
+    err = src.sh("tail -c 2500 /tmp/xm.err")
+    try:
+        rep = json.loads(raw.strip().splitlines()[-1]) if raw.strip() else {}
+    except (ValueError, IndexError):
+        raise LabError(f"xenmig migrate printed no JSON report (status {rc}): {raw[-500:]!r}; "
+                       f"stderr: {err}")
+    return rc, rep, err
+
+
+def domains_on(h):
+    return h.sh("xl list | awk 'NR>1{print $1}'").split()
+
+
+def locate(g, hosts):
+    """Find where g1 runs now (a failed check may have moved it)."""
+    for h in hosts:
+        if "g1" in domains_on(h):
+            if h is not g.host:
+                log(f"g1 found on {h.name}, not {g.host.name}: following it")
+                g.host, g.log = h, "guest-g1--incoming.log"
+            return
+    raise LabError(f"g1 runs on no host: {[(h.name, domains_on(h)) for h in hosts]}")
+
+
+def expect_still_running(g, before, what):
+    """After a refused or rolled-back migration: g1 runs where it was, heartbeat going on."""
+    after = wait_heartbeat_above(g.host, before, 90, g.log)
+    if "g1" not in domains_on(g.host):
+        raise LabError(f"{what}: g1 is not listed on {g.host.name} any more")
+    return after
+
+
+def check_xm_start(hosts, g):
+    """Start g1 on xenlab2 from its LV (the xl migrate check left it there, shut down)."""
+    h = hosts[1]
+    h.sh("rm -f /var/log/xen/console/guest-g1.log /var/log/xen/console/guest-g1--incoming.log")
+    h.sh("xl create /opt/xenmig/guest/g1.cfg", 120)
+    first = wait_heartbeat_above(h, None, 120)
+    wait_heartbeat_above(h, first, 60)
+    g.host, g.log = h, "guest-g1.log"
+    return f"g1 running on {h.name}, heartbeats {' '.join(map(str, heartbeats(h)[:4]))}"
+
+
+def check_xm_refused(g, dst, setup, undo, extra, want, what):
+    """A preflight refusal: status 1, the reason named, nothing changed, g1 runs on."""
+    if setup:
+        dst.sh(setup, 120)
+    try:
+        before = last_heartbeat(g.host, g.log)
+        rc, rep, err = xm_migrate(g.host, dst, extra)
+    finally:
+        if undo:
+            dst.run(undo, 120)
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"{what}: status {rc}, report {rep}")
+    if want not in (rep.get("error") or ""):
+        raise LabError(f"{what}: error does not say {want!r}: {rep.get('error')!r}")
+    if "g1--incoming" in domains_on(dst):
+        raise LabError(f"{what}: g1--incoming left on {dst.name}")
+    after = expect_still_running(g, before, what)
+    return f"status 1: {rep['error'][:160]}; g1 runs on {g.host.name} ({before} -> {after})"
+
+
+def check_xm_pause_refused(g, dst):
+    g.host.sh("xl pause g1")
+    try:
+        rc, rep, err = xm_migrate(g.host, dst)
+    finally:
+        g.host.sh("xl unpause g1")
+    if rc != 1 or "paused" not in (rep.get("error") or ""):
+        raise LabError(f"a paused guest: status {rc}, error {rep.get('error')!r}")
+    before = last_heartbeat(g.host, g.log)
+    after = expect_still_running(g, before, "paused guest")
+    return f"status 1: {rep['error'][:120]}; unpaused, heartbeat {before} -> {after}"
+
+
+def check_xm_rolled_back(g, dst, extra, env, want_phase, what, during=None):
+    """A failure after changes began: status 1, rolled back, g1 runs on the source."""
+    before = last_heartbeat(g.host, g.log)
+    rc, rep, err = xm_migrate(g.host, dst, extra, env)
+    if during:
+        during()
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"{what}: status {rc}, report {json.dumps(rep)[:1500]}; stderr {err}")
+    if want_phase not in (rep.get("error") or ""):
+        raise LabError(f"{what}: error {rep.get('error')!r} does not say {want_phase!r}; stderr {err}")
+    if "g1--incoming" in domains_on(dst) or "g1" in domains_on(dst):
+        raise LabError(f"{what}: a copy of g1 is left on {dst.name}: {domains_on(dst)}")
+    after = expect_still_running(g, before, what)
+    return (f"status 1: {rep['error'][:140]}; rolled back: {rep.get('rolled_back')}; "
+            f"g1 runs on {g.host.name} ({before} -> {after})",
+            {"rolled_back": rep.get("rolled_back"), "seconds": rep.get("seconds")})
+
+
+def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
+    src = g.host
+    # live: the domain arrives as g1--incoming (xl's name for it while it is
+    # restored) and keeps that console log; --stop-copy: xl restore makes g1
+    log_in = "guest-g1.log" if "--stop-copy" in extra else "guest-g1--incoming.log"
+    dst.sh(f"rm -f /var/log/xen/console/{log_in}")
+    gap = HeartbeatGap(src, g.log, dst, log_in)
+    rc, rep, err = xm_migrate(src, dst, extra)
+    if rc != 0 or not rep.get("migrated"):
+        raise LabError(f"xenmig migrate: status {rc}: {rep.get('error')!r}\nreport "
+                       f"{json.dumps(rep)[:2000]}\nstderr {err}")
+    last = last_heartbeat(src, g.log)
+    if "g1" in domains_on(src) or "g1--migratedaway" in domains_on(src):
+        raise LabError(f"g1 still listed on {src.name} after the migration: {domains_on(src)}")
+    first = wait_heartbeat_above(dst, None, 90, log_in)
+    wait_heartbeat_above(dst, first, 60, log_in)
+    seq = heartbeats(dst, log_in)
+    if seq[0] != last + 1:
+        raise LabError(f"counter did not continue: last on {src.name} {last}, first on "
+                       f"{dst.name} {seq[0]} ({seq[:5]})")
+    disks = rep.get("disks", [])
+    if not disks or not all(d.get("copy") and d["copy"].get("verified") for d in disks):
+        raise LabError(f"not every disk verified: {disks}")
+    if any(d.get("created") != want_created for d in disks):
+        raise LabError(f"LV created={[d.get('created') for d in disks]}, expected {want_created}")
+    size = sum(d["size_bytes"] for d in disks)
+    wire = rep.get("bytes_wire", 0)
+    if max_wire_fraction is not None and wire > max_wire_fraction * size:
+        raise LabError(f"bytes_wire {wire} is more than {max_wire_fraction:.0%} of {size}")
+    on_src_lv = src.sh("lvs --noheadings -o lv_tags vg0/g1").strip()
+    if "xenmig-" not in on_src_lv:
+        raise LabError(f"the source LV kept no xenmig tag: {on_src_lv!r}")
+    g.host, g.log = dst, log_in
+    measured = gap.measure()
+    hb_gap = None
+    if measured:
+        hb_gap, hb_err, n_src, n_dst = measured
+        if n_dst != n_src + 1:
+            raise LabError(f"stamped heartbeats: last on {src.name} {n_src}, first on {dst.name} {n_dst}")
+    figures = {"mode": rep.get("mode"), "downtime_seconds": rep.get("downtime_seconds"),
+               "heartbeat_gap_seconds": hb_gap,
+               "heartbeat_gap_error_seconds": measured[1] if measured else None,
+               "final_delta_seconds": rep.get("final_delta_seconds"),
+               "seconds": rep.get("seconds"), "bytes_wire": wire, "lv_bytes": size,
+               "disk_passes": rep.get("disk_passes"),
+               "phases": {p["phase"]: round(p["seconds"], 2) for p in rep.get("phases", [])}}
+    return (f"{rep['seconds']:.1f} s in all, downtime {rep.get('downtime_seconds') or 0:.2f} s "
+            f"(last delta {rep.get('final_delta_seconds') or 0:.2f} s), {rep.get('disk_passes')} "
+            f"disk passes, heartbeat gap "
+            f"{'%.2f s (+-%.2f)' % (hb_gap, measured[1]) if measured else 'not measured'}, "
+            f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
+            f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
+            f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
+
+
+def check_xm_kill_at_hold(g, dst):
+    """Kill the target's `xenmig serve` while READY is held (XENMIG_TEST_HOLD_READY
+    gives the window): the last delta fails, READY never reaches xl, xl resumes
+    the source and xenmig destroys g1--incoming on the target."""
+    src = g.host
+    before = last_heartbeat(src, g.log)
+    src.sh("rm -f /tmp/xm.rc /tmp/xm.json /tmp/xm.err")
+    # In the background (setsid: away from the console's Ctrl-C); "& true"
+    # because the driver appends " ;" and "& ;" is a syntax error.
+    src.sh(f"setsid sh -c 'XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} "
+           f">/tmp/xm.json 2>/tmp/xm.err; echo $? >/tmp/xm.rc' </dev/null >/dev/null 2>&1 & true")
+    end = time.monotonic() + 600
+    while time.monotonic() < end:
+        if "holding READY" in src.sh("cat /tmp/xm.err 2>/dev/null"):
+            break
+        if src.run("test -e /tmp/xm.rc")[0] == 0:
+            raise LabError(f"migrate ended before READY: {src.sh('tail -c 1500 /tmp/xm.err')}")
+        time.sleep(2)
+    else:
+        raise LabError("READY was never held within 600 s")
+    state = dst.sh("xl list | awk 'NR>1{print $1, $5}' | paste -sd' '")
+    killed = dst.sh("pkill -9 -f 'xenmig serve --target' && echo killed || echo none").strip()
+    if killed != "killed":
+        raise LabError(f"no xenmig serve --target to kill on {dst.name}")
+    while time.monotonic() < end:
+        if src.run("test -e /tmp/xm.rc")[0] == 0:
+            break
+        time.sleep(2)
+    rc = int(src.sh("cat /tmp/xm.rc").strip() or "-1")
+    raw = src.sh("cat /tmp/xm.json").strip()
+    rep = json.loads(raw.splitlines()[-1]) if raw else {}
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"status {rc}, report {json.dumps(rep)[:1500]}")
+    if "last delta" not in (rep.get("error") or ""):
+        raise LabError(f"error {rep.get('error')!r} is not the last delta's")
+    left = domains_on(dst)
+    if "g1--incoming" in left or "g1" in left:
+        raise LabError(f"a copy of g1 is left on {dst.name}: {left}")
+    after = expect_still_running(g, before, "target disk end killed")
+    return (f"target while held: {state}; status 1: {rep['error'][:140]}; rolled back: "
+            f"{rep.get('rolled_back')}; g1 runs on {src.name} ({before} -> {after})",
+            {"rolled_back": rep.get("rolled_back")})
+
+
+# ---- the migrate benchmark (XENMIG_LAB_BENCH=1) ----
+def bench_guest_start(h, size_mib):
+    """Domain gb on h with a fresh SIZE MiB LV vg0/gb and a write load."""
+    h.run("xl destroy gb 2>/dev/null; lvremove -y vg0/gb 2>/dev/null", 120)
+    h.sh(f"lvcreate -q -y -L {size_mib}M -n gb vg0 && mkfs.ext4 -q -F /dev/vg0/gb", 300)
+    h.sh("sed -e 's/^name = .*/name = \"gb\"/' -e 's|/dev/vg0/g1|/dev/vg0/gb|' "
+         "-e 's/^extra = \"\\(.*\\)\"/extra = \"\\1 xenmig_load=256\"/' "
+         "/opt/xenmig/guest/g1.cfg >/tmp/gb.cfg && rm -f /var/log/xen/console/guest-gb*.log")
+    h.sh("xl create /tmp/gb.cfg", 120)
+    first = wait_heartbeat_above(h, None, 180, "guest-gb.log")
+    wait_heartbeat_above(h, first + 3, 60, "guest-gb.log")
+
+
+def bench_one(src, src_log, dst, how, size_mib):
+    """Move gb from src to dst by `how`; returns the figures."""
+    dst_log = "guest-gb.log" if how == "xenmig --stop-copy" else "guest-gb--incoming.log"
+    dst.run(f"rm -f /var/log/xen/console/{dst_log}")
+    gap = HeartbeatGap(src, src_log, dst, dst_log)
+    t = time.monotonic()
+    fig = {"method": how, "lv_mib": size_mib}
+    if how == "xl migrate -p + dd":
+        dst.run("xl destroy gb 2>/dev/null; lvremove -y vg0/gb 2>/dev/null", 120)
+        dst.sh(f"lvcreate -q -y -L {size_mib}M -n gb vg0")
+        rc, out = src.run(f"xl migrate -p gb {dst.ip}", 900)
+        if rc != 0:
+            raise LabError(f"xl migrate: {out[-800:]}")
+        t_disk = time.monotonic()
+        src_cmd = (f"dd if=/dev/vg0/gb bs=1M iflag=direct status=none | gzip -1 | "
+                   f"ssh root@{dst.ip} 'gunzip | dd of=/dev/vg0/gb bs=1M oflag=direct status=none'")
+        src.sh(src_cmd, 900)
+        fig["disk_copy_seconds"] = time.monotonic() - t_disk
+        dst.sh("xl unpause gb")
+        fig["bytes_wire"] = None
+    else:
+        extra = "--stop-copy --force" if "stop-copy" in how else "--force"
+        rc, _ = src.run(f"xenmig migrate --json {extra} gb {dst.ip} >/tmp/xb.json 2>/tmp/xb.err", 1200)
+        raw = src.sh("cat /tmp/xb.json").strip()
+        rep = json.loads(raw.splitlines()[-1]) if raw else {}
+        if rc != 0:
+            raise LabError(f"{how}: status {rc}: {rep.get('error')}; {src.sh('tail -c 800 /tmp/xb.err')}")
+        fig.update({"reported_downtime_seconds": rep.get("downtime_seconds"),
+                    "final_delta_seconds": rep.get("final_delta_seconds"),
+                    "bytes_wire": rep.get("bytes_wire"), "disk_passes": rep.get("disk_passes")})
+    fig["seconds"] = time.monotonic() - t
+    first = wait_heartbeat_above(dst, None, 120, dst_log)
+    wait_heartbeat_above(dst, first, 60, dst_log)
+    m = gap.measure()
+    if m is None:
+        raise LabError(f"{how}: no stamped heartbeats")
+    if m[3] != m[2] + 1:
+        raise LabError(f"{how}: counter jumped from {m[2]} to {m[3]}")
+    fig["heartbeat_gap_seconds"], fig["heartbeat_gap_error_seconds"] = m[0], m[1]
+    return dst_log, fig
+
+
+def check_migrate_bench(hosts):
+    h1, h2 = hosts
+    rows = []
+    for size in (64, 512):
+        bench_guest_start(h1, size)
+        where, lg = h1, "guest-gb.log"
+        for how in ("xl migrate -p + dd", "xenmig live", "xenmig --stop-copy"):
+            other = h2 if where is h1 else h1
+            lg, fig = bench_one(where, lg, other, how, size)
+            rows.append(fig)
+            log(f"bench: {fig}")
+            where = other
+        where.run("xl destroy gb", 120)
+        for h in hosts:
+            h.run("lvremove -y vg0/gb 2>/dev/null", 120)
+    table = "; ".join(f"{r['lv_mib']} MiB {r['method']}: gap {r['heartbeat_gap_seconds']:.2f} s, "
+                      f"total {r['seconds']:.0f} s" for r in rows)
+    return table, {"rows": rows}
+
+
+def run_xenmig_migrate_checks(checks, hosts):
+    h1, h2 = hosts
+    g = Guest(h2, "guest-g1.log")
+
+    def other():
+        return h1 if g.host is h2 else h2
+
+    inner = checks
+
+    class Located:
+        """checks.step, after finding where g1 runs (the first step starts it)."""
+        def step(self, name, fn):
+            def wrapped():
+                locate(g, hosts)
+                return fn()
+            return inner.step(name, wrapped)
+    started = checks
+    if not started.step("xenmig migrate: g1 started on xenlab2 from its LV",
+                        lambda: check_xm_start(hosts, g)):
+        return
+    checks = Located()
+    checks.step("xenmig migrate refuses a paused guest; it runs on after unpause",
+                lambda: check_xm_pause_refused(g, other()))
+    checks.step("xenmig migrate refuses a target LV not marked for the domain (xenlab1's old "
+                "vg0/g1); nothing changes", lambda: check_xm_refused(
+                    g, h1, None, None, "", "not marked for", "untagged target LV"))
+    h1.sh("lvremove -y vg0/g1", 60)
+    checks.step("xenmig migrate refuses when the target VG has no room; nothing changes",
+                lambda: check_xm_refused(g, other(), "lvcreate -q -y -l 100%FREE -n filler vg0",
+                                         "lvremove -y vg0/filler", "", "free",
+                                         "full target VG"))
+    # A config whose disk does not exist on xenlab1: the restore there fails
+    # when it attaches the disk, before READY. (A config asking for more memory
+    # than xenlab1 has does not fail a PV restore: tried, it migrated.)
+    h2.sh("cp /opt/xenmig/guest/g1.cfg /tmp/g1-bad.cfg && "
+          "sed -i 's|phy:/dev/vg0/g1,|phy:/dev/vg0/nosuchlv,|' /tmp/g1-bad.cfg")
+    checks.step("xenmig migrate -C (a config whose disk xenlab1 lacks): the restore there fails, "
+                "g1 resumes on xenlab2, nothing left on xenlab1", lambda: check_xm_rolled_back(
+                    g, h1, "-C /tmp/g1-bad.cfg", "", "xl migrate", "failed restore"))
+    checks.step("xenmig migrate with the target's disk end killed while READY is held: "
+                "READY withheld, g1 resumes on xenlab2, no copy left on xenlab1",
+                lambda: check_xm_kill_at_hold(g, other()))
+    # The failed attempts above left xenlab1's LV created and tagged: the real
+    # migration reuses what they sent.
+    if not checks.step("xenmig migrate g1 xenlab2 -> xenlab1, live (the LV the failed attempts "
+                       "left is reused): the counter continues",
+                       lambda: check_xm_migrate(g, other(), False)):
+        return
+    if not checks.step("xenmig migrate g1 back xenlab1 -> xenlab2 (its tagged LV reused, "
+                       "under 5% of the LV on the wire)",
+                       lambda: check_xm_migrate(g, other(), False, 0.05)):
+        return
+    if not checks.step("xenmig migrate --stop-copy g1 xenlab2 -> xenlab1 (xl save -p, last delta, "
+                       "save image through the engine, xl restore): the counter continues",
+                       lambda: check_xm_migrate(g, other(), False, None, "--stop-copy")):
+        return
+    if os.environ.get("XENMIG_LAB_BENCH") == "1":
+        checks.step("migrate benchmark: xl migrate -p + dd, xenmig live, xenmig --stop-copy at "
+                    "64 and 512 MiB under a write load (XENMIG_LAB_BENCH=1)",
+                    lambda: check_migrate_bench(hosts))
+    checks.step("guest shut down on xenlab1 after the xenmig migrations: e2fsck -fn clean, "
+                "counter on disk = last heartbeat (or +1 in flight)",
+                lambda: check_shutdown_fsck(g.host, g.log))
