@@ -66,7 +66,8 @@ pub struct MigrateArgs {
     #[arg(long)]
     debug: bool,
     /// Image or index file on the target whose blocks may be reused
-    /// (repeatable).
+    /// (repeatable); `auto`: every LV of the target VG that nothing holds
+    /// open (templates, other guests' disks, older releases).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     references: Vec<PathBuf>,
     /// Compression of fetched blocks, as in `copy`.

@@ -522,6 +522,26 @@ fn run(
             copy: None,
         })
         .collect();
+    // `-r auto`: every LV of the target's VGs that nothing holds open and
+    // that is not one being written (templates, other guests' disks, old
+    // releases) serves as a reference there; blocks taken from it are
+    // verified like any other.
+    let mut references = Vec::new();
+    for r in &opts.references {
+        if r.as_os_str() == "auto" {
+            for p in &probes {
+                let Some(vg) = &p.vg else { continue };
+                for l in p.lvs.iter().filter(|l| !l.open && !requests.iter().any(|q| q.vg == vg.name && q.lv == l.name)) {
+                    references.push(format!("/dev/{}/{}", vg.name, l.name));
+                }
+            }
+        } else {
+            references.push(r.display().to_string());
+        }
+    }
+    if !references.is_empty() {
+        report.plan.push(format!("references on {}: {}", opts.host, references.join(" ")));
+    }
     if opts.dry_run {
         return Ok(());
     }
@@ -566,7 +586,7 @@ fn run(
     clock.next(report, "disk pre-copy", progress);
     journal.set_phase(Phase::PreCopy, &opts.journal_dir)?;
     let mut copies: Vec<DiskCopy> = Vec::new();
-    let precopy = precopy(opts, &dom, &requests, &mut copies, report, progress);
+    let precopy = precopy(opts, &dom, &requests, &references, &mut copies, report, progress);
     if let Err(e) = precopy {
         abort_copies(copies, &e);
         Journal::remove(&opts.journal_dir, &dom.name);
@@ -605,6 +625,7 @@ fn precopy(
     opts: &MigrateOptions,
     dom: &DomainInfo,
     requests: &[LvRequest],
+    references: &[String],
     copies: &mut Vec<DiskCopy>,
     report: &mut MigrateReport,
     progress: &Progress,
@@ -612,8 +633,8 @@ fn precopy(
     let live = opts.source.live.clone().unwrap_or_default();
     for (d, r) in dom.disks.iter().zip(requests) {
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
-        for reference in &opts.references {
-            args.extend(["--reference".into(), reference.display().to_string()]);
+        for reference in references {
+            args.extend(["--reference".into(), reference.clone()]);
         }
         let err = |source: EngineError| MigrateError::PreCopy { disk: d.path(), source };
         let (link, peer) = Link::spawn(&opts.ssh, &opts.host, &args).map_err(|e| err(e.into()))?;
