@@ -784,7 +784,7 @@ fn memory_and_commit(
             Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
             Ok(Ev::XlExit(code)) => {
                 // xl resumes the source itself when READY never came.
-                let e = MigrateError::Memory(format!("xl migrate exited with status {code:?}"));
+                let e = MigrateError::Memory(format!("xl migrate {}", exit_text(code)));
                 rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
                 return Err(e);
             }
@@ -855,7 +855,11 @@ fn memory_and_commit(
         return Ok(());
     }
     // xl failed after READY went on. Decide from where the domain runs.
-    let why = format!("xl migrate exited with status {code:?} after the target was released (target status {result:?})");
+    let why = format!(
+        "xl migrate {} after the target was released (the target reported {})",
+        exit_text(code),
+        result.map(|r| format!("status {r}")).unwrap_or_else(|| "nothing".into())
+    );
     settle_after_release(host, &target, dom, opts.paused, report, why)
 }
 
@@ -876,6 +880,14 @@ pub(crate) fn final_delta(copies: &mut Vec<DiskCopy>, report: &mut MigrateReport
         let _ = c.target_path;
     }
     Ok(())
+}
+
+/// How xl ended, in words.
+fn exit_text(code: Option<i32>) -> String {
+    match code {
+        Some(c) => format!("exited with status {c}"),
+        None => "was killed by a signal".into(),
+    }
 }
 
 fn wait_xl(rx: &Receiver<Ev>, limit: Duration) -> Option<Option<i32>> {
