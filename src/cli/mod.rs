@@ -24,6 +24,7 @@ use xenmig::blocks::layout::{check_block_size, Align};
 use xenmig::wire::transport::Location;
 
 mod migrate;
+mod xen;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -393,11 +394,11 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Domains { domain, json } => Ok(xenmig::xen::commands::domains(domain.as_deref(), json)?),
-        Command::Save { domain, file, paused } => Ok(xenmig::xen::commands::save(&domain, &file, paused)?),
-        Command::Restore { file, paused } => Ok(xenmig::xen::commands::restore(&file, paused)?),
-        Command::Pause { domain } => Ok(xenmig::xen::commands::pause(&domain, true)?),
-        Command::Unpause { domain } => Ok(xenmig::xen::commands::pause(&domain, false)?),
+        Command::Domains { domain, json } => Ok(xen::domains(domain.as_deref(), json)?),
+        Command::Save { domain, file, paused } => Ok(xen::save(&domain, &file, paused)?),
+        Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
+        Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
+        Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
         Command::Serve { source, target, hash, compress, references, live } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(

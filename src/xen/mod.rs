@@ -27,7 +27,6 @@
 //! The pure parts ([`domain`]: state decoding; [`disk`]: xenstore disk
 //! records; [`xl`]: the xl command lines) build and are tested everywhere.
 
-pub mod commands;
 pub mod disk;
 pub mod domain;
 pub mod xl;

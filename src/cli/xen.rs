@@ -1,18 +1,17 @@
-//! The Xen subcommands of the `xenmig` binary (`domains`, `pause`,
-//! `unpause`, `save`, `restore`): output formatting lives here, next to the
-//! layer it prints, so `src/cli.rs` only dispatches. Each returns the exit
-//! code for success; failures are errors that name the domain, library or
-//! file, and the CLI turns them into exit status 1.
+//! The Xen subcommands (`domains`, `pause`, `unpause`, `save`, `restore`):
+//! what they print and their exit codes. The library's `xen` layer prints
+//! nothing; failures are its errors, which name the domain, library or
+//! file, and become exit status 1.
 
 use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
 
-use super::disk::resolve_lvs;
-use super::domain::{Domain, DomainRef};
-use super::{Xen, XenError, BINDINGS_RELEASE};
-use crate::storage::lvm::Lvm;
+use xenmig::storage::lvm::Lvm;
+use xenmig::xen::disk::resolve_lvs;
+use xenmig::xen::domain::{Domain, DomainRef};
+use xenmig::xen::{Xen, XenError, BINDINGS_RELEASE};
 
 /// `xenmig domains [DOMAIN] [--json]`.
 pub fn domains(only: Option<&str>, json: bool) -> Result<i32, XenError> {
@@ -86,7 +85,7 @@ pub fn pause(domain: &str, pause: bool) -> Result<i32, XenError> {
 /// `xenmig save [-p] DOMAIN FILE`.
 pub fn save(domain: &str, file: &Path, leave_paused: bool) -> Result<i32, XenError> {
     let xen = Xen::open()?;
-    let d = super::save(&xen, &DomainRef::parse(domain), file, leave_paused)?;
+    let d = xenmig::xen::save(&xen, &DomainRef::parse(domain), file, leave_paused)?;
     println!(
         "saved {} to {}{}",
         d.label(),
@@ -99,7 +98,7 @@ pub fn save(domain: &str, file: &Path, leave_paused: bool) -> Result<i32, XenErr
 /// `xenmig restore [-p] FILE`.
 pub fn restore(file: &Path, paused: bool) -> Result<i32, XenError> {
     let xen = Xen::open()?;
-    match super::restore(&xen, file, paused)? {
+    match xenmig::xen::restore(&xen, file, paused)? {
         Some(d) => println!("restored {} from {}: {} ({})", d.label(), file.display(), d.state, d.flags),
         None => println!("restored {} (xl reported success)", file.display()),
     }
@@ -109,9 +108,9 @@ pub fn restore(file: &Path, paused: bool) -> Result<i32, XenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::lvm::LvRef;
-    use crate::xen::disk::{disks_of, MemStore};
-    use crate::xen::domain::{flags, RawInfo};
+    use xenmig::storage::lvm::LvRef;
+    use xenmig::xen::disk::{disks_of, MemStore};
+    use xenmig::xen::domain::{flags, RawInfo};
 
     #[test]
     fn table_looks_like_xl_list() {
