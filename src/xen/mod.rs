@@ -10,6 +10,8 @@
 //! | toolstack check, version | libxl `libxl_ctx_alloc`, `libxl_get_version_info` | proves the toolstack library of the right release is usable |
 //! | save, restore | the `xl` command ([`xl`]) | xl's save-file format wraps libxl's stream with the domain config; see that module |
 //! | running Xen version | libxenctrl `xc_version` | refuse a hypervisor of another release than the bindings |
+//! | resume after a cancelled suspend | libxl `libxl_domain_resume` | xl has no command for it; `migrate` needs it when xl did not resume |
+//! | a domain's UUID | xenstore `/local/domain/<id>/vm` | what migrate tags the domain's LVs with |
 //!
 //! Nothing is linked against Xen: [`sys`] loads `libxenctrl.so.<release>`,
 //! `libxenstore.so.4`, `libxenlight.so.<release>` (and `libxentoollog.so.1`
