@@ -385,10 +385,20 @@ fn run(
 ) -> Result<(), MigrateError> {
     // ---- P0 preflight ----
     if let Some(j) = Journal::load(&opts.journal_dir, &opts.domain)? {
-        return Err(MigrateError::Preflight(format!(
-            "an earlier migration of {} to {} stopped in phase {:?} (pid {}); run `xenmig migrate --recover {}` first",
-            j.domain, j.host, j.phase, j.pid, j.domain
-        )));
+        // An earlier migration of this domain was interrupted: settle it by
+        // the same rules as `--recover` before anything else.
+        log::warn!("an earlier migration of {} to {} stopped in phase {:?}; recovering it first", j.domain, j.host, j.phase);
+        let lines = recover(host, &opts.journal_dir, &opts.domain)?;
+        let attention: Vec<String> = lines.iter().filter(|l| l.starts_with("NEEDS ATTENTION")).cloned().collect();
+        report.rolled_back.extend(lines.iter().filter(|l| !l.starts_with("NEEDS ATTENTION")).map(|l| format!("earlier migration: {l}")));
+        if !attention.is_empty() {
+            report.needs_attention.extend(attention);
+            return Err(MigrateError::Preflight(format!(
+                "an earlier migration of {} to {} stopped in phase {:?} and needs a decision (see above); \
+                 then run `xenmig migrate --recover {}`",
+                j.domain, j.host, j.phase, j.domain
+            )));
+        }
     }
     let dom = host.domain(&opts.domain)?;
     if dom.paused {
