@@ -1,10 +1,15 @@
 //! Shared framing of xenmig's persisted binary files (hash files, indexes).
 //!
-//! Every file is: an 8-byte magic naming its kind, a little-endian `u16`
-//! format version, the body, and a 32-byte BLAKE3 checksum of everything
-//! before it. The checksum is what turns a truncated or damaged file into a
-//! clear error instead of wrong digests. Readers refuse versions newer than
-//! they know.
+//! Every file is: an 8-byte magic naming its kind, the format version as
+//! two bytes `major, minor`, the body, and a 32-byte BLAKE3 checksum of
+//! everything before it. The checksum is what turns a truncated or damaged
+//! file into a clear error instead of wrong digests.
+//!
+//! Versioning rule (as firecracker's snapshots): a reader refuses a newer
+//! major, with a message saying so; it reads every minor of its own major. A
+//! minor release may only append fields at the end of the body, which older
+//! readers of that major skip. Files written before this rule had a `u16`
+//! version 1, whose little-endian bytes read as 1.0.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +20,25 @@ use crate::blocks::layout::{Layout, Segment};
 
 const TRAILER: usize = 32;
 
+/// A persisted format's version: `major.minor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FormatVersion {
+    pub major: u8,
+    pub minor: u8,
+}
+
+impl FormatVersion {
+    pub const fn new(major: u8, minor: u8) -> FormatVersion {
+        FormatVersion { major, minor }
+    }
+}
+
+impl std::fmt::Display for FormatVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum FormatError {
     #[error("cannot read {path}: {source}")]
@@ -23,8 +47,8 @@ pub enum FormatError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a xenmig {kind} file (bad magic)")]
     Magic { path: PathBuf, kind: &'static str },
-    #[error("{path} is format version {found}; this xenmig reads version {known} (upgrade xenmig)")]
-    Version { path: PathBuf, found: u16, known: u16 },
+    #[error("{path} is format {found}.{found_minor}; this xenmig reads {known}.x (written by a newer xenmig: upgrade)")]
+    Version { path: PathBuf, found: u8, found_minor: u8, known: u8 },
     #[error("{path} is truncated or corrupt (checksum mismatch)")]
     Checksum { path: PathBuf },
     #[error("{path} is malformed: {what}")]
@@ -37,10 +61,10 @@ pub struct FileWriter {
 }
 
 impl FileWriter {
-    pub fn new(magic: &[u8; 8], version: u16) -> Self {
+    pub fn new(magic: &[u8; 8], version: FormatVersion) -> Self {
         let mut buf = Vec::new();
         buf.extend_from_slice(magic);
-        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&[version.major, version.minor]);
         FileWriter { buf }
     }
     pub fn u8(&mut self, v: u8) {
@@ -82,10 +106,17 @@ pub struct FileReader {
     pos: usize,
     end: usize,
     path: PathBuf,
+    /// A newer minor than the reader knows: fields may follow what it reads.
+    newer_minor: bool,
 }
 
 impl FileReader {
-    pub fn open(path: &Path, magic: &[u8; 8], kind: &'static str, known: u16) -> Result<(Self, u16), FormatError> {
+    pub fn open(
+        path: &Path,
+        magic: &[u8; 8],
+        kind: &'static str,
+        known: FormatVersion,
+    ) -> Result<(Self, FormatVersion), FormatError> {
         let buf = std::fs::read(path).map_err(|source| FormatError::Io { path: path.into(), source })?;
         if buf.len() < 8 || &buf[..8] != magic {
             return Err(FormatError::Magic { path: path.into(), kind });
@@ -93,15 +124,21 @@ impl FileReader {
         if buf.len() < 10 + TRAILER {
             return Err(FormatError::Checksum { path: path.into() });
         }
-        let version = u16::from_le_bytes([buf[8], buf[9]]);
-        if version > known || version == 0 {
-            return Err(FormatError::Version { path: path.into(), found: version, known });
+        let version = FormatVersion::new(buf[8], buf[9]);
+        if version.major != known.major {
+            return Err(FormatError::Version {
+                path: path.into(),
+                found: version.major,
+                found_minor: version.minor,
+                known: known.major,
+            });
         }
         let end = buf.len() - TRAILER;
         if blake3::hash(&buf[..end]).as_bytes() != &buf[end..] {
             return Err(FormatError::Checksum { path: path.into() });
         }
-        Ok((FileReader { buf, pos: 10, end, path: path.into() }, version))
+        let newer_minor = version.minor > known.minor;
+        Ok((FileReader { buf, pos: 10, end, path: path.into(), newer_minor }, version))
     }
 
     pub fn malformed(&self, what: impl Into<String>) -> FormatError {
@@ -155,7 +192,7 @@ impl FileReader {
         Layout::from_segments(size, bs, segs).map_err(|e| self.malformed(e))
     }
     pub fn done(&self) -> Result<(), FormatError> {
-        if self.pos != self.end {
+        if self.pos != self.end && !self.newer_minor {
             return Err(self.malformed(format!("{} unexpected trailing bytes", self.end - self.pos)));
         }
         Ok(())

@@ -4,7 +4,7 @@
 //! Layout, little-endian (framing and checksum: see `fileformat`):
 //!
 //! ```text
-//! "XENMIGH\0"  u16 version=1
+//! "XENMIGH\0"  version 1.0 (two bytes: major, minor)
 //! u8 algorithm (1 blake3, 2 sha256, 3 sha1)   u8 reserved=0
 //! layout: u64 image size, u32 block size, u32 segment count,
 //!         segment count x (u64 start, u64 length)
@@ -22,10 +22,10 @@ use std::path::Path;
 
 use crate::blocks::blockmap::{group_digest, image_digest, BlockMap};
 use crate::blocks::digest::ZeroDigests;
-use crate::formats::framing::{FileReader, FileWriter, FormatError};
+use crate::formats::framing::{FileReader, FileWriter, FormatError, FormatVersion};
 
 pub const MAGIC: &[u8; 8] = b"XENMIGH\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: FormatVersion = FormatVersion::new(1, 0);
 
 pub fn write(map: &BlockMap, path: &Path) -> Result<(), FormatError> {
     let mut w = FileWriter::new(MAGIC, VERSION);
@@ -119,5 +119,26 @@ mod tests {
         future[8] = 9;
         std::fs::write(&h, &future).unwrap();
         assert!(matches!(read(&h).unwrap_err(), FormatError::Version { found: 9, .. }));
+        let e = read(&h).unwrap_err().to_string();
+        assert!(e.contains("format 9.0") && e.contains("reads 1.x"), "{e}");
+    }
+
+    #[test]
+    fn a_newer_minor_is_read_and_its_appended_fields_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample_map(dir.path());
+        let h = dir.path().join("img.xmh");
+        write(&m, &h).unwrap();
+        // The same file as a 1.3 writer would make it: one more field at the
+        // end of the body, then the checksum.
+        let bytes = std::fs::read(&h).unwrap();
+        let mut body = bytes[..bytes.len() - 32].to_vec();
+        body[9] = 3;
+        body.extend_from_slice(b"new field");
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        std::fs::write(&h, &body).unwrap();
+        let back = read(&h).unwrap();
+        assert_eq!(back.image_digest, m.image_digest);
     }
 }

@@ -4,7 +4,7 @@
 //! Layout, little-endian (framing and checksum: see `fileformat`):
 //!
 //! ```text
-//! "XENMIGI\0"  u16 version=1
+//! "XENMIGI\0"  version 1.0 (two bytes: major, minor)
 //! u8 algorithm   u8 reserved=0   u32 block size
 //! u32 image count, then per image:
 //!     u32 path length, path (UTF-8, absolute)
@@ -27,11 +27,11 @@ use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
 use crate::blocks::digest::{key_of, Algorithm, Digest, Key, KEY_LEN};
-use crate::formats::framing::{FileReader, FileWriter, FormatError};
+use crate::formats::framing::{FileReader, FileWriter, FormatError, FormatVersion};
 use crate::blocks::layout::Layout;
 
 pub const MAGIC: &[u8; 8] = b"XENMIGI\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: FormatVersion = FormatVersion::new(1, 0);
 
 /// One image an index covers.
 #[derive(Clone, Debug)]
