@@ -98,26 +98,38 @@ impl Xen {
         format!("{}{}", self.release, self.extra)
     }
 
+    /// Run `f` with a fresh libxl context, freed afterwards. Allocated per
+    /// call: a context is not cheap to keep and xenmig needs one rarely.
+    fn with_libxl<T>(&self, f: impl FnOnce(*mut sys::libxl_ctx) -> Result<T, XenError>) -> Result<T, XenError> {
+        // libxl requires a non-NULL logger (it crashes with NULL), which
+        // `self.logger` is unless the logger library failed, checked here.
+        if self.logger.is_null() {
+            return Err(XenError::Libxl("no logger for libxl".into()));
+        }
+        let mut ctx: *mut sys::libxl_ctx = ptr::null_mut();
+        // SAFETY: see `open`; `ctx` is written by libxl_ctx_alloc and checked
+        // for NULL before use.
+        let rc = unsafe { (self.libs.light.libxl_ctx_alloc)(&mut ctx, sys::LIBXL_VERSION as i32, 0, self.logger) };
+        if rc != 0 || ctx.is_null() {
+            return Err(XenError::Libxl(format!("libxl_ctx_alloc failed (error {rc})")));
+        }
+        let out = f(ctx);
+        // SAFETY: `ctx` came from libxl_ctx_alloc above and is freed once.
+        unsafe { (self.libs.light.libxl_ctx_free)(ctx) };
+        out
+    }
+
     /// What libxl reports (`4.17.3`): the toolstack library can make a
-    /// context on this host. Allocated and freed per call: a context is
-    /// not cheap to keep and xenmig needs it rarely.
+    /// context on this host.
     pub fn toolstack_version(&self) -> Result<String, XenError> {
-        // SAFETY: see `open`; libxl requires a non-NULL logger (it crashes
-        // with NULL), which `self.logger` is unless the logger library
-        // failed, checked here.
-        unsafe {
-            if self.logger.is_null() {
-                return Err(XenError::Libxl("no logger for libxl".into()));
-            }
-            let mut ctx: *mut sys::libxl_ctx = ptr::null_mut();
-            let rc = (self.libs.light.libxl_ctx_alloc)(&mut ctx, sys::LIBXL_VERSION as i32, 0, self.logger);
-            if rc != 0 || ctx.is_null() {
-                return Err(XenError::Libxl(format!("libxl_ctx_alloc failed (error {rc})")));
-            }
-            let info = (self.libs.light.libxl_get_version_info)(ctx);
-            let v = if info.is_null() {
-                Err(XenError::Libxl("libxl_get_version_info returned nothing".into()))
-            } else {
+        self.with_libxl(|ctx| {
+            // SAFETY: `ctx` is a live context; the returned info is owned by
+            // it and only read before it is freed.
+            unsafe {
+                let info = (self.libs.light.libxl_get_version_info)(ctx);
+                if info.is_null() {
+                    return Err(XenError::Libxl("libxl_get_version_info returned nothing".into()));
+                }
                 let i = &*info;
                 let extra = if i.xen_version_extra.is_null() {
                     String::new()
@@ -125,10 +137,8 @@ impl Xen {
                     CStr::from_ptr(i.xen_version_extra).to_string_lossy().into_owned()
                 };
                 Ok(format!("{}.{}{}", i.xen_version_major, i.xen_version_minor, extra))
-            };
-            (self.libs.light.libxl_ctx_free)(ctx);
-            v
-        }
+            }
+        })
     }
 
     /// Resume a domain that suspended for a save or migration that did not
@@ -136,24 +146,14 @@ impl Xen {
     /// returns from its suspend hypercall and carries on). xl has no
     /// command for this; `migrate --recover` needs it.
     pub fn resume(&self, domid: u32) -> Result<(), XenError> {
-        // SAFETY: see `toolstack_version`: a fresh context around one
-        // synchronous call (NULL ao_how), freed afterwards.
-        unsafe {
-            if self.logger.is_null() {
-                return Err(XenError::Libxl("no logger for libxl".into()));
-            }
-            let mut ctx: *mut sys::libxl_ctx = ptr::null_mut();
-            let rc = (self.libs.light.libxl_ctx_alloc)(&mut ctx, sys::LIBXL_VERSION as i32, 0, self.logger);
-            if rc != 0 || ctx.is_null() {
-                return Err(XenError::Libxl(format!("libxl_ctx_alloc failed (error {rc})")));
-            }
-            let rc = (self.libs.light.libxl_domain_resume)(ctx, domid, 1, ptr::null());
-            (self.libs.light.libxl_ctx_free)(ctx);
+        self.with_libxl(|ctx| {
+            // SAFETY: a live context, a synchronous call (NULL ao_how).
+            let rc = unsafe { (self.libs.light.libxl_domain_resume)(ctx, domid, 1, ptr::null()) };
             if rc != 0 {
                 return Err(XenError::Libxl(format!("libxl_domain_resume of domain {domid} failed (error {rc})")));
             }
             Ok(())
-        }
+        })
     }
 
     /// The domain's UUID, from xenstore (`/local/domain/<id>/vm` names
