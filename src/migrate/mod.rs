@@ -283,13 +283,14 @@ impl SourceHost for XenHost {
     }
 
     fn state(&self, id: u32) -> Result<Option<DomState>, MigrateError> {
-        use crate::xen::domain::{DomainRef, ShutdownReason, State};
-        let list = self.xen.raw_domains()?;
-        if !list.iter().any(|r| r.domid == id) {
+        use crate::xen::domain::{Flags, ShutdownReason, State};
+        // The hypervisor's flags alone (no xenstore reads): this is polled
+        // many times a second while xl migrates.
+        let Some(raw) = self.xen.raw_domains()?.into_iter().find(|r| r.domid == id) else {
             return Ok(None);
-        }
-        let d = self.xen.domain(&DomainRef::Id(id))?;
-        Ok(Some(match (d.state, d.shutdown_reason) {
+        };
+        let f = Flags(raw.flags);
+        Ok(Some(match (f.state(), f.shutdown_reason()) {
             (State::Shutdown, Some(ShutdownReason::Suspend)) => DomState::Suspended,
             (State::Paused, _) => DomState::Paused,
             (State::Running | State::Blocked | State::Idle, _) => DomState::Running,
@@ -788,7 +789,7 @@ fn memory_and_commit(
     };
     loop {
         poll(&mut suspended_at);
-        match rx.recv_timeout(Duration::from_millis(20)) {
+        match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(Ev::RelayConnected(s)) => relay = Some(s),
             Ok(Ev::Relay(l)) if l == "READY" => break,
             Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
