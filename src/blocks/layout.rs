@@ -288,6 +288,50 @@ mod tests {
         assert!(mbr_partitions(&[0u8; 512], 1 << 20).is_none());
     }
 
+    fn seg(start: u64, len: u64) -> Segment {
+        Segment { start, len }
+    }
+
+    /// Layouts a hostile peer could send in ImageInfo: each must be refused,
+    /// never accepted with offsets that wrapped around 2^64.
+    #[test]
+    fn hostile_layouts_are_refused() {
+        let k512 = 512u64 << 10;
+        // Lengths that wrap to the declared size: 1 MiB of blocks for a
+        // 512 KiB image.
+        let wraps = vec![seg(0, 1 << 20), seg(1 << 20, 0u64.wrapping_sub(1 << 20).wrapping_add(k512))];
+        assert!(Layout::from_segments(k512, 4096, wraps).is_err());
+        // A segment near offset 2^64.
+        let high = vec![seg(0, u64::MAX - 4095), seg(u64::MAX - 4095, 4096 + k512)];
+        assert!(Layout::from_segments(k512, 4096, high).is_err());
+        // A lone segment far past the image.
+        assert!(Layout::from_segments(k512, 4096, vec![seg(u64::MAX - 10, 11)]).is_err());
+        // Overlapping, out of order, gaps, empty, and beyond the size.
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 8192), seg(4096, 4096)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(4096, 4096), seg(0, 4096)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 4096), seg(5000, 3192)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 0), seg(0, 8192)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 16384)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![]).is_err());
+        assert!(Layout::from_segments(0, 4096, vec![seg(0, 4096)]).is_err());
+        // What honest peers send still works.
+        assert!(Layout::from_segments(0, 4096, vec![]).is_ok());
+        assert!(Layout::from_segments(u64::MAX, 1 << 20, vec![seg(0, u64::MAX)]).is_ok());
+        let l = Layout::from_segments(8192 + 100, 4096, vec![seg(0, 100), seg(100, 8192)]).unwrap();
+        assert_eq!(l.block_count(), 3);
+        assert_eq!(l.extent(2), (4196, 4096));
+    }
+
+    /// Every extent of an accepted layout lies inside the image.
+    #[test]
+    fn accepted_layouts_keep_every_extent_inside_the_image() {
+        let l = Layout::from_segments(u64::MAX, 1 << 20, vec![seg(0, u64::MAX - 7), seg(u64::MAX - 7, 7)]).unwrap();
+        for i in [0, 1, l.block_count() - 2, l.block_count() - 1] {
+            let (off, len) = l.extent(i);
+            assert!(off.checked_add(len as u64).is_some_and(|e| e <= l.size), "block {i}: {off}+{len}");
+        }
+    }
+
     #[test]
     fn block_sizes() {
         assert!(check_block_size(512).is_ok());

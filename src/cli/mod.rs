@@ -215,6 +215,11 @@ struct LiveArgs {
     /// seed did (for comparison).
     #[arg(long, default_value = "fast", value_name = "HOW", requires = "live")]
     rescan: Rescan,
+    /// Live: a freeze command still running after this many seconds is
+    /// killed (with everything it started), the thaw command runs and the
+    /// copy fails.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
+    freeze_timeout: u64,
 }
 
 impl LiveArgs {
@@ -225,6 +230,7 @@ impl LiveArgs {
             freeze_cmd: self.freeze_cmd.clone(),
             thaw_cmd: self.thaw_cmd.clone(),
             rescan: self.rescan,
+            freeze_timeout: std::time::Duration::from_secs(self.freeze_timeout),
         })
     }
 }
@@ -413,6 +419,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                 (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
+            xenmig::copy::interrupt::install()?;
             run::serve(role)?;
             Ok(0)
         }
@@ -448,6 +455,12 @@ fn print_map_summary(path: &std::path::Path, map: &BlockMap, json: bool) {
 }
 
 fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
+    // SIGINT, SIGTERM and SIGHUP end the copy through its error path (thaw,
+    // snapshots removed), never by killing the process where it stands.
+    if let Err(e) = xenmig::copy::interrupt::install() {
+        eprintln!("xenmig: {e}");
+        return 1;
+    }
     let src = Location::parse(&a.src);
     let dst = Location::parse(&a.dst);
     if !a.hash.algo.collision_safe() {

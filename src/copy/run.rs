@@ -74,6 +74,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if let Some(c) = &live.thaw_cmd {
             v.extend(["--thaw-cmd".into(), c.clone()]);
         }
+        // Only when asked for: an older xenmig on the far host does not know it.
+        if live.freeze_timeout != super::quiesce::DEFAULT_FREEZE_TIMEOUT {
+            v.extend(["--freeze-timeout".into(), live.freeze_timeout.as_secs().to_string()]);
+        }
     }
     v
 }
@@ -103,6 +107,7 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             // source hang up: then the source's own error says why.
             match (result, source_result) {
                 (Ok(report), Ok(_)) => report,
+                (_, Err(e @ EngineError::Interrupted { .. })) => return Err(e),
                 (Err(EngineError::Protocol(ProtocolError::Eof(_) | ProtocolError::Io(_))), Err(e)) => return Err(e),
                 (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
             }

@@ -197,7 +197,16 @@ impl Target<'_> {
 
     fn main_loop(&mut self, rx: &Inbox) -> Result<Report, EngineError> {
         loop {
-            let m = rx.recv().map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
+            let m = loop {
+                super::interrupt::check()?;
+                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(m) => break m,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        return Err(ProtocolError::Eof("before the copy was complete").into())
+                    }
+                }
+            }?;
             match m {
                 Message::PassBegin { pass, final_pass, changed_blocks } => {
                     self.on_pass_begin(pass, final_pass, changed_blocks)?
