@@ -223,7 +223,7 @@ fn hash_output_does_not_follow_a_planted_symlink() {
     std::os::unix::fs::symlink(&victim, d.path().join("a.partial")).unwrap();
     let r = run(&["hash", "-q", "-o", s(&out), s(&a)]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(fs::read(&victim).unwrap(), b"precious", "the symlink was followed");
+    assert!(fs::read(&victim).unwrap() == b"precious", "the symlink was followed");
     assert!(fs::symlink_metadata(d.path().join("a.partial")).unwrap().file_type().is_symlink());
     let r = run(&["show", s(&out)]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));

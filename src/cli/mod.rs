@@ -167,6 +167,11 @@ enum Command {
         references: Vec<PathBuf>,
         #[command(flatten)]
         live: LiveArgs,
+        /// Used by migrate: write into the target LV although lvm reports
+        /// it open, because DOMAIN (migrate's own paused incoming domain)
+        /// holds it. Skips only that check, never the exclusive open.
+        #[arg(long, value_name = "DOMAIN", requires = "target", hide = true)]
+        allow_open_by: Option<String>,
     },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
@@ -404,7 +409,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
         Command::Restore { file, paused } => Ok(xenmig::xen::commands::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xenmig::xen::commands::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xenmig::xen::commands::pause(&domain, false)?),
-        Command::Serve { source, target, hash, compress, references, live } => {
+        Command::Serve { source, target, hash, compress, references, live, allow_open_by } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(
                     p,
@@ -416,7 +421,9 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                         live: live.options(),
                     },
                 ),
-                (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
+                (None, Some(p)) => {
+                    ServeRole::Target(p, TargetOptions { references, allow_open_by, create_mode: None })
+                }
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
             xenmig::copy::interrupt::install()?;
@@ -476,7 +483,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             compress: a.compress,
             live: a.live.options(),
         },
-        target: TargetOptions { references: a.references },
+        target: TargetOptions { references: a.references, allow_open_by: None, create_mode: None },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };

@@ -63,6 +63,8 @@ pub enum EngineError {
     HookTimeout { what: &'static str, command: String, seconds: u64 },
     #[error("SRC {src} and DST {dst} are the same {what}; refusing to copy it onto itself")]
     SameFile { src: PathBuf, dst: PathBuf, what: &'static str },
+    #[error("target {path} is logical volume {lv}, which is open (a running guest's disk, or in use by another process); refusing to write to it")]
+    TargetOpen { path: PathBuf, lv: String },
     #[error("{0}")]
     Other(String),
 }

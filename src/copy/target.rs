@@ -45,6 +45,43 @@ use super::{EngineError, PassReport, Progress, Report};
 pub struct TargetOptions {
     /// Reference images or index files on this side.
     pub references: Vec<std::path::PathBuf>,
+    /// Write to a logical volume even though lvm reports it open, because
+    /// the caller knows who holds it: `migrate` names its own paused
+    /// incoming domain. Never skips the exclusive open of the device.
+    pub allow_open_by: Option<String>,
+    /// Permission bits of a DST file created now (before the umask); None:
+    /// 0600, for when the source's are unknown.
+    pub create_mode: Option<u32>,
+}
+
+/// Refuse a block-device DST that is a logical volume lvm reports open (a
+/// running guest's disk: blkback does not claim it exclusively, so the
+/// exclusive open alone would not notice), unless `allow_open_by` names who
+/// holds it. A DST that is not an LV, or lvm that cannot be asked, passes.
+fn check_lv_not_open(dst: &Path, allow_open_by: Option<&str>) -> Result<(), EngineError> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_dev = std::fs::metadata(dst).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    if !is_dev {
+        return Ok(());
+    }
+    let lv = match crate::storage::lvm::Lvm::new().lv_for_path(dst) {
+        Ok(Some(lv)) => lv,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            log::debug!("cannot ask lvm whether {} is an open logical volume: {e}", dst.display());
+            return Ok(());
+        }
+    };
+    if !lv.is_open() {
+        return Ok(());
+    }
+    match allow_open_by {
+        Some(holder) => {
+            log::info!("{} ({}) is open; allowed: held by {holder}", dst.display(), lv.lv_ref());
+            Ok(())
+        }
+        None => Err(EngineError::TargetOpen { path: dst.into(), lv: lv.lv_ref().to_string() }),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +146,8 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         }
         // References first: a bad one stops the copy before DST is touched.
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
-        let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
+        check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
+        let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
