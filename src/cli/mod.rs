@@ -315,7 +315,9 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
             progress.finish();
             if let Some(out) = &output {
-                hashfile::write(&map, out)?;
+                // As private as the image it describes.
+                let mode = std::fs::metadata(&image).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+                hashfile::write_mode(&map, out, mode.unwrap_or(0o600))?;
             }
             print_map_summary(&image, &map, json);
             Ok(0)
@@ -332,7 +334,12 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                 idx.add(abs, &map);
             }
             progress.finish();
-            idx.write(&output)?;
+            // One image: as private as it is; several: owner only.
+            let mode = match images.as_slice() {
+                [one] => std::fs::metadata(one).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap_or(0o600),
+                _ => 0o600,
+            };
+            idx.write_mode(&output, mode)?;
             println!(
                 "{}: {} images, {} distinct blocks, {} distinct groups",
                 output.display(),
