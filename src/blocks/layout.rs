@@ -67,24 +67,39 @@ pub fn check_block_size(bs: u32) -> Result<(), String> {
 
 impl Layout {
     /// Build a layout from explicit segments, which must tile `[0, size)`.
+    ///
+    /// This is also what validates a layout a peer sent (ImageInfo) or a
+    /// file holds: segments in order, non-empty, non-overlapping, without
+    /// gaps, each ending inside the declared size, computed with checked
+    /// arithmetic so that no length can wrap around 2^64 into a plausible
+    /// total.
     pub fn from_segments(size: u64, block_size: u32, segments: Vec<Segment>) -> Result<Self, String> {
         check_block_size(block_size)?;
-        let mut pos = 0;
+        let mut pos: u64 = 0;
         for s in &segments {
             if s.start != pos || s.len == 0 {
                 return Err(format!("segments do not tile the image at offset {pos}"));
             }
-            pos += s.len;
+            pos = match s.start.checked_add(s.len) {
+                Some(end) if end <= size => end,
+                _ => {
+                    return Err(format!(
+                        "segment {}+{} ends past the {size}-byte image",
+                        s.start, s.len
+                    ))
+                }
+            };
         }
         if pos != size {
             return Err(format!("segments cover {pos} bytes, image has {size}"));
         }
         let bs = block_size as u64;
         let mut first_block = Vec::with_capacity(segments.len());
-        let mut count = 0;
+        let mut count: u64 = 0;
         for s in &segments {
             first_block.push(count);
-            count += s.len.div_ceil(bs);
+            // Cannot overflow: the lengths add up to `size` exactly.
+            count = count.checked_add(s.len.div_ceil(bs)).ok_or("block count overflows")?;
         }
         Ok(Layout { size, block_size, segments, first_block, block_count: count })
     }

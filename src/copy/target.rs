@@ -668,3 +668,43 @@ impl Target<'_> {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A source that sends an ImageInfo whose segment lengths wrap around
+    /// 2^64 to the declared 512 KiB: the target must refuse it before DST
+    /// is created, never write 1 MiB "verified".
+    #[test]
+    fn a_hostile_layout_is_refused_before_dst_is_touched() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path().join("dst.img");
+        let (mut src, tgt) = Link::pair().unwrap();
+        let peer = thread::spawn(move || {
+            protocol::handshake(&mut src.reader, &mut src.writer, Role::Source, 0).unwrap();
+            let size = 512u64 << 10;
+            let segs = [(0u64, 1u64 << 20), (1 << 20, 0u64.wrapping_sub(1 << 20).wrapping_add(size))];
+            let mut p = vec![Algorithm::Blake3.code()];
+            p.extend_from_slice(&size.to_le_bytes());
+            p.extend_from_slice(&4096u32.to_le_bytes());
+            p.extend_from_slice(&(segs.len() as u32).to_le_bytes());
+            for (start, len) in segs {
+                p.extend_from_slice(&start.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+            }
+            let mut frame = vec![2u8];
+            frame.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&p);
+            let _ = src.writer.write_all(&frame);
+            let _ = src.writer.flush();
+            src
+        });
+        let r = run(&dst, &TargetOptions::default(), tgt, &Progress::hidden());
+        let e = r.err().expect("a hostile layout is refused").to_string();
+        assert!(e.contains("past") || e.contains("tile"), "{e}");
+        assert!(!dst.exists(), "DST was created");
+        drop(peer.join());
+    }
+}
