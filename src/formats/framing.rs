@@ -136,10 +136,33 @@ pub struct FileReader {
 
 impl FileReader {
     pub fn open(path: &Path, magic: &[u8; 8], kind: &'static str, known: u16) -> Result<(Self, u16), FormatError> {
-        let buf = std::fs::read(path).map_err(|source| FormatError::Io { path: path.into(), source })?;
-        if buf.len() < 8 || &buf[..8] != magic {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let ioerr = |source| FormatError::Io { path: path.into(), source };
+        // O_NONBLOCK: a FIFO planted under the name must not block the open;
+        // anything but a regular file is refused before reading.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(ioerr)?;
+        if !f.metadata().map_err(ioerr)?.is_file() {
+            return Err(FormatError::Malformed { path: path.into(), what: "not a regular file".into() });
+        }
+        // The magic first: a large file of another kind is refused without
+        // being read whole.
+        let mut buf = vec![0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            match f.read(&mut buf[got..]).map_err(ioerr)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        if got < 8 || &buf[..8] != magic {
             return Err(FormatError::Magic { path: path.into(), kind });
         }
+        f.read_to_end(&mut buf).map_err(ioerr)?;
         if buf.len() < 10 + TRAILER {
             return Err(FormatError::Checksum { path: path.into() });
         }

@@ -117,9 +117,19 @@ fn probe(file: File, path: &Path) -> Result<Image, ImageError> {
 
 impl Image {
     /// Open an image read-only: sources and references are only ever read.
+    /// Opened with `O_NONBLOCK`, so that a FIFO (or another special file)
+    /// is refused as [`ImageError::NotADisk`] instead of blocking the open;
+    /// the flag is cleared once the file is known to be a disk.
     pub fn open_read(path: &Path) -> Result<Image, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| ImageError::Open { path: path.into(), source })?;
         let img = probe(file, path)?;
+        nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&img.file), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
+            .map_err(|e| ImageError::Open { path: path.into(), source: e.into() })?;
         img.drop_cache();
         Ok(img)
     }
@@ -320,6 +330,22 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Image::open_read(&q).map(|_| ()));
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("opening a FIFO blocked");
+        let e = r.unwrap_err();
+        assert!(matches!(e, ImageError::NotADisk { .. }), "{e}");
+        assert!(e.to_string().contains("fifo"), "{e}");
     }
 
     #[test]
