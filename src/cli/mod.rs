@@ -292,7 +292,9 @@ pub fn main() -> i32 {
     match run(cli.command, quiet) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("xenmig: error: {e:#}");
+            // Causes may quote a peer or a remote command: no control
+            // characters reach the terminal.
+            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&format!("{e:#}")));
             1
         }
     }
@@ -506,7 +508,8 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             if a.json {
                 println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
             }
-            eprintln!("xenmig: copy {} -> {} failed: {e}", a.src, a.dst);
+            let msg = xenmig::copy::sanitize(&format!("copy {} -> {} failed: {e}", a.src, a.dst));
+            eprintln!("xenmig: {msg}");
             1
         }
     }

@@ -10,6 +10,7 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub enum TransportError {
     Local(io::Error),
     #[error("the remote command '{command}' failed: {status}")]
     Remote { command: String, status: String },
+    #[error("host '{host}' starts with '-', which ssh would take for an option")]
+    BadHost { host: String },
 }
 
 /// Where one end of a copy is.
@@ -170,6 +173,9 @@ impl Link {
     /// `xl migrate -s ""` does (useful for tests and for wrappers).
     pub fn spawn(ssh_cmd: &str, host: &str, remote_args: &[String]) -> Result<(Link, Peer), TransportError> {
         let remote = shell_words::join(remote_args);
+        if !ssh_cmd.trim().is_empty() && host.starts_with('-') {
+            return Err(TransportError::BadHost { host: host.to_string() });
+        }
         let command = if ssh_cmd.trim().is_empty() {
             remote
         } else {
@@ -181,6 +187,9 @@ impl Link {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own process group, so that abort() stops everything the
+            // `sh -c` wrapper started, not just the wrapper.
+            .process_group(0)
             .spawn()
             .map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
@@ -207,9 +216,28 @@ impl Peer {
     }
 
     /// Stop a spawned peer without waiting for it to finish (on failure).
+    ///
+    /// The whole process group gets SIGTERM (a local `xenmig serve` then
+    /// takes its error path: a frozen source is thawed), and SIGKILL if it
+    /// has not exited after a few seconds.
     pub fn abort(self) {
         if let Some((mut child, _)) = self.child {
-            let _ = child.kill();
+            let pgid = child.id() as libc::pid_t;
+            // SAFETY: kill(2) on the process group the child leads; the
+            // child is not reaped yet, so the group id is still ours.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let t = Instant::now();
+            while t.elapsed() < std::time::Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    // The leader is gone; stragglers of its group too.
+                    // SAFETY: as above; a group without members is ESRCH.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.wait();
         }
     }
@@ -244,6 +272,34 @@ mod tests {
         a.reader.read_exact(&mut buf2).unwrap();
         assert_eq!(a.stats.total(), 7);
         assert_eq!(b.stats.total(), 7);
+    }
+
+    #[test]
+    fn hosts_that_look_like_ssh_options_are_refused() {
+        let e = Link::spawn("ssh", "-oProxyCommand=touch /tmp/x", &["xenmig".into()]).err().expect("refused");
+        assert!(matches!(e, TransportError::BadHost { .. }), "{e}");
+    }
+
+    #[test]
+    fn abort_stops_the_whole_remote_command() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let (link, peer) = Link::spawn("", "unused", &["sh".into(), "-c".into(), script]).unwrap();
+        let t = Instant::now();
+        while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+            assert!(t.elapsed().as_secs() < 5, "the remote command did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        peer.abort();
+        drop(link);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Gone, or a zombie waiting for a reaper that is not ours.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            && !stat.is_empty();
+        assert!(!alive, "the remote command's child {pid} survived abort()");
     }
 
     #[test]
