@@ -141,6 +141,8 @@ pub struct Link {
 /// The process at the far end of a spawned link, if any.
 pub struct Peer {
     child: Option<(Child, String)>,
+    /// The child leads its own process group.
+    own_group: bool,
 }
 
 const BUF: usize = 1 << 20;
@@ -181,27 +183,29 @@ impl Link {
         } else {
             format!("{ssh_cmd} {} {}", shell_words::quote(host), shell_words::quote(&remote))
         };
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(&command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // Its own process group, so that abort() stops everything the
-            // `sh -c` wrapper started, not just the wrapper.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+        let mut cmd = Command::new("sh");
+        // `exec`: the child is ssh (or the local serve) itself, not a
+        // wrapper whose death would leave it running.
+        cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // Its own process group, so that abort() stops everything it
+        // started; but not with a controlling terminal, where ssh must stay
+        // in the foreground group to ask for a password.
+        let own_group = std::fs::File::open("/dev/tty").is_err();
+        if own_group {
+            cmd.process_group(0);
+        }
+        let mut child =
+            cmd.spawn().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)) }))
+        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)), own_group }))
     }
 }
 
 impl Peer {
     /// No process: the peer is a thread of ours or the far end of stdio.
     pub fn none() -> Peer {
-        Peer { child: None }
+        Peer { child: None, own_group: false }
     }
 
     /// Wait for a spawned peer to exit (call after dropping the link).
@@ -222,6 +226,11 @@ impl Peer {
     /// has not exited after a few seconds.
     pub fn abort(self) {
         if let Some((mut child, _)) = self.child {
+            if !self.own_group {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
             let pgid = child.id() as libc::pid_t;
             // SAFETY: kill(2) on the process group the child leads; the
             // child is not reaped yet, so the group id is still ours.
