@@ -67,24 +67,39 @@ pub fn check_block_size(bs: u32) -> Result<(), String> {
 
 impl Layout {
     /// Build a layout from explicit segments, which must tile `[0, size)`.
+    ///
+    /// This is also what validates a layout a peer sent (ImageInfo) or a
+    /// file holds: segments in order, non-empty, non-overlapping, without
+    /// gaps, each ending inside the declared size, computed with checked
+    /// arithmetic so that no length can wrap around 2^64 into a plausible
+    /// total.
     pub fn from_segments(size: u64, block_size: u32, segments: Vec<Segment>) -> Result<Self, String> {
         check_block_size(block_size)?;
-        let mut pos = 0;
+        let mut pos: u64 = 0;
         for s in &segments {
             if s.start != pos || s.len == 0 {
                 return Err(format!("segments do not tile the image at offset {pos}"));
             }
-            pos += s.len;
+            pos = match s.start.checked_add(s.len) {
+                Some(end) if end <= size => end,
+                _ => {
+                    return Err(format!(
+                        "segment {}+{} ends past the {size}-byte image",
+                        s.start, s.len
+                    ))
+                }
+            };
         }
         if pos != size {
             return Err(format!("segments cover {pos} bytes, image has {size}"));
         }
         let bs = block_size as u64;
         let mut first_block = Vec::with_capacity(segments.len());
-        let mut count = 0;
+        let mut count: u64 = 0;
         for s in &segments {
             first_block.push(count);
-            count += s.len.div_ceil(bs);
+            // Cannot overflow: the lengths add up to `size` exactly.
+            count = count.checked_add(s.len.div_ceil(bs)).ok_or("block count overflows")?;
         }
         Ok(Layout { size, block_size, segments, first_block, block_count: count })
     }
@@ -286,6 +301,50 @@ mod tests {
         let s = mbr(&[(0x83, 63, 100), (0x83, 100, 100)]); // overlap
         assert!(mbr_partitions(&s, 1 << 20).is_none());
         assert!(mbr_partitions(&[0u8; 512], 1 << 20).is_none());
+    }
+
+    fn seg(start: u64, len: u64) -> Segment {
+        Segment { start, len }
+    }
+
+    /// Layouts a hostile peer could send in ImageInfo: each must be refused,
+    /// never accepted with offsets that wrapped around 2^64.
+    #[test]
+    fn hostile_layouts_are_refused() {
+        let k512 = 512u64 << 10;
+        // Lengths that wrap to the declared size: 1 MiB of blocks for a
+        // 512 KiB image.
+        let wraps = vec![seg(0, 1 << 20), seg(1 << 20, 0u64.wrapping_sub(1 << 20).wrapping_add(k512))];
+        assert!(Layout::from_segments(k512, 4096, wraps).is_err());
+        // A segment near offset 2^64.
+        let high = vec![seg(0, u64::MAX - 4095), seg(u64::MAX - 4095, 4096 + k512)];
+        assert!(Layout::from_segments(k512, 4096, high).is_err());
+        // A lone segment far past the image.
+        assert!(Layout::from_segments(k512, 4096, vec![seg(u64::MAX - 10, 11)]).is_err());
+        // Overlapping, out of order, gaps, empty, and beyond the size.
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 8192), seg(4096, 4096)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(4096, 4096), seg(0, 4096)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 4096), seg(5000, 3192)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 0), seg(0, 8192)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![seg(0, 16384)]).is_err());
+        assert!(Layout::from_segments(8192, 4096, vec![]).is_err());
+        assert!(Layout::from_segments(0, 4096, vec![seg(0, 4096)]).is_err());
+        // What honest peers send still works.
+        assert!(Layout::from_segments(0, 4096, vec![]).is_ok());
+        assert!(Layout::from_segments(u64::MAX, 1 << 20, vec![seg(0, u64::MAX)]).is_ok());
+        let l = Layout::from_segments(8192 + 100, 4096, vec![seg(0, 100), seg(100, 8192)]).unwrap();
+        assert_eq!(l.block_count(), 3);
+        assert_eq!(l.extent(2), (4196, 4096));
+    }
+
+    /// Every extent of an accepted layout lies inside the image.
+    #[test]
+    fn accepted_layouts_keep_every_extent_inside_the_image() {
+        let l = Layout::from_segments(u64::MAX, 1 << 20, vec![seg(0, u64::MAX - 7), seg(u64::MAX - 7, 7)]).unwrap();
+        for i in [0, 1, l.block_count() - 2, l.block_count() - 1] {
+            let (off, len) = l.extent(i);
+            assert!(off.checked_add(len as u64).is_some_and(|e| e <= l.size), "block {i}: {off}+{len}");
+        }
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             freeze_cmd: None,
             thaw_cmd: None,
             rescan: a.rescan,
+            ..LiveOptions::default()
         }),
     };
     opts.target_vg = a.target_vg;

@@ -168,6 +168,11 @@ enum Command {
         references: Vec<PathBuf>,
         #[command(flatten)]
         live: LiveArgs,
+        /// Used by migrate: write into the target LV although lvm reports
+        /// it open, because DOMAIN (migrate's own paused incoming domain)
+        /// holds it. Skips only that check, never the exclusive open.
+        #[arg(long, value_name = "DOMAIN", requires = "target", hide = true)]
+        allow_open_by: Option<String>,
     },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
@@ -216,6 +221,11 @@ struct LiveArgs {
     /// seed did (for comparison).
     #[arg(long, default_value = "fast", value_name = "HOW", requires = "live")]
     rescan: Rescan,
+    /// Live: a freeze command still running after this many seconds is
+    /// killed (with everything it started), the thaw command runs and the
+    /// copy fails.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
+    freeze_timeout: u64,
 }
 
 impl LiveArgs {
@@ -226,6 +236,7 @@ impl LiveArgs {
             freeze_cmd: self.freeze_cmd.clone(),
             thaw_cmd: self.thaw_cmd.clone(),
             rescan: self.rescan,
+            freeze_timeout: std::time::Duration::from_secs(self.freeze_timeout),
         })
     }
 }
@@ -282,7 +293,9 @@ pub fn main() -> i32 {
     match run(cli.command, quiet) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("xenmig: error: {e:#}");
+            // Causes may quote a peer or a remote command: no control
+            // characters reach the terminal.
+            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&format!("{e:#}")));
             1
         }
     }
@@ -305,7 +318,9 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
             progress.finish();
             if let Some(out) = &output {
-                hashfile::write(&map, out)?;
+                // As private as the image it describes.
+                let mode = std::fs::metadata(&image).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+                hashfile::write_mode(&map, out, mode.unwrap_or(0o600))?;
             }
             print_map_summary(&image, &map, json);
             Ok(0)
@@ -322,7 +337,12 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                 idx.add(abs, &map);
             }
             progress.finish();
-            idx.write(&output)?;
+            // One image: as private as it is; several: owner only.
+            let mode = match images.as_slice() {
+                [one] => std::fs::metadata(one).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap_or(0o600),
+                _ => 0o600,
+            };
+            idx.write_mode(&output, mode)?;
             println!(
                 "{}: {} images, {} distinct blocks, {} distinct groups",
                 output.display(),
@@ -399,7 +419,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
-        Command::Serve { source, target, hash, compress, references, live } => {
+        Command::Serve { source, target, hash, compress, references, live, allow_open_by } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(
                     p,
@@ -411,9 +431,12 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                         live: live.options(),
                     },
                 ),
-                (None, Some(p)) => ServeRole::Target(p, TargetOptions { references }),
+                (None, Some(p)) => {
+                    ServeRole::Target(p, TargetOptions { references, allow_open_by, create_mode: None })
+                }
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
+            xenmig::copy::interrupt::install()?;
             run::serve(role)?;
             Ok(0)
         }
@@ -449,6 +472,12 @@ fn print_map_summary(path: &std::path::Path, map: &BlockMap, json: bool) {
 }
 
 fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
+    // SIGINT, SIGTERM and SIGHUP end the copy through its error path (thaw,
+    // snapshots removed), never by killing the process where it stands.
+    if let Err(e) = xenmig::copy::interrupt::install() {
+        eprintln!("xenmig: {e}");
+        return 1;
+    }
     let src = Location::parse(&a.src);
     let dst = Location::parse(&a.dst);
     if !a.hash.algo.collision_safe() {
@@ -464,7 +493,7 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             compress: a.compress,
             live: a.live.options(),
         },
-        target: TargetOptions { references: a.references },
+        target: TargetOptions { references: a.references, allow_open_by: None, create_mode: None },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };
@@ -480,7 +509,8 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             if a.json {
                 println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
             }
-            eprintln!("xenmig: copy {} -> {} failed: {e}", a.src, a.dst);
+            let msg = xenmig::copy::sanitize(&format!("copy {} -> {} failed: {e}", a.src, a.dst));
+            eprintln!("xenmig: {msg}");
             1
         }
     }

@@ -9,6 +9,7 @@
 //! [`quiesce`] freezes and thaws a live source; [`tracker`] finds what
 //! changed between passes.
 
+pub mod interrupt;
 pub mod progress;
 pub mod quiesce;
 pub mod references;
@@ -54,6 +55,16 @@ pub enum EngineError {
     Reference { path: PathBuf, what: String },
     #[error("the copy finished but its digest {got} does not match the source's {want}")]
     NotVerified { got: String, want: String },
+    #[error("interrupted by {}", interrupt::signal_name(*signal))]
+    Interrupted { signal: i32 },
+    #[error("cannot catch {signal}: {source}")]
+    Signals { signal: &'static str, source: std::io::Error },
+    #[error("the {what} command '{command}' did not finish within {seconds} s; it was killed")]
+    HookTimeout { what: &'static str, command: String, seconds: u64 },
+    #[error("SRC {src} and DST {dst} are the same {what}; refusing to copy it onto itself")]
+    SameFile { src: PathBuf, dst: PathBuf, what: &'static str },
+    #[error("target {path} is logical volume {lv}, which is open (a running guest's disk, or in use by another process); refusing to write to it")]
+    TargetOpen { path: PathBuf, lv: String },
     #[error("{0}")]
     Other(String),
 }

@@ -7,30 +7,85 @@
 //! itself failed half-way), because a guest left frozen is a guest lost.
 
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::EngineError;
+use super::{interrupt, EngineError};
 
-/// Run `cmd` through `sh -c`; its output goes to our stderr, never to
-/// stdout, which may be the protocol stream of `xenmig serve`.
-pub fn run_hook(what: &str, cmd: &str) -> Result<(), EngineError> {
+/// How long a freeze command may take by default (`--freeze-timeout`).
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run `cmd` through `sh -c` to its end; its output goes to our stderr,
+/// never to stdout, which may be the protocol stream of `xenmig serve`.
+pub fn run_hook(what: &'static str, cmd: &str) -> Result<(), EngineError> {
+    run_hook_limited(what, cmd, None, false)
+}
+
+/// Run `cmd` as [`run_hook`] does, in a process group of its own (so that a
+/// terminal's Ctrl-C meant for xenmig does not kill a thaw half-way). With
+/// `limit`, a command still running after it is killed (its whole group)
+/// and the result is [`EngineError::HookTimeout`]; with `interruptible`, a
+/// signal caught by [`interrupt`] kills it too.
+pub fn run_hook_limited(
+    what: &'static str,
+    cmd: &str,
+    limit: Option<Duration>,
+    interruptible: bool,
+) -> Result<(), EngineError> {
     let stderr = std::io::stderr().as_fd().try_clone_to_owned();
     let out = match stderr {
         Ok(fd) => Stdio::from(fd),
         Err(_) => Stdio::null(),
     };
-    let status = Command::new("sh")
+    let mut child = Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::null())
         .stdout(out)
-        .status()
+        .process_group(0)
+        .spawn()
         .map_err(|e| EngineError::Other(format!("cannot run the {what} command '{cmd}': {e}")))?;
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(EngineError::Other(format!("cannot wait for the {what} command '{cmd}': {e}")));
+            }
+        }
+        if interruptible {
+            if let Err(e) = interrupt::check() {
+                log::warn!("{e}: killing the {what} command '{cmd}'");
+                kill_group(&mut child);
+                return Err(e);
+            }
+        }
+        if let Some(limit) = limit {
+            if started.elapsed() >= limit {
+                kill_group(&mut child);
+                return Err(EngineError::HookTimeout { what, command: cmd.to_string(), seconds: limit.as_secs() });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     if !status.success() {
         return Err(EngineError::Other(format!("the {what} command '{cmd}' failed ({status})")));
     }
     Ok(())
+}
+
+/// Kill a hook and everything it started (it leads its own process group),
+/// then reap it.
+fn kill_group(child: &mut Child) {
+    let pgid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a negative pid signals the process group `pgid`;
+    // the child leads that group and is not reaped yet, so the id cannot
+    // have been reused by an unrelated group.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let _ = child.wait();
 }
 
 /// A frozen source; thaws on [`Freeze::thaw`] or, failing that, on drop.
@@ -41,17 +96,26 @@ pub struct Freeze {
 }
 
 impl Freeze {
-    /// Run the freeze command. If it fails, the thaw command runs too.
+    /// Run the freeze command (at most [`DEFAULT_FREEZE_TIMEOUT`]). If it
+    /// fails, the thaw command runs too.
     pub fn run(freeze_cmd: Option<&str>, thaw_cmd: Option<String>) -> Result<Freeze, EngineError> {
+        Self::run_limited(freeze_cmd, thaw_cmd, DEFAULT_FREEZE_TIMEOUT)
+    }
+
+    /// Run the freeze command, killing it after `limit` or on a signal
+    /// ([`interrupt`]); if it fails, times out or is interrupted, the thaw
+    /// command runs too.
+    pub fn run_limited(freeze_cmd: Option<&str>, thaw_cmd: Option<String>, limit: Duration) -> Result<Freeze, EngineError> {
         let guard = Freeze { thaw_cmd, started: Instant::now(), thawed: false };
         if let Some(cmd) = freeze_cmd {
             log::info!("freezing the source: {cmd}");
-            run_hook("freeze", cmd)?;
+            run_hook_limited("freeze", cmd, Some(limit), true)?;
         }
         Ok(guard)
     }
 
-    /// Thaw now; returns how long the source was frozen.
+    /// Thaw now; returns how long the source was frozen. The thaw runs to
+    /// its end whatever signals arrive meanwhile.
     pub fn thaw(mut self) -> Result<Duration, EngineError> {
         self.thawed = true;
         let frozen = self.started.elapsed();
@@ -98,5 +162,23 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&count).unwrap(), "x\n");
         let f = Freeze::run(None, Some("false".into())).unwrap();
         assert!(f.thaw().is_err());
+    }
+
+    #[test]
+    fn a_freeze_that_hangs_is_killed_and_thawed() {
+        let d = tempfile::tempdir().unwrap();
+        let mark = d.path().join("thawed");
+        let child_mark = d.path().join("late");
+        let t = Instant::now();
+        // The sleep is a grandchild: the whole group must go.
+        let freeze = format!("sleep 2; touch {}", child_mark.display());
+        let e = Freeze::run_limited(Some(&freeze), Some(format!("touch {}", mark.display())), Duration::from_millis(300))
+            .err()
+            .expect("freeze times out");
+        assert!(matches!(e, EngineError::HookTimeout { what: "freeze", .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(mark.exists(), "no thaw after a timed-out freeze");
+        std::thread::sleep(Duration::from_millis(2500).saturating_sub(t.elapsed()));
+        assert!(!child_mark.exists(), "the freeze command's children kept running");
     }
 }

@@ -29,8 +29,14 @@ pub struct ReferenceSet {
 
 /// Whether `path` starts with the index file magic.
 pub fn is_index_file(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut magic = [0u8; 8];
-    std::fs::File::open(path)
+    // O_NONBLOCK and regular files only: a FIFO must not block here.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|f| if f.metadata()?.is_file() { Ok(f) } else { Err(std::io::ErrorKind::InvalidInput.into()) })
         .and_then(|mut f| f.read_exact(&mut magic))
         .map(|_| &magic == index::MAGIC)
         .unwrap_or(false)

@@ -1,10 +1,12 @@
 //! A whole copy: start both ends (a thread for a local end, `xenmig serve`
 //! through ssh for a remote one), run the protocol, and return the report.
 
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Instant;
 
+use crate::storage::image::ImageError;
 use crate::wire::protocol::ProtocolError;
 use crate::wire::transport::{Link, Location, Peer};
 
@@ -74,6 +76,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if let Some(c) = &live.thaw_cmd {
             v.extend(["--thaw-cmd".into(), c.clone()]);
         }
+        // Only when asked for: an older xenmig on the far host does not know it.
+        if live.freeze_timeout != super::quiesce::DEFAULT_FREEZE_TIMEOUT {
+            v.extend(["--freeze-timeout".into(), live.freeze_timeout.as_secs().to_string()]);
+        }
     }
     v
 }
@@ -93,16 +99,24 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
     let started = Instant::now();
     let mut report = match (src, dst) {
         (Location::Local(s), Location::Local(d)) => {
+            let src_meta = refuse_same_file(s, d)?;
+            let mut topts = opts.target.clone();
+            // A new DST gets the source's permission bits: a private
+            // source does not become a readable copy.
+            if topts.create_mode.is_none() {
+                topts.create_mode = Some(src_meta.permissions().mode() & 0o777);
+            }
             let (a, b) = Link::pair()?;
             let (s, sopts) = (s.clone(), opts.source.clone());
             let source = thread::spawn(move || source::run(&s, &sopts, a, &Progress::hidden()));
-            let result = target::run(d, &opts.target, b, progress);
+            let result = target::run(d, &topts, b, progress);
             let source_result = source.join().expect("source thread panicked");
             // The target's error is usually the more telling one (it names
             // what did not arrive or did not verify), unless it only saw the
             // source hang up: then the source's own error says why.
             match (result, source_result) {
                 (Ok(report), Ok(_)) => report,
+                (_, Err(e @ EngineError::Interrupted { .. })) => return Err(e),
                 (Err(EngineError::Protocol(ProtocolError::Eof(_) | ProtocolError::Io(_))), Err(e)) => return Err(e),
                 (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
             }
@@ -128,6 +142,23 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
     report.target = dst.to_string();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Refuse to copy `src` onto itself: the same inode (a second name, a
+/// symlink, a hard link) or the same block device (`st_rdev`, whatever node
+/// names it). Returns the source's metadata.
+fn refuse_same_file(src: &Path, dst: &Path) -> Result<std::fs::Metadata, EngineError> {
+    let s = std::fs::metadata(src)
+        .map_err(|source| EngineError::Image(ImageError::Open { path: src.into(), source }))?;
+    let Ok(d) = std::fs::metadata(dst) else { return Ok(s) };
+    let same_inode = s.dev() == d.dev() && s.ino() == d.ino();
+    let same_device =
+        s.file_type().is_block_device() && d.file_type().is_block_device() && s.rdev() == d.rdev();
+    if same_inode || same_device {
+        let what = if s.file_type().is_block_device() { "block device" } else { "file" };
+        return Err(EngineError::SameFile { src: src.into(), dst: dst.into(), what });
+    }
+    Ok(s)
 }
 
 /// Wait for the remote end after our end is done; on failure, stop it.

@@ -32,6 +32,7 @@ use crate::blocks::layout::{Align, Layout};
 use crate::wire::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
+use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
 use super::tracker::SnapTracker;
@@ -52,6 +53,9 @@ pub struct LiveOptions {
     pub thaw_cmd: Option<String>,
     /// How each pass finds changed blocks.
     pub rescan: Rescan,
+    /// A freeze command still running after this long is killed, the thaw
+    /// runs and the copy fails.
+    pub freeze_timeout: Duration,
 }
 
 /// How a live pass finds the blocks that changed.
@@ -83,7 +87,14 @@ impl std::str::FromStr for Rescan {
 
 impl Default for LiveOptions {
     fn default() -> Self {
-        LiveOptions { max_passes: 6, converge_blocks: 256, freeze_cmd: None, thaw_cmd: None, rescan: Rescan::Fast }
+        LiveOptions {
+            max_passes: 6,
+            converge_blocks: 256,
+            freeze_cmd: None,
+            thaw_cmd: None,
+            rescan: Rescan::Fast,
+            freeze_timeout: super::quiesce::DEFAULT_FREEZE_TIMEOUT,
+        }
     }
 }
 
@@ -317,6 +328,9 @@ impl SourceSession {
 
     /// The reason the link or a thread stopped.
     fn failure(&self) -> EngineError {
+        if let Err(e) = interrupt::check() {
+            return e;
+        }
         match self.fail_rx.try_recv() {
             Ok(e) => e,
             Err(_) => match self.events.try_recv() {
@@ -327,10 +341,15 @@ impl SourceSession {
     }
 
     /// Wait for the reader's next event or any failure.
+    /// A signal caught meanwhile ([`interrupt`]) ends the wait too.
     fn next_event(&self) -> Result<Event, EngineError> {
-        crossbeam_channel::select! {
-            recv(self.events) -> r => r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
-            recv(self.fail_rx) -> e => Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
+        loop {
+            interrupt::check()?;
+            crossbeam_channel::select! {
+                recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
+                recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
+                default(Duration::from_millis(100)) => {}
+            }
         }
     }
 
@@ -363,7 +382,10 @@ impl SourceSession {
                 }
                 let digests = batch.iter().map(|g| g.digest).collect();
                 // Stop hashing as soon as the link or a worker has failed.
-                frames.send(Message::Groups { first, digests }).is_ok() && self.fail_rx.is_empty() && self.events.is_empty()
+                frames.send(Message::Groups { first, digests }).is_ok()
+                    && self.fail_rx.is_empty()
+                    && self.events.is_empty()
+                    && interrupt::pending().is_none()
             },
             &|n| self.progress.inc(n),
         );
@@ -606,6 +628,10 @@ impl SourceSession {
             (0..layout.group_count())
                 .into_par_iter()
                 .map(|g| {
+                    if interrupt::pending().is_some() {
+                        // Stop reading; the caller returns Interrupted.
+                        return Ok((g, Vec::new()));
+                    }
                     let (a, b) = layout.group_range(g);
                     let (start, stop) = byte_range(layout, a, b);
                     let mut buf = vec![0u8; (stop - start) as usize];
@@ -634,6 +660,7 @@ impl SourceSession {
                 .collect::<Result<_, ImageError>>()?
         };
         drop(digests_guard);
+        interrupt::check()?;
         let mut blocks = Vec::new();
         let mut digests = sh.digests.write().unwrap();
         for (g, changed) in found {
@@ -667,15 +694,18 @@ pub fn run(path: &Path, opts: &SourceOptions, link: Link, progress: &Progress) -
         if let Some(live) = &opts.live {
             let mut policy = Convergence::new(live.max_passes, live.converge_blocks, session.block_count());
             loop {
+                interrupt::check()?;
                 let scan = session.scan()?;
                 let last = policy.next_is_final(scan.pass_done, scan.changed_blocks);
                 log::info!("next pass {}", if last { "is final (frozen)" } else { "runs live" });
                 if last {
                     break;
                 }
+                interrupt::check()?;
                 session.send_pass()?;
             }
-            freeze = Some(Freeze::run(live.freeze_cmd.as_deref(), live.thaw_cmd.clone())?);
+            interrupt::check()?;
+            freeze = Some(Freeze::run_limited(live.freeze_cmd.as_deref(), live.thaw_cmd.clone(), live.freeze_timeout)?);
         }
         session.final_pass()
     })();

@@ -45,6 +45,43 @@ use super::{EngineError, PassReport, Progress, Report};
 pub struct TargetOptions {
     /// Reference images or index files on this side.
     pub references: Vec<std::path::PathBuf>,
+    /// Write to a logical volume even though lvm reports it open, because
+    /// the caller knows who holds it: `migrate` names its own paused
+    /// incoming domain. Never skips the exclusive open of the device.
+    pub allow_open_by: Option<String>,
+    /// Permission bits of a DST file created now (before the umask); None:
+    /// 0600, for when the source's are unknown.
+    pub create_mode: Option<u32>,
+}
+
+/// Refuse a block-device DST that is a logical volume lvm reports open (a
+/// running guest's disk: blkback does not claim it exclusively, so the
+/// exclusive open alone would not notice), unless `allow_open_by` names who
+/// holds it. A DST that is not an LV, or lvm that cannot be asked, passes.
+fn check_lv_not_open(dst: &Path, allow_open_by: Option<&str>) -> Result<(), EngineError> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_dev = std::fs::metadata(dst).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    if !is_dev {
+        return Ok(());
+    }
+    let lv = match crate::storage::lvm::Lvm::new().lv_for_path(dst) {
+        Ok(Some(lv)) => lv,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            log::debug!("cannot ask lvm whether {} is an open logical volume: {e}", dst.display());
+            return Ok(());
+        }
+    };
+    if !lv.is_open() {
+        return Ok(());
+    }
+    match allow_open_by {
+        Some(holder) => {
+            log::info!("{} ({}) is open; allowed: held by {holder}", dst.display(), lv.lv_ref());
+            Ok(())
+        }
+        None => Err(EngineError::TargetOpen { path: dst.into(), lv: lv.lv_ref().to_string() }),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +146,8 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         }
         // References first: a bad one stops the copy before DST is touched.
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
-        let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
+        check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
+        let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
@@ -197,7 +235,16 @@ impl Target<'_> {
 
     fn main_loop(&mut self, rx: &Inbox) -> Result<Report, EngineError> {
         loop {
-            let m = rx.recv().map_err(|_| ProtocolError::Eof("before the copy was complete"))??;
+            let m = loop {
+                super::interrupt::check()?;
+                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(m) => break m,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        return Err(ProtocolError::Eof("before the copy was complete").into())
+                    }
+                }
+            }?;
             match m {
                 Message::PassBegin { pass, final_pass, changed_blocks } => {
                     self.on_pass_begin(pass, final_pass, changed_blocks)?
@@ -619,5 +666,45 @@ impl Target<'_> {
         self.open_groups -= 1;
         self.progress.inc(self.group_bytes(g));
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A source that sends an ImageInfo whose segment lengths wrap around
+    /// 2^64 to the declared 512 KiB: the target must refuse it before DST
+    /// is created, never write 1 MiB "verified".
+    #[test]
+    fn a_hostile_layout_is_refused_before_dst_is_touched() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path().join("dst.img");
+        let (mut src, tgt) = Link::pair().unwrap();
+        let peer = thread::spawn(move || {
+            protocol::handshake(&mut src.reader, &mut src.writer, Role::Source, 0).unwrap();
+            let size = 512u64 << 10;
+            let segs = [(0u64, 1u64 << 20), (1 << 20, 0u64.wrapping_sub(1 << 20).wrapping_add(size))];
+            let mut p = vec![Algorithm::Blake3.code()];
+            p.extend_from_slice(&size.to_le_bytes());
+            p.extend_from_slice(&4096u32.to_le_bytes());
+            p.extend_from_slice(&(segs.len() as u32).to_le_bytes());
+            for (start, len) in segs {
+                p.extend_from_slice(&start.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+            }
+            let mut frame = vec![2u8];
+            frame.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&p);
+            let _ = src.writer.write_all(&frame);
+            let _ = src.writer.flush();
+            src
+        });
+        let r = run(&dst, &TargetOptions::default(), tgt, &Progress::hidden());
+        let e = r.err().expect("a hostile layout is refused").to_string();
+        assert!(e.contains("past") || e.contains("tile"), "{e}");
+        assert!(!dst.exists(), "DST was created");
+        drop(peer.join());
     }
 }

@@ -58,6 +58,28 @@ pub enum FormatError {
 /// Builds a file body in memory, then writes it atomically with its checksum.
 pub struct FileWriter {
     buf: Vec<u8>,
+    mode: u32,
+}
+
+/// An unpredictable name for a temporary file next to `path`.
+fn temp_name(path: &Path) -> PathBuf {
+    use std::io::Read;
+    let mut r = [0u8; 12];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut r));
+    if random.is_err() {
+        // No /dev/urandom: still unique, if guessable; O_EXCL|O_NOFOLLOW
+        // keeps it safe.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        r[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        r[8..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.join(format!(".{base}.{hex}.tmp"))
 }
 
 impl FileWriter {
@@ -65,7 +87,12 @@ impl FileWriter {
         let mut buf = Vec::new();
         buf.extend_from_slice(magic);
         buf.extend_from_slice(&[version.major, version.minor]);
-        FileWriter { buf }
+        FileWriter { buf, mode: 0o600 }
+    }
+    /// Permission bits of the file written (before the umask); 0600 unless
+    /// set, e.g. to those of the image it describes.
+    pub fn mode(&mut self, mode: u32) {
+        self.mode = mode & 0o777;
     }
     pub fn u8(&mut self, v: u8) {
         self.buf.push(v);
@@ -89,14 +116,37 @@ impl FileWriter {
         }
     }
     /// Write to `path` through a temporary file and rename, so that a crash
-    /// never leaves a half-written file under the final name.
+    /// never leaves a half-written file under the final name. The temporary
+    /// has an unpredictable name in the same directory and is created with
+    /// `O_EXCL|O_NOFOLLOW`: a file or symlink planted there is never
+    /// written through.
     pub fn finish(mut self, path: &Path) -> Result<(), FormatError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let sum = blake3::hash(&self.buf);
         self.buf.extend_from_slice(sum.as_bytes());
-        let tmp = path.with_extension("partial");
         let werr = |source| FormatError::Write { path: path.into(), source };
-        std::fs::write(&tmp, &self.buf).map_err(werr)?;
-        std::fs::rename(&tmp, path).map_err(werr)
+        let mut tries = 0;
+        let (tmp, mut file) = loop {
+            let tmp = temp_name(path);
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .mode(self.mode)
+                .open(&tmp);
+            match opened {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(werr(e)),
+            }
+        };
+        let written = file.write_all(&self.buf).and_then(|_| file.sync_all()).and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(werr(e));
+        }
+        Ok(())
     }
 }
 
@@ -117,10 +167,33 @@ impl FileReader {
         kind: &'static str,
         known: FormatVersion,
     ) -> Result<(Self, FormatVersion), FormatError> {
-        let buf = std::fs::read(path).map_err(|source| FormatError::Io { path: path.into(), source })?;
-        if buf.len() < 8 || &buf[..8] != magic {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let ioerr = |source| FormatError::Io { path: path.into(), source };
+        // O_NONBLOCK: a FIFO planted under the name must not block the open;
+        // anything but a regular file is refused before reading.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(ioerr)?;
+        if !f.metadata().map_err(ioerr)?.is_file() {
+            return Err(FormatError::Malformed { path: path.into(), what: "not a regular file".into() });
+        }
+        // The magic first: a large file of another kind is refused without
+        // being read whole.
+        let mut buf = vec![0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            match f.read(&mut buf[got..]).map_err(ioerr)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        if got < 8 || &buf[..8] != magic {
             return Err(FormatError::Magic { path: path.into(), kind });
         }
+        f.read_to_end(&mut buf).map_err(ioerr)?;
         if buf.len() < 10 + TRAILER {
             return Err(FormatError::Checksum { path: path.into() });
         }

@@ -27,8 +27,17 @@ use crate::formats::framing::{FileReader, FileWriter, FormatError, FormatVersion
 pub const MAGIC: &[u8; 8] = b"XENMIGH\0";
 pub const VERSION: FormatVersion = FormatVersion::new(1, 0);
 
+/// Write `map` to `path`, readable by its owner only.
 pub fn write(map: &BlockMap, path: &Path) -> Result<(), FormatError> {
+    write_mode(map, path, 0o600)
+}
+
+/// Write `map` to `path` with permission bits `mode` (before the umask):
+/// those of the image it describes, so that a hash file tells no more
+/// than the image does.
+pub fn write_mode(map: &BlockMap, path: &Path, mode: u32) -> Result<(), FormatError> {
     let mut w = FileWriter::new(MAGIC, VERSION);
+    w.mode(mode);
     w.u8(map.algo.code());
     w.u8(0);
     w.layout(&map.layout);

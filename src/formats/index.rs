@@ -126,8 +126,15 @@ impl Index {
         lookup(&self.groups, key)
     }
 
+    /// Write the index to `path`, readable by its owner only.
     pub fn write(&self, path: &Path) -> Result<(), FormatError> {
+        self.write_mode(path, 0o600)
+    }
+
+    /// Write the index with permission bits `mode` (before the umask).
+    pub fn write_mode(&self, path: &Path, mode: u32) -> Result<(), FormatError> {
         let mut w = FileWriter::new(MAGIC, VERSION);
+        w.mode(mode);
         w.u8(self.algo.code());
         w.u8(0);
         w.u32(self.block_size);

@@ -644,6 +644,8 @@ fn precopy(
     let live = opts.source.live.clone().unwrap_or_default();
     for (d, r) in dom.disks.iter().zip(requests) {
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
+        // The final delta lands while our own paused incoming domain holds the LV.
+        args.extend(["--allow-open-by".into(), format!("{}--incoming", dom.name)]);
         for reference in references {
             args.extend(["--reference".into(), reference.clone()]);
         }

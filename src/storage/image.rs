@@ -29,6 +29,56 @@ pub enum ImageError {
     Resize { path: PathBuf, size: u64, source: io::Error },
     #[error("cannot flush {path} to stable storage: {source}")]
     Sync { path: PathBuf, source: io::Error },
+    #[error("target block device {path} is in use{}; refusing to write to it", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Busy { path: PathBuf, holder: Option<String> },
+    #[error("cannot write {len} bytes at offset {offset} of {path}, which holds {size}")]
+    OutOfRange { path: PathBuf, offset: u64, len: u64, size: u64 },
+}
+
+/// Who holds block device `rdev` (as `st_rdev`): the mount points of it
+/// (from /proc/self/mountinfo) and its holders in sysfs (device-mapper
+/// devices stacked on it, by name). None when nothing is found.
+pub fn device_holders(rdev: u64) -> Option<String> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let id = format!("{major}:{minor}");
+    let mut found = Vec::new();
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in info.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() > 4 && f[2] == id {
+                found.push(format!("mounted on {}", unescape_mountinfo(f[4])));
+            }
+        }
+    }
+    let holders = PathBuf::from(format!("/sys/dev/block/{id}/holders"));
+    if let Ok(dir) = std::fs::read_dir(&holders) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let dm = std::fs::read_to_string(holders.join(&name).join("dm/name")).ok();
+            match dm {
+                Some(dm) => found.push(format!("held by {name} ({})", dm.trim())),
+                None => found.push(format!("held by {name}")),
+            }
+        }
+    }
+    (!found.is_empty()).then(|| found.join(", "))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An open image.
@@ -45,6 +95,8 @@ nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 fn device_size(file: &File) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // at a live local.
     unsafe { blk_getsize64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
     Ok(size)
 }
@@ -65,9 +117,19 @@ fn probe(file: File, path: &Path) -> Result<Image, ImageError> {
 
 impl Image {
     /// Open an image read-only: sources and references are only ever read.
+    /// Opened with `O_NONBLOCK`, so that a FIFO (or another special file)
+    /// is refused as [`ImageError::NotADisk`] instead of blocking the open;
+    /// the flag is cleared once the file is known to be a disk.
     pub fn open_read(path: &Path) -> Result<Image, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| ImageError::Open { path: path.into(), source })?;
         let img = probe(file, path)?;
+        nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&img.file), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
+            .map_err(|e| ImageError::Open { path: path.into(), source: e.into() })?;
         img.drop_cache();
         Ok(img)
     }
@@ -94,15 +156,43 @@ impl Image {
     /// keeping whatever it held before so that it can serve as a reference.
     /// Returns the image and whether it held data before (false for a file
     /// created now).
+    ///
+    /// A block device is opened exclusively (`O_EXCL`): one that is mounted
+    /// or claimed by another holder (device-mapper, md, another exclusive
+    /// opener) is refused with [`ImageError::Busy`], naming the holder where
+    /// it can be found. A file created now gets permission bits `mode`
+    /// (before the umask).
     pub fn open_target(path: &Path, size: u64) -> Result<(Image, bool), ImageError> {
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| ImageError::Open { path: path.into(), source })?;
+        Self::open_target_mode(path, size, 0o666)
+    }
+
+    /// [`open_target`](Self::open_target), creating a new file with `mode`.
+    pub fn open_target_mode(path: &Path, size: u64, mode: u32) -> Result<(Image, bool), ImageError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let existing = std::fs::metadata(path).ok();
+        let existed = existing.is_some();
+        let file = match existing {
+            Some(m) if m.file_type().is_block_device() => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_EXCL)
+                .open(path)
+                .map_err(|source| {
+                    if source.raw_os_error() == Some(libc::EBUSY) {
+                        ImageError::Busy { path: path.into(), holder: device_holders(m.rdev()) }
+                    } else {
+                        ImageError::Open { path: path.into(), source }
+                    }
+                })?,
+            _ => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(mode)
+                .open(path)
+                .map_err(|source| ImageError::Open { path: path.into(), source })?,
+        };
         let mut img = probe(file, path)?;
         if img.is_block_device {
             if img.size < size {
@@ -148,7 +238,9 @@ impl Image {
         Ok(())
     }
 
+    /// Write `buf` at `offset`, which must lie inside the image.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        self.check_range(offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset).map_err(|source| ImageError::Write {
             path: self.path.clone(),
             offset,
@@ -159,8 +251,11 @@ impl Image {
     /// Make `[offset, offset+len)` read as zeros: a hole in a file, written
     /// zeros on a device (discard is not guaranteed to read back as zero).
     pub fn zero_range(&self, offset: u64, len: usize) -> Result<(), ImageError> {
+        self.check_range(offset, len as u64)?;
         if !self.is_block_device {
             use std::os::fd::AsRawFd;
+            // SAFETY: fallocate on an open descriptor with plain integer
+            // arguments; no memory is passed.
             let r = unsafe {
                 libc::fallocate(
                     self.file.as_raw_fd(),
@@ -174,6 +269,14 @@ impl Image {
             }
         }
         self.write_at(&vec![0u8; len], offset)
+    }
+
+    /// Refuse a write that would reach past the image's size.
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(ImageError::OutOfRange { path: self.path.clone(), offset, len, size: self.size }),
+        }
     }
 
     pub fn sync(&self) -> Result<(), ImageError> {
@@ -210,6 +313,39 @@ mod tests {
         let mut b = [0u8; 200];
         let e = img.read_at(&mut b, 0).unwrap_err().to_string();
         assert!(e.contains("s.img") && e.contains("offset 100"), "{e}");
+    }
+
+    #[test]
+    fn writes_past_the_end_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = Image::open_target(&dir.path().join("t.img"), 8192).unwrap();
+        assert!(img.write_at(&[1u8; 4096], 4096).is_ok());
+        assert!(matches!(img.write_at(&[1u8; 4096], 4097), Err(ImageError::OutOfRange { .. })));
+        assert!(matches!(img.write_at(&[1u8; 2], u64::MAX), Err(ImageError::OutOfRange { .. })));
+        assert!(matches!(img.zero_range(u64::MAX - 10, 4096), Err(ImageError::OutOfRange { .. })));
+        assert_eq!(std::fs::metadata(dir.path().join("t.img")).unwrap().len(), 8192);
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Image::open_read(&q).map(|_| ()));
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("opening a FIFO blocked");
+        let e = r.unwrap_err();
+        assert!(matches!(e, ImageError::NotADisk { .. }), "{e}");
+        assert!(e.to_string().contains("fifo"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub enum TransportError {
     Local(io::Error),
     #[error("the remote command '{command}' failed: {status}")]
     Remote { command: String, status: String },
+    #[error("host '{host}' starts with '-', which ssh would take for an option")]
+    BadHost { host: String },
 }
 
 /// Where one end of a copy is.
@@ -138,6 +141,8 @@ pub struct Link {
 /// The process at the far end of a spawned link, if any.
 pub struct Peer {
     child: Option<(Child, String)>,
+    /// The child leads its own process group.
+    own_group: bool,
 }
 
 const BUF: usize = 1 << 20;
@@ -170,29 +175,37 @@ impl Link {
     /// `xl migrate -s ""` does (useful for tests and for wrappers).
     pub fn spawn(ssh_cmd: &str, host: &str, remote_args: &[String]) -> Result<(Link, Peer), TransportError> {
         let remote = shell_words::join(remote_args);
+        if !ssh_cmd.trim().is_empty() && host.starts_with('-') {
+            return Err(TransportError::BadHost { host: host.to_string() });
+        }
         let command = if ssh_cmd.trim().is_empty() {
             remote
         } else {
             format!("{ssh_cmd} {} {}", shell_words::quote(host), shell_words::quote(&remote))
         };
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(&command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+        let mut cmd = Command::new("sh");
+        // `exec`: the child is ssh (or the local serve) itself, not a
+        // wrapper whose death would leave it running.
+        cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // Its own process group, so that abort() stops everything it
+        // started; but not with a controlling terminal, where ssh must stay
+        // in the foreground group to ask for a password.
+        let own_group = std::fs::File::open("/dev/tty").is_err();
+        if own_group {
+            cmd.process_group(0);
+        }
+        let mut child =
+            cmd.spawn().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)) }))
+        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)), own_group }))
     }
 }
 
 impl Peer {
     /// No process: the peer is a thread of ours or the far end of stdio.
     pub fn none() -> Peer {
-        Peer { child: None }
+        Peer { child: None, own_group: false }
     }
 
     /// Wait for a spawned peer to exit (call after dropping the link).
@@ -207,9 +220,33 @@ impl Peer {
     }
 
     /// Stop a spawned peer without waiting for it to finish (on failure).
+    ///
+    /// The whole process group gets SIGTERM (a local `xenmig serve` then
+    /// takes its error path: a frozen source is thawed), and SIGKILL if it
+    /// has not exited after a few seconds.
     pub fn abort(self) {
         if let Some((mut child, _)) = self.child {
-            let _ = child.kill();
+            if !self.own_group {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            let pgid = child.id() as libc::pid_t;
+            // SAFETY: kill(2) on the process group the child leads; the
+            // child is not reaped yet, so the group id is still ours.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let t = Instant::now();
+            while t.elapsed() < std::time::Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    // The leader is gone; stragglers of its group too.
+                    // SAFETY: as above; a group without members is ESRCH.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.wait();
         }
     }
@@ -244,6 +281,34 @@ mod tests {
         a.reader.read_exact(&mut buf2).unwrap();
         assert_eq!(a.stats.total(), 7);
         assert_eq!(b.stats.total(), 7);
+    }
+
+    #[test]
+    fn hosts_that_look_like_ssh_options_are_refused() {
+        let e = Link::spawn("ssh", "-oProxyCommand=touch /tmp/x", &["xenmig".into()]).err().expect("refused");
+        assert!(matches!(e, TransportError::BadHost { .. }), "{e}");
+    }
+
+    #[test]
+    fn abort_stops_the_whole_remote_command() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let (link, peer) = Link::spawn("", "unused", &["sh".into(), "-c".into(), script]).unwrap();
+        let t = Instant::now();
+        while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+            assert!(t.elapsed().as_secs() < 5, "the remote command did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        peer.abort();
+        drop(link);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Gone, or a zombie waiting for a reaper that is not ours.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            && !stat.is_empty();
+        assert!(!alive, "the remote command's child {pid} survived abort()");
     }
 
     #[test]
