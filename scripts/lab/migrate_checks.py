@@ -153,7 +153,10 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
         hb_gap, hb_err, n_src, n_dst = measured
         if n_dst != n_src + 1:
             raise LabError(f"stamped heartbeats: last on {src.name} {n_src}, first on {dst.name} {n_dst}")
+    if src.run("test -e /var/lib/xenmig/journal/g1.json")[0] == 0:
+        raise LabError("a journal of g1 is left after a successful migration")
     figures = {"mode": rep.get("mode"), "downtime_seconds": rep.get("downtime_seconds"),
+               "recovered_first": [l for l in rep.get("rolled_back", []) if "earlier" in l],
                "heartbeat_gap_seconds": hb_gap,
                "heartbeat_gap_error_seconds": measured[1] if measured else None,
                "final_delta_seconds": rep.get("final_delta_seconds"),
@@ -288,6 +291,76 @@ def check_migrate_bench(hosts):
     return table, {"rows": rows}
 
 
+def start_migrate_bg(src, dst, tag, env=""):
+    """Start `xenmig migrate --json g1 DST` in the background on SRC (setsid:
+    away from the console's Ctrl-C); its status lands in /tmp/{tag}.rc."""
+    src.sh(f"rm -f /tmp/{tag}.rc /tmp/{tag}.json /tmp/{tag}.err")
+    src.sh(f"setsid sh -c '{env} xenmig migrate --json g1 {dst.ip} >/tmp/{tag}.json "
+           f"2>/tmp/{tag}.err; echo $? >/tmp/{tag}.rc' </dev/null >/dev/null 2>&1 & true")
+
+
+def wait_bg(src, tag, limit=600):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if src.run(f"test -e /tmp/{tag}.rc")[0] == 0:
+            rc = int(src.sh(f"cat /tmp/{tag}.rc").strip() or "-1")
+            raw = src.sh(f"cat /tmp/{tag}.json").strip()
+            rep = json.loads(raw.splitlines()[-1]) if raw else {}
+            return rc, rep
+        time.sleep(2)
+    raise LabError(f"the background migrate did not end within {limit} s")
+
+
+def wait_for_precopy(src, dst, limit=300):
+    """Until the target's disk end of a migration runs (the pre-copy began)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if dst.run("pgrep -f 'xenmig serve --target' >/dev/null")[0] == 0:
+            return
+        time.sleep(1)
+    raise LabError("the disk pre-copy never started on the target")
+
+
+def check_xm_link_cut(g, dst):
+    """The target's disk end killed during the pre-copy (the link drops): the
+    guest keeps running where it was; nothing is left on the target."""
+    src = g.host
+    before = last_heartbeat(src, g.log)
+    start_migrate_bg(src, dst, "xc")
+    wait_for_precopy(src, dst)
+    dst.sh("pkill -9 -f 'xenmig serve --target' && echo killed")
+    rc, rep = wait_bg(src, "xc")
+    if rc != 1 or rep.get("migrated"):
+        raise LabError(f"status {rc}, report {json.dumps(rep)[:1200]}")
+    if "pre-copy" not in (rep.get("error") or ""):
+        raise LabError(f"error {rep.get('error')!r} is not the pre-copy's")
+    left = domains_on(dst)
+    if "g1--incoming" in left or "g1" in left:
+        raise LabError(f"a copy of g1 is on {dst.name}: {left}")
+    after = expect_still_running(g, before, "link cut during pre-copy")
+    return f"status 1: {rep['error'][:150]}; g1 runs on {src.name} ({before} -> {after})"
+
+
+def check_xm_killed_then_rerun(g, dst):
+    """xenmig itself killed (SIGKILL) during the pre-copy: the guest keeps
+    running; the journal it left makes the next migrate recover first, and
+    that migrate completes, reusing what arrived."""
+    src = g.host
+    before = last_heartbeat(src, g.log)
+    start_migrate_bg(src, dst, "xk")
+    wait_for_precopy(src, dst)
+    src.sh("pkill -9 -f 'xenmig migrate --json g1' && echo killed")
+    time.sleep(2)
+    journal = src.run("cat /var/lib/xenmig/journal/g1.json")[1]
+    if '"phase"' not in journal:
+        raise LabError(f"no journal left by the killed migrate: {journal!r}")
+    phase = json.loads(journal)["phase"]
+    after = expect_still_running(g, before, "xenmig killed during pre-copy")
+    dst.run("pkill -9 -f 'xenmig serve --target'")
+    return (f"killed in phase {phase}; g1 runs on {src.name} ({before} -> {after}); the journal "
+            f"is left for the rerun (next check)")
+
+
 def run_xenmig_migrate_checks(checks, hosts):
     h1, h2 = hosts
     g = Guest(h2, "guest-g1.log")
@@ -330,8 +403,13 @@ def run_xenmig_migrate_checks(checks, hosts):
     checks.step("xenmig migrate with the target's disk end killed while READY is held: "
                 "READY withheld, g1 resumes on xenlab2, no copy left on xenlab1",
                 lambda: check_xm_kill_at_hold(g, other()))
+    checks.step("xenmig migrate with the link cut during the disk pre-copy (the target's disk "
+                "end killed): g1 keeps running on xenlab2, nothing left on xenlab1",
+                lambda: check_xm_link_cut(g, other()))
+    checks.step("xenmig migrate killed (SIGKILL) during the disk pre-copy: g1 keeps running, "
+                "the journal stays for the rerun", lambda: check_xm_killed_then_rerun(g, other()))
     # The failed attempts above left xenlab1's LV created and tagged: the real
-    # migration reuses what they sent.
+    # migration reuses what they sent (and recovers the killed one first).
     if not checks.step("xenmig migrate g1 xenlab2 -> xenlab1, live (the LV the failed attempts "
                        "left is reused): the counter continues",
                        lambda: check_xm_migrate(g, other(), False)):
