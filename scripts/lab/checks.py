@@ -69,7 +69,7 @@ def check_guest_start(h):
     h.sh("xl create /opt/xenmig/guest/g1.cfg", 120)
     created = time.monotonic() - t
     first = wait_heartbeat_above(h, None, 120)
-    hb = wait_heartbeat_above(h, first + 1, 60)
+    wait_heartbeat_above(h, first + 1, 60)
     seq = heartbeats(h)
     if seq[:len(seq)] != list(range(seq[0], seq[0] + len(seq))):
         raise LabError(f"heartbeats not consecutive: {seq}")

@@ -167,7 +167,7 @@ def run_tests(args):
         print(f"\nLAB ERROR (internal): {e!r}")
     finally:
         if args.keep:
-            log(f"--keep: leaving QEMU running: "
+            log("--keep: leaving QEMU running: "
                 + ", ".join(f"{h.name} pid {h.proc.pid} socket {h.sock_path}"
                             for h in hosts if h.proc))
         else:
