@@ -89,6 +89,10 @@ pub struct MigrateArgs {
     /// HOST runs the domain. Longer downtime than live, no xl migrate needed.
     #[arg(long)]
     stop_copy: bool,
+    /// Remove the source LVs once HOST runs the domain (default: keep them,
+    /// tagged, so that a migration back moves only what changed).
+    #[arg(long)]
+    delete_source: bool,
     /// Check and print the plan (disks, LVs to create or reuse, sizes, free
     /// space); change nothing.
     #[arg(long)]
@@ -191,6 +195,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.force = a.force;
     opts.dry_run = a.dry_run;
     opts.stop_copy = a.stop_copy;
+    opts.delete_source = a.delete_source;
     opts.remote_xenmig = a.remote_xenmig;
     if let Ok(d) = std::env::var("XENMIG_MEMORY_TIMEOUT") {
         if let Ok(s) = d.parse::<u64>() {

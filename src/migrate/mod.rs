@@ -83,6 +83,10 @@ pub trait SourceHost {
     fn tag_lv(&self, path: &str, tag: &str) -> Result<(), MigrateError>;
     /// The xl program.
     fn xl(&self) -> PathBuf;
+    /// Remove a source LV (`--delete-source`, after a migration committed).
+    fn remove_lv(&self, path: &str) -> Result<(), MigrateError> {
+        Err(MigrateError::Commit(format!("this host cannot remove {path}")))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +143,9 @@ pub struct MigrateOptions {
     pub source: SourceOptions,
     pub target_vg: Option<String>,
     pub force: bool,
+    /// Remove the source LVs once the target runs the domain (default: keep
+    /// them, tagged).
+    pub delete_source: bool,
     pub dry_run: bool,
     /// This program, as the relay xl starts.
     pub self_exe: PathBuf,
@@ -170,6 +177,7 @@ impl MigrateOptions {
             source: SourceOptions { live: Some(LiveOptions::default()), ..SourceOptions::default() },
             target_vg: None,
             force: false,
+            delete_source: false,
             dry_run: false,
             self_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xenmig")),
             journal_dir: journal::default_dir(),
@@ -310,6 +318,12 @@ impl SourceHost for XenHost {
 
     fn xl(&self) -> PathBuf {
         crate::xen::xl::program()
+    }
+
+    fn remove_lv(&self, path: &str) -> Result<(), MigrateError> {
+        let r = crate::storage::lvm::LvRef::from_device_path(path)
+            .ok_or_else(|| MigrateError::Commit(format!("{path} is not an LV path")))?;
+        crate::storage::lvm::Lvm::new().remove(&r).map_err(|e| MigrateError::Commit(e.to_string()))
     }
 }
 
@@ -617,7 +631,18 @@ fn run(
     match &result {
         Ok(()) => {
             for d in &dom.disks {
-                if let Err(e) = host.tag_lv(&d.path(), &tag) {
+                if opts.delete_source {
+                    match host.remove_lv(&d.path()) {
+                        Ok(()) => report.plan.push(format!("removed the source LV {}", d.path())),
+                        Err(e) => report.needs_attention.push(format!(
+                            "the source LV {} was not removed ({e}): `lvremove {}` once you have checked {} runs {}",
+                            d.path(),
+                            d.path(),
+                            opts.host,
+                            dom.name
+                        )),
+                    }
+                } else if let Err(e) = host.tag_lv(&d.path(), &tag) {
                     log::warn!("cannot tag the source LV {}: {e}", d.path());
                 }
             }
