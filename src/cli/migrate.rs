@@ -98,6 +98,8 @@ pub struct MigrateArgs {
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
+    #[command(flatten)]
+    idle: super::IdleArgs,
     /// Finish or roll back an interrupted migration of DOMAIN from its
     /// journal, and exit.
     #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["domain", "host"])]
@@ -165,6 +167,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             thaw_cmd: None,
             rescan: a.rescan,
         }),
+        idle_timeout: a.idle.timeout(),
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;

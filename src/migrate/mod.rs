@@ -599,6 +599,7 @@ fn precopy(
     let live = opts.source.live.clone().unwrap_or_default();
     for (d, r) in dom.disks.iter().zip(requests) {
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
+        args.extend(crate::copy::run::idle_arg(opts.source.idle_timeout));
         for reference in &opts.references {
             args.extend(["--reference".into(), reference.display().to_string()]);
         }
