@@ -665,6 +665,46 @@ mod tests {
         assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::UnknownKind(200))));
     }
 
+    /// Run a handshake between a source announcing `src` and a target
+    /// announcing `tgt`; what each end agreed on.
+    fn agree(src: u16, tgt: u16) -> (Result<Agreed, ProtocolError>, Result<Agreed, ProtocolError>) {
+        let (mut a, mut b) = crate::wire::transport::Link::pair().unwrap();
+        let t = std::thread::spawn(move || handshake_as(&mut b.reader, &mut b.writer, Role::Target, CAP_LIVE, tgt));
+        let s = handshake_as(&mut a.reader, &mut a.writer, Role::Source, CAP_LIVE, src);
+        (s, t.join().unwrap())
+    }
+
+    #[test]
+    fn the_handshake_agrees_on_the_older_version_one_apart() {
+        let v = |r: Result<Agreed, ProtocolError>| r.unwrap().version;
+        let (s, t) = agree(2, 2);
+        assert_eq!((v(s), v(t)), (2, 2));
+        // A version-1 source: the target answers 1, which a v1 end accepts.
+        let (s, t) = agree(1, 2);
+        assert_eq!((v(s), v(t)), (1, 1));
+        // A version-1 target (one that follows the rule) and a v2 source.
+        let (s, t) = agree(2, 1);
+        assert_eq!((v(s), v(t)), (1, 1));
+        assert!(!agree(2, 1).0.unwrap().keepalive());
+        assert!(agree(2, 2).0.unwrap().keepalive());
+        // A newer target (3) speaks our 2.
+        let (s, t) = agree(2, 3);
+        assert_eq!((v(s), v(t)), (2, 2));
+        // Version 0 is refused with both versions named.
+        let (_, t) = agree(0, 2);
+        let e = t.unwrap_err().to_string();
+        assert!(e.contains("this end speaks 1..=2, the peer 0"), "{e}");
+    }
+
+    #[test]
+    fn keepalives_are_skipped_by_read_message() {
+        let mut f = Message::KeepAlive.encode();
+        f.extend(Message::KeepAlive.encode());
+        f.extend(Message::Fetch { first_block: 1, count: 2 }.encode());
+        assert_eq!(read_message(&mut &f[..], "t").unwrap(), Message::Fetch { first_block: 1, count: 2 });
+        assert_eq!(read_frame(&mut &f[..], "t").unwrap(), Message::KeepAlive);
+    }
+
     #[test]
     fn remote_errors_surface_as_errors() {
         let f = Message::Error { message: "disk on fire".into() }.encode();
