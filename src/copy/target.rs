@@ -210,7 +210,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?;
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.
-            refs.add_image(dst.into(), Image::open_read(dst)?, &m);
+            refs.add_own(dst.into(), Image::open_read(dst)?, &m);
             m.digests
         } else {
             (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
@@ -519,13 +519,13 @@ impl Target<'_> {
             return self.group_done(g, true);
         }
         // 3. A reference holds the same group.
-        if let Some(e) = self.refs.index.find_group(&key_of(want)) {
-            let r = &self.refs.images[e.image as usize];
-            let (ra, rb) = r.layout.group_range(e.pos);
+        if let Some((image, pos)) = self.refs.find_group(&key_of(want)) {
+            let r = &self.refs.images[image as usize];
+            let (ra, rb) = r.layout.group_range(pos);
             if rb - ra == b - a {
                 let mut blocks = Vec::with_capacity(bi - ai);
                 for (k, i) in (a..b).enumerate() {
-                    match self.refs.read_block(e.image, ra + k as u64, self.layout.extent(i).1) {
+                    match self.refs.read_block(image, ra + k as u64, self.layout.extent(i).1) {
                         Some(data) => blocks.push(data),
                         None => return Ok(false),
                     }
@@ -610,11 +610,11 @@ impl Target<'_> {
 
     /// Copy block `i` from a reference if one holds data with `key`.
     fn reuse_block(&mut self, i: u64, key: &Key) -> Result<bool, EngineError> {
-        let Some(e) = self.refs.index.find_block(key) else {
+        let Some((image, pos)) = self.refs.find_block(key) else {
             return Ok(false);
         };
         let len = self.layout.extent(i).1;
-        let Some(data) = self.refs.read_block(e.image, e.pos, len) else {
+        let Some(data) = self.refs.read_block(image, pos, len) else {
             return Ok(false);
         };
         let d = self.algo.digest(&data);
