@@ -129,21 +129,46 @@ impl ReferenceSet {
     /// [`CompactIndex`]); an image of more than 2^32 blocks goes into the
     /// full index instead.
     pub fn add_own(&mut self, path: PathBuf, image: Image, map: &BlockMap) {
-        if map.layout.block_count() > u32::MAX as u64 || self.own.is_some() {
-            return self.add_image(path, image, map);
+        self.add_own_parts(path, image, &map.layout, &map.digests, |i| map.zero[i], &map.groups)
+    }
+
+    /// [`add_own`](Self::add_own) from block digests, which blocks are
+    /// zero (not indexed) and group digests, so that a caller which keeps
+    /// the digests anyway need not hold a whole [`BlockMap`] besides.
+    pub fn add_own_parts(
+        &mut self,
+        path: PathBuf,
+        image: Image,
+        layout: &Layout,
+        digests: &[crate::blocks::digest::Digest],
+        is_zero: impl Fn(usize) -> bool,
+        groups: &[crate::blocks::digest::Digest],
+    ) {
+        if layout.block_count() > u32::MAX as u64 || self.own.is_some() {
+            let zero = (0..digests.len()).map(&is_zero).collect();
+            let map = BlockMap {
+                algo: self.index.algo,
+                layout: layout.clone(),
+                digests: digests.to_vec(),
+                zero,
+                groups: groups.to_vec(),
+                image_digest: crate::blocks::blockmap::image_digest(self.index.algo, layout, groups),
+            };
+            return self.add_image(path, image, &map);
         }
-        let mut blocks: Vec<[u8; 12]> = Vec::with_capacity(map.zero.iter().filter(|z| !**z).count());
-        for (i, d) in map.digests.iter().enumerate() {
-            if !map.zero[i] {
+        let non_zero = (0..digests.len()).filter(|&i| !is_zero(i)).count();
+        let mut blocks: Vec<[u8; 12]> = Vec::with_capacity(non_zero);
+        for (i, d) in digests.iter().enumerate() {
+            if !is_zero(i) {
                 blocks.push(CompactIndex::entry(d, i as u32));
             }
         }
         blocks.sort_unstable();
         let mut groups: Vec<[u8; 12]> =
-            map.groups.iter().enumerate().map(|(g, d)| CompactIndex::entry(d, g as u32)).collect();
+            groups.iter().enumerate().map(|(g, d)| CompactIndex::entry(d, g as u32)).collect();
         groups.sort_unstable();
         self.own = Some(CompactIndex { image: self.images.len() as u32, blocks, groups });
-        self.images.push(RefImage { image, layout: map.layout.clone() });
+        self.images.push(RefImage { image, layout: layout.clone() });
     }
 
     /// A reference block with `key`: (image, block number).

@@ -207,11 +207,28 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
-            let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?;
+            // Only the digests are kept (they become `have`); the compact
+            // index of DST is built from them.
+            let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
+            let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
+            BlockMap::stream(
+                &dst_img,
+                &layout,
+                algo,
+                |_, batch| {
+                    for h in batch {
+                        digests.extend_from_slice(&h.blocks);
+                        groups.push(h.digest);
+                    }
+                    true
+                },
+                &|n| progress.inc(n),
+            )?;
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.
-            refs.add_own(dst.into(), Image::open_read(dst)?, &m);
-            m.digests
+            let is_zero = |i: usize| zeros.is_zero_digest(&digests[i], layout.extent(i as u64).1);
+            refs.add_own_parts(dst.into(), Image::open_read(dst)?, &layout, &digests, is_zero, &groups);
+            digests
         } else {
             (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
         };
