@@ -286,3 +286,11 @@ fn a_target_flooding_requests_without_reading_is_held_by_back_pressure() {
     assert!(source.join().unwrap().is_err());
     flood.join().unwrap();
 }
+
+#[test]
+fn a_claim_whose_block_state_exceeds_memory_is_refused() {
+    let layout = Layout::flat(1 << 50, 512).unwrap();
+    let e = target::check_memory(&layout).unwrap_err().to_string();
+    assert!(e.contains("1125899906842624-byte image of 2199023255552 blocks"), "{e}");
+    assert!(target::check_memory(&Layout::flat(1 << 30, 4096).unwrap()).is_ok());
+}

@@ -58,6 +58,8 @@ pub enum EngineError {
     ImageTooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("the source claims a {size}-byte image, but the file system holding {path} has only {free} bytes free (No space left on device); nothing was written")]
     NoRoom { path: PathBuf, size: u64, free: u64 },
+    #[error("the source claims a {size}-byte image of {blocks} blocks, whose state would take {need} bytes of memory, more than the {available} available; use a larger --block-size")]
+    TooManyBlocks { size: u64, blocks: u64, need: u64, available: u64 },
     #[error("{0}")]
     Other(String),
 }

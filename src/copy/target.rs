@@ -93,6 +93,31 @@ pub fn check_room(dst: &Path, size: u64, max: Option<u64>) -> Result<(), EngineE
     Ok(())
 }
 
+/// Bytes of state the target keeps per block at most (`have` 32, `state` 1,
+/// the compact index of DST's earlier content 12; docs/benchmarks.md).
+pub const BYTES_PER_BLOCK: u64 = 46;
+
+/// Refuse an image whose per-block state would not fit in the memory
+/// available now (MemAvailable), before allocating it.
+pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
+    let need = layout.block_count().saturating_mul(BYTES_PER_BLOCK);
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match available {
+        Some(available) if need > available => Err(EngineError::TooManyBlocks {
+            size: layout.size,
+            blocks: layout.block_count(),
+            need,
+            available,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes an unprivileged writer may still allocate on `path`'s file system.
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -201,6 +226,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         }
         // What the source claims must fit before anything is sized by it.
         check_room(dst, layout.size, opts.max_image_size)?;
+        check_memory(&layout)?;
         // References first: a bad one stops the copy before DST is touched.
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
         let (dst_img, had_data) = Image::open_target(dst, layout.size)?;
