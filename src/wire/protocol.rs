@@ -51,9 +51,17 @@
 //! ```text
 //!  AwaitHello -> AwaitImageInfo -> Comparing --(GroupsEnd and every group
 //!  settled and verified)--> Finishing --(Done sent, Bye read)--> Closed
-//!  any state --(Error frame, bad frame, EOF)--> Failed (nothing reported
-//!  verified; DST holds only verified blocks)
+//!  any state --(Error frame, bad frame, EOF, idle timeout, a frame the
+//!  state does not allow)--> Failed (nothing reported verified; DST holds
+//!  only verified blocks)
 //! ```
+//!
+//! Frames the state does not allow include: `Blocks` for a block that was
+//! not requested in this pass (its group's `BlockDigests` did not arrive in
+//! this pass, or it is already settled), a reply with no request
+//! outstanding, and anything that would take a counter below zero (every
+//! counter is decremented with checked arithmetic). `KeepAlive` is allowed
+//! in every state after the handshake (version 2).
 //!
 //! A group is *settled* when every block in it is zero, found locally, or
 //! fetched, and each of those blocks matched its key; it is *verified* when
