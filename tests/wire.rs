@@ -27,11 +27,7 @@ fn send(link: &mut Link, m: Message) {
 }
 
 fn source_opts(live: bool) -> SourceOptions {
-    SourceOptions {
-        live: live.then(LiveOptions::default),
-        idle_timeout: Some(IDLE),
-        ..SourceOptions::default()
-    }
+    SourceOptions { live: live.then(LiveOptions::default), idle_timeout: Some(IDLE), ..SourceOptions::default() }
 }
 
 fn target_opts() -> TargetOptions {

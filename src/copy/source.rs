@@ -252,7 +252,11 @@ impl SourceSession {
         let (work_tx, work_rx) = if agreed.keepalive() { bounded::<Message>(WINDOW) } else { unbounded::<Message>() };
         let keepalive = opts.idle_timeout.filter(|_| agreed.keepalive()).map(keepalive_interval);
         if !agreed.keepalive() {
-            log::warn!("the target speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);
+            log::warn!(
+                "the target speaks protocol version {}: no idle timeout, no keep-alives (a version-1 xenmig refuses a \
+                 newer source: if it hangs up now, upgrade xenmig on the target host first)",
+                agreed.version
+            );
         }
         let waiting = Waiting::default();
         // Failures of any thread, and the reader's events: the caller waits on

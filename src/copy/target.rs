@@ -108,12 +108,9 @@ pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
             .map(|kib| kib * 1024)
     });
     match available {
-        Some(available) if need > available => Err(EngineError::TooManyBlocks {
-            size: layout.size,
-            blocks: layout.block_count(),
-            need,
-            available,
-        }),
+        Some(available) if need > available => {
+            Err(EngineError::TooManyBlocks { size: layout.size, blocks: layout.block_count(), need, available })
+        }
         _ => Ok(()),
     }
 }
