@@ -290,3 +290,29 @@ fn a_claim_whose_block_state_exceeds_memory_is_refused() {
     assert!(e.contains("1125899906842624-byte image of 2199023255552 blocks"), "{e}");
     assert!(target::check_memory(&Layout::flat(1 << 30, 4096).unwrap()).is_ok());
 }
+
+#[test]
+fn a_target_busy_hashing_a_reference_longer_than_the_timeout_keeps_the_source_waiting() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, r) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("ref.img"));
+    sample_image(&a, 5, 256);
+    // A large sparse reference: hashing it keeps the target busy, silent but
+    // for its keep-alives, for longer than the source's timeout.
+    std::fs::File::create(&r).unwrap().set_len(2 << 30).unwrap();
+    let (src_link, tgt_link) = Link::pair().unwrap();
+    let t = Instant::now();
+    let opts = TargetOptions { references: vec![r], ..target_opts() };
+    let target = spawn_target(&b, opts, tgt_link);
+    let report = SourceSession::start(&a, &source_opts(false), src_link, Progress::hidden())
+        .and_then(|mut s| {
+            let r = s.final_pass()?;
+            s.finish(Duration::ZERO)?;
+            Ok(r)
+        })
+        .unwrap();
+    let took = t.elapsed();
+    assert!(report.verified);
+    assert!(target.join().unwrap().unwrap().verified);
+    eprintln!("target busy copy took {took:?}");
+    assert!(took > IDLE * 2, "the reference hashed too fast ({took:?}) to show anything");
+}
