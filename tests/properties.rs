@@ -48,7 +48,7 @@ proptest! {
         let mut opts = CopyOptions::default();
         opts.source.block_size = BS as u32;
         opts.source.compress = codec.parse().unwrap();
-        opts.target = TargetOptions { references: vec![r.clone()], ..Default::default() };
+        opts.target = TargetOptions { references: vec![r.clone()], ..TargetOptions::default() };
         let rep = copy(&Location::Local(a.clone()), &Location::Local(b.clone()), &opts, &Progress::hidden()).unwrap();
         prop_assert_eq!(fs::read(&b).unwrap(), data.clone());
         prop_assert!(rep.verified);

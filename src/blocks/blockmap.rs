@@ -133,11 +133,45 @@ impl BlockMap {
         mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Option<BlockMap>, ImageError> {
-        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let n = layout.block_count() as usize;
         let mut digests = Vec::with_capacity(n);
         let mut zero = Vec::with_capacity(n);
         let mut groups = Vec::with_capacity(layout.group_count() as usize);
+        let go_on = Self::stream(
+            img,
+            &layout,
+            algo,
+            |g, batch| {
+                if !on_batch(g, batch) {
+                    return false;
+                }
+                for h in batch {
+                    digests.extend_from_slice(&h.blocks);
+                    zero.extend_from_slice(&h.zero);
+                    groups.push(h.digest);
+                }
+                true
+            },
+            progress,
+        )?;
+        if !go_on {
+            return Ok(None);
+        }
+        let image_digest = image_digest(algo, &layout, &groups);
+        Ok(Some(BlockMap { algo, layout, digests, zero, groups, image_digest }))
+    }
+
+    /// Hash `img` batch by batch and keep nothing: `on_batch` takes what it
+    /// needs (a caller that keeps its own digests does not pay for a second
+    /// copy). Ok(false) means `on_batch` asked to stop.
+    pub fn stream(
+        img: &Image,
+        layout: &Layout,
+        algo: Algorithm,
+        mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<bool, ImageError> {
+        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let gcount = layout.group_count();
         let mut g = 0;
         while g < gcount {
@@ -145,25 +179,19 @@ impl BlockMap {
             let batch: Vec<HashedGroup> = (g..end)
                 .into_par_iter()
                 .map(|gi| {
-                    let h = hash_group(img, &layout, algo, &zeros, gi)?;
+                    let h = hash_group(img, layout, algo, &zeros, gi)?;
                     let (a, b) = layout.group_range(gi);
-                    let (s, e) = byte_range(&layout, a, b);
+                    let (s, e) = byte_range(layout, a, b);
                     progress(e - s);
                     Ok(h)
                 })
                 .collect::<Result<_, ImageError>>()?;
             if !on_batch(g, &batch) {
-                return Ok(None);
-            }
-            for h in batch {
-                digests.extend_from_slice(&h.blocks);
-                zero.extend_from_slice(&h.zero);
-                groups.push(h.digest);
+                return Ok(false);
             }
             g = end;
         }
-        let image_digest = image_digest(algo, &layout, &groups);
-        Ok(Some(BlockMap { algo, layout, digests, zero, groups, image_digest }))
+        Ok(true)
     }
 
     /// Hash without streaming or progress.

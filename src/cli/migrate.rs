@@ -110,6 +110,8 @@ pub struct MigrateArgs {
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
+    #[command(flatten)]
+    idle: super::IdleArgs,
     /// Finish or roll back an interrupted migration of DOMAIN from its
     /// journal, and exit.
     #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["domain", "host"])]
@@ -190,6 +192,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             rescan: a.rescan,
             ..LiveOptions::default()
         }),
+        idle_timeout: a.idle.timeout(),
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;

@@ -173,6 +173,11 @@ enum Command {
         /// holds it. Skips only that check, never the exclusive open.
         #[arg(long, value_name = "DOMAIN", requires = "target", hide = true)]
         allow_open_by: Option<String>,
+        #[command(flatten)]
+        idle: IdleArgs,
+        /// Target: refuse a source image larger than this many bytes.
+        #[arg(long, value_name = "BYTES")]
+        max_image_size: Option<u64>,
     },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
@@ -241,6 +246,23 @@ impl LiveArgs {
     }
 }
 
+/// How long an end waits for a silent peer.
+#[derive(Args, Clone, Copy)]
+pub(crate) struct IdleArgs {
+    /// Fail when the peer sends nothing for this many seconds while this
+    /// end waits for it (0: wait forever). Both ends send keep-alives at a
+    /// quarter of it, so a healthy, idle peer never times out. A peer of
+    /// protocol version 1 is never timed out.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub(crate) idle_timeout: u64,
+}
+
+impl IdleArgs {
+    pub(crate) fn timeout(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout > 0).then(|| std::time::Duration::from_secs(self.idle_timeout))
+    }
+}
+
 #[derive(Args)]
 struct CopyArgs {
     /// Source: PATH or [user@]host:PATH.
@@ -270,6 +292,12 @@ struct CopyArgs {
     json: bool,
     #[command(flatten)]
     live: LiveArgs,
+    #[command(flatten)]
+    idle: IdleArgs,
+    /// Refuse a source image larger than this many bytes onto DST (a
+    /// regular-file DST also needs the image's size free on its file system).
+    #[arg(long, value_name = "BYTES")]
+    max_image_size: Option<u64>,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -419,7 +447,7 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
-        Command::Serve { source, target, hash, compress, references, live, allow_open_by } => {
+        Command::Serve { source, target, hash, compress, references, live, allow_open_by, idle, max_image_size } => {
             let role = match (source, target) {
                 (Some(p), None) => ServeRole::Source(
                     p,
@@ -429,11 +457,19 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
                         align: hash.align,
                         compress,
                         live: live.options(),
+                        idle_timeout: idle.timeout(),
                     },
                 ),
-                (None, Some(p)) => {
-                    ServeRole::Target(p, TargetOptions { references, allow_open_by, create_mode: None })
-                }
+                (None, Some(p)) => ServeRole::Target(
+                    p,
+                    TargetOptions {
+                        references,
+                        allow_open_by,
+                        create_mode: None,
+                        idle_timeout: idle.timeout(),
+                        max_image_size,
+                    },
+                ),
                 _ => anyhow::bail!("give exactly one of --source and --target"),
             };
             xenmig::copy::interrupt::install()?;
@@ -492,8 +528,15 @@ fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             align: a.hash.align,
             compress: a.compress,
             live: a.live.options(),
+            idle_timeout: a.idle.timeout(),
         },
-        target: TargetOptions { references: a.references, allow_open_by: None, create_mode: None },
+        target: TargetOptions {
+            references: a.references,
+            allow_open_by: None,
+            create_mode: None,
+            idle_timeout: a.idle.timeout(),
+            max_image_size: a.max_image_size,
+        },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };

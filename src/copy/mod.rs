@@ -65,6 +65,12 @@ pub enum EngineError {
     SameFile { src: PathBuf, dst: PathBuf, what: &'static str },
     #[error("target {path} is logical volume {lv}, which is open (a running guest's disk, or in use by another process); refusing to write to it")]
     TargetOpen { path: PathBuf, lv: String },
+    #[error("the source claims a {size}-byte image, more than the {max}-byte limit for {path} (--max-image-size); nothing was written")]
+    ImageTooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error("the source claims a {size}-byte image, but the file system holding {path} has only {free} bytes free (No space left on device); nothing was written")]
+    NoRoom { path: PathBuf, size: u64, free: u64 },
+    #[error("the source claims a {size}-byte image of {blocks} blocks, whose state would take {need} bytes of memory, more than the {available} available; use a larger --block-size")]
+    TooManyBlocks { size: u64, blocks: u64, need: u64, available: u64 },
     #[error("{0}")]
     Other(String),
 }
@@ -76,9 +82,23 @@ pub fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
 }
 
+/// Version of the [`Report`] layout: raised when a field changes meaning.
+/// Reports travel between the two ends in `Done`; every field has a
+/// default and unknown fields are ignored, so a report from a peer one
+/// release apart parses (a missing field reads as 0, false or empty).
+pub const REPORT_VERSION: u32 = 2;
+
+fn report_version() -> u32 {
+    REPORT_VERSION
+}
+
 /// The outcome of a copy, as `--json` prints it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Report {
+    /// [`REPORT_VERSION`] of the end that wrote it (1: before the field).
+    #[serde(default = "report_version_1")]
+    pub report_version: u32,
     pub source: String,
     pub target: String,
     pub image_size: u64,
@@ -121,8 +141,43 @@ pub struct Report {
     pub downtime_seconds: f64,
 }
 
+fn report_version_1() -> u32 {
+    1
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Report {
+            report_version: report_version(),
+            source: String::new(),
+            target: String::new(),
+            image_size: 0,
+            block_size: 0,
+            algorithm: String::new(),
+            blocks_total: 0,
+            blocks_zero: 0,
+            blocks_reused: 0,
+            blocks_fetched: 0,
+            blocks_in_place: 0,
+            groups_matched: 0,
+            groups_total: 0,
+            groups_refetched: 0,
+            bytes_fetched: 0,
+            bytes_payload_wire: 0,
+            codecs: Default::default(),
+            bytes_wire: 0,
+            seconds: 0.0,
+            verified: false,
+            digest: String::new(),
+            passes: Vec::new(),
+            downtime_seconds: 0.0,
+        }
+    }
+}
+
 /// One pass of a copy, as the target saw it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct PassReport {
     pub pass: u32,
     pub final_pass: bool,
@@ -135,4 +190,34 @@ pub struct PassReport {
     /// Groups that changed under the pass and go again in the next one.
     pub groups_stale: u64,
     pub seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_one_release_apart_parses() {
+        // An older peer's report: no report_version, no blocks_in_place, no
+        // passes; a newer one's field this release does not know.
+        let json = r#"{"source":"a","target":"b","image_size":8192,"block_size":4096,"algorithm":"blake3",
+            "blocks_total":2,"blocks_zero":1,"blocks_reused":0,"blocks_fetched":1,"groups_matched":0,
+            "groups_total":1,"groups_refetched":0,"bytes_fetched":4096,"bytes_payload_wire":100,"codecs":{},
+            "bytes_wire":500,"seconds":0.5,"verified":true,"digest":"ab","downtime_seconds":0.0,
+            "some_future_field":{"x":[1,2]}}"#;
+        let r: Report = serde_json::from_str(json).unwrap();
+        assert_eq!(r.report_version, 1);
+        assert_eq!(r.blocks_in_place, 0);
+        assert!(r.passes.is_empty());
+        assert!(r.verified);
+        assert_eq!(r.blocks_fetched, 1);
+        let p: PassReport = serde_json::from_str(r#"{"pass":2,"unknown":1}"#).unwrap();
+        assert_eq!(p.pass, 2);
+        assert!(!p.final_pass);
+        // What this release writes carries its version and reads back.
+        let mine = Report { verified: true, ..Report::default() };
+        let back: Report = serde_json::from_str(&serde_json::to_string(&mine).unwrap()).unwrap();
+        assert_eq!(back.report_version, REPORT_VERSION);
+        assert_eq!(back, mine);
+    }
 }

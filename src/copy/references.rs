@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
-use crate::blocks::digest::Algorithm;
+use crate::blocks::digest::{Algorithm, Key};
 use crate::storage::image::Image;
 use crate::formats::index::{self, Index};
 use crate::blocks::layout::{Align, Layout};
@@ -25,6 +25,34 @@ pub struct RefImage {
 pub struct ReferenceSet {
     pub images: Vec<RefImage>,
     pub index: Index,
+    /// The target's own earlier content, indexed compactly (looked up after
+    /// `index`, as an image added last would be).
+    own: Option<CompactIndex>,
+}
+
+/// Where the blocks of one large image are, by the first 8 bytes of their
+/// key: 12 bytes a block, where an [`Index`] entry takes 32. A prefix may
+/// name a block with another key; every hit is re-read and checked, as
+/// any block taken from a reference is, so such a hit is simply fetched.
+struct CompactIndex {
+    image: u32,
+    /// (key prefix, big-endian block or group number), sorted.
+    blocks: Vec<[u8; 12]>,
+    groups: Vec<[u8; 12]>,
+}
+
+impl CompactIndex {
+    fn entry(key: &[u8], pos: u32) -> [u8; 12] {
+        let mut e = [0u8; 12];
+        e[..8].copy_from_slice(&key[..8]);
+        e[8..].copy_from_slice(&pos.to_be_bytes());
+        e
+    }
+
+    fn find(v: &[[u8; 12]], key: &Key) -> Option<u64> {
+        let i = v.partition_point(|e| e[..8] < key[..8]);
+        v.get(i).filter(|e| e[..8] == key[..8]).map(|e| u32::from_be_bytes(e[8..].try_into().unwrap()) as u64)
+    }
 }
 
 /// Whether `path` starts with the index file magic.
@@ -51,7 +79,7 @@ pub fn layout_of(img: &Image, block_size: u32, align: Align) -> Result<Layout, E
 
 impl ReferenceSet {
     pub fn empty(algo: Algorithm, block_size: u32) -> Self {
-        ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size) }
+        ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size), own: None }
     }
 
     /// Open every reference: index files as they are, images hashed now.
@@ -103,6 +131,70 @@ impl ReferenceSet {
         self.index.merge(one);
     }
 
+    /// Add the target's own earlier content, compactly indexed (see
+    /// [`CompactIndex`]); an image of more than 2^32 blocks goes into the
+    /// full index instead.
+    pub fn add_own(&mut self, path: PathBuf, image: Image, map: &BlockMap) {
+        self.add_own_parts(path, image, &map.layout, &map.digests, |i| map.zero[i], &map.groups)
+    }
+
+    /// [`add_own`](Self::add_own) from block digests, which blocks are
+    /// zero (not indexed) and group digests, so that a caller which keeps
+    /// the digests anyway need not hold a whole [`BlockMap`] besides.
+    pub fn add_own_parts(
+        &mut self,
+        path: PathBuf,
+        image: Image,
+        layout: &Layout,
+        digests: &[crate::blocks::digest::Digest],
+        is_zero: impl Fn(usize) -> bool,
+        groups: &[crate::blocks::digest::Digest],
+    ) {
+        if layout.block_count() > u32::MAX as u64 || self.own.is_some() {
+            let zero = (0..digests.len()).map(&is_zero).collect();
+            let map = BlockMap {
+                algo: self.index.algo,
+                layout: layout.clone(),
+                digests: digests.to_vec(),
+                zero,
+                groups: groups.to_vec(),
+                image_digest: crate::blocks::blockmap::image_digest(self.index.algo, layout, groups),
+            };
+            return self.add_image(path, image, &map);
+        }
+        let non_zero = (0..digests.len()).filter(|&i| !is_zero(i)).count();
+        let mut blocks: Vec<[u8; 12]> = Vec::with_capacity(non_zero);
+        for (i, d) in digests.iter().enumerate() {
+            if !is_zero(i) {
+                blocks.push(CompactIndex::entry(d, i as u32));
+            }
+        }
+        blocks.sort_unstable();
+        let mut groups: Vec<[u8; 12]> =
+            groups.iter().enumerate().map(|(g, d)| CompactIndex::entry(d, g as u32)).collect();
+        groups.sort_unstable();
+        self.own = Some(CompactIndex { image: self.images.len() as u32, blocks, groups });
+        self.images.push(RefImage { image, layout: layout.clone() });
+    }
+
+    /// A reference block with `key`: (image, block number).
+    pub fn find_block(&self, key: &Key) -> Option<(u32, u64)> {
+        if let Some(e) = self.index.find_block(key) {
+            return Some((e.image, e.pos));
+        }
+        let own = self.own.as_ref()?;
+        CompactIndex::find(&own.blocks, key).map(|pos| (own.image, pos))
+    }
+
+    /// A reference group with `key`: (image, group number).
+    pub fn find_group(&self, key: &Key) -> Option<(u32, u64)> {
+        if let Some(e) = self.index.find_group(key) {
+            return Some((e.image, e.pos));
+        }
+        let own = self.own.as_ref()?;
+        CompactIndex::find(&own.groups, key).map(|pos| (own.image, pos))
+    }
+
     /// Read block `pos` of reference `image` into a new buffer, or None if it
     /// no longer exists there (image shrank) or has another length.
     pub fn read_block(&self, image: u32, pos: u64, want_len: usize) -> Option<Vec<u8>> {
@@ -122,5 +214,35 @@ impl ReferenceSet {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::digest::key_of;
+
+    #[test]
+    fn the_compact_index_finds_blocks_and_groups_by_prefix() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut data = vec![0u8; 3 << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 4096 % 251) as u8 ^ (i / (1 << 20)) as u8;
+        }
+        data[4096..8192].fill(0);
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        let img = Image::open_read(f.path()).unwrap();
+        let layout = Layout::flat(data.len() as u64, 4096).unwrap();
+        let map = BlockMap::of_image(&img, layout, Algorithm::Blake3).unwrap();
+        let mut set = ReferenceSet::empty(Algorithm::Blake3, 4096);
+        set.add_own(f.path().into(), Image::open_read(f.path()).unwrap(), &map);
+        // The lowest block holding that content.
+        let (img, pos) = set.find_block(&key_of(&map.digests[700])).unwrap();
+        assert_eq!(img, 0);
+        assert!(pos <= 700 && map.digests[pos as usize] == map.digests[700]);
+        assert_eq!(set.find_block(&key_of(&map.digests[3])), Some((0, 3)));
+        assert_eq!(set.find_block(&key_of(&map.digests[1])), None, "zero blocks are not indexed");
+        assert_eq!(set.find_group(&key_of(&map.groups[2])), Some((0, 2)));
+        assert_eq!(set.find_block(&[0xAB; crate::blocks::digest::KEY_LEN]), None);
     }
 }

@@ -36,6 +36,16 @@ impl Default for CopyOptions {
     }
 }
 
+/// `--idle-timeout` for a remote `xenmig serve`, only when it is not the
+/// default (so that a remote xenmig of the previous release, which lacks
+/// the flag, still runs with the default).
+pub fn idle_arg(idle: Option<std::time::Duration>) -> Vec<String> {
+    if idle == Some(crate::wire::liveness::DEFAULT_IDLE_TIMEOUT) {
+        return Vec::new();
+    }
+    vec!["--idle-timeout".into(), idle.map_or(0, |d| d.as_secs().max(1)).to_string()]
+}
+
 /// Arguments for `xenmig serve` playing the source end.
 fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
     let s = &o.source;
@@ -61,6 +71,7 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         "--compress".into(),
         compress,
     ];
+    v.extend(idle_arg(s.idle_timeout));
     if let Some(live) = &s.live {
         v.push("--live".into());
         v.extend(["--max-passes".into(), live.max_passes.to_string()]);
@@ -87,6 +98,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
 /// Arguments for `xenmig serve` playing the target end.
 fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
     let mut v = vec![o.remote_xenmig.clone(), "serve".into(), "--target".into(), path.into()];
+    v.extend(idle_arg(o.target.idle_timeout));
+    if let Some(max) = o.target.max_image_size {
+        v.extend(["--max-image-size".into(), max.to_string()]);
+    }
     for r in &o.target.references {
         v.push("--reference".into());
         v.push(r.display().to_string());

@@ -29,7 +29,10 @@ use crate::wire::compress::{AutoPolicy, Choice, Codec};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::storage::image::{Image, ImageError};
 use crate::blocks::layout::{Align, Layout};
-use crate::wire::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
+use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::protocol::{
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -106,6 +109,10 @@ pub struct SourceOptions {
     pub compress: Choice,
     /// Copy while the source changes (None: the source is quiescent).
     pub live: Option<LiveOptions>,
+    /// Fail when the target sends nothing for this long while this end
+    /// waits for it (None: wait forever). Keep-alives go out at a quarter of
+    /// it. Only with a version-2 target (see `protocol`).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for SourceOptions {
@@ -116,6 +123,7 @@ impl Default for SourceOptions {
             align: Align::Partitions,
             compress: Choice::Auto,
             live: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -197,6 +205,8 @@ pub struct SourceSession {
     events: Receiver<Result<Event, EngineError>>,
     writer_done: Receiver<()>,
     threads: Vec<thread::JoinHandle<()>>,
+    /// Times out a silent target (version 2 and an idle timeout only).
+    watchdog: Option<Watchdog>,
     tracker: Option<SnapTracker>,
     rescan: Rescan,
     /// XXH3 of every block as last hashed, and every group's strong digest.
@@ -227,8 +237,8 @@ impl SourceSession {
             _ => None,
         };
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
-        let caps = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
-        if caps & want_caps != want_caps {
+        let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
+        if agreed.caps & want_caps != want_caps {
             return Err(EngineError::Other("the target's xenmig cannot take a live copy; upgrade it".into()));
         }
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
@@ -247,7 +257,19 @@ impl SourceSession {
 
         let Link { reader, writer, .. } = link;
         let (frames_tx, frames_rx) = bounded::<Message>(2 * workers + 2);
-        let (work_tx, work_rx) = unbounded::<Message>();
+        // A version-2 target keeps at most WINDOW replies outstanding: a full
+        // queue holds the reader (and, through the link, a flooding peer).
+        // A version-1 target has no window; its queue stays unbounded.
+        let (work_tx, work_rx) = if agreed.keepalive() { bounded::<Message>(WINDOW) } else { unbounded::<Message>() };
+        let keepalive = opts.idle_timeout.filter(|_| agreed.keepalive()).map(keepalive_interval);
+        if !agreed.keepalive() {
+            log::warn!(
+                "the target speaks protocol version {}: no idle timeout, no keep-alives (a version-1 xenmig refuses a \
+                 newer source: if it hangs up now, upgrade xenmig on the target host first)",
+                agreed.version
+            );
+        }
+        let waiting = Waiting::default();
         // Failures of any thread, and the reader's events: the caller waits on
         // whichever comes first, so a dead link never leaves it waiting for an
         // answer that cannot come.
@@ -258,13 +280,23 @@ impl SourceSession {
         let mut threads = Vec::new();
         let fail = fail_tx.clone();
         threads.push(thread::spawn(move || {
-            if let Err(e) = write_loop(writer, frames_rx) {
+            if let Err(e) = write_loop(writer, frames_rx, keepalive) {
                 let _ = fail.send(e);
             }
             let _ = writer_done_tx.send(());
         }));
         let reader_frames = frames_tx.clone();
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx));
+        let reader_waiting = waiting.clone();
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting));
+        let watchdog = match opts.idle_timeout {
+            Some(idle) if agreed.keepalive() => {
+                let fail = fail_tx.clone();
+                Some(Watchdog::start("target", shared.stats.clone(), idle, waiting, move |e| {
+                    let _ = fail.send(EngineError::Protocol(e));
+                }))
+            }
+            _ => None,
+        };
         for _ in 0..workers {
             let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
             threads.push(thread::spawn(move || {
@@ -284,6 +316,7 @@ impl SourceSession {
             events: event_rx,
             writer_done: writer_done_rx,
             threads,
+            watchdog,
             tracker,
             rescan,
             fast: Vec::new(),
@@ -323,7 +356,11 @@ impl SourceSession {
     }
 
     fn send(&self, m: Message) -> Result<(), EngineError> {
-        self.frames().send(m).map_err(|_| self.failure())
+        if send_unless_failed(self.frames(), &self.fail_rx, m) {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
     }
 
     /// The reason the link or a thread stopped.
@@ -362,12 +399,14 @@ impl SourceSession {
             self.send(Message::PassBegin { pass: 1, final_pass: false, changed_blocks: layout.block_count() })?;
         }
         self.progress.phase("hashing", layout.size);
-        let mut fast: Vec<u64> = Vec::with_capacity(layout.block_count() as usize);
+        // XXH3s only for a live copy, whose later passes compare them.
+        let live = self.opts.live.is_some();
+        let mut fast: Vec<u64> = Vec::with_capacity(if live { layout.block_count() as usize } else { 0 });
         let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
         let frames = self.frames().clone();
-        let hashed = BlockMap::compute_streaming(
+        let hashed = BlockMap::stream(
             &sh.img,
-            layout.clone(),
+            layout,
             algo,
             |first, batch| {
                 {
@@ -377,26 +416,29 @@ impl SourceSession {
                     }
                 }
                 for g in batch {
-                    fast.extend_from_slice(&g.fast);
+                    if live {
+                        fast.extend_from_slice(&g.fast);
+                    }
                     groups.push(g.digest);
                 }
                 let digests = batch.iter().map(|g| g.digest).collect();
                 // Stop hashing as soon as the link or a worker has failed.
-                frames.send(Message::Groups { first, digests }).is_ok()
+                send_unless_failed(&frames, &self.fail_rx, Message::Groups { first, digests })
                     && self.fail_rx.is_empty()
                     && self.events.is_empty()
                     && interrupt::pending().is_none()
             },
             &|n| self.progress.inc(n),
         );
-        let map = match hashed {
-            Ok(Some(map)) => map,
-            Ok(None) => return Err(self.failure()),
+        match hashed {
+            Ok(true) => {}
+            Ok(false) => return Err(self.failure()),
             Err(e) => return Err(e.into()),
-        };
+        }
+        let digest = image_digest(algo, layout, &groups);
         self.fast = fast;
         self.groups = groups;
-        self.send(Message::GroupsEnd { image_digest: map.image_digest })?;
+        self.send(Message::GroupsEnd { image_digest: digest })?;
         self.progress.phase("sending", layout.size);
         Ok(())
     }
@@ -489,6 +531,7 @@ impl SourceSession {
     pub fn finish(mut self, downtime: Duration) -> Result<(), EngineError> {
         // Snapshots go only now: removing them is slow.
         drop(self.tracker.take());
+        drop(self.watchdog.take());
         let downtime_ns = downtime.as_nanos() as u64;
         let _ = self.frames().send(Message::Bye { downtime_ns });
         drop(self.frames.take());
@@ -514,6 +557,7 @@ impl SourceSession {
         }
         self.finished = true;
         drop(self.tracker.take());
+        drop(self.watchdog.take());
         if let Some(f) = self.frames.take() {
             let _ = f.try_send(Message::Error { message: format!("source: {why}") });
         }
@@ -732,16 +776,37 @@ pub fn run(path: &Path, opts: &SourceOptions, link: Link, progress: &Progress) -
     }
 }
 
-/// Own the write half: send frames, flushing whenever the queue runs dry.
-fn write_loop(mut w: Writer, rx: Receiver<Message>) -> Result<(), EngineError> {
+/// Send `m` unless a thread failed first (the writer may be stuck on a dead
+/// link, and a failure must not wait for it). True if sent.
+fn send_unless_failed(frames: &Sender<Message>, fail: &Receiver<EngineError>, mut m: Message) -> bool {
+    loop {
+        match frames.send_timeout(m, Duration::from_millis(100)) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::SendTimeoutError::Timeout(back)) if fail.is_empty() => m = back,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Own the write half: send frames, flushing whenever the queue runs dry,
+/// and a keep-alive whenever it stayed dry for `keepalive`.
+fn write_loop(mut w: Writer, rx: Receiver<Message>, keepalive: Option<Duration>) -> Result<(), EngineError> {
     loop {
         let m = match rx.try_recv() {
             Ok(m) => m,
             Err(_) => {
                 w.flush().map_err(ProtocolError::Io)?;
-                match rx.recv() {
+                let next = match keepalive {
+                    Some(every) => match rx.recv_timeout(every) {
+                        Ok(m) => Ok(m),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(Message::KeepAlive),
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+                    },
+                    None => rx.recv().map_err(|_| ()),
+                };
+                match next {
                     Ok(m) => m,
-                    Err(_) => return Ok(()),
+                    Err(()) => return Ok(()),
                 }
             }
         };
@@ -755,10 +820,15 @@ fn read_loop(
     work: Sender<Message>,
     frames: Sender<Message>,
     events: Sender<Result<Event, EngineError>>,
+    waiting: Waiting,
 ) {
     let result = (|| loop {
-        match read_message(&mut r, "before the target said Done")? {
+        waiting.set(true);
+        let m = read_message(&mut r, "before the target said Done");
+        waiting.set(false);
+        match m? {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
+                // Blocks while the queue is full: back-pressure.
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {

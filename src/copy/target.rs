@@ -21,11 +21,12 @@
 //! and the source announces it again. Only the final, frozen pass is strict,
 //! and only it can end in Done and `verified`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
@@ -35,13 +36,16 @@ use crate::wire::compress::Codec;
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::storage::image::Image;
 use crate::blocks::layout::Layout;
-use crate::wire::protocol::{self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES};
-use crate::wire::transport::{Link, Reader, Writer};
+use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::protocol::{
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+};
+use crate::wire::transport::{Link, Writer};
 
 use super::references::ReferenceSet;
 use super::{EngineError, PassReport, Progress, Report};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TargetOptions {
     /// Reference images or index files on this side.
     pub references: Vec<std::path::PathBuf>,
@@ -52,7 +56,15 @@ pub struct TargetOptions {
     /// Permission bits of a DST file created now (before the umask); None:
     /// 0600, for when the source's are unknown.
     pub create_mode: Option<u32>,
+    /// Fail when the source sends nothing for this long while this end
+    /// waits for it (None: wait forever). Keep-alives go out at a quarter of
+    /// it. Only with a version-2 source (see `protocol`).
+    pub idle_timeout: Option<Duration>,
+    /// Refuse a source image larger than this many bytes (None: only the
+    /// room on DST limits it).
+    pub max_image_size: Option<u64>,
 }
+
 
 /// Refuse a block-device DST that is a logical volume lvm reports open (a
 /// running guest's disk: blkback does not claim it exclusively, so the
@@ -82,6 +94,82 @@ fn check_lv_not_open(dst: &Path, allow_open_by: Option<&str>) -> Result<(), Engi
         }
         None => Err(EngineError::TargetOpen { path: dst.into(), lv: lv.lv_ref().to_string() }),
     }
+}
+
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            references: Vec::new(),
+            allow_open_by: None,
+            create_mode: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_image_size: None,
+        }
+    }
+}
+
+/// Refuse an image DST cannot hold, before anything is allocated for it or
+/// written: a block device must be at least as large; a regular file (or a
+/// new one) needs the image's size free on its file system (what the file
+/// already holds counts as free), and at most `max` bytes.
+pub fn check_room(dst: &Path, size: u64, max: Option<u64>) -> Result<(), EngineError> {
+    if let Some(max) = max.filter(|&m| size > m) {
+        return Err(EngineError::ImageTooLarge { path: dst.into(), size, max });
+    }
+    let meta = std::fs::metadata(dst).ok();
+    if meta.as_ref().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())) {
+        let have = Image::open_read(dst)?.size();
+        if have < size {
+            return Err(crate::storage::image::ImageError::TooSmall { path: dst.into(), have, need: size }.into());
+        }
+        return Ok(());
+    }
+    let held = meta.filter(|m| m.is_file()).map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+    let dir = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let free = free_bytes(if dst.exists() { dst } else { &dir })
+        .map_err(|e| EngineError::Other(format!("cannot tell the free space for {}: {e}", dst.display())))?;
+    if size > free.saturating_add(held) {
+        return Err(EngineError::NoRoom { path: dst.into(), size, free: free.saturating_add(held) });
+    }
+    Ok(())
+}
+
+/// Bytes of state the target keeps per block at most (`have` 32, `state` 1,
+/// the compact index of DST's earlier content 12; docs/benchmarks.md).
+pub const BYTES_PER_BLOCK: u64 = 46;
+
+/// Refuse an image whose per-block state would not fit in the memory
+/// available now (MemAvailable), before allocating it.
+pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
+    let need = layout.block_count().saturating_mul(BYTES_PER_BLOCK);
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match available {
+        Some(available) if need > available => {
+            Err(EngineError::TooManyBlocks { size: layout.size, blocks: layout.block_count(), need, available })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Bytes an unprivileged writer may still allocate on `path`'s file system.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +215,13 @@ struct Target<'a> {
     pass_report: PassReport,
     pass_started: Instant,
     passes: Vec<PassReport>,
-    out: Writer,
+    /// Shared with the keep-alive thread; a frame is written under the lock.
+    out: Arc<Mutex<Writer>>,
+    /// Replies awaited (a Fetch awaits one, WantDigests(_, n) n), and
+    /// requests held back while [`WINDOW`] are awaited (version 2).
+    outstanding: usize,
+    held: VecDeque<Message>,
+    windowed: bool,
     progress: &'a Progress,
 }
 
@@ -135,15 +229,46 @@ struct Target<'a> {
 pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let started = Instant::now();
     let Link { mut reader, mut writer, stats } = link;
-    protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
-    let (algo, layout) = match read_message(&mut reader, "before describing the image")? {
-        Message::ImageInfo { algo, layout } => (algo, layout),
-        other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
-    };
+    let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
+    let v2 = agreed.keepalive();
+    if !v2 {
+        log::warn!("the source speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);
+    }
+    let out = Arc::new(Mutex::new(writer));
+    let idle = opts.idle_timeout.filter(|_| v2);
+    // Keep-alives from now on: hashing DST and the references can take long.
+    let keepalive = idle.map(|i| KeepAlive::start(out.clone(), stats.clone(), keepalive_interval(i)));
+    // A reader thread keeps the link drained while we hash and write, so
+    // the source never stalls on a full pipe while we are busy.
+    let (tx, rx) = bounded::<Result<Message, ProtocolError>>(64);
+    let waiting = Waiting::default();
+    let reader_waiting = waiting.clone();
+    let reader_tx = tx.clone();
+    let reader_thread = thread::spawn(move || loop {
+        reader_waiting.set(true);
+        let m = read_message(&mut reader, "before the copy was complete");
+        reader_waiting.set(false);
+        let stop = matches!(m, Err(_) | Ok(Message::Bye { .. }));
+        if reader_tx.send(m).is_err() || stop {
+            return;
+        }
+    });
+    let watchdog = idle.map(|i| {
+        Watchdog::start("source", stats.clone(), i, waiting, move |e| {
+            let _ = tx.send(Err(e));
+        })
+    });
     let result = (|| {
+        let (algo, layout) = match rx.recv().map_err(|_| ProtocolError::Eof("before describing the image"))?? {
+            Message::ImageInfo { algo, layout } => (algo, layout),
+            other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
+        };
         if !algo.collision_safe() {
             log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
         }
+        // What the source claims must fit before anything is sized by it.
+        check_room(dst, layout.size, opts.max_image_size)?;
+        check_memory(&layout)?;
         // References first: a bad one stops the copy before DST is touched.
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
         check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
@@ -151,11 +276,28 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
-            let m = BlockMap::compute(&dst_img, layout.clone(), algo, |_, _| {}, &|n| progress.inc(n))?;
+            // Only the digests are kept (they become `have`); the compact
+            // index of DST is built from them.
+            let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
+            let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
+            BlockMap::stream(
+                &dst_img,
+                &layout,
+                algo,
+                |_, batch| {
+                    for h in batch {
+                        digests.extend_from_slice(&h.blocks);
+                        groups.push(h.digest);
+                    }
+                    true
+                },
+                &|n| progress.inc(n),
+            )?;
             // Blocks that moved within DST count too; each is re-read and
             // checked, so one overwritten meanwhile is simply fetched.
-            refs.add_image(dst.into(), Image::open_read(dst)?, &m);
-            m.digests
+            let is_zero = |i: usize| zeros.is_zero_digest(&digests[i], layout.extent(i as u64).1);
+            refs.add_own_parts(dst.into(), Image::open_read(dst)?, &layout, &digests, is_zero, &groups);
+            digests
         } else {
             (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
         };
@@ -188,12 +330,28 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             pass_started: Instant::now(),
             passes: Vec::new(),
             layout: layout.clone(),
-            out: writer,
+            out: out.clone(),
+            outstanding: 0,
+            held: VecDeque::new(),
+            windowed: v2,
             progress,
         };
         t.progress.phase("copying", t.layout.size);
-        t.receive(reader)
+        t.main_loop(&rx)
     })();
+    drop((watchdog, keepalive));
+    if let Err(e) = &result {
+        if let Ok(mut w) = out.lock() {
+            let _ = write_message(&mut *w, &Message::Error { message: format!("target: {e}") });
+            let _ = w.flush();
+        }
+    }
+    drop(rx);
+    // On success the reader ended at Bye; on failure it ends when the
+    // source hangs up after our Error frame.
+    if result.is_ok() {
+        let _ = reader_thread.join();
+    }
     match result {
         Ok(mut report) => {
             report.seconds = started.elapsed().as_secs_f64();
@@ -207,30 +365,45 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
 type Inbox = Receiver<Result<Message, ProtocolError>>;
 
 impl Target<'_> {
-    fn receive(&mut self, reader: Reader) -> Result<Report, EngineError> {
-        // A reader thread keeps the link drained while we hash and write, so
-        // the source never stalls on a full pipe while we are busy.
-        let (tx, rx) = bounded::<Result<Message, ProtocolError>>(64);
-        let mut reader = reader;
-        let reader_thread = thread::spawn(move || loop {
-            let m = read_message(&mut reader, "before the copy was complete");
-            let stop = matches!(m, Err(_) | Ok(Message::Bye { .. }));
-            if tx.send(m).is_err() || stop {
-                return;
+    /// Write one frame (under the lock the keep-alive thread shares).
+    fn send(&self, m: &Message) -> Result<(), EngineError> {
+        let mut w = self.out.lock().expect("writer lock");
+        write_message(&mut *w, m)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        self.out.lock().expect("writer lock").flush().map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// Send a request, or hold it while the window is full (version 2).
+    fn request(&mut self, m: Message) -> Result<(), EngineError> {
+        let units = replies_to(&m);
+        if self.windowed && (!self.held.is_empty() || self.outstanding + units > WINDOW) {
+            self.held.push_back(m);
+            return Ok(());
+        }
+        self.outstanding += units;
+        self.send(&m)
+    }
+
+    /// A reply arrived: one fewer awaited; send what the window now allows.
+    fn replied(&mut self, what: &str) -> Result<(), EngineError> {
+        self.outstanding = self
+            .outstanding
+            .checked_sub(1)
+            .ok_or_else(|| EngineError::BadReply(format!("{what}, with no request outstanding")))?;
+        while let Some(m) = self.held.front() {
+            let units = replies_to(m);
+            if self.outstanding + units > WINDOW {
+                break;
             }
-        });
-        let result = self.main_loop(&rx);
-        if let Err(e) = &result {
-            let _ = write_message(&mut self.out, &Message::Error { message: format!("target: {e}") });
-            let _ = self.out.flush();
+            let m = self.held.pop_front().expect("front");
+            self.outstanding += units;
+            self.send(&m)?;
         }
-        drop(rx);
-        // On success the reader ended at Bye; on failure it ends when the
-        // source hangs up after our Error frame.
-        if result.is_ok() {
-            let _ = reader_thread.join();
-        }
-        result
+        Ok(())
     }
 
     fn main_loop(&mut self, rx: &Inbox) -> Result<Report, EngineError> {
@@ -263,6 +436,12 @@ impl Target<'_> {
             }
             if let Some(want) = self.image_digest {
                 if self.open_groups == 0 {
+                    if self.outstanding != 0 || !self.held.is_empty() {
+                        return Err(EngineError::BadReply(format!(
+                            "the end of pass {} with {} replies still awaited",
+                            self.pass, self.outstanding
+                        )));
+                    }
                     if self.strict {
                         return self.finish(want, rx);
                     }
@@ -270,7 +449,7 @@ impl Target<'_> {
                 }
             }
             if rx.is_empty() {
-                self.out.flush().map_err(ProtocolError::Io)?;
+                self.flush()?;
             }
         }
     }
@@ -300,8 +479,8 @@ impl Target<'_> {
     fn end_live_pass(&mut self) -> Result<(), EngineError> {
         self.close_pass_report();
         let stale = std::mem::take(&mut self.stale);
-        write_message(&mut self.out, &Message::PassDone { pass: self.pass, stale_groups: stale })?;
-        self.out.flush().map_err(ProtocolError::Io)?;
+        self.send(&Message::PassDone { pass: self.pass, stale_groups: stale })?;
+        self.flush()?;
         self.image_digest = None;
         Ok(())
     }
@@ -344,8 +523,8 @@ impl Target<'_> {
             ..Report::default()
         };
         let json = serde_json::to_string(&report).expect("report serialises");
-        write_message(&mut self.out, &Message::Done { report: json })?;
-        self.out.flush().map_err(ProtocolError::Io)?;
+        self.send(&Message::Done { report: json })?;
+        self.flush()?;
         match rx.recv().map_err(|_| ProtocolError::Eof("before saying Bye"))?? {
             Message::Bye { downtime_ns } => {
                 report.downtime_seconds = downtime_ns as f64 / 1e9;
@@ -378,16 +557,16 @@ impl Target<'_> {
                 continue;
             }
             want = match want {
-                Some((f, c)) if f + c as u64 == g => Some((f, c + 1)),
+                Some((f, c)) if f + c as u64 == g && c < MAX_WANT => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
+                    self.request(Message::WantDigests { first_group: f, count: c })?;
                     Some((g, 1))
                 }
                 None => Some((g, 1)),
             };
         }
         if let Some((f, c)) = want {
-            write_message(&mut self.out, &Message::WantDigests { first_group: f, count: c })?;
+            self.request(Message::WantDigests { first_group: f, count: c })?;
         }
         Ok(())
     }
@@ -435,13 +614,13 @@ impl Target<'_> {
             return self.group_done(g, true);
         }
         // 3. A reference holds the same group.
-        if let Some(e) = self.refs.index.find_group(&key_of(want)) {
-            let r = &self.refs.images[e.image as usize];
-            let (ra, rb) = r.layout.group_range(e.pos);
+        if let Some((image, pos)) = self.refs.find_group(&key_of(want)) {
+            let r = &self.refs.images[image as usize];
+            let (ra, rb) = r.layout.group_range(pos);
             if rb - ra == b - a {
                 let mut blocks = Vec::with_capacity(bi - ai);
                 for (k, i) in (a..b).enumerate() {
-                    match self.refs.read_block(e.image, ra + k as u64, self.layout.extent(i).1) {
+                    match self.refs.read_block(image, ra + k as u64, self.layout.extent(i).1) {
                         Some(data) => blocks.push(data),
                         None => return Ok(false),
                     }
@@ -500,6 +679,7 @@ impl Target<'_> {
                 b - a
             )));
         }
+        self.replied(&format!("block digests for group {g}"))?;
         let mut missing = Vec::new();
         for (k, i) in (a..b).enumerate() {
             let key = &keys[k];
@@ -512,7 +692,9 @@ impl Target<'_> {
                 missing.push(i);
             }
         }
-        self.pending_in_group[g as usize] -= (b - a) as u32 - missing.len() as u32;
+        let settled = (b - a) as u32 - missing.len() as u32;
+        self.pending_in_group[g as usize] =
+            self.pending_in_group[g as usize].checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
         self.keys.insert(g, keys);
         self.request_runs(&missing)?;
         if self.pending_in_group[g as usize] == 0 {
@@ -523,11 +705,11 @@ impl Target<'_> {
 
     /// Copy block `i` from a reference if one holds data with `key`.
     fn reuse_block(&mut self, i: u64, key: &Key) -> Result<bool, EngineError> {
-        let Some(e) = self.refs.index.find_block(key) else {
+        let Some((image, pos)) = self.refs.find_block(key) else {
             return Ok(false);
         };
         let len = self.layout.extent(i).1;
-        let Some(data) = self.refs.read_block(e.image, e.pos, len) else {
+        let Some(data) = self.refs.read_block(image, pos, len) else {
             return Ok(false);
         };
         let d = self.algo.digest(&data);
@@ -547,14 +729,14 @@ impl Target<'_> {
             run = match run {
                 Some((f, c)) if f + c as u64 == i && c < max => Some((f, c + 1)),
                 Some((f, c)) => {
-                    write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
+                    self.request(Message::Fetch { first_block: f, count: c })?;
                     Some((i, 1))
                 }
                 None => Some((i, 1)),
             };
         }
         if let Some((f, c)) = run {
-            write_message(&mut self.out, &Message::Fetch { first_block: f, count: c })?;
+            self.request(Message::Fetch { first_block: f, count: c })?;
         }
         Ok(())
     }
@@ -574,9 +756,17 @@ impl Target<'_> {
                 self.layout.block_count()
             )));
         };
-        if (first..end).any(|i| self.state[i as usize] != State::Pending) {
-            return Err(EngineError::BadReply(format!("blocks {first}+{count}, which were not asked for")));
+        // Only blocks requested in this pass: pending, in a group whose keys
+        // arrived in this pass (keys are forgotten when a group is announced
+        // again or settled).
+        let gb = self.layout.group_blocks();
+        if (first..end).any(|i| self.state[i as usize] != State::Pending || !self.keys.contains_key(&(i / gb))) {
+            return Err(EngineError::BadReply(format!(
+                "blocks {first}+{count}, which were not asked for in pass {}",
+                self.pass
+            )));
         }
+        self.replied(&format!("blocks {first}+{count}"))?;
         let (start, stop) = byte_range(&self.layout, first, end);
         if stop - start != raw_len as u64 {
             return Err(EngineError::BadReply(format!(
@@ -596,7 +786,6 @@ impl Target<'_> {
                 algo.digest(&raw[(off - start) as usize..(off - start) as usize + len])
             })
             .collect();
-        let gb = self.layout.group_blocks();
         for (k, i) in (first..end).enumerate() {
             let g = i / gb;
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
@@ -619,7 +808,8 @@ impl Target<'_> {
             self.have[i as usize] = digests[k];
             self.state[i as usize] = State::Fetched;
             let g = i / gb;
-            self.pending_in_group[g as usize] -= 1;
+            self.pending_in_group[g as usize] =
+                self.pending_in_group[g as usize].checked_sub(1).ok_or_else(|| underflow("blocks pending", g))?;
             if self.pending_in_group[g as usize] == 0 {
                 touched.push(g);
             }
@@ -640,7 +830,7 @@ impl Target<'_> {
             self.tainted[g as usize] = false;
             self.keys.remove(&g);
             self.stale.push(g);
-            self.open_groups -= 1;
+            self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
             self.progress.inc(self.group_bytes(g));
             return Ok(false);
         }
@@ -663,10 +853,27 @@ impl Target<'_> {
         self.pending_in_group[g as usize] = 0;
         self.keys.remove(&g);
         self.verified[g as usize] = true;
-        self.open_groups -= 1;
+        self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
         self.progress.inc(self.group_bytes(g));
         Ok(true)
     }
+}
+
+/// Groups asked for in one WantDigests at most.
+const MAX_WANT: u32 = 64;
+
+/// Replies a request awaits.
+fn replies_to(m: &Message) -> usize {
+    match m {
+        Message::WantDigests { count, .. } => *count as usize,
+        _ => 1,
+    }
+}
+
+/// A counter would go below zero: the source sent something this state
+/// does not allow.
+fn underflow(what: &str, group: u64) -> EngineError {
+    EngineError::BadReply(format!("frames out of order: {what} of group {group} would go below zero"))
 }
 
 #[cfg(test)]

@@ -671,6 +671,7 @@ fn precopy(
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
         // The final delta lands while our own paused incoming domain holds the LV.
         args.extend(["--allow-open-by".into(), format!("{}--incoming", dom.name)]);
+        args.extend(crate::copy::run::idle_arg(opts.source.idle_timeout));
         for reference in references {
             args.extend(["--reference".into(), reference.clone()]);
         }

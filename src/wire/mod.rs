@@ -2,8 +2,10 @@
 //!
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
+//! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`transport`]: local socket pairs, ssh, byte counting.
 
 pub mod compress;
+pub mod liveness;
 pub mod protocol;
 pub mod transport;

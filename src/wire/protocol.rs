@@ -51,9 +51,17 @@
 //! ```text
 //!  AwaitHello -> AwaitImageInfo -> Comparing --(GroupsEnd and every group
 //!  settled and verified)--> Finishing --(Done sent, Bye read)--> Closed
-//!  any state --(Error frame, bad frame, EOF)--> Failed (nothing reported
-//!  verified; DST holds only verified blocks)
+//!  any state --(Error frame, bad frame, EOF, idle timeout, a frame the
+//!  state does not allow)--> Failed (nothing reported verified; DST holds
+//!  only verified blocks)
 //! ```
+//!
+//! Frames the state does not allow include: `Blocks` for a block that was
+//! not requested in this pass (its group's `BlockDigests` did not arrive in
+//! this pass, or it is already settled), a reply with no request
+//! outstanding, and anything that would take a counter below zero (every
+//! counter is decremented with checked arithmetic). `KeepAlive` is allowed
+//! in every state after the handshake (version 2).
 //!
 //! A group is *settled* when every block in it is zero, found locally, or
 //! fetched, and each of those blocks matched its key; it is *verified* when
@@ -63,11 +71,44 @@
 //! than [`MAX_FRAME`] or shorter/longer than its kind requires is an error
 //! naming the frame; nothing is read past what a frame declares.
 //!
-//! Versioning: [`VERSION`] changes whenever a frame's meaning changes; both
-//! ends must speak the same version, or the handshake fails with both
-//! versions named. Optional features are capability bits in Hello: a bit is
-//! used only when both ends set it, and unknown bits are ignored, so adding a
-//! feature does not need a new version.
+//! Liveness (version 2): each end times out a peer that sends nothing for
+//! its idle timeout (`--idle-timeout`, default
+//! [`DEFAULT_IDLE_TIMEOUT`](crate::wire::liveness::DEFAULT_IDLE_TIMEOUT)) while it waits for
+//! that peer, and sends an empty `KeepAlive` frame whenever it has written
+//! nothing for a quarter of its timeout, so that a healthy end that is idle
+//! (a source between passes while `migrate` waits for `xl`, a target hashing
+//! DST or its references) never looks dead. Keep-alives may come between any
+//! two frames, in any state after the handshake, and are skipped by the
+//! reader. A timeout fails the copy as any broken link does: an error naming
+//! the silent peer and how long it was silent, nothing reported verified,
+//! a frozen source thawed.
+//!
+//! Flow control (version 2): the target keeps at most [`WINDOW`] replies
+//! outstanding (a `Fetch` awaits one `Blocks`, `WantDigests(_, n)` awaits n
+//! `BlockDigests`); the source queues at most that many requests and stops
+//! reading the link while its queue is full, so a peer that floods requests
+//! without reading the replies is held by back-pressure instead of growing
+//! the source's memory.
+//!
+//! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
+//! frame is added. An end accepts a peer one version older
+//! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
+//! `min(ours, theirs)` and neither sends a frame that version lacks. The
+//! source sends its Hello first; the target reads it and answers with the
+//! version it agreed on, so even a version-1 source, which demanded an exact
+//! match, is served by a newer target (a version-1 *target* refuses a newer
+//! source's Hello: upgrade target hosts first). What a version-1 peer gets:
+//! no `KeepAlive` frames, no flow-control window on the target's requests
+//! (the source's request queue is then unbounded, as version 1 expects), and
+//! no idle timeout on our side, because a version-1 peer is silent whenever
+//! it is busy and cannot be told from a dead one; such a copy waits for a
+//! silent peer as version 1 did. A peer two or more versions apart is refused
+//! with both versions named. Optional features are capability bits in
+//! Hello: a bit is used only when both ends set it, and unknown bits are
+//! ignored, so adding a feature does not need a new version. The report in
+//! `Done` is JSON whose fields all have defaults and which carries
+//! `report_version`: a report from a peer one release apart (fields missing
+//! or added) parses.
 
 use std::io::{self, Read, Write};
 
@@ -76,7 +117,14 @@ use thiserror::Error;
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Oldest peer version spoken (one release back).
+pub const MIN_VERSION: u16 = 1;
+/// First version with `KeepAlive` frames, idle timeouts and the request window.
+pub const V_KEEPALIVE: u16 = 2;
+/// Replies a version-2 target keeps outstanding at most, and the length of
+/// the source's request queue.
+pub const WINDOW: usize = 4096;
 /// Capability: the source may run a live copy in passes.
 pub const CAP_LIVE: u32 = 1;
 const MAGIC: &[u8; 6] = b"XENMIG";
@@ -103,6 +151,8 @@ pub enum Kind {
     Error = 11,
     PassBegin = 12,
     PassDone = 13,
+    /// Version 2: nothing to say, still alive.
+    KeepAlive = 14,
 }
 
 impl Kind {
@@ -122,6 +172,7 @@ impl Kind {
             Error,
             PassBegin,
             PassDone,
+            KeepAlive,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -190,6 +241,7 @@ pub enum Message {
     Error {
         message: String,
     },
+    KeepAlive,
 }
 
 #[derive(Debug, Error)]
@@ -204,8 +256,10 @@ pub enum ProtocolError {
     TooLarge { kind: Kind, len: usize, max: usize },
     #[error("malformed {kind:?} frame: {what}")]
     Malformed { kind: Kind, what: String },
-    #[error("protocol version mismatch: this end speaks {ours}, the peer {theirs}; install the same xenmig version on both hosts")]
-    Version { ours: u16, theirs: u16 },
+    #[error("protocol version mismatch: this end speaks {min}..={ours}, the peer {theirs}; install xenmig releases at most one apart on both hosts")]
+    Version { ours: u16, min: u16, theirs: u16 },
+    #[error("the {peer} sent nothing for {silent_secs:.1} s (idle timeout {limit_secs} s): it stopped responding or the link is down")]
+    IdleTimeout { peer: &'static str, silent_secs: f64, limit_secs: u64 },
     #[error("the peer reported an error: {0}")]
     Remote(String),
     #[error("unexpected {got:?} frame while {state}")]
@@ -235,6 +289,7 @@ impl Message {
             Message::PassBegin { .. } => Kind::PassBegin,
             Message::PassDone { .. } => Kind::PassDone,
             Message::Error { .. } => Kind::Error,
+            Message::KeepAlive => Kind::KeepAlive,
         }
     }
 
@@ -309,6 +364,7 @@ impl Message {
                 }
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
+            Message::KeepAlive => {}
         }
         let len = (b.len() - 5 + tail.len()) as u32;
         b[1..5].copy_from_slice(&len.to_le_bytes());
@@ -419,12 +475,27 @@ impl Message {
                 Message::PassDone { pass: u32_at(0), stale_groups }
             }
             Kind::Error => Message::Error { message: String::from_utf8_lossy(p).into_owned() },
+            Kind::KeepAlive => {
+                exact(0)?;
+                Message::KeepAlive
+            }
         })
     }
 }
 
-/// Read one frame. `context` names what was expected, for EOF errors.
+/// Read one frame, skipping keep-alives. `context` names what was
+/// expected, for EOF errors.
 pub fn read_message(r: &mut impl Read, context: &'static str) -> Result<Message, ProtocolError> {
+    loop {
+        match read_frame(r, context)? {
+            Message::KeepAlive => continue,
+            m => return Ok(m),
+        }
+    }
+}
+
+/// Read one frame, keep-alives included.
+pub fn read_frame(r: &mut impl Read, context: &'static str) -> Result<Message, ProtocolError> {
     let mut h = [0u8; 5];
     read_exact_or_eof(r, &mut h, context)?;
     let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
@@ -467,25 +538,76 @@ pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolErro
     Ok(())
 }
 
-/// Exchange Hello frames: send ours, read theirs, check version and role.
-pub fn handshake(r: &mut impl Read, w: &mut impl Write, role: Role, caps: u32) -> Result<u32, ProtocolError> {
-    write_message(w, &Message::Hello { version: VERSION, role, caps })?;
-    w.flush()?;
-    match read_message(r, "before the handshake (is xenmig installed on the remote host?)")? {
-        Message::Hello { version, role: theirs, caps: their_caps } => {
-            if version != VERSION {
-                return Err(ProtocolError::Version { ours: VERSION, theirs: version });
-            }
-            if theirs == role {
-                return Err(ProtocolError::Malformed {
-                    kind: Kind::Hello,
-                    what: format!("both ends claim the {role:?} role"),
-                });
-            }
-            Ok(caps & their_caps)
-        }
-        other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Hello" }),
+/// What the handshake agreed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Agreed {
+    /// min(ours, theirs): the version both ends speak from now on.
+    pub version: u16,
+    /// Capabilities both ends set.
+    pub caps: u32,
+}
+
+impl Agreed {
+    /// Whether keep-alives, idle timeouts and the request window are on.
+    pub fn keepalive(&self) -> bool {
+        self.version >= V_KEEPALIVE
     }
+}
+
+/// Exchange Hello frames and agree on a version: the source sends first;
+/// the target reads the source's Hello and answers with the agreed version
+/// (so a version-1 source, which wants an exact match, accepts it).
+pub fn handshake(r: &mut impl Read, w: &mut impl Write, role: Role, caps: u32) -> Result<Agreed, ProtocolError> {
+    handshake_as(r, w, role, caps, VERSION)
+}
+
+/// [`handshake`] announcing `ours` instead of [`VERSION`] (tests simulate
+/// older peers with it).
+pub fn handshake_as(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    role: Role,
+    caps: u32,
+    ours: u16,
+) -> Result<Agreed, ProtocolError> {
+    let read_hello = |r: &mut _| -> Result<(u16, u32), ProtocolError> {
+        match read_message(r, "before the handshake (is xenmig installed on the remote host?)")? {
+            Message::Hello { version, role: theirs, caps: their_caps } => {
+                if version < MIN_VERSION {
+                    return Err(ProtocolError::Version { ours, min: MIN_VERSION, theirs: version });
+                }
+                if theirs == role {
+                    return Err(ProtocolError::Malformed {
+                        kind: Kind::Hello,
+                        what: format!("both ends claim the {role:?} role"),
+                    });
+                }
+                Ok((version, their_caps))
+            }
+            other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Hello" }),
+        }
+    };
+    let (version, their_caps) = match role {
+        Role::Source => {
+            write_message(w, &Message::Hello { version: ours, role, caps })?;
+            w.flush()?;
+            let (theirs, their_caps) = read_hello(r)?;
+            if theirs > ours {
+                // A newer target answers with the version it agreed on; one
+                // that names a newer one than ours did not.
+                return Err(ProtocolError::Version { ours, min: MIN_VERSION, theirs });
+            }
+            (theirs, their_caps)
+        }
+        Role::Target => {
+            let (theirs, their_caps) = read_hello(r)?;
+            let agreed = theirs.min(ours);
+            write_message(w, &Message::Hello { version: agreed, role, caps })?;
+            w.flush()?;
+            (agreed, their_caps)
+        }
+    };
+    Ok(Agreed { version, caps: caps & their_caps })
 }
 
 #[cfg(test)]
@@ -515,6 +637,7 @@ mod tests {
             Message::Bye { downtime_ns: 12 },
             Message::PassBegin { pass: 2, final_pass: true, changed_blocks: 77 },
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
+            Message::KeepAlive,
         ]
     }
 
@@ -522,7 +645,7 @@ mod tests {
     fn every_message_round_trips() {
         for m in samples() {
             let bytes = m.encode();
-            let back = read_message(&mut &bytes[..], "test").unwrap();
+            let back = read_frame(&mut &bytes[..], "test").unwrap();
             assert_eq!(back, m);
         }
     }
@@ -548,6 +671,46 @@ mod tests {
         assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::TooLarge { .. })));
         let f = [200u8, 0, 0, 0, 0];
         assert!(matches!(read_message(&mut &f[..], "t"), Err(ProtocolError::UnknownKind(200))));
+    }
+
+    /// Run a handshake between a source announcing `src` and a target
+    /// announcing `tgt`; what each end agreed on.
+    fn agree(src: u16, tgt: u16) -> (Result<Agreed, ProtocolError>, Result<Agreed, ProtocolError>) {
+        let (mut a, mut b) = crate::wire::transport::Link::pair().unwrap();
+        let t = std::thread::spawn(move || handshake_as(&mut b.reader, &mut b.writer, Role::Target, CAP_LIVE, tgt));
+        let s = handshake_as(&mut a.reader, &mut a.writer, Role::Source, CAP_LIVE, src);
+        (s, t.join().unwrap())
+    }
+
+    #[test]
+    fn the_handshake_agrees_on_the_older_version_one_apart() {
+        let v = |r: Result<Agreed, ProtocolError>| r.unwrap().version;
+        let (s, t) = agree(2, 2);
+        assert_eq!((v(s), v(t)), (2, 2));
+        // A version-1 source: the target answers 1, which a v1 end accepts.
+        let (s, t) = agree(1, 2);
+        assert_eq!((v(s), v(t)), (1, 1));
+        // A version-1 target (one that follows the rule) and a v2 source.
+        let (s, t) = agree(2, 1);
+        assert_eq!((v(s), v(t)), (1, 1));
+        assert!(!agree(2, 1).0.unwrap().keepalive());
+        assert!(agree(2, 2).0.unwrap().keepalive());
+        // A newer target (3) speaks our 2.
+        let (s, t) = agree(2, 3);
+        assert_eq!((v(s), v(t)), (2, 2));
+        // Version 0 is refused with both versions named.
+        let (_, t) = agree(0, 2);
+        let e = t.unwrap_err().to_string();
+        assert!(e.contains("this end speaks 1..=2, the peer 0"), "{e}");
+    }
+
+    #[test]
+    fn keepalives_are_skipped_by_read_message() {
+        let mut f = Message::KeepAlive.encode();
+        f.extend(Message::KeepAlive.encode());
+        f.extend(Message::Fetch { first_block: 1, count: 2 }.encode());
+        assert_eq!(read_message(&mut &f[..], "t").unwrap(), Message::Fetch { first_block: 1, count: 2 });
+        assert_eq!(read_frame(&mut &f[..], "t").unwrap(), Message::KeepAlive);
     }
 
     #[test]

@@ -81,6 +81,11 @@ impl LinkStats {
         self.read.load(Ordering::Relaxed) + self.written.load(Ordering::Relaxed)
     }
 
+    /// Bytes read from the peer so far.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
