@@ -94,10 +94,14 @@
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
 //! `min(ours, theirs)` and neither sends a frame that version lacks. The
-//! source sends its Hello first; the target reads it and answers with the
-//! version it agreed on, so even a version-1 source, which demanded an exact
-//! match, is served by a newer target (a version-1 *target* refuses a newer
-//! source's Hello: upgrade target hosts first). What a version-1 peer gets:
+//! source sends its Hello first, announcing the *oldest* version it speaks
+//! with [`CAP_NEXT_VERSION`] set when it also speaks the one after; the
+//! target reads it and answers with the version it agreed on. So a
+//! version-1 target, which demands an exact match and ignores unknown
+//! capability bits, sees a version-1 Hello and serves a newer source in
+//! version 1; a version-1 source (no such bit) is served by a newer target
+//! in version 1; two current ends agree on the current version. Hosts can be
+//! upgraded in either order. What a version-1 peer gets:
 //! no `KeepAlive` frames, no flow-control window on the target's requests
 //! (the source's request queue is then unbounded, as version 1 expects), and
 //! no idle timeout on our side, because a version-1 peer is silent whenever
@@ -127,6 +131,9 @@ pub const V_KEEPALIVE: u16 = 2;
 pub const WINDOW: usize = 4096;
 /// Capability: the source may run a live copy in passes.
 pub const CAP_LIVE: u32 = 1;
+/// In a source's Hello: besides the version announced, it speaks the next
+/// one too (see the versioning rule above). Never part of the agreed caps.
+pub const CAP_NEXT_VERSION: u32 = 1 << 31;
 const MAGIC: &[u8; 6] = b"XENMIG";
 /// Largest payload accepted (a 4 MiB run of blocks plus headroom).
 pub const MAX_FRAME: usize = 16 << 20;
@@ -589,25 +596,32 @@ pub fn handshake_as(
     };
     let (version, their_caps) = match role {
         Role::Source => {
-            write_message(w, &Message::Hello { version: ours, role, caps })?;
+            // The oldest version we speak, and that we speak the next one:
+            // a target that demands an exact match (version 1) accepts it.
+            let (announce, next) = if ours > MIN_VERSION { (ours - 1, CAP_NEXT_VERSION) } else { (ours, 0) };
+            write_message(w, &Message::Hello { version: announce, role, caps: caps | next })?;
             w.flush()?;
             let (theirs, their_caps) = read_hello(r)?;
-            if theirs > ours {
-                // A newer target answers with the version it agreed on; one
-                // that names a newer one than ours did not.
+            if theirs > ours || theirs < announce {
+                // A target answers with the version it agreed on, which must
+                // be one we offered.
                 return Err(ProtocolError::Version { ours, min: MIN_VERSION, theirs });
             }
             (theirs, their_caps)
         }
         Role::Target => {
             let (theirs, their_caps) = read_hello(r)?;
-            let agreed = theirs.min(ours);
+            let theirs_max = if their_caps & CAP_NEXT_VERSION != 0 { theirs.saturating_add(1) } else { theirs };
+            let agreed = theirs_max.min(ours);
+            if agreed < theirs {
+                return Err(ProtocolError::Version { ours, min: MIN_VERSION, theirs });
+            }
             write_message(w, &Message::Hello { version: agreed, role, caps })?;
             w.flush()?;
             (agreed, their_caps)
         }
     };
-    Ok(Agreed { version, caps: caps & their_caps })
+    Ok(Agreed { version, caps: caps & their_caps & !CAP_NEXT_VERSION })
 }
 
 #[cfg(test)]
@@ -702,6 +716,28 @@ mod tests {
         let (_, t) = agree(0, 2);
         let e = t.unwrap_err().to_string();
         assert!(e.contains("this end speaks 1..=2, the peer 0"), "{e}");
+    }
+
+    /// The previous release's target: writes its Hello at once, then
+    /// demands exactly version 1 from the source.
+    #[test]
+    fn a_target_of_the_previous_release_accepts_a_current_source() {
+        let (mut a, mut b) = crate::wire::transport::Link::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            write_message(&mut b.writer, &Message::Hello { version: 1, role: Role::Target, caps: CAP_LIVE }).unwrap();
+            b.writer.flush().unwrap();
+            match read_message(&mut b.reader, "t").unwrap() {
+                Message::Hello { version, caps, .. } => (version, caps),
+                other => panic!("{other:?}"),
+            }
+        });
+        let agreed = handshake(&mut a.reader, &mut a.writer, Role::Source, CAP_LIVE).unwrap();
+        let (seen_version, seen_caps) = t.join().unwrap();
+        assert_eq!(seen_version, 1, "an exact-match v1 target must see version 1");
+        assert_eq!(seen_caps & CAP_LIVE, CAP_LIVE);
+        assert_eq!(agreed.version, 1);
+        assert_eq!(agreed.caps, CAP_LIVE, "the next-version bit is never an agreed capability");
+        assert!(!agreed.keepalive());
     }
 
     #[test]
