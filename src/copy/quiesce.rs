@@ -88,41 +88,75 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// What makes a live source stop changing, and undoes it: shell commands
+/// ([`ShellHooks`], `copy --live --freeze-cmd/--thaw-cmd`), or anything a
+/// caller plugs in (a test double; a domain pause). `thaw` must be safe
+/// after a failed or partial `freeze`: [`Freeze`] calls it in every case.
+pub trait Quiesce: Send {
+    fn freeze(&mut self) -> Result<(), EngineError>;
+    fn thaw(&mut self) -> Result<(), EngineError>;
+}
+
+/// Freeze and thaw by shell commands on the source's host; the freeze
+/// command is killed after `limit` or on a signal ([`interrupt`]).
+pub struct ShellHooks {
+    pub freeze_cmd: Option<String>,
+    pub thaw_cmd: Option<String>,
+    pub limit: Duration,
+}
+
+impl Quiesce for ShellHooks {
+    fn freeze(&mut self) -> Result<(), EngineError> {
+        if let Some(cmd) = &self.freeze_cmd {
+            log::info!("freezing the source: {cmd}");
+            run_hook_limited("freeze", cmd, Some(self.limit), true)?;
+        }
+        Ok(())
+    }
+
+    /// Runs to its end whatever signals arrive meanwhile.
+    fn thaw(&mut self) -> Result<(), EngineError> {
+        if let Some(cmd) = &self.thaw_cmd {
+            log::info!("thawing the source: {cmd}");
+            run_hook("thaw", cmd)?;
+        }
+        Ok(())
+    }
+}
+
 /// A frozen source; thaws on [`Freeze::thaw`] or, failing that, on drop.
 pub struct Freeze {
-    thaw_cmd: Option<String>,
+    quiesce: Box<dyn Quiesce>,
     started: Instant,
     thawed: bool,
 }
 
 impl Freeze {
+    /// Freeze through `quiesce`. If freezing fails, it is thawed too.
+    pub fn begin(quiesce: Box<dyn Quiesce>) -> Result<Freeze, EngineError> {
+        let mut guard = Freeze { quiesce, started: Instant::now(), thawed: false };
+        // On error the guard drops here, and Drop thaws.
+        guard.quiesce.freeze()?;
+        Ok(guard)
+    }
+
     /// Run the freeze command (at most [`DEFAULT_FREEZE_TIMEOUT`]). If it
     /// fails, the thaw command runs too.
     pub fn run(freeze_cmd: Option<&str>, thaw_cmd: Option<String>) -> Result<Freeze, EngineError> {
         Self::run_limited(freeze_cmd, thaw_cmd, DEFAULT_FREEZE_TIMEOUT)
     }
 
-    /// Run the freeze command, killing it after `limit` or on a signal
-    /// ([`interrupt`]); if it fails, times out or is interrupted, the thaw
-    /// command runs too.
+    /// Run the freeze command, killing it after `limit` or on a signal; if
+    /// it fails, times out or is interrupted, the thaw command runs too.
     pub fn run_limited(freeze_cmd: Option<&str>, thaw_cmd: Option<String>, limit: Duration) -> Result<Freeze, EngineError> {
-        let guard = Freeze { thaw_cmd, started: Instant::now(), thawed: false };
-        if let Some(cmd) = freeze_cmd {
-            log::info!("freezing the source: {cmd}");
-            run_hook_limited("freeze", cmd, Some(limit), true)?;
-        }
-        Ok(guard)
+        Self::begin(Box::new(ShellHooks { freeze_cmd: freeze_cmd.map(String::from), thaw_cmd, limit }))
     }
 
-    /// Thaw now; returns how long the source was frozen. The thaw runs to
-    /// its end whatever signals arrive meanwhile.
+    /// Thaw now; returns how long the source was frozen.
     pub fn thaw(mut self) -> Result<Duration, EngineError> {
         self.thawed = true;
         let frozen = self.started.elapsed();
-        if let Some(cmd) = &self.thaw_cmd {
-            log::info!("thawing the source: {cmd}");
-            run_hook("thaw", cmd)?;
-        }
+        self.quiesce.thaw()?;
         Ok(frozen)
     }
 }
@@ -130,10 +164,8 @@ impl Freeze {
 impl Drop for Freeze {
     fn drop(&mut self) {
         if !self.thawed {
-            if let Some(cmd) = &self.thaw_cmd {
-                if let Err(e) = run_hook("thaw", cmd) {
-                    log::error!("{e}");
-                }
+            if let Err(e) = self.quiesce.thaw() {
+                log::error!("{e}");
             }
         }
     }
@@ -142,6 +174,40 @@ impl Drop for Freeze {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test double: counts calls, fails the freeze when told to.
+    struct Counting {
+        fail_freeze: bool,
+        log: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    impl Quiesce for Counting {
+        fn freeze(&mut self) -> Result<(), EngineError> {
+            self.log.lock().unwrap().push("freeze");
+            if self.fail_freeze {
+                return Err(EngineError::Other("freeze failed".into()));
+            }
+            Ok(())
+        }
+        fn thaw(&mut self) -> Result<(), EngineError> {
+            self.log.lock().unwrap().push("thaw");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn any_quiesce_is_thawed_once_on_every_path() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let f = Freeze::begin(Box::new(Counting { fail_freeze: false, log: log.clone() })).unwrap();
+        f.thaw().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["freeze", "thaw"]);
+        log.lock().unwrap().clear();
+        assert!(Freeze::begin(Box::new(Counting { fail_freeze: true, log: log.clone() })).is_err());
+        assert_eq!(*log.lock().unwrap(), ["freeze", "thaw"], "a failed freeze is thawed");
+        log.lock().unwrap().clear();
+        drop(Freeze::begin(Box::new(Counting { fail_freeze: false, log: log.clone() })).unwrap());
+        assert_eq!(*log.lock().unwrap(), ["freeze", "thaw"], "a dropped freeze is thawed");
+    }
 
     #[test]
     fn a_failed_freeze_still_thaws() {

@@ -38,7 +38,7 @@ use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
-use super::tracker::SnapTracker;
+use super::tracker::{self, Candidates, ChangeTracker, Compare};
 use super::{EngineError, Progress, Report};
 
 /// How a live copy iterates before it freezes the source.
@@ -207,8 +207,8 @@ pub struct SourceSession {
     threads: Vec<thread::JoinHandle<()>>,
     /// Times out a silent target (version 2 and an idle timeout only).
     watchdog: Option<Watchdog>,
-    tracker: Option<SnapTracker>,
-    rescan: Rescan,
+    /// How live passes find changes (None: not a live copy).
+    tracker: Option<Box<dyn ChangeTracker>>,
     /// XXH3 of every block as last hashed, and every group's strong digest.
     fast: Vec<u64>,
     groups: Vec<Digest>,
@@ -229,12 +229,9 @@ impl SourceSession {
     pub fn start(path: &Path, opts: &SourceOptions, mut link: Link, progress: Progress) -> Result<SourceSession, EngineError> {
         let img = Image::open_read(path)?;
         let layout = layout_of(&img, opts.block_size, opts.align)?;
-        let rescan = opts.live.as_ref().map(|l| l.rescan).unwrap_or_default();
-        // Snapshot tracking starts first: writes made while pass 1 hashes
-        // are caught too.
         let tracker = match &opts.live {
-            Some(l) if l.rescan == Rescan::LvmSnapshot => Some(SnapTracker::start(path, img.size())?),
-            _ => None,
+            Some(l) => Some(tracker::start(l.rescan, path, img.size())?),
+            None => None,
         };
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
         let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
@@ -318,7 +315,6 @@ impl SourceSession {
             threads,
             watchdog,
             tracker,
-            rescan,
             fast: Vec::new(),
             groups: Vec::new(),
             pass: 1,
@@ -589,41 +585,24 @@ impl SourceSession {
     /// (falling back to a re-read if its snapshot overflowed), else by
     /// re-reading.
     fn changed_blocks(&mut self, last: bool) -> Result<u64, EngineError> {
-        let how = self.rescan;
+        let layout = self.shared.layout.clone();
+        let candidates = match self.tracker.as_mut() {
+            Some(t) => t.candidates(&layout, last)?,
+            None => return Err(EngineError::Other("a live pass on a session that is not live".into())),
+        };
         let mut fast = std::mem::take(&mut self.fast);
         let mut groups = std::mem::take(&mut self.groups);
-        let found = self.tracked_changes(&mut fast, &mut groups, how, last);
+        let found = match &candidates {
+            Candidates::All(how) => self.rescan(&mut fast, &mut groups, *how, None),
+            Candidates::Only(blocks) => self.rescan(&mut fast, &mut groups, Compare::Strong, Some(blocks)),
+        };
         self.fast = fast;
         self.groups = groups;
         let blocks = found?;
-        let gb = self.shared.layout.group_blocks();
+        let gb = layout.group_blocks();
         self.pending.extend(blocks.iter().map(|&b| b / gb));
         self.pending_changed += blocks.len() as u64;
         Ok(blocks.len() as u64)
-    }
-
-    fn tracked_changes(
-        &mut self,
-        fast: &mut [u64],
-        groups: &mut [Digest],
-        how: Rescan,
-        last: bool,
-    ) -> Result<Vec<u64>, EngineError> {
-        let layout = self.shared.layout.clone();
-        let Some(t) = self.tracker.as_mut() else { return self.rescan(fast, groups, how, None) };
-        match t.changed(last)? {
-            None => self.rescan(fast, groups, Rescan::Fast, None),
-            Some(ranges) => {
-                let mut blocks = BTreeSet::new();
-                for (start, end) in ranges {
-                    let end = end.min(layout.size);
-                    if start < end {
-                        blocks.extend(layout.block_at(start)..=layout.block_at(end - 1));
-                    }
-                }
-                self.rescan(fast, groups, how, Some(&blocks))
-            }
-        }
     }
 
     /// Re-read the image (or only `only`); re-hash the blocks whose content
@@ -632,7 +611,7 @@ impl SourceSession {
         &self,
         fast: &mut [u64],
         groups: &mut [Digest],
-        how: Rescan,
+        how: Compare,
         only: Option<&BTreeSet<u64>>,
     ) -> Result<Vec<u64>, EngineError> {
         let sh = &*self.shared;
@@ -688,9 +667,9 @@ impl SourceSession {
                         let x = xxhash_rust::xxh3::xxh3_64(data);
                         let strong = || if is_zero(data) { zeros.get(len) } else { algo.digest(data) };
                         match how {
-                            Rescan::Fast if x != fast_ro[i as usize] => changed.push((i, strong(), x)),
-                            Rescan::Fast => {}
-                            Rescan::Full | Rescan::LvmSnapshot => {
+                            Compare::Fast if x != fast_ro[i as usize] => changed.push((i, strong(), x)),
+                            Compare::Fast => {}
+                            Compare::Strong => {
                                 let d = strong();
                                 if d != digests_ro[i as usize] {
                                     changed.push((i, d, x));

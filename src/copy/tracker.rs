@@ -1,5 +1,12 @@
-//! Change tracking of an LVM logical volume through device-mapper
-//! snapshots, for live copies (`--rescan lvm-snapshot`).
+//! How a live copy finds what changed between passes: the
+//! [`ChangeTracker`] trait and its three kinds. [`Reread`] re-reads every
+//! block and compares its XXH3 with the value read when its strong digest
+//! was taken (any file or device); [`FullRehash`] recomputes every strong
+//! digest (the seed's way, kept to measure against); [`SnapTracker`] asks
+//! device-mapper snapshots of an LVM logical volume which chunks were
+//! written, so that nothing else is read (`--rescan lvm-snapshot`).
+//!
+//! The snapshot tracker:
 //!
 //! A snapshot taken at the start of a pass records, in its exception table,
 //! every origin chunk written after it was taken. At the end of the pass a
@@ -9,12 +16,100 @@
 //! what changed, not what the disk holds. Snapshots are removed afterwards,
 //! also on failure.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::storage::dmsnap;
 use crate::storage::lvm::{LvRef, Lvm};
 
+use super::source::Rescan;
 use super::EngineError;
+use crate::blocks::layout::Layout;
+
+/// How a re-read block is judged changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// Its XXH3 against the one read when its strong digest was taken; the
+    /// strong digest is recomputed only for blocks that differ.
+    Fast,
+    /// Its strong digest, recomputed, against the one last announced.
+    Strong,
+}
+
+/// What to re-read after a live pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Candidates {
+    /// Every block, compared as said.
+    All(Compare),
+    /// Only these blocks (they were written), compared by strong digest.
+    Only(BTreeSet<u64>),
+}
+
+/// Finds the blocks of a live source that may have changed since the last
+/// call (or since tracking started). `last` is the call made while the
+/// source is frozen: nothing needs tracking after it.
+pub trait ChangeTracker: Send + Sync {
+    fn candidates(&mut self, layout: &Layout, last: bool) -> Result<Candidates, EngineError>;
+    /// What `--rescan` calls it.
+    fn name(&self) -> &'static str;
+}
+
+/// `--rescan fast`: re-read everything, compare XXH3s.
+pub struct Reread;
+
+impl ChangeTracker for Reread {
+    fn candidates(&mut self, _: &Layout, _: bool) -> Result<Candidates, EngineError> {
+        Ok(Candidates::All(Compare::Fast))
+    }
+    fn name(&self) -> &'static str {
+        "fast"
+    }
+}
+
+/// `--rescan full`: re-read everything, recompute every strong digest.
+pub struct FullRehash;
+
+impl ChangeTracker for FullRehash {
+    fn candidates(&mut self, _: &Layout, _: bool) -> Result<Candidates, EngineError> {
+        Ok(Candidates::All(Compare::Strong))
+    }
+    fn name(&self) -> &'static str {
+        "full"
+    }
+}
+
+/// The tracker `--rescan` names, started on the image at `path` of `size`
+/// bytes (a snapshot tracker fails here, before the target is touched, when
+/// `path` is not a logical volume).
+pub fn start(rescan: Rescan, path: &Path, size: u64) -> Result<Box<dyn ChangeTracker>, EngineError> {
+    Ok(match rescan {
+        Rescan::Fast => Box::new(Reread),
+        Rescan::Full => Box::new(FullRehash),
+        Rescan::LvmSnapshot => Box::new(SnapTracker::start(path, size)?),
+    })
+}
+
+impl ChangeTracker for SnapTracker {
+    fn candidates(&mut self, layout: &Layout, last: bool) -> Result<Candidates, EngineError> {
+        Ok(match self.changed(last)? {
+            // Overflowed: this pass re-reads everything.
+            None => Candidates::All(Compare::Fast),
+            Some(ranges) => {
+                let mut blocks = BTreeSet::new();
+                for (start, end) in ranges {
+                    let end = end.min(layout.size);
+                    if start < end {
+                        blocks.extend(layout.block_at(start)..=layout.block_at(end - 1));
+                    }
+                }
+                Candidates::Only(blocks)
+            }
+        })
+    }
+    fn name(&self) -> &'static str {
+        "lvm-snapshot"
+    }
+}
 
 pub struct SnapTracker {
     lvm: Lvm,
@@ -109,6 +204,17 @@ impl Drop for SnapTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rereading_trackers_name_their_comparison() {
+        let layout = Layout::flat(1 << 20, 4096).unwrap();
+        let mut t = start(Rescan::Fast, Path::new("/nonexistent"), 1 << 20).unwrap();
+        assert_eq!(t.candidates(&layout, false).unwrap(), Candidates::All(Compare::Fast));
+        assert_eq!(t.name(), "fast");
+        let mut t = start(Rescan::Full, Path::new("/nonexistent"), 1 << 20).unwrap();
+        assert_eq!(t.candidates(&layout, true).unwrap(), Candidates::All(Compare::Strong));
+        assert_eq!(t.name(), "full");
+    }
 
     #[test]
     fn cow_paths_follow_device_mapper_naming() {
