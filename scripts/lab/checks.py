@@ -275,8 +275,10 @@ class HeartbeatGap:
     def __init__(self, src, src_log, dst, dst_log):
         self.src, self.dst = src, dst
         for h, lg, out in ((src, src_log, "/tmp/hb-src"), (dst, dst_log, "/tmp/hb-dst")):
-            h.sh(f"pkill -f hbstamp; rm -f {out}; setsid /opt/xenmig/lab/hbstamp {lg} {out} "
-                 f"</dev/null >/dev/null 2>&1 & true")
+            # "( ... & )": started from a subshell, so the interactive shell
+            # has no job to report "Done" about in a later command's output.
+            h.sh(f"pkill -f hbstamp; rm -f {out}; (setsid /opt/xenmig/lab/hbstamp {lg} {out} "
+                 f"</dev/null >/dev/null 2>&1 &)")
 
     def measure(self):
         """(gap seconds, error bound, last n on src, first n on dst) or None."""

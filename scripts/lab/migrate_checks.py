@@ -179,10 +179,10 @@ def check_xm_kill_at_hold(g, dst):
     src = g.host
     before = last_heartbeat(src, g.log)
     src.sh("rm -f /tmp/xm.rc /tmp/xm.json /tmp/xm.err")
-    # In the background (setsid: away from the console's Ctrl-C); "& true"
-    # because the driver appends " ;" and "& ;" is a syntax error.
-    src.sh(f"setsid sh -c 'XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} "
-           f">/tmp/xm.json 2>/tmp/xm.err; echo $? >/tmp/xm.rc' </dev/null >/dev/null 2>&1 & true")
+    # In the background (setsid: away from the console's Ctrl-C), from a
+    # subshell so that the interactive shell reports no job "Done" later.
+    src.sh(f"(setsid sh -c 'XENMIG_TEST_HOLD_READY=25 xenmig migrate --json g1 {dst.ip} "
+           f">/tmp/xm.json 2>/tmp/xm.err; echo $? >/tmp/xm.rc' </dev/null >/dev/null 2>&1 &)")
     end = time.monotonic() + 600
     while time.monotonic() < end:
         if "holding READY" in src.sh("cat /tmp/xm.err 2>/dev/null"):
@@ -295,8 +295,8 @@ def start_migrate_bg(src, dst, tag, env=""):
     """Start `xenmig migrate --json g1 DST` in the background on SRC (setsid:
     away from the console's Ctrl-C); its status lands in /tmp/{tag}.rc."""
     src.sh(f"rm -f /tmp/{tag}.rc /tmp/{tag}.json /tmp/{tag}.err")
-    src.sh(f"setsid sh -c '{env} xenmig migrate --json g1 {dst.ip} >/tmp/{tag}.json "
-           f"2>/tmp/{tag}.err; echo $? >/tmp/{tag}.rc' </dev/null >/dev/null 2>&1 & true")
+    src.sh(f"(setsid sh -c '{env} xenmig migrate --json g1 {dst.ip} >/tmp/{tag}.json "
+           f"2>/tmp/{tag}.err; echo $? >/tmp/{tag}.rc' </dev/null >/dev/null 2>&1 &)")
 
 
 def wait_bg(src, tag, limit=600):
