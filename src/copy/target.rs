@@ -181,6 +181,21 @@ enum State {
     Fetched,
 }
 
+/// One group as the target sees it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Group {
+    /// The source's digest, as last announced.
+    digest: Option<Digest>,
+    /// Pass in which it was last announced (0: not yet).
+    announced_in: u32,
+    /// Blocks still to settle in this pass.
+    pending: u32,
+    /// A block did not match its key in a live pass: announced again.
+    tainted: bool,
+    /// Its blocks as written reproduce `digest`.
+    verified: bool,
+}
+
 struct Target<'a> {
     algo: Algorithm,
     layout: Layout,
@@ -190,18 +205,12 @@ struct Target<'a> {
     /// Digest of what DST holds now at each block (a fresh file reads as
     /// zeros); kept current as blocks are written.
     have: Vec<Digest>,
-    /// Source digest of each group, as last announced.
-    groups: Vec<Option<Digest>>,
-    /// Pass in which each group was last announced (0: not yet).
-    announced_in: Vec<u32>,
+    /// What the target knows of each group, in one place.
+    grp: Vec<Group>,
     image_digest: Option<Digest>,
     state: Vec<State>,
     /// Keys of groups being settled block by block.
     keys: HashMap<u64, Vec<Key>>,
-    pending_in_group: Vec<u32>,
-    /// A block of the group did not match its key in a live pass.
-    tainted: Vec<bool>,
-    verified: Vec<bool>,
     /// Groups announced in this pass and not yet verified or found stale.
     open_groups: u64,
     stale: Vec<u64>,
@@ -309,14 +318,10 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             dst: dst_img,
             refs,
             have,
-            groups: vec![None; g],
-            announced_in: vec![0; g],
+            grp: vec![Group::default(); g],
             image_digest: None,
             state: vec![State::Pending; n],
             keys: HashMap::new(),
-            pending_in_group: vec![0; g],
-            tainted: vec![false; g],
-            verified: vec![false; g],
             open_groups: 0,
             stale: Vec::new(),
             refetched: HashSet::new(),
@@ -462,7 +467,7 @@ impl Target<'_> {
     }
 
     fn on_pass_begin(&mut self, pass: u32, final_pass: bool, changed_blocks: u64) -> Result<(), EngineError> {
-        let first = self.passes.is_empty() && self.announced_in.iter().all(|&p| p == 0);
+        let first = self.passes.is_empty() && self.grp.iter().all(|g| g.announced_in == 0);
         if (first && pass != 1) || (!first && (pass != self.pass + 1 || self.image_digest.is_some())) {
             return Err(EngineError::BadReply(format!("pass {pass} out of order (at pass {})", self.pass)));
         }
@@ -486,10 +491,10 @@ impl Target<'_> {
     }
 
     fn finish(&mut self, want: Digest, rx: &Inbox) -> Result<Report, EngineError> {
-        if let Some(g) = self.verified.iter().position(|v| !v) {
+        if let Some(g) = self.grp.iter().position(|g| !g.verified) {
             return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
-        let groups: Vec<Digest> = self.groups.iter().map(|g| g.expect("every group verified")).collect();
+        let groups: Vec<Digest> = self.grp.iter().map(|g| g.digest.expect("every group verified")).collect();
         let got = image_digest(self.algo, &self.layout, &groups);
         if got != want {
             return Err(EngineError::NotVerified { got: hex(&got), want: hex(&want) });
@@ -574,17 +579,17 @@ impl Target<'_> {
     /// Take group `g` with digest `d` into this pass, forgetting any earlier
     /// settlement of it.
     fn announce(&mut self, g: u64, d: Digest) -> Result<(), EngineError> {
-        if self.announced_in[g as usize] == self.pass {
+        if self.grp[g as usize].announced_in == self.pass {
             return Err(EngineError::BadReply(format!("group {g} twice in pass {}", self.pass)));
         }
-        self.verified[g as usize] = false;
+        self.grp[g as usize].verified = false;
         let (a, b) = self.layout.group_range(g);
         self.state[a as usize..b as usize].fill(State::Pending);
-        self.pending_in_group[g as usize] = (b - a) as u32;
+        self.grp[g as usize].pending = (b - a) as u32;
         self.keys.remove(&g);
-        self.tainted[g as usize] = false;
-        self.groups[g as usize] = Some(d);
-        self.announced_in[g as usize] = self.pass;
+        self.grp[g as usize].tainted = false;
+        self.grp[g as usize].digest = Some(d);
+        self.grp[g as usize].announced_in = self.pass;
         self.open_groups += 1;
         self.pass_report.groups += 1;
         Ok(())
@@ -665,8 +670,8 @@ impl Target<'_> {
 
     fn on_block_digests(&mut self, g: u64, keys: Vec<Key>) -> Result<(), EngineError> {
         if g >= self.layout.group_count()
-            || self.announced_in[g as usize] != self.pass
-            || self.verified[g as usize]
+            || self.grp[g as usize].announced_in != self.pass
+            || self.grp[g as usize].verified
             || self.keys.contains_key(&g)
         {
             return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
@@ -693,11 +698,11 @@ impl Target<'_> {
             }
         }
         let settled = (b - a) as u32 - missing.len() as u32;
-        self.pending_in_group[g as usize] =
-            self.pending_in_group[g as usize].checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
+        self.grp[g as usize].pending =
+            self.grp[g as usize].pending.checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
         self.keys.insert(g, keys);
         self.request_runs(&missing)?;
-        if self.pending_in_group[g as usize] == 0 {
+        if self.grp[g as usize].pending == 0 {
             self.group_done(g, false)?;
         }
         Ok(())
@@ -795,7 +800,7 @@ impl Target<'_> {
                 }
                 // Changed since the source hashed it: newer data, announced
                 // again in the next pass.
-                self.tainted[g as usize] = true;
+                self.grp[g as usize].tainted = true;
             }
         }
         self.dst.write_at(&raw, start)?;
@@ -808,9 +813,9 @@ impl Target<'_> {
             self.have[i as usize] = digests[k];
             self.state[i as usize] = State::Fetched;
             let g = i / gb;
-            self.pending_in_group[g as usize] =
-                self.pending_in_group[g as usize].checked_sub(1).ok_or_else(|| underflow("blocks pending", g))?;
-            if self.pending_in_group[g as usize] == 0 {
+            self.grp[g as usize].pending =
+                self.grp[g as usize].pending.checked_sub(1).ok_or_else(|| underflow("blocks pending", g))?;
+            if self.grp[g as usize].pending == 0 {
                 touched.push(g);
             }
         }
@@ -824,10 +829,10 @@ impl Target<'_> {
     /// `from_digest` groups were settled by that very comparison.
     fn group_done(&mut self, g: u64, from_digest: bool) -> Result<bool, EngineError> {
         let (a, b) = self.layout.group_range(g);
-        let want = self.groups[g as usize].expect("announced");
+        let want = self.grp[g as usize].digest.expect("announced");
         let matches = from_digest || group_digest(self.algo, &self.have[a as usize..b as usize]) == want;
-        if !self.strict && (self.tainted[g as usize] || !matches) {
-            self.tainted[g as usize] = false;
+        if !self.strict && (self.grp[g as usize].tainted || !matches) {
+            self.grp[g as usize].tainted = false;
             self.keys.remove(&g);
             self.stale.push(g);
             self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
@@ -846,13 +851,13 @@ impl Target<'_> {
             for &i in &redo {
                 self.state[i as usize] = State::Pending;
             }
-            self.pending_in_group[g as usize] = redo.len() as u32;
+            self.grp[g as usize].pending = redo.len() as u32;
             self.request_runs(&redo)?;
             return Ok(false);
         }
-        self.pending_in_group[g as usize] = 0;
+        self.grp[g as usize].pending = 0;
         self.keys.remove(&g);
-        self.verified[g as usize] = true;
+        self.grp[g as usize].verified = true;
         self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
         self.progress.inc(self.group_bytes(g));
         Ok(true)
