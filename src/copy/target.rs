@@ -181,6 +181,42 @@ enum State {
     Fetched,
 }
 
+/// The receiver's states, as `protocol` draws them. A plain copy starts
+/// announcing pass 1 strictly; a live one is switched to its pass 1 by the
+/// first `PassBegin`. Each frame is accepted only in the states listed with
+/// it: `PassBegin` between passes (or first thing), `Groups` and
+/// `GroupsEnd` while announcing, `BlockDigests` and `Blocks` while
+/// announcing or settling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Receiving {
+    /// The source announces groups (and the target already asks about them).
+    Announcing { pass: u32, strict: bool },
+    /// `GroupsEnd` came: what is open settles, then `Done` (strict) or
+    /// `PassDone`.
+    Settling { pass: u32, strict: bool, image_digest: Digest },
+    /// A live pass ended with `PassDone`; the next `PassBegin` is due.
+    BetweenPasses { done: u32 },
+}
+
+impl Receiving {
+    fn pass(self) -> u32 {
+        match self {
+            Receiving::Announcing { pass, .. } | Receiving::Settling { pass, .. } => pass,
+            Receiving::BetweenPasses { done } => done,
+        }
+    }
+    fn strict(self) -> bool {
+        matches!(self, Receiving::Announcing { strict: true, .. } | Receiving::Settling { strict: true, .. })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Receiving::Announcing { .. } => "announcing",
+            Receiving::Settling { .. } => "settling",
+            Receiving::BetweenPasses { .. } => "between passes",
+        }
+    }
+}
+
 /// One group as the target sees it.
 #[derive(Clone, Copy, Debug, Default)]
 struct Group {
@@ -207,7 +243,8 @@ struct Target<'a> {
     have: Vec<Digest>,
     /// What the target knows of each group, in one place.
     grp: Vec<Group>,
-    image_digest: Option<Digest>,
+    /// Where the exchange stands (the protocol module's receiver states).
+    at: Receiving,
     state: Vec<State>,
     /// Keys of groups being settled block by block.
     keys: HashMap<u64, Vec<Key>>,
@@ -219,8 +256,6 @@ struct Target<'a> {
     bytes_fetched: u64,
     bytes_payload: u64,
     codecs: std::collections::BTreeMap<String, u64>,
-    pass: u32,
-    strict: bool,
     pass_report: PassReport,
     pass_started: Instant,
     passes: Vec<PassReport>,
@@ -319,7 +354,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             refs,
             have,
             grp: vec![Group::default(); g],
-            image_digest: None,
+            at: Receiving::Announcing { pass: 1, strict: true },
             state: vec![State::Pending; n],
             keys: HashMap::new(),
             open_groups: 0,
@@ -329,8 +364,6 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             bytes_fetched: 0,
             bytes_payload: 0,
             codecs: Default::default(),
-            pass: 1,
-            strict: true,
             pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
             pass_started: Instant::now(),
             passes: Vec::new(),
@@ -428,10 +461,26 @@ impl Target<'_> {
                     self.on_pass_begin(pass, final_pass, changed_blocks)?
                 }
                 Message::Groups { first, digests } => self.on_groups(first, digests)?,
-                Message::GroupsEnd { image_digest } => {
-                    if self.image_digest.replace(image_digest).is_some() {
-                        return Err(EngineError::BadReply(format!("a second end of pass {}", self.pass)));
+                Message::GroupsEnd { image_digest } => match self.at {
+                    Receiving::Announcing { pass, strict } => {
+                        self.at = Receiving::Settling { pass, strict, image_digest }
                     }
+                    at => {
+                        return Err(EngineError::BadReply(format!(
+                            "an end of pass {} while {}",
+                            at.pass(),
+                            at.name()
+                        )))
+                    }
+                },
+                Message::BlockDigests { .. } | Message::Blocks { .. }
+                    if matches!(self.at, Receiving::BetweenPasses { .. }) =>
+                {
+                    return Err(EngineError::BadReply(format!(
+                        "{:?} between passes (after pass {})",
+                        m.kind(),
+                        self.at.pass()
+                    )))
                 }
                 Message::BlockDigests { group, keys } => self.on_block_digests(group, keys)?,
                 Message::Blocks { first_block, count, codec, raw_len, payload } => {
@@ -439,18 +488,19 @@ impl Target<'_> {
                 }
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
-            if let Some(want) = self.image_digest {
+            if let Receiving::Settling { pass, strict, image_digest } = self.at {
                 if self.open_groups == 0 {
                     if self.outstanding != 0 || !self.held.is_empty() {
                         return Err(EngineError::BadReply(format!(
-                            "the end of pass {} with {} replies still awaited",
-                            self.pass, self.outstanding
+                            "the end of pass {pass} with {} replies still awaited",
+                            self.outstanding
                         )));
                     }
-                    if self.strict {
-                        return self.finish(want, rx);
+                    if strict {
+                        return self.finish(image_digest, rx);
                     }
                     self.end_live_pass()?;
+                    self.at = Receiving::BetweenPasses { done: pass };
                 }
             }
             if rx.is_empty() {
@@ -467,12 +517,25 @@ impl Target<'_> {
     }
 
     fn on_pass_begin(&mut self, pass: u32, final_pass: bool, changed_blocks: u64) -> Result<(), EngineError> {
-        let first = self.passes.is_empty() && self.grp.iter().all(|g| g.announced_in == 0);
-        if (first && pass != 1) || (!first && (pass != self.pass + 1 || self.image_digest.is_some())) {
-            return Err(EngineError::BadReply(format!("pass {pass} out of order (at pass {})", self.pass)));
+        // First thing of a live copy (nothing announced yet), or between passes.
+        let first = self.passes.is_empty()
+            && self.grp.iter().all(|g| g.announced_in == 0)
+            && matches!(self.at, Receiving::Announcing { pass: 1, .. });
+        let expected = match self.at {
+            _ if first => 1,
+            Receiving::BetweenPasses { done } => done + 1,
+            at => {
+                return Err(EngineError::BadReply(format!(
+                    "pass {pass} begun while {} pass {}",
+                    at.name(),
+                    at.pass()
+                )))
+            }
+        };
+        if pass != expected {
+            return Err(EngineError::BadReply(format!("pass {pass} out of order (pass {expected} is due)")));
         }
-        self.pass = pass;
-        self.strict = final_pass;
+        self.at = Receiving::Announcing { pass, strict: final_pass };
         self.pass_report = PassReport { pass, final_pass, changed_blocks, ..Default::default() };
         self.pass_started = Instant::now();
         let label = if final_pass { format!("final {pass}") } else { format!("pass {pass}") };
@@ -484,9 +547,8 @@ impl Target<'_> {
     fn end_live_pass(&mut self) -> Result<(), EngineError> {
         self.close_pass_report();
         let stale = std::mem::take(&mut self.stale);
-        self.send(&Message::PassDone { pass: self.pass, stale_groups: stale })?;
+        self.send(&Message::PassDone { pass: self.at.pass(), stale_groups: stale })?;
         self.flush()?;
-        self.image_digest = None;
         Ok(())
     }
 
@@ -547,7 +609,14 @@ impl Target<'_> {
 
     fn on_groups(&mut self, first: u64, digests: Vec<Digest>) -> Result<(), EngineError> {
         let end = first.checked_add(digests.len() as u64).filter(|&e| e <= self.layout.group_count());
-        if end.is_none() || digests.is_empty() || self.image_digest.is_some() {
+        if !matches!(self.at, Receiving::Announcing { .. }) {
+            return Err(EngineError::BadReply(format!(
+                "group digests while {} pass {}",
+                self.at.name(),
+                self.at.pass()
+            )));
+        }
+        if end.is_none() || digests.is_empty() {
             return Err(EngineError::BadReply(format!(
                 "digests for groups {first}+{}, the image has {}",
                 digests.len(),
@@ -579,8 +648,8 @@ impl Target<'_> {
     /// Take group `g` with digest `d` into this pass, forgetting any earlier
     /// settlement of it.
     fn announce(&mut self, g: u64, d: Digest) -> Result<(), EngineError> {
-        if self.grp[g as usize].announced_in == self.pass {
-            return Err(EngineError::BadReply(format!("group {g} twice in pass {}", self.pass)));
+        if self.grp[g as usize].announced_in == self.at.pass() {
+            return Err(EngineError::BadReply(format!("group {g} twice in pass {}", self.at.pass())));
         }
         self.grp[g as usize].verified = false;
         let (a, b) = self.layout.group_range(g);
@@ -589,7 +658,7 @@ impl Target<'_> {
         self.keys.remove(&g);
         self.grp[g as usize].tainted = false;
         self.grp[g as usize].digest = Some(d);
-        self.grp[g as usize].announced_in = self.pass;
+        self.grp[g as usize].announced_in = self.at.pass();
         self.open_groups += 1;
         self.pass_report.groups += 1;
         Ok(())
@@ -670,7 +739,7 @@ impl Target<'_> {
 
     fn on_block_digests(&mut self, g: u64, keys: Vec<Key>) -> Result<(), EngineError> {
         if g >= self.layout.group_count()
-            || self.grp[g as usize].announced_in != self.pass
+            || self.grp[g as usize].announced_in != self.at.pass()
             || self.grp[g as usize].verified
             || self.keys.contains_key(&g)
         {
@@ -768,7 +837,7 @@ impl Target<'_> {
         if (first..end).any(|i| self.state[i as usize] != State::Pending || !self.keys.contains_key(&(i / gb))) {
             return Err(EngineError::BadReply(format!(
                 "blocks {first}+{count}, which were not asked for in pass {}",
-                self.pass
+                self.at.pass()
             )));
         }
         self.replied(&format!("blocks {first}+{count}"))?;
@@ -795,7 +864,7 @@ impl Target<'_> {
             let g = i / gb;
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
             if want != Some(key_of(&digests[k])) {
-                if self.strict {
+                if self.at.strict() {
                     return Err(EngineError::BadBlock { block: i, offset: self.layout.extent(i).0 });
                 }
                 // Changed since the source hashed it: newer data, announced
@@ -831,7 +900,7 @@ impl Target<'_> {
         let (a, b) = self.layout.group_range(g);
         let want = self.grp[g as usize].digest.expect("announced");
         let matches = from_digest || group_digest(self.algo, &self.have[a as usize..b as usize]) == want;
-        if !self.strict && (self.grp[g as usize].tainted || !matches) {
+        if !self.at.strict() && (self.grp[g as usize].tainted || !matches) {
             self.grp[g as usize].tainted = false;
             self.keys.remove(&g);
             self.stale.push(g);
