@@ -399,7 +399,7 @@ fn report_lost_still_incoming_destroyed_there_source_resumes() {
     assert!(!r.migrated);
     assert_eq!(
         r.rolled_back,
-        vec![format!("resumed {DOMAIN} on this host")],
+        vec![format!("destroyed {DOMAIN}--incoming on {HOST}"), format!("resumed {DOMAIN} on this host")],
         "{}",
         w.log()
     );
@@ -588,5 +588,122 @@ fn kill_in_final_delta() {
         assert_eq!(lines, s(&[first, "destroyed g1--incoming on tgt"]), "{how:?}: {}", w.log());
         assert_rolled_back(&w, &want);
         rows_for_kill(&format!("killed in the last delta ({how:?})"), &lines, &w);
+    }
+}
+
+#[test]
+fn report_lost_incoming_renamed_while_xenmig_destroys_it() {
+    // xenmig sees NAME--incoming, but the target's xl renames and unpauses
+    // it before `xl destroy NAME--incoming` runs: the destroy fails and the
+    // domain runs there, so the source must not be resumed.
+    let (w, r, res) =
+        after_go("report lost, rename races the destroy", false, &[("recv_die_after_go", ""), ("destroy_races_rename", "")]);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")], "{}", w.log());
+    assert!(r.needs_attention.is_empty(), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "gone", "{}", w.log());
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    assert!(!w.log().contains("resumed by xenmig"), "resumed while it runs on the target: {}", w.log());
+    row("GO sent, report lost: NAME--incoming renamed while xenmig destroys it", format!("migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+#[test]
+fn report_lost_renamed_but_still_paused_is_left_for_a_person() {
+    // NAME exists on the target, paused, without -p (renamed, not unpaused):
+    // neither "runs there" nor "absent": the source stays suspended.
+    let w = World::new(VG_BIG);
+    w.fault("xl_lose_report", "1");
+    w.fault("recv_sleep_after_go", "3");
+    let state = w.state();
+    let pauser = std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let unpaused = || fs::read_to_string(state.join("log")).unwrap().contains("target: g1 unpaused");
+        while !unpaused() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fs::write(state.join("tgt").join(DOMAIN), "--p---").unwrap();
+    });
+    let (r, res) = run(&w);
+    pauser.join().unwrap();
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Commit(_)), "{e}");
+    assert!(!r.migrated);
+    assert!(r.rolled_back.is_empty(), "{:?}", r.rolled_back);
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].contains("is paused on tgt"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended");
+    assert!(w.journal_file().exists(), "the journal must stay for --recover");
+    row("GO sent, report lost: NAME paused on target (no -p)", format!("not migrated; needs attention, source left suspended, journal kept; {}", where_runs(&w)));
+}
+
+#[test]
+fn kill_after_release() {
+    // (fault, kill, park until, recover's lines, source, target)
+    let cases: Vec<(&str, &str, Kill, bool, Vec<String>, &str, Vec<(String, String)>)> = vec![
+        (
+            "xl_sleep_before_go",
+            "killed after RELEASE, before GO",
+            Kill::Xenmig,
+            false,
+            s(&["g1 runs on tgt; nothing to undo"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+        (
+            "xl_sleep_before_go",
+            "killed after RELEASE, before GO",
+            Kill::Group,
+            false,
+            s(&["destroyed g1--incoming on tgt", "resumed g1 on this host"]),
+            "running",
+            vec![],
+        ),
+        (
+            "recv_sleep_after_go",
+            "killed after GO, target unpaused, no report yet",
+            Kill::Xenmig,
+            true,
+            s(&["g1 runs on tgt; nothing to undo"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+        (
+            "recv_sleep_after_go",
+            "killed after GO, target unpaused, no report yet",
+            Kill::Group,
+            true,
+            s(&["destroyed the source copy of g1"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+    ];
+    for (fault, case, how, wait_unpaused, want, src, tgt) in cases {
+        let w = World::new(VG_BIG);
+        w.fault(fault, "2");
+        let lines = kill_and_recover(
+            &w,
+            "released",
+            how,
+            |w| {
+                if wait_unpaused {
+                    w.wait_for("the target to unpause", LONG, || w.logged("target: g1 unpaused"));
+                }
+            },
+            |w| {
+                if how == Kill::Xenmig {
+                    xl_done(w)
+                }
+                w.wait_for("the receiver to exit", LONG, || w.pids("recv.pid").iter().all(|p| !alive(*p)));
+            },
+        );
+        assert_eq!(lines, want, "{case} {how:?}: {}", w.log());
+        assert_eq!(w.src_state(), src, "{case} {how:?}");
+        assert_eq!(w.tgt_domains(), tgt, "{case} {how:?}");
+        src_unchanged(&w, &w.src_before);
+        if src == "gone" {
+            assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+        }
+        rows_for_kill(&format!("{case} ({how:?})"), &lines, &w);
     }
 }

@@ -56,6 +56,11 @@ destroy)
     echo gone > "$S/src.state"; log "source: xl destroy $ID"; exit 0
   fi
   [ -e "$S/tgt/$t" ] || { echo "invalid domain identifier $t" >&2; exit 1; }
+  if [ "$t" = "$NAME--incoming" ] && f destroy_races_rename; then
+    # The receiver renamed and unpaused it just before the destroy.
+    mv "$S/tgt/$t" "$S/tgt/$NAME"; echo "r-----" > "$S/tgt/$NAME"; log "target: $t renamed and unpaused before the destroy"
+    echo "invalid domain identifier $t" >&2; exit 1
+  fi
   rm -f "$S/tgt/$t"; log "target: xl destroy $t" ;;
 migrate)
   # xl migrate [-C F] [-p] [-e] [--debug] -s SSHCOMMAND DOMAIN HOST
