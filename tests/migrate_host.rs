@@ -303,7 +303,7 @@ fn receiver_never_starts() {
 fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
     let mut w = World::new(VG_BIG);
     let want = w.guest_writes_before_suspend(200, 2);
-    w.hold_ready(Duration::from_millis(1500));
+    w.hold_ready(Duration::from_secs(3));
     let killer = {
         let state = w.state();
         std::thread::spawn(move || {
@@ -355,7 +355,7 @@ fn after_go(case: &str, paused: bool, faults: &[(&str, &str)]) -> (World, Migrat
 
 #[test]
 fn report_lost_target_runs_source_destroyed() {
-    let (w, r, res) = after_go("report lost, target runs", false, &[("xl_lose_report", "1")]);
+    let (w, r, res) = after_go("report lost, target runs", false, &[("xl_lose_report", "2")]);
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated);
     assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")]);
@@ -370,7 +370,7 @@ fn report_lost_target_runs_source_destroyed() {
 
 #[test]
 fn report_lost_target_paused_with_p_counts_as_running() {
-    let (w, r, res) = after_go("report lost, -p", true, &[("xl_lose_report", "1")]);
+    let (w, r, res) = after_go("report lost, -p", true, &[("xl_lose_report", "2")]);
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated);
     assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")]);
@@ -496,7 +496,7 @@ fn rows_for_kill(case: &str, lines: &[String], w: &World) {
 #[test]
 fn kill_in_preflight_then_recover_and_rerun() {
     let w = World::new(VG_BIG);
-    w.fault("prepare_sleep", "2");
+    w.fault("prepare_sleep", "3");
     let lines = kill_and_recover(&w, "preflight", Kill::Xenmig, |_| {}, |w| {
         w.wait_for("prepare to finish", LONG, || w.tgt_tags().len() == 1)
     });
@@ -513,7 +513,7 @@ fn kill_in_preflight_then_recover_and_rerun() {
 #[test]
 fn kill_in_precopy_then_recover() {
     let w = World::new(VG_BIG);
-    w.fault("serve_sleep", "2");
+    w.fault("serve_sleep", "3");
     let lines = kill_and_recover(&w, "pre_copy", Kill::Xenmig, |_| {}, |w| {
         w.wait_for("the disk end to exit", LONG, || w.pids("serve.pids").iter().all(|p| !alive(*p)))
     });
@@ -561,7 +561,7 @@ fn kill_in_final_delta() {
     for how in [Kill::Xenmig, Kill::Group] {
         let mut w = World::new(VG_BIG);
         let want = w.guest_writes_before_suspend(300, 1);
-        w.hold_ready(Duration::from_millis(1500));
+        w.hold_ready(Duration::from_secs(3));
         // Park: the target's disk end stops (SIGSTOP) once READY is out, so
         // the last delta waits for it.
         let lines = kill_and_recover(
@@ -613,8 +613,8 @@ fn report_lost_renamed_but_still_paused_is_left_for_a_person() {
     // NAME exists on the target, paused, without -p (renamed, not unpaused):
     // neither "runs there" nor "absent": the source stays suspended.
     let w = World::new(VG_BIG);
-    w.fault("xl_lose_report", "1");
-    w.fault("recv_sleep_after_go", "3");
+    w.fault("xl_lose_report", "2");
+    w.fault("recv_sleep_after_go", "4");
     let state = w.state();
     let pauser = std::thread::spawn(move || {
         let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -680,14 +680,18 @@ fn kill_after_release() {
     ];
     for (fault, case, how, wait_unpaused, want, src, tgt) in cases {
         let w = World::new(VG_BIG);
-        w.fault(fault, "2");
+        w.fault(fault, "4");
         let lines = kill_and_recover(
             &w,
             "released",
             how,
             |w| {
+                // The journal says "released" just before xenmig writes
+                // RELEASE: wait for what follows it.
                 if wait_unpaused {
                     w.wait_for("the target to unpause", LONG, || w.logged("target: g1 unpaused"));
+                } else {
+                    w.wait_for("READY to reach xl", LONG, || w.logged("source: READY received"));
                 }
             },
             |w| {
@@ -706,4 +710,54 @@ fn kill_after_release() {
         }
         rows_for_kill(&format!("{case} ({how:?})"), &lines, &w);
     }
+}
+
+// ---- the target cannot be reached during the rollback ----
+
+#[test]
+fn cleanup_fails_journal_kept_then_recover_finishes() {
+    let w = World::new(VG_BIG);
+    w.fault("recv_fail_restore", "");
+    w.fault("recv_leave_incoming", "");
+    w.fault("cleanup_fail", "");
+    let (r, res) = run(&w);
+    assert!(matches!(res, Err(MigrateError::Memory(_))), "{res:?}");
+    assert_eq!(r.rolled_back, vec![format!("{DOMAIN} runs on this host (resumed by xl)")]);
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].contains("xl destroy g1--incoming"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "running");
+    assert_eq!(w.tgt_domains(), vec![("g1--incoming".to_string(), "--p---".to_string())]);
+    assert!(w.journal_file().exists(), "the journal must stay while something needs attention");
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["g1 runs on this host", "destroyed g1--incoming on tgt"]));
+    assert_rolled_back(&w, &w.src_before);
+    row(
+        "restore fails, NAME--incoming left, target unreachable for the clean-up",
+        format!("not migrated; needs attention, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
+}
+
+#[test]
+fn report_lost_and_target_unreachable_source_stays_suspended_then_recover() {
+    let w = World::new(VG_BIG);
+    w.fault("xl_lose_report", "2");
+    w.fault("state_fail", "");
+    let (r, res) = run(&w);
+    assert!(matches!(res, Err(MigrateError::Commit(_))), "{res:?}");
+    assert!(!r.migrated && r.rolled_back.is_empty(), "{r:?}");
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].starts_with("cannot ask tgt where g1 runs"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended", "resumed without knowing the target: {}", w.log());
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    assert!(w.journal_file().exists());
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["destroyed the source copy of g1"]));
+    assert_eq!(w.src_state(), "gone");
+    assert!(!w.journal_file().exists());
+    row(
+        "GO sent, report lost, target unreachable",
+        format!("not migrated yet; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
 }

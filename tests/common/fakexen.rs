@@ -37,6 +37,8 @@ export PATH="$D/bin:$PATH" XENMIG_XL="$D/bin/xl"
 log() { echo "$*" >> "$S/log"; }
 f() { [ -e "$S/faults/$1" ]; }
 fv() { v=$(cat "$S/faults/$1"); echo "${v:-0}"; }
+# Atomic, as xenmig polls the source's state while xl changes it.
+setsrc() { echo "$1" > "$S/src.state.$$"; mv "$S/src.state.$$" "$S/src.state"; }
 cmd=$1; shift
 case "$cmd" in
 list)
@@ -53,7 +55,7 @@ destroy)
   t=$1
   if [ "$t" = "$ID" ]; then
     [ "$(cat "$S/src.state")" = gone ] && { echo "invalid domain identifier $t" >&2; exit 1; }
-    echo gone > "$S/src.state"; log "source: xl destroy $ID"; exit 0
+    setsrc gone; log "source: xl destroy $ID"; exit 0
   fi
   [ -e "$S/tgt/$t" ] || { echo "invalid domain identifier $t" >&2; exit 1; }
   if [ "$t" = "$NAME--incoming" ] && f destroy_races_rename; then
@@ -89,16 +91,17 @@ migrate)
     dd if="$S/guest_write" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write.block")" conv=notrunc status=none
     log "source: guest wrote"
   fi
-  echo suspended > "$S/src.state"; log "source: suspended"
+  setsrc suspended; log "source: suspended"
   if f xl_stream_fail; then
-    log "source: stream failed; source resumed"; echo running > "$S/src.state"; exit 1
+    log "source: stream failed; source resumed"; setsrc running; exit 1
   fi
   f xl_sleep_suspended && sleep "$(fv xl_sleep_suspended)"
   head -c 1000 /dev/zero >&4
   ready=$(head -c 34 <&3 | tr -d '\000')
   if [ "$ready" != "domain received, ready to unpause" ]; then
-    log "source: no READY; source resumed"; echo running > "$S/src.state"; exit 1
+    log "source: no READY; source resumed"; setsrc running; exit 1
   fi
+  log "source: READY received"
   f xl_sleep_before_go && sleep "$(fv xl_sleep_before_go)"
   printf 'domain is yours, you are cleared to unpause\000' >&4
   log "source: GO sent"
@@ -109,8 +112,8 @@ migrate)
   if [ "$msg" != "my copy unpause results are as follows" ]; then
     log "source: no report (failed_badly)"; exit 1
   fi
-  if [ "$st" = 0 ]; then echo gone > "$S/src.state"; log "source: destroyed after status 0"; exit 0; fi
-  echo running > "$S/src.state"; log "source: target status $st; source resumed"; exit 1 ;;
+  if [ "$st" = 0 ]; then setsrc gone; log "source: destroyed after status 0"; exit 0; fi
+  setsrc running; log "source: target status $st; source resumed"; exit 1 ;;
 migrate-receive)
   # Target side. In its own session, as on another host: killing the
   # source's process group does not kill it, it sees EOF instead.
@@ -217,6 +220,8 @@ if [ "$1" = serve ]; then
     exec setsid @XENMIG@ "$@" < <(dd iflag=count_bytes count="$(cat "$S/faults/serve_cut")" bs=65536 status=none)
   fi
 fi
+if [ "$1 $2" = "migrate-target cleanup" ] && f cleanup_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
+if [ "$1 $2" = "migrate-target state" ] && f state_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
 if [ "$1 $2" = "migrate-target prepare" ] && f prepare_sleep; then sleep "$(cat "$S/faults/prepare_sleep")"; fi
 if [ "$1 $2" = "migrate-target probe" ] && f probe_protocol; then
   setsid @XENMIG@ "$@" | sed "s/\"protocol\":[0-9]*/\"protocol\":$(cat "$S/faults/probe_protocol")/"; exit "${PIPESTATUS[0]}"
@@ -532,7 +537,8 @@ impl SourceHost for FakeSource {
         if self.read() != "suspended" {
             return Err(MigrateError::Commit(format!("resume: domain is {}", self.read())));
         }
-        fs::write(self.state.join("src.state"), "running").unwrap();
+        fs::write(self.state.join("src.state.new"), "running").unwrap();
+        fs::rename(self.state.join("src.state.new"), self.state.join("src.state")).unwrap();
         self.log("source: resumed by xenmig");
         Ok(())
     }
