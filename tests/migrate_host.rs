@@ -286,6 +286,15 @@ fn restore_fails_incoming_left_xenmig_destroys_it() {
 }
 
 #[test]
+fn xl_fails_and_leaves_the_source_suspended_xenmig_resumes_it() {
+    memory_failure(
+        "memory: xl fails and does not resume (failed_suspend)",
+        &["xl_fail_suspended"],
+        &[format!("resumed {DOMAIN} on this host (xl had not)")],
+    );
+}
+
+#[test]
 fn receiver_never_starts() {
     let w = World::new(VG_BIG);
     w.fault("recv_no_banner", "");

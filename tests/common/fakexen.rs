@@ -95,6 +95,8 @@ migrate)
   if f xl_stream_fail; then
     log "source: stream failed; source resumed"; setsrc running; exit 1
   fi
+  # failed_suspend in xl_migrate.c: xl gives up and does not resume.
+  if f xl_fail_suspended; then log "source: xl failed, source left suspended"; exit 1; fi
   f xl_sleep_suspended && sleep "$(fv xl_sleep_suspended)"
   head -c 1000 /dev/zero >&4
   ready=$(head -c 34 <&3 | tr -d '\000')
