@@ -770,3 +770,23 @@ fn report_lost_and_target_unreachable_source_stays_suspended_then_recover() {
         format!("not migrated yet; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
     );
 }
+
+#[test]
+fn report_lost_incoming_cannot_be_destroyed_source_stays_suspended() {
+    let (w, r, res) =
+        after_go("report lost, clean-up fails", false, &[("recv_die_after_go", ""), ("cleanup_fail", "")]);
+    assert!(matches!(res, Err(MigrateError::Commit(_))), "{res:?}");
+    assert!(!r.migrated && r.rolled_back.is_empty(), "{r:?}");
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].starts_with("g1--incoming is paused on tgt"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended", "resumed next to an undestroyed copy: {}", w.log());
+    assert!(w.journal_file().exists());
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["destroyed g1--incoming on tgt", "resumed g1 on this host"]));
+    assert_rolled_back(&w, &w.src_before);
+    row(
+        "GO sent, report lost: NAME--incoming cannot be destroyed",
+        format!("not migrated; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
+}

@@ -943,14 +943,19 @@ fn settle_after_release(
         report.migrated = true;
         return Ok(());
     }
-    if let Some(s) = there.name.as_deref().or(there.incoming.as_deref()) {
+    let left = match (&there.name, &there.incoming) {
+        (Some(s), _) => Some((dom.name.clone(), s)),
+        (None, Some(s)) => Some((format!("{}--incoming", dom.name), s)),
+        (None, None) => None,
+    };
+    if let Some((name, s)) = left {
         // Renamed but not unpaused (without -p), or an incoming copy that
         // would not go: it holds the disks there; resuming here could make
         // two copies run. A person decides.
         report.needs_attention.push(format!(
-            "{} is paused on {} (state {s}) and this host's copy stays suspended: either `xl unpause {}` there and \
-             `xl destroy {}` here, or `xl destroy` it there and run `xenmig migrate --recover {}`",
-            dom.name, target.host, dom.name, dom.id, dom.name
+            "{name} is paused on {} (state {s}) and this host's copy of {} stays suspended: either unpause it \
+             there and `xl destroy {}` here, or `xl destroy {name}` there and run `xenmig migrate --recover {}`",
+            target.host, dom.name, dom.id, dom.name
         ));
         return Err(MigrateError::Commit(why));
     }
