@@ -991,19 +991,35 @@ fn settle_after_release(
     report: &mut MigrateReport,
     why: String,
 ) -> Result<(), MigrateError> {
-    let there: DomainState = match target.call("state", &["--domain".into(), dom.name.clone()]) {
-        Ok(s) => s,
-        Err(e) => {
-            report.needs_attention.push(format!(
-                "cannot ask {} where {} runs ({e}); the source stays as it is: run `xenmig migrate --recover {}`",
-                target.host, dom.name, dom.name
-            ));
-            return Err(MigrateError::Commit(why));
+    let ask = |report: &mut MigrateReport| -> Option<DomainState> {
+        match target.call("state", &["--domain".into(), dom.name.clone()]) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                report.needs_attention.push(format!(
+                    "cannot ask {} where {} runs ({e}); the source stays as it is: run `xenmig migrate --recover {}`",
+                    target.host, dom.name, dom.name
+                ));
+                None
+            }
         }
     };
-    let runs_there = there.name.as_deref().is_some_and(|s| paused_on_target || !s.contains('p'));
+    let runs = |s: &DomainState| s.name.as_deref().is_some_and(|s| paused_on_target || !s.contains('p'));
+    let Some(mut there) = ask(report) else { return Err(MigrateError::Commit(why)) };
+    if !runs(&there) && there.incoming.is_some() {
+        match target.call::<serde_json::Value>("cleanup", &["--domain".into(), dom.name.clone()]) {
+            Ok(v) if v.get("destroyed").and_then(|d| d.as_bool()) == Some(true) => {
+                report.rolled_back.push(format!("destroyed {}--incoming on {}", dom.name, target.host))
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("cleanup on {}: {e}", target.host),
+        }
+        // The target's xl may have renamed (and unpaused) it between the
+        // question and the destroy: ask again before resuming anything.
+        let Some(s) = ask(report) else { return Err(MigrateError::Commit(why)) };
+        there = s;
+    }
     let here = host.state(dom.id)?;
-    if runs_there {
+    if runs(&there) {
         if here.is_some() {
             let st = Command::new(host.xl()).args(["destroy", &dom.id.to_string()]).status();
             match st {
@@ -1017,7 +1033,22 @@ fn settle_after_release(
         report.migrated = true;
         return Ok(());
     }
-    let _ = target.call::<serde_json::Value>("cleanup", &["--domain".into(), dom.name.clone()]);
+    let left = match (&there.name, &there.incoming) {
+        (Some(s), _) => Some((dom.name.clone(), s)),
+        (None, Some(s)) => Some((format!("{}--incoming", dom.name), s)),
+        (None, None) => None,
+    };
+    if let Some((name, s)) = left {
+        // Renamed but not unpaused (without -p), or an incoming copy that
+        // would not go: it holds the disks there; resuming here could make
+        // two copies run. A person decides.
+        report.needs_attention.push(format!(
+            "{name} is paused on {} (state {s}) and this host's copy of {} stays suspended: either unpause it \
+             there and `xl destroy {}` here, or `xl destroy {name}` there and run `xenmig migrate --recover {}`",
+            target.host, dom.name, dom.id, dom.name
+        ));
+        return Err(MigrateError::Commit(why));
+    }
     match here {
         Some(DomState::Suspended) => match host.resume(dom.id) {
             Ok(()) => report.rolled_back.push(format!("resumed {} on this host", dom.name)),
@@ -1075,6 +1106,9 @@ pub fn recover(host: &dyn SourceHost, journal_dir: &Path, domain: &str) -> Resul
         }
     } else {
         let _ = settle_after_release(host, &target, &dom, j.paused_on_target, &mut report, "recovered".into());
+        if report.migrated && report.rolled_back.is_empty() && report.needs_attention.is_empty() {
+            report.rolled_back.push(format!("{domain} runs on {}; nothing to undo", j.host));
+        }
     }
     if report.needs_attention.is_empty() {
         Journal::remove(journal_dir, domain);

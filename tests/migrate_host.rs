@@ -1,0 +1,792 @@
+//! `xenmig migrate` orchestration and rollback rules on one host, without
+//! Xen or LVM: the fake world of `common/fakexen.rs` (a source host whose
+//! domain state is a file, a fake `xl` speaking xl's migration protocol, fake
+//! lvm2 commands over regular files in `/dev/xmt[st]-ID/`). The orchestrator,
+//! the relay, the target's `migrate-target` and the disk copies
+//! (`serve --target`) are the real code and the real binary.
+//!
+//! Each test asserts where the domain runs afterwards, what was rolled back,
+//! `migrated`, the source disk byte for byte, the target's disk, leftovers
+//! (`NAME--incoming`) and the journal. Kill tests run `migrate()` in a child
+//! process of this test binary, SIGKILL it at a phase, then run
+//! `recover()` on the journal it left.
+//!
+//! `scripts/migrate-matrix.sh` runs them and prints the case x outcome
+//! matrix (docs/faults.md).
+
+mod common;
+#[path = "common/fakexen.rs"]
+mod fakexen;
+
+use std::fs;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use fakexen::*;
+use xenmig::copy::Progress;
+use xenmig::migrate::{self, MigrateError, MigrateReport};
+
+const VG_BIG: u64 = 64 << 20;
+
+/// One row of the matrix (case, outcome), written to `$XMT_MATRIX_DIR`
+/// when set (scripts/migrate-matrix.sh collects them).
+fn row(case: &str, outcome: String) {
+    let dir = std::env::var_os("XMT_MATRIX_DIR").map(std::path::PathBuf::from);
+    if let Some(d) = dir {
+        fs::create_dir_all(&d).unwrap();
+        let safe: String = case.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        fs::write(d.join(safe), format!("{case}\t{outcome}\n")).unwrap();
+    }
+}
+
+fn run(w: &World) -> (MigrateReport, Result<(), MigrateError>) {
+    migrate::migrate(&w.host(), &w.opts(), &Progress::hidden())
+}
+
+/// Where the domain is: "source", "target", "both", "none" (+ details).
+fn where_runs(w: &World) -> String {
+    let src = w.src_state();
+    let tgt = w.tgt_domains();
+    format!("source {src}; target [{}]", tgt.iter().map(|(n, s)| format!("{n} {s}")).collect::<Vec<_>>().join(", "))
+}
+
+fn src_unchanged(w: &World, want: &[u8]) {
+    assert!(fs::read(w.src_disk()).unwrap() == want, "the source disk changed");
+}
+
+/// After any rollback: the source runs, the target holds no domain of that
+/// name, the source disk is untouched and the journal is gone.
+fn assert_rolled_back(w: &World, want_src: &[u8]) {
+    assert_eq!(w.src_state(), "running", "{}", w.log());
+    assert_eq!(w.tgt_domains(), vec![], "{}", w.log());
+    src_unchanged(w, want_src);
+    assert!(!w.journal_file().exists(), "journal left");
+}
+
+/// Refused before anything changed: no journal, no LV, no xl run.
+fn assert_refused(w: &World, r: &MigrateReport, res: &Result<(), MigrateError>) -> String {
+    let e = res.as_ref().unwrap_err();
+    assert!(!r.migrated);
+    assert!(r.rolled_back.is_empty(), "{:?}", r.rolled_back);
+    assert!(w.tgt_lvs().is_empty(), "an LV was created: {:?}", w.tgt_lvs());
+    assert!(!w.journal_file().exists());
+    assert!(!w.log().contains("xl migrate"), "{}", w.log());
+    src_unchanged(w, &w.src_before);
+    e.to_string()
+}
+
+// ---- success ----
+
+#[test]
+fn a_migration_moves_the_domain_and_its_disk() {
+    let mut w = World::new(VG_BIG);
+    let want = w.guest_writes_before_suspend(100, 3);
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert!(r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert_eq!(w.src_state(), "gone");
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    src_unchanged(&w, &want);
+    assert!(fs::read(w.tgt_disk()).unwrap() == want, "the target disk differs from the suspended source");
+    assert!(r.disks[0].created);
+    assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
+    assert!(w.logged(&format!("source: tag {} xenmig-{UUID}", w.src_disk().display())));
+    assert!(!w.journal_file().exists());
+    assert!(r.downtime_seconds.is_some() && r.final_delta_seconds.is_some());
+    let copy = r.disks[0].copy.as_ref().unwrap();
+    assert!(copy.verified);
+    row("success (guest writes just before suspend)", format!("migrated; {}; target disk = suspended source", where_runs(&w)));
+}
+
+#[test]
+fn paused_on_target_with_p() {
+    let w = World::new(VG_BIG);
+    let mut o = w.opts();
+    o.paused = true;
+    let (r, res) = migrate::migrate(&w.host(), &o, &Progress::hidden());
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(w.src_state(), "gone");
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "--p---".to_string())]);
+    row("success with -p", format!("migrated; {}", where_runs(&w)));
+}
+
+// ---- preflight: refused before anything changes ----
+
+#[test]
+fn preflight_refusals_change_nothing() {
+    let cases: Vec<(&str, Box<dyn Fn(&World, &mut migrate::MigrateOptions)>, &str)> = vec![
+        ("preflight: domain paused", Box::new(|w, _| w.set_src_state("paused")), "is paused"),
+        ("preflight: domain missing", Box::new(|w, _| w.set_src_state("gone")), "no domain g1"),
+        (
+            "preflight: target unreachable (ssh 255)",
+            Box::new(|w, o| o.ssh = w.dir.join("no-ssh").display().to_string()),
+            "cannot reach the target: tgt: ssh: connect to host tgt port 22: Connection refused",
+        ),
+        (
+            "preflight: no xenmig on the target",
+            Box::new(|_, o| o.remote_xenmig = "/nonexistent/xenmig".into()),
+            "no '/nonexistent/xenmig' there",
+        ),
+        (
+            "preflight: other protocol version on the target",
+            Box::new(|w, _| w.fault("probe_protocol", "9999")),
+            "speaks protocol 9999",
+        ),
+        ("preflight: name taken on the target", Box::new(|w, _| w.add_tgt_domain(DOMAIN, "r-----")), "a domain named g1 already exists on tgt"),
+        (
+            "preflight: NAME--incoming on the target",
+            Box::new(|w, _| w.add_tgt_domain("g1--incoming", "--p---")),
+            "a domain named g1--incoming already exists on tgt",
+        ),
+        ("preflight: no such VG on the target", Box::new(|_, o| o.target_vg = Some("xmt-none".into())), "volume group xmt-none"),
+        (
+            "preflight: LV there, not tagged for the domain",
+            Box::new(|w, _| fs::write(w.tgt_disk(), vec![0u8; DISK_BYTES]).unwrap()),
+            "exists and is not marked for g1",
+        ),
+    ];
+    for (case, setup, want) in cases {
+        let w = World::new(VG_BIG);
+        let mut o = w.opts();
+        setup(&w, &mut o);
+        let lvs_before = w.tgt_lvs();
+        let doms_before = w.tgt_domains();
+        let state_before = w.src_state();
+        let (r, res) = migrate::migrate(&w.host(), &o, &Progress::hidden());
+        let e = res.as_ref().expect_err(case).to_string();
+        assert!(e.contains(want), "{case}: {e}");
+        assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{case}: {r:?}");
+        assert_eq!(w.tgt_lvs(), lvs_before, "{case}");
+        assert_eq!(w.tgt_domains(), doms_before, "{case}");
+        assert_eq!(w.src_state(), state_before, "{case}");
+        assert!(!w.journal_file().exists(), "{case}");
+        assert!(!w.log().contains("xl migrate"), "{case}: {}", w.log());
+        assert!(!w.log().contains("lvcreate") && !w.log().contains("addtag"), "{case}: {}", w.log());
+        src_unchanged(&w, &w.src_before);
+        row(case, format!("refused, nothing changed: {e}"));
+    }
+}
+
+#[test]
+fn preflight_no_space_in_the_target_vg() {
+    let w = World::new(DISK_BYTES as u64 - 4096);
+    let (r, res) = run(&w);
+    let e = assert_refused(&w, &r, &res);
+    assert!(e.contains(&format!("volume group {} on tgt has {} bytes free, the new LVs need {DISK_BYTES}", w.tgt_vg, DISK_BYTES - 4096)), "{e}");
+    assert_eq!(w.src_state(), "running");
+    row("preflight: no space in the target VG", format!("refused, nothing changed: {e}"));
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let w = World::new(VG_BIG);
+    let mut o = w.opts();
+    o.dry_run = true;
+    let (r, res) = migrate::migrate(&w.host(), &o, &Progress::hidden());
+    res.unwrap();
+    assert!(!r.migrated && r.dry_run);
+    assert!(r.plan.iter().any(|l| l.starts_with("create tgt:")), "{:?}", r.plan);
+    assert!(w.tgt_lvs().is_empty() && !w.journal_file().exists() && w.src_state() == "running");
+    row("--dry-run", "plan only, nothing changed".into());
+}
+
+// ---- disk pre-copy ----
+
+#[test]
+fn precopy_target_end_fails_then_a_rerun_succeeds() {
+    let w = World::new(VG_BIG);
+    w.fault("serve_fail", "");
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::PreCopy { .. }), "{e}");
+    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
+    assert_rolled_back(&w, &w.src_before);
+    // The LV prepared for it stays, tagged, for the rerun.
+    assert_eq!(w.tgt_lvs(), vec![format!("{DOMAIN}-disk")]);
+    assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
+    let first = format!("{}; {}", e, where_runs(&w));
+    w.clear_faults();
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated && !r.disks[0].created, "the LV is reused: {r:?}");
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    row("pre-copy: target disk end fails", format!("not migrated, guest never suspended ({first}); rerun reuses the LV and migrates"));
+}
+
+#[test]
+fn precopy_link_drops_then_a_rerun_reuses_what_arrived() {
+    let w = World::new(VG_BIG);
+    // Cut the link after ~1.9 MB of the 2 MiB (incompressible) disk: the
+    // blocks of the runs that arrived whole are written there.
+    w.fault("serve_cut", "1900000");
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::PreCopy { .. }), "{e}");
+    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "{}", w.log());
+    assert_rolled_back(&w, &w.src_before);
+    let tgt = fs::read(w.tgt_disk()).unwrap();
+    let arrived = tgt.chunks(4096).zip(w.src_before.chunks(4096)).filter(|(a, b)| a == b).count();
+    assert!(arrived > 50, "only {arrived} blocks arrived before the cut ({e}); {}", w.log());
+    w.clear_faults();
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated && !r.disks[0].created);
+    let c = r.disks[0].copy.as_ref().unwrap();
+    assert!(c.blocks_reused as usize >= arrived, "rerun reused {} blocks, {arrived} had arrived: {c:?}", c.blocks_reused);
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    assert_eq!(w.src_state(), "gone");
+    row(
+        "pre-copy: link drops mid-disk",
+        format!("not migrated, guest never suspended; rerun reused {} of {} blocks and migrated", c.blocks_reused, c.blocks_total),
+    );
+}
+
+// ---- xl stream or restore ----
+
+fn memory_failure(case: &str, faults: &[&str], want_rolled_back: &[String]) {
+    let w = World::new(VG_BIG);
+    for f in faults {
+        w.fault(f, "");
+    }
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Memory(_)), "{case}: {e}\n{}", w.log());
+    assert!(!r.migrated);
+    assert_eq!(r.rolled_back, want_rolled_back, "{case}: {}", w.log());
+    assert!(r.needs_attention.is_empty(), "{case}: {:?}", r.needs_attention);
+    assert_rolled_back(&w, &w.src_before);
+    row(case, format!("not migrated; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+#[test]
+fn stream_fails_xl_resumes_the_source() {
+    memory_failure("memory: xl stream fails", &["xl_stream_fail"], &[format!("{DOMAIN} runs on this host (resumed by xl)")]);
+}
+
+#[test]
+fn restore_fails_target_destroys_its_copy() {
+    memory_failure(
+        "memory: restore fails (target destroys its copy)",
+        &["recv_fail_restore"],
+        &[format!("{DOMAIN} runs on this host (resumed by xl)")],
+    );
+}
+
+#[test]
+fn restore_fails_incoming_left_xenmig_destroys_it() {
+    memory_failure(
+        "memory: restore fails, NAME--incoming left",
+        &["recv_fail_restore", "recv_leave_incoming"],
+        &[format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
+    );
+}
+
+#[test]
+fn xl_fails_and_leaves_the_source_suspended_xenmig_resumes_it() {
+    memory_failure(
+        "memory: xl fails and does not resume (failed_suspend)",
+        &["xl_fail_suspended"],
+        &[format!("resumed {DOMAIN} on this host (xl had not)")],
+    );
+}
+
+#[test]
+fn receiver_never_starts() {
+    let w = World::new(VG_BIG);
+    w.fault("recv_no_banner", "");
+    let (r, res) = run(&w);
+    assert!(matches!(res, Err(MigrateError::Memory(_))), "{res:?}");
+    assert_eq!(r.rolled_back, vec![format!("{DOMAIN} runs on this host (resumed by xl)")]);
+    assert!(!w.logged("source: suspended"), "suspended without a receiver");
+    assert_rolled_back(&w, &w.src_before);
+    row("memory: receiver fails before its banner", format!("not migrated, never suspended; {}", where_runs(&w)));
+}
+
+// ---- last disk delta ----
+
+#[test]
+fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
+    let mut w = World::new(VG_BIG);
+    let want = w.guest_writes_before_suspend(200, 2);
+    w.hold_ready(Duration::from_secs(3));
+    let killer = {
+        let state = w.state();
+        std::thread::spawn(move || {
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            while !state.join("ready.sent").exists() && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // The target's disk end dies while READY is held.
+            for l in fs::read_to_string(state.join("serve.pids")).unwrap_or_default().lines() {
+                unsafe { libc::kill(l.trim().parse().unwrap(), libc::SIGKILL) };
+            }
+        })
+    };
+    let (r, res) = run(&w);
+    killer.join().unwrap();
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::FinalDelta { .. }), "{e}\n{}", w.log());
+    assert!(!r.migrated);
+    assert_eq!(
+        r.rolled_back,
+        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
+        "{}",
+        w.log()
+    );
+    assert!(r.needs_attention.is_empty());
+    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
+    assert!(!w.log().contains("GO"), "{}", w.log());
+    assert_rolled_back(&w, &want);
+    row(
+        "last delta: target disk end killed while READY is held",
+        format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
+}
+
+// ---- after GO: the report is lost ----
+
+fn after_go(case: &str, paused: bool, faults: &[(&str, &str)]) -> (World, MigrateReport, Result<(), MigrateError>) {
+    let w = World::new(VG_BIG);
+    for (f, v) in faults {
+        w.fault(f, v);
+    }
+    let mut o = w.opts();
+    o.paused = paused;
+    let (r, res) = migrate::migrate(&w.host(), &o, &Progress::hidden());
+    assert!(w.logged("source: GO sent"), "{case}: {}", w.log());
+    assert!(!w.journal_file().exists() || !r.needs_attention.is_empty(), "{case}");
+    (w, r, res)
+}
+
+#[test]
+fn report_lost_target_runs_source_destroyed() {
+    let (w, r, res) = after_go("report lost, target runs", false, &[("xl_lose_report", "2")]);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")]);
+    assert!(r.needs_attention.is_empty());
+    assert_eq!(w.src_state(), "gone");
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    src_unchanged(&w, &w.src_before);
+    assert!(!w.journal_file().exists());
+    row("GO sent, report lost: target runs", format!("migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+#[test]
+fn report_lost_target_paused_with_p_counts_as_running() {
+    let (w, r, res) = after_go("report lost, -p", true, &[("xl_lose_report", "2")]);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")]);
+    assert_eq!(w.src_state(), "gone");
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "--p---".to_string())]);
+    row("GO sent, report lost, -p: target holds it paused", format!("migrated; {}", where_runs(&w)));
+}
+
+#[test]
+fn report_lost_target_absent_source_resumes() {
+    let (w, r, res) = after_go("report lost, absent", false, &[("recv_vanish_after_go", "")]);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Commit(_)), "{e}");
+    assert!(!r.migrated);
+    assert_eq!(r.rolled_back, vec![format!("resumed {DOMAIN} on this host")], "{}", w.log());
+    assert!(r.needs_attention.is_empty());
+    assert_rolled_back(&w, &w.src_before);
+    row("GO sent, report lost: absent on target", format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+#[test]
+fn report_lost_still_incoming_destroyed_there_source_resumes() {
+    let (w, r, res) = after_go("report lost, incoming", false, &[("recv_die_after_go", "")]);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Commit(_)), "{e}");
+    assert!(!r.migrated);
+    assert_eq!(
+        r.rolled_back,
+        vec![format!("destroyed {DOMAIN}--incoming on {HOST}"), format!("resumed {DOMAIN} on this host")],
+        "{}",
+        w.log()
+    );
+    assert!(r.needs_attention.is_empty());
+    assert_rolled_back(&w, &w.src_before);
+    row("GO sent, report lost: still NAME--incoming", format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+// ---- xenmig killed at each phase, then `--recover` ----
+//
+// `migrate()` runs in a child process of this test binary (the ignored test
+// `child_migrate`), in a process group of its own. The parent waits until
+// the journal shows the phase (the fakes park the migration there), then
+// SIGKILLs either xenmig alone (xl, the relay and the target ends go on, as
+// they would) or its whole process group (xenmig, xl and the relay die; the
+// target's processes are in sessions of their own and see EOF, as on
+// another host). When the survivors have settled, `recover()` runs on the
+// journal the child left.
+
+#[test]
+#[ignore = "the child process of the kill tests"]
+fn child_migrate() {
+    let Some(dir) = std::env::var_os("XMT_CHILD_WORLD") else { return };
+    let w = World::load(std::path::Path::new(&dir));
+    let (r, res) = run(&w);
+    fs::write(w.dir.join("child.report"), serde_json::to_string(&r).unwrap()).unwrap();
+    res.unwrap();
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kill {
+    /// SIGKILL to xenmig only.
+    Xenmig,
+    /// SIGKILL to xenmig's process group: xenmig, xl, the relay.
+    Group,
+}
+
+fn spawn_child(w: &World) -> Child {
+    use std::os::unix::process::CommandExt;
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_migrate", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("XMT_CHILD_WORLD", &w.dir)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn kill(child: &mut Child, how: Kill) {
+    let pid = child.id() as i32;
+    unsafe { libc::kill(if how == Kill::Group { -pid } else { pid }, libc::SIGKILL) };
+    child.wait().unwrap();
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Run a migration in a child, park it with `park` (returns when parked),
+/// kill it, let the survivors settle, recover; returns recover's lines.
+fn kill_and_recover(w: &World, phase: &str, how: Kill, park: impl Fn(&World), settle: impl Fn(&World)) -> Vec<String> {
+    let mut child = spawn_child(w);
+    park(w);
+    w.wait_for(&format!("journal phase {phase}"), LONG, || w.journal_phase().as_deref() == Some(phase));
+    kill(&mut child, how);
+    settle(w);
+    let jdir = w.dir.join("journal");
+    assert!(w.journal_file().exists(), "no journal after the kill");
+    let lines = migrate::recover(&w.host(), &jdir, DOMAIN).unwrap_or_else(|e| panic!("recover: {e}\n{}", w.log()));
+    assert!(!lines.iter().any(|l| l.starts_with("NEEDS ATTENTION")), "{lines:?}\n{}", w.log());
+    assert!(!w.journal_file().exists(), "the journal stays after a clean recover");
+    lines
+}
+
+fn xl_done(w: &World) {
+    w.wait_for("xl to exit", LONG, || w.state().join("xl.done").exists());
+}
+
+fn receiver_gone(w: &World) {
+    w.wait_for("the receiver to exit", LONG, || w.pids("recv.pid").iter().all(|p| !alive(*p)));
+}
+
+fn ready_sent(w: &World) {
+    w.wait_for("READY", LONG, || w.state().join("ready.sent").exists());
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn rows_for_kill(case: &str, lines: &[String], w: &World) {
+    row(case, format!("recover: {}; {}", if lines.is_empty() { "(nothing to do)".into() } else { lines.join(" / ") }, where_runs(w)));
+}
+
+#[test]
+fn kill_in_preflight_then_recover_and_rerun() {
+    let w = World::new(VG_BIG);
+    w.fault("prepare_sleep", "3");
+    let lines = kill_and_recover(&w, "preflight", Kill::Xenmig, |_| {}, |w| {
+        w.wait_for("prepare to finish", LONG, || w.tgt_tags().len() == 1)
+    });
+    assert_eq!(lines, s(&["g1 runs on this host"]));
+    assert_rolled_back(&w, &w.src_before);
+    rows_for_kill("killed in preflight/prepare", &lines, &w);
+    // A rerun reuses the LV prepared for the killed run.
+    w.clear_faults();
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated && !r.disks[0].created);
+}
+
+#[test]
+fn kill_in_precopy_then_recover() {
+    let w = World::new(VG_BIG);
+    w.fault("serve_sleep", "3");
+    let lines = kill_and_recover(&w, "pre_copy", Kill::Xenmig, |_| {}, |w| {
+        w.wait_for("the disk end to exit", LONG, || w.pids("serve.pids").iter().all(|p| !alive(*p)))
+    });
+    assert_eq!(lines, s(&["g1 runs on this host"]));
+    assert_rolled_back(&w, &w.src_before);
+    assert!(!w.log().contains("xl migrate"));
+    rows_for_kill("killed in pre-copy", &lines, &w);
+}
+
+#[test]
+fn recover_refuses_while_the_migration_runs() {
+    let w = World::new(VG_BIG);
+    w.fault("serve_sleep", "3");
+    let mut child = spawn_child(&w);
+    w.wait_for("pre_copy", LONG, || w.journal_phase().as_deref() == Some("pre_copy"));
+    let e = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap_err().to_string();
+    assert!(e.contains("is still running"), "{e}");
+    // And a second migrate of the same domain is refused.
+    let (_, res) = run(&w);
+    assert!(res.unwrap_err().to_string().contains("run `xenmig migrate --recover g1` first"));
+    kill(&mut child, Kill::Xenmig);
+    row("recover while the migration runs; a second migrate", format!("refused ({e}); second migrate refused"));
+}
+
+#[test]
+fn kill_in_memory_with_ready_held() {
+    for how in [Kill::Xenmig, Kill::Group] {
+        let w = World::new(VG_BIG);
+        w.hold_ready(Duration::from_secs(4));
+        let lines = kill_and_recover(&w, "memory", how, ready_sent, |w| {
+            receiver_gone(w);
+            if how == Kill::Xenmig {
+                xl_done(w)
+            }
+        });
+        let first = if how == Kill::Xenmig { "g1 runs on this host" } else { "resumed g1 on this host" };
+        assert_eq!(lines, s(&[first, "destroyed g1--incoming on tgt"]), "{how:?}: {}", w.log());
+        assert_rolled_back(&w, &w.src_before);
+        rows_for_kill(&format!("killed in memory, READY held ({how:?})"), &lines, &w);
+    }
+}
+
+#[test]
+fn kill_in_final_delta() {
+    for how in [Kill::Xenmig, Kill::Group] {
+        let mut w = World::new(VG_BIG);
+        let want = w.guest_writes_before_suspend(300, 1);
+        w.hold_ready(Duration::from_secs(3));
+        // Park: the target's disk end stops (SIGSTOP) once READY is out, so
+        // the last delta waits for it.
+        let lines = kill_and_recover(
+            &w,
+            "final_delta",
+            how,
+            |w| {
+                ready_sent(w);
+                w.signal_serve(libc::SIGSTOP);
+                w.wait_for("final_delta", LONG, || w.journal_phase().as_deref() == Some("final_delta"));
+                std::thread::sleep(Duration::from_millis(300));
+                assert_eq!(w.src_state(), "suspended");
+                assert_eq!(w.journal_phase().as_deref(), Some("final_delta"));
+            },
+            |w| {
+                w.signal_serve(libc::SIGCONT);
+                receiver_gone(w);
+                if how == Kill::Xenmig {
+                    xl_done(w)
+                }
+            },
+        );
+        let first = if how == Kill::Xenmig { "g1 runs on this host" } else { "resumed g1 on this host" };
+        assert_eq!(lines, s(&[first, "destroyed g1--incoming on tgt"]), "{how:?}: {}", w.log());
+        assert_rolled_back(&w, &want);
+        rows_for_kill(&format!("killed in the last delta ({how:?})"), &lines, &w);
+    }
+}
+
+#[test]
+fn report_lost_incoming_renamed_while_xenmig_destroys_it() {
+    // xenmig sees NAME--incoming, but the target's xl renames and unpauses
+    // it before `xl destroy NAME--incoming` runs: the destroy fails and the
+    // domain runs there, so the source must not be resumed.
+    let (w, r, res) =
+        after_go("report lost, rename races the destroy", false, &[("recv_die_after_go", ""), ("destroy_races_rename", "")]);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")], "{}", w.log());
+    assert!(r.needs_attention.is_empty(), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "gone", "{}", w.log());
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    assert!(!w.log().contains("resumed by xenmig"), "resumed while it runs on the target: {}", w.log());
+    row("GO sent, report lost: NAME--incoming renamed while xenmig destroys it", format!("migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+}
+
+#[test]
+fn report_lost_renamed_but_still_paused_is_left_for_a_person() {
+    // NAME exists on the target, paused, without -p (renamed, not unpaused):
+    // neither "runs there" nor "absent": the source stays suspended.
+    let w = World::new(VG_BIG);
+    w.fault("xl_lose_report", "2");
+    w.fault("recv_sleep_after_go", "4");
+    let state = w.state();
+    let pauser = std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let unpaused = || fs::read_to_string(state.join("log")).unwrap().contains("target: g1 unpaused");
+        while !unpaused() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fs::write(state.join("tgt").join(DOMAIN), "--p---").unwrap();
+    });
+    let (r, res) = run(&w);
+    pauser.join().unwrap();
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Commit(_)), "{e}");
+    assert!(!r.migrated);
+    assert!(r.rolled_back.is_empty(), "{:?}", r.rolled_back);
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].contains("is paused on tgt"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended");
+    assert!(w.journal_file().exists(), "the journal must stay for --recover");
+    row("GO sent, report lost: NAME paused on target (no -p)", format!("not migrated; needs attention, source left suspended, journal kept; {}", where_runs(&w)));
+}
+
+#[test]
+fn kill_after_release() {
+    // (fault, kill, park until, recover's lines, source, target)
+    let cases: Vec<(&str, &str, Kill, bool, Vec<String>, &str, Vec<(String, String)>)> = vec![
+        (
+            "xl_sleep_before_go",
+            "killed after RELEASE, before GO",
+            Kill::Xenmig,
+            false,
+            s(&["g1 runs on tgt; nothing to undo"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+        (
+            "xl_sleep_before_go",
+            "killed after RELEASE, before GO",
+            Kill::Group,
+            false,
+            s(&["destroyed g1--incoming on tgt", "resumed g1 on this host"]),
+            "running",
+            vec![],
+        ),
+        (
+            "recv_sleep_after_go",
+            "killed after GO, target unpaused, no report yet",
+            Kill::Xenmig,
+            true,
+            s(&["g1 runs on tgt; nothing to undo"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+        (
+            "recv_sleep_after_go",
+            "killed after GO, target unpaused, no report yet",
+            Kill::Group,
+            true,
+            s(&["destroyed the source copy of g1"]),
+            "gone",
+            vec![(DOMAIN.into(), "r-----".into())],
+        ),
+    ];
+    for (fault, case, how, wait_unpaused, want, src, tgt) in cases {
+        let w = World::new(VG_BIG);
+        w.fault(fault, "4");
+        let lines = kill_and_recover(
+            &w,
+            "released",
+            how,
+            |w| {
+                // The journal says "released" just before xenmig writes
+                // RELEASE: wait for what follows it.
+                if wait_unpaused {
+                    w.wait_for("the target to unpause", LONG, || w.logged("target: g1 unpaused"));
+                } else {
+                    w.wait_for("READY to reach xl", LONG, || w.logged("source: READY received"));
+                }
+            },
+            |w| {
+                if how == Kill::Xenmig {
+                    xl_done(w)
+                }
+                w.wait_for("the receiver to exit", LONG, || w.pids("recv.pid").iter().all(|p| !alive(*p)));
+            },
+        );
+        assert_eq!(lines, want, "{case} {how:?}: {}", w.log());
+        assert_eq!(w.src_state(), src, "{case} {how:?}");
+        assert_eq!(w.tgt_domains(), tgt, "{case} {how:?}");
+        src_unchanged(&w, &w.src_before);
+        if src == "gone" {
+            assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+        }
+        rows_for_kill(&format!("{case} ({how:?})"), &lines, &w);
+    }
+}
+
+// ---- the target cannot be reached during the rollback ----
+
+#[test]
+fn cleanup_fails_journal_kept_then_recover_finishes() {
+    let w = World::new(VG_BIG);
+    w.fault("recv_fail_restore", "");
+    w.fault("recv_leave_incoming", "");
+    w.fault("cleanup_fail", "");
+    let (r, res) = run(&w);
+    assert!(matches!(res, Err(MigrateError::Memory(_))), "{res:?}");
+    assert_eq!(r.rolled_back, vec![format!("{DOMAIN} runs on this host (resumed by xl)")]);
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].contains("xl destroy g1--incoming"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "running");
+    assert_eq!(w.tgt_domains(), vec![("g1--incoming".to_string(), "--p---".to_string())]);
+    assert!(w.journal_file().exists(), "the journal must stay while something needs attention");
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["g1 runs on this host", "destroyed g1--incoming on tgt"]));
+    assert_rolled_back(&w, &w.src_before);
+    row(
+        "restore fails, NAME--incoming left, target unreachable for the clean-up",
+        format!("not migrated; needs attention, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
+}
+
+#[test]
+fn report_lost_and_target_unreachable_source_stays_suspended_then_recover() {
+    let w = World::new(VG_BIG);
+    w.fault("xl_lose_report", "2");
+    w.fault("state_fail", "");
+    let (r, res) = run(&w);
+    assert!(matches!(res, Err(MigrateError::Commit(_))), "{res:?}");
+    assert!(!r.migrated && r.rolled_back.is_empty(), "{r:?}");
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].starts_with("cannot ask tgt where g1 runs"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended", "resumed without knowing the target: {}", w.log());
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    assert!(w.journal_file().exists());
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["destroyed the source copy of g1"]));
+    assert_eq!(w.src_state(), "gone");
+    assert!(!w.journal_file().exists());
+    row(
+        "GO sent, report lost, target unreachable",
+        format!("not migrated yet; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
+}
+
+#[test]
+fn report_lost_incoming_cannot_be_destroyed_source_stays_suspended() {
+    let (w, r, res) =
+        after_go("report lost, clean-up fails", false, &[("recv_die_after_go", ""), ("cleanup_fail", "")]);
+    assert!(matches!(res, Err(MigrateError::Commit(_))), "{res:?}");
+    assert!(!r.migrated && r.rolled_back.is_empty(), "{r:?}");
+    assert_eq!(r.needs_attention.len(), 1, "{:?}", r.needs_attention);
+    assert!(r.needs_attention[0].starts_with("g1--incoming is paused on tgt"), "{:?}", r.needs_attention);
+    assert_eq!(w.src_state(), "suspended", "resumed next to an undestroyed copy: {}", w.log());
+    assert!(w.journal_file().exists());
+    w.clear_faults();
+    let lines = migrate::recover(&w.host(), &w.dir.join("journal"), DOMAIN).unwrap();
+    assert_eq!(lines, s(&["destroyed g1--incoming on tgt", "resumed g1 on this host"]));
+    assert_rolled_back(&w, &w.src_before);
+    row(
+        "GO sent, report lost: NAME--incoming cannot be destroyed",
+        format!("not migrated; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+    );
+}
