@@ -219,8 +219,11 @@ if [ "$1" = serve ]; then
   if f serve_cut; then
     # The link drops after N bytes from the source.
     # (exec: no shell keeps the source's pipe open behind head.)
-    exec setsid @XENMIG@ "$@" < <(dd iflag=count_bytes count="$(cat "$S/faults/serve_cut")" bs=65536 status=none)
+    exec setsid bash -c 'echo $$ >> "$0"; exec "$@"' "$S/serve.pids" @XENMIG@ "$@" < <(dd iflag=count_bytes count="$(cat "$S/faults/serve_cut")" bs=65536 status=none)
   fi
+  # setsid forks when this shell leads its process group (xenmig's Link::spawn
+  # gives the peer a group of its own): the disk end records its own pid.
+  exec setsid bash -c 'echo $$ >> "$0"; exec "$@"' "$S/serve.pids" @XENMIG@ "$@"
 fi
 if [ "$1 $2" = "migrate-target cleanup" ] && f cleanup_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
 if [ "$1 $2" = "migrate-target state" ] && f state_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
