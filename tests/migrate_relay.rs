@@ -158,3 +158,25 @@ fn an_unreachable_control_socket_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/ctl.sock"), "{err}");
 }
+
+#[test]
+fn xenmig_gone_before_ready_stops_the_transport_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let mut relay = start(d.path());
+    let (ctl, _) = relay.listener.accept().unwrap();
+    let mut xl_out = relay.child.stdout.take().unwrap();
+    let _xl_in = relay.child.stdin.take().unwrap();
+    assert_eq!(read_n(&mut xl_out, BANNER.len()), BANNER);
+    // xenmig goes away while the memory stream is still running (the fake
+    // receiver waits for it): the relay must not wait for the target.
+    drop(ctl);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = xl_out.read_to_end(&mut rest);
+        tx.send(rest).unwrap();
+    });
+    let rest = rx.recv_timeout(Duration::from_secs(10)).expect("the relay kept the stream open");
+    assert!(rest.is_empty(), "bytes after xenmig went away: {rest:?}");
+    assert!(!relay.child.wait().unwrap().success());
+}

@@ -126,7 +126,7 @@ pub fn run(control: &Path, transport: &[String], rest: &[String]) -> Result<i32,
     let ctl = UnixStream::connect(control)
         .map_err(|source| RelayError::Control { path: control.display().to_string(), source })?;
     let ctl_w = Arc::new(Mutex::new(ctl.try_clone()?));
-    let mut ctl_r = BufReader::new(ctl);
+    let ctl_r = BufReader::new(ctl);
     let tell = |w: &Arc<Mutex<UnixStream>>, line: &str| {
         let mut g = w.lock().unwrap();
         let _ = g.write_all(format!("{line}\n").as_bytes());
@@ -145,12 +145,48 @@ pub fn run(control: &Path, transport: &[String], rest: &[String]) -> Result<i32,
             command: words.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
             source,
         })?;
+    let released = Arc::new(AtomicBool::new(false));
+    // READY arrived and xenmig was asked: from then on its answer decides.
+    let asked = Arc::new(AtomicBool::new(false));
     let mut to_target = child.stdin.take().expect("piped");
     let mut from_target = child.stdout.take().expect("piped");
 
+    // xenmig's answers, read by a thread of their own: if xenmig goes away
+    // before READY (killed, or it gave up waiting), the transport is stopped
+    // at once, so that xl sees its stream end without READY and resumes the
+    // source, instead of the relay waiting on the target for ever.
+    let (answers_tx, answers) = std::sync::mpsc::channel::<String>();
+    {
+        let ready_seen = released.clone();
+        let asked = asked.clone();
+        let transport_pid = child.id() as libc::pid_t;
+        thread::spawn(move || {
+            let mut r = ctl_r;
+            loop {
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 => {
+                        if answers_tx.send(line.trim().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        if !ready_seen.load(Ordering::SeqCst) && !asked.load(Ordering::SeqCst) {
+                            // SAFETY: a plain kill(2) of the transport this
+                            // process started (its pid; it is our child, so it
+                            // cannot have been reaped and reused yet).
+                            unsafe { libc::kill(transport_pid, libc::SIGKILL) };
+                        }
+                        let _ = answers_tx.send(String::new());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     // Up: xl -> target, blindly; after RELEASE the first GO.len() bytes are
     // GO (xl writes it as soon as it reads READY).
-    let released = Arc::new(AtomicBool::new(false));
     let after_release = Arc::new(AtomicU64::new(0));
     {
         let (released, after, w) = (released.clone(), after_release.clone(), ctl_w.clone());
@@ -204,10 +240,10 @@ pub fn run(control: &Path, transport: &[String], rest: &[String]) -> Result<i32,
                 continue;
             }
             ready_seen = true;
+            asked.store(true, Ordering::SeqCst);
             tell(&ctl_w, "READY");
-            let mut answer = String::new();
-            ctl_r.read_line(&mut answer)?;
-            if answer.trim() != "RELEASE" {
+            let answer = answers.recv().unwrap_or_default();
+            if answer != "RELEASE" {
                 // Exit without READY: xl resumes the source. Stop the
                 // transport so that the target's xl sees the source go.
                 let _ = child.kill();
