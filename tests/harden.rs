@@ -280,3 +280,19 @@ fn fifos_as_source_reference_or_show_file_are_refused_without_blocking() {
         assert!(err.contains("fifo"), "{args:?}: {err}");
     }
 }
+
+/// A remote end that fails before its first frame: the operator reads its
+/// reason, not the broken pipe or closed link this end saw.
+#[test]
+fn a_remote_end_failing_before_its_first_frame_is_reported_in_its_own_words() {
+    let d = tempfile::tempdir().unwrap();
+    let (fifo, b) = (d.path().join("fifo"), d.path().join("b.img"));
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let remote = format!("h:{}", fifo.display());
+    let out = run(&["-q", "copy", "-s", "", "--remote-xenmig", bin().to_str().unwrap(), &remote, s(&b)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("the far end failed") && last.contains("neither a regular file nor a block device"), "{err}");
+    assert!(!last.contains("Broken pipe") && !last.contains("closed the connection"), "{err}");
+}

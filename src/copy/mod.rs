@@ -75,12 +75,7 @@ pub enum EngineError {
     Other(String),
 }
 
-/// Text from a peer or a remote command, made safe for the operator's
-/// terminal: control characters (escape sequences among them) become `?`;
-/// newlines and tabs stay.
-pub fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
-}
+pub use crate::wire::transport::sanitize;
 
 /// Version of the [`Report`] layout: raised when a field changes meaning.
 /// Reports travel between the two ends in `Done`; every field has a

@@ -183,11 +183,28 @@ fn finish_remote(r: Result<Report, EngineError>, peer: Peer) -> Result<Report, E
             peer.close()?;
             Ok(report)
         }
-        Err(e) => {
-            peer.abort();
-            Err(e)
-        }
+        Err(e) => Err(remote_cause(e, peer)),
     }
+}
+
+/// This end failed. If it only saw the link break, and the far end failed
+/// and said why, that is the error to report (not "Broken pipe"); then the
+/// far end is stopped.
+pub fn remote_cause(e: EngineError, mut peer: Peer) -> EngineError {
+    let link_broke = matches!(
+        &e,
+        EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Eof(_)) | EngineError::Transport(_)
+    ) || e.to_string().contains("closed");
+    let out = if link_broke {
+        match peer.failure(std::time::Duration::from_secs(2)) {
+            Some(said) => said.into(),
+            None => e,
+        }
+    } else {
+        e
+    };
+    peer.abort();
+    out
 }
 
 /// `xenmig serve`: one end of a copy on stdin/stdout.

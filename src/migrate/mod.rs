@@ -678,7 +678,11 @@ fn precopy(
         let err = |source: EngineError| MigrateError::PreCopy { disk: d.path(), source };
         let (link, peer) = Link::spawn(&opts.ssh, &opts.host, &args).map_err(|e| err(e.into()))?;
         progress.message(format!("{}: pass 1", d.vdev));
-        let session = SourceSession::start(Path::new(&d.path()), &opts.source, link, progress.clone()).map_err(err)?;
+        let session = match SourceSession::start(Path::new(&d.path()), &opts.source, link, progress.clone()) {
+            Ok(s) => s,
+            // The far end's own words when it failed first (a busy LV, say).
+            Err(e) => return Err(err(crate::copy::run::remote_cause(e, peer))),
+        };
         copies.push(DiskCopy { disk: d.clone(), target_path: r.path(), session, peer });
     }
     let total: u64 = copies.iter().map(|c| c.session.block_count()).sum();

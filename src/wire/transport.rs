@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use thiserror::Error;
@@ -26,6 +26,10 @@ pub enum TransportError {
     Local(io::Error),
     #[error("the remote command '{command}' failed: {status}")]
     Remote { command: String, status: String },
+    /// The far end failed and said why (its last words on stderr): what
+    /// the operator needs, rather than the broken pipe this end saw.
+    #[error("the far end failed ({status}): {said}")]
+    RemoteSaid { status: String, said: String },
     #[error("host '{host}' starts with '-', which ssh would take for an option")]
     BadHost { host: String },
 }
@@ -148,7 +152,21 @@ pub struct Peer {
     child: Option<(Child, String)>,
     /// The child leads its own process group.
     own_group: bool,
+    /// The last lines the child wrote to stderr (which are also copied to
+    /// ours as they come).
+    said: Arc<Mutex<String>>,
+    said_done: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Text from a peer or a remote command, made safe for the operator's
+/// terminal: control characters (escape sequences among them) become `?`;
+/// newlines and tabs stay.
+pub fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
+}
+
+/// How much of a peer's stderr is kept for its error message.
+const SAID_TAIL: usize = 2048;
 
 const BUF: usize = 1 << 20;
 
@@ -191,7 +209,7 @@ impl Link {
         let mut cmd = Command::new("sh");
         // `exec`: the child is ssh (or the local serve) itself, not a
         // wrapper whose death would leave it running.
-        cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // Its own process group, so that abort() stops everything it
         // started; but not with a controlling terminal, where ssh must stay
         // in the foreground group to ask for a password.
@@ -203,21 +221,77 @@ impl Link {
             cmd.spawn().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)), own_group }))
+        let stderr = child.stderr.take().expect("piped stderr");
+        // Pass the far end's messages on as they come (sanitized), and keep
+        // the last of them for the error if it fails.
+        let said = Arc::new(Mutex::new(String::new()));
+        let keep = said.clone();
+        let said_done = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let line = sanitize(&line);
+                // Its final error reaches the operator once, in this end's
+                // own error (from its Error frame, or from `failure`).
+                if !line.starts_with("xenmig: error:") {
+                    eprintln!("{line}");
+                }
+                let mut k = keep.lock().unwrap();
+                k.push_str(&line);
+                k.push('\n');
+                if k.len() > SAID_TAIL {
+                    let cut = k.len() - SAID_TAIL;
+                    let cut = (cut..k.len()).find(|&i| k.is_char_boundary(i)).unwrap_or(k.len());
+                    k.drain(..cut);
+                }
+            }
+        });
+        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)), own_group, said, said_done: Some(said_done) }))
     }
 }
 
 impl Peer {
     /// No process: the peer is a thread of ours or the far end of stdio.
     pub fn none() -> Peer {
-        Peer { child: None, own_group: false }
+        Peer { child: None, own_group: false, said: Arc::default(), said_done: None }
+    }
+
+    /// After this end failed: if the far end has exited with an error (or
+    /// does within `wait`), why, in its own words. Consumes nothing: the
+    /// caller still closes or aborts the peer.
+    pub fn failure(&mut self, wait: std::time::Duration) -> Option<TransportError> {
+        let (child, _) = self.child.as_mut()?;
+        let t = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if t.elapsed() < wait => std::thread::sleep(std::time::Duration::from_millis(20)),
+                _ => return None,
+            }
+        };
+        if status.success() {
+            return None;
+        }
+        // Its stderr ends with it: let the copier finish.
+        if let Some(h) = self.said_done.take() {
+            let _ = h.join();
+        }
+        let said = self.said.lock().unwrap().trim().to_string();
+        (!said.is_empty()).then(|| TransportError::RemoteSaid { status: status.to_string(), said })
     }
 
     /// Wait for a spawned peer to exit (call after dropping the link).
-    pub fn close(self) -> Result<(), TransportError> {
-        if let Some((mut child, command)) = self.child {
+    pub fn close(mut self) -> Result<(), TransportError> {
+        if let Some((mut child, command)) = self.child.take() {
             let status = child.wait().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+            if let Some(h) = self.said_done.take() {
+                let _ = h.join();
+            }
             if !status.success() {
+                let said = self.said.lock().unwrap().trim().to_string();
+                if !said.is_empty() {
+                    return Err(TransportError::RemoteSaid { status: status.to_string(), said });
+                }
                 return Err(TransportError::Remote { command, status: status.to_string() });
             }
         }
@@ -229,8 +303,8 @@ impl Peer {
     /// The whole process group gets SIGTERM (a local `xenmig serve` then
     /// takes its error path: a frozen source is thawed), and SIGKILL if it
     /// has not exited after a few seconds.
-    pub fn abort(self) {
-        if let Some((mut child, _)) = self.child {
+    pub fn abort(mut self) {
+        if let Some((mut child, _)) = self.child.take() {
             if !self.own_group {
                 let _ = child.kill();
                 let _ = child.wait();
