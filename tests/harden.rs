@@ -296,3 +296,17 @@ fn a_remote_end_failing_before_its_first_frame_is_reported_in_its_own_words() {
     assert!(last.contains("the far end failed") && last.contains("neither a regular file nor a block device"), "{err}");
     assert!(!last.contains("Broken pipe") && !last.contains("closed the connection"), "{err}");
 }
+
+/// A hash file given as a reference is named for what it is, not hashed
+/// as if it were an image.
+#[test]
+fn a_hash_file_as_reference_is_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, h) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("a.xmh"));
+    sample_image(&a, 61, 16);
+    assert!(run(&["-q", "hash", "-o", s(&h), s(&a)]).status.success());
+    let out = run(&["-q", "copy", "-r", s(&h), s(&a), s(&b)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a.xmh") && err.contains("is a hash file"), "{err}");
+}

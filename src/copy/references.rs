@@ -55,8 +55,8 @@ impl CompactIndex {
     }
 }
 
-/// Whether `path` starts with the index file magic.
-pub fn is_index_file(path: &Path) -> bool {
+/// The first 8 bytes of a regular file, or None.
+fn magic_of(path: &Path) -> Option<[u8; 8]> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut magic = [0u8; 8];
     // O_NONBLOCK and regular files only: a FIFO must not block here.
@@ -66,8 +66,19 @@ pub fn is_index_file(path: &Path) -> bool {
         .open(path)
         .and_then(|f| if f.metadata()?.is_file() { Ok(f) } else { Err(std::io::ErrorKind::InvalidInput.into()) })
         .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|_| &magic == index::MAGIC)
-        .unwrap_or(false)
+        .ok()
+        .map(|_| magic)
+}
+
+/// Whether `path` starts with the index file magic.
+pub fn is_index_file(path: &Path) -> bool {
+    magic_of(path).is_some_and(|m| &m == index::MAGIC)
+}
+
+/// Whether `path` is a hash file (`xenmig hash -o`): digests without the
+/// data, so no reference.
+pub fn is_hash_file(path: &Path) -> bool {
+    magic_of(path).is_some_and(|m| &m == crate::formats::hashfile::MAGIC)
 }
 
 /// The layout xenmig uses for an image it reads whole: partition-aware.
@@ -88,6 +99,13 @@ impl ReferenceSet {
         for path in paths {
             if is_index_file(path) {
                 set.add_index(path)?;
+            } else if is_hash_file(path) {
+                return Err(EngineError::Reference {
+                    path: path.clone(),
+                    what: "is a hash file (xenmig hash -o): it holds digests, not the blocks; give the image \
+                           itself, or an index of it (xenmig index)"
+                        .into(),
+                });
             } else {
                 let image = Image::open_read(path)?;
                 let layout = layout_of(&image, block_size, Align::Partitions)?;
