@@ -7,22 +7,14 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 
-use xenmig::blocks::blockmap::BlockMap;
-use xenmig::wire::compress::Choice;
-use xenmig::blocks::digest::{hex, key_of, Algorithm};
-use xenmig::copy::run::{self, CopyOptions, ServeRole};
-use xenmig::copy::references::{layout_of, ReferenceSet};
-use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
-use xenmig::copy::target::TargetOptions;
-use xenmig::copy::{Progress, Report};
-use xenmig::formats::hashfile;
-use xenmig::storage::image::Image;
-use xenmig::formats::index::Index;
+use xenmig::blocks::digest::Algorithm;
 use xenmig::blocks::layout::{check_block_size, Align};
-use xenmig::wire::transport::Location;
+use xenmig::copy::source::{LiveOptions, Rescan};
+use xenmig::wire::compress::Choice;
 
+mod copy;
+mod images;
 mod migrate;
 mod xen;
 
@@ -331,264 +323,26 @@ pub fn main() -> i32 {
 
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
-        Command::Copy(a) => Ok(run_copy(a, quiet)),
+        Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
         Command::Migrate(a) => migrate::run_migrate(a, quiet),
         Command::MigrateRelay { control, ssh, rest } => migrate::run_relay(control, ssh, rest),
         Command::MigrateTarget(op) => migrate::run_target(op),
-        Command::Hash { image, output, hash, json } => {
-            let img = Image::open_read(&image)?;
-            let layout = layout_of(&img, hash.block_size, hash.align)?;
-            if !hash.algo.collision_safe() {
-                log::warn!("SHA-1 is not collision-safe: use it only for compatibility with the seed's tools");
-            }
-            let progress = Progress::stderr(quiet);
-            progress.phase("hashing", layout.size);
-            let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
-            progress.finish();
-            if let Some(out) = &output {
-                // As private as the image it describes.
-                let mode = std::fs::metadata(&image).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
-                hashfile::write_mode(&map, out, mode.unwrap_or(0o600))?;
-            }
-            print_map_summary(&image, &map, json);
-            Ok(0)
-        }
-        Command::Index { output, images, hash } => {
-            let progress = Progress::stderr(quiet);
-            let mut idx = Index::new(hash.algo, hash.block_size);
-            for path in &images {
-                let img = Image::open_read(path)?;
-                let layout = layout_of(&img, hash.block_size, hash.align)?;
-                progress.phase("indexing", layout.size);
-                let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
-                let abs = std::fs::canonicalize(path)?;
-                idx.add(abs, &map);
-            }
-            progress.finish();
-            // One image: as private as it is; several: owner only.
-            let mode = match images.as_slice() {
-                [one] => std::fs::metadata(one).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap_or(0o600),
-                _ => 0o600,
-            };
-            idx.write_mode(&output, mode)?;
-            println!(
-                "{}: {} images, {} distinct blocks, {} distinct groups",
-                output.display(),
-                idx.images.len(),
-                idx.blocks.len(),
-                idx.groups.len()
-            );
-            Ok(0)
-        }
+        Command::Hash { image, output, hash, json } => images::hash(image, output, hash, json, quiet),
+        Command::Index { output, images, hash } => images::index(output, images, hash, quiet),
         Command::Similarity { image, references, hash, json } => {
-            let img = Image::open_read(&image)?;
-            let layout = layout_of(&img, hash.block_size, hash.align)?;
-            let progress = Progress::stderr(quiet);
-            progress.phase("hashing", layout.size);
-            let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
-            let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;
-            progress.finish();
-            let total = map.digests.len() as u64;
-            let zero = map.zero_blocks();
-            let found = (0..map.digests.len())
-                .filter(|&i| !map.zero[i] && refs.index.find_block(&key_of(&map.digests[i])).is_some())
-                .count() as u64;
-            let pct = |n: u64, of: u64| if of == 0 { 0.0 } else { 100.0 * n as f64 / of as f64 };
-            let v = json!({
-                "image": image.display().to_string(),
-                "references": references.iter().map(|r| r.display().to_string()).collect::<Vec<_>>(),
-                "blocks_total": total,
-                "blocks_zero": zero,
-                "blocks_found": found,
-                "blocks_missing": total - zero - found,
-                "found_percent_of_nonzero": pct(found, total - zero),
-                "found_or_zero_percent": pct(found + zero, total),
-            });
-            if json {
-                println!("{v}");
-            } else {
-                println!(
-                    "{}: {total} blocks, {zero} zero ({:.1}%), {found} of the {} non-zero found in the references ({:.1}%), {} missing",
-                    image.display(),
-                    pct(zero, total),
-                    total - zero,
-                    pct(found, total - zero),
-                    total - zero - found
-                );
-            }
-            Ok(0)
+            images::similarity_cmd(image, references, hash, json, quiet)
         }
-        Command::Show { file } => {
-            if xenmig::copy::references::is_index_file(&file) {
-                let idx = Index::read(&file)?;
-                println!(
-                    "index {}: {} {} bytes/block, {} distinct blocks",
-                    file.display(),
-                    idx.algo,
-                    idx.block_size,
-                    idx.blocks.len()
-                );
-                for im in &idx.images {
-                    println!(
-                        "  {}  {} bytes  {}",
-                        hex(&im.image_digest[..idx.algo.width()]),
-                        im.layout.size,
-                        im.path.display()
-                    );
-                }
-            } else {
-                let map = hashfile::read(&file)?;
-                print_map_summary(&file, &map, false);
-            }
-            Ok(0)
-        }
+        Command::Show { file } => images::show(file),
         Command::Domains { domain, json } => Ok(xen::domains(domain.as_deref(), json)?),
         Command::Save { domain, file, paused } => Ok(xen::save(&domain, &file, paused)?),
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
         Command::Serve { source, target, hash, compress, references, live, allow_open_by, idle, max_image_size } => {
-            let role = match (source, target) {
-                (Some(p), None) => ServeRole::Source(
-                    p,
-                    SourceOptions {
-                        algo: hash.algo,
-                        block_size: hash.block_size,
-                        align: hash.align,
-                        compress,
-                        live: live.options(),
-                        idle_timeout: idle.timeout(),
-                    },
-                ),
-                (None, Some(p)) => ServeRole::Target(
-                    p,
-                    TargetOptions {
-                        references,
-                        allow_open_by,
-                        create_mode: None,
-                        idle_timeout: idle.timeout(),
-                        max_image_size,
-                    },
-                ),
-                _ => anyhow::bail!("give exactly one of --source and --target"),
-            };
-            xenmig::copy::interrupt::install()?;
-            run::serve(role)?;
-            Ok(0)
+            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size)
         }
     }
 }
 
-fn print_map_summary(path: &std::path::Path, map: &BlockMap, json: bool) {
-    let w = map.algo.width();
-    if json {
-        let v = json!({
-            "image": path.display().to_string(),
-            "algorithm": map.algo.name(),
-            "block_size": map.layout.block_size,
-            "image_size": map.layout.size,
-            "segments": map.layout.segments,
-            "blocks_total": map.digests.len(),
-            "blocks_zero": map.zero_blocks(),
-            "digest": hex(&map.image_digest[..w]),
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "{}  {}  {} {}-byte blocks ({} zero), {} segment(s), {}",
-            hex(&map.image_digest[..w]),
-            path.display(),
-            map.digests.len(),
-            map.layout.block_size,
-            map.zero_blocks(),
-            map.layout.segments.len(),
-            map.algo
-        );
-    }
-}
 
-fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
-    // SIGINT, SIGTERM and SIGHUP end the copy through its error path (thaw,
-    // snapshots removed), never by killing the process where it stands.
-    if let Err(e) = xenmig::copy::interrupt::install() {
-        eprintln!("xenmig: {e}");
-        return 1;
-    }
-    let src = Location::parse(&a.src);
-    let dst = Location::parse(&a.dst);
-    if !a.hash.algo.collision_safe() {
-        log::warn!(
-            "SHA-1 is not collision-safe: a reference holding another tenant's data could supply colliding blocks"
-        );
-    }
-    let opts = CopyOptions {
-        source: SourceOptions {
-            algo: a.hash.algo,
-            block_size: a.hash.block_size,
-            align: a.hash.align,
-            compress: a.compress,
-            live: a.live.options(),
-            idle_timeout: a.idle.timeout(),
-        },
-        target: TargetOptions {
-            references: a.references,
-            allow_open_by: None,
-            create_mode: None,
-            idle_timeout: a.idle.timeout(),
-            max_image_size: a.max_image_size,
-        },
-        ssh: a.ssh,
-        remote_xenmig: a.remote_xenmig,
-    };
-    let progress = Progress::stderr(quiet || a.json);
-    let result = run::copy(&src, &dst, &opts, &progress);
-    progress.finish();
-    match result {
-        Ok(report) => {
-            print_report(&report, a.json);
-            0
-        }
-        Err(e) => {
-            if a.json {
-                println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
-            }
-            let msg = xenmig::copy::sanitize(&format!("copy {} -> {} failed: {e}", a.src, a.dst));
-            eprintln!("xenmig: {msg}");
-            1
-        }
-    }
-}
 
-fn print_report(r: &Report, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string(r).expect("report serialises"));
-        return;
-    }
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let pct = |n: u64| {
-        if r.blocks_total == 0 {
-            0.0
-        } else {
-            100.0 * n as f64 / r.blocks_total as f64
-        }
-    };
-    println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
-    println!(
-        "  blocks: {} total, {} zero ({:.1}%), {} reused ({:.1}%, {} in place), {} fetched ({:.1}%)",
-        r.blocks_total,
-        r.blocks_zero,
-        pct(r.blocks_zero),
-        r.blocks_reused,
-        pct(r.blocks_reused),
-        r.blocks_in_place,
-        r.blocks_fetched,
-        pct(r.blocks_fetched),
-    );
-    println!(
-        "  wire: {:.2} MiB in all ({:.3}% of the image); fetched {:.2} MiB sent as {:.2} MiB",
-        mib(r.bytes_wire),
-        if r.image_size == 0 { 0.0 } else { 100.0 * r.bytes_wire as f64 / r.image_size as f64 },
-        mib(r.bytes_fetched),
-        mib(r.bytes_payload_wire)
-    );
-}

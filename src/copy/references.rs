@@ -81,6 +81,48 @@ pub fn is_hash_file(path: &Path) -> bool {
     magic_of(path).is_some_and(|m| &m == crate::formats::hashfile::MAGIC)
 }
 
+/// How much of an image its references already hold (the seed's Table 5.1):
+/// non-zero blocks found in them, zero blocks counted apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Similarity {
+    pub blocks_total: u64,
+    pub blocks_zero: u64,
+    pub blocks_found: u64,
+}
+
+impl Similarity {
+    pub fn blocks_missing(&self) -> u64 {
+        self.blocks_total - self.blocks_zero - self.blocks_found
+    }
+    /// Found, in percent of the non-zero blocks.
+    pub fn found_percent_of_nonzero(&self) -> f64 {
+        percent(self.blocks_found, self.blocks_total - self.blocks_zero)
+    }
+    /// Found or zero, in percent of all blocks.
+    pub fn found_or_zero_percent(&self) -> f64 {
+        percent(self.blocks_found + self.blocks_zero, self.blocks_total)
+    }
+    pub fn zero_percent(&self) -> f64 {
+        percent(self.blocks_zero, self.blocks_total)
+    }
+}
+
+fn percent(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
+    }
+}
+
+/// Which blocks of `map` the references hold (by key; reads nothing).
+pub fn similarity(map: &BlockMap, refs: &ReferenceSet) -> Similarity {
+    let found = (0..map.digests.len())
+        .filter(|&i| !map.zero[i] && refs.index.find_block(&crate::blocks::digest::key_of(&map.digests[i])).is_some())
+        .count() as u64;
+    Similarity { blocks_total: map.digests.len() as u64, blocks_zero: map.zero_blocks(), blocks_found: found }
+}
+
 /// The layout xenmig uses for an image it reads whole: partition-aware.
 pub fn layout_of(img: &Image, block_size: u32, align: Align) -> Result<Layout, EngineError> {
     let mut first = vec![0u8; 512.min(img.size() as usize)];
