@@ -71,8 +71,24 @@ pub enum EngineError {
     NoRoom { path: PathBuf, size: u64, free: u64 },
     #[error("the source claims a {size}-byte image of {blocks} blocks, whose state would take {need} bytes of memory, more than the {available} available; use a larger --block-size")]
     TooManyBlocks { size: u64, blocks: u64, need: u64, available: u64 },
+    #[error("cannot cut the image into blocks: {0}")]
+    BadLayout(String),
+    #[error("the target's xenmig cannot take a live copy; upgrade it")]
+    NoLiveSupport,
     #[error("{0}")]
-    Other(String),
+    LinkClosed(&'static str),
+    #[error("the copy was used out of order: {0}")]
+    StepOrder(String),
+    #[error("the {what} command '{command}' {detail}")]
+    Hook { what: &'static str, command: String, detail: String },
+    #[error("cannot tell the free space for {path}: {source}")]
+    FreeSpace { path: PathBuf, source: std::io::Error },
+    #[error("change tracking: {0}")]
+    Tracking(String),
+    #[error("both SRC and DST are remote; run xenmig on one of the two hosts")]
+    BothRemote,
+    #[error("stopped: {0}")]
+    Aborted(String),
 }
 
 pub use crate::wire::transport::sanitize;

@@ -45,7 +45,7 @@ pub fn run_hook_limited(
         .stdout(out)
         .process_group(0)
         .spawn()
-        .map_err(|e| EngineError::Other(format!("cannot run the {what} command '{cmd}': {e}")))?;
+        .map_err(|e| EngineError::Hook { what, command: cmd.into(), detail: format!("cannot be run: {e}") })?;
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -53,7 +53,7 @@ pub fn run_hook_limited(
             Ok(None) => {}
             Err(e) => {
                 kill_group(&mut child);
-                return Err(EngineError::Other(format!("cannot wait for the {what} command '{cmd}': {e}")));
+                return Err(EngineError::Hook { what, command: cmd.into(), detail: format!("cannot be waited for: {e}") });
             }
         }
         if interruptible {
@@ -72,7 +72,7 @@ pub fn run_hook_limited(
         std::thread::sleep(Duration::from_millis(20));
     };
     if !status.success() {
-        return Err(EngineError::Other(format!("the {what} command '{cmd}' failed ({status})")));
+        return Err(EngineError::Hook { what, command: cmd.into(), detail: format!("failed ({status})") });
     }
     Ok(())
 }
@@ -185,7 +185,7 @@ mod tests {
         fn freeze(&mut self) -> Result<(), EngineError> {
             self.log.lock().unwrap().push("freeze");
             if self.fail_freeze {
-                return Err(EngineError::Other("freeze failed".into()));
+                return Err(EngineError::Hook { what: "freeze", command: "test".into(), detail: "failed".into() });
             }
             Ok(())
         }

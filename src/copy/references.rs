@@ -127,7 +127,7 @@ pub fn similarity(map: &BlockMap, refs: &ReferenceSet) -> Similarity {
 pub fn layout_of(img: &Image, block_size: u32, align: Align) -> Result<Layout, EngineError> {
     let mut first = vec![0u8; 512.min(img.size() as usize)];
     img.read_at(&mut first, 0)?;
-    Layout::detect(&first, img.size(), block_size, align).map_err(EngineError::Other)
+    Layout::detect(&first, img.size(), block_size, align).map_err(EngineError::BadLayout)
 }
 
 impl ReferenceSet {

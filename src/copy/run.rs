@@ -150,7 +150,7 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             finish_remote(r, peer)?
         }
         (Location::Remote { .. }, Location::Remote { .. }) => {
-            return Err(EngineError::Other("both SRC and DST are remote; run xenmig on one of the two hosts".into()))
+            return Err(EngineError::BothRemote)
         }
     };
     report.source = src.to_string();

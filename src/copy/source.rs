@@ -236,7 +236,7 @@ impl SourceSession {
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
         let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
         if agreed.caps & want_caps != want_caps {
-            return Err(EngineError::Other("the target's xenmig cannot take a live copy; upgrade it".into()));
+            return Err(EngineError::NoLiveSupport);
         }
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
         link.writer.flush().map_err(ProtocolError::Io)?;
@@ -368,7 +368,7 @@ impl SourceSession {
             Ok(e) => e,
             Err(_) => match self.events.try_recv() {
                 Ok(Err(e)) => e,
-                _ => EngineError::Other("the link to the target closed".into()),
+                _ => EngineError::LinkClosed("the link to the target closed"),
             },
         }
     }
@@ -379,8 +379,8 @@ impl SourceSession {
         loop {
             interrupt::check()?;
             crossbeam_channel::select! {
-                recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::Other("the source's reader stopped without an answer".into()))),
-                recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::Other("a source thread failed".into()))),
+                recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::LinkClosed("the source's reader stopped without an answer"))),
+                recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::LinkClosed("a source thread failed"))),
                 default(Duration::from_millis(100)) => {}
             }
         }
@@ -445,7 +445,7 @@ impl SourceSession {
     /// [`final_pass`](Self::final_pass).
     pub fn scan(&mut self) -> Result<Scan, EngineError> {
         if self.opts.live.is_none() {
-            return Err(EngineError::Other("scan() on a session that is not live".into()));
+            return Err(EngineError::StepOrder("scan() on a session that is not live".into()));
         }
         let mut scan = Scan { pass_done: self.pass, ..Scan::default() };
         if self.in_flight {
@@ -475,7 +475,7 @@ impl SourceSession {
     /// Announce what the scans found as a live pass (the source keeps running).
     pub fn send_pass(&mut self) -> Result<(), EngineError> {
         if self.in_flight {
-            return Err(EngineError::Other(format!("send_pass() while pass {} is in flight; scan() first", self.pass)));
+            return Err(EngineError::StepOrder(format!("send_pass() while pass {} is in flight; scan() first", self.pass)));
         }
         self.announce_pending(false)
     }
@@ -588,7 +588,7 @@ impl SourceSession {
         let layout = self.shared.layout.clone();
         let candidates = match self.tracker.as_mut() {
             Some(t) => t.candidates(&layout, last)?,
-            None => return Err(EngineError::Other("a live pass on a session that is not live".into())),
+            None => return Err(EngineError::StepOrder("a live pass on a session that is not live".into())),
         };
         let mut fast = std::mem::take(&mut self.fast);
         let mut groups = std::mem::take(&mut self.groups);

@@ -131,7 +131,7 @@ pub fn check_room(dst: &Path, size: u64, max: Option<u64>) -> Result<(), EngineE
         _ => PathBuf::from("."),
     };
     let free = free_bytes(if dst.exists() { dst } else { &dir })
-        .map_err(|e| EngineError::Other(format!("cannot tell the free space for {}: {e}", dst.display())))?;
+        .map_err(|source| EngineError::FreeSpace { path: dst.into(), source })?;
     if size > free.saturating_add(held) {
         return Err(EngineError::NoRoom { path: dst.into(), size, free: free.saturating_add(held) });
     }

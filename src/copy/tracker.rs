@@ -133,7 +133,7 @@ pub fn cow_path(r: &LvRef) -> PathBuf {
 }
 
 fn lvm_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Other(format!("change tracking: {e}"))
+    EngineError::Tracking(e.to_string())
 }
 
 impl SnapTracker {
@@ -144,7 +144,7 @@ impl SnapTracker {
     pub fn start(path: &Path, size: u64) -> Result<SnapTracker, EngineError> {
         let lvm = Lvm::new();
         let lv = lvm.lv_for_path(path).map_err(lvm_err)?.ok_or_else(|| {
-            EngineError::Other(format!(
+            EngineError::Tracking(format!(
                 "--rescan lvm-snapshot needs a logical volume source; {} is not one",
                 path.display()
             ))

@@ -708,7 +708,7 @@ fn precopy(
 }
 
 pub(crate) fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
-    let e = EngineError::Other(why.to_string());
+    let e = EngineError::Aborted(why.to_string());
     for c in copies {
         c.session.abort(&e);
         c.peer.abort();
