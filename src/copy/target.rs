@@ -164,6 +164,8 @@ pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statvfs is a plain C struct of integers; all zeroes is a valid
+    // value, overwritten by the call below.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and a struct to fill.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {

@@ -286,6 +286,11 @@ impl Drop for Xen {
 
 /// A libxentoollog logger writing errors to (a duplicate of) stderr: what
 /// the Xen libraries report when a call fails, in their own words.
+///
+/// # Safety
+/// `libs` must hold the libxentoollog of the release the bindings were made
+/// for (what [`Libraries::load`] returns). The logger returned (or NULL) is
+/// the caller's, to be freed once with [`destroy_logger`].
 unsafe fn make_logger(libs: &Libraries) -> *mut sys::xentoollog_logger {
     let fd = libc::dup(2);
     if fd < 0 {
@@ -301,6 +306,9 @@ unsafe fn make_logger(libs: &Libraries) -> *mut sys::xentoollog_logger {
     l.cast()
 }
 
+/// # Safety
+/// `logger` is NULL or came from [`make_logger`] with the same `libs`, and
+/// is not used afterwards.
 unsafe fn destroy_logger(libs: &Libraries, logger: *mut sys::xentoollog_logger) {
     if !logger.is_null() {
         (libs.toollog.xtl_logger_destroy)(logger);
