@@ -19,7 +19,7 @@ pub fn hash(image: PathBuf, output: Option<PathBuf>, hash: HashArgs, json: bool,
     let img = Image::open_read(&image)?;
     let layout = layout_of(&img, hash.block_size, hash.align)?;
     if !hash.algo.collision_safe() {
-        log::warn!("SHA-1 is not collision-safe: use it only for compatibility with the seed's tools");
+        log::warn!("SHA-1 is not collision-safe: use it only for compatibility with older tools");
     }
     let progress = Progress::stderr(quiet);
     progress.phase("hashing", layout.size);

@@ -82,7 +82,7 @@ pub struct MigrateArgs {
     /// domain.
     #[arg(long)]
     force: bool,
-    /// The seed's stop-and-copy path instead of xl's live memory copy:
+    /// Stop-and-copy instead of xl's live memory copy:
     /// after the disk passes, `xl save -p` (the guest stops), the last disk
     /// delta, the save image through the copy engine (zero pages never
     /// travel), `xl restore` on HOST; the source is destroyed only once

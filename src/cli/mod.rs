@@ -23,9 +23,9 @@ Examples:
   xenmig copy guest.img root@host2:/dev/vg0/guest      push a disk to another host over ssh
   xenmig copy -r /dev/vg0/debian12 host1:/dev/vg0/web /dev/vg0/web
                                                        pull, reusing blocks of a local template
-  xenmig hash -o web.xmh /dev/vg0/web                  per-block digests (the seed's shafs)
+  xenmig hash -o web.xmh /dev/vg0/web                  per-block digests of a disk, kept in a file
   xenmig index -o refs.xmi /dev/vg0/debian11 /dev/vg0/debian12
-                                                       index reference images (the seed's mkidx)
+                                                       index reference images (templates, releases)
 
 Exit status: 0 success (copy: target verified), 1 failure, 2 bad usage.
 Logging: -v, -vv, or RUST_LOG=debug.";
@@ -45,7 +45,7 @@ struct Cli {
 
 #[derive(Args, Clone)]
 pub(crate) struct HashArgs {
-    /// Block digest: blake3 (default), sha256, or sha1 (seed-compatible, NOT
+    /// Block digest: blake3 (default), sha256, or sha1 (for older tools, NOT
     /// collision-safe: avoid when references hold other tenants' data).
     #[arg(long = "hash", default_value = "blake3", value_name = "ALGO")]
     pub(crate) algo: Algorithm,
@@ -76,7 +76,7 @@ enum Command {
     /// source, compressed. Every block is verified before it counts, and the
     /// whole target is checked against the source's image digest.
     Copy(CopyArgs),
-    /// Compute per-block digests of an image (the seed's shafs).
+    /// Compute per-block digests of an image (and keep them in a hash file).
     Hash {
         image: PathBuf,
         /// Write the hash file here (format: see README).
@@ -88,7 +88,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Build an index of reference images, for `copy -r` (the seed's mkidx).
+    /// Build an index of reference images, for `copy -r`: hashed once, used
+    /// by every later copy.
     Index {
         /// Where to write the index.
         #[arg(short, long)]
@@ -99,8 +100,9 @@ enum Command {
         #[command(flatten)]
         hash: HashArgs,
     },
-    /// How much of an image its references already hold (the seed's
-    /// Table 5.1): blocks found, zero blocks apart. Reads only; moves nothing.
+    /// How much of an image its references already hold: blocks found,
+    /// zero blocks apart (what a copy would not have to send). Reads only;
+    /// moves nothing.
     Similarity {
         image: PathBuf,
         /// Reference images or index files (repeatable, at least one).
@@ -214,8 +216,8 @@ struct LiveArgs {
     /// Live: how passes find changed blocks: `fast` re-reads and compares
     /// each block's XXH3 (default); `lvm-snapshot` (source is an LVM
     /// logical volume) reads device-mapper snapshots' exception tables and
-    /// reads nothing else; `full` recomputes every strong digest, as the
-    /// seed did (for comparison).
+    /// reads nothing else; `full` recomputes every strong digest (slowest;
+    /// kept to measure the others against).
     #[arg(long, default_value = "fast", value_name = "HOW", requires = "live")]
     rescan: Rescan,
     /// Live: a freeze command still running after this many seconds is
