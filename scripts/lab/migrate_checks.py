@@ -326,7 +326,9 @@ def check_xm_link_cut(g, dst):
     guest keeps running where it was; nothing is left on the target."""
     src = g.host
     before = last_heartbeat(src, g.log)
-    start_migrate_bg(src, dst, "xc")
+    # XENMIG_TEST_HOLD_PRECOPY keeps the pre-copy open long enough for the
+    # console's polling (a 32 MiB pre-copy is over in seconds).
+    start_migrate_bg(src, dst, "xc", "XENMIG_TEST_HOLD_PRECOPY=30")
     wait_for_precopy(src, dst)
     dst.sh("pkill -9 -f 'xenmig serve --target' && echo killed")
     rc, rep = wait_bg(src, "xc")
@@ -347,7 +349,7 @@ def check_xm_killed_then_rerun(g, dst):
     that migrate completes, reusing what arrived."""
     src = g.host
     before = last_heartbeat(src, g.log)
-    start_migrate_bg(src, dst, "xk")
+    start_migrate_bg(src, dst, "xk", "XENMIG_TEST_HOLD_PRECOPY=30")
     wait_for_precopy(src, dst)
     src.sh("pkill -9 -f 'xenmig migrate --json g1' && echo killed")
     time.sleep(2)

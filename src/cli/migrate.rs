@@ -208,6 +208,9 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     if let Some(s) = std::env::var("XENMIG_TEST_HOLD_READY").ok().and_then(|v| v.parse::<u64>().ok()) {
         opts.hold_ready = Some(Duration::from_secs(s));
     }
+    if let Some(s) = std::env::var("XENMIG_TEST_HOLD_PRECOPY").ok().and_then(|v| v.parse::<u64>().ok()) {
+        opts.hold_precopy = Some(Duration::from_secs(s));
+    }
     let host = XenHost::open()?;
     let progress = Progress::stderr(quiet || a.json);
     let (report, result) = migrate::migrate(&host, &opts, &progress);

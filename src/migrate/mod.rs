@@ -160,6 +160,9 @@ pub struct MigrateOptions {
     /// Fault tests only: wait this long with READY held before the last
     /// delta (`XENMIG_TEST_HOLD_READY=SECONDS`).
     pub hold_ready: Option<Duration>,
+    /// Fault tests only: wait this long in the disk pre-copy, after pass 1
+    /// began (`XENMIG_TEST_HOLD_PRECOPY=SECONDS`).
+    pub hold_precopy: Option<Duration>,
 }
 
 impl MigrateOptions {
@@ -184,6 +187,7 @@ impl MigrateOptions {
             run_dir: PathBuf::from("/run/xenmig"),
             memory_timeout: Duration::from_secs(1800),
             hold_ready: None,
+            hold_precopy: None,
             stop_copy: false,
         }
     }
@@ -684,6 +688,12 @@ fn precopy(
             Err(e) => return Err(err(crate::copy::run::remote_cause(e, peer))),
         };
         copies.push(DiskCopy { disk: d.clone(), target_path: r.path(), session, peer });
+    }
+    if let Some(hold) = opts.hold_precopy {
+        // Fault tests: a window in which to cut the link or kill xenmig
+        // while the disk pre-copy is under way (pass 1 in flight).
+        log::warn!("holding the disk pre-copy for {hold:?} (XENMIG_TEST_HOLD_PRECOPY)");
+        std::thread::sleep(hold);
     }
     let total: u64 = copies.iter().map(|c| c.session.block_count()).sum();
     let mut policy = Convergence::new(live.max_passes, live.converge_blocks, total);
