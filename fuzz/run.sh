@@ -15,7 +15,7 @@ case $t in target_end|source_end) timeout_ms=5000 ;; esac
 mkdir -p "$here/out"
 export AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
 # A second run of the same target resumes where the first stopped.
-input="$here/corpus/$t"
+input=${INPUT:-"$here/corpus/$t"}
 [ -d "$here/out/$t/default/queue" ] && input=-
 exec nice -n 19 "$AFL_FUZZ" -i "$input" -o "$here/out/$t" -V "$secs" -t "$timeout_ms" -m 4096 \
     "$here/target/release/$t"
