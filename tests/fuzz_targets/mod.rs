@@ -257,7 +257,7 @@ fn check_layout(l: &Layout) {
         assert_eq!(l.size, 0);
         return;
     }
-    let mut sample: Vec<u64> = vec![0, 1, n / 2, n - 2, n - 1];
+    let mut sample: Vec<u64> = vec![0, 1, n / 2, n.saturating_sub(2), n - 1];
     // The first and last block of every segment.
     let bs = l.block_size as u64;
     let mut first = 0u64;
