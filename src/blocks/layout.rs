@@ -112,6 +112,8 @@ impl Layout {
 
     /// The layout of an image given its first sector.
     pub fn detect(first_sector: &[u8], size: u64, block_size: u32, align: Align) -> Result<Self, String> {
+        // First: the partition check below divides by the block size.
+        check_block_size(block_size)?;
         match align {
             Align::Flat => Self::flat(size, block_size),
             Align::Partitions => match mbr_partitions(first_sector, size) {
@@ -344,6 +346,18 @@ mod tests {
         for i in [0, 1, l.block_count() - 2, l.block_count() - 1] {
             let (off, len) = l.extent(i);
             assert!(off.checked_add(len as u64).is_some_and(|e| e <= l.size), "block {i}: {off}+{len}");
+        }
+    }
+
+    /// Found by fuzzing (fuzz/regressions/layout/): with a partition table
+    /// that needs segments, an invalid block size of 0 divided by zero
+    /// before it was checked.
+    #[test]
+    fn detect_refuses_a_bad_block_size_before_using_it() {
+        let s = mbr(&[(0x83, 63, 100)]);
+        for bs in [0, 3, 4095] {
+            assert!(Layout::detect(&s, 1 << 20, bs, Align::Partitions).is_err());
+            assert!(Layout::detect(&s, 1 << 20, bs, Align::Flat).is_err());
         }
     }
 

@@ -541,7 +541,10 @@ impl Target<'_> {
         self.pass_report = PassReport { pass, final_pass, changed_blocks, ..Default::default() };
         self.pass_started = Instant::now();
         let label = if final_pass { format!("final {pass}") } else { format!("pass {pass}") };
-        self.progress.phase(&label, changed_blocks * self.layout.block_size as u64);
+        // The count is the peer's (an honest source's may even count a
+        // block twice across scans): clamp it, and never let it overflow.
+        let bytes = changed_blocks.min(self.layout.block_count()).saturating_mul(self.layout.block_size as u64);
+        self.progress.phase(&label, bytes.min(self.layout.size));
         Ok(())
     }
 
@@ -989,5 +992,27 @@ mod tests {
         assert!(e.contains("past") || e.contains("tile"), "{e}");
         assert!(!dst.exists(), "DST was created");
         drop(peer.join());
+    }
+
+    /// Found by fuzzing (fuzz/regressions/target_end/): a PassBegin whose
+    /// changed-block count times the block size overflows u64 panicked
+    /// (overflow checks on) while sizing the progress phase.
+    #[test]
+    fn a_huge_changed_block_count_is_not_a_panic() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path().join("dst.img");
+        let (mut src, tgt) = Link::pair().unwrap();
+        let peer = thread::spawn(move || {
+            protocol::handshake(&mut src.reader, &mut src.writer, Role::Source, CAP_LIVE).unwrap();
+            let layout = Layout::flat(64 << 10, 4096).unwrap();
+            write_message(&mut src.writer, &Message::ImageInfo { algo: Algorithm::Blake3, layout }).unwrap();
+            let begin = Message::PassBegin { pass: 1, final_pass: false, changed_blocks: u64::MAX };
+            write_message(&mut src.writer, &begin).unwrap();
+            src.writer.flush().unwrap();
+            // Then hang up: the target must fail cleanly.
+        });
+        let r = run(&dst, &TargetOptions::default(), tgt, &Progress::hidden());
+        assert!(r.is_err());
+        peer.join().unwrap();
     }
 }
