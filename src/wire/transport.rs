@@ -165,6 +165,15 @@ pub fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
 }
 
+/// A far end that exited 127 did not find its program: say what to check.
+fn with_hint(said: String, status: &std::process::ExitStatus) -> String {
+    if status.code() == Some(127) {
+        format!("{said} (is xenmig installed on the remote host? --remote-xenmig names its path there)")
+    } else {
+        said
+    }
+}
+
 /// How much of a peer's stderr is kept for its error message.
 const SAID_TAIL: usize = 2048;
 
@@ -276,7 +285,7 @@ impl Peer {
         if let Some(h) = self.said_done.take() {
             let _ = h.join();
         }
-        let said = self.said.lock().unwrap().trim().to_string();
+        let said = with_hint(self.said.lock().unwrap().trim().to_string(), &status);
         (!said.is_empty()).then(|| TransportError::RemoteSaid { status: status.to_string(), said })
     }
 
@@ -288,7 +297,7 @@ impl Peer {
                 let _ = h.join();
             }
             if !status.success() {
-                let said = self.said.lock().unwrap().trim().to_string();
+                let said = with_hint(self.said.lock().unwrap().trim().to_string(), &status);
                 if !said.is_empty() {
                     return Err(TransportError::RemoteSaid { status: status.to_string(), said });
                 }
