@@ -200,17 +200,14 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.stop_copy = a.stop_copy;
     opts.delete_source = a.delete_source;
     opts.remote_xenmig = a.remote_xenmig;
-    if let Ok(d) = std::env::var("XENMIG_MEMORY_TIMEOUT") {
-        if let Ok(s) = d.parse::<u64>() {
-            opts.memory_timeout = Duration::from_secs(s);
-        }
+    // Seconds from the environment: the memory phase's limit, and the
+    // fault tests' windows (docs/lab.md).
+    let secs = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs);
+    if let Some(d) = secs("XENMIG_MEMORY_TIMEOUT") {
+        opts.memory_timeout = d;
     }
-    if let Some(s) = std::env::var("XENMIG_TEST_HOLD_READY").ok().and_then(|v| v.parse::<u64>().ok()) {
-        opts.hold_ready = Some(Duration::from_secs(s));
-    }
-    if let Some(s) = std::env::var("XENMIG_TEST_HOLD_PRECOPY").ok().and_then(|v| v.parse::<u64>().ok()) {
-        opts.hold_precopy = Some(Duration::from_secs(s));
-    }
+    opts.hold_ready = secs("XENMIG_TEST_HOLD_READY");
+    opts.hold_precopy = secs("XENMIG_TEST_HOLD_PRECOPY");
     let host = XenHost::open()?;
     let progress = Progress::stderr(quiet || a.json);
     let (report, result) = migrate::migrate(&host, &opts, &progress);
