@@ -45,6 +45,22 @@ pub enum Align {
     Flat,
 }
 
+impl Align {
+    /// What `--align` calls it (read back by `FromStr`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Align::Partitions => "partitions",
+            Align::Flat => "flat",
+        }
+    }
+}
+
+impl std::fmt::Display for Align {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Align {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

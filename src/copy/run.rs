@@ -49,14 +49,6 @@ pub fn idle_arg(idle: Option<std::time::Duration>) -> Vec<String> {
 /// Arguments for `xenmig serve` playing the source end.
 fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
     let s = &o.source;
-    let align = match s.align {
-        crate::blocks::layout::Align::Partitions => "partitions",
-        crate::blocks::layout::Align::Flat => "flat",
-    };
-    let compress = match s.compress {
-        crate::wire::compress::Choice::Auto => "auto".to_string(),
-        crate::wire::compress::Choice::Fixed(c) => c.to_string(),
-    };
     let mut v = vec![
         o.remote_xenmig.clone(),
         "serve".into(),
@@ -67,9 +59,9 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         "--block-size".into(),
         s.block_size.to_string(),
         "--align".into(),
-        align.into(),
+        s.align.name().into(),
         "--compress".into(),
-        compress,
+        s.compress.to_string(),
     ];
     v.extend(idle_arg(s.idle_timeout));
     if let Some(live) = &s.live {
@@ -79,10 +71,9 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if let Some(c) = &live.freeze_cmd {
             v.extend(["--freeze-cmd".into(), c.clone()]);
         }
-        match live.rescan {
-            super::source::Rescan::Fast => {}
-            super::source::Rescan::Full => v.extend(["--rescan".into(), "full".into()]),
-            super::source::Rescan::LvmSnapshot => v.extend(["--rescan".into(), "lvm-snapshot".into()]),
+        // The default is not named: an older far end reads it as well.
+        if live.rescan != super::source::Rescan::Fast {
+            v.extend(["--rescan".into(), live.rescan.name().into()]);
         }
         if let Some(c) = &live.thaw_cmd {
             v.extend(["--thaw-cmd".into(), c.clone()]);

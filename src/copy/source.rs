@@ -76,6 +76,17 @@ pub enum Rescan {
     LvmSnapshot,
 }
 
+impl Rescan {
+    /// What `--rescan` calls it (read back by `FromStr`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rescan::Fast => "fast",
+            Rescan::Full => "full",
+            Rescan::LvmSnapshot => "lvm-snapshot",
+        }
+    }
+}
+
 impl std::str::FromStr for Rescan {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

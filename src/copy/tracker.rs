@@ -206,6 +206,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rescan_and_align_names_read_back() {
+        for r in [Rescan::Fast, Rescan::Full, Rescan::LvmSnapshot] {
+            assert_eq!(r.name().parse::<Rescan>().unwrap(), r);
+        }
+        use crate::blocks::layout::Align;
+        for a in [Align::Partitions, Align::Flat] {
+            assert_eq!(a.to_string().parse::<Align>().unwrap(), a);
+        }
+    }
+
+    #[test]
     fn rereading_trackers_name_their_comparison() {
         let layout = Layout::flat(1 << 20, 4096).unwrap();
         let mut t = start(Rescan::Fast, Path::new("/nonexistent"), 1 << 20).unwrap();

@@ -122,6 +122,16 @@ impl std::fmt::Display for Codec {
     }
 }
 
+/// What `--compress` calls it (read back by `FromStr`).
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Choice::Auto => f.write_str("auto"),
+            Choice::Fixed(c) => c.fmt(f),
+        }
+    }
+}
+
 impl FromStr for Choice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -226,6 +236,16 @@ impl AutoPolicy {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn choice_names_read_back() {
+        for c in ["auto", "none", "lz4", "zstd:3", "zstd:19", "zlib:6"] {
+            let choice: Choice = c.parse().unwrap();
+            assert_eq!(choice.to_string(), c);
+            assert_eq!(choice.to_string().parse::<Choice>().unwrap(), choice);
+        }
+    }
+
     use super::*;
 
     #[test]
