@@ -347,6 +347,42 @@ fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
     );
 }
 
+/// The target's disk end dies during the pre-copy after it has finished
+/// pass 1: found before xl is started, so the guest is never suspended
+/// (seen in the lab: without the check the dead link was found only in the
+/// frozen pass).
+#[test]
+fn a_disk_link_dead_after_pass_1_is_found_before_the_guest_is_suspended() {
+    let w = World::new(VG_BIG);
+    w.hold_precopy(Duration::from_secs(3));
+    let killer = {
+        let w2 = w.state();
+        std::thread::spawn(move || {
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            // Pass 1 done on the target (its disk end has written), then kill it.
+            while std::time::Instant::now() < end {
+                if fs::read_to_string(w2.join("serve.pids")).map(|p| !p.trim().is_empty()).unwrap_or(false) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            for l in fs::read_to_string(w2.join("serve.pids")).unwrap_or_default().lines() {
+                unsafe { libc::kill(l.trim().parse().unwrap(), libc::SIGKILL) };
+            }
+        })
+    };
+    let (r, res) = run(&w);
+    killer.join().unwrap();
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::PreCopy { .. }), "{e}\n{}", w.log());
+    assert!(!r.migrated);
+    assert!(!w.logged("source: suspended"), "the guest was suspended: {}", w.log());
+    assert!(!w.log().contains("xl migrate"), "xl was started: {}", w.log());
+    src_unchanged(&w, &w.src_before);
+    row("pre-copy: the disk link dies after pass 1 (in the hold)", format!("not migrated, never suspended; {}", where_runs(&w)));
+}
+
 // ---- after GO: the report is lost ----
 
 fn after_go(case: &str, paused: bool, faults: &[(&str, &str)]) -> (World, MigrateReport, Result<(), MigrateError>) {

@@ -384,6 +384,24 @@ impl SourceSession {
         }
     }
 
+    /// Between passes (nothing in flight): fail now if the link or a
+    /// thread has already failed, so that a caller about to stop the source
+    /// (migrate, before it lets xl suspend the guest) learns of a dead
+    /// target first, not in the frozen pass.
+    pub fn check_link(&self) -> Result<(), EngineError> {
+        if let Ok(e) = self.fail_rx.try_recv() {
+            return Err(e);
+        }
+        match self.events.try_recv() {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Err(EngineError::BadReply("a report while no pass was in flight".into())),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                Err(EngineError::LinkClosed("the link to the target closed"))
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(()),
+        }
+    }
+
     /// Wait for the reader's next event or any failure.
     /// A signal caught meanwhile ([`interrupt`]) ends the wait too.
     fn next_event(&self) -> Result<Event, EngineError> {

@@ -709,6 +709,11 @@ fn precopy(
         progress.message(format!("disk pass {pass} done; {changed} blocks changed since"));
         log::info!("disk pass {pass}: {changed} blocks changed on all disks");
         if policy.next_is_final(pass, changed) {
+            // A disk link that died meanwhile is found now, while the guest
+            // still runs, not after xl has suspended it.
+            for c in copies.iter() {
+                c.session.check_link().map_err(|source| MigrateError::PreCopy { disk: c.disk.path(), source })?;
+            }
             return Ok(());
         }
         for c in copies.iter_mut() {

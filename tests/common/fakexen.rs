@@ -343,6 +343,9 @@ impl World {
         o.journal_dir = self.dir.join("journal");
         o.run_dir = self.dir.join("run");
         o.memory_timeout = Duration::from_secs(60);
+        if let Ok(ms) = fs::read_to_string(self.state().join("hold_precopy_ms")) {
+            o.hold_precopy = Some(Duration::from_millis(ms.trim().parse().unwrap()));
+        }
         if let Ok(ms) = fs::read_to_string(self.state().join("hold_ready_ms")) {
             o.hold_ready = Some(Duration::from_millis(ms.trim().parse().unwrap()));
         }
@@ -422,6 +425,11 @@ impl World {
 
     pub fn no_guest_writes(&self) {
         let _ = fs::remove_file(self.state().join("guest_write"));
+    }
+
+    /// Hold the pre-copy this long after pass 1 began (`opts.hold_precopy`).
+    pub fn hold_precopy(&self, d: Duration) {
+        fs::write(self.state().join("hold_precopy_ms"), d.as_millis().to_string()).unwrap();
     }
 
     /// Hold READY this long before the last delta (`opts.hold_ready`).
