@@ -349,10 +349,12 @@ fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
 
 /// The target's disk end dies during the pre-copy, after it has written
 /// pass 1: the migration stops in the pre-copy and the guest is never
-/// suspended. (In this fake world the source's next wait already sees the
-/// dead link; `SourceSession::check_link`, run before xl is started, is the
-/// guard for a link whose death the waits did not see, as in lab runs 2-3
-/// of 2026-11-29, whose cause is not known yet.)
+/// suspended. In lab runs 2-4 of 2026-11-29 the target had sent PassDone
+/// before it died, so the source's wait took PassDone and the link's end
+/// stayed queued behind it, unread, until the frozen pass wrote to the dead
+/// link; `SourceSession::check_link`, run before xl starts, reads it. (Here
+/// the fake's timing lets the wait see the failure itself, so this test
+/// passes with or without that check: it holds the row, not the cause.)
 #[test]
 fn a_disk_link_dead_after_pass_1_is_found_before_the_guest_is_suspended() {
     let w = World::new(VG_BIG);

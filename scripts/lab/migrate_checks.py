@@ -335,10 +335,11 @@ def check_xm_link_cut(g, dst):
     if rc != 1 or rep.get("migrated"):
         raise LabError(f"status {rc}, report {json.dumps(rep)[:1200]}")
     err = rep.get("error") or ""
-    # Where the dead link is noticed: in the pre-copy (expected), or, as
-    # seen in two runs (cause not known yet, docs/lab.md), only when the
-    # last delta writes to it: then READY is withheld. Either way the guest
-    # must run on here and nothing be left there; the detail says which.
+    # Where the dead link is noticed: in the pre-copy (expected since
+    # SourceSession::check_link), or only when the last delta writes to it
+    # (runs 2-4 of 2026-11-29: the link's end was queued behind PassDone,
+    # unread; docs/lab.md): then READY is withheld. Either way the guest must
+    # run on here and nothing be left there; the detail says which.
     if "pre-copy" in err:
         caught = "caught in the pre-copy (guest never suspended)"
     elif "last delta" in err:
