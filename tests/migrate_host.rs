@@ -96,7 +96,10 @@ fn a_migration_moves_the_domain_and_its_disk() {
     assert!(r.downtime_seconds.is_some() && r.final_delta_seconds.is_some());
     let copy = r.disks[0].copy.as_ref().unwrap();
     assert!(copy.verified);
-    row("success (guest writes just before suspend)", format!("migrated; {}; target disk = suspended source", where_runs(&w)));
+    row(
+        "success (guest writes just before suspend)",
+        format!("migrated; {}; target disk = suspended source", where_runs(&w)),
+    );
 }
 
 #[test]
@@ -134,13 +137,21 @@ fn preflight_refusals_change_nothing() {
             Box::new(|w, _| w.fault("probe_protocol", "9999")),
             "speaks protocol 9999",
         ),
-        ("preflight: name taken on the target", Box::new(|w, _| w.add_tgt_domain(DOMAIN, "r-----")), "a domain named g1 already exists on tgt"),
+        (
+            "preflight: name taken on the target",
+            Box::new(|w, _| w.add_tgt_domain(DOMAIN, "r-----")),
+            "a domain named g1 already exists on tgt",
+        ),
         (
             "preflight: NAME--incoming on the target",
             Box::new(|w, _| w.add_tgt_domain("g1--incoming", "--p---")),
             "a domain named g1--incoming already exists on tgt",
         ),
-        ("preflight: no such VG on the target", Box::new(|_, o| o.target_vg = Some("xmt-none".into())), "volume group xmt-none"),
+        (
+            "preflight: no such VG on the target",
+            Box::new(|_, o| o.target_vg = Some("xmt-none".into())),
+            "volume group xmt-none",
+        ),
         (
             "preflight: LV there, not tagged for the domain",
             Box::new(|w, _| fs::write(w.tgt_disk(), vec![0u8; DISK_BYTES]).unwrap()),
@@ -174,7 +185,14 @@ fn preflight_no_space_in_the_target_vg() {
     let w = World::new(DISK_BYTES as u64 - 4096);
     let (r, res) = run(&w);
     let e = assert_refused(&w, &r, &res);
-    assert!(e.contains(&format!("volume group {} on tgt has {} bytes free, the new LVs need {DISK_BYTES}", w.tgt_vg, DISK_BYTES - 4096)), "{e}");
+    assert!(
+        e.contains(&format!(
+            "volume group {} on tgt has {} bytes free, the new LVs need {DISK_BYTES}",
+            w.tgt_vg,
+            DISK_BYTES - 4096
+        )),
+        "{e}"
+    );
     assert_eq!(w.src_state(), "running");
     row("preflight: no space in the target VG", format!("refused, nothing changed: {e}"));
 }
@@ -213,7 +231,10 @@ fn precopy_target_end_fails_then_a_rerun_succeeds() {
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated && !r.disks[0].created, "the LV is reused: {r:?}");
     assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
-    row("pre-copy: target disk end fails", format!("not migrated, guest never suspended ({first}); rerun reuses the LV and migrates"));
+    row(
+        "pre-copy: target disk end fails",
+        format!("not migrated, guest never suspended ({first}); rerun reuses the LV and migrates"),
+    );
 }
 
 #[test]
@@ -236,12 +257,19 @@ fn precopy_link_drops_then_a_rerun_reuses_what_arrived() {
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated && !r.disks[0].created);
     let c = r.disks[0].copy.as_ref().unwrap();
-    assert!(c.blocks_reused as usize >= arrived, "rerun reused {} blocks, {arrived} had arrived: {c:?}", c.blocks_reused);
+    assert!(
+        c.blocks_reused as usize >= arrived,
+        "rerun reused {} blocks, {arrived} had arrived: {c:?}",
+        c.blocks_reused
+    );
     assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
     assert_eq!(w.src_state(), "gone");
     row(
         "pre-copy: link drops mid-disk",
-        format!("not migrated, guest never suspended; rerun reused {} of {} blocks and migrated", c.blocks_reused, c.blocks_total),
+        format!(
+            "not migrated, guest never suspended; rerun reused {} of {} blocks and migrated",
+            c.blocks_reused, c.blocks_total
+        ),
     );
 }
 
@@ -264,7 +292,11 @@ fn memory_failure(case: &str, faults: &[&str], want_rolled_back: &[String]) {
 
 #[test]
 fn stream_fails_xl_resumes_the_source() {
-    memory_failure("memory: xl stream fails", &["xl_stream_fail"], &[format!("{DOMAIN} runs on this host (resumed by xl)")]);
+    memory_failure(
+        "memory: xl stream fails",
+        &["xl_stream_fail"],
+        &[format!("{DOMAIN} runs on this host (resumed by xl)")],
+    );
 }
 
 #[test]
@@ -322,7 +354,7 @@ fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
             }
             // The target's disk end dies while READY is held.
             for l in fs::read_to_string(state.join("serve.pids")).unwrap_or_default().lines() {
-                unsafe { libc::kill(l.trim().parse().unwrap(), libc::SIGKILL) };
+                signal(l.trim().parse().unwrap(), libc::SIGKILL);
             }
         })
     };
@@ -374,7 +406,7 @@ fn a_disk_link_dead_after_pass_1_is_found_before_the_guest_is_suspended() {
             }
             std::thread::sleep(Duration::from_millis(500));
             for l in fs::read_to_string(w2.join("serve.pids")).unwrap_or_default().lines() {
-                unsafe { libc::kill(l.trim().parse().unwrap(), libc::SIGKILL) };
+                signal(l.trim().parse().unwrap(), libc::SIGKILL);
             }
         })
     };
@@ -386,7 +418,10 @@ fn a_disk_link_dead_after_pass_1_is_found_before_the_guest_is_suspended() {
     assert!(!w.logged("source: suspended"), "the guest was suspended: {}", w.log());
     assert!(!w.log().contains("xl migrate"), "xl was started: {}", w.log());
     src_unchanged(&w, &w.src_before);
-    row("pre-copy: the disk link dies after pass 1 (in the hold)", format!("not migrated, never suspended; {}", where_runs(&w)));
+    row(
+        "pre-copy: the disk link dies after pass 1 (in the hold)",
+        format!("not migrated, never suspended; {}", where_runs(&w)),
+    );
 }
 
 // ---- after GO: the report is lost ----
@@ -439,7 +474,10 @@ fn report_lost_target_absent_source_resumes() {
     assert_eq!(r.rolled_back, vec![format!("resumed {DOMAIN} on this host")], "{}", w.log());
     assert!(r.needs_attention.is_empty());
     assert_rolled_back(&w, &w.src_before);
-    row("GO sent, report lost: absent on target", format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+    row(
+        "GO sent, report lost: absent on target",
+        format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
 }
 
 #[test]
@@ -456,7 +494,10 @@ fn report_lost_still_incoming_destroyed_there_source_resumes() {
     );
     assert!(r.needs_attention.is_empty());
     assert_rolled_back(&w, &w.src_before);
-    row("GO sent, report lost: still NAME--incoming", format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+    row(
+        "GO sent, report lost: still NAME--incoming",
+        format!("not migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
 }
 
 // ---- xenmig killed at each phase, then `--recover` ----
@@ -510,7 +551,7 @@ fn kill(child: &mut Child, how: Kill) {
         victims.extend(descendants(pid));
     }
     for p in victims {
-        unsafe { libc::kill(p, libc::SIGKILL) };
+        signal(p, libc::SIGKILL);
     }
     child.wait().unwrap();
 }
@@ -575,16 +616,27 @@ fn s(v: &[&str]) -> Vec<String> {
 }
 
 fn rows_for_kill(case: &str, lines: &[String], w: &World) {
-    row(case, format!("recover: {}; {}", if lines.is_empty() { "(nothing to do)".into() } else { lines.join(" / ") }, where_runs(w)));
+    row(
+        case,
+        format!(
+            "recover: {}; {}",
+            if lines.is_empty() { "(nothing to do)".into() } else { lines.join(" / ") },
+            where_runs(w)
+        ),
+    );
 }
 
 #[test]
 fn kill_in_preflight_then_recover_and_rerun() {
     let w = World::new(VG_BIG);
     w.fault("prepare_sleep", "3");
-    let lines = kill_and_recover(&w, "preflight", Kill::Xenmig, |_| {}, |w| {
-        w.wait_for("prepare to finish", LONG, || w.tgt_tags().len() == 1)
-    });
+    let lines = kill_and_recover(
+        &w,
+        "preflight",
+        Kill::Xenmig,
+        |_| {},
+        |w| w.wait_for("prepare to finish", LONG, || w.tgt_tags().len() == 1),
+    );
     assert_eq!(lines, s(&["g1 runs on this host"]));
     assert_rolled_back(&w, &w.src_before);
     rows_for_kill("killed in preflight/prepare", &lines, &w);
@@ -599,9 +651,13 @@ fn kill_in_preflight_then_recover_and_rerun() {
 fn kill_in_precopy_then_recover() {
     let w = World::new(VG_BIG);
     w.fault("serve_sleep", "3");
-    let lines = kill_and_recover(&w, "pre_copy", Kill::Xenmig, |_| {}, |w| {
-        w.wait_for("the disk end to exit", LONG, || w.pids("serve.pids").iter().all(|p| !alive(*p)))
-    });
+    let lines = kill_and_recover(
+        &w,
+        "pre_copy",
+        Kill::Xenmig,
+        |_| {},
+        |w| w.wait_for("the disk end to exit", LONG, || w.pids("serve.pids").iter().all(|p| !alive(*p))),
+    );
     assert_eq!(lines, s(&["g1 runs on this host"]));
     assert_rolled_back(&w, &w.src_before);
     assert!(!w.log().contains("xl migrate"));
@@ -683,8 +739,11 @@ fn report_lost_incoming_renamed_while_xenmig_destroys_it() {
     // xenmig sees NAME--incoming, but the target's xl renames and unpauses
     // it before `xl destroy NAME--incoming` runs: the destroy fails and the
     // domain runs there, so the source must not be resumed.
-    let (w, r, res) =
-        after_go("report lost, rename races the destroy", false, &[("recv_die_after_go", ""), ("destroy_races_rename", "")]);
+    let (w, r, res) = after_go(
+        "report lost, rename races the destroy",
+        false,
+        &[("recv_die_after_go", ""), ("destroy_races_rename", "")],
+    );
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated);
     assert_eq!(r.rolled_back, vec![format!("destroyed the source copy of {DOMAIN}")], "{}", w.log());
@@ -692,7 +751,10 @@ fn report_lost_incoming_renamed_while_xenmig_destroys_it() {
     assert_eq!(w.src_state(), "gone", "{}", w.log());
     assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
     assert!(!w.log().contains("resumed by xenmig"), "resumed while it runs on the target: {}", w.log());
-    row("GO sent, report lost: NAME--incoming renamed while xenmig destroys it", format!("migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)));
+    row(
+        "GO sent, report lost: NAME--incoming renamed while xenmig destroys it",
+        format!("migrated; {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
 }
 
 #[test]
@@ -721,7 +783,10 @@ fn report_lost_renamed_but_still_paused_is_left_for_a_person() {
     assert!(r.needs_attention[0].contains("is paused on tgt"), "{:?}", r.needs_attention);
     assert_eq!(w.src_state(), "suspended");
     assert!(w.journal_file().exists(), "the journal must stay for --recover");
-    row("GO sent, report lost: NAME paused on target (no -p)", format!("not migrated; needs attention, source left suspended, journal kept; {}", where_runs(&w)));
+    row(
+        "GO sent, report lost: NAME paused on target (no -p)",
+        format!("not migrated; needs attention, source left suspended, journal kept; {}", where_runs(&w)),
+    );
 }
 
 #[test]
@@ -845,7 +910,11 @@ fn report_lost_and_target_unreachable_source_stays_suspended_then_recover() {
     assert!(!w.journal_file().exists());
     row(
         "GO sent, report lost, target unreachable",
-        format!("not migrated yet; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+        format!(
+            "not migrated yet; source left suspended, journal kept; then recover: {}; {}",
+            lines.join(" / "),
+            where_runs(&w)
+        ),
     );
 }
 
@@ -865,6 +934,10 @@ fn report_lost_incoming_cannot_be_destroyed_source_stays_suspended() {
     assert_rolled_back(&w, &w.src_before);
     row(
         "GO sent, report lost: NAME--incoming cannot be destroyed",
-        format!("not migrated; source left suspended, journal kept; then recover: {}; {}", lines.join(" / "), where_runs(&w)),
+        format!(
+            "not migrated; source left suspended, journal kept; then recover: {}; {}",
+            lines.join(" / "),
+            where_runs(&w)
+        ),
     );
 }

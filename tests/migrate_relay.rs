@@ -56,21 +56,34 @@ fn read_n(r: &mut impl Read, n: usize) -> Vec<u8> {
     v
 }
 
-#[test]
-fn ready_is_held_until_release_then_the_handshake_completes() {
-    let d = tempfile::tempdir().unwrap();
-    let mut relay = start(d.path());
+/// Play xl up to the point where the relay holds READY: read the banner,
+/// send the "memory", see the relay tell xenmig READY. Returns the control
+/// socket (read and write halves) and xl's ends of the transport.
+fn until_ready(
+    relay: &mut Relay,
+) -> (
+    BufReader<std::os::unix::net::UnixStream>,
+    std::os::unix::net::UnixStream,
+    std::process::ChildStdin,
+    std::process::ChildStdout,
+) {
     let (ctl, _) = relay.listener.accept().unwrap();
     let mut ctl_r = BufReader::new(ctl.try_clone().unwrap());
-    let mut ctl_w = ctl;
     let mut xl_in = relay.child.stdin.take().unwrap();
     let mut xl_out = relay.child.stdout.take().unwrap();
-
     assert_eq!(read_n(&mut xl_out, BANNER.len()), BANNER);
     xl_in.write_all(&[7u8; 1000]).unwrap();
     let mut line = String::new();
     ctl_r.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "READY");
+    (ctl_r, ctl, xl_in, xl_out)
+}
+
+#[test]
+fn ready_is_held_until_release_then_the_handshake_completes() {
+    let d = tempfile::tempdir().unwrap();
+    let mut relay = start(d.path());
+    let (ctl_r, mut ctl_w, mut xl_in, mut xl_out) = until_ready(&mut relay);
 
     // Held: nothing reaches "xl" while xenmig has not answered.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -107,16 +120,7 @@ fn ready_is_held_until_release_then_the_handshake_completes() {
 fn abort_closes_without_ready() {
     let d = tempfile::tempdir().unwrap();
     let mut relay = start(d.path());
-    let (ctl, _) = relay.listener.accept().unwrap();
-    let mut ctl_r = BufReader::new(ctl.try_clone().unwrap());
-    let mut ctl_w = ctl;
-    let mut xl_in = relay.child.stdin.take().unwrap();
-    let mut xl_out = relay.child.stdout.take().unwrap();
-    assert_eq!(read_n(&mut xl_out, BANNER.len()), BANNER);
-    xl_in.write_all(&[7u8; 1000]).unwrap();
-    let mut line = String::new();
-    ctl_r.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "READY");
+    let (_ctl_r, mut ctl_w, _xl_in, mut xl_out) = until_ready(&mut relay);
     ctl_w.write_all(b"ABORT\n").unwrap();
     // xl reads EOF where READY should be: its failed_resume path.
     let mut rest = Vec::new();

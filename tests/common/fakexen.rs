@@ -306,7 +306,14 @@ impl World {
     pub fn load(dir: &Path) -> World {
         let v: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("world.json")).unwrap()).unwrap();
         let g = |k: &str| v[k].as_str().unwrap().to_string();
-        World { dir: dir.into(), _tmp: None, id: g("id"), src_vg: g("src_vg"), tgt_vg: g("tgt_vg"), src_before: Vec::new() }
+        World {
+            dir: dir.into(),
+            _tmp: None,
+            id: g("id"),
+            src_vg: g("src_vg"),
+            tgt_vg: g("tgt_vg"),
+            src_before: Vec::new(),
+        }
     }
 
     pub fn state(&self) -> PathBuf {
@@ -447,7 +454,7 @@ impl World {
 
     pub fn signal_serve(&self, sig: i32) {
         for pid in self.pids("serve.pids") {
-            unsafe { libc::kill(pid, sig) };
+            signal(pid, sig);
         }
     }
 
@@ -467,6 +474,15 @@ impl World {
     }
 }
 
+/// Send `sig` to process `pid`, without unsafe code (nix's kill); a process
+/// already gone is not an error here.
+pub fn signal(pid: i32, sig: i32) {
+    use nix::sys::signal::{kill, Signal};
+    if let Ok(sig) = Signal::try_from(sig) {
+        let _ = kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
 /// Whether process `pid` still exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -483,10 +499,8 @@ impl Drop for World {
         // Target ends we started and that may be stopped or still running.
         for pid in self.pids("serve.pids").into_iter().chain(self.pids("recv.pid")) {
             if alive(pid) {
-                unsafe {
-                    libc::kill(pid, libc::SIGCONT);
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                signal(pid, libc::SIGCONT);
+                signal(pid, libc::SIGKILL);
             }
         }
         let _ = fs::remove_dir_all(format!("/dev/{}", self.src_vg));
