@@ -129,12 +129,9 @@ fn generate_seed_corpus() {
     let img = fuzz_targets::source_image();
     let mut half = img.clone();
     half[img.len() / 2..].fill(0);
-    for (flags, prefill, name) in [
-        (0u8, None, "plain"),
-        (2 | 4, None, "flat-none"),
-        (8, Some(&half[..]), "lz4-partial-dst"),
-        (1, None, "live"),
-    ] {
+    for (flags, prefill, name) in
+        [(0u8, None, "plain"), (2 | 4, None, "flat-none"), (8, Some(&half[..]), "lz4-partial-dst"), (1, None, "live")]
+    {
         let (from_source, from_target) = record_copy(flags, prefill);
         put("target_end", name, &from_source);
         let mut s = vec![flags];
@@ -202,7 +199,12 @@ fn recorded_streams_drive_a_whole_copy() {
             continue; // recorded against a DST holding half the image
         }
         let link = xenmig::wire::transport::Link::new(std::io::Cursor::new(prefix), std::io::sink());
-        let r = xenmig::copy::target::run(&d.path().join("dst"), &Default::default(), link, &xenmig::copy::Progress::hidden());
+        let r = xenmig::copy::target::run(
+            &d.path().join("dst"),
+            &Default::default(),
+            link,
+            &xenmig::copy::Progress::hidden(),
+        );
         let report = r.unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         assert!(report.verified);
         let mut got = Vec::new();

@@ -266,13 +266,10 @@ fn fifos_as_source_reference_or_show_file_are_refused_without_blocking() {
     let (a, b, fifo) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("fifo"));
     sample_image(&a, 48, 20);
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    for args in [
-        vec!["copy", "-q", s(&fifo), s(&b)],
-        vec!["copy", "-q", "-r", s(&fifo), s(&a), s(&b)],
-        vec!["show", s(&fifo)],
-    ] {
-        let mut child =
-            Command::new(bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    for args in
+        [vec!["copy", "-q", s(&fifo), s(&b)], vec!["copy", "-q", "-r", s(&fifo), s(&a), s(&b)], vec!["show", s(&fifo)]]
+    {
+        let mut child = Command::new(bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let status = wait_exit(&mut child, Duration::from_secs(10));
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -137,7 +137,9 @@ fn v1_relay(mut from: Link, mut to: Link, keepalives: Arc<AtomicU64>) -> thread:
     thread::spawn(move || loop {
         let m = match read_frame(&mut from.reader, "relay") {
             // A version-1 peer announces 1 and never the next-version bit.
-            Ok(Message::Hello { role, caps, .. }) => Message::Hello { version: 1, role, caps: caps & !xenmig::wire::protocol::CAP_NEXT_VERSION },
+            Ok(Message::Hello { role, caps, .. }) => {
+                Message::Hello { version: 1, role, caps: caps & !xenmig::wire::protocol::CAP_NEXT_VERSION }
+            }
             Ok(Message::KeepAlive) => {
                 keepalives.fetch_add(1, Ordering::Relaxed);
                 Message::KeepAlive

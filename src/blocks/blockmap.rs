@@ -15,8 +15,8 @@
 use rayon::prelude::*;
 
 use crate::blocks::digest::{is_zero, Algorithm, Digest, ZeroDigests};
-use crate::storage::image::{Image, ImageError};
 use crate::blocks::layout::Layout;
+use crate::storage::image::{Image, ImageError};
 
 const GROUP_LABEL: &[u8] = b"xenmig-group-v1";
 /// Groups hashed per parallel batch: enough work for every core, small enough

@@ -98,12 +98,7 @@ impl Layout {
             }
             pos = match s.start.checked_add(s.len) {
                 Some(end) if end <= size => end,
-                _ => {
-                    return Err(format!(
-                        "segment {}+{} ends past the {size}-byte image",
-                        s.start, s.len
-                    ))
-                }
+                _ => return Err(format!("segment {}+{} ends past the {size}-byte image", s.start, s.len)),
             };
         }
         if pos != size {

@@ -49,7 +49,9 @@ pub fn index(output: PathBuf, images: Vec<PathBuf>, hash: HashArgs, quiet: bool)
     progress.finish();
     // One image: as private as it is; several: owner only.
     let mode = match images.as_slice() {
-        [one] => std::fs::metadata(one).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap_or(0o600),
+        [one] => std::fs::metadata(one)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0o600),
         _ => 0o600,
     };
     idx.write_mode(&output, mode)?;
@@ -64,7 +66,13 @@ pub fn index(output: PathBuf, images: Vec<PathBuf>, hash: HashArgs, quiet: bool)
 }
 
 /// `xenmig similarity`.
-pub fn similarity_cmd(image: PathBuf, references: Vec<PathBuf>, hash: HashArgs, json: bool, quiet: bool) -> anyhow::Result<i32> {
+pub fn similarity_cmd(
+    image: PathBuf,
+    references: Vec<PathBuf>,
+    hash: HashArgs,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<i32> {
     let img = Image::open_read(&image)?;
     let layout = layout_of(&img, hash.block_size, hash.align)?;
     let progress = Progress::stderr(quiet);

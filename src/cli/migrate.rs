@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use xenmig::wire::compress::Choice;
 use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
 use xenmig::copy::Progress;
 use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
+use xenmig::wire::compress::Choice;
 
 use super::HashArgs;
 
@@ -290,7 +290,11 @@ pub fn run_target(op: TargetOp) -> anyhow::Result<i32> {
     let out = match op {
         TargetOp::Probe { vg } => serde_json::to_string(&remote::probe(&vg)?)?,
         TargetOp::Prepare { uuid, lvs, force } => {
-            let reqs = lvs.iter().map(|s| remote::LvRequest::parse(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+            let reqs = lvs
+                .iter()
+                .map(|s| remote::LvRequest::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
             serde_json::to_string(&remote::prepare(&uuid, &reqs, force)?)?
         }
         TargetOp::State { domain } => serde_json::to_string(&remote::state(&domain)?)?,

@@ -345,6 +345,3 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
         }
     }
 }
-
-
-

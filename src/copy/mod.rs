@@ -23,9 +23,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::wire::compress::CodecError;
 use crate::formats::framing::FormatError;
 use crate::storage::image::ImageError;
+use crate::wire::compress::CodecError;
 use crate::wire::protocol::ProtocolError;
 use crate::wire::transport::TransportError;
 

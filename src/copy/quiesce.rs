@@ -53,7 +53,11 @@ pub fn run_hook_limited(
             Ok(None) => {}
             Err(e) => {
                 kill_group(&mut child);
-                return Err(EngineError::Hook { what, command: cmd.into(), detail: format!("cannot be waited for: {e}") });
+                return Err(EngineError::Hook {
+                    what,
+                    command: cmd.into(),
+                    detail: format!("cannot be waited for: {e}"),
+                });
             }
         }
         if interruptible {
@@ -148,7 +152,11 @@ impl Freeze {
 
     /// Run the freeze command, killing it after `limit` or on a signal; if
     /// it fails, times out or is interrupted, the thaw command runs too.
-    pub fn run_limited(freeze_cmd: Option<&str>, thaw_cmd: Option<String>, limit: Duration) -> Result<Freeze, EngineError> {
+    pub fn run_limited(
+        freeze_cmd: Option<&str>,
+        thaw_cmd: Option<String>,
+        limit: Duration,
+    ) -> Result<Freeze, EngineError> {
         Self::begin(Box::new(ShellHooks { freeze_cmd: freeze_cmd.map(String::from), thaw_cmd, limit }))
     }
 
@@ -238,9 +246,10 @@ mod tests {
         let t = Instant::now();
         // The sleep is a grandchild: the whole group must go.
         let freeze = format!("sleep 2; touch {}", child_mark.display());
-        let e = Freeze::run_limited(Some(&freeze), Some(format!("touch {}", mark.display())), Duration::from_millis(300))
-            .err()
-            .expect("freeze times out");
+        let e =
+            Freeze::run_limited(Some(&freeze), Some(format!("touch {}", mark.display())), Duration::from_millis(300))
+                .err()
+                .expect("freeze times out");
         assert!(matches!(e, EngineError::HookTimeout { what: "freeze", .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
         assert!(mark.exists(), "no thaw after a timed-out freeze");

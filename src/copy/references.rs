@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
 use crate::blocks::digest::{Algorithm, Key};
-use crate::storage::image::Image;
-use crate::formats::index::{self, Index};
 use crate::blocks::layout::{Align, Layout};
+use crate::formats::index::{self, Index};
+use crate::storage::image::Image;
 
 use super::EngineError;
 

@@ -140,9 +140,7 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             let r = target::run(d, &opts.target, link, progress);
             finish_remote(r, peer)?
         }
-        (Location::Remote { .. }, Location::Remote { .. }) => {
-            return Err(EngineError::BothRemote)
-        }
+        (Location::Remote { .. }, Location::Remote { .. }) => return Err(EngineError::BothRemote),
     };
     report.source = src.to_string();
     report.target = dst.to_string();
@@ -154,12 +152,11 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
 /// symlink, a hard link) or the same block device (`st_rdev`, whatever node
 /// names it). Returns the source's metadata.
 fn refuse_same_file(src: &Path, dst: &Path) -> Result<std::fs::Metadata, EngineError> {
-    let s = std::fs::metadata(src)
-        .map_err(|source| EngineError::Image(ImageError::Open { path: src.into(), source }))?;
+    let s =
+        std::fs::metadata(src).map_err(|source| EngineError::Image(ImageError::Open { path: src.into(), source }))?;
     let Ok(d) = std::fs::metadata(dst) else { return Ok(s) };
     let same_inode = s.dev() == d.dev() && s.ino() == d.ino();
-    let same_device =
-        s.file_type().is_block_device() && d.file_type().is_block_device() && s.rdev() == d.rdev();
+    let same_device = s.file_type().is_block_device() && d.file_type().is_block_device() && s.rdev() == d.rdev();
     if same_inode || same_device {
         let what = if s.file_type().is_block_device() { "block device" } else { "file" };
         return Err(EngineError::SameFile { src: src.into(), dst: dst.into(), what });
@@ -182,10 +179,9 @@ fn finish_remote(r: Result<Report, EngineError>, peer: Peer) -> Result<Report, E
 /// and said why, that is the error to report (not "Broken pipe"); then the
 /// far end is stopped.
 pub fn remote_cause(e: EngineError, mut peer: Peer) -> EngineError {
-    let link_broke = matches!(
-        &e,
-        EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Eof(_)) | EngineError::Transport(_)
-    ) || e.to_string().contains("closed");
+    let link_broke =
+        matches!(&e, EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Eof(_)) | EngineError::Transport(_))
+            || e.to_string().contains("closed");
     let out = if link_broke {
         match peer.failure(std::time::Duration::from_secs(2)) {
             Some(said) => said.into(),

@@ -25,10 +25,10 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
 
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
-use crate::wire::compress::{AutoPolicy, Choice, Codec};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
-use crate::storage::image::{Image, ImageError};
 use crate::blocks::layout::{Align, Layout};
+use crate::storage::image::{Image, ImageError};
+use crate::wire::compress::{AutoPolicy, Choice, Codec};
 use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
@@ -237,7 +237,12 @@ impl SourceSession {
     /// fails before the target is touched), shake hands, hash the image and
     /// announce it as pass 1. A live session (`opts.live` set) then waits
     /// for [`scan`](Self::scan); a plain one for [`final_pass`](Self::final_pass).
-    pub fn start(path: &Path, opts: &SourceOptions, mut link: Link, progress: Progress) -> Result<SourceSession, EngineError> {
+    pub fn start(
+        path: &Path,
+        opts: &SourceOptions,
+        mut link: Link,
+        progress: Progress,
+    ) -> Result<SourceSession, EngineError> {
         let img = Image::open_read(path)?;
         let layout = layout_of(&img, opts.block_size, opts.align)?;
         let tracker = match &opts.live {
@@ -504,7 +509,10 @@ impl SourceSession {
     /// Announce what the scans found as a live pass (the source keeps running).
     pub fn send_pass(&mut self) -> Result<(), EngineError> {
         if self.in_flight {
-            return Err(EngineError::StepOrder(format!("send_pass() while pass {} is in flight; scan() first", self.pass)));
+            return Err(EngineError::StepOrder(format!(
+                "send_pass() while pass {} is in flight; scan() first",
+                self.pass
+            )));
         }
         self.announce_pending(false)
     }

@@ -32,10 +32,10 @@ use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
-use crate::wire::compress::Codec;
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
-use crate::storage::image::Image;
 use crate::blocks::layout::Layout;
+use crate::storage::image::Image;
+use crate::wire::compress::Codec;
 use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
@@ -64,7 +64,6 @@ pub struct TargetOptions {
     /// room on DST limits it).
     pub max_image_size: Option<u64>,
 }
-
 
 /// Refuse a block-device DST that is a logical volume lvm reports open (a
 /// running guest's disk: blkback does not claim it exclusively, so the
@@ -95,7 +94,6 @@ fn check_lv_not_open(dst: &Path, allow_open_by: Option<&str>) -> Result<(), Engi
         None => Err(EngineError::TargetOpen { path: dst.into(), lv: lv.lv_ref().to_string() }),
     }
 }
-
 
 impl Default for TargetOptions {
     fn default() -> Self {
@@ -468,11 +466,7 @@ impl Target<'_> {
                         self.at = Receiving::Settling { pass, strict, image_digest }
                     }
                     at => {
-                        return Err(EngineError::BadReply(format!(
-                            "an end of pass {} while {}",
-                            at.pass(),
-                            at.name()
-                        )))
+                        return Err(EngineError::BadReply(format!("an end of pass {} while {}", at.pass(), at.name())))
                     }
                 },
                 Message::BlockDigests { .. } | Message::Blocks { .. }
@@ -527,11 +521,7 @@ impl Target<'_> {
             _ if first => 1,
             Receiving::BetweenPasses { done } => done + 1,
             at => {
-                return Err(EngineError::BadReply(format!(
-                    "pass {pass} begun while {} pass {}",
-                    at.name(),
-                    at.pass()
-                )))
+                return Err(EngineError::BadReply(format!("pass {pass} begun while {} pass {}", at.name(), at.pass())))
             }
         };
         if pass != expected {

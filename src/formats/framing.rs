@@ -47,7 +47,9 @@ pub enum FormatError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a xenmig {kind} file (bad magic)")]
     Magic { path: PathBuf, kind: &'static str },
-    #[error("{path} is format {found}.{found_minor}; this xenmig reads {known}.x (written by a newer xenmig: upgrade)")]
+    #[error(
+        "{path} is format {found}.{found_minor}; this xenmig reads {known}.x (written by a newer xenmig: upgrade)"
+    )]
     Version { path: PathBuf, found: u8, found_minor: u8, known: u8 },
     #[error("{path} is truncated or corrupt (checksum mismatch)")]
     Checksum { path: PathBuf },
@@ -172,11 +174,7 @@ impl FileReader {
         let ioerr = |source| FormatError::Io { path: path.into(), source };
         // O_NONBLOCK: a FIFO planted under the name must not block the open;
         // anything but a regular file is refused before reading.
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(ioerr)?;
+        let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(ioerr)?;
         if !f.metadata().map_err(ioerr)?.is_file() {
             return Err(FormatError::Malformed { path: path.into(), what: "not a regular file".into() });
         }

@@ -83,8 +83,8 @@ pub fn read(path: &Path) -> Result<BlockMap, FormatError> {
 mod tests {
     use super::*;
     use crate::blocks::digest::Algorithm;
-    use crate::storage::image::Image;
     use crate::blocks::layout::Layout;
+    use crate::storage::image::Image;
 
     fn sample_map(dir: &Path) -> BlockMap {
         let p = dir.join("img");

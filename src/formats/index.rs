@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
 use crate::blocks::digest::{key_of, Algorithm, Digest, Key, KEY_LEN};
-use crate::formats::framing::{FileReader, FileWriter, FormatError, FormatVersion};
 use crate::blocks::layout::Layout;
+use crate::formats::framing::{FileReader, FileWriter, FormatError, FormatVersion};
 
 pub const MAGIC: &[u8; 8] = b"XENMIGI\0";
 pub const VERSION: FormatVersion = FormatVersion::new(1, 0);

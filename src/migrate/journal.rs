@@ -67,7 +67,8 @@ pub fn default_dir() -> PathBuf {
 
 pub fn path_for(dir: &Path, domain: &str) -> PathBuf {
     // Domain names are xenstore strings; keep the file name tame.
-    let safe: String = domain.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let safe: String =
+        domain.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
     dir.join(format!("{safe}.json"))
 }
 

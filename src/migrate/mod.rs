@@ -60,7 +60,9 @@ pub enum MigrateError {
     PreCopy { disk: String, source: EngineError },
     #[error("xl migrate failed before the target was ready ({0}); xl resumes the guest here")]
     Memory(String),
-    #[error("the last delta of {disk} failed while the guest was suspended; the target was not told to unpause: {source}")]
+    #[error(
+        "the last delta of {disk} failed while the guest was suspended; the target was not told to unpause: {source}"
+    )]
     FinalDelta { disk: String, source: EngineError },
     #[error("after the point of no return: {0}")]
     Commit(String),
@@ -406,10 +408,17 @@ fn run(
     if let Some(j) = Journal::load(&opts.journal_dir, &opts.domain)? {
         // An earlier migration of this domain was interrupted: settle it by
         // the same rules as `--recover` before anything else.
-        log::warn!("an earlier migration of {} to {} stopped in phase {:?}; recovering it first", j.domain, j.host, j.phase);
+        log::warn!(
+            "an earlier migration of {} to {} stopped in phase {:?}; recovering it first",
+            j.domain,
+            j.host,
+            j.phase
+        );
         let lines = recover(host, &opts.journal_dir, &opts.domain)?;
         let attention: Vec<String> = lines.iter().filter(|l| l.starts_with("NEEDS ATTENTION")).cloned().collect();
-        report.rolled_back.extend(lines.iter().filter(|l| !l.starts_with("NEEDS ATTENTION")).map(|l| format!("earlier migration: {l}")));
+        report.rolled_back.extend(
+            lines.iter().filter(|l| !l.starts_with("NEEDS ATTENTION")).map(|l| format!("earlier migration: {l}")),
+        );
         if !attention.is_empty() {
             report.needs_attention.extend(attention);
             return Err(MigrateError::Preflight(format!(
@@ -529,7 +538,8 @@ fn run(
         report.plan.push(line);
     }
     for (vg, need) in &need_by_vg {
-        let free = probes.iter().filter_map(|p| p.vg.as_ref()).find(|v| &v.name == vg).map(|v| v.free_bytes).unwrap_or(0);
+        let free =
+            probes.iter().filter_map(|p| p.vg.as_ref()).find(|v| &v.name == vg).map(|v| v.free_bytes).unwrap_or(0);
         if *need > free {
             return Err(MigrateError::Preflight(format!(
                 "volume group {vg} on {} has {free} bytes free, the new LVs need {need}",
@@ -560,7 +570,8 @@ fn run(
         if r.as_os_str() == "auto" {
             for p in &probes {
                 let Some(vg) = &p.vg else { continue };
-                for l in p.lvs.iter().filter(|l| !l.open && !requests.iter().any(|q| q.vg == vg.name && q.lv == l.name)) {
+                for l in p.lvs.iter().filter(|l| !l.open && !requests.iter().any(|q| q.vg == vg.name && q.lv == l.name))
+                {
                     references.push(format!("/dev/{}/{}", vg.name, l.name));
                 }
             }
@@ -922,7 +933,11 @@ fn memory_and_commit(
 }
 
 /// Send every disk's last delta and check it; finish the links.
-pub(crate) fn final_delta(copies: &mut Vec<DiskCopy>, report: &mut MigrateReport, frozen: Duration) -> Result<(), MigrateError> {
+pub(crate) fn final_delta(
+    copies: &mut Vec<DiskCopy>,
+    report: &mut MigrateReport,
+    frozen: Duration,
+) -> Result<(), MigrateError> {
     for c in copies.iter_mut() {
         let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
         if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
@@ -981,10 +996,9 @@ fn rollback_before_release(
             )),
         },
         Ok(Some(_)) => report.rolled_back.push(format!("{} runs on this host (resumed by xl)", dom.name)),
-        Ok(None) => report.needs_attention.push(format!(
-            "{} is no longer on this host; check {} with `xl list`",
-            dom.name, opts.host
-        )),
+        Ok(None) => report
+            .needs_attention
+            .push(format!("{} is no longer on this host; check {} with `xl list`", dom.name, opts.host)),
         Err(e) => report.needs_attention.push(format!("cannot read the state of {}: {e}", dom.name)),
     }
     match opts.target().call::<serde_json::Value>("cleanup", &["--domain".into(), dom.name.clone()]) {

@@ -79,10 +79,8 @@ impl ReadyScanner {
             return (pass, true);
         }
         // Keep the longest tail that is a prefix of READY.
-        let keep = (1..READY.len().min(self.held.len() + 1))
-            .rev()
-            .find(|&k| self.held.ends_with(&READY[..k]))
-            .unwrap_or(0);
+        let keep =
+            (1..READY.len().min(self.held.len() + 1)).rev().find(|&k| self.held.ends_with(&READY[..k])).unwrap_or(0);
         let pass = self.held[..self.held.len() - keep].to_vec();
         self.held.drain(..self.held.len() - keep);
         (pass, false)

@@ -112,10 +112,7 @@ fn xl_list() -> Result<Vec<(String, String)>, MigrateError> {
         .output()
         .map_err(|e| MigrateError::Target(format!("cannot run xl list: {e}")))?;
     if !out.status.success() {
-        return Err(MigrateError::Target(format!(
-            "xl list failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(MigrateError::Target(format!("xl list failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(parse_xl_list(&String::from_utf8_lossy(&out.stdout)))
 }

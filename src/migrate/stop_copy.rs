@@ -65,7 +65,8 @@ pub(super) fn save_and_commit(
     progress: &Progress,
 ) -> Result<(), MigrateError> {
     let target = opts.target();
-    let local_dir = opts.journal_dir.parent().map(|p| p.join("save")).unwrap_or_else(|| PathBuf::from("/var/lib/xenmig/save"));
+    let local_dir =
+        opts.journal_dir.parent().map(|p| p.join("save")).unwrap_or_else(|| PathBuf::from("/var/lib/xenmig/save"));
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -167,7 +168,10 @@ pub(super) fn save_and_commit(
     report.downtime_seconds = Some(stopped.elapsed().as_secs_f64());
     let runs = there.name.as_deref().is_some_and(|s| opts.paused || !s.contains('p'));
     if !runs {
-        let e = MigrateError::Commit(format!("{} on {} is in state {:?} after the restore", dom.name, opts.host, there.name));
+        let e = MigrateError::Commit(format!(
+            "{} on {} is in state {:?} after the restore",
+            dom.name, opts.host, there.name
+        ));
         undo(report, &e);
         return Err(e);
     }

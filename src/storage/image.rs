@@ -128,8 +128,11 @@ impl Image {
             .open(path)
             .map_err(|source| ImageError::Open { path: path.into(), source })?;
         let img = probe(file, path)?;
-        nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&img.file), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
-            .map_err(|e| ImageError::Open { path: path.into(), source: e.into() })?;
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&img.file),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| ImageError::Open { path: path.into(), source: e.into() })?;
         img.drop_cache();
         Ok(img)
     }
@@ -172,18 +175,15 @@ impl Image {
         let existing = std::fs::metadata(path).ok();
         let existed = existing.is_some();
         let file = match existing {
-            Some(m) if m.file_type().is_block_device() => OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_EXCL)
-                .open(path)
-                .map_err(|source| {
+            Some(m) if m.file_type().is_block_device() => {
+                OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(path).map_err(|source| {
                     if source.raw_os_error() == Some(libc::EBUSY) {
                         ImageError::Busy { path: path.into(), holder: device_holders(m.rdev()) }
                     } else {
                         ImageError::Open { path: path.into(), source }
                     }
-                })?,
+                })?
+            }
             _ => OpenOptions::new()
                 .read(true)
                 .write(true)

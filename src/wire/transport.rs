@@ -9,8 +9,8 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -218,7 +218,11 @@ impl Link {
         let mut cmd = Command::new("sh");
         // `exec`: the child is ssh (or the local serve) itself, not a
         // wrapper whose death would leave it running.
-        cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("-c")
+            .arg(format!("exec {command}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // Its own process group, so that abort() stops everything it
         // started; but not with a controlling terminal, where ssh must stay
         // in the foreground group to ask for a password.
@@ -226,8 +230,7 @@ impl Link {
         if own_group {
             cmd.process_group(0);
         }
-        let mut child =
-            cmd.spawn().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| TransportError::Spawn { command: command.clone(), source })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -255,7 +258,10 @@ impl Link {
                 }
             }
         });
-        Ok((Link::new(stdout, stdin), Peer { child: Some((child, command)), own_group, said, said_done: Some(said_done) }))
+        Ok((
+            Link::new(stdout, stdin),
+            Peer { child: Some((child, command)), own_group, said, said_done: Some(said_done) },
+        ))
     }
 }
 
@@ -394,8 +400,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(200));
         // Gone, or a zombie waiting for a reaper that is not ours.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let alive = stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-            && !stat.is_empty();
+        let alive = stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')) && !stat.is_empty();
         assert!(!alive, "the remote command's child {pid} survived abort()");
     }
 
