@@ -63,4 +63,5 @@ $XENMIG_SSH root@127.0.0.1 true
 # generate_seed_corpus rewrites fuzz/corpus (run by hand, docs/fuzzing.md).
 skip=(--skip child_migrate --skip generate_seed_corpus)
 [ "${XENMIG_LAB:-}" = 1 ] || skip+=(--skip xen_lab)
-cargo test --all-targets -- --include-ignored "${skip[@]}" "$@"
+# --no-fail-fast: one failing test file does not hide the others' results.
+cargo test --no-fail-fast --all-targets -- --include-ignored "${skip[@]}" "$@"

@@ -249,6 +249,10 @@ fn precopy_link_drops_then_a_rerun_reuses_what_arrived() {
     assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
     assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "{}", w.log());
     assert_rolled_back(&w, &w.src_before);
+    // The source fails on its first write after the cut and returns at
+    // once; the disk end still works through what reached it (as a remote
+    // end does after its ssh session dies). Look once it has exited.
+    w.wait_for("the disk end to exit", LONG, || w.pids("serve.pids").iter().all(|p| !alive(*p)));
     let tgt = fs::read(w.tgt_disk()).unwrap();
     let arrived = tgt.chunks(4096).zip(w.src_before.chunks(4096)).filter(|(a, b)| a == b).count();
     assert!(arrived > 50, "only {arrived} blocks arrived before the cut ({e}); {}", w.log());
