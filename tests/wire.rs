@@ -122,7 +122,7 @@ fn a_healthy_copy_idle_longer_than_the_timeout_between_passes_completes() {
     let keepalive_bytes = session.bytes_wire() - wire_before;
     change_blocks(&a, 10, 3, 99);
     let report = session.final_pass().unwrap();
-    session.finish(Duration::ZERO).unwrap();
+    drop(session.finish(Duration::ZERO).unwrap());
     assert!(report.verified);
     let t = target.join().unwrap().unwrap();
     assert!(t.verified);
@@ -175,7 +175,7 @@ fn a_version_1_peer_gets_no_keepalives_and_no_timeout_and_the_copy_verifies() {
     thread::sleep(IDLE * 3);
     change_blocks(&a, 7, 2, 5);
     let report = session.final_pass().unwrap();
-    session.finish(Duration::ZERO).unwrap();
+    drop(session.finish(Duration::ZERO).unwrap());
     assert!(report.verified);
     assert!(target.join().unwrap().unwrap().verified);
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
@@ -313,7 +313,7 @@ fn a_target_busy_hashing_a_reference_longer_than_the_timeout_keeps_the_source_wa
     let report = SourceSession::start(&a, &source_opts(false), src_link, Progress::hidden())
         .and_then(|mut s| {
             let r = s.final_pass()?;
-            s.finish(Duration::ZERO)?;
+            drop(s.finish(Duration::ZERO)?);
             Ok(r)
         })
         .unwrap();

@@ -107,6 +107,11 @@ pub struct MigrateArgs {
     /// How disk passes find changed blocks, as in `copy --live`.
     #[arg(long, default_value = "fast", value_name = "HOW")]
     rescan: Rescan,
+    /// Pause the disk passes while xl copies memory. By default they go on,
+    /// so that the last delta, sent while the guest is suspended, holds only
+    /// what changed since the last of them.
+    #[arg(long)]
+    no_passes_during_memory: bool,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
@@ -198,6 +203,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.force = a.force;
     opts.dry_run = a.dry_run;
     opts.stop_copy = a.stop_copy;
+    opts.passes_during_memory = !a.no_passes_during_memory;
     opts.delete_source = a.delete_source;
     opts.remote_xenmig = a.remote_xenmig;
     // Seconds from the environment: the memory phase's limit, and the

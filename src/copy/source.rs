@@ -232,6 +232,13 @@ pub struct SourceSession {
     finished: bool,
 }
 
+/// The change tracker of a finished session, kept until dropped: dropping
+/// it removes what the tracker holds (the last device-mapper snapshot).
+#[must_use = "dropping it at once removes the tracking snapshots now, which is slow"]
+pub struct Tracking {
+    _tracker: Option<Box<dyn ChangeTracker>>,
+}
+
 impl SourceSession {
     /// Open `path`, start change tracking (a source that cannot be tracked
     /// fails before the target is touched), shake hands, hash the image and
@@ -561,9 +568,13 @@ impl SourceSession {
 
     /// Say goodbye (with the time the source was frozen) and wait for this
     /// end's threads. A failure to deliver Bye is still a failure.
-    pub fn finish(mut self, downtime: Duration) -> Result<(), EngineError> {
-        // Snapshots go only now: removing them is slow.
-        drop(self.tracker.take());
+    ///
+    /// What change tracking left behind (device-mapper snapshots) comes
+    /// back as [`Tracking`]: removing it takes seconds under emulation, so
+    /// the caller drops it once the source runs again (or is gone), outside
+    /// the window in which the source is frozen.
+    pub fn finish(mut self, downtime: Duration) -> Result<Tracking, EngineError> {
+        let tracking = Tracking { _tracker: self.tracker.take() };
         drop(self.watchdog.take());
         let downtime_ns = downtime.as_nanos() as u64;
         let _ = self.frames().send(Message::Bye { downtime_ns });
@@ -575,7 +586,7 @@ impl SourceSession {
         if let Ok(e) = self.fail_rx.try_recv() {
             return Err(e);
         }
-        Ok(())
+        Ok(tracking)
     }
 
     /// Give up: tell the target why (so that it stops waiting and hangs up)
@@ -775,7 +786,8 @@ pub fn run(path: &Path, opts: &SourceOptions, link: Link, progress: &Progress) -
                 Some(f) => f.thaw()?,
                 None => Duration::ZERO,
             };
-            session.finish(downtime)?;
+            // Thawed already: the snapshots may go now.
+            drop(session.finish(downtime)?);
             report.downtime_seconds = downtime.as_secs_f64();
             Ok(report)
         }

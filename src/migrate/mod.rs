@@ -33,13 +33,14 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::copy::source::{Convergence, LiveOptions, SourceOptions, SourceSession};
+use crate::copy::source::{Convergence, LiveOptions, SourceOptions, SourceSession, Tracking};
 use crate::copy::{EngineError, Progress, Report};
 use crate::wire::transport::{Link, Peer};
 
@@ -159,6 +160,9 @@ pub struct MigrateOptions {
     /// `--stop-copy`: suspend, save memory, last delta, restore there
     /// (instead of xl migrate's live memory copy).
     pub stop_copy: bool,
+    /// Live mode: keep running disk passes while xl copies memory, so that
+    /// the last delta holds only what changed since the last of them.
+    pub passes_during_memory: bool,
     /// Fault tests only: wait this long with READY held before the last
     /// delta (`XENMIG_TEST_HOLD_READY=SECONDS`).
     pub hold_ready: Option<Duration>,
@@ -191,6 +195,7 @@ impl MigrateOptions {
             hold_ready: None,
             hold_precopy: None,
             stop_copy: false,
+            passes_during_memory: true,
         }
     }
 
@@ -231,6 +236,8 @@ pub struct MigrateReport {
     pub disks: Vec<DiskReport>,
     /// Disk passes while the guest ran (all disks together).
     pub disk_passes: u32,
+    /// Of these, the passes while xl copied memory.
+    pub disk_passes_during_memory: u32,
     /// Source suspended (seen by polling the hypervisor) to the target's
     /// unpause report.
     pub downtime_seconds: Option<f64>,
@@ -754,6 +761,69 @@ fn relay_command(opts: &MigrateOptions, socket: &Path) -> String {
     ])
 }
 
+/// How the wait for the target's READY ended.
+enum Waited {
+    Ready,
+    XlExit(Option<i32>),
+    Timeout,
+}
+
+/// Tells the disk passes of the memory phase what happened meanwhile.
+#[derive(Default)]
+struct PassControl {
+    /// READY came or xl ended: start no more passes.
+    stop: AtomicBool,
+    /// The source is suspended: announce what was found and stop.
+    suspended: AtomicBool,
+}
+
+/// A pause between disk passes of the memory phase at least this long, and
+/// at least as long as the pass took: xl copies memory on the same dom0
+/// CPUs and link, and must keep most of them.
+const MEMORY_PHASE_PASS_GAP: Duration = Duration::from_secs(1);
+
+/// Disk passes while xl copies memory, each leaving less for the frozen
+/// window. Runs until told to stop; once the source is suspended it
+/// announces what it has found and returns (the final pass waits for that
+/// pass and scans once more). Returns the passes sent and why it stopped
+/// early, if it did.
+fn passes_during_memory(
+    copies: &mut [DiskCopy],
+    ctl: &PassControl,
+    progress: &Progress,
+) -> (u32, Option<MigrateError>) {
+    let mut sent = 0;
+    loop {
+        if ctl.stop.load(Ordering::SeqCst) {
+            return (sent, None);
+        }
+        let suspended = ctl.suspended.load(Ordering::SeqCst);
+        let started = Instant::now();
+        for c in copies.iter_mut() {
+            if let Err(source) = c.session.send_pass() {
+                return (sent, Some(MigrateError::PreCopy { disk: c.disk.path(), source }));
+            }
+        }
+        sent += 1;
+        if suspended {
+            return (sent, None);
+        }
+        let mut changed = 0;
+        for c in copies.iter_mut() {
+            match c.session.scan() {
+                Ok(s) => changed += s.changed_blocks,
+                Err(source) => return (sent, Some(MigrateError::PreCopy { disk: c.disk.path(), source })),
+            }
+        }
+        progress.message(format!("memory copy; disk pass {sent} of it done, {changed} blocks changed since"));
+        log::info!("disk pass during the memory copy: {changed} blocks changed on all disks since");
+        let until = Instant::now() + started.elapsed().max(MEMORY_PHASE_PASS_GAP);
+        while Instant::now() < until && !ctl.stop.load(Ordering::SeqCst) && !ctl.suspended.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// P3 to P5: xl migrate through the relay, the last delta while READY is
 /// held, then release or roll back.
 #[allow(clippy::too_many_arguments)]
@@ -834,7 +904,10 @@ fn memory_and_commit(
     }
     drop(tx);
 
-    // Wait for READY, polling the source for the moment it suspends.
+    // Wait for READY, polling the source for the moment it suspends. The
+    // disk passes go on meanwhile (xl's memory copy takes long, and what
+    // the guest writes during it would otherwise all wait for the frozen
+    // window).
     let deadline = Instant::now() + opts.memory_timeout;
     let mut relay: Option<UnixStream> = None;
     let mut suspended_at: Option<Instant> = None;
@@ -845,28 +918,61 @@ fn memory_and_commit(
             }
         }
     };
-    loop {
-        poll(&mut suspended_at);
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ev::RelayConnected(s)) => relay = Some(s),
-            Ok(Ev::Relay(l)) if l == "READY" => break,
-            Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
-            Ok(Ev::XlExit(code)) => {
-                // xl resumes the source itself when READY never came.
-                let e = MigrateError::Memory(format!("xl migrate {}", exit_text(code)));
-                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-                return Err(e);
+    let ctl = PassControl::default();
+    let overlap = opts.passes_during_memory;
+    let (waited, (passes, disk_failure)) = std::thread::scope(|s| {
+        let disks = overlap.then(|| {
+            let (copies, ctl) = (&mut copies[..], &ctl);
+            s.spawn(move || passes_during_memory(copies, ctl, progress))
+        });
+        let waited = loop {
+            poll(&mut suspended_at);
+            if suspended_at.is_some() {
+                ctl.suspended.store(true, Ordering::SeqCst);
             }
-            Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
-                let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
-                drop(relay.take());
-                wait_xl(&rx, Duration::from_secs(120));
-                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-                return Err(e);
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ev::RelayConnected(s)) => relay = Some(s),
+                Ok(Ev::Relay(l)) if l == "READY" => break Waited::Ready,
+                Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
+                Ok(Ev::XlExit(code)) => break Waited::XlExit(code),
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => break Waited::Timeout,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the xl waiter holds a sender until xl exits"),
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => unreachable!("the xl waiter holds a sender until xl exits"),
+        };
+        ctl.stop.store(true, Ordering::SeqCst);
+        let passes = disks.map(|h| h.join().expect("disk passes thread panicked")).unwrap_or((0, None));
+        (waited, passes)
+    });
+    report.disk_passes += passes;
+    report.disk_passes_during_memory = passes;
+    let e = match waited {
+        // xl resumes the source itself when READY never came.
+        Waited::XlExit(code) => Some(MigrateError::Memory(format!("xl migrate {}", exit_text(code)))),
+        Waited::Timeout => {
+            let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
+            drop(relay.take());
+            wait_xl(&rx, Duration::from_secs(120));
+            Some(e)
         }
+        Waited::Ready => None,
+    };
+    if let Some(e) = e {
+        if let Some(d) = &disk_failure {
+            log::error!("{d}");
+        }
+        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+        return Err(e);
+    }
+    if let Some(e) = disk_failure {
+        // READY came, but a disk copy broke meanwhile: withhold it.
+        if let Some(relay) = relay.as_mut() {
+            let _ = relay.write_all(b"ABORT\n");
+        }
+        drop(relay);
+        wait_xl(&rx, Duration::from_secs(180));
+        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+        return Err(e);
     }
     poll(&mut suspended_at);
     let mut relay = relay.expect("READY comes over the relay's connection");
@@ -883,13 +989,17 @@ fn memory_and_commit(
     let t = Instant::now();
     let delta = final_delta(copies, report, suspended_at.map(|s| s.elapsed()).unwrap_or_default());
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
-    if let Err(e) = delta {
-        let _ = relay.write_all(b"ABORT\n");
-        drop(relay);
-        wait_xl(&rx, Duration::from_secs(180));
-        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-        return Err(e);
-    }
+    // Held until this function returns: the guest runs again by then.
+    let _tracking = match delta {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = relay.write_all(b"ABORT\n");
+            drop(relay);
+            wait_xl(&rx, Duration::from_secs(180));
+            rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+            return Err(e);
+        }
+    };
 
     // ---- P5 release: the point of no return is xl's GO ----
     clock.next(report, "commit", progress);
@@ -932,12 +1042,15 @@ fn memory_and_commit(
     settle_after_release(host, &target, dom, opts.paused, report, why)
 }
 
-/// Send every disk's last delta and check it; finish the links.
+/// Send every disk's last delta and check it; finish the links. The
+/// change trackers come back: the caller drops them (removing their
+/// snapshots, which is slow) once the guest runs again, here or there.
 pub(crate) fn final_delta(
     copies: &mut Vec<DiskCopy>,
     report: &mut MigrateReport,
     frozen: Duration,
-) -> Result<(), MigrateError> {
+) -> Result<Vec<Tracking>, MigrateError> {
+    let mut tracking = Vec::new();
     for c in copies.iter_mut() {
         let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
         if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
@@ -947,12 +1060,13 @@ pub(crate) fn final_delta(
     for c in std::mem::take(copies) {
         let disk = c.disk.path();
         report.bytes_wire += c.session.bytes_wire();
-        c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?;
+        tracking
+            .push(c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?);
         // The target end exits only after its final sync.
         c.peer.close().map_err(|e| MigrateError::FinalDelta { disk: disk.clone(), source: e.into() })?;
         let _ = c.target_path;
     }
-    Ok(())
+    Ok(tracking)
 }
 
 /// How xl ended, in words.

@@ -108,11 +108,16 @@ pub(super) fn save_and_commit(
     let t = Instant::now();
     let delta = final_delta(copies, report, stopped.elapsed());
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
-    if let Err(e) = delta {
-        super::abort_copies(std::mem::take(copies), &e);
-        undo(report, &e);
-        return Err(e);
-    }
+    // The tracking snapshots go when this function returns, after the
+    // restore on the target or the rollback here.
+    let _tracking = match delta {
+        Ok(t) => t,
+        Err(e) => {
+            super::abort_copies(std::mem::take(copies), &e);
+            undo(report, &e);
+            return Err(e);
+        }
+    };
 
     // ---- the save image, through the engine ----
     clock.next(report, "memory image copy", progress);

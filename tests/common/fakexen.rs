@@ -86,6 +86,13 @@ migrate)
   if [ "$banner" != "xl migration receiver ready, send binary domain data." ]; then
     log "source: no banner; nothing suspended"; exit 1
   fi
+  # xl copies memory while the guest runs and writes (the disk passes go
+  # on meanwhile), then suspends it.
+  if [ -e "$S/guest_write_early" ]; then
+    dd if="$S/guest_write_early" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write_early.block")" conv=notrunc status=none
+    log "source: guest wrote during the memory copy"
+  fi
+  f xl_memory_secs && sleep "$(fv xl_memory_secs)"
   # The guest writes once more before it suspends: the last delta carries it.
   if [ -e "$S/guest_write" ]; then
     dd if="$S/guest_write" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write.block")" conv=notrunc status=none
@@ -227,7 +234,7 @@ if [ "$1" = serve ]; then
 fi
 if [ "$1 $2" = "migrate-target cleanup" ] && f cleanup_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
 if [ "$1 $2" = "migrate-target state" ] && f state_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
-if [ "$1 $2" = "migrate-target prepare" ] && f prepare_sleep; then sleep "$(cat "$S/faults/prepare_sleep")"; fi
+if [ "$1 $2" = "migrate-target prepare" ] && f prepare_sleep; then touch "$S/prepare.started"; sleep "$(cat "$S/faults/prepare_sleep")"; fi
 if [ "$1 $2" = "migrate-target probe" ] && f probe_protocol; then
   setsid @XENMIG@ "$@" | sed "s/\"protocol\":[0-9]*/\"protocol\":$(cat "$S/faults/probe_protocol")/"; exit "${PIPESTATUS[0]}"
 fi
@@ -428,6 +435,17 @@ impl World {
         let mut after = self.src_before.clone();
         after[block * 4096..(block + blocks) * 4096].copy_from_slice(&data);
         after
+    }
+
+    /// The fake guest writes `blocks` 4 KiB blocks at `block` once xl has
+    /// started, and xl then copies memory for `secs` seconds before it
+    /// suspends the guest. Returns the data written.
+    pub fn guest_writes_during_memory(&self, block: usize, blocks: usize, secs: f64) -> Vec<u8> {
+        let data = crate::common::noise(98, blocks * 4096);
+        fs::write(self.state().join("guest_write_early"), &data).unwrap();
+        fs::write(self.state().join("guest_write_early.block"), block.to_string()).unwrap();
+        self.fault("xl_memory_secs", &secs.to_string());
+        data
     }
 
     pub fn no_guest_writes(&self) {
