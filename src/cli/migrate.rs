@@ -104,8 +104,12 @@ pub struct MigrateArgs {
     /// many blocks in one pass.
     #[arg(long, default_value_t = 256, value_name = "BLOCKS")]
     converge_blocks: u64,
-    /// How disk passes find changed blocks, as in `copy --live`.
-    #[arg(long, default_value = "fast", value_name = "HOW")]
+    /// How disk passes find changed blocks, as in `copy --live`. `auto`
+    /// (default): device-mapper snapshots of the source LVs (only written
+    /// chunks are read, and the frozen pass reads no whole disk) when their
+    /// VG has room for them (a quarter of the LV, at least 8 MiB), else
+    /// `fast`.
+    #[arg(long, default_value = "auto", value_name = "HOW")]
     rescan: Rescan,
     /// Pause the disk passes while xl copies memory. By default they go on,
     /// so that the last delta, sent while the guest is suspended, holds only

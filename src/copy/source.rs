@@ -74,6 +74,9 @@ pub enum Rescan {
     /// The source is an LVM logical volume: device-mapper snapshots list
     /// the chunks written during each pass, so nothing else is read.
     LvmSnapshot,
+    /// `LvmSnapshot` when the source is an LV whose volume group has room
+    /// for the snapshot, else `Fast` (the log says which and why).
+    Auto,
 }
 
 impl Rescan {
@@ -83,6 +86,7 @@ impl Rescan {
             Rescan::Fast => "fast",
             Rescan::Full => "full",
             Rescan::LvmSnapshot => "lvm-snapshot",
+            Rescan::Auto => "auto",
         }
     }
 }
@@ -94,7 +98,8 @@ impl std::str::FromStr for Rescan {
             "fast" => Ok(Rescan::Fast),
             "full" => Ok(Rescan::Full),
             "lvm-snapshot" => Ok(Rescan::LvmSnapshot),
-            _ => Err(format!("unknown rescan '{s}' (expected fast, full or lvm-snapshot)")),
+            "auto" => Ok(Rescan::Auto),
+            _ => Err(format!("unknown rescan '{s}' (expected fast, full, lvm-snapshot or auto)")),
         }
     }
 }

@@ -90,6 +90,11 @@ pub trait SourceHost {
     fn remove_lv(&self, path: &str) -> Result<(), MigrateError> {
         Err(MigrateError::Commit(format!("this host cannot remove {path}")))
     }
+    /// Remove the change-tracking snapshots of the LV at `path` that
+    /// process `pid` took and left (it was killed); returns their names.
+    fn remove_tracking_snapshots(&self, _path: &str, _pid: u32) -> Result<Vec<String>, MigrateError> {
+        Ok(Vec::new())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -183,7 +188,10 @@ impl MigrateOptions {
             no_monitor: false,
             debug: false,
             references: Vec::new(),
-            source: SourceOptions { live: Some(LiveOptions::default()), ..SourceOptions::default() },
+            source: SourceOptions {
+                live: Some(LiveOptions { rescan: crate::copy::source::Rescan::Auto, ..LiveOptions::default() }),
+                ..SourceOptions::default()
+            },
             target_vg: None,
             force: false,
             delete_source: false,
@@ -337,6 +345,21 @@ impl SourceHost for XenHost {
         let r = crate::storage::lvm::LvRef::from_device_path(path)
             .ok_or_else(|| MigrateError::Commit(format!("{path} is not an LV path")))?;
         crate::storage::lvm::Lvm::new().remove(&r).map_err(|e| MigrateError::Commit(e.to_string()))
+    }
+
+    fn remove_tracking_snapshots(&self, path: &str, pid: u32) -> Result<Vec<String>, MigrateError> {
+        let Some(origin) = crate::storage::lvm::LvRef::from_device_path(path) else { return Ok(Vec::new()) };
+        let lvm = crate::storage::lvm::Lvm::new();
+        let prefix = crate::copy::tracker::snapshot_prefix(pid);
+        let err = |e: crate::storage::lvm::LvmError| MigrateError::Commit(e.to_string());
+        let mut removed = Vec::new();
+        for lv in lvm.lvs(Some(&origin.vg)).map_err(err)? {
+            if lv.is_snapshot() && lv.origin.as_deref() == Some(origin.lv.as_str()) && lv.name.starts_with(&prefix) {
+                lvm.remove(&lv.lv_ref()).map_err(err)?;
+                removed.push(lv.lv_ref().to_string());
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -1255,6 +1278,20 @@ pub fn recover(host: &dyn SourceHost, journal_dir: &Path, domain: &str) -> Resul
         let _ = settle_after_release(host, &target, &dom, j.paused_on_target, &mut report, "recovered".into());
         if report.migrated && report.rolled_back.is_empty() && report.needs_attention.is_empty() {
             report.rolled_back.push(format!("{domain} runs on {}; nothing to undo", j.host));
+        }
+    }
+    // Change tracking of the killed run may have left snapshots on the
+    // source LVs: they slow the guest's writes and hold VG space.
+    if j.pid != std::process::id() {
+        for (source, _) in &j.disks {
+            match host.remove_tracking_snapshots(source, j.pid) {
+                Ok(names) => {
+                    report.rolled_back.extend(names.into_iter().map(|n| format!("removed tracking snapshot {n}")))
+                }
+                Err(e) => report
+                    .needs_attention
+                    .push(format!("cannot remove the tracking snapshots of {source} (`lvs` shows them): {e}")),
+            }
         }
     }
     if report.needs_attention.is_empty() {
