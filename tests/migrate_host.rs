@@ -139,6 +139,42 @@ fn disk_passes_go_on_while_xl_copies_memory() {
 }
 
 #[test]
+fn another_vg_without_c_the_relay_renames_the_disk_in_xls_config() {
+    // The VGs differ (xmts-ID here, xmtt-ID there). Without -C xl sends the
+    // domain's own config, naming the source path; the relay rewrites it.
+    let w = World::new(VG_BIG);
+    let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    let named = format!("target: config names disk {}", w.tgt_disk().display());
+    assert!(w.logged(&named), "{}", w.log());
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    row(
+        "--target-vg without -C",
+        format!("migrated; the relay rewrote the disk path in xl's config; {}", where_runs(&w)),
+    );
+
+    // A header the relay cannot rewrite (no JSON config) stops xl before
+    // anything moves to the target; the guest runs here.
+    let w = World::new(VG_BIG);
+    w.fault("xl_header_flags", "1");
+    let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Memory(_)), "{e}");
+    assert!(e.to_string().contains("carries no JSON domain config"), "{e}");
+    assert!(!r.migrated);
+    assert_rolled_back(&w, &w.src_before);
+    row("--target-vg without -C, xl's header unreadable", format!("not migrated: {e}; {}", where_runs(&w)));
+}
+
+fn o_for(w: &World) -> migrate::MigrateOptions {
+    let mut o = w.opts();
+    o.config = None;
+    o.target_vg = Some(w.tgt_vg.clone());
+    o
+}
+
+#[test]
 fn paused_on_target_with_p() {
     let w = World::new(VG_BIG);
     let mut o = w.opts();

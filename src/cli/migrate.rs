@@ -281,7 +281,15 @@ fn print_migrate_report(r: &MigrateReport, json: bool) {
     }
 }
 
-pub fn run_relay(control: PathBuf, ssh: String, rest: Vec<String>) -> anyhow::Result<i32> {
+pub fn run_relay(control: PathBuf, ssh: String, rewrite_disk: Vec<String>, rest: Vec<String>) -> anyhow::Result<i32> {
+    let renames = rewrite_disk
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--rewrite-disk '{r}': expected OLD=NEW"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut transport = shell_words::split(&ssh).map_err(|e| anyhow::anyhow!("--ssh '{ssh}': {e}"))?;
     let mut rest = rest;
     if transport.is_empty() && !rest.is_empty() {
@@ -289,7 +297,7 @@ pub fn run_relay(control: PathBuf, ssh: String, rest: Vec<String>) -> anyhow::Re
         rest.remove(0);
         transport = Vec::new();
     }
-    match migrate::relay::run(&control, &transport, &rest) {
+    match migrate::relay::run(&control, &renames, &transport, &rest) {
         Ok(code) => Ok(code),
         Err(migrate::relay::RelayError::Aborted) => Ok(1),
         Err(e) => Err(e.into()),

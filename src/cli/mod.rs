@@ -180,6 +180,10 @@ enum Command {
         control: PathBuf,
         #[arg(long, default_value = "ssh")]
         ssh: String,
+        /// Rewrite disk path OLD to NEW in the domain config at the head of
+        /// xl's stream (`migrate --target-vg` without `-C`).
+        #[arg(long = "rewrite-disk", value_name = "OLD=NEW")]
+        rewrite_disk: Vec<String>,
         /// What xl appends: HOST xl migrate-receive ...
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
@@ -327,7 +331,9 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
         Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
         Command::Migrate(a) => migrate::run_migrate(a, quiet),
-        Command::MigrateRelay { control, ssh, rest } => migrate::run_relay(control, ssh, rest),
+        Command::MigrateRelay { control, ssh, rewrite_disk, rest } => {
+            migrate::run_relay(control, ssh, rewrite_disk, rest)
+        }
         Command::MigrateTarget(op) => migrate::run_target(op),
         Command::Hash { image, output, hash, json } => images::hash(image, output, hash, json, quiet),
         Command::Index { output, images, hash } => images::index(output, images, hash, quiet),

@@ -27,6 +27,7 @@ pub mod journal;
 pub mod relay;
 pub mod remote;
 pub mod stop_copy;
+pub mod xl_header;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -476,9 +477,13 @@ fn run(
     let mut requests = Vec::new();
     for d in &dom.disks {
         let vg = opts.target_vg.clone().unwrap_or_else(|| d.vg.clone());
-        if vg != d.vg && opts.config.is_none() {
+        // Live, the relay rewrites the disk paths in the config at the head
+        // of xl's stream; --stop-copy restores from a save file, which
+        // needs -C.
+        if vg != d.vg && opts.config.is_none() && opts.stop_copy {
             return Err(MigrateError::Preflight(format!(
-                "disk {} moves from /dev/{}/{} to /dev/{vg}/{}: give -C with a config that names the target paths",
+                "disk {} moves from /dev/{}/{} to /dev/{vg}/{}: with --stop-copy give -C with a config that \
+                 names the target paths",
                 d.vdev, d.vg, d.lv, d.lv
             )));
         }
@@ -772,16 +777,24 @@ pub(crate) fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
 }
 
 /// The relay's command line, as xl's `-s` (xl appends `HOST xl migrate-receive ...`).
-fn relay_command(opts: &MigrateOptions, socket: &Path) -> String {
-    shell_words::join([
+/// Without `-C`, disks whose target path differs are renamed by the relay
+/// in the config xl sends.
+fn relay_command(opts: &MigrateOptions, socket: &Path, renames: &[(String, String)]) -> String {
+    let mut words = vec![
         opts.self_exe.display().to_string(),
         "migrate-relay".into(),
         "--control".into(),
         socket.display().to_string(),
         "--ssh".into(),
         opts.ssh.clone(),
-        "--".into(),
-    ])
+    ];
+    if opts.config.is_none() {
+        for (old, new) in renames {
+            words.extend(["--rewrite-disk".into(), format!("{old}={new}")]);
+        }
+    }
+    words.push("--".into());
+    shell_words::join(words)
 }
 
 /// How the wait for the target's READY ended.
@@ -903,7 +916,12 @@ fn memory_and_commit(
     if opts.debug {
         xl.arg("--debug");
     }
-    xl.arg("-s").arg(relay_command(opts, &socket)).arg(&dom.name).arg(&opts.host);
+    let renames: Vec<(String, String)> = copies
+        .iter()
+        .filter(|c| c.disk.path() != c.target_path)
+        .map(|c| (c.disk.path(), c.target_path.clone()))
+        .collect();
+    xl.arg("-s").arg(relay_command(opts, &socket, &renames)).arg(&dom.name).arg(&opts.host);
     // xl's chatter goes to our stderr: stdout may carry the JSON report.
     let stderr_fd = std::io::stderr().lock();
     let out = std::os::fd::AsFd::as_fd(&stderr_fd).try_clone_to_owned().map(Stdio::from).unwrap_or(Stdio::null());
@@ -943,6 +961,7 @@ fn memory_and_commit(
     };
     let ctl = PassControl::default();
     let overlap = opts.passes_during_memory;
+    let mut relay_error: Option<String> = None;
     let (waited, (passes, disk_failure)) = std::thread::scope(|s| {
         let disks = overlap.then(|| {
             let (copies, ctl) = (&mut copies[..], &ctl);
@@ -956,7 +975,12 @@ fn memory_and_commit(
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ev::RelayConnected(s)) => relay = Some(s),
                 Ok(Ev::Relay(l)) if l == "READY" => break Waited::Ready,
-                Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
+                Ok(Ev::Relay(l)) => {
+                    log::debug!("relay: {l}");
+                    if let Some(e) = l.strip_prefix("ERROR ") {
+                        relay_error = Some(e.to_string());
+                    }
+                }
                 Ok(Ev::XlExit(code)) => break Waited::XlExit(code),
                 Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => break Waited::Timeout,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -971,7 +995,10 @@ fn memory_and_commit(
     report.disk_passes_during_memory = passes;
     let e = match waited {
         // xl resumes the source itself when READY never came.
-        Waited::XlExit(code) => Some(MigrateError::Memory(format!("xl migrate {}", exit_text(code)))),
+        Waited::XlExit(code) => Some(MigrateError::Memory(match &relay_error {
+            Some(r) => format!("xl migrate {}: {r}", exit_text(code)),
+            None => format!("xl migrate {}", exit_text(code)),
+        })),
         Waited::Timeout => {
             let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
             drop(relay.take());
@@ -1322,7 +1349,8 @@ mod tests {
         let mut o = MigrateOptions::new("g1", "h");
         o.self_exe = PathBuf::from("/usr/bin/xenmig");
         o.ssh = "ssh -o BatchMode=yes".into();
-        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"));
+        let renames = vec![("/dev/vg0/g1".to_string(), "/dev/vg1/g1".to_string())];
+        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"), &renames);
         assert_eq!(
             shell_words::split(&c).unwrap(),
             vec![
@@ -1332,8 +1360,14 @@ mod tests {
                 "/run/xenmig/relay-1.sock",
                 "--ssh",
                 "ssh -o BatchMode=yes",
+                "--rewrite-disk",
+                "/dev/vg0/g1=/dev/vg1/g1",
                 "--"
             ]
         );
+        // With -C the operator's config names the paths: nothing is rewritten.
+        o.config = Some(PathBuf::from("/etc/xen/g1.cfg"));
+        let c = relay_command(&o, Path::new("/s"), &renames);
+        assert!(!c.contains("--rewrite-disk"), "{c}");
     }
 }

@@ -35,6 +35,7 @@ const XL: &str = r#"#!/bin/bash
 S=@STATE@; D=@DIR@; NAME=@NAME@; ID=@ID@
 export PATH="$D/bin:$PATH" XENMIG_XL="$D/bin/xl"
 log() { echo "$*" >> "$S/log"; }
+le32() { printf "$(printf '\\%03o\\%03o\\%03o\\%03o' $(($1 & 255)) $((($1 >> 8) & 255)) $((($1 >> 16) & 255)) $((($1 >> 24) & 255)))"; }
 f() { [ -e "$S/faults/$1" ]; }
 fv() { v=$(cat "$S/faults/$1"); echo "${v:-0}"; }
 # Atomic, as xenmig polls the source's state while xl changes it.
@@ -66,11 +67,11 @@ destroy)
   rm -f "$S/tgt/$t"; log "target: xl destroy $t" ;;
 migrate)
   # xl migrate [-C F] [-p] [-e] [--debug] -s SSHCOMMAND DOMAIN HOST
-  ssh=ssh; recv_args=""
+  ssh=ssh; recv_args=""; cfg=""
   while [ $# -gt 2 ]; do
     case "$1" in
       -s) ssh=$2; shift 2 ;;
-      -C) shift 2 ;;
+      -C) cfg=$2; shift 2 ;;
       -p) recv_args="$recv_args -p"; shift ;;
       -e) recv_args="$recv_args -e"; shift ;;
       *) shift ;;
@@ -86,6 +87,13 @@ migrate)
   if [ "$banner" != "xl migration receiver ready, send binary domain data." ]; then
     log "source: no banner; nothing suspended"; exit 1
   fi
+  # xl's save header (xl_saverestore.c): the domain config as JSON names
+  # the disk; with -C (the operator's config) the target's path.
+  cfgdisk=$(cat "$S/src.disk"); [ -n "$cfg" ] && cfgdisk=$(cat "$S/tgt.disk")
+  json="{\"c_info\": {\"name\": \"$dom\"}, \"disks\": [{\"pdev_path\": \"$cfgdisk\", \"vdev\": \"xvda\"}]}"
+  clen=$(( ${#json} + 1 ))
+  { printf 'Xen saved domain, xl format\n \0 \r'; le32 $((0x01020304)); le32 "$(f xl_header_flags && fv xl_header_flags || echo 3)"; le32 0; le32 $((clen + 4)); le32 $clen
+    printf '%s\0' "$json"; } >&4
   # xl copies memory while the guest runs and writes (the disk passes go
   # on meanwhile), then suspends it.
   if [ -e "$S/guest_write_early" ]; then
@@ -132,6 +140,13 @@ migrate-receive)
   log "target: migrate-receive"
   f recv_no_banner && { log "target: receiver failed to start"; exit 1; }
   printf 'xl migration receiver ready, send binary domain data.\n'
+  # xl's save header: the domain is built with the disk its config names.
+  set -- $(head -c 48 | od -An -tu1 -v)
+  [ $# = 48 ] || { log "target: short header ($# bytes)"; exit 1; }
+  olen=$(( ${45} + ${46} * 256 + ${47} * 65536 + ${48} * 16777216 ))
+  disk=$(head -c "$olen" | tail -c +5 | tr -d '\000' | sed -n 's/.*"pdev_path": "\([^"]*\)".*/\1/p')
+  log "target: config names disk $disk"
+  [ -f "$disk" ] || { log "target: restore failed: no disk $disk"; exit 1; }
   n=$(head -c 1000 | wc -c)
   [ "$n" = 1000 ] || { log "target: short stream ($n bytes)"; exit 1; }
   printf "%s\n" "--p---" > "$S/tgt/$NAME--incoming"; log "target: $NAME--incoming built, paused"
@@ -297,6 +312,7 @@ impl World {
         let src_before = crate::common::noise(7, DISK_BYTES);
         fs::write(&disk, &src_before).unwrap();
         fs::write(s.join("src.disk"), &disk).unwrap();
+        fs::write(s.join("tgt.disk"), format!("/dev/{tgt_vg}/{DOMAIN}-disk")).unwrap();
         fs::write(s.join("src.state"), "running").unwrap();
         fs::write(s.join("log"), "").unwrap();
         let w = World { dir, _tmp: Some(tmp), id, src_vg, tgt_vg, src_before };
