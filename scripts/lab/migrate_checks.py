@@ -143,7 +143,7 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
     wire = rep.get("bytes_wire", 0)
     if max_wire_fraction is not None and wire > max_wire_fraction * size:
         raise LabError(f"bytes_wire {wire} is more than {max_wire_fraction:.0%} of {size}")
-    on_src_lv = src.sh("lvs --noheadings -o lv_tags vg0/g1").strip()
+    on_src_lv = src.sh(f"lvs --noheadings -o lv_tags {disks[0]['source']}").strip()
     if "xenmig-" not in on_src_lv:
         raise LabError(f"the source LV kept no xenmig tag: {on_src_lv!r}")
     g.host, g.log = dst, log_in
@@ -170,6 +170,16 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
             f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
             f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
             f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
+
+
+def check_xm_target_vg(g, dst, vg, want_created):
+    """A live migrate into volume group VG on DST, without -C."""
+    summary, figures = check_xm_migrate(g, dst, want_created, None, f"--target-vg {vg}")
+    attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
+    if f"/dev/{vg}/g1" not in attached:
+        raise LabError(f"g1 on {dst.name} does not use /dev/{vg}/g1: {attached!r}")
+    figures["attached"] = attached
+    return f"{summary}; attached: {attached}", figures
 
 
 def check_xm_kill_at_hold(g, dst):
@@ -450,8 +460,22 @@ def run_xenmig_migrate_checks(checks, hosts):
                        "save image through the engine, xl restore): the counter continues",
                        lambda: check_xm_migrate(g, other(), False, None, "--stop-copy")):
         return
+    # Another VG on the target, without -C: the relay rewrites the disk path
+    # in the config at the head of xl's stream. vg1 lives on a loop device.
+    vg1_host = other()
+    vg1_host.sh("test -e /dev/vg1 || { truncate -s 96M /var/tmp/vg1.img && "
+                "pvcreate -q $(losetup -f --show /var/tmp/vg1.img) && "
+                "vgcreate -q vg1 $(losetup -j /var/tmp/vg1.img | cut -d: -f1); }", 120)
+    if not checks.step(f"xenmig migrate --target-vg vg1 g1 {g.host.name} -> {vg1_host.name} (no -C: "
+                       "the relay rewrites the disk path in xl's config): the counter continues, "
+                       "the guest runs from /dev/vg1/g1",
+                       lambda: check_xm_target_vg(g, other(), "vg1", True)):
+        return
+    if not checks.step("xenmig migrate --target-vg vg0 g1 back (vg1 -> vg0, its tagged LV reused)",
+                       lambda: check_xm_target_vg(g, other(), "vg0", False)):
+        return
     if os.environ.get("XENMIG_LAB_BENCH") == "1":
-        checks.step("migrate benchmark: xl migrate -p + dd, xenmig live, xenmig --stop-copy at "
+        checks.step("migrate benchmark: xl migrate (memory only), xl migrate -p + dd, xenmig live (now and before), --stop-copy at "
                     "64 and 512 MiB under a write load (XENMIG_LAB_BENCH=1)",
                     lambda: check_migrate_bench(hosts))
     checks.step("guest shut down on xenlab1 after the xenmig migrations: e2fsck -fn clean, "
