@@ -399,6 +399,19 @@ pub(crate) struct DiskCopy {
     peer: Peer,
 }
 
+/// What the phases from the memory copy on share: the host, the options,
+/// the domain, its open disk copies (handed over), and what they record.
+pub(crate) struct Commit<'a> {
+    host: &'a dyn SourceHost,
+    opts: &'a MigrateOptions,
+    dom: &'a DomainInfo,
+    copies: Vec<DiskCopy>,
+    report: &'a mut MigrateReport,
+    clock: &'a mut Clock,
+    journal: &'a mut Journal,
+    progress: &'a Progress,
+}
+
 /// Events of the memory phase.
 enum Ev {
     Relay(String),
@@ -672,11 +685,20 @@ fn run(
     let result = if opts.stop_copy {
         clock.next(report, "save (xl save -p)", progress);
         journal.set_phase(Phase::Memory, &opts.journal_dir)?;
-        stop_copy::save_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+        stop_copy::save_and_commit(Commit {
+            host,
+            opts,
+            dom: &dom,
+            copies,
+            report,
+            clock,
+            journal: &mut journal,
+            progress,
+        })
     } else {
         clock.next(report, "memory (xl migrate)", progress);
         journal.set_phase(Phase::Memory, &opts.journal_dir)?;
-        memory_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+        memory_and_commit(Commit { host, opts, dom: &dom, copies, report, clock, journal: &mut journal, progress })
     };
     match &result {
         Ok(()) => {
@@ -862,17 +884,9 @@ fn passes_during_memory(
 
 /// P3 to P5: xl migrate through the relay, the last delta while READY is
 /// held, then release or roll back.
-#[allow(clippy::too_many_arguments)]
-fn memory_and_commit(
-    host: &dyn SourceHost,
-    opts: &MigrateOptions,
-    dom: &DomainInfo,
-    copies: &mut Vec<DiskCopy>,
-    report: &mut MigrateReport,
-    clock: &mut Clock,
-    journal: &mut Journal,
-    progress: &Progress,
-) -> Result<(), MigrateError> {
+fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
+    let Commit { host, opts, dom, mut copies, report, clock, journal, progress } = p;
+    let copies = &mut copies;
     let target = opts.target();
     std::fs::DirBuilder::new()
         .recursive(true)
