@@ -155,6 +155,11 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
             raise LabError(f"stamped heartbeats: last on {src.name} {n_src}, first on {dst.name} {n_dst}")
     if src.run("test -e /var/lib/xenmig/journal/g1.json")[0] == 0:
         raise LabError("a journal of g1 is left after a successful migration")
+    # Change tracking's snapshots (this run's, and a killed run's, which the
+    # recovery at its start removes) are all gone.
+    left = src.sh("lvs --noheadings -o lv_name 2>/dev/null | grep xenmigtrack || true").split()
+    if left:
+        raise LabError(f"tracking snapshots left on {src.name}: {left}")
     figures = {"mode": rep.get("mode"), "downtime_seconds": rep.get("downtime_seconds"),
                "recovered_first": [l for l in rep.get("rolled_back", []) if "earlier" in l],
                "heartbeat_gap_seconds": hb_gap,
@@ -162,10 +167,11 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
                "final_delta_seconds": rep.get("final_delta_seconds"),
                "seconds": rep.get("seconds"), "bytes_wire": wire, "lv_bytes": size,
                "disk_passes": rep.get("disk_passes"),
+               "disk_passes_during_memory": rep.get("disk_passes_during_memory"),
                "phases": {p["phase"]: round(p["seconds"], 2) for p in rep.get("phases", [])}}
     return (f"{rep['seconds']:.1f} s in all, downtime {rep.get('downtime_seconds') or 0:.2f} s "
             f"(last delta {rep.get('final_delta_seconds') or 0:.2f} s), {rep.get('disk_passes')} "
-            f"disk passes, heartbeat gap "
+            f"disk passes ({rep.get('disk_passes_during_memory')} during xl's memory copy), heartbeat gap "
             f"{'%.2f s (+-%.2f)' % (hb_gap, measured[1]) if measured else 'not measured'}, "
             f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
             f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
