@@ -146,8 +146,12 @@ struct Scene {
 impl Scene {
     fn new() -> Scene {
         let dir = tempfile::tempdir().unwrap();
-        let (src, dst, reference, hooks) =
-            (dir.path().join("src.img"), dir.path().join("dst.img"), dir.path().join("ref.img"), dir.path().join("hooks.log"));
+        let (src, dst, reference, hooks) = (
+            dir.path().join("src.img"),
+            dir.path().join("dst.img"),
+            dir.path().join("ref.img"),
+            dir.path().join("hooks.log"),
+        );
         let data = sample_image(&src, 7, BLOCKS);
         // DST: an older copy, every third block different.
         let mut old = data.clone();
@@ -309,7 +313,10 @@ struct Outcome {
 }
 
 fn first_error(stderr: &str) -> Option<String> {
-    stderr.lines().find(|l| l.starts_with("xenmig: error:")).map(|l| l.trim_start_matches("xenmig: error: ").to_string())
+    stderr
+        .lines()
+        .find(|l| l.starts_with("xenmig: error:"))
+        .map(|l| l.trim_start_matches("xenmig: error: ").to_string())
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -464,8 +471,10 @@ fn engine_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
         arm.arm();
         Action::Forward
     });
-    let down = pump(Box::new(relay_r1), Box::new(relay_w2), true, phase, seen.clone(), fire.clone(), sc.src.clone(), None);
-    let up = pump(Box::new(relay_r2), Box::new(relay_w1), false, phase, seen.clone(), fire, sc.src.clone(), Some(reply));
+    let down =
+        pump(Box::new(relay_r1), Box::new(relay_w2), true, phase, seen.clone(), fire.clone(), sc.src.clone(), None);
+    let up =
+        pump(Box::new(relay_r2), Box::new(relay_w1), false, phase, seen.clone(), fire, sc.src.clone(), Some(reply));
     let sopts = SourceOptions {
         live: Some(LiveOptions {
             converge_blocks: 8,
@@ -552,6 +561,10 @@ fn cell(phase: Phase, fault: Fault) -> (String, Vec<String>) {
         "phase not reached".to_string()
     } else if o.disk_hit == Some(false) {
         format!("no DST I/O after this point; {}", if o.verified { "verified" } else { "failed" })
+    } else if o.verified && !o.errors.is_empty() {
+        // The source had the target's verified report; the target failed
+        // after sending it (DST was already synced).
+        format!("verified; then {}", o.errors.join(" / "))
     } else if o.verified {
         "verified".to_string()
     } else {
