@@ -317,10 +317,25 @@ pub fn main() -> i32 {
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
             // characters reach the terminal.
-            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&format!("{e:#}")));
+            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&error_chain(&e)));
             1
         }
     }
+}
+
+/// The error and its causes, each said once. The library's messages quote
+/// their cause already ("cannot open X: {source}"), so `{:#}`, which
+/// appends every cause, would print it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
