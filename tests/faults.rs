@@ -412,7 +412,12 @@ fn process_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
         errors: Vec::new(),
         violations: Vec::new(),
     };
-    let killed = |end: End| matches!(fault, Fault::Signal(e, Signal::SIGKILL) if e == end);
+    // Death by the signal sent: SIGKILL always; SIGTERM when it lands
+    // before the end has installed its handler (at its very start).
+    let killed = |end: End, st: &std::process::ExitStatus| {
+        use std::os::unix::process::ExitStatusExt;
+        matches!(fault, Fault::Signal(e, sig) if e == end && st.signal() == Some(sig as i32))
+    };
     for (end, st, err) in [(End::Source, src_st, &src_err), (End::Target, tgt_st, &tgt_err)] {
         if err.contains("panicked") {
             o.violations.push(format!("{end:?} panicked: {err}"));
@@ -427,7 +432,7 @@ fn process_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
                 Some(e) => o.errors.push(format!("{end:?}: {e}")),
                 None => o.violations.push(format!("{end:?} exit 1 without an error line: {err}")),
             },
-            None if killed(end) => o.errors.push(format!("{end:?}: killed")),
+            None if killed(end, &st) => o.errors.push(format!("{end:?}: killed by the signal")),
             _ => o.violations.push(format!("{end:?} ended with {st}: {err}")),
         }
     }
@@ -653,4 +658,78 @@ fn short_writes_on_the_target_disk() {
 #[test]
 fn target_disk_full() {
     column(Fault::DiskFull);
+}
+
+/// A target whose disk hangs in the frozen pass keeps sending keep-alives
+/// (from its own thread), so the idle timeout never fires: measured, a 15 s
+/// hang kept the source frozen 15.0 s with a 2 s idle timeout. The final
+/// pass's own deadline ends it: the copy fails, the source is thawed, and
+/// the frozen time stays near the deadline.
+#[test]
+fn a_target_disk_hanging_in_the_frozen_pass_is_cut_off_by_the_final_timeout() {
+    let sc = Scene::new();
+    let hang = Duration::from_secs(8);
+    let plan = FaultPlan::new(vec![Rule { times: Some(1), ..Rule::always(Op::Write, DiskFault::Stall(hang)) }], false);
+    let (src_r, relay_w1) = pipe();
+    let (relay_r1, src_w) = pipe();
+    let (tgt_r, relay_w2) = pipe();
+    let (relay_r2, tgt_w) = pipe();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let arm = plan.clone();
+    let fire: OnFire = Arc::new(move || {
+        arm.arm();
+        Action::Forward
+    });
+    let src = sc.src.clone();
+    let down = pump(
+        Box::new(relay_r1),
+        Box::new(relay_w2),
+        true,
+        Phase::FinalPass,
+        seen.clone(),
+        fire.clone(),
+        src.clone(),
+        None,
+    );
+    let up = pump(Box::new(relay_r2), Box::new(relay_w1), false, Phase::FinalPass, seen, fire, src.clone(), None);
+    let stamp = |what: &str| format!("echo {what} $(date +%s.%N) >> {}", s(&sc.hooks));
+    let sopts = SourceOptions {
+        live: Some(LiveOptions {
+            converge_blocks: 8,
+            freeze_cmd: Some(stamp("freeze")),
+            thaw_cmd: Some(stamp("thaw")),
+            final_timeout: Some(Duration::from_secs(2)),
+            ..LiveOptions::default()
+        }),
+        idle_timeout: Some(Duration::from_secs(2)),
+        ..SourceOptions::default()
+    };
+    let topts = TargetOptions {
+        references: vec![sc.reference.clone()],
+        idle_timeout: Some(Duration::from_secs(2)),
+        ..TargetOptions::default()
+    };
+    let source = thread::spawn(move || source::run(&src, &sopts, Link::new(src_r, src_w), &Progress::hidden()));
+    let (dst, wplan) = (sc.dst.clone(), plan.clone());
+    let target = thread::spawn(move || {
+        let wrap = move |img: xenmig::storage::image::Image| -> Box<dyn xenmig::storage::disk::Disk> {
+            Box::new(FaultyDisk::new(Box::new(img), wplan.clone()))
+        };
+        target::run_with(&dst, &topts, Link::new(tgt_r, tgt_w), &Progress::hidden(), &wrap)
+    });
+    let e = source.join().unwrap().expect_err("the frozen pass must fail");
+    assert!(matches!(e, EngineError::FinalTimeout { .. }), "{e}");
+    assert!(e.to_string().contains("did not end within 2 s"), "{e}");
+    assert!(target.join().unwrap().is_err(), "the target cannot finish once the source gave up");
+    let _ = (down.join(), up.join());
+    assert_eq!(plan.fired(), 1, "the disk never hung");
+    let log = fs::read_to_string(&sc.hooks).unwrap();
+    let at: Vec<(&str, f64)> =
+        log.lines().map(|l| l.split_once(' ').map(|(w, t)| (w, t.parse().unwrap())).unwrap()).collect();
+    assert!(at.len() == 2 && at[0].0 == "freeze" && at[1].0 == "thaw", "{log}");
+    let frozen = at[1].1 - at[0].1;
+    eprintln!("frozen {frozen:.2} s with a 2 s final timeout and an {hang:?} disk hang");
+    // The deadline, plus a thaw command's start on a loaded machine; well
+    // short of the 8 s the disk hangs.
+    assert!(frozen < hang.as_secs_f64() - 2.0, "frozen {frozen:.2} s");
 }

@@ -107,6 +107,12 @@ pub struct MigrateArgs {
     /// How disk passes find changed blocks, as in `copy --live`.
     #[arg(long, default_value = "fast", value_name = "HOW")]
     rescan: Rescan,
+    /// Fail the last disk delta (sent while the guest is suspended) when it
+    /// has not ended after this many seconds: the guest resumes here. 0
+    /// (the default): only --idle-timeout bounds it, which a target whose
+    /// disk hangs does not trip.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    final_timeout: u64,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
@@ -190,6 +196,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             freeze_cmd: None,
             thaw_cmd: None,
             rescan: a.rescan,
+            final_timeout: (a.final_timeout > 0).then(|| std::time::Duration::from_secs(a.final_timeout)),
             ..LiveOptions::default()
         }),
         idle_timeout: a.idle.timeout(),

@@ -225,6 +225,12 @@ struct LiveArgs {
     /// copy fails.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
     freeze_timeout: u64,
+    /// Live: fail when the final, frozen pass (the last delta and the
+    /// target's verification) has not ended after this many seconds; the
+    /// thaw command runs. 0 (the default): only --idle-timeout bounds it,
+    /// which a target whose disk hangs does not trip.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS", requires = "live")]
+    final_timeout: u64,
 }
 
 impl LiveArgs {
@@ -236,6 +242,7 @@ impl LiveArgs {
             thaw_cmd: self.thaw_cmd.clone(),
             rescan: self.rescan,
             freeze_timeout: std::time::Duration::from_secs(self.freeze_timeout),
+            final_timeout: (self.final_timeout > 0).then(|| std::time::Duration::from_secs(self.final_timeout)),
         })
     }
 }

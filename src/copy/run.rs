@@ -82,6 +82,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if live.freeze_timeout != super::quiesce::DEFAULT_FREEZE_TIMEOUT {
             v.extend(["--freeze-timeout".into(), live.freeze_timeout.as_secs().to_string()]);
         }
+        // Likewise: the bound applies where the frozen pass runs, the far end.
+        if let Some(t) = live.final_timeout {
+            v.extend(["--final-timeout".into(), t.as_secs().max(1).to_string()]);
+        }
     }
     v
 }

@@ -2,7 +2,7 @@
 //! what its [`FaultPlan`] says to break. Fault tests use it to make a target
 //! fail the way hardware and full file systems do (EIO on a read or write at
 //! a chosen offset, ENOSPC, short reads and writes, a write that lands
-//! changed) without shell stubs or device-mapper. Not used by xenmig itself.
+//! changed, a device that hangs) without shell stubs or device-mapper. Not used by xenmig itself.
 
 use std::io;
 use std::path::Path;
@@ -32,6 +32,8 @@ pub enum Fault {
     /// first byte inverted): a device or another writer changing the data
     /// under the copy.
     Changed,
+    /// Hangs this long (a device that stopped answering), then goes on.
+    Stall(std::time::Duration),
 }
 
 /// One fault: `fault` on operations `op` that touch `[from, to)`, at most
@@ -132,6 +134,10 @@ impl Disk for FaultyDisk {
     fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match self.plan.take(Op::Read, offset, buf.len() as u64) {
             None | Some(Fault::Changed) => self.inner.pread(buf, offset),
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                self.inner.pread(buf, offset)
+            }
             Some(Fault::Errno(e)) => Err(errno(e)),
             Some(Fault::Short) => {
                 let half = (buf.len() / 2).max(1).min(buf.len());
@@ -143,6 +149,10 @@ impl Disk for FaultyDisk {
     fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         match self.plan.take(Op::Write, offset, buf.len() as u64) {
             None => self.inner.pwrite(buf, offset),
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                self.inner.pwrite(buf, offset)
+            }
             Some(Fault::Errno(e)) => Err(errno(e)),
             Some(Fault::Short) => {
                 let half = (buf.len() / 2).max(1).min(buf.len());
@@ -161,6 +171,10 @@ impl Disk for FaultyDisk {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         match self.plan.take(Op::Write, offset, len) {
             Some(Fault::Errno(e)) => Err(errno(e)),
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                self.inner.punch_hole(offset, len)
+            }
             // A short or changed hole: none at all; the caller writes zeros
             // (through pwrite, where the plan sees them again).
             Some(_) => Ok(false),
@@ -171,6 +185,10 @@ impl Disk for FaultyDisk {
     fn flush(&self) -> io::Result<()> {
         match self.plan.take(Op::Sync, 0, 0) {
             Some(Fault::Errno(e)) => Err(errno(e)),
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                self.inner.flush()
+            }
             _ => self.inner.flush(),
         }
     }
