@@ -98,6 +98,7 @@ enum End {
 enum Fault {
     Signal(End, Signal),
     LinkCut,
+    LinkStall,
     Corrupt,
     Duplicate,
     RefChanged,
@@ -112,6 +113,7 @@ impl Fault {
             Fault::Signal(End::Source, sig) => format!("{} to the source", sig.as_str()),
             Fault::Signal(End::Target, sig) => format!("{} to the target", sig.as_str()),
             Fault::LinkCut => "link cut".into(),
+            Fault::LinkStall => "link stalls".into(),
             Fault::Corrupt => "corrupted frame".into(),
             Fault::Duplicate => "duplicated frame".into(),
             Fault::RefChanged => "reference changed".into(),
@@ -132,6 +134,8 @@ enum Action {
     Twice,
     Corrupt,
     Cut,
+    /// From now on nothing gets through, either way, and nothing closes.
+    Stall,
 }
 
 /// The files of one cell.
@@ -215,6 +219,8 @@ struct Seen {
     pass: u32,
     final_pass: bool,
     fired: bool,
+    /// The link stalled: frames are read and dropped.
+    stalled: bool,
 }
 
 /// Is `m`, going from source to target (`down`) or back, the first frame
@@ -263,6 +269,9 @@ fn pump(
                 st.pass = pass;
                 st.final_pass = final_pass;
             }
+            if st.stalled {
+                continue;
+            }
             if !st.fired && starts(phase, down, &m, &st) {
                 st.fired = true;
                 drop(st);
@@ -291,6 +300,10 @@ fn pump(
                 to.write_all(&frame).is_ok()
             }
             Action::Cut => return,
+            Action::Stall => {
+                seen.lock().unwrap().stalled = true;
+                continue;
+            }
         };
         if !ok || to.flush().is_err() {
             return;
@@ -370,6 +383,7 @@ fn process_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
             Action::Forward
         }
         Fault::LinkCut => Action::Cut,
+        Fault::LinkStall => Action::Stall,
         Fault::Corrupt => Action::Corrupt,
         Fault::Duplicate => Action::Twice,
         Fault::RefChanged => {
@@ -628,6 +642,12 @@ fn sigterm_of_the_target() {
 #[test]
 fn link_cut() {
     column(Fault::LinkCut);
+}
+
+/// Each cell waits for the idle timeout (5 s).
+#[test]
+fn link_stalls() {
+    column(Fault::LinkStall);
 }
 
 #[test]
