@@ -30,9 +30,9 @@ use crate::blocks::layout::{Align, Layout};
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec};
-use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
@@ -248,7 +248,7 @@ impl SourceSession {
     pub fn start(
         path: &Path,
         opts: &SourceOptions,
-        mut link: Link,
+        link: Link,
         progress: Progress,
     ) -> Result<SourceSession, EngineError> {
         let img = Image::open_read(path)?;
@@ -258,7 +258,7 @@ impl SourceSession {
             None => None,
         };
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
-        let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
+        let (mut link, agreed) = handshake_within(link, Role::Source, want_caps, opts.idle_timeout)?;
         if agreed.caps & want_caps != want_caps {
             return Err(EngineError::NoLiveSupport);
         }

@@ -37,9 +37,9 @@ use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 use crate::wire::compress::Codec;
-use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::transport::{Link, Writer};
 
@@ -286,8 +286,8 @@ pub fn run_with(
     wrap: &dyn Fn(Image) -> Box<dyn Disk>,
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let Link { mut reader, mut writer, stats } = link;
-    let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
+    let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE, opts.idle_timeout)?;
+    let Link { mut reader, writer, stats } = link;
     let v2 = agreed.keepalive();
     if !v2 {
         log::warn!("the source speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);
@@ -963,6 +963,7 @@ fn underflow(what: &str, group: u64) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::protocol;
     use std::io::Write;
 
     /// A source that sends an ImageInfo whose segment lengths wrap around
