@@ -211,3 +211,24 @@ pub fn serve(role: ServeRole) -> Result<Option<Report>, EngineError> {
         ServeRole::Target(p, o) => target::run(&p, &o, link, &Progress::hidden()).map(Some),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::source::LiveOptions;
+
+    /// A far source gets `--final-timeout` only when one is set (a far
+    /// xenmig of the previous release does not know the flag), and the
+    /// frozen pass it bounds runs there.
+    #[test]
+    fn the_final_timeout_reaches_a_far_source_only_when_set() {
+        let mut o = CopyOptions::default();
+        o.source.live = Some(LiveOptions::default());
+        assert!(!serve_source_args(&o, "/x").iter().any(|a| a == "--final-timeout"));
+        o.source.live =
+            Some(LiveOptions { final_timeout: Some(std::time::Duration::from_secs(30)), ..LiveOptions::default() });
+        let args = serve_source_args(&o, "/x");
+        let at = args.iter().position(|a| a == "--final-timeout").expect("--final-timeout passed on");
+        assert_eq!(args[at + 1], "30");
+    }
+}
