@@ -323,3 +323,25 @@ fn a_target_busy_hashing_a_reference_longer_than_the_timeout_keeps_the_source_wa
     eprintln!("target busy copy took {took:?}");
     assert!(took > IDLE * 2, "the reference hashed too fast ({took:?}) to show anything");
 }
+
+/// A peer that never says Hello (a link that stalled before the first
+/// frame) holds neither end past its idle timeout (found by the fault
+/// matrix: both ends waited forever).
+#[test]
+fn a_peer_that_never_says_hello_fails_either_end_within_the_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    sample_image(&a, 5, 64);
+    let (src_link, silent_tgt) = Link::pair().unwrap();
+    let t = Instant::now();
+    let e = SourceSession::start(&a, &source_opts(false), src_link, Progress::hidden()).err().expect("fails");
+    assert!(e.to_string().contains("the target sent nothing for 2."), "{e}");
+    assert!(t.elapsed() < IDLE * 3, "the source waited {:?}", t.elapsed());
+    let (tgt_link, silent_src) = Link::pair().unwrap();
+    let t = Instant::now();
+    let e = spawn_target(&b, target_opts(), tgt_link).join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("the source sent nothing for 2."), "{e}");
+    assert!(t.elapsed() < IDLE * 3, "the target waited {:?}", t.elapsed());
+    assert!(!b.exists(), "DST was created");
+    drop((silent_tgt, silent_src));
+}

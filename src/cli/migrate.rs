@@ -116,6 +116,12 @@ pub struct MigrateArgs {
     /// what changed since the last of them.
     #[arg(long)]
     no_passes_during_memory: bool,
+    /// Fail the last disk delta (sent while the guest is suspended) when it
+    /// has not ended after this many seconds: the guest resumes here and a
+    /// rerun reuses what arrived. 0: only --idle-timeout bounds it, which a
+    /// target whose disk hangs (but still answers keep-alives) never trips.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    final_timeout: u64,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
@@ -199,6 +205,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             freeze_cmd: None,
             thaw_cmd: None,
             rescan: a.rescan,
+            final_timeout: (a.final_timeout > 0).then(|| std::time::Duration::from_secs(a.final_timeout)),
             ..LiveOptions::default()
         }),
         idle_timeout: a.idle.timeout(),

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
@@ -27,11 +27,12 @@ use rayon::prelude::*;
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
+use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec};
-use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
@@ -59,6 +60,12 @@ pub struct LiveOptions {
     /// A freeze command still running after this long is killed, the thaw
     /// runs and the copy fails.
     pub freeze_timeout: Duration,
+    /// The frozen pass ([`SourceSession::final_pass`], from the call to the
+    /// target's report) fails after this long (None: only the idle timeout
+    /// bounds it). The idle timeout alone does not bound it: a target whose
+    /// disk hangs keeps sending keep-alives from another thread, and the
+    /// source would stay frozen as long as the disk hangs.
+    pub final_timeout: Option<Duration>,
 }
 
 /// How a live pass finds the blocks that changed.
@@ -113,6 +120,7 @@ impl Default for LiveOptions {
             thaw_cmd: None,
             rescan: Rescan::Fast,
             freeze_timeout: super::quiesce::DEFAULT_FREEZE_TIMEOUT,
+            final_timeout: None,
         }
     }
 }
@@ -252,7 +260,7 @@ impl SourceSession {
     pub fn start(
         path: &Path,
         opts: &SourceOptions,
-        mut link: Link,
+        link: Link,
         progress: Progress,
     ) -> Result<SourceSession, EngineError> {
         let img = Image::open_read(path)?;
@@ -262,7 +270,7 @@ impl SourceSession {
             None => None,
         };
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
-        let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, want_caps)?;
+        let (mut link, agreed) = handshake_within(link, Role::Source, want_caps, opts.idle_timeout)?;
         if agreed.caps & want_caps != want_caps {
             return Err(EngineError::NoLiveSupport);
         }
@@ -421,9 +429,16 @@ impl SourceSession {
 
     /// Wait for the reader's next event or any failure.
     /// A signal caught meanwhile ([`interrupt`]) ends the wait too.
-    fn next_event(&self) -> Result<Event, EngineError> {
+    /// Past `deadline` (of the frozen pass), fail with
+    /// [`EngineError::FinalTimeout`].
+    fn next_event(&self, deadline: Option<(Instant, Duration)>) -> Result<Event, EngineError> {
         loop {
             interrupt::check()?;
+            if let Some((at, limit)) = deadline {
+                if Instant::now() >= at {
+                    return Err(EngineError::FinalTimeout { seconds: limit.as_secs_f64() });
+                }
+            }
             crossbeam_channel::select! {
                 recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::LinkClosed("the source's reader stopped without an answer"))),
                 recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::LinkClosed("a source thread failed"))),
@@ -495,7 +510,7 @@ impl SourceSession {
         }
         let mut scan = Scan { pass_done: self.pass, ..Scan::default() };
         if self.in_flight {
-            let stale = self.wait_pass_done()?;
+            let stale = self.wait_pass_done(None)?;
             scan.stale_groups = stale.len() as u64;
             let gc = self.shared.layout.group_count();
             self.pending.extend(stale.into_iter().filter(|&g| g < gc));
@@ -506,8 +521,8 @@ impl SourceSession {
         Ok(scan)
     }
 
-    fn wait_pass_done(&mut self) -> Result<Vec<u64>, EngineError> {
-        let stale = match self.next_event()? {
+    fn wait_pass_done(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Vec<u64>, EngineError> {
+        let stale = match self.next_event(deadline)? {
             Event::PassDone { pass: p, stale } if p == self.pass => stale,
             Event::PassDone { pass: p, .. } => {
                 return Err(EngineError::BadReply(format!("the end of pass {p} during pass {}", self.pass)))
@@ -545,17 +560,22 @@ impl SourceSession {
     /// flight, find the last changes, send them as the final pass, and wait
     /// for the target's report. The report counts as verified only if the
     /// digest the target reports is this end's own image digest.
+    ///
+    /// A live session's `final_timeout` bounds all of it: past it, the call
+    /// fails with [`EngineError::FinalTimeout`] and the caller thaws.
     pub fn final_pass(&mut self) -> Result<Report, EngineError> {
+        let limit = self.opts.live.as_ref().and_then(|l| l.final_timeout);
+        let deadline = limit.map(|l| (Instant::now() + l, l));
         if self.opts.live.is_some() {
             if self.in_flight {
-                let stale = self.wait_pass_done()?;
+                let stale = self.wait_pass_done(deadline)?;
                 let gc = self.shared.layout.group_count();
                 self.pending.extend(stale.into_iter().filter(|&g| g < gc));
             }
             self.changed_blocks(true)?;
             self.announce_pending(true)?;
         }
-        let mut report = match self.next_event()? {
+        let mut report = match self.next_event(deadline)? {
             Event::Done(report) => report,
             Event::PassDone { pass, .. } => {
                 return Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
