@@ -55,6 +55,10 @@ export XENMIG_SSH="ssh -p 2222 -i $tmp/client_key -o BatchMode=yes -o StrictHost
 # Prove the loopback sshd answers before blaming xenmig for it.
 $XENMIG_SSH root@127.0.0.1 true
 
+# No test reads the host's /etc/xenmig/xenmig.yaml: an empty XENMIG_CONFIG
+# means no configuration file (tests/config.rs names its own files).
+export XENMIG_CONFIG=
+
 # The Xen lab (tests/lab.rs) runs only when asked: XENMIG_LAB=1 scripts/test.sh.
 # Otherwise it is skipped by name here, so that it is reported as not run.
 # child_migrate is not a test: it is the process the migrate kill tests

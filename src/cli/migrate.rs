@@ -47,10 +47,10 @@ pub struct MigrateArgs {
     domain: Option<String>,
     /// The target host, as ssh reaches it.
     #[arg(required_unless_present = "recover")]
-    host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Command that reaches HOST instead of `ssh` (as `xl migrate -s`).
     #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "SSHCOMMAND")]
-    ssh: String,
+    pub(crate) ssh: String,
     /// xl config to use on the target instead of the running one (as `xl
     /// migrate -C`); needed when disk paths change (--target-vg).
     #[arg(short = 'C', value_name = "CONFIG")]
@@ -69,15 +69,15 @@ pub struct MigrateArgs {
     /// (repeatable); `auto`: every LV of the target VG that nothing holds
     /// open (templates, other guests' disks, older releases).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
-    references: Vec<PathBuf>,
+    pub(crate) references: Vec<PathBuf>,
     /// Compression of fetched blocks, as in `copy`.
     #[arg(long, default_value = "auto", value_name = "CODEC")]
-    compress: Choice,
+    pub(crate) compress: Choice,
     #[command(flatten)]
-    hash: HashArgs,
+    pub(crate) hash: HashArgs,
     /// Volume group on the target (default: the same name as on the source).
     #[arg(long, value_name = "VG")]
-    target_vg: Option<String>,
+    pub(crate) target_vg: Option<String>,
     /// Overwrite a target LV of the same name that is not tagged for this
     /// domain.
     #[arg(long)]
@@ -99,19 +99,19 @@ pub struct MigrateArgs {
     dry_run: bool,
     /// Disk passes while the guest runs, at most (the final one included).
     #[arg(long, default_value_t = 6, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
-    max_passes: u32,
+    pub(crate) max_passes: u32,
     /// Stop the disk passes once all disks together changed at most this
     /// many blocks in one pass.
     #[arg(long, default_value_t = 256, value_name = "BLOCKS")]
-    converge_blocks: u64,
+    pub(crate) converge_blocks: u64,
     /// How disk passes find changed blocks, as in `copy --live`.
     #[arg(long, default_value = "fast", value_name = "HOW")]
-    rescan: Rescan,
+    pub(crate) rescan: Rescan,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
-    remote_xenmig: String,
+    pub(crate) remote_xenmig: String,
     #[command(flatten)]
-    idle: super::IdleArgs,
+    pub(crate) idle: super::IdleArgs,
     /// Finish or roll back an interrupted migration of DOMAIN from its
     /// journal, and exit.
     #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["domain", "host"])]

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use xenmig::blocks::digest::Algorithm;
 use xenmig::blocks::layout::{check_block_size, Align};
@@ -16,6 +16,7 @@ use xenmig::wire::compress::Choice;
 mod copy;
 mod images;
 mod migrate;
+mod settings;
 mod xen;
 
 const AFTER_HELP: &str = "\
@@ -28,7 +29,9 @@ Examples:
                                                        index reference images (templates, releases)
 
 Exit status: 0 success (copy: target verified), 1 failure, 2 bad usage.
-Logging: -v, -vv, or RUST_LOG=debug.";
+Logging: -v, -vv, or RUST_LOG=debug.
+Site defaults: /etc/xenmig/xenmig.yaml (or $XENMIG_CONFIG, or --config FILE);
+flags override it; `xenmig config` shows what applies and why.";
 
 #[derive(Parser)]
 #[command(name = "xenmig", version, about = "Move Xen guests with their local disks: hash-dedup block copy between hosts", after_help = AFTER_HELP)]
@@ -39,6 +42,10 @@ struct Cli {
     /// No progress bar.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Configuration file (default: $XENMIG_CONFIG, else
+    /// /etc/xenmig/xenmig.yaml, which may be absent).
+    #[arg(long = "config", global = true, value_name = "FILE")]
+    config_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +83,20 @@ enum Command {
     /// source, compressed. Every block is verified before it counts, and the
     /// whole target is checked against the source's image digest.
     Copy(CopyArgs),
+    /// Print the settings `copy` and `migrate` would use, each with where it
+    /// came from: default, the file (FILE:LINE), a host section, or a flag.
+    ///
+    /// Without COMMAND: those of `migrate` to --host (or to no particular
+    /// host). With COMMAND: those of that command line, for example
+    /// `xenmig config -- copy --compress lz4 img host2:/dev/vg0/img`.
+    Config {
+        /// The host whose section applies.
+        #[arg(long, value_name = "HOST", conflicts_with = "command")]
+        host: Option<String>,
+        /// A `copy` or `migrate` command line (after `--`).
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Compute per-block digests of an image (and keep them in a hash file).
     Hash {
         image: PathBuf,
@@ -258,7 +279,7 @@ impl IdleArgs {
 }
 
 #[derive(Args)]
-struct CopyArgs {
+pub(crate) struct CopyArgs {
     /// Source: PATH or [user@]host:PATH.
     src: String,
     /// Destination: PATH or [user@]host:PATH. A file is created or resized
@@ -301,7 +322,10 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    // The matches are kept: they tell a flag given on the command line
+    // from a default, which the configuration may replace.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -312,7 +336,8 @@ pub fn main() -> i32 {
         .target(env_logger::Target::Stderr)
         .init();
     let quiet = cli.quiet;
-    match run(cli.command, quiet) {
+    let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
+    match run(cli.command, quiet, &sub, cli.config_file.as_deref()) {
         Ok(code) => code,
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
@@ -323,10 +348,17 @@ pub fn main() -> i32 {
     }
 }
 
-fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
+fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Path>) -> anyhow::Result<i32> {
     match cmd {
-        Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
-        Command::Migrate(a) => migrate::run_migrate(a, quiet),
+        Command::Copy(mut a) => {
+            settings::apply_copy(&mut a, m, &settings::load(config)?);
+            Ok(copy::run_copy(a, quiet))
+        }
+        Command::Migrate(mut a) => {
+            settings::apply_migrate(&mut a, m, &settings::load(config)?);
+            migrate::run_migrate(a, quiet)
+        }
+        Command::Config { host, command } => settings::show(host, command, config),
         Command::MigrateRelay { control, ssh, rest } => migrate::run_relay(control, ssh, rest),
         Command::MigrateTarget(op) => migrate::run_target(op),
         Command::Hash { image, output, hash, json } => images::hash(image, output, hash, json, quiet),
