@@ -11,6 +11,7 @@ use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
 use xenmig::copy::Progress;
 use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
 use xenmig::wire::compress::Choice;
+use xenmig::wire::rate::Rate;
 
 use super::HashArgs;
 
@@ -119,6 +120,11 @@ pub struct MigrateArgs {
     /// Print one JSON report at the end (also on failure).
     #[arg(long)]
     json: bool,
+    /// Cap what the sending end writes to the link at RATE bytes per second,
+    /// as rsync's option: K, M, G (powers of 1024), KB, MB, GB (of 1000); a
+    /// bare number is bytes; 0: no limit.
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    pub(crate) bwlimit: Rate,
 }
 
 #[derive(Subcommand)]
@@ -193,6 +199,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             ..LiveOptions::default()
         }),
         idle_timeout: a.idle.timeout(),
+        bwlimit: a.bwlimit,
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;
@@ -210,6 +217,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.hold_precopy = secs("XENMIG_TEST_HOLD_PRECOPY");
     let host = XenHost::open()?;
     let progress = Progress::stderr(quiet || a.json);
+    progress.limit(a.bwlimit);
     let (report, result) = migrate::migrate(&host, &opts, &progress);
     progress.finish();
     print_migrate_report(&report, a.json);

@@ -12,6 +12,7 @@ use xenmig::blocks::digest::Algorithm;
 use xenmig::blocks::layout::{check_block_size, Align};
 use xenmig::copy::source::{LiveOptions, Rescan};
 use xenmig::wire::compress::Choice;
+use xenmig::wire::rate::Rate;
 
 mod copy;
 mod images;
@@ -193,6 +194,9 @@ enum Command {
         /// Target: refuse a source image larger than this many bytes.
         #[arg(long, value_name = "BYTES")]
         max_image_size: Option<u64>,
+        /// Source: bytes per second it may write (as `copy --bwlimit`).
+        #[arg(long, default_value = "0", value_name = "RATE")]
+        bwlimit: Rate,
     },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
@@ -313,6 +317,11 @@ pub(crate) struct CopyArgs {
     /// regular-file DST also needs the image's size free on its file system).
     #[arg(long, value_name = "BYTES")]
     max_image_size: Option<u64>,
+    /// Cap what the sending end writes to the link at RATE bytes per second,
+    /// as rsync's option: K, M, G (powers of 1024), KB, MB, GB (of 1000); a
+    /// bare number is bytes; 0: no limit.
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    pub(crate) bwlimit: Rate,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -372,8 +381,19 @@ fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Pat
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
-        Command::Serve { source, target, hash, compress, references, live, allow_open_by, idle, max_image_size } => {
-            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size)
+        Command::Serve {
+            source,
+            target,
+            hash,
+            compress,
+            references,
+            live,
+            allow_open_by,
+            idle,
+            max_image_size,
+            bwlimit,
+        } => {
+            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size, bwlimit)
         }
     }
 }

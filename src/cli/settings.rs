@@ -13,6 +13,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 
 use xenmig::config::{At, Config, HostSettings};
+use xenmig::wire::rate::Rate;
 
 use super::migrate::MigrateArgs;
 use super::CopyArgs;
@@ -91,15 +92,15 @@ impl<'a> Resolver<'a> {
     }
 }
 
-fn text(s: &String) -> String {
-    s.clone()
+fn text(s: &str) -> String {
+    s.to_string()
 }
 
 fn shown<T: Display>(v: &T) -> String {
     v.to_string()
 }
 
-fn paths(v: &Vec<PathBuf>) -> String {
+fn paths(v: &[PathBuf]) -> String {
     if v.is_empty() {
         return "(none)".into();
     }
@@ -121,18 +122,19 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
     let g = &cfg.general;
     let mut r = Resolver::new(m, cfg, host.as_deref());
     let h = r.section();
-    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), text);
+    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
     r.pick(
         "remote_xenmig",
         "remote_xenmig",
         &mut a.remote_xenmig,
         h.and_then(|h| h.remote_xenmig.as_ref()),
         g.remote_xenmig.as_ref(),
-        text,
+        |s| text(s),
     );
     r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
     r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
     r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
     r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
     r.pick(
         "references",
@@ -140,7 +142,7 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
         &mut a.references,
         h.and_then(|h| h.references.as_ref()),
         g.references.as_ref(),
-        paths,
+        |v| paths(v),
     );
     r.rows
 }
@@ -151,18 +153,19 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
     let (g, mg) = (&cfg.general, &cfg.migrate);
     let mut r = Resolver::new(m, cfg, host.as_deref());
     let h = r.section();
-    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), text);
+    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
     r.pick(
         "remote_xenmig",
         "remote_xenmig",
         &mut a.remote_xenmig,
         h.and_then(|h| h.remote_xenmig.as_ref()),
         g.remote_xenmig.as_ref(),
-        text,
+        |s| text(s),
     );
     r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
     r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
     r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
     r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
     r.pick(
         "references",
@@ -170,7 +173,7 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
         &mut a.references,
         h.and_then(|h| h.references.as_ref()),
         g.references.as_ref(),
-        paths,
+        |v| paths(v),
     );
     // The target VG is optional (None: the source's VG name); the file's
     // value is wrapped to fit.

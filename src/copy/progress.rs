@@ -28,6 +28,19 @@ impl Progress {
         Progress { bar: Some(bar) }
     }
 
+    /// Show the bandwidth limit next to the rate (nothing when there is none).
+    pub fn limit(&self, rate: crate::wire::rate::Rate) {
+        if let (Some(b), Some(_)) = (&self.bar, rate.limit()) {
+            b.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{{prefix:>9}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} (limit {rate}/s) ETA {{eta}} {{msg}}"
+                ))
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+    }
+
     pub fn hidden() -> Progress {
         Progress { bar: None }
     }

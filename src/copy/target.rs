@@ -272,7 +272,7 @@ struct Target<'a> {
 /// Rebuild the source's image into `dst` over `link`.
 pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let Link { mut reader, mut writer, stats } = link;
+    let Link { mut reader, mut writer, stats, .. } = link;
     let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
     let v2 = agreed.keepalive();
     if !v2 {
