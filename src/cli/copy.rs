@@ -7,7 +7,7 @@ use serde_json::json;
 use xenmig::copy::run::{self, CopyOptions, ServeRole};
 use xenmig::copy::source::SourceOptions;
 use xenmig::copy::target::TargetOptions;
-use xenmig::copy::{Progress, Report};
+use xenmig::copy::Report;
 use xenmig::wire::compress::Choice;
 use xenmig::wire::rate::Rate;
 use xenmig::wire::transport::Location;
@@ -92,7 +92,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };
-    let progress = Progress::stderr(quiet || a.json);
+    let progress = super::output::progress(quiet, a.json, "copy");
     progress.limit(a.bwlimit);
     let result = run::copy(&src, &dst, &opts, &progress);
     progress.finish();
@@ -106,7 +106,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
                 println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
             }
             let msg = xenmig::copy::sanitize(&format!("copy {} -> {} failed: {e}", a.src, a.dst));
-            eprintln!("xenmig: {msg}");
+            super::output::error(&msg);
             1
         }
     }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
-use xenmig::copy::Progress;
 use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
 use xenmig::wire::compress::Choice;
 use xenmig::wire::rate::Rate;
@@ -216,7 +215,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.hold_ready = secs("XENMIG_TEST_HOLD_READY");
     opts.hold_precopy = secs("XENMIG_TEST_HOLD_PRECOPY");
     let host = XenHost::open()?;
-    let progress = Progress::stderr(quiet || a.json);
+    let progress = super::output::progress(quiet, a.json, "migrate");
     progress.limit(a.bwlimit);
     let (report, result) = migrate::migrate(&host, &opts, &progress);
     progress.finish();
@@ -224,7 +223,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     match result {
         Ok(()) => Ok(0),
         Err(e) => {
-            eprintln!("xenmig: migrate {domain} -> {host_name}: {e}");
+            super::output::error(&xenmig::copy::sanitize(&format!("migrate {domain} -> {host_name}: {e}")));
             Ok(1)
         }
     }

@@ -17,6 +17,7 @@ use xenmig::wire::rate::Rate;
 mod copy;
 mod images;
 mod migrate;
+mod output;
 mod settings;
 mod xen;
 
@@ -47,6 +48,11 @@ struct Cli {
     /// /etc/xenmig/xenmig.yaml, which may be absent).
     #[arg(long = "config", global = true, value_name = "FILE")]
     config_file: Option<PathBuf>,
+    /// Format of what goes to stderr: `text`, or `json` (one object per
+    /// line, for log collectors). Without a terminal, each phase is one
+    /// timestamped line; on a terminal the progress bar is unchanged.
+    #[arg(long, global = true, value_enum, default_value = "text", value_name = "FORMAT")]
+    log_format: output::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -335,15 +341,7 @@ pub fn main() -> i32 {
     // from a default, which the configuration may replace.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp(None)
-        .target(env_logger::Target::Stderr)
-        .init();
+    output::init(cli.verbose, cli.log_format);
     let quiet = cli.quiet;
     let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
     match run(cli.command, quiet, &sub, cli.config_file.as_deref()) {
@@ -351,7 +349,7 @@ pub fn main() -> i32 {
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
             // characters reach the terminal.
-            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&format!("{e:#}")));
+            output::error(&format!("error: {}", xenmig::copy::sanitize(&format!("{e:#}"))));
             1
         }
     }
