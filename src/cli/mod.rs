@@ -14,6 +14,7 @@ use xenmig::copy::source::{LiveOptions, Rescan};
 use xenmig::wire::compress::Choice;
 use xenmig::wire::rate::Rate;
 
+mod assets;
 mod copy;
 mod images;
 mod migrate;
@@ -204,6 +205,9 @@ enum Command {
         #[arg(long, default_value = "0", value_name = "RATE")]
         bwlimit: Rate,
     },
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
     MigrateRelay {
@@ -374,6 +378,7 @@ fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Pat
             images::similarity_cmd(image, references, hash, json, quiet)
         }
         Command::Show { file } => images::show(file),
+        Command::Assets { dir } => assets::generate(&dir),
         Command::Domains { domain, json } => Ok(xen::domains(domain.as_deref(), json)?),
         Command::Save { domain, file, paused } => Ok(xen::save(&domain, &file, paused)?),
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
