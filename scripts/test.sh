@@ -12,7 +12,9 @@ fi
 # sshd for the ssh tests; losetup, fsfreeze, mkfs.ext4/e2fsck for the device
 # and live tests; libxen-dev and libclang-dev so that build.rs generates the
 # Xen bindings (without them xenmig builds, but its Xen layer is left out).
-need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2)
+# groff renders the generated man pages (tests/assets.rs); procps' pgrep
+# looks for copies the xend hook left running (tests/hook.rs).
+need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -224,14 +224,17 @@ pub(crate) fn show(host: Option<String>, command: Vec<String>, flag: Option<&Pat
         super::Command::Migrate(mut a) => apply_migrate(&mut a, m, &cfg),
         _ => anyhow::bail!("config: only `copy` and `migrate` read the configuration"),
     };
-    match &cfg.path {
-        Some(p) => println!("# configuration file: {}", p.display()),
-        None => println!("# no configuration file"),
-    }
+    // Written, not printed: `xenmig config | head` must not panic on a
+    // closed pipe.
+    let mut text = match &cfg.path {
+        Some(p) => format!("# configuration file: {}\n", p.display()),
+        None => "# no configuration file\n".to_string(),
+    };
     let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
     let vwidth = rows.iter().map(|r| r.value.len()).max().unwrap_or(0).min(40);
     for r in rows {
-        println!("{:<width$}  {:<vwidth$}  {}", r.key, r.value, r.origin);
+        text += &format!("{:<width$}  {:<vwidth$}  {}\n", r.key, r.value, r.origin);
     }
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(0)
 }
