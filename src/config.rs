@@ -30,7 +30,7 @@
 //! ```
 //!
 //! xenmig runs as root and `ssh` here is a command it runs: a file that
-//! others can write is refused.
+//! others can write, or that belongs to another user, is refused.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -62,6 +62,10 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: writable by group or others (mode {mode:o}); xenmig runs commands from it as root")]
     Unsafe { path: PathBuf, mode: u32 },
+    #[error(
+        "config {path}: owned by uid {uid}, neither root nor the user running xenmig; xenmig runs commands from it"
+    )]
+    Owner { path: PathBuf, uid: u32 },
     #[error("config {path}: larger than {MAX_SIZE} bytes")]
     TooLarge { path: PathBuf },
     #[error("config {path}:{line}: {key}: {message}")]
@@ -164,6 +168,10 @@ fn read(f: File, path: &Path) -> Result<Config, ConfigError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(ConfigError::Unsafe { path: path.to_path_buf(), mode });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(ConfigError::Owner { path: path.to_path_buf(), uid: meta.uid() });
     }
     if meta.len() > MAX_SIZE {
         return Err(ConfigError::TooLarge { path: path.to_path_buf() });
@@ -563,6 +571,11 @@ hosts:
         assert!(matches!(load(Some(&f)), Err(ConfigError::Unsafe { mode: 0o666, .. })));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(load(Some(&f)).unwrap().general.ssh.unwrap().value, "ssh");
+        // Another user's file (only root can make one here).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+            assert!(matches!(load(Some(&f)), Err(ConfigError::Owner { uid: 65534, .. })));
+        }
     }
 
     #[test]
