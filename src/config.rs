@@ -194,7 +194,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let opts = serde_saphyr::options! { with_snippet: false };
     let mut raw: raw::File = serde_saphyr::from_str_with_options(text, opts).map_err(|e| syntax(text, path, &e))?;
     let ctx = Ctx { path };
-    cfg.general = ctx.settings(raw.general(), "")?;
+    cfg.general = ctx.settings(raw.general())?;
     if let Some(m) = raw.migrate {
         cfg.migrate = MigrateSettings {
             target_vg: m.target_vg.map(plain),
@@ -232,15 +232,15 @@ impl Ctx<'_> {
         ConfigError::Invalid { path: self.path.to_path_buf(), line, key: key.to_string(), message }
     }
 
-    fn settings(&self, r: raw::Settings, prefix: &str) -> Result<Settings, ConfigError> {
-        let key = |k: &str| format!("{prefix}{k}");
+    /// The top level's settings (their keys have no prefix).
+    fn settings(&self, r: raw::Settings) -> Result<Settings, ConfigError> {
         Ok(Settings {
             ssh: r.ssh.map(plain),
             remote_xenmig: r.remote_xenmig.map(plain),
-            compress: self.parsed(r.compress, &key("compress"))?,
-            hash: self.parsed(r.hash, &key("hash"))?,
-            block_size: self.check(r.block_size, &key("block_size"), |n: u32| check_block_size(n).map(|_| n))?,
-            bwlimit: self.parsed_rate(r.bwlimit, &key("bwlimit"))?,
+            compress: self.parsed(r.compress, "compress")?,
+            hash: self.parsed(r.hash, "hash")?,
+            block_size: self.check(r.block_size, "block_size", |n: u32| check_block_size(n).map(|_| n))?,
+            bwlimit: self.parsed_rate(r.bwlimit, "bwlimit")?,
             idle_timeout: r.idle_timeout.map(plain),
             references: r.references.map(paths),
         })
