@@ -12,7 +12,9 @@ fi
 # sshd for the ssh tests; losetup, fsfreeze, mkfs.ext4/e2fsck for the device
 # and live tests; libxen-dev and libclang-dev so that build.rs generates the
 # Xen bindings (without them xenmig builds, but its Xen layer is left out).
-need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2)
+# groff renders the generated man pages (tests/assets.rs); procps' pgrep
+# looks for copies the xend hook left running (tests/hook.rs).
+need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -54,6 +56,10 @@ trap cleanup EXIT
 export XENMIG_SSH="ssh -p 2222 -i $tmp/client_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 # Prove the loopback sshd answers before blaming xenmig for it.
 $XENMIG_SSH root@127.0.0.1 true
+
+# No test reads the host's /etc/xenmig/xenmig.yaml: an empty XENMIG_CONFIG
+# means no configuration file (tests/config.rs names its own files).
+export XENMIG_CONFIG=
 
 # The Xen lab (tests/lab.rs) runs only when asked: XENMIG_LAB=1 scripts/test.sh.
 # Otherwise it is skipped by name here, so that it is reported as not run.

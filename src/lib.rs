@@ -15,10 +15,13 @@
 //! - [`migrate`]: a running domain and its LVM disks to another host; the
 //!   only layer that uses both `copy` and `xen`, which know nothing of
 //!   each other.
+//! - [`config`]: the site configuration file (`/etc/xenmig/xenmig.yaml`),
+//!   read and checked; merging it with flags is the command line's job.
 //!
 //! The `xenmig` binary (`src/cli/`) is a thin layer over it.
 
 pub mod blocks;
+pub mod config;
 pub mod copy;
 pub mod formats;
 pub mod migrate;

@@ -164,7 +164,7 @@ fn a_version_1_peer_gets_no_keepalives_and_no_timeout_and_the_copy_verifies() {
     let (relay_s_r, relay_s_w) = (relay_s.reader, relay_s.writer);
     let (relay_t_r, relay_t_w) = (relay_t.reader, relay_t.writer);
     let stats = relay_s.stats.clone();
-    let mk = |reader, writer| Link { reader, writer, stats: stats.clone() };
+    let mk = |reader, writer| Link { reader, writer, stats: stats.clone(), throttle: Default::default() };
     let kas = Arc::new(AtomicU64::new(0));
     let r1 = v1_relay(mk(relay_s_r, Box::new(std::io::sink())), mk(Box::new(std::io::empty()), relay_t_w), kas.clone());
     let r2 = v1_relay(mk(relay_t_r, Box::new(std::io::sink())), mk(Box::new(std::io::empty()), relay_s_w), kas.clone());

@@ -7,8 +7,9 @@ use serde_json::json;
 use xenmig::copy::run::{self, CopyOptions, ServeRole};
 use xenmig::copy::source::SourceOptions;
 use xenmig::copy::target::TargetOptions;
-use xenmig::copy::{Progress, Report};
+use xenmig::copy::Report;
 use xenmig::wire::compress::Choice;
+use xenmig::wire::rate::Rate;
 use xenmig::wire::transport::Location;
 
 use super::{CopyArgs, HashArgs, IdleArgs, LiveArgs};
@@ -25,6 +26,7 @@ pub fn serve(
     allow_open_by: Option<String>,
     idle: IdleArgs,
     max_image_size: Option<u64>,
+    bwlimit: Rate,
 ) -> anyhow::Result<i32> {
     let role = match (source, target) {
         (Some(p), None) => ServeRole::Source(
@@ -36,6 +38,7 @@ pub fn serve(
                 compress,
                 live: live.options(),
                 idle_timeout: idle.timeout(),
+                bwlimit,
             },
         ),
         (None, Some(p)) => ServeRole::Target(
@@ -77,6 +80,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             compress: a.compress,
             live: a.live.options(),
             idle_timeout: a.idle.timeout(),
+            bwlimit: a.bwlimit,
         },
         target: TargetOptions {
             references: a.references,
@@ -88,7 +92,8 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
     };
-    let progress = Progress::stderr(quiet || a.json);
+    let progress = super::output::progress(quiet, a.json, "copy");
+    progress.limit(a.bwlimit);
     let result = run::copy(&src, &dst, &opts, &progress);
     progress.finish();
     match result {
@@ -101,7 +106,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
                 println!("{}", json!({"source": a.src, "target": a.dst, "verified": false, "error": e.to_string()}));
             }
             let msg = xenmig::copy::sanitize(&format!("copy {} -> {} failed: {e}", a.src, a.dst));
-            eprintln!("xenmig: {msg}");
+            super::output::error(&msg);
             1
         }
     }
@@ -121,6 +126,9 @@ fn print_report(r: &Report, json: bool) {
         }
     };
     println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
+    if let Some(limit) = r.bwlimit {
+        println!("  bandwidth limit: {}/s", Rate(limit));
+    }
     println!(
         "  blocks: {} total, {} zero ({:.1}%), {} reused ({:.1}%, {} in place), {} fetched ({:.1}%)",
         r.blocks_total,

@@ -7,7 +7,6 @@ use serde_json::json;
 use xenmig::blocks::blockmap::BlockMap;
 use xenmig::blocks::digest::hex;
 use xenmig::copy::references::{layout_of, similarity, ReferenceSet};
-use xenmig::copy::Progress;
 use xenmig::formats::hashfile;
 use xenmig::formats::index::Index;
 use xenmig::storage::image::Image;
@@ -21,7 +20,7 @@ pub fn hash(image: PathBuf, output: Option<PathBuf>, hash: HashArgs, json: bool,
     if !hash.algo.collision_safe() {
         log::warn!("SHA-1 is not collision-safe: use it only for compatibility with older tools");
     }
-    let progress = Progress::stderr(quiet);
+    let progress = super::output::progress(quiet, false, "hash");
     progress.phase("hashing", layout.size);
     let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
     progress.finish();
@@ -36,7 +35,7 @@ pub fn hash(image: PathBuf, output: Option<PathBuf>, hash: HashArgs, json: bool,
 
 /// `xenmig index`.
 pub fn index(output: PathBuf, images: Vec<PathBuf>, hash: HashArgs, quiet: bool) -> anyhow::Result<i32> {
-    let progress = Progress::stderr(quiet);
+    let progress = super::output::progress(quiet, false, "index");
     let mut idx = Index::new(hash.algo, hash.block_size);
     for path in &images {
         let img = Image::open_read(path)?;
@@ -75,7 +74,7 @@ pub fn similarity_cmd(
 ) -> anyhow::Result<i32> {
     let img = Image::open_read(&image)?;
     let layout = layout_of(&img, hash.block_size, hash.align)?;
-    let progress = Progress::stderr(quiet);
+    let progress = super::output::progress(quiet, false, "similarity");
     progress.phase("hashing", layout.size);
     let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
     let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;

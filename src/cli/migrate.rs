@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use xenmig::copy::source::{LiveOptions, Rescan, SourceOptions};
-use xenmig::copy::Progress;
 use xenmig::migrate::{self, remote, MigrateOptions, MigrateReport, XenHost};
 use xenmig::wire::compress::Choice;
+use xenmig::wire::rate::Rate;
 
 use super::HashArgs;
 
@@ -47,10 +47,10 @@ pub struct MigrateArgs {
     domain: Option<String>,
     /// The target host, as ssh reaches it.
     #[arg(required_unless_present = "recover")]
-    host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Command that reaches HOST instead of `ssh` (as `xl migrate -s`).
     #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "SSHCOMMAND")]
-    ssh: String,
+    pub(crate) ssh: String,
     /// xl config to use on the target instead of the running one (as `xl
     /// migrate -C`); needed when disk paths change (--target-vg).
     #[arg(short = 'C', value_name = "CONFIG")]
@@ -69,15 +69,15 @@ pub struct MigrateArgs {
     /// (repeatable); `auto`: every LV of the target VG that nothing holds
     /// open (templates, other guests' disks, older releases).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
-    references: Vec<PathBuf>,
+    pub(crate) references: Vec<PathBuf>,
     /// Compression of fetched blocks, as in `copy`.
     #[arg(long, default_value = "auto", value_name = "CODEC")]
-    compress: Choice,
+    pub(crate) compress: Choice,
     #[command(flatten)]
-    hash: HashArgs,
+    pub(crate) hash: HashArgs,
     /// Volume group on the target (default: the same name as on the source).
     #[arg(long, value_name = "VG")]
-    target_vg: Option<String>,
+    pub(crate) target_vg: Option<String>,
     /// Overwrite a target LV of the same name that is not tagged for this
     /// domain.
     #[arg(long)]
@@ -99,18 +99,18 @@ pub struct MigrateArgs {
     dry_run: bool,
     /// Disk passes while the guest runs, at most (the final one included).
     #[arg(long, default_value_t = 6, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
-    max_passes: u32,
+    pub(crate) max_passes: u32,
     /// Stop the disk passes once all disks together changed at most this
     /// many blocks in one pass.
     #[arg(long, default_value_t = 256, value_name = "BLOCKS")]
-    converge_blocks: u64,
+    pub(crate) converge_blocks: u64,
     /// How disk passes find changed blocks, as in `copy --live`. `auto`
     /// (default): device-mapper snapshots of the source LVs (only written
     /// chunks are read, and the frozen pass reads no whole disk) when their
     /// VG has room for them (a quarter of the LV, at least 8 MiB), else
     /// `fast`.
     #[arg(long, default_value = "auto", value_name = "HOW")]
-    rescan: Rescan,
+    pub(crate) rescan: Rescan,
     /// Pause the disk passes while xl copies memory. By default they go on,
     /// so that the last delta, sent while the guest is suspended, holds only
     /// what changed since the last of them.
@@ -124,9 +124,9 @@ pub struct MigrateArgs {
     final_timeout: u64,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
-    remote_xenmig: String,
+    pub(crate) remote_xenmig: String,
     #[command(flatten)]
-    idle: super::IdleArgs,
+    pub(crate) idle: super::IdleArgs,
     /// Finish or roll back an interrupted migration of DOMAIN from its
     /// journal, and exit.
     #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["domain", "host"])]
@@ -134,6 +134,11 @@ pub struct MigrateArgs {
     /// Print one JSON report at the end (also on failure).
     #[arg(long)]
     json: bool,
+    /// Cap what the sending end writes to the link at RATE bytes per second,
+    /// as rsync's option: K, M, G (powers of 1024), KB, MB, GB (of 1000); a
+    /// bare number is bytes; 0: no limit.
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    pub(crate) bwlimit: Rate,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +214,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             ..LiveOptions::default()
         }),
         idle_timeout: a.idle.timeout(),
+        bwlimit: a.bwlimit,
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;
@@ -226,14 +232,15 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.hold_ready = secs("XENMIG_TEST_HOLD_READY");
     opts.hold_precopy = secs("XENMIG_TEST_HOLD_PRECOPY");
     let host = XenHost::open()?;
-    let progress = Progress::stderr(quiet || a.json);
+    let progress = super::output::progress(quiet, a.json, "migrate");
+    progress.limit(a.bwlimit);
     let (report, result) = migrate::migrate(&host, &opts, &progress);
     progress.finish();
     print_migrate_report(&report, a.json);
     match result {
         Ok(()) => Ok(0),
         Err(e) => {
-            eprintln!("xenmig: migrate {domain} -> {host_name}: {e}");
+            super::output::error(&xenmig::copy::sanitize(&format!("migrate {domain} -> {host_name}: {e}")));
             Ok(1)
         }
     }

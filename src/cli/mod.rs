@@ -6,16 +6,20 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use xenmig::blocks::digest::Algorithm;
 use xenmig::blocks::layout::{check_block_size, Align};
 use xenmig::copy::source::{LiveOptions, Rescan};
 use xenmig::wire::compress::Choice;
+use xenmig::wire::rate::Rate;
 
+mod assets;
 mod copy;
 mod images;
 mod migrate;
+mod output;
+mod settings;
 mod xen;
 
 const AFTER_HELP: &str = "\
@@ -28,7 +32,9 @@ Examples:
                                                        index reference images (templates, releases)
 
 Exit status: 0 success (copy: target verified), 1 failure, 2 bad usage.
-Logging: -v, -vv, or RUST_LOG=debug.";
+Logging: -v, -vv, or RUST_LOG=debug.
+Site defaults: /etc/xenmig/xenmig.yaml (or $XENMIG_CONFIG, or --config FILE);
+flags override it; `xenmig config` shows what applies and why.";
 
 #[derive(Parser)]
 #[command(name = "xenmig", version, about = "Move Xen guests with their local disks: hash-dedup block copy between hosts", after_help = AFTER_HELP)]
@@ -39,6 +45,15 @@ struct Cli {
     /// No progress bar.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Configuration file (default: $XENMIG_CONFIG, else
+    /// /etc/xenmig/xenmig.yaml, which may be absent).
+    #[arg(long = "config", global = true, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Format of what goes to stderr: `text`, or `json` (one object per
+    /// line, for log collectors). Without a terminal, each phase is one
+    /// timestamped line; on a terminal the progress bar is unchanged.
+    #[arg(long, global = true, value_enum, default_value = "text", value_name = "FORMAT")]
+    log_format: output::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +91,20 @@ enum Command {
     /// source, compressed. Every block is verified before it counts, and the
     /// whole target is checked against the source's image digest.
     Copy(CopyArgs),
+    /// Print the settings `copy` and `migrate` would use, each with where it
+    /// came from: default, the file (FILE:LINE), a host section, or a flag.
+    ///
+    /// Without COMMAND: those of `migrate` to --host (or to no particular
+    /// host). With COMMAND: those of that command line, for example
+    /// `xenmig config -- copy --compress lz4 img host2:/dev/vg0/img`.
+    Config {
+        /// The host whose section applies.
+        #[arg(long, value_name = "HOST", conflicts_with = "command")]
+        host: Option<String>,
+        /// A `copy` or `migrate` command line (after `--`).
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Compute per-block digests of an image (and keep them in a hash file).
     Hash {
         image: PathBuf,
@@ -172,7 +201,13 @@ enum Command {
         /// Target: refuse a source image larger than this many bytes.
         #[arg(long, value_name = "BYTES")]
         max_image_size: Option<u64>,
+        /// Source: bytes per second it may write (as `copy --bwlimit`).
+        #[arg(long, default_value = "0", value_name = "RATE")]
+        bwlimit: Rate,
     },
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
     /// xl's transport during `migrate` (started by xl, not by hand).
     #[command(hide = true)]
     MigrateRelay {
@@ -269,7 +304,7 @@ impl IdleArgs {
 }
 
 #[derive(Args)]
-struct CopyArgs {
+pub(crate) struct CopyArgs {
     /// Source: PATH or [user@]host:PATH.
     src: String,
     /// Destination: PATH or [user@]host:PATH. A file is created or resized
@@ -303,6 +338,11 @@ struct CopyArgs {
     /// regular-file DST also needs the image's size free on its file system).
     #[arg(long, value_name = "BYTES")]
     max_image_size: Option<u64>,
+    /// Cap what the sending end writes to the link at RATE bytes per second,
+    /// as rsync's option: K, M, G (powers of 1024), KB, MB, GB (of 1000); a
+    /// bare number is bytes; 0: no limit.
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    pub(crate) bwlimit: Rate,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -312,23 +352,19 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 pub fn main() -> i32 {
-    let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp(None)
-        .target(env_logger::Target::Stderr)
-        .init();
+    // The matches are kept: they tell a flag given on the command line
+    // from a default, which the configuration may replace.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    output::init(cli.verbose, cli.log_format);
     let quiet = cli.quiet;
-    match run(cli.command, quiet) {
+    let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
+    match run(cli.command, quiet, &sub, cli.config_file.as_deref()) {
         Ok(code) => code,
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
             // characters reach the terminal.
-            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&error_chain(&e)));
+            output::error(&format!("error: {}", xenmig::copy::sanitize(&error_chain(&e))));
             1
         }
     }
@@ -349,10 +385,17 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
+fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Path>) -> anyhow::Result<i32> {
     match cmd {
-        Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
-        Command::Migrate(a) => migrate::run_migrate(a, quiet),
+        Command::Copy(mut a) => {
+            settings::apply_copy(&mut a, m, &settings::load(config)?);
+            Ok(copy::run_copy(a, quiet))
+        }
+        Command::Migrate(mut a) => {
+            settings::apply_migrate(&mut a, m, &settings::load(config)?);
+            migrate::run_migrate(a, quiet)
+        }
+        Command::Config { host, command } => settings::show(host, command, config),
         Command::MigrateRelay { control, ssh, rewrite_disk, rest } => {
             migrate::run_relay(control, ssh, rewrite_disk, rest)
         }
@@ -363,13 +406,25 @@ fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
             images::similarity_cmd(image, references, hash, json, quiet)
         }
         Command::Show { file } => images::show(file),
+        Command::Assets { dir } => assets::generate(&dir),
         Command::Domains { domain, json } => Ok(xen::domains(domain.as_deref(), json)?),
         Command::Save { domain, file, paused } => Ok(xen::save(&domain, &file, paused)?),
         Command::Restore { file, paused } => Ok(xen::restore(&file, paused)?),
         Command::Pause { domain } => Ok(xen::pause(&domain, true)?),
         Command::Unpause { domain } => Ok(xen::pause(&domain, false)?),
-        Command::Serve { source, target, hash, compress, references, live, allow_open_by, idle, max_image_size } => {
-            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size)
+        Command::Serve {
+            source,
+            target,
+            hash,
+            compress,
+            references,
+            live,
+            allow_open_by,
+            idle,
+            max_image_size,
+            bwlimit,
+        } => {
+            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size, bwlimit)
         }
     }
 }

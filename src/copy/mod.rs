@@ -152,6 +152,10 @@ pub struct Report {
     pub passes: Vec<PassReport>,
     /// Live copy: time the source was frozen (freeze to thaw), in seconds.
     pub downtime_seconds: f64,
+    /// `--bwlimit`: bytes per second the source end could write (absent:
+    /// no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
 }
 
 fn report_version_1() -> u32 {
@@ -168,6 +172,7 @@ impl Default for Report {
             block_size: 0,
             algorithm: String::new(),
             blocks_total: 0,
+            bwlimit: None,
             blocks_zero: 0,
             blocks_reused: 0,
             blocks_fetched: 0,

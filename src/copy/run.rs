@@ -64,6 +64,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         s.compress.to_string(),
     ];
     v.extend(idle_arg(s.idle_timeout));
+    // Only when set: an older xenmig on the far host does not know it.
+    if s.bwlimit.limit().is_some() {
+        v.extend(["--bwlimit".into(), s.bwlimit.0.to_string()]);
+    }
     if let Some(live) = &s.live {
         v.push("--live".into());
         v.extend(["--max-passes".into(), live.max_passes.to_string()]);
@@ -148,6 +152,7 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
     };
     report.source = src.to_string();
     report.target = dst.to_string();
+    report.bwlimit = opts.source.bwlimit.limit();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -34,6 +34,7 @@ use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watch
 use crate::wire::protocol::{
     read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
 };
+use crate::wire::rate::Rate;
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -137,6 +138,9 @@ pub struct SourceOptions {
     /// waits for it (None: wait forever). Keep-alives go out at a quarter of
     /// it. Only with a version-2 target (see `protocol`).
     pub idle_timeout: Option<Duration>,
+    /// Bytes per second this end may write to the link (`--bwlimit`; 0:
+    /// no limit).
+    pub bwlimit: Rate,
 }
 
 impl Default for SourceOptions {
@@ -148,6 +152,7 @@ impl Default for SourceOptions {
             compress: Choice::Auto,
             live: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            bwlimit: Rate(0),
         }
     }
 }
@@ -270,6 +275,9 @@ impl SourceSession {
             None => None,
         };
         let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
+        // Every frame this end writes from here on, keep-alives included,
+        // goes through the link's bucket.
+        link.throttle.set(opts.bwlimit);
         let (mut link, agreed) = handshake_within(link, Role::Source, want_caps, opts.idle_timeout)?;
         if agreed.caps & want_caps != want_caps {
             return Err(EngineError::NoLiveSupport);

@@ -287,7 +287,7 @@ pub fn run_with(
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
     let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE, opts.idle_timeout)?;
-    let Link { mut reader, writer, stats } = link;
+    let Link { mut reader, writer, stats, .. } = link;
     let v2 = agreed.keepalive();
     if !v2 {
         log::warn!("the source speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);

@@ -256,6 +256,9 @@ pub struct MigrateReport {
     pub memory_image: Option<Report>,
     /// Bytes the disk copies moved (both directions, framing included).
     pub bytes_wire: u64,
+    /// `--bwlimit` of each disk copy, bytes per second (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
     pub seconds: f64,
     /// What was undone after a failure, in order.
     pub rolled_back: Vec<String>,
@@ -430,6 +433,7 @@ pub fn migrate(
         host: opts.host.clone(),
         mode: if opts.stop_copy { "stop-copy" } else { "live" }.into(),
         dry_run: opts.dry_run,
+        bwlimit: opts.source.bwlimit.limit(),
         ..MigrateReport::default()
     };
     let mut clock = Clock::new();

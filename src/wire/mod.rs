@@ -3,9 +3,13 @@
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
 //! - [`liveness`]: idle timeouts and keep-alives.
+//! - [`rate`]: a bandwidth limit as written (`10M`).
+//! - [`throttle`]: the token bucket of `--bwlimit`, in front of a link's writer.
 //! - [`transport`]: local socket pairs, ssh, byte counting.
 
 pub mod compress;
 pub mod liveness;
 pub mod protocol;
+pub mod rate;
+pub mod throttle;
 pub mod transport;

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use super::throttle::Throttle;
+
 #[derive(Debug, Error)]
 pub enum TransportError {
     #[error("cannot start '{command}': {source}")]
@@ -122,12 +124,23 @@ impl<R: Read> Read for CountingReader<R> {
 struct CountingWriter<W> {
     inner: W,
     stats: Arc<LinkStats>,
+    throttle: Arc<Throttle>,
 }
 
 impl<W: Write> Write for CountingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let t = Instant::now();
-        let n = self.inner.write(buf)?;
+        // Inside the timed span: a limited link looks as slow as it is to
+        // `auto`'s drain rate, which then compresses harder.
+        let allowed = self.throttle.admit(buf.len());
+        let n = match self.inner.write(&buf[..allowed]) {
+            Ok(n) => n,
+            Err(e) => {
+                self.throttle.refund(allowed);
+                return Err(e);
+            }
+        };
+        self.throttle.refund(allowed - n);
         self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
         self.stats.write_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(n)
@@ -145,6 +158,8 @@ pub struct Link {
     pub reader: Reader,
     pub writer: Writer,
     pub stats: Arc<LinkStats>,
+    /// The bandwidth limit of what this end writes (none until set).
+    pub throttle: Arc<Throttle>,
 }
 
 /// The process at the far end of a spawned link, if any.
@@ -182,10 +197,13 @@ const BUF: usize = 1 << 20;
 impl Link {
     pub fn new(reader: impl Read + Send + 'static, writer: impl Write + Send + 'static) -> Link {
         let stats = Arc::new(LinkStats::default());
+        let throttle = Arc::new(Throttle::default());
+        let counting = CountingWriter { inner: writer, stats: stats.clone(), throttle: throttle.clone() };
         Link {
             reader: Box::new(BufReader::with_capacity(BUF, CountingReader { inner: reader, stats: stats.clone() })),
-            writer: Box::new(BufWriter::with_capacity(BUF, CountingWriter { inner: writer, stats: stats.clone() })),
+            writer: Box::new(BufWriter::with_capacity(BUF, counting)),
             stats,
+            throttle,
         }
     }
 

@@ -1,0 +1,240 @@
+//! Flags over the configuration file: the one place that decides which
+//! value a setting of `copy` and `migrate` takes, and remembers why.
+//!
+//! Precedence, lowest first: the flag's default, the file's top level (or
+//! its `migrate:` section), the section of the host the command talks to,
+//! a flag given on the command line. `xenmig config` prints the same
+//! decision this module makes for a real run.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+
+use xenmig::config::{At, Config, HostSettings};
+use xenmig::wire::rate::Rate;
+
+use super::migrate::MigrateArgs;
+use super::CopyArgs;
+
+/// Where a setting's value came from.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Origin {
+    Default,
+    File { path: PathBuf, line: u64 },
+    Host { host: String, path: PathBuf, line: u64 },
+    Flag,
+}
+
+impl Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::Host { host, path, line } => write!(f, "host section {host}, {}:{line}", path.display()),
+            Origin::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+/// One decided setting, for `xenmig config`.
+pub(crate) struct Row {
+    pub key: &'static str,
+    pub value: String,
+    pub origin: Origin,
+}
+
+/// Applies the configuration to one command's parsed flags.
+struct Resolver<'a> {
+    matches: &'a ArgMatches,
+    path: PathBuf,
+    host: Option<(&'a str, &'a HostSettings)>,
+    rows: Vec<Row>,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(matches: &'a ArgMatches, cfg: &'a Config, host: Option<&'a str>) -> Self {
+        let host = host.and_then(|h| cfg.host(h).map(|s| (xenmig::config::host_name(h), s)));
+        let path = cfg.path.clone().unwrap_or_default();
+        Resolver { matches, path, host, rows: Vec::new() }
+    }
+
+    /// The section of the host the command talks to, if the file has one.
+    fn section(&self) -> Option<&'a HostSettings> {
+        self.host.map(|(_, h)| h)
+    }
+
+    /// Decide `key`: a flag given on the command line (clap argument `id`)
+    /// wins, then the host section, then the file; otherwise `current`
+    /// keeps the flag's default.
+    fn pick<T: Clone>(
+        &mut self,
+        key: &'static str,
+        id: &str,
+        current: &mut T,
+        from_host: Option<&At<T>>,
+        from_file: Option<&At<T>>,
+        show: impl Fn(&T) -> String,
+    ) {
+        let origin = if self.matches.value_source(id) == Some(ValueSource::CommandLine) {
+            Origin::Flag
+        } else if let (Some(at), Some((name, _))) = (from_host, self.host) {
+            *current = at.value.clone();
+            Origin::Host { host: name.to_string(), path: self.path.clone(), line: at.line }
+        } else if let Some(at) = from_file {
+            *current = at.value.clone();
+            Origin::File { path: self.path.clone(), line: at.line }
+        } else {
+            Origin::Default
+        };
+        self.rows.push(Row { key, value: show(current), origin });
+    }
+}
+
+fn text(s: &str) -> String {
+    s.to_string()
+}
+
+fn shown<T: Display>(v: &T) -> String {
+    v.to_string()
+}
+
+fn paths(v: &[PathBuf]) -> String {
+    if v.is_empty() {
+        return "(none)".into();
+    }
+    v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The host a copy talks to: that of its remote end, if any.
+pub(crate) fn copy_host(a: &CopyArgs) -> Option<String> {
+    use xenmig::wire::transport::Location;
+    [&a.src, &a.dst].into_iter().find_map(|s| match Location::parse(s) {
+        Location::Remote { host, .. } => Some(host),
+        Location::Local(_) => None,
+    })
+}
+
+/// Settings of `copy` from the configuration, where no flag set them.
+pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+    let host = copy_host(a);
+    let g = &cfg.general;
+    let mut r = Resolver::new(m, cfg, host.as_deref());
+    let h = r.section();
+    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
+    r.pick(
+        "remote_xenmig",
+        "remote_xenmig",
+        &mut a.remote_xenmig,
+        h.and_then(|h| h.remote_xenmig.as_ref()),
+        g.remote_xenmig.as_ref(),
+        |s| text(s),
+    );
+    r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
+    r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
+    r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
+    r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+    r.pick(
+        "references",
+        "references",
+        &mut a.references,
+        h.and_then(|h| h.references.as_ref()),
+        g.references.as_ref(),
+        |v| paths(v),
+    );
+    r.rows
+}
+
+/// Settings of `migrate` from the configuration, where no flag set them.
+pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+    let host = a.host.clone();
+    let (g, mg) = (&cfg.general, &cfg.migrate);
+    let mut r = Resolver::new(m, cfg, host.as_deref());
+    let h = r.section();
+    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
+    r.pick(
+        "remote_xenmig",
+        "remote_xenmig",
+        &mut a.remote_xenmig,
+        h.and_then(|h| h.remote_xenmig.as_ref()),
+        g.remote_xenmig.as_ref(),
+        |s| text(s),
+    );
+    r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
+    r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
+    r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
+    r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+    r.pick(
+        "references",
+        "references",
+        &mut a.references,
+        h.and_then(|h| h.references.as_ref()),
+        g.references.as_ref(),
+        |v| paths(v),
+    );
+    // The target VG is optional (None: the source's VG name); the file's
+    // value is wrapped to fit.
+    let wrap = |at: Option<&At<String>>| at.map(|a| At { value: Some(a.value.clone()), line: a.line });
+    let (host_vg, file_vg) = (h.and_then(|h| wrap(h.target_vg.as_ref())), wrap(mg.target_vg.as_ref()));
+    r.pick("migrate.target_vg", "target_vg", &mut a.target_vg, host_vg.as_ref(), file_vg.as_ref(), |v| {
+        v.clone().unwrap_or_else(|| "(the source's VG name)".into())
+    });
+    r.pick("migrate.max_passes", "max_passes", &mut a.max_passes, None, mg.max_passes.as_ref(), shown);
+    r.pick(
+        "migrate.converge_blocks",
+        "converge_blocks",
+        &mut a.converge_blocks,
+        None,
+        mg.converge_blocks.as_ref(),
+        shown,
+    );
+    r.pick("migrate.rescan", "rescan", &mut a.rescan, None, mg.rescan.as_ref(), |v| v.name().to_string());
+    r.rows
+}
+
+/// The configuration a command reads (`--config`, `$XENMIG_CONFIG`, or
+/// the default path).
+pub(crate) fn load(flag: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(xenmig::config::load(flag)?)
+}
+
+/// `xenmig config`: the decision for a command line, printed.
+pub(crate) fn show(host: Option<String>, command: Vec<String>, flag: Option<&Path>) -> anyhow::Result<i32> {
+    use clap::{CommandFactory, FromArgMatches};
+    let cfg = load(flag)?;
+    // Without a command line: a migrate to HOST with no flags.
+    let words: Vec<String> = if command.is_empty() {
+        vec!["migrate".into(), "DOMAIN".into(), host.unwrap_or_else(|| "HOST".into())]
+    } else {
+        command
+    };
+    let all = super::Cli::command().try_get_matches_from(std::iter::once("xenmig".to_string()).chain(words))?;
+    let cli = super::Cli::from_arg_matches(&all)?;
+    let m = all.subcommand().map(|(_, m)| m).expect("clap: a subcommand is required");
+    // A --config inside the command line is the one that command would read.
+    let cfg = match cli.config_file.as_deref() {
+        Some(p) => load(Some(p))?,
+        None => cfg,
+    };
+    let rows = match cli.command {
+        super::Command::Copy(mut a) => apply_copy(&mut a, m, &cfg),
+        super::Command::Migrate(mut a) => apply_migrate(&mut a, m, &cfg),
+        _ => anyhow::bail!("config: only `copy` and `migrate` read the configuration"),
+    };
+    // Written, not printed: `xenmig config | head` must not panic on a
+    // closed pipe.
+    let mut text = match &cfg.path {
+        Some(p) => format!("# configuration file: {}\n", p.display()),
+        None => "# no configuration file\n".to_string(),
+    };
+    let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
+    let vwidth = rows.iter().map(|r| r.value.len()).max().unwrap_or(0).min(40);
+    for r in rows {
+        text += &format!("{:<width$}  {:<vwidth$}  {}\n", r.key, r.value, r.origin);
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    Ok(0)
+}

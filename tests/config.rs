@@ -1,0 +1,166 @@
+//! The configuration file through the binary: precedence (default < file <
+//! host section < flag), `xenmig config`, and errors naming file, line and
+//! key. Every run names its own file with `--config` or `XENMIG_CONFIG`,
+//! never the real /etc/xenmig/xenmig.yaml.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn xenmig(config_env: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    // Empty: no configuration file at all (the real /etc is never read).
+    c.env("XENMIG_CONFIG", config_env.map(|p| p.as_os_str().to_owned()).unwrap_or_default());
+    c.args(args).output().unwrap()
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("xenmig.yaml");
+    fs::write(&p, text).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+/// `xenmig config` output as (key, value, origin) rows.
+fn rows(out: &Output) -> Vec<(String, String, String)> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let cols: Vec<&str> = l.splitn(2, "  ").collect();
+            let rest = cols[1].trim_start();
+            let (value, origin) = rest.split_once("  ").expect("value and origin");
+            (cols[0].trim().to_string(), value.trim().to_string(), origin.trim().to_string())
+        })
+        .collect()
+}
+
+fn row(rows: &[(String, String, String)], key: &str) -> (String, String) {
+    let r = rows.iter().find(|r| r.0 == key).unwrap_or_else(|| panic!("no row {key}: {rows:?}"));
+    (r.1.clone(), r.2.clone())
+}
+
+const CONFIG: &str = "\
+ssh: ssh -o BatchMode=yes
+compress: zstd:5
+block_size: 8192
+migrate:
+  max_passes: 4
+hosts:
+  host2:
+    ssh: ssh -p 2222
+    target_vg: vg1
+";
+
+#[test]
+fn precedence_default_file_host_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), CONFIG);
+    let f = cfg.display().to_string();
+    // No file: defaults.
+    let r = rows(&xenmig(None, &["config", "--host", "host2"]));
+    assert_eq!(row(&r, "ssh"), ("ssh".into(), "default".into()));
+    // The file's top level, for a host without a section.
+    let r = rows(&xenmig(Some(&cfg), &["config", "--host", "host3"]));
+    assert_eq!(row(&r, "ssh"), ("ssh -o BatchMode=yes".into(), format!("{f}:1")));
+    assert_eq!(row(&r, "compress"), ("zstd:5".into(), format!("{f}:2")));
+    assert_eq!(row(&r, "migrate.max_passes"), ("4".into(), format!("{f}:5")));
+    assert_eq!(row(&r, "migrate.target_vg").1, "default");
+    // The host section over the top level (user@ is not part of the name).
+    let r = rows(&xenmig(Some(&cfg), &["config", "--host", "root@host2"]));
+    assert_eq!(row(&r, "ssh"), ("ssh -p 2222".into(), format!("host section host2, {f}:8")));
+    assert_eq!(row(&r, "migrate.target_vg"), ("vg1".into(), format!("host section host2, {f}:9")));
+    assert_eq!(row(&r, "compress").1, format!("{f}:2"));
+    // A flag over everything; --config over XENMIG_CONFIG.
+    let r = rows(&xenmig(
+        None,
+        &[
+            "--config",
+            &f,
+            "config",
+            "--",
+            "migrate",
+            "-s",
+            "rsh",
+            "--target-vg",
+            "vg9",
+            "--max-passes",
+            "3",
+            "web1",
+            "host2",
+        ],
+    ));
+    assert_eq!(row(&r, "ssh"), ("rsh".into(), "flag".into()));
+    assert_eq!(row(&r, "migrate.target_vg"), ("vg9".into(), "flag".into()));
+    assert_eq!(row(&r, "migrate.max_passes"), ("3".into(), "flag".into()));
+    assert_eq!(row(&r, "compress").1, format!("{f}:2"));
+    // A copy's host is its remote end's.
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "copy", "--compress", "lz4", "img", "root@host2:/dev/vg0/x"]));
+    assert_eq!(row(&r, "ssh").1, format!("host section host2, {f}:8"));
+    assert_eq!(row(&r, "compress"), ("lz4".into(), "flag".into()));
+}
+
+#[test]
+fn a_real_copy_uses_the_file_and_flags_override_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "block_size: 8192\nhash: sha256\n");
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    sample_image(&a, 3, 256);
+    // block_size 8192 from the file: 128 blocks of the 1 MiB image.
+    let out = xenmig(Some(&cfg), &["copy", "--json", s(&a), s(&b)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["blocks_total"], 128);
+    assert_eq!(v["algorithm"], "sha256");
+    // The flag wins.
+    fs::remove_file(&b).unwrap();
+    let out = xenmig(Some(&cfg), &["copy", "--json", "--block-size", "4096", s(&a), s(&b)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["blocks_total"], 256);
+    assert_eq!(v["algorithm"], "sha256");
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        ("ssh: ssh\nbwlimt: 5M\n", ":2: bwlimt: unknown key"),
+        ("hosts:\n  h2:\n    compress: lz4\n", ":3: hosts.h2.compress: unknown key"),
+        ("migrate:\n  max_passes: lots\n", ":2: migrate.max_passes: invalid"),
+        ("block_size: 1000\n", ":1: block_size: "),
+        ("hash: md5\n", ":1: hash: unknown digest"),
+        ("compress: zstd:99\n", ":1: compress: zstd level 99"),
+        ("migrate:\n  rescan: never\n", ":2: migrate.rescan: unknown rescan"),
+        ("references: /dev/vg0/a\n", ":1: references: "),
+        ("hosts:\n  h2:\n    bwlimit: 3Q\n", ":3: hosts.h2.bwlimit: bad rate"),
+    ];
+    for (text, want) in cases {
+        let cfg = write_config(d.path(), text);
+        for args in [&["copy", "a", "b"][..], &["migrate", "web1", "h2"], &["config"]] {
+            let out = xenmig(Some(&cfg), args);
+            assert_eq!(out.status.code(), Some(1), "{text}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            let want = format!("config {}{want}", cfg.display());
+            assert!(err.contains(&want), "{text}: {err} lacks {want}");
+        }
+    }
+    // A named file that is missing is an error; the default one may be absent.
+    let out = xenmig(None, &["--config", "/nonexistent/xenmig.yaml", "config"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config /nonexistent/xenmig.yaml: No such file"));
+    let out = xenmig(Some(Path::new("/nonexistent/x.yaml")), &["config"]);
+    assert_eq!(out.status.code(), Some(1));
+    // A file others may write is refused: its ssh command would run as root.
+    let cfg = write_config(d.path(), "ssh: ssh\n");
+    fs::set_permissions(&cfg, fs::Permissions::from_mode(0o664)).unwrap();
+    let out = xenmig(Some(&cfg), &["config"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by group or others"));
+}
