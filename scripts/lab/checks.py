@@ -118,6 +118,27 @@ def check_save_restore(h, tool="xl"):
             f"last heartbeat before save {before}, after restore {' '.join(map(str, nxt))}")
 
 
+def check_deb_install(h):
+    """Install xenmig from the .deb on the payload disk (`dpkg -i`), in place
+    of the bare binary the image links to; every later check runs it."""
+    if h.run("test -e /opt/xenmig/xenmig.deb")[0] != 0:
+        return "no .deb on the payload (XENMIG_LAB_BIN): the bare binary is used"
+    h.sh("dpkg -i /opt/xenmig/xenmig.deb >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; false; }", 300)
+    h.sh("rm -f /usr/local/bin/xenmig; hash -r")
+    where = h.sh("command -v xenmig").strip()
+    if where != "/usr/bin/xenmig":
+        raise LabError(f"xenmig resolves to {where!r}, not the package's /usr/bin/xenmig")
+    status = h.sh("dpkg-query -W -f='${Status} ${Version}' xenmig").strip()
+    if not status.startswith("install ok installed"):
+        raise LabError(f"dpkg says {status!r}")
+    for f in ("/usr/share/man/man1/xenmig.1.gz", "/usr/share/bash-completion/completions/xenmig",
+              "/etc/xenmig/xenmig.yaml"):
+        if h.run(f"test -e {f}")[0] != 0:
+            raise LabError(f"the package did not install {f}")
+    version = h.sh("xenmig --version").strip()
+    return f"{status}; {where}: {version}; man page, bash completion and /etc/xenmig/xenmig.yaml present"
+
+
 def check_version(h):
     rc, out = h.run("xenmig --version")
     if rc != 0 or "xenmig" not in out:

@@ -20,7 +20,7 @@ import threading
 import time
 
 from console import CACHE, T0, Host, LabError, log
-from checks import (check_copy, check_guest_start, check_live_bench, check_live_copy,
+from checks import (check_copy, check_deb_install, check_guest_start, check_live_bench, check_live_copy,
                     check_lvm, check_migrate, check_pause, check_recreate, check_save_restore,
                     check_shutdown_fsck, check_ssh, check_version, check_xen,
                     check_xenmig_domains)
@@ -114,6 +114,9 @@ def run_tests(args):
             checks.step(f"{h.name}: xl info shows Xen 4.17", lambda h=h: check_xen(h))
         for h in hosts:
             checks.step(f"{h.name}: LVM volume group vg0", lambda h=h: check_lvm(h))
+        for h in hosts:
+            checks.step(f"{h.name}: xenmig installed from its .deb (dpkg -i)",
+                        lambda h=h: check_deb_install(h))
         if not all(ok for _, ok, _, _ in checks.results):
             raise LabError("dom0 basics failed; not starting the guest")
         if args.bench_only:

@@ -5,7 +5,8 @@
 # and /usr/local/bin/xenmig points into it, so a new binary never needs a new
 # debootstrap.
 #
-# Usage: scripts/lab/payload.sh IMAGE_DIR OUT.ext4 [XENMIG_BINARY]
+# Usage: scripts/lab/payload.sh IMAGE_DIR OUT.ext4 [XENMIG_BINARY [XENMIG_DEB]]
+# With XENMIG_DEB the dom0s install xenmig from that package at boot.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 IMG=${1:?image dir}
@@ -17,6 +18,8 @@ STAGE=$(mktemp -d "${OUT%/*}/payload.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/guest" "$STAGE/initramfs"/{bin,sbin,etc,proc,sys,dev,mnt,mods,tmp}
 cp "$BIN" "$STAGE/xenmig"
+DEB=${4:-}
+if [[ -n $DEB ]]; then cp "$DEB" "$STAGE/xenmig.deb"; fi
 # guest initramfs: busybox (init and applets), modules, the heartbeat workload
 R=$STAGE/initramfs
 cp "$IMG/guest/busybox" "$R/bin/busybox"

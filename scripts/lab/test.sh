@@ -45,11 +45,23 @@ if [[ -z $BIN ]]; then
 fi
 [[ -x $BIN ]] || die "no xenmig binary at $BIN"
 echo "lab: xenmig $BIN ($((SECONDS - t)) s)"
+# The dom0s install xenmig from its .deb (so every lab run proves the
+# package); with XENMIG_LAB_BIN they run that binary as it is.
+DEB=
+if [[ -z ${XENMIG_LAB_BIN:-} ]]; then
+    t=$SECONDS
+    if ! (cd "$REPO" && scripts/package.sh) >"$CACHE/package.log" 2>&1; then
+        tail -20 "$CACHE/package.log"
+        die "scripts/package.sh failed (log: $CACHE/package.log)"
+    fi
+    DEB=$(ls -t "$REPO"/target/debian/xenmig_*_amd64.deb | head -1)
+    echo "lab: package $DEB ($((SECONDS - t)) s)"
+fi
 
 echo "lab: [3/4] payload disk"
 mkdir -p "$CACHE"
 PAYLOAD=$CACHE/payload.ext4
-"$HERE/payload.sh" "$IMAGE" "$PAYLOAD" "$BIN" || die "payload disk failed"
+"$HERE/payload.sh" "$IMAGE" "$PAYLOAD" "$BIN" $DEB || die "payload disk failed"
 
 echo "lab: [4/4] boot and check"
 rc=0
