@@ -38,8 +38,10 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
+    WINDOW,
 };
+use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::transport::{Link, Writer};
 
 use super::references::ReferenceSet;
@@ -266,6 +268,9 @@ struct Target<'a> {
     outstanding: usize,
     held: VecDeque<Message>,
     windowed: bool,
+    /// The copy's zstd stream, when the capability was agreed (created at
+    /// its first piece: its window is allocated only if a stream comes).
+    stream: Option<Option<StreamDecoder>>,
     progress: &'a Progress,
 }
 
@@ -273,7 +278,7 @@ struct Target<'a> {
 pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
     let started = Instant::now();
     let Link { mut reader, mut writer, stats } = link;
-    let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE)?;
+    let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM)?;
     let v2 = agreed.keepalive();
     if !v2 {
         log::warn!("the source speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);
@@ -372,6 +377,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             outstanding: 0,
             held: VecDeque::new(),
             windowed: v2,
+            stream: (agreed.caps & CAP_ZSTD_STREAM != 0).then_some(None),
             progress,
         };
         t.progress.phase("copying", t.layout.size);
@@ -844,8 +850,23 @@ impl Target<'_> {
             )));
         }
         let payload_len = payload.len() as u64;
-        let raw = Codec::decompress(codec, payload, raw_len as usize)
-            .map_err(|source| EngineError::Codec { block: first, source })?;
+        let raw = if codec == STREAM_CODE {
+            // The next piece of the copy's stream: frames arrive in the order
+            // the source compressed them, and are decoded in that order here.
+            let Some(slot) = self.stream.as_mut() else {
+                return Err(EngineError::BadReply(format!(
+                    "a zstd stream piece for blocks {first}+{count}, but no stream was agreed"
+                )));
+            };
+            let dec = match slot {
+                Some(d) => d,
+                None => slot.insert(StreamDecoder::new()?),
+            };
+            dec.decompress_run(&payload, raw_len as usize)
+        } else {
+            Codec::decompress(codec, payload, raw_len as usize)
+        }
+        .map_err(|source| EngineError::Codec { block: first, source })?;
         let layout = &self.layout;
         let algo = self.algo;
         let digests: Vec<Digest> = (first..end)

@@ -79,6 +79,7 @@ impl Codec {
             1 => "lz4",
             2 => "zstd",
             3 => "zlib",
+            super::stream::STREAM_CODE => "zstd-stream",
             _ => "unknown",
         }
     }

@@ -2,10 +2,12 @@
 //!
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
+//! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`transport`]: local socket pairs, ssh, byte counting.
 
 pub mod compress;
 pub mod liveness;
 pub mod protocol;
+pub mod stream;
 pub mod transport;
