@@ -281,7 +281,7 @@ impl SourceSession {
             layout: layout.clone(),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
-            auto: Mutex::new(AutoPolicy::default()),
+            auto: Mutex::new(AutoPolicy::new(stream_level.is_some())),
             stats: link.stats.clone(),
             workers,
         });

@@ -170,6 +170,9 @@ impl FromStr for Choice {
 
 /// Candidates `auto` chooses among, cheapest CPU first.
 const CANDIDATES: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(6)];
+/// The candidates when zstd runs go through the copy's stream
+/// (`wire::stream`): one zstd, at the stream's level.
+const STREAM_CANDIDATES: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zstd(super::stream::AUTO_LEVEL)];
 /// Re-measure the candidates after this many input bytes.
 const RESAMPLE_BYTES: u64 = 64 << 20;
 
@@ -182,18 +185,37 @@ struct Sample {
 /// The `auto` policy's state, fed by the sender.
 #[derive(Debug)]
 pub struct AutoPolicy {
+    candidates: &'static [Codec],
     samples: [Option<Sample>; 4],
     since_sample: u64,
     current: Codec,
+    /// zstd goes through the copy's stream, which one thread compresses:
+    /// its CPU cost is not spread over the workers.
+    streamed: bool,
 }
 
 impl Default for AutoPolicy {
     fn default() -> Self {
-        AutoPolicy { samples: [None; 4], since_sample: u64::MAX, current: Codec::Lz4 }
+        AutoPolicy::new(false)
     }
 }
 
 impl AutoPolicy {
+    /// `streamed`: zstd runs go through the copy's zstd stream (the
+    /// capability was agreed), compressed on one thread at the stream's
+    /// level. Its sample is a run compressed on its own, so the stream's
+    /// gain from history is not counted: `auto` picks it only where plain
+    /// zstd at that level would already pay.
+    pub fn new(streamed: bool) -> AutoPolicy {
+        AutoPolicy {
+            candidates: if streamed { &STREAM_CANDIDATES } else { &CANDIDATES },
+            samples: [None; 4],
+            since_sample: u64::MAX,
+            current: Codec::Lz4,
+            streamed,
+        }
+    }
+
     /// Whether the next payload should be used to re-measure the candidates.
     pub fn wants_sample(&self) -> bool {
         self.since_sample >= RESAMPLE_BYTES
@@ -201,7 +223,7 @@ impl AutoPolicy {
 
     /// Measure every candidate on `data`.
     pub fn sample(&mut self, data: &[u8]) {
-        for (i, c) in CANDIDATES.iter().enumerate() {
+        for (i, c) in self.candidates.iter().enumerate() {
             let t = Instant::now();
             let out = c.compress(data);
             let cpu = t.elapsed().as_secs_f64();
@@ -214,16 +236,18 @@ impl AutoPolicy {
     }
 
     /// Pick the codec with the least time per input byte at `link_rate`
-    /// (bytes/s, None while unknown), spreading CPU over `workers` threads.
+    /// (bytes/s, None while unknown), spreading CPU over `workers` threads
+    /// (except the stream's, which has one).
     pub fn choose(&mut self, link_rate: Option<f64>, workers: usize, bytes: u64) -> Codec {
         self.since_sample = self.since_sample.saturating_add(bytes);
         let Some(rate) = link_rate else {
             return self.current;
         };
         let mut best = (f64::INFINITY, self.current);
-        for (i, c) in CANDIDATES.iter().enumerate() {
+        for (i, c) in self.candidates.iter().enumerate() {
             if let Some(s) = self.samples[i] {
-                let cost = (s.cpu_per_byte / workers.max(1) as f64).max(s.ratio / rate);
+                let threads = if self.streamed && matches!(c, Codec::Zstd(_)) { 1 } else { workers.max(1) };
+                let cost = (s.cpu_per_byte / threads as f64).max(s.ratio / rate);
                 // Prefer the cheaper codec unless the other saves at least 5%.
                 if cost < best.0 * 0.95 {
                     best = (cost, *c);
@@ -296,5 +320,28 @@ mod tests {
         // makes sending raw win.
         assert!(matches!(p.choose(Some(1_000.0), 2, 0), Codec::Zstd(_)));
         assert_eq!(p.choose(Some(1e15), 2, 0), Codec::None);
+        // Streamed: one zstd candidate at the stream's level, still chosen
+        // on a slow link, never on an infinitely fast one.
+        let mut p = AutoPolicy::new(true);
+        p.sample(&data);
+        assert_eq!(p.choose(Some(1_000.0), 2, 0), Codec::Zstd(crate::wire::stream::AUTO_LEVEL));
+        assert_eq!(p.choose(Some(1e15), 2, 0), Codec::None);
+    }
+
+    /// The stream's CPU is one thread's: with many workers, a link just
+    /// slow enough for zstd spread over them is too fast for the stream.
+    #[test]
+    fn auto_does_not_spread_the_streams_cpu_over_the_workers() {
+        let sample = Sample { ratio: 0.3, cpu_per_byte: 1e-8 };
+        let lz4 = Sample { ratio: 0.5, cpu_per_byte: 1e-9 };
+        let none = Sample { ratio: 1.0, cpu_per_byte: 0.0 };
+        // 60 MB/s: zstd on 8 threads costs 1.25e-9 s/B of CPU and 5e-9 of
+        // link; on one thread 1e-8 of CPU, more than lz4's 8.3e-9 of link.
+        for (streamed, want) in [(false, Codec::Zstd(1)), (true, Codec::Lz4)] {
+            let mut p = AutoPolicy::new(streamed);
+            p.samples = [Some(none), Some(lz4), Some(sample), if streamed { None } else { Some(sample) }];
+            p.since_sample = 0;
+            assert_eq!(p.choose(Some(60e6), 8, 0), want, "streamed: {streamed}");
+        }
     }
 }
