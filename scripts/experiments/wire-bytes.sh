@@ -11,6 +11,10 @@
 # Copies are local (a socket pair, unshaped): bytes do not depend on the
 # link, except that `auto` picks its codec from the measured link rate, so
 # its row here shows what it picks on a fast link, not on a slow one.
+# RATE=BYTES_PER_S instead runs the target end as `xenmig serve` behind a
+# stand-in for ssh that passes each direction through a rate limiter (a
+# pipe at that rate, not tc on a veth as run.sh does; e.g. RATE=12500000
+# for 100 Mbit/s), which is what `auto` needs to see a slow link.
 # BEFORE: the baseline binary (default: built from commit $BASE, 9184316,
 # the last commit before the stream, into $PREV_DIR); AFTER: default
 # target/release/xenmig (built if missing). Prints a markdown table.
@@ -38,6 +42,29 @@ if [ -z "${AFTER:-}" ]; then
 fi
 tmp=$(mktemp -d /var/tmp/xenmig-wire.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
+if [ -n "${RATE:-}" ]; then
+    cat >"$tmp/ratelimit.py" <<'EOF'
+# Copy stdin to stdout at most RATE bytes/s (bursts of at most 64 KiB).
+import os, sys, time
+rate = float(sys.argv[1])
+t0 = time.monotonic(); sent = 0
+while b := os.read(0, 16384):
+    sent += len(b)
+    ahead = sent / rate - (time.monotonic() - t0)
+    if ahead > 65536 / rate:
+        time.sleep(ahead - 65536 / rate)
+    v = memoryview(b)
+    while v:
+        v = v[os.write(1, v):]
+EOF
+    # Called as `SSH HOST COMMAND`: runs COMMAND here, both directions limited.
+    cat >"$tmp/shape-ssh" <<EOF
+#!/bin/bash
+shift
+python3 $tmp/ratelimit.py $RATE | sh -c "\$*" | python3 $tmp/ratelimit.py $RATE
+EOF
+    chmod +x "$tmp/shape-ssh"
+fi
 
 # The non-zero 4 KiB blocks of an image, in order, on stdout.
 nonzero() {
@@ -58,10 +85,15 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 xm() { # binary codec src [ref]
     local bin=$1 codec=$2 src=$3 ref=${4:-} args=()
     [ -n "$ref" ] && args=(-r "$ref")
+    local dst=$tmp/dst.img
+    if [ -n "${RATE:-}" ]; then
+        args+=(-s "$tmp/shape-ssh" --remote-xenmig "$bin")
+        dst=h:$tmp/dst.img
+    fi
     rm -f "$tmp/dst.img"
     local t0 t1 out
     t0=$(date +%s.%N)
-    out=$("$bin" -q copy --json --compress "$codec" "${args[@]}" "$src" "$tmp/dst.img")
+    out=$("$bin" -q copy --json --compress "$codec" "${args[@]}" "$src" "$dst")
     t1=$(date +%s.%N)
     cmp -s "$src" "$tmp/dst.img" || { echo "$0: $bin made a wrong copy of $src" >&2; exit 1; }
     python3 -c '
@@ -98,7 +130,7 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 # Medians over the rounds, rows in the order first measured.
-python3 - "$rows" "$ROUNDS" <<'EOF'
+python3 - "$rows" "$ROUNDS" "${RATE:-}" <<'EOF'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -109,7 +141,8 @@ for line in open(sys.argv[1]):
         r["s"].append(float(s))
     if codecs:
         r["codecs"].add(codecs)
-print(f"| cell | method | MB on the wire | s, unshaped local copy (median of {sys.argv[2]}) | codecs (share of raw bytes fetched) |")
+link = "a %.0f Mbit/s pipe" % (float(sys.argv[3]) * 8 / 1e6) if sys.argv[3] else "unshaped local copy"
+print(f"| cell | method | MB on the wire | s, {link} (median of {sys.argv[2]}) | codecs (share of raw bytes fetched), per round |")
 print("|---|---|---|---|---|")
 for (cell, method), r in rows.items():
     s = "%.2f" % statistics.median(r["s"]) if r["s"] else ""

@@ -32,7 +32,7 @@ use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
 use crate::storage::image::{Image, ImageError};
-use crate::wire::compress::{AutoPolicy, Choice, Codec};
+use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
@@ -987,8 +987,8 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 }
 
 /// Read a requested run and pick how it travels: through the copy's zstd
-/// stream (`streaming`: the target takes one) whenever the choice is zstd,
-/// else compressed on its own (or raw).
+/// stream (`streaming`: the target takes one) when the user chose zstd or
+/// `auto` routes it there, else compressed on its own (or raw).
 fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, EngineError> {
     let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.block_count() && count > 0);
     let Some(end) = end else {
@@ -1001,8 +1001,9 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
     let raw_len = raw.len() as u32;
-    let codec = match sh.compress {
-        Choice::Fixed(c) => c,
+    let route = match sh.compress {
+        Choice::Fixed(Codec::Zstd(_)) if streaming => Route::Stream,
+        Choice::Fixed(c) => Route::Run(c),
         Choice::Auto => {
             let mut p = sh.auto.lock().unwrap();
             if p.wants_sample() {
@@ -1011,10 +1012,12 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
             p.choose(sh.stats.drain_rate(), sh.workers, raw.len() as u64)
         }
     };
-    if streaming && matches!(codec, Codec::Zstd(_)) {
+    let codec = match route {
         // Never sent raw instead: both ends' streams must see the same runs.
-        return Ok(Reply::Stream(RawRun { first_block: first, count, raw }));
-    }
+        Route::Stream if streaming => return Ok(Reply::Stream(RawRun { first_block: first, count, raw })),
+        Route::Stream => Codec::Zstd(zstream::AUTO_LEVEL),
+        Route::Run(c) => c,
+    };
     let (mut payload, mut code) = (raw, Codec::None.code());
     if codec != Codec::None {
         let packed = codec.compress(&payload);
