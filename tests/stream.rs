@@ -232,7 +232,7 @@ fn a_flipped_literal_fails_the_copy_with_a_clear_error() {
     let data = common::noise(11, 64 * BS);
     fs::write(&a, &data).unwrap();
     let out = copy_through(&a, &b, &source_opts("zstd:3"), damage_piece(0, 10 * BS), keep());
-    let e = out.target.err().expect("a damaged piece fails the copy").to_string();
+    let e = out.target.expect_err("a damaged piece fails the copy").to_string();
     assert!(e.contains("does not match its digest") || e.contains("zstd-stream"), "{e}");
     assert!(out.source.is_err());
     let dst = fs::read(&b).unwrap();
@@ -247,7 +247,7 @@ fn a_stream_piece_without_the_capability_is_refused() {
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     fs::write(&a, common::noise(3, 40 * BS)).unwrap();
     let out = copy_through(&a, &b, &source_opts("zstd:3"), hide_stream(), keep());
-    let e = out.target.err().expect("refused").to_string();
+    let e = out.target.expect_err("refused").to_string();
     assert!(e.contains("no stream was agreed"), "{e}");
 }
 
@@ -283,7 +283,7 @@ fn a_stream_asking_for_a_huge_window_is_refused() {
         m => m,
     });
     let out = copy_through(&a, &b, &source_opts("zstd:3"), swap, keep());
-    let e = out.target.err().expect("refused").to_string();
+    let e = out.target.expect_err("refused").to_string();
     assert!(e.contains("zstd-stream") && e.contains("memory"), "{e}");
 }
 

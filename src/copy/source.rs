@@ -35,8 +35,7 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
-    WINDOW,
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
@@ -927,7 +926,8 @@ fn stream_loop(mut enc: StreamEncoder, rx: Receiver<RawRun>, frames: &Sender<Mes
     for run in rx {
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;
-        let m = Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload };
+        let m =
+            Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload };
         if frames.send(m).is_err() {
             break; // the writer is gone: the copy is failing already
         }

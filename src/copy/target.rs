@@ -38,8 +38,7 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
-    WINDOW,
+    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::transport::{Link, Writer};
