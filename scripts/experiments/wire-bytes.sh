@@ -25,7 +25,8 @@ IMG=$EXP/img
 BASE=${BASE:-9184316}
 PREV_DIR=${PREV_DIR:-/var/tmp/xenmig-prev}
 ROUNDS=${ROUNDS:-1}
-for f in clone.img trixie.img bookworm.img; do
+CELLS=${CELLS:-cold release}   # also: clone return
+for f in clone.img trixie.img bookworm.img return.img; do
     [ -f "$IMG/$f" ] || { echo "$0: $IMG/$f missing; run scripts/experiments/images.sh --quick first" >&2; exit 1; }
 done
 if [ -z "${BEFORE:-}" ]; then
@@ -107,10 +108,13 @@ print(r["bytes_wire"], "%.2f" % (float(sys.argv[3]) - float(sys.argv[2])), c)' "
 
 rows=$tmp/rows
 for round in $(seq "$ROUNDS"); do
-    for cell in cold release; do
+    for cell in $CELLS; do
         case $cell in
             cold) src=$IMG/clone.img ref= ;;
             release) src=$IMG/trixie.img ref=$IMG/bookworm.img ;;
+            clone) src=$IMG/clone.img ref=$IMG/bookworm.img ;;
+            return) src=$IMG/return.img ref=$IMG/clone.img ;;
+            *) echo "$0: unknown cell $cell" >&2; exit 2 ;;
         esac
         for codec in zstd auto; do
             for which in before after; do
