@@ -1015,6 +1015,7 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
     let codec = match route {
         // Never sent raw instead: both ends' streams must see the same runs.
         Route::Stream if streaming => return Ok(Reply::Stream(RawRun { first_block: first, count, raw })),
+        // (auto offers the stream only to a copy that has one)
         Route::Stream => Codec::Zstd(zstream::AUTO_LEVEL),
         Route::Run(c) => c,
     };
