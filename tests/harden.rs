@@ -307,3 +307,20 @@ fn a_hash_file_as_reference_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a.xmh") && err.contains("is a hash file"), "{err}");
 }
+
+/// Errors that quote their cause print it once (found by the fault matrix:
+/// `serve` and `hash` printed "...: Broken pipe: Broken pipe").
+#[test]
+fn a_cause_is_printed_once() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("missing.img");
+    for args in [vec!["hash", s(&missing)], vec!["serve", "--source", s(&missing)]] {
+        let out = Command::new(bin()).args(&args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("missing.img") && err.matches("No such file or directory").count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -103,6 +103,78 @@ fn a_migration_moves_the_domain_and_its_disk() {
 }
 
 #[test]
+fn disk_passes_go_on_while_xl_copies_memory() {
+    // The guest writes 64 blocks while xl copies memory (3 s) and 2 more
+    // just before it is suspended. With passes during the memory copy the
+    // 64 travel then, and the frozen pass carries at most the last 2.
+    for overlap in [true, false] {
+        let mut w = World::new(VG_BIG);
+        let early = w.guest_writes_during_memory(10, 64, 3.0);
+        let mut want = w.guest_writes_before_suspend(100, 2);
+        want[10 * 4096..74 * 4096].copy_from_slice(&early);
+        let mut o = w.opts();
+        o.passes_during_memory = overlap;
+        let (r, res) = migrate::migrate(&w.host(), &o, &Progress::hidden());
+        res.unwrap_or_else(|e| panic!("overlap {overlap}: {e}\n{}", w.log()));
+        assert!(r.migrated);
+        assert!(fs::read(w.tgt_disk()).unwrap() == want, "overlap {overlap}: the target disk differs");
+        let c = r.disks[0].copy.as_ref().unwrap();
+        let last = c.passes.last().unwrap();
+        assert!(last.final_pass && c.verified, "{c:?}");
+        if overlap {
+            assert!(r.disk_passes_during_memory >= 1, "{r:?}");
+            assert!(last.changed_blocks <= 2, "the frozen pass carried {} blocks: {c:?}", last.changed_blocks);
+        } else {
+            assert_eq!(r.disk_passes_during_memory, 0);
+            assert_eq!(last.changed_blocks, 66, "{c:?}");
+        }
+        row(
+            if overlap { "disk passes during xl's memory copy" } else { "--no-passes-during-memory" },
+            format!(
+                "migrated; {} disk passes during the memory copy; the frozen pass carried {} of the 66 blocks written meanwhile",
+                r.disk_passes_during_memory, last.changed_blocks
+            ),
+        );
+    }
+}
+
+#[test]
+fn another_vg_without_c_the_relay_renames_the_disk_in_xls_config() {
+    // The VGs differ (xmts-ID here, xmtt-ID there). Without -C xl sends the
+    // domain's own config, naming the source path; the relay rewrites it.
+    let w = World::new(VG_BIG);
+    let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    let named = format!("target: config names disk {}", w.tgt_disk().display());
+    assert!(w.logged(&named), "{}", w.log());
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    row(
+        "--target-vg without -C",
+        format!("migrated; the relay rewrote the disk path in xl's config; {}", where_runs(&w)),
+    );
+
+    // A header the relay cannot rewrite (no JSON config) stops xl before
+    // anything moves to the target; the guest runs here.
+    let w = World::new(VG_BIG);
+    w.fault("xl_header_flags", "1");
+    let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Memory(_)), "{e}");
+    assert!(e.to_string().contains("carries no JSON domain config"), "{e}");
+    assert!(!r.migrated);
+    assert_rolled_back(&w, &w.src_before);
+    row("--target-vg without -C, xl's header unreadable", format!("not migrated: {e}; {}", where_runs(&w)));
+}
+
+fn o_for(w: &World) -> migrate::MigrateOptions {
+    let mut o = w.opts();
+    o.config = None;
+    o.target_vg = Some(w.tgt_vg.clone());
+    o
+}
+
+#[test]
 fn paused_on_target_with_p() {
     let w = World::new(VG_BIG);
     let mut o = w.opts();
@@ -638,7 +710,9 @@ fn kill_in_preflight_then_recover_and_rerun() {
         &w,
         "preflight",
         Kill::Xenmig,
-        |_| {},
+        // The journal says "preflight" before prepare is started: kill
+        // once the target runs it.
+        |w| w.wait_for("prepare to start", LONG, || w.state().join("prepare.started").exists()),
         |w| w.wait_for("prepare to finish", LONG, || w.tgt_tags().len() == 1),
     );
     assert_eq!(lines, s(&["g1 runs on this host"]));

@@ -172,7 +172,7 @@ proptest! {
         });
         let mut s = SourceSession::start(&a, &source_opts(codec), src_link, Progress::hidden()).unwrap();
         let rep = s.final_pass().unwrap();
-        s.finish(Duration::ZERO).unwrap();
+        drop(s.finish(Duration::ZERO).unwrap());
         let trep = target.join().unwrap().unwrap();
         let _ = (r1.join(), r2.join());
         prop_assert_eq!(fs::read(&b).unwrap(), data.clone());
@@ -308,7 +308,7 @@ fn a_live_copy_streams_across_passes() {
     s.scan().unwrap();
     common::change_blocks(&a, 300, 5, 78);
     let rep = s.final_pass().unwrap();
-    s.finish(Duration::ZERO).unwrap();
+    drop(s.finish(Duration::ZERO).unwrap());
     assert!(rep.verified && target.join().unwrap().unwrap().verified);
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
     assert!(rep.passes.len() >= 3, "{:?}", rep.passes);

@@ -122,7 +122,7 @@ fn a_healthy_copy_idle_longer_than_the_timeout_between_passes_completes() {
     let keepalive_bytes = session.bytes_wire() - wire_before;
     change_blocks(&a, 10, 3, 99);
     let report = session.final_pass().unwrap();
-    session.finish(Duration::ZERO).unwrap();
+    drop(session.finish(Duration::ZERO).unwrap());
     assert!(report.verified);
     let t = target.join().unwrap().unwrap();
     assert!(t.verified);
@@ -175,7 +175,7 @@ fn a_version_1_peer_gets_no_keepalives_and_no_timeout_and_the_copy_verifies() {
     thread::sleep(IDLE * 3);
     change_blocks(&a, 7, 2, 5);
     let report = session.final_pass().unwrap();
-    session.finish(Duration::ZERO).unwrap();
+    drop(session.finish(Duration::ZERO).unwrap());
     assert!(report.verified);
     assert!(target.join().unwrap().unwrap().verified);
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
@@ -313,7 +313,7 @@ fn a_target_busy_hashing_a_reference_longer_than_the_timeout_keeps_the_source_wa
     let report = SourceSession::start(&a, &source_opts(false), src_link, Progress::hidden())
         .and_then(|mut s| {
             let r = s.final_pass()?;
-            s.finish(Duration::ZERO)?;
+            drop(s.finish(Duration::ZERO)?);
             Ok(r)
         })
         .unwrap();
@@ -322,4 +322,26 @@ fn a_target_busy_hashing_a_reference_longer_than_the_timeout_keeps_the_source_wa
     assert!(target.join().unwrap().unwrap().verified);
     eprintln!("target busy copy took {took:?}");
     assert!(took > IDLE * 2, "the reference hashed too fast ({took:?}) to show anything");
+}
+
+/// A peer that never says Hello (a link that stalled before the first
+/// frame) holds neither end past its idle timeout (found by the fault
+/// matrix: both ends waited forever).
+#[test]
+fn a_peer_that_never_says_hello_fails_either_end_within_the_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    sample_image(&a, 5, 64);
+    let (src_link, silent_tgt) = Link::pair().unwrap();
+    let t = Instant::now();
+    let e = SourceSession::start(&a, &source_opts(false), src_link, Progress::hidden()).err().expect("fails");
+    assert!(e.to_string().contains("the target sent nothing for 2."), "{e}");
+    assert!(t.elapsed() < IDLE * 3, "the source waited {:?}", t.elapsed());
+    let (tgt_link, silent_src) = Link::pair().unwrap();
+    let t = Instant::now();
+    let e = spawn_target(&b, target_opts(), tgt_link).join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("the source sent nothing for 2."), "{e}");
+    assert!(t.elapsed() < IDLE * 3, "the target waited {:?}", t.elapsed());
+    assert!(!b.exists(), "DST was created");
+    drop((silent_tgt, silent_src));
 }

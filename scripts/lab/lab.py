@@ -117,7 +117,7 @@ def run_tests(args):
         if not all(ok for _, ok, _, _ in checks.results):
             raise LabError("dom0 basics failed; not starting the guest")
         if args.bench_only:
-            checks.step("migrate benchmark: xl migrate -p + dd, xenmig live, xenmig --stop-copy at "
+            checks.step("migrate benchmark: xl migrate (memory only), xl migrate -p + dd, xenmig live (now and before), --stop-copy at "
                         "64 and 512 MiB under a write load", lambda: check_migrate_bench(hosts))
         elif checks.step("guest g1 starts from /dev/vg0/g1 and prints heartbeats",
                        lambda: check_guest_start(h1)):

@@ -16,7 +16,8 @@ use rayon::prelude::*;
 
 use crate::blocks::digest::{is_zero, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::Layout;
-use crate::storage::image::{Image, ImageError};
+use crate::storage::disk::Disk;
+use crate::storage::image::ImageError;
 
 const GROUP_LABEL: &[u8] = b"xenmig-group-v1";
 /// Groups hashed per parallel batch: enough work for every core, small enough
@@ -70,7 +71,7 @@ pub struct HashedGroup {
 
 /// Read and hash group `g` of `img` under `layout`.
 pub fn hash_group(
-    img: &Image,
+    img: &dyn Disk,
     layout: &Layout,
     algo: Algorithm,
     zeros: &ZeroDigests,
@@ -105,7 +106,7 @@ impl BlockMap {
     /// sees each batch of finished groups in order; `progress(bytes)` counts
     /// bytes hashed.
     pub fn compute(
-        img: &Image,
+        img: &dyn Disk,
         layout: Layout,
         algo: Algorithm,
         mut on_batch: impl FnMut(u64, &[HashedGroup]),
@@ -127,7 +128,7 @@ impl BlockMap {
     /// Like [`compute`](Self::compute), but `on_batch` returns whether to go
     /// on; Ok(None) means it asked to stop.
     pub fn compute_streaming(
-        img: &Image,
+        img: &dyn Disk,
         layout: Layout,
         algo: Algorithm,
         mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
@@ -165,7 +166,7 @@ impl BlockMap {
     /// needs (a caller that keeps its own digests does not pay for a second
     /// copy). Ok(false) means `on_batch` asked to stop.
     pub fn stream(
-        img: &Image,
+        img: &dyn Disk,
         layout: &Layout,
         algo: Algorithm,
         mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
@@ -195,7 +196,7 @@ impl BlockMap {
     }
 
     /// Hash without streaming or progress.
-    pub fn of_image(img: &Image, layout: Layout, algo: Algorithm) -> Result<BlockMap, ImageError> {
+    pub fn of_image(img: &dyn Disk, layout: Layout, algo: Algorithm) -> Result<BlockMap, ImageError> {
         Self::compute(img, layout, algo, |_, _| {}, &|_| {})
     }
 
@@ -208,6 +209,8 @@ impl BlockMap {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    use crate::storage::image::Image;
 
     fn image_with(data: &[u8]) -> (tempfile::NamedTempFile, Image) {
         let mut f = tempfile::NamedTempFile::new().unwrap();

@@ -104,9 +104,24 @@ pub struct MigrateArgs {
     /// many blocks in one pass.
     #[arg(long, default_value_t = 256, value_name = "BLOCKS")]
     converge_blocks: u64,
-    /// How disk passes find changed blocks, as in `copy --live`.
-    #[arg(long, default_value = "fast", value_name = "HOW")]
+    /// How disk passes find changed blocks, as in `copy --live`. `auto`
+    /// (default): device-mapper snapshots of the source LVs (only written
+    /// chunks are read, and the frozen pass reads no whole disk) when their
+    /// VG has room for them (a quarter of the LV, at least 8 MiB), else
+    /// `fast`.
+    #[arg(long, default_value = "auto", value_name = "HOW")]
     rescan: Rescan,
+    /// Pause the disk passes while xl copies memory. By default they go on,
+    /// so that the last delta, sent while the guest is suspended, holds only
+    /// what changed since the last of them.
+    #[arg(long)]
+    no_passes_during_memory: bool,
+    /// Fail the last disk delta (sent while the guest is suspended) when it
+    /// has not ended after this many seconds: the guest resumes here and a
+    /// rerun reuses what arrived. 0: only --idle-timeout bounds it, which a
+    /// target whose disk hangs (but still answers keep-alives) never trips.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    final_timeout: u64,
     /// The xenmig program on the target host.
     #[arg(long, default_value = "xenmig", value_name = "PATH")]
     remote_xenmig: String,
@@ -190,6 +205,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
             freeze_cmd: None,
             thaw_cmd: None,
             rescan: a.rescan,
+            final_timeout: (a.final_timeout > 0).then(|| std::time::Duration::from_secs(a.final_timeout)),
             ..LiveOptions::default()
         }),
         idle_timeout: a.idle.timeout(),
@@ -198,6 +214,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
     opts.force = a.force;
     opts.dry_run = a.dry_run;
     opts.stop_copy = a.stop_copy;
+    opts.passes_during_memory = !a.no_passes_during_memory;
     opts.delete_source = a.delete_source;
     opts.remote_xenmig = a.remote_xenmig;
     // Seconds from the environment: the memory phase's limit, and the
@@ -271,7 +288,15 @@ fn print_migrate_report(r: &MigrateReport, json: bool) {
     }
 }
 
-pub fn run_relay(control: PathBuf, ssh: String, rest: Vec<String>) -> anyhow::Result<i32> {
+pub fn run_relay(control: PathBuf, ssh: String, rewrite_disk: Vec<String>, rest: Vec<String>) -> anyhow::Result<i32> {
+    let renames = rewrite_disk
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--rewrite-disk '{r}': expected OLD=NEW"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut transport = shell_words::split(&ssh).map_err(|e| anyhow::anyhow!("--ssh '{ssh}': {e}"))?;
     let mut rest = rest;
     if transport.is_empty() && !rest.is_empty() {
@@ -279,7 +304,7 @@ pub fn run_relay(control: PathBuf, ssh: String, rest: Vec<String>) -> anyhow::Re
         rest.remove(0);
         transport = Vec::new();
     }
-    match migrate::relay::run(&control, &transport, &rest) {
+    match migrate::relay::run(&control, &renames, &transport, &rest) {
         Ok(code) => Ok(code),
         Err(migrate::relay::RelayError::Aborted) => Ok(1),
         Err(e) => Err(e.into()),

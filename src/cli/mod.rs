@@ -180,6 +180,10 @@ enum Command {
         control: PathBuf,
         #[arg(long, default_value = "ssh")]
         ssh: String,
+        /// Rewrite disk path OLD to NEW in the domain config at the head of
+        /// xl's stream (`migrate --target-vg` without `-C`).
+        #[arg(long = "rewrite-disk", value_name = "OLD=NEW")]
+        rewrite_disk: Vec<String>,
         /// What xl appends: HOST xl migrate-receive ...
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
@@ -225,6 +229,12 @@ struct LiveArgs {
     /// copy fails.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
     freeze_timeout: u64,
+    /// Live: fail when the final, frozen pass (the last delta and the
+    /// target's verification) has not ended after this many seconds; the
+    /// thaw command runs. 0 (the default): only --idle-timeout bounds it,
+    /// which a target whose disk hangs does not trip.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS", requires = "live")]
+    final_timeout: u64,
 }
 
 impl LiveArgs {
@@ -236,6 +246,7 @@ impl LiveArgs {
             thaw_cmd: self.thaw_cmd.clone(),
             rescan: self.rescan,
             freeze_timeout: std::time::Duration::from_secs(self.freeze_timeout),
+            final_timeout: (self.final_timeout > 0).then(|| std::time::Duration::from_secs(self.final_timeout)),
         })
     }
 }
@@ -317,17 +328,34 @@ pub fn main() -> i32 {
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
             // characters reach the terminal.
-            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&format!("{e:#}")));
+            eprintln!("xenmig: error: {}", xenmig::copy::sanitize(&error_chain(&e)));
             1
         }
     }
+}
+
+/// The error and its causes, each said once. The library's messages quote
+/// their cause already ("cannot open X: {source}"), so `{:#}`, which
+/// appends every cause, would print it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 fn run(cmd: Command, quiet: bool) -> anyhow::Result<i32> {
     match cmd {
         Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
         Command::Migrate(a) => migrate::run_migrate(a, quiet),
-        Command::MigrateRelay { control, ssh, rest } => migrate::run_relay(control, ssh, rest),
+        Command::MigrateRelay { control, ssh, rewrite_disk, rest } => {
+            migrate::run_relay(control, ssh, rewrite_disk, rest)
+        }
         Command::MigrateTarget(op) => migrate::run_target(op),
         Command::Hash { image, output, hash, json } => images::hash(image, output, hash, json, quiet),
         Command::Index { output, images, hash } => images::index(output, images, hash, quiet),

@@ -64,6 +64,8 @@ pub enum EngineError {
     Signals { signal: &'static str, source: std::io::Error },
     #[error("the {what} command '{command}' did not finish within {seconds} s; it was killed")]
     HookTimeout { what: &'static str, command: String, seconds: u64 },
+    #[error("the final (frozen) pass did not end within {seconds} s (--final-timeout): the target stopped making progress; nothing is verified")]
+    FinalTimeout { seconds: f64 },
     #[error("SRC {src} and DST {dst} are the same {what}; refusing to copy it onto itself")]
     SameFile { src: PathBuf, dst: PathBuf, what: &'static str },
     #[error("target {path} is logical volume {lv}, which is open (a running guest's disk, or in use by another process); refusing to write to it")]

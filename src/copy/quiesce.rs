@@ -102,16 +102,29 @@ pub trait Quiesce: Send {
 }
 
 /// Freeze and thaw by shell commands on the source's host; the freeze
-/// command is killed after `limit` or on a signal ([`interrupt`]).
+/// command is killed after `limit` or on a signal ([`interrupt`]). While
+/// frozen, a [`ThawGuardian`] stands by to thaw if xenmig dies.
 pub struct ShellHooks {
-    pub freeze_cmd: Option<String>,
-    pub thaw_cmd: Option<String>,
-    pub limit: Duration,
+    freeze_cmd: Option<String>,
+    thaw_cmd: Option<String>,
+    limit: Duration,
+    guardian: Option<ThawGuardian>,
+}
+
+impl ShellHooks {
+    pub fn new(freeze_cmd: Option<String>, thaw_cmd: Option<String>, limit: Duration) -> ShellHooks {
+        ShellHooks { freeze_cmd, thaw_cmd, limit, guardian: None }
+    }
 }
 
 impl Quiesce for ShellHooks {
     fn freeze(&mut self) -> Result<(), EngineError> {
         if let Some(cmd) = &self.freeze_cmd {
+            if let Some(thaw) = &self.thaw_cmd {
+                // Before the freeze: a kill during the freeze command must
+                // thaw too (the thaw is safe after a partial freeze).
+                self.guardian = Some(ThawGuardian::start(thaw)?);
+            }
             log::info!("freezing the source: {cmd}");
             run_hook_limited("freeze", cmd, Some(self.limit), true)?;
         }
@@ -120,11 +133,63 @@ impl Quiesce for ShellHooks {
 
     /// Runs to its end whatever signals arrive meanwhile.
     fn thaw(&mut self) -> Result<(), EngineError> {
+        if let Some(g) = self.guardian.take() {
+            g.stand_down();
+        }
         if let Some(cmd) = &self.thaw_cmd {
             log::info!("thawing the source: {cmd}");
             run_hook("thaw", cmd)?;
         }
         Ok(())
+    }
+}
+
+/// A process that runs the thaw command if xenmig dies while the source is
+/// frozen. SIGKILL (or the OOM killer) ends xenmig without any of its error
+/// paths, and a frozen guest or file system would stay frozen. The guardian
+/// is a shell in a process group of its own (out of reach of a signal to
+/// xenmig's group) reading a pipe from xenmig: "thawing" makes it exit
+/// quietly; end of file, which the kernel delivers when xenmig dies, makes
+/// it run the thaw. The thaw command itself also runs in a group of its
+/// own, so one that xenmig started finishes even if xenmig is killed
+/// meanwhile, and the guardian, told first, does not run it twice.
+struct ThawGuardian {
+    child: Child,
+}
+
+/// The guardian's script: `$1` is the thaw command.
+const GUARDIAN: &str = r#"IFS= read -r word; [ "$word" = thawing ] || exec sh -c "$1""#;
+
+impl ThawGuardian {
+    fn start(thaw_cmd: &str) -> Result<ThawGuardian, EngineError> {
+        let stderr = std::io::stderr().as_fd().try_clone_to_owned();
+        let out = match stderr {
+            Ok(fd) => Stdio::from(fd),
+            Err(_) => Stdio::null(),
+        };
+        // The pipe's write end is close-on-exec in xenmig: no other child
+        // holds it open, so xenmig's death is its end of file.
+        let child = Command::new("sh")
+            .args(["-c", GUARDIAN, "xenmig-thaw-guardian", thaw_cmd])
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| EngineError::Hook {
+                what: "thaw",
+                command: thaw_cmd.into(),
+                detail: format!("cannot be guarded (the guardian shell did not start: {e})"),
+            })?;
+        Ok(ThawGuardian { child })
+    }
+
+    /// xenmig thaws by itself: the guardian exits without running anything.
+    fn stand_down(mut self) {
+        use std::io::Write;
+        if let Some(mut pipe) = self.child.stdin.take() {
+            let _ = pipe.write_all(b"thawing\n");
+        }
+        let _ = self.child.wait();
     }
 }
 
@@ -157,7 +222,7 @@ impl Freeze {
         thaw_cmd: Option<String>,
         limit: Duration,
     ) -> Result<Freeze, EngineError> {
-        Self::begin(Box::new(ShellHooks { freeze_cmd: freeze_cmd.map(String::from), thaw_cmd, limit }))
+        Self::begin(Box::new(ShellHooks::new(freeze_cmd.map(String::from), thaw_cmd, limit)))
     }
 
     /// Thaw now; returns how long the source was frozen.
@@ -215,6 +280,22 @@ mod tests {
         log.lock().unwrap().clear();
         drop(Freeze::begin(Box::new(Counting { fail_freeze: false, log: log.clone() })).unwrap());
         assert_eq!(*log.lock().unwrap(), ["freeze", "thaw"], "a dropped freeze is thawed");
+    }
+
+    /// The guardian thaws when its pipe ends without word from xenmig (what
+    /// xenmig's death looks like to it), and only then.
+    #[test]
+    fn the_guardian_thaws_only_when_xenmig_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let mark = d.path().join("thawed");
+        let thaw = format!("echo x >> {}", mark.display());
+        ThawGuardian::start(&thaw).unwrap().stand_down();
+        assert!(!mark.exists(), "a guardian told 'thawing' ran the thaw");
+        let g = ThawGuardian::start(&thaw).unwrap();
+        let mut child = g.child;
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), "x\n", "the guardian did not thaw once");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::blocks::blockmap::BlockMap;
 use crate::blocks::digest::{Algorithm, Key};
 use crate::blocks::layout::{Align, Layout};
 use crate::formats::index::{self, Index};
+use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 
 use super::EngineError;

@@ -82,6 +82,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
         if live.freeze_timeout != super::quiesce::DEFAULT_FREEZE_TIMEOUT {
             v.extend(["--freeze-timeout".into(), live.freeze_timeout.as_secs().to_string()]);
         }
+        // Likewise: the bound applies where the frozen pass runs, the far end.
+        if let Some(t) = live.final_timeout {
+            v.extend(["--final-timeout".into(), t.as_secs().max(1).to_string()]);
+        }
     }
     v
 }
@@ -205,5 +209,26 @@ pub fn serve(role: ServeRole) -> Result<Option<Report>, EngineError> {
     match role {
         ServeRole::Source(p, o) => source::run(&p, &o, link, &Progress::hidden()).map(Some),
         ServeRole::Target(p, o) => target::run(&p, &o, link, &Progress::hidden()).map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::source::LiveOptions;
+
+    /// A far source gets `--final-timeout` only when one is set (a far
+    /// xenmig of the previous release does not know the flag), and the
+    /// frozen pass it bounds runs there.
+    #[test]
+    fn the_final_timeout_reaches_a_far_source_only_when_set() {
+        let mut o = CopyOptions::default();
+        o.source.live = Some(LiveOptions::default());
+        assert!(!serve_source_args(&o, "/x").iter().any(|a| a == "--final-timeout"));
+        o.source.live =
+            Some(LiveOptions { final_timeout: Some(std::time::Duration::from_secs(30)), ..LiveOptions::default() });
+        let args = serve_source_args(&o, "/x");
+        let at = args.iter().position(|a| a == "--final-timeout").expect("--final-timeout passed on");
+        assert_eq!(args[at + 1], "30");
     }
 }

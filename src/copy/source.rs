@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
@@ -31,11 +31,12 @@ use rayon::prelude::*;
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
+use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
-use crate::wire::liveness::{keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
@@ -64,6 +65,12 @@ pub struct LiveOptions {
     /// A freeze command still running after this long is killed, the thaw
     /// runs and the copy fails.
     pub freeze_timeout: Duration,
+    /// The frozen pass ([`SourceSession::final_pass`], from the call to the
+    /// target's report) fails after this long (None: only the idle timeout
+    /// bounds it). The idle timeout alone does not bound it: a target whose
+    /// disk hangs keeps sending keep-alives from another thread, and the
+    /// source would stay frozen as long as the disk hangs.
+    pub final_timeout: Option<Duration>,
 }
 
 /// How a live pass finds the blocks that changed.
@@ -79,6 +86,9 @@ pub enum Rescan {
     /// The source is an LVM logical volume: device-mapper snapshots list
     /// the chunks written during each pass, so nothing else is read.
     LvmSnapshot,
+    /// `LvmSnapshot` when the source is an LV whose volume group has room
+    /// for the snapshot, else `Fast` (the log says which and why).
+    Auto,
 }
 
 impl Rescan {
@@ -88,6 +98,7 @@ impl Rescan {
             Rescan::Fast => "fast",
             Rescan::Full => "full",
             Rescan::LvmSnapshot => "lvm-snapshot",
+            Rescan::Auto => "auto",
         }
     }
 }
@@ -99,7 +110,8 @@ impl std::str::FromStr for Rescan {
             "fast" => Ok(Rescan::Fast),
             "full" => Ok(Rescan::Full),
             "lvm-snapshot" => Ok(Rescan::LvmSnapshot),
-            _ => Err(format!("unknown rescan '{s}' (expected fast, full or lvm-snapshot)")),
+            "auto" => Ok(Rescan::Auto),
+            _ => Err(format!("unknown rescan '{s}' (expected fast, full, lvm-snapshot or auto)")),
         }
     }
 }
@@ -113,6 +125,7 @@ impl Default for LiveOptions {
             thaw_cmd: None,
             rescan: Rescan::Fast,
             freeze_timeout: super::quiesce::DEFAULT_FREEZE_TIMEOUT,
+            final_timeout: None,
         }
     }
 }
@@ -237,6 +250,13 @@ pub struct SourceSession {
     finished: bool,
 }
 
+/// The change tracker of a finished session, kept until dropped: dropping
+/// it removes what the tracker holds (the last device-mapper snapshot).
+#[must_use = "dropping it at once removes the tracking snapshots now, which is slow"]
+pub struct Tracking {
+    _tracker: Option<Box<dyn ChangeTracker>>,
+}
+
 impl SourceSession {
     /// Open `path`, start change tracking (a source that cannot be tracked
     /// fails before the target is touched), shake hands, hash the image and
@@ -245,7 +265,7 @@ impl SourceSession {
     pub fn start(
         path: &Path,
         opts: &SourceOptions,
-        mut link: Link,
+        link: Link,
         progress: Progress,
     ) -> Result<SourceSession, EngineError> {
         let img = Image::open_read(path)?;
@@ -255,7 +275,7 @@ impl SourceSession {
             None => None,
         };
         let live_cap = if opts.live.is_some() { CAP_LIVE } else { 0 };
-        let agreed = protocol::handshake(&mut link.reader, &mut link.writer, Role::Source, live_cap | CAP_ZSTD_STREAM)?;
+        let (mut link, agreed) = handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
@@ -439,9 +459,16 @@ impl SourceSession {
 
     /// Wait for the reader's next event or any failure.
     /// A signal caught meanwhile ([`interrupt`]) ends the wait too.
-    fn next_event(&self) -> Result<Event, EngineError> {
+    /// Past `deadline` (of the frozen pass), fail with
+    /// [`EngineError::FinalTimeout`].
+    fn next_event(&self, deadline: Option<(Instant, Duration)>) -> Result<Event, EngineError> {
         loop {
             interrupt::check()?;
+            if let Some((at, limit)) = deadline {
+                if Instant::now() >= at {
+                    return Err(EngineError::FinalTimeout { seconds: limit.as_secs_f64() });
+                }
+            }
             crossbeam_channel::select! {
                 recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::LinkClosed("the source's reader stopped without an answer"))),
                 recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::LinkClosed("a source thread failed"))),
@@ -513,7 +540,7 @@ impl SourceSession {
         }
         let mut scan = Scan { pass_done: self.pass, ..Scan::default() };
         if self.in_flight {
-            let stale = self.wait_pass_done()?;
+            let stale = self.wait_pass_done(None)?;
             scan.stale_groups = stale.len() as u64;
             let gc = self.shared.layout.group_count();
             self.pending.extend(stale.into_iter().filter(|&g| g < gc));
@@ -524,8 +551,8 @@ impl SourceSession {
         Ok(scan)
     }
 
-    fn wait_pass_done(&mut self) -> Result<Vec<u64>, EngineError> {
-        let stale = match self.next_event()? {
+    fn wait_pass_done(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Vec<u64>, EngineError> {
+        let stale = match self.next_event(deadline)? {
             Event::PassDone { pass: p, stale } if p == self.pass => stale,
             Event::PassDone { pass: p, .. } => {
                 return Err(EngineError::BadReply(format!("the end of pass {p} during pass {}", self.pass)))
@@ -563,17 +590,22 @@ impl SourceSession {
     /// flight, find the last changes, send them as the final pass, and wait
     /// for the target's report. The report counts as verified only if the
     /// digest the target reports is this end's own image digest.
+    ///
+    /// A live session's `final_timeout` bounds all of it: past it, the call
+    /// fails with [`EngineError::FinalTimeout`] and the caller thaws.
     pub fn final_pass(&mut self) -> Result<Report, EngineError> {
+        let limit = self.opts.live.as_ref().and_then(|l| l.final_timeout);
+        let deadline = limit.map(|l| (Instant::now() + l, l));
         if self.opts.live.is_some() {
             if self.in_flight {
-                let stale = self.wait_pass_done()?;
+                let stale = self.wait_pass_done(deadline)?;
                 let gc = self.shared.layout.group_count();
                 self.pending.extend(stale.into_iter().filter(|&g| g < gc));
             }
             self.changed_blocks(true)?;
             self.announce_pending(true)?;
         }
-        let mut report = match self.next_event()? {
+        let mut report = match self.next_event(deadline)? {
             Event::Done(report) => report,
             Event::PassDone { pass, .. } => {
                 return Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
@@ -591,9 +623,13 @@ impl SourceSession {
 
     /// Say goodbye (with the time the source was frozen) and wait for this
     /// end's threads. A failure to deliver Bye is still a failure.
-    pub fn finish(mut self, downtime: Duration) -> Result<(), EngineError> {
-        // Snapshots go only now: removing them is slow.
-        drop(self.tracker.take());
+    ///
+    /// What change tracking left behind (device-mapper snapshots) comes
+    /// back as [`Tracking`]: removing it takes seconds under emulation, so
+    /// the caller drops it once the source runs again (or is gone), outside
+    /// the window in which the source is frozen.
+    pub fn finish(mut self, downtime: Duration) -> Result<Tracking, EngineError> {
+        let tracking = Tracking { _tracker: self.tracker.take() };
         drop(self.watchdog.take());
         let downtime_ns = downtime.as_nanos() as u64;
         let _ = self.frames().send(Message::Bye { downtime_ns });
@@ -605,7 +641,7 @@ impl SourceSession {
         if let Ok(e) = self.fail_rx.try_recv() {
             return Err(e);
         }
-        Ok(())
+        Ok(tracking)
     }
 
     /// Give up: tell the target why (so that it stops waiting and hangs up)
@@ -805,7 +841,8 @@ pub fn run(path: &Path, opts: &SourceOptions, link: Link, progress: &Progress) -
                 Some(f) => f.thaw()?,
                 None => Duration::ZERO,
             };
-            session.finish(downtime)?;
+            // Thawed already: the snapshots may go now.
+            drop(session.finish(downtime)?);
             report.downtime_seconds = downtime.as_secs_f64();
             Ok(report)
         }

@@ -34,11 +34,12 @@ use rayon::prelude::*;
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::blocks::layout::Layout;
+use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 use crate::wire::compress::Codec;
-use crate::wire::liveness::{keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
+use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    self, read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::transport::{Link, Writer};
@@ -236,7 +237,7 @@ struct Group {
 struct Target<'a> {
     algo: Algorithm,
     layout: Layout,
-    dst: Image,
+    dst: Box<dyn Disk>,
     refs: ReferenceSet,
     zeros: ZeroDigests,
     /// Digest of what DST holds now at each block (a fresh file reads as
@@ -275,9 +276,22 @@ struct Target<'a> {
 
 /// Rebuild the source's image into `dst` over `link`.
 pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) -> Result<Report, EngineError> {
+    run_with(dst, opts, link, progress, &|img| Box::new(img))
+}
+
+/// [`run`], reading and writing DST through `wrap(DST)`: the seam where a
+/// fault test puts a [`FaultyDisk`](crate::storage::faulty::FaultyDisk)
+/// around the real file.
+pub fn run_with(
+    dst: &Path,
+    opts: &TargetOptions,
+    link: Link,
+    progress: &Progress,
+    wrap: &dyn Fn(Image) -> Box<dyn Disk>,
+) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let Link { mut reader, mut writer, stats } = link;
-    let agreed = protocol::handshake(&mut reader, &mut writer, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM)?;
+    let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM, opts.idle_timeout)?;
+    let Link { mut reader, writer, stats } = link;
     let v2 = agreed.keepalive();
     if !v2 {
         log::warn!("the source speaks protocol version {}: no idle timeout, no keep-alives", agreed.version);
@@ -321,6 +335,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
         let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
         check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
         let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
+        let dst_img = wrap(dst_img);
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
         let have = if had_data {
             progress.phase("scanning", layout.size);
@@ -329,7 +344,7 @@ pub fn run(dst: &Path, opts: &TargetOptions, link: Link, progress: &Progress) ->
             let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
             let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
             BlockMap::stream(
-                &dst_img,
+                &*dst_img,
                 &layout,
                 algo,
                 |_, batch| {
@@ -968,6 +983,7 @@ fn underflow(what: &str, group: u64) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::protocol;
     use std::io::Write;
 
     /// A source that sends an ImageInfo whose segment lengths wrap around

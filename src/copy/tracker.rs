@@ -86,6 +86,13 @@ pub fn start(rescan: Rescan, path: &Path, size: u64) -> Result<Box<dyn ChangeTra
         Rescan::Fast => Box::new(Reread),
         Rescan::Full => Box::new(FullRehash),
         Rescan::LvmSnapshot => Box::new(SnapTracker::start(path, size)?),
+        Rescan::Auto => match SnapTracker::start(path, size) {
+            Ok(t) => Box::new(t),
+            Err(e) => {
+                log::warn!("{}: passes re-read the disk (--rescan fast): {e}", path.display());
+                Box::new(Reread)
+            }
+        },
     })
 }
 
@@ -120,6 +127,13 @@ pub struct SnapTracker {
     retired: Option<LvRef>,
     seq: u32,
     cow_bytes: u64,
+}
+
+/// The names of the tracking snapshots process `pid` takes begin with
+/// this (then a sequence number): a process killed before it removed them
+/// leaves them, and `migrate --recover` finds them by it.
+pub fn snapshot_prefix(pid: u32) -> String {
+    format!("xenmigtrack{pid}s")
 }
 
 /// The device-mapper name of `vg/lv`: each `-` inside a name is doubled.
@@ -163,7 +177,7 @@ impl SnapTracker {
 
     fn take(&mut self) -> Result<LvRef, EngineError> {
         self.seq += 1;
-        let name = format!("xenmigtrack{}s{}", std::process::id(), self.seq);
+        let name = format!("{}{}", snapshot_prefix(std::process::id()), self.seq);
         let snap = self.lvm.snapshot(&self.origin, &name, self.cow_bytes).map_err(lvm_err)?;
         log::debug!("change tracking: took snapshot {}", snap.lv_ref());
         Ok(snap.lv_ref())
@@ -206,8 +220,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn auto_falls_back_to_rereading_a_source_that_is_no_lv() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("disk.img");
+        std::fs::write(&f, vec![0u8; 1 << 16]).unwrap();
+        let t = start(Rescan::Auto, &f, 1 << 16).unwrap();
+        assert_eq!(t.name(), Reread.name());
+        assert!(start(Rescan::LvmSnapshot, &f, 1 << 16).is_err());
+    }
+
+    #[test]
     fn rescan_and_align_names_read_back() {
-        for r in [Rescan::Fast, Rescan::Full, Rescan::LvmSnapshot] {
+        for r in [Rescan::Fast, Rescan::Full, Rescan::LvmSnapshot, Rescan::Auto] {
             assert_eq!(r.name().parse::<Rescan>().unwrap(), r);
         }
         use crate::blocks::layout::Align;

@@ -27,19 +27,21 @@ pub mod journal;
 pub mod relay;
 pub mod remote;
 pub mod stop_copy;
+pub mod xl_header;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::copy::source::{Convergence, LiveOptions, SourceOptions, SourceSession};
+use crate::copy::source::{Convergence, LiveOptions, SourceOptions, SourceSession, Tracking};
 use crate::copy::{EngineError, Progress, Report};
 use crate::wire::transport::{Link, Peer};
 
@@ -88,6 +90,11 @@ pub trait SourceHost {
     /// Remove a source LV (`--delete-source`, after a migration committed).
     fn remove_lv(&self, path: &str) -> Result<(), MigrateError> {
         Err(MigrateError::Commit(format!("this host cannot remove {path}")))
+    }
+    /// Remove the change-tracking snapshots of the LV at `path` that
+    /// process `pid` took and left (it was killed); returns their names.
+    fn remove_tracking_snapshots(&self, _path: &str, _pid: u32) -> Result<Vec<String>, MigrateError> {
+        Ok(Vec::new())
     }
 }
 
@@ -159,6 +166,9 @@ pub struct MigrateOptions {
     /// `--stop-copy`: suspend, save memory, last delta, restore there
     /// (instead of xl migrate's live memory copy).
     pub stop_copy: bool,
+    /// Live mode: keep running disk passes while xl copies memory, so that
+    /// the last delta holds only what changed since the last of them.
+    pub passes_during_memory: bool,
     /// Fault tests only: wait this long with READY held before the last
     /// delta (`XENMIG_TEST_HOLD_READY=SECONDS`).
     pub hold_ready: Option<Duration>,
@@ -179,7 +189,10 @@ impl MigrateOptions {
             no_monitor: false,
             debug: false,
             references: Vec::new(),
-            source: SourceOptions { live: Some(LiveOptions::default()), ..SourceOptions::default() },
+            source: SourceOptions {
+                live: Some(LiveOptions { rescan: crate::copy::source::Rescan::Auto, ..LiveOptions::default() }),
+                ..SourceOptions::default()
+            },
             target_vg: None,
             force: false,
             delete_source: false,
@@ -191,6 +204,7 @@ impl MigrateOptions {
             hold_ready: None,
             hold_precopy: None,
             stop_copy: false,
+            passes_during_memory: true,
         }
     }
 
@@ -231,6 +245,8 @@ pub struct MigrateReport {
     pub disks: Vec<DiskReport>,
     /// Disk passes while the guest ran (all disks together).
     pub disk_passes: u32,
+    /// Of these, the passes while xl copied memory.
+    pub disk_passes_during_memory: u32,
     /// Source suspended (seen by polling the hypervisor) to the target's
     /// unpause report.
     pub downtime_seconds: Option<f64>,
@@ -331,6 +347,21 @@ impl SourceHost for XenHost {
             .ok_or_else(|| MigrateError::Commit(format!("{path} is not an LV path")))?;
         crate::storage::lvm::Lvm::new().remove(&r).map_err(|e| MigrateError::Commit(e.to_string()))
     }
+
+    fn remove_tracking_snapshots(&self, path: &str, pid: u32) -> Result<Vec<String>, MigrateError> {
+        let Some(origin) = crate::storage::lvm::LvRef::from_device_path(path) else { return Ok(Vec::new()) };
+        let lvm = crate::storage::lvm::Lvm::new();
+        let prefix = crate::copy::tracker::snapshot_prefix(pid);
+        let err = |e: crate::storage::lvm::LvmError| MigrateError::Commit(e.to_string());
+        let mut removed = Vec::new();
+        for lv in lvm.lvs(Some(&origin.vg)).map_err(err)? {
+            if lv.is_snapshot() && lv.origin.as_deref() == Some(origin.lv.as_str()) && lv.name.starts_with(&prefix) {
+                lvm.remove(&lv.lv_ref()).map_err(err)?;
+                removed.push(lv.lv_ref().to_string());
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// A phase clock for the report.
@@ -366,6 +397,19 @@ pub(crate) struct DiskCopy {
     target_path: String,
     session: SourceSession,
     peer: Peer,
+}
+
+/// What the phases from the memory copy on share: the host, the options,
+/// the domain, its open disk copies (handed over), and what they record.
+pub(crate) struct Commit<'a> {
+    host: &'a dyn SourceHost,
+    opts: &'a MigrateOptions,
+    dom: &'a DomainInfo,
+    copies: Vec<DiskCopy>,
+    report: &'a mut MigrateReport,
+    clock: &'a mut Clock,
+    journal: &'a mut Journal,
+    progress: &'a Progress,
 }
 
 /// Events of the memory phase.
@@ -446,9 +490,13 @@ fn run(
     let mut requests = Vec::new();
     for d in &dom.disks {
         let vg = opts.target_vg.clone().unwrap_or_else(|| d.vg.clone());
-        if vg != d.vg && opts.config.is_none() {
+        // Live, the relay rewrites the disk paths in the config at the head
+        // of xl's stream; --stop-copy restores from a save file, which
+        // needs -C.
+        if vg != d.vg && opts.config.is_none() && opts.stop_copy {
             return Err(MigrateError::Preflight(format!(
-                "disk {} moves from /dev/{}/{} to /dev/{vg}/{}: give -C with a config that names the target paths",
+                "disk {} moves from /dev/{}/{} to /dev/{vg}/{}: with --stop-copy give -C with a config that \
+                 names the target paths",
                 d.vdev, d.vg, d.lv, d.lv
             )));
         }
@@ -637,11 +685,20 @@ fn run(
     let result = if opts.stop_copy {
         clock.next(report, "save (xl save -p)", progress);
         journal.set_phase(Phase::Memory, &opts.journal_dir)?;
-        stop_copy::save_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+        stop_copy::save_and_commit(Commit {
+            host,
+            opts,
+            dom: &dom,
+            copies,
+            report,
+            clock,
+            journal: &mut journal,
+            progress,
+        })
     } else {
         clock.next(report, "memory (xl migrate)", progress);
         journal.set_phase(Phase::Memory, &opts.journal_dir)?;
-        memory_and_commit(host, opts, &dom, &mut copies, report, clock, &mut journal, progress)
+        memory_and_commit(Commit { host, opts, dom: &dom, copies, report, clock, journal: &mut journal, progress })
     };
     match &result {
         Ok(()) => {
@@ -742,31 +799,94 @@ pub(crate) fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
 }
 
 /// The relay's command line, as xl's `-s` (xl appends `HOST xl migrate-receive ...`).
-fn relay_command(opts: &MigrateOptions, socket: &Path) -> String {
-    shell_words::join([
+/// Without `-C`, disks whose target path differs are renamed by the relay
+/// in the config xl sends.
+fn relay_command(opts: &MigrateOptions, socket: &Path, renames: &[(String, String)]) -> String {
+    let mut words = vec![
         opts.self_exe.display().to_string(),
         "migrate-relay".into(),
         "--control".into(),
         socket.display().to_string(),
         "--ssh".into(),
         opts.ssh.clone(),
-        "--".into(),
-    ])
+    ];
+    if opts.config.is_none() {
+        for (old, new) in renames {
+            words.extend(["--rewrite-disk".into(), format!("{old}={new}")]);
+        }
+    }
+    words.push("--".into());
+    shell_words::join(words)
+}
+
+/// How the wait for the target's READY ended.
+enum Waited {
+    Ready,
+    XlExit(Option<i32>),
+    Timeout,
+}
+
+/// Tells the disk passes of the memory phase what happened meanwhile.
+#[derive(Default)]
+struct PassControl {
+    /// READY came or xl ended: start no more passes.
+    stop: AtomicBool,
+    /// The source is suspended: announce what was found and stop.
+    suspended: AtomicBool,
+}
+
+/// A pause between disk passes of the memory phase at least this long, and
+/// at least as long as the pass took: xl copies memory on the same dom0
+/// CPUs and link, and must keep most of them.
+const MEMORY_PHASE_PASS_GAP: Duration = Duration::from_secs(1);
+
+/// Disk passes while xl copies memory, each leaving less for the frozen
+/// window. Runs until told to stop; once the source is suspended it
+/// announces what it has found and returns (the final pass waits for that
+/// pass and scans once more). Returns the passes sent and why it stopped
+/// early, if it did.
+fn passes_during_memory(
+    copies: &mut [DiskCopy],
+    ctl: &PassControl,
+    progress: &Progress,
+) -> (u32, Option<MigrateError>) {
+    let mut sent = 0;
+    loop {
+        if ctl.stop.load(Ordering::SeqCst) {
+            return (sent, None);
+        }
+        let suspended = ctl.suspended.load(Ordering::SeqCst);
+        let started = Instant::now();
+        for c in copies.iter_mut() {
+            if let Err(source) = c.session.send_pass() {
+                return (sent, Some(MigrateError::PreCopy { disk: c.disk.path(), source }));
+            }
+        }
+        sent += 1;
+        if suspended {
+            return (sent, None);
+        }
+        let mut changed = 0;
+        for c in copies.iter_mut() {
+            match c.session.scan() {
+                Ok(s) => changed += s.changed_blocks,
+                Err(source) => return (sent, Some(MigrateError::PreCopy { disk: c.disk.path(), source })),
+            }
+        }
+        progress.message(format!("memory copy; disk pass {sent} of it done, {changed} blocks changed since"));
+        log::info!("disk pass during the memory copy: {changed} blocks changed on all disks since");
+        let until = Instant::now() + started.elapsed().max(MEMORY_PHASE_PASS_GAP);
+        while Instant::now() < until && !ctl.stop.load(Ordering::SeqCst) && !ctl.suspended.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// P3 to P5: xl migrate through the relay, the last delta while READY is
 /// held, then release or roll back.
-#[allow(clippy::too_many_arguments)]
-fn memory_and_commit(
-    host: &dyn SourceHost,
-    opts: &MigrateOptions,
-    dom: &DomainInfo,
-    copies: &mut Vec<DiskCopy>,
-    report: &mut MigrateReport,
-    clock: &mut Clock,
-    journal: &mut Journal,
-    progress: &Progress,
-) -> Result<(), MigrateError> {
+fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
+    let Commit { host, opts, dom, mut copies, report, clock, journal, progress } = p;
+    let copies = &mut copies;
     let target = opts.target();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -810,7 +930,12 @@ fn memory_and_commit(
     if opts.debug {
         xl.arg("--debug");
     }
-    xl.arg("-s").arg(relay_command(opts, &socket)).arg(&dom.name).arg(&opts.host);
+    let renames: Vec<(String, String)> = copies
+        .iter()
+        .filter(|c| c.disk.path() != c.target_path)
+        .map(|c| (c.disk.path(), c.target_path.clone()))
+        .collect();
+    xl.arg("-s").arg(relay_command(opts, &socket, &renames)).arg(&dom.name).arg(&opts.host);
     // xl's chatter goes to our stderr: stdout may carry the JSON report.
     let stderr_fd = std::io::stderr().lock();
     let out = std::os::fd::AsFd::as_fd(&stderr_fd).try_clone_to_owned().map(Stdio::from).unwrap_or(Stdio::null());
@@ -834,7 +959,10 @@ fn memory_and_commit(
     }
     drop(tx);
 
-    // Wait for READY, polling the source for the moment it suspends.
+    // Wait for READY, polling the source for the moment it suspends. The
+    // disk passes go on meanwhile (xl's memory copy takes long, and what
+    // the guest writes during it would otherwise all wait for the frozen
+    // window).
     let deadline = Instant::now() + opts.memory_timeout;
     let mut relay: Option<UnixStream> = None;
     let mut suspended_at: Option<Instant> = None;
@@ -845,28 +973,70 @@ fn memory_and_commit(
             }
         }
     };
-    loop {
-        poll(&mut suspended_at);
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ev::RelayConnected(s)) => relay = Some(s),
-            Ok(Ev::Relay(l)) if l == "READY" => break,
-            Ok(Ev::Relay(l)) => log::debug!("relay: {l}"),
-            Ok(Ev::XlExit(code)) => {
-                // xl resumes the source itself when READY never came.
-                let e = MigrateError::Memory(format!("xl migrate {}", exit_text(code)));
-                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-                return Err(e);
+    let ctl = PassControl::default();
+    let overlap = opts.passes_during_memory;
+    let mut relay_error: Option<String> = None;
+    let (waited, (passes, disk_failure)) = std::thread::scope(|s| {
+        let disks = overlap.then(|| {
+            let (copies, ctl) = (&mut copies[..], &ctl);
+            s.spawn(move || passes_during_memory(copies, ctl, progress))
+        });
+        let waited = loop {
+            poll(&mut suspended_at);
+            if suspended_at.is_some() {
+                ctl.suspended.store(true, Ordering::SeqCst);
             }
-            Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
-                let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
-                drop(relay.take());
-                wait_xl(&rx, Duration::from_secs(120));
-                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-                return Err(e);
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ev::RelayConnected(s)) => relay = Some(s),
+                Ok(Ev::Relay(l)) if l == "READY" => break Waited::Ready,
+                Ok(Ev::Relay(l)) => {
+                    log::debug!("relay: {l}");
+                    if let Some(e) = l.strip_prefix("ERROR ") {
+                        relay_error = Some(e.to_string());
+                    }
+                }
+                Ok(Ev::XlExit(code)) => break Waited::XlExit(code),
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => break Waited::Timeout,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the xl waiter holds a sender until xl exits"),
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => unreachable!("the xl waiter holds a sender until xl exits"),
+        };
+        ctl.stop.store(true, Ordering::SeqCst);
+        let passes = disks.map(|h| h.join().expect("disk passes thread panicked")).unwrap_or((0, None));
+        (waited, passes)
+    });
+    report.disk_passes += passes;
+    report.disk_passes_during_memory = passes;
+    let e = match waited {
+        // xl resumes the source itself when READY never came.
+        Waited::XlExit(code) => Some(MigrateError::Memory(match &relay_error {
+            Some(r) => format!("xl migrate {}: {r}", exit_text(code)),
+            None => format!("xl migrate {}", exit_text(code)),
+        })),
+        Waited::Timeout => {
+            let e = MigrateError::Memory(format!("no READY from the target within {:?}", opts.memory_timeout));
+            drop(relay.take());
+            wait_xl(&rx, Duration::from_secs(120));
+            Some(e)
         }
+        Waited::Ready => None,
+    };
+    if let Some(e) = e {
+        if let Some(d) = &disk_failure {
+            log::error!("{d}");
+        }
+        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+        return Err(e);
+    }
+    if let Some(e) = disk_failure {
+        // READY came, but a disk copy broke meanwhile: withhold it.
+        if let Some(relay) = relay.as_mut() {
+            let _ = relay.write_all(b"ABORT\n");
+        }
+        drop(relay);
+        wait_xl(&rx, Duration::from_secs(180));
+        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+        return Err(e);
     }
     poll(&mut suspended_at);
     let mut relay = relay.expect("READY comes over the relay's connection");
@@ -883,13 +1053,17 @@ fn memory_and_commit(
     let t = Instant::now();
     let delta = final_delta(copies, report, suspended_at.map(|s| s.elapsed()).unwrap_or_default());
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
-    if let Err(e) = delta {
-        let _ = relay.write_all(b"ABORT\n");
-        drop(relay);
-        wait_xl(&rx, Duration::from_secs(180));
-        rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-        return Err(e);
-    }
+    // Held until this function returns: the guest runs again by then.
+    let _tracking = match delta {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = relay.write_all(b"ABORT\n");
+            drop(relay);
+            wait_xl(&rx, Duration::from_secs(180));
+            rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+            return Err(e);
+        }
+    };
 
     // ---- P5 release: the point of no return is xl's GO ----
     clock.next(report, "commit", progress);
@@ -932,12 +1106,15 @@ fn memory_and_commit(
     settle_after_release(host, &target, dom, opts.paused, report, why)
 }
 
-/// Send every disk's last delta and check it; finish the links.
+/// Send every disk's last delta and check it; finish the links. The
+/// change trackers come back: the caller drops them (removing their
+/// snapshots, which is slow) once the guest runs again, here or there.
 pub(crate) fn final_delta(
     copies: &mut Vec<DiskCopy>,
     report: &mut MigrateReport,
     frozen: Duration,
-) -> Result<(), MigrateError> {
+) -> Result<Vec<Tracking>, MigrateError> {
+    let mut tracking = Vec::new();
     for c in copies.iter_mut() {
         let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
         if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
@@ -947,12 +1124,13 @@ pub(crate) fn final_delta(
     for c in std::mem::take(copies) {
         let disk = c.disk.path();
         report.bytes_wire += c.session.bytes_wire();
-        c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?;
+        tracking
+            .push(c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?);
         // The target end exits only after its final sync.
         c.peer.close().map_err(|e| MigrateError::FinalDelta { disk: disk.clone(), source: e.into() })?;
         let _ = c.target_path;
     }
-    Ok(())
+    Ok(tracking)
 }
 
 /// How xl ended, in words.
@@ -1143,6 +1321,20 @@ pub fn recover(host: &dyn SourceHost, journal_dir: &Path, domain: &str) -> Resul
             report.rolled_back.push(format!("{domain} runs on {}; nothing to undo", j.host));
         }
     }
+    // Change tracking of the killed run may have left snapshots on the
+    // source LVs: they slow the guest's writes and hold VG space.
+    if j.pid != std::process::id() {
+        for (source, _) in &j.disks {
+            match host.remove_tracking_snapshots(source, j.pid) {
+                Ok(names) => {
+                    report.rolled_back.extend(names.into_iter().map(|n| format!("removed tracking snapshot {n}")))
+                }
+                Err(e) => report
+                    .needs_attention
+                    .push(format!("cannot remove the tracking snapshots of {source} (`lvs` shows them): {e}")),
+            }
+        }
+    }
     if report.needs_attention.is_empty() {
         Journal::remove(journal_dir, domain);
     }
@@ -1171,7 +1363,8 @@ mod tests {
         let mut o = MigrateOptions::new("g1", "h");
         o.self_exe = PathBuf::from("/usr/bin/xenmig");
         o.ssh = "ssh -o BatchMode=yes".into();
-        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"));
+        let renames = vec![("/dev/vg0/g1".to_string(), "/dev/vg1/g1".to_string())];
+        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"), &renames);
         assert_eq!(
             shell_words::split(&c).unwrap(),
             vec![
@@ -1181,8 +1374,14 @@ mod tests {
                 "/run/xenmig/relay-1.sock",
                 "--ssh",
                 "ssh -o BatchMode=yes",
+                "--rewrite-disk",
+                "/dev/vg0/g1=/dev/vg1/g1",
                 "--"
             ]
         );
+        // With -C the operator's config names the paths: nothing is rewritten.
+        o.config = Some(PathBuf::from("/etc/xen/g1.cfg"));
+        let c = relay_command(&o, Path::new("/s"), &renames);
+        assert!(!c.contains("--rewrite-disk"), "{c}");
     }
 }

@@ -37,6 +37,8 @@ use std::thread;
 
 use thiserror::Error;
 
+use super::xl_header;
+
 /// What the target's xl sends first.
 pub const BANNER: &[u8] = b"xl migration receiver ready, send binary domain data.\n";
 /// The target has built the domain, paused, and waits for GO.
@@ -120,7 +122,17 @@ impl ResultScanner {
 /// Run the relay: `transport` is the real transport's words (ssh and its
 /// options), `rest` what xl appended (`HOST xl migrate-receive ...`).
 /// Returns the transport's exit code.
-pub fn run(control: &Path, transport: &[String], rest: &[String]) -> Result<i32, RelayError> {
+///
+/// `renames` (disk path pairs): rewrite the domain config at the head of
+/// xl's stream first ([`xl_header::rewrite`]); if that fails the transport
+/// is stopped, before xl has suspended anything, and xl gives up with the
+/// guest still running.
+pub fn run(
+    control: &Path,
+    renames: &[(String, String)],
+    transport: &[String],
+    rest: &[String],
+) -> Result<i32, RelayError> {
     let ctl = UnixStream::connect(control)
         .map_err(|source| RelayError::Control { path: control.display().to_string(), source })?;
     let ctl_w = Arc::new(Mutex::new(ctl.try_clone()?));
@@ -188,8 +200,23 @@ pub fn run(control: &Path, transport: &[String], rest: &[String]) -> Result<i32,
     let after_release = Arc::new(AtomicU64::new(0));
     {
         let (released, after, w) = (released.clone(), after_release.clone(), ctl_w.clone());
+        let renames = renames.to_vec();
+        let transport_pid = child.id() as libc::pid_t;
         thread::spawn(move || {
             let mut stdin = io::stdin().lock();
+            if !renames.is_empty() {
+                match xl_header::rewrite(&mut stdin, &mut to_target, &renames) {
+                    Ok(n) => tell(&w, &format!("CONFIG {n} disk paths rewritten")),
+                    Err(e) => {
+                        eprintln!("xenmig migrate-relay: {e}");
+                        tell(&w, &format!("ERROR {e}"));
+                        // SAFETY: kill(2) of the transport this process
+                        // started and has not reaped (see above).
+                        unsafe { libc::kill(transport_pid, libc::SIGKILL) };
+                        return;
+                    }
+                }
+            }
             let mut buf = vec![0u8; 256 * 1024];
             let mut told = false;
             loop {

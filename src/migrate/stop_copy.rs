@@ -25,9 +25,9 @@ use crate::copy::target::TargetOptions;
 use crate::copy::Progress;
 use crate::wire::transport::Location;
 
-use super::journal::{Journal, Phase};
+use super::journal::Phase;
 use super::remote::{self, DomainState};
-use super::{final_delta, Clock, DiskCopy, DomainInfo, MigrateError, MigrateOptions, MigrateReport, SourceHost};
+use super::{final_delta, Commit, MigrateError, MigrateReport, SourceHost};
 
 /// Run an xl subcommand on the source; its output goes to our stderr.
 fn xl(host: &dyn SourceHost, args: &[&str]) -> Result<(), String> {
@@ -53,17 +53,9 @@ pub fn save_path(dir: &Path, domain: &str) -> PathBuf {
     dir.join(format!("{domain}.save"))
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn save_and_commit(
-    host: &dyn SourceHost,
-    opts: &MigrateOptions,
-    dom: &DomainInfo,
-    copies: &mut Vec<DiskCopy>,
-    report: &mut MigrateReport,
-    clock: &mut Clock,
-    journal: &mut Journal,
-    progress: &Progress,
-) -> Result<(), MigrateError> {
+pub(super) fn save_and_commit(p: Commit) -> Result<(), MigrateError> {
+    let Commit { host, opts, dom, mut copies, report, clock, journal, progress } = p;
+    let copies = &mut copies;
     let target = opts.target();
     let local_dir =
         opts.journal_dir.parent().map(|p| p.join("save")).unwrap_or_else(|| PathBuf::from("/var/lib/xenmig/save"));
@@ -108,11 +100,16 @@ pub(super) fn save_and_commit(
     let t = Instant::now();
     let delta = final_delta(copies, report, stopped.elapsed());
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
-    if let Err(e) = delta {
-        super::abort_copies(std::mem::take(copies), &e);
-        undo(report, &e);
-        return Err(e);
-    }
+    // The tracking snapshots go when this function returns, after the
+    // restore on the target or the rollback here.
+    let _tracking = match delta {
+        Ok(t) => t,
+        Err(e) => {
+            super::abort_copies(std::mem::take(copies), &e);
+            undo(report, &e);
+            return Err(e);
+        }
+    };
 
     // ---- the save image, through the engine ----
     clock.next(report, "memory image copy", progress);

@@ -3,10 +3,14 @@
 //! Block devices report their size through `BLKGETSIZE64`, never through
 //! `stat`, and are never grown or truncated. Regular files written as
 //! targets are sized to the source and stay sparse where blocks are zero.
+//! Reads and writes go through the [`Disk`] trait, whose provided methods
+//! hold the rules every disk follows (short transfers, range checks).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+
+use super::disk::Disk;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -217,70 +221,56 @@ impl Image {
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
     }
+}
 
-    /// Read exactly `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(ImageError::Short {
-                        path: self.path.clone(),
-                        offset: offset + done as u64,
-                        size: self.size,
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(ImageError::Read { path: self.path.clone(), offset, source }),
-            }
+impl Disk for Image {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.file.read_at(buf, offset)
+    }
+
+    fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.file.write_at(buf, offset)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.is_block_device {
+            return Ok(false);
         }
-        Ok(())
-    }
-
-    /// Write `buf` at `offset`, which must lie inside the image.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
-        self.check_range(offset, buf.len() as u64)?;
-        self.file.write_all_at(buf, offset).map_err(|source| ImageError::Write {
-            path: self.path.clone(),
-            offset,
-            source,
-        })
-    }
-
-    /// Make `[offset, offset+len)` read as zeros: a hole in a file, written
-    /// zeros on a device (discard is not guaranteed to read back as zero).
-    pub fn zero_range(&self, offset: u64, len: usize) -> Result<(), ImageError> {
-        self.check_range(offset, len as u64)?;
-        if !self.is_block_device {
-            use std::os::fd::AsRawFd;
-            // SAFETY: fallocate on an open descriptor with plain integer
-            // arguments; no memory is passed.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
-        }
-        self.write_at(&vec![0u8; len], offset)
-    }
-
-    /// Refuse a write that would reach past the image's size.
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ImageError::OutOfRange { path: self.path.clone(), offset, len, size: self.size }),
+        use std::os::fd::AsRawFd;
+        let (off, len) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Ok(false),
+        };
+        // SAFETY: fallocate on an open descriptor with plain integer
+        // arguments; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+        };
+        if r == 0 {
+            Ok(true)
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 
-    pub fn sync(&self) -> Result<(), ImageError> {
-        self.file.sync_all().map_err(|source| ImageError::Sync { path: self.path.clone(), source })
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+
+    fn drop_cache(&self) {
+        Image::drop_cache(self)
     }
 }
 

@@ -1,9 +1,13 @@
 //! Where disks live on a host.
 //!
+//! - [`disk`]: what the copy engine reads and writes (the `Disk` trait).
 //! - [`image`]: files and block devices, read and written by offset.
+//! - [`faulty`]: a test double of a disk that injects faults.
 //! - [`lvm`]: logical volumes through the lvm2 commands.
 //! - [`dmsnap`]: device-mapper snapshot exception tables (what changed).
 
+pub mod disk;
 pub mod dmsnap;
+pub mod faulty;
 pub mod image;
 pub mod lvm;

@@ -16,8 +16,38 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
-use super::protocol::{write_message, Message, ProtocolError};
-use super::transport::{LinkStats, Writer};
+use super::protocol::{handshake, write_message, Agreed, Message, ProtocolError, Role};
+use super::transport::{Link, LinkStats, Writer};
+
+/// The handshake, bounded by `limit` (the idle timeout; None: unbounded).
+/// No watchdog runs yet, and a far end that never says Hello (a link that
+/// stalled, a far end stuck before it speaks) would hold this end forever.
+/// The exchange runs in a thread; past the limit that thread is left
+/// blocked on its read until the link closes (this end is failing anyway).
+pub fn handshake_within(
+    mut link: Link,
+    role: Role,
+    caps: u32,
+    limit: Option<Duration>,
+) -> Result<(Link, Agreed), ProtocolError> {
+    let Some(limit) = limit else {
+        let agreed = handshake(&mut link.reader, &mut link.writer, role, caps)?;
+        return Ok((link, agreed));
+    };
+    let (tx, rx) = bounded(1);
+    thread::spawn(move || {
+        let r = handshake(&mut link.reader, &mut link.writer, role, caps);
+        let _ = tx.send(r.map(|agreed| (link, agreed)));
+    });
+    let started = Instant::now();
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        Err(ProtocolError::IdleTimeout {
+            peer: if role == Role::Source { "target" } else { "source" },
+            silent_secs: started.elapsed().as_secs_f64(),
+            limit_secs: limit.as_secs(),
+        })
+    })
+}
 
 /// Default idle timeout of both ends.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);

@@ -35,6 +35,7 @@ const XL: &str = r#"#!/bin/bash
 S=@STATE@; D=@DIR@; NAME=@NAME@; ID=@ID@
 export PATH="$D/bin:$PATH" XENMIG_XL="$D/bin/xl"
 log() { echo "$*" >> "$S/log"; }
+le32() { printf "$(printf '\\%03o\\%03o\\%03o\\%03o' $(($1 & 255)) $((($1 >> 8) & 255)) $((($1 >> 16) & 255)) $((($1 >> 24) & 255)))"; }
 f() { [ -e "$S/faults/$1" ]; }
 fv() { v=$(cat "$S/faults/$1"); echo "${v:-0}"; }
 # Atomic, as xenmig polls the source's state while xl changes it.
@@ -66,11 +67,11 @@ destroy)
   rm -f "$S/tgt/$t"; log "target: xl destroy $t" ;;
 migrate)
   # xl migrate [-C F] [-p] [-e] [--debug] -s SSHCOMMAND DOMAIN HOST
-  ssh=ssh; recv_args=""
+  ssh=ssh; recv_args=""; cfg=""
   while [ $# -gt 2 ]; do
     case "$1" in
       -s) ssh=$2; shift 2 ;;
-      -C) shift 2 ;;
+      -C) cfg=$2; shift 2 ;;
       -p) recv_args="$recv_args -p"; shift ;;
       -e) recv_args="$recv_args -e"; shift ;;
       *) shift ;;
@@ -86,6 +87,20 @@ migrate)
   if [ "$banner" != "xl migration receiver ready, send binary domain data." ]; then
     log "source: no banner; nothing suspended"; exit 1
   fi
+  # xl's save header (xl_saverestore.c): the domain config as JSON names
+  # the disk; with -C (the operator's config) the target's path.
+  cfgdisk=$(cat "$S/src.disk"); [ -n "$cfg" ] && cfgdisk=$(cat "$S/tgt.disk")
+  json="{\"c_info\": {\"name\": \"$dom\"}, \"disks\": [{\"pdev_path\": \"$cfgdisk\", \"vdev\": \"xvda\"}]}"
+  clen=$(( ${#json} + 1 ))
+  { printf 'Xen saved domain, xl format\n \0 \r'; le32 $((0x01020304)); le32 "$(f xl_header_flags && fv xl_header_flags || echo 3)"; le32 0; le32 $((clen + 4)); le32 $clen
+    printf '%s\0' "$json"; } >&4
+  # xl copies memory while the guest runs and writes (the disk passes go
+  # on meanwhile), then suspends it.
+  if [ -e "$S/guest_write_early" ]; then
+    dd if="$S/guest_write_early" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write_early.block")" conv=notrunc status=none
+    log "source: guest wrote during the memory copy"
+  fi
+  f xl_memory_secs && sleep "$(fv xl_memory_secs)"
   # The guest writes once more before it suspends: the last delta carries it.
   if [ -e "$S/guest_write" ]; then
     dd if="$S/guest_write" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write.block")" conv=notrunc status=none
@@ -125,6 +140,13 @@ migrate-receive)
   log "target: migrate-receive"
   f recv_no_banner && { log "target: receiver failed to start"; exit 1; }
   printf 'xl migration receiver ready, send binary domain data.\n'
+  # xl's save header: the domain is built with the disk its config names.
+  set -- $(head -c 48 | od -An -tu1 -v)
+  [ $# = 48 ] || { log "target: short header ($# bytes)"; exit 1; }
+  olen=$(( ${45} + ${46} * 256 + ${47} * 65536 + ${48} * 16777216 ))
+  disk=$(head -c "$olen" | tail -c +5 | tr -d '\000' | sed -n 's/.*"pdev_path": "\([^"]*\)".*/\1/p')
+  log "target: config names disk $disk"
+  [ -f "$disk" ] || { log "target: restore failed: no disk $disk"; exit 1; }
   n=$(head -c 1000 | wc -c)
   [ "$n" = 1000 ] || { log "target: short stream ($n bytes)"; exit 1; }
   printf "%s\n" "--p---" > "$S/tgt/$NAME--incoming"; log "target: $NAME--incoming built, paused"
@@ -227,7 +249,7 @@ if [ "$1" = serve ]; then
 fi
 if [ "$1 $2" = "migrate-target cleanup" ] && f cleanup_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
 if [ "$1 $2" = "migrate-target state" ] && f state_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
-if [ "$1 $2" = "migrate-target prepare" ] && f prepare_sleep; then sleep "$(cat "$S/faults/prepare_sleep")"; fi
+if [ "$1 $2" = "migrate-target prepare" ] && f prepare_sleep; then touch "$S/prepare.started"; sleep "$(cat "$S/faults/prepare_sleep")"; fi
 if [ "$1 $2" = "migrate-target probe" ] && f probe_protocol; then
   setsid @XENMIG@ "$@" | sed "s/\"protocol\":[0-9]*/\"protocol\":$(cat "$S/faults/probe_protocol")/"; exit "${PIPESTATUS[0]}"
 fi
@@ -290,6 +312,7 @@ impl World {
         let src_before = crate::common::noise(7, DISK_BYTES);
         fs::write(&disk, &src_before).unwrap();
         fs::write(s.join("src.disk"), &disk).unwrap();
+        fs::write(s.join("tgt.disk"), format!("/dev/{tgt_vg}/{DOMAIN}-disk")).unwrap();
         fs::write(s.join("src.state"), "running").unwrap();
         fs::write(s.join("log"), "").unwrap();
         let w = World { dir, _tmp: Some(tmp), id, src_vg, tgt_vg, src_before };
@@ -428,6 +451,17 @@ impl World {
         let mut after = self.src_before.clone();
         after[block * 4096..(block + blocks) * 4096].copy_from_slice(&data);
         after
+    }
+
+    /// The fake guest writes `blocks` 4 KiB blocks at `block` once xl has
+    /// started, and xl then copies memory for `secs` seconds before it
+    /// suspends the guest. Returns the data written.
+    pub fn guest_writes_during_memory(&self, block: usize, blocks: usize, secs: f64) -> Vec<u8> {
+        let data = crate::common::noise(98, blocks * 4096);
+        fs::write(self.state().join("guest_write_early"), &data).unwrap();
+        fs::write(self.state().join("guest_write_early.block"), block.to_string()).unwrap();
+        self.fault("xl_memory_secs", &secs.to_string());
+        data
     }
 
     pub fn no_guest_writes(&self) {
