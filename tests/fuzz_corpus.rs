@@ -124,14 +124,19 @@ fn generate_seed_corpus() {
     use xenmig::blocks::layout::{Align, Layout};
     use xenmig::storage::image::Image;
 
-    // Frame streams from real local copies: plain, flat, live; onto an
-    // empty DST and onto a DST that already holds part of the image.
+    // Frame streams from real local copies: plain, flat, live, zstd (the
+    // copy's stream: both ends of a recording take it); onto an empty DST
+    // and onto a DST that already holds part of the image.
     let img = fuzz_targets::source_image();
     let mut half = img.clone();
     half[img.len() / 2..].fill(0);
-    for (flags, prefill, name) in
-        [(0u8, None, "plain"), (2 | 4, None, "flat-none"), (8, Some(&half[..]), "lz4-partial-dst"), (1, None, "live")]
-    {
+    for (flags, prefill, name) in [
+        (0u8, None, "plain"),
+        (2 | 4, None, "flat-none"),
+        (8, Some(&half[..]), "lz4-partial-dst"),
+        (1, None, "live"),
+        (12, None, "zstd-stream"),
+    ] {
         let (from_source, from_target) = record_copy(flags, prefill);
         put("target_end", name, &from_source);
         let mut s = vec![flags];
@@ -191,7 +196,7 @@ fn recorded_streams_drive_a_whole_copy() {
         let mut prefix = xenmig::wire::protocol::Message::Hello {
             version: xenmig::wire::protocol::VERSION,
             role: xenmig::wire::protocol::Role::Source,
-            caps: xenmig::wire::protocol::CAP_LIVE,
+            caps: xenmig::wire::protocol::CAP_LIVE | xenmig::wire::protocol::CAP_ZSTD_STREAM,
         }
         .encode();
         prefix.extend_from_slice(&data);

@@ -27,6 +27,7 @@ use crate::formats::framing::FormatError;
 use crate::storage::image::ImageError;
 use crate::wire::compress::CodecError;
 use crate::wire::protocol::ProtocolError;
+use crate::wire::stream::StreamError;
 use crate::wire::transport::TransportError;
 
 pub use progress::Progress;
@@ -43,6 +44,8 @@ pub enum EngineError {
     Format(#[from] FormatError),
     #[error("fetched run at block {block}: {source}")]
     Codec { block: u64, source: CodecError },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     #[error("block {block} (offset {offset}) from the source does not match its digest: the source changed during the copy, or the link corrupted data")]
     BadBlock { block: u64, offset: u64 },
     #[error("group {group} (blocks {first}..{end}) still differs from the source's digest after refetching it")]

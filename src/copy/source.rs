@@ -5,7 +5,11 @@
 //! group digests; a reader thread takes requests off the link; a few worker
 //! threads read, compress and frame the requested blocks; one writer thread
 //! owns the link's write half. Replies carry their block numbers, so
-//! workers may finish in any order.
+//! workers may finish in any order. Runs that go through the copy's zstd
+//! stream (`wire::stream`) are compressed by one more thread, the only
+//! owner of the encoder, which hands each frame to the writer as soon as it
+//! is compressed: the stream's pieces reach the link in the order they were
+//! compressed, as the target's decoder needs.
 //!
 //! Live copies find changed blocks generically, for any file or device: each
 //! pass re-reads the image and compares every block's XXH3 with the value
@@ -29,12 +33,13 @@ use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests
 use crate::blocks::layout::{Align, Layout};
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
-use crate::wire::compress::{AutoPolicy, Choice, Codec};
+use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
+use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -274,14 +279,26 @@ impl SourceSession {
             Some(l) => Some(tracker::start(l.rescan, path, img.size())?),
             None => None,
         };
-        let want_caps = if opts.live.is_some() { CAP_LIVE } else { 0 };
+        let live_cap = if opts.live.is_some() { CAP_LIVE } else { 0 };
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let (mut link, agreed) = handshake_within(link, Role::Source, want_caps, opts.idle_timeout)?;
-        if agreed.caps & want_caps != want_caps {
+        let (mut link, agreed) = handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM, opts.idle_timeout)?;
+        if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
+        // The level runs are streamed at, when the target takes a stream
+        // and the choice can be zstd; otherwise every run is on its own.
+        let stream_level = match opts.compress {
+            _ if agreed.caps & CAP_ZSTD_STREAM == 0 => None,
+            Choice::Fixed(Codec::Zstd(level)) => Some(level),
+            Choice::Auto => Some(zstream::AUTO_LEVEL),
+            Choice::Fixed(_) => None,
+        };
+        let encoder = match stream_level {
+            Some(level) => Some(StreamEncoder::new(level, zstream::window_log_for(layout.size))?),
+            None => None,
+        };
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
         link.writer.flush().map_err(ProtocolError::Io)?;
 
@@ -291,7 +308,7 @@ impl SourceSession {
             layout: layout.clone(),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
-            auto: Mutex::new(AutoPolicy::default()),
+            auto: Mutex::new(AutoPolicy::new(stream_level.is_some())),
             stats: link.stats.clone(),
             workers,
         });
@@ -338,15 +355,28 @@ impl SourceSession {
             }
             _ => None,
         };
+        // The stream's thread ends once every worker (holding its input) has.
+        let stream_tx = encoder.map(|enc| {
+            let (tx, rx) = bounded::<RawRun>(workers + 2);
+            let (frames, fail) = (frames_tx.clone(), fail_tx.clone());
+            threads.push(thread::spawn(move || {
+                if let Err(e) = stream_loop(enc, rx, &frames) {
+                    let _ = frames.send(Message::Error { message: format!("source: {e}") });
+                    let _ = fail.send(e);
+                }
+            }));
+            tx
+        });
         for _ in 0..workers {
             let (rx, tx, sh, fail) = (work_rx.clone(), frames_tx.clone(), shared.clone(), fail_tx.clone());
+            let stream = stream_tx.clone();
             threads.push(thread::spawn(move || {
-                if let Err(e) = work_loop(&sh, rx, tx) {
+                if let Err(e) = work_loop(&sh, rx, tx, stream) {
                     let _ = fail.send(e);
                 }
             }));
         }
-        drop((work_rx, fail_tx));
+        drop((work_rx, fail_tx, stream_tx));
 
         let mut session = SourceSession {
             shared,
@@ -919,12 +949,55 @@ fn read_loop(
     }
 }
 
-fn work_loop(sh: &Shared, rx: Receiver<Message>, tx: Sender<Message>) -> Result<(), EngineError> {
+/// A run read for the stream's thread to compress.
+struct RawRun {
+    first_block: u64,
+    count: u32,
+    raw: Vec<u8>,
+}
+
+/// What a worker made of a Fetch.
+enum Reply {
+    /// A finished frame for the writer.
+    Frame(Message),
+    /// A run for the copy's zstd stream.
+    Stream(RawRun),
+}
+
+/// Own the stream's encoder: compress each run as the next piece of the
+/// stream and pass its frame on at once, so that pieces reach the writer
+/// (and the target's decoder) in the order they were compressed.
+fn stream_loop(mut enc: StreamEncoder, rx: Receiver<RawRun>, frames: &Sender<Message>) -> Result<(), EngineError> {
+    for run in rx {
+        let payload = enc.compress_run(&run.raw)?;
+        let raw_len = run.raw.len() as u32;
+        let m =
+            Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload };
+        if frames.send(m).is_err() {
+            break; // the writer is gone: the copy is failing already
+        }
+    }
+    Ok(())
+}
+
+fn work_loop(
+    sh: &Shared,
+    rx: Receiver<Message>,
+    tx: Sender<Message>,
+    stream: Option<Sender<RawRun>>,
+) -> Result<(), EngineError> {
     for m in rx {
         let reply = match m {
             Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx),
-            Message::Fetch { first_block, count } => fetch(sh, first_block, count).map(|m| {
-                let _ = tx.send(m);
+            Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()).map(|r| match r {
+                Reply::Frame(m) => {
+                    let _ = tx.send(m);
+                }
+                Reply::Stream(run) => {
+                    if let Some(s) = &stream {
+                        let _ = s.send(run);
+                    }
+                }
             }),
             _ => unreachable!("reader forwards only requests"),
         };
@@ -958,7 +1031,10 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
     Ok(())
 }
 
-fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
+/// Read a requested run and pick how it travels: through the copy's zstd
+/// stream (`streaming`: the target takes one) when the user chose zstd or
+/// `auto` routes it there, else compressed on its own (or raw).
+fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, EngineError> {
     let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.block_count() && count > 0);
     let Some(end) = end else {
         return Err(EngineError::BadRequest(format!("blocks {first}+{count}, image has {}", sh.layout.block_count())));
@@ -970,8 +1046,9 @@ fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
     let raw_len = raw.len() as u32;
-    let codec = match sh.compress {
-        Choice::Fixed(c) => c,
+    let route = match sh.compress {
+        Choice::Fixed(Codec::Zstd(_)) if streaming => Route::Stream,
+        Choice::Fixed(c) => Route::Run(c),
         Choice::Auto => {
             let mut p = sh.auto.lock().unwrap();
             if p.wants_sample() {
@@ -979,6 +1056,13 @@ fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
             }
             p.choose(sh.stats.drain_rate(), sh.workers, raw.len() as u64)
         }
+    };
+    let codec = match route {
+        // Never sent raw instead: both ends' streams must see the same runs.
+        Route::Stream if streaming => return Ok(Reply::Stream(RawRun { first_block: first, count, raw })),
+        // (auto offers the stream only to a copy that has one)
+        Route::Stream => Codec::Zstd(zstream::AUTO_LEVEL),
+        Route::Run(c) => c,
     };
     let (mut payload, mut code) = (raw, Codec::None.code());
     if codec != Codec::None {
@@ -988,5 +1072,5 @@ fn fetch(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
             (payload, code) = (packed, codec.code());
         }
     }
-    Ok(Message::Blocks { first_block: first, count, codec: code, raw_len, payload })
+    Ok(Reply::Frame(Message::Blocks { first_block: first, count, codec: code, raw_len, payload }))
 }

@@ -39,8 +39,9 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
+use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::transport::{Link, Writer};
 
 use super::references::ReferenceSet;
@@ -267,6 +268,9 @@ struct Target<'a> {
     outstanding: usize,
     held: VecDeque<Message>,
     windowed: bool,
+    /// The copy's zstd stream, when the capability was agreed (created at
+    /// its first piece: its window is allocated only if a stream comes).
+    stream: Option<Option<StreamDecoder>>,
     progress: &'a Progress,
 }
 
@@ -286,7 +290,7 @@ pub fn run_with(
     wrap: &dyn Fn(Image) -> Box<dyn Disk>,
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE, opts.idle_timeout)?;
+    let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM, opts.idle_timeout)?;
     let Link { mut reader, writer, stats, .. } = link;
     let v2 = agreed.keepalive();
     if !v2 {
@@ -387,6 +391,7 @@ pub fn run_with(
             outstanding: 0,
             held: VecDeque::new(),
             windowed: v2,
+            stream: (agreed.caps & CAP_ZSTD_STREAM != 0).then_some(None),
             progress,
         };
         t.progress.phase("copying", t.layout.size);
@@ -859,8 +864,23 @@ impl Target<'_> {
             )));
         }
         let payload_len = payload.len() as u64;
-        let raw = Codec::decompress(codec, payload, raw_len as usize)
-            .map_err(|source| EngineError::Codec { block: first, source })?;
+        let raw = if codec == STREAM_CODE {
+            // The next piece of the copy's stream: frames arrive in the order
+            // the source compressed them, and are decoded in that order here.
+            let Some(slot) = self.stream.as_mut() else {
+                return Err(EngineError::BadReply(format!(
+                    "a zstd stream piece for blocks {first}+{count}, but no stream was agreed"
+                )));
+            };
+            let dec = match slot {
+                Some(d) => d,
+                None => slot.insert(StreamDecoder::new()?),
+            };
+            dec.decompress_run(&payload, raw_len as usize)
+        } else {
+            Codec::decompress(codec, payload, raw_len as usize)
+        }
+        .map_err(|source| EngineError::Codec { block: first, source })?;
         let layout = &self.layout;
         let algo = self.algo;
         let digests: Vec<Digest> = (first..end)

@@ -79,6 +79,7 @@ impl Codec {
             1 => "lz4",
             2 => "zstd",
             3 => "zlib",
+            super::stream::STREAM_CODE => "zstd-stream",
             _ => "unknown",
         }
     }
@@ -167,8 +168,37 @@ impl FromStr for Choice {
     }
 }
 
+/// How one fetched run travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Compressed on its own (or raw), in any order.
+    Run(Codec),
+    /// As the next piece of the copy's zstd stream (`wire::stream`), at the
+    /// stream's level.
+    Stream,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Run(c) => c.fmt(f),
+            Route::Stream => write!(f, "zstd-stream:{}", super::stream::AUTO_LEVEL),
+        }
+    }
+}
+
 /// Candidates `auto` chooses among, cheapest CPU first.
-const CANDIDATES: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(6)];
+const CANDIDATES: [Route; 4] =
+    [Route::Run(Codec::None), Route::Run(Codec::Lz4), Route::Run(Codec::Zstd(1)), Route::Run(Codec::Zstd(6))];
+/// The candidates when the copy has a stream: it takes the place of the
+/// slower per-run zstd (at level 3 with its history it sends fewer bytes
+/// than zstd 6 run by run: docs/experiments.md), the fast one stays for
+/// links where one thread's zstd would not keep up. The stream is listed
+/// before it, so per-run zstd must save 5% to be chosen: the stream's
+/// sample (one run on its own) does not count its history, which saved
+/// 14-17% over per-run zstd at the same level on the experiments' images.
+const STREAM_CANDIDATES: [Route; 4] =
+    [Route::Run(Codec::None), Route::Run(Codec::Lz4), Route::Stream, Route::Run(Codec::Zstd(1))];
 /// Re-measure the candidates after this many input bytes.
 const RESAMPLE_BYTES: u64 = 64 << 20;
 
@@ -181,53 +211,76 @@ struct Sample {
 /// The `auto` policy's state, fed by the sender.
 #[derive(Debug)]
 pub struct AutoPolicy {
+    candidates: &'static [Route; 4],
     samples: [Option<Sample>; 4],
     since_sample: u64,
-    current: Codec,
+    current: Route,
 }
 
 impl Default for AutoPolicy {
     fn default() -> Self {
-        AutoPolicy { samples: [None; 4], since_sample: u64::MAX, current: Codec::Lz4 }
+        AutoPolicy::new(false)
     }
 }
 
 impl AutoPolicy {
+    /// `streamed`: the copy has a zstd stream (the capability was agreed),
+    /// which `auto` may route runs through besides the per-run codecs.
+    pub fn new(streamed: bool) -> AutoPolicy {
+        AutoPolicy {
+            candidates: if streamed { &STREAM_CANDIDATES } else { &CANDIDATES },
+            samples: [None; 4],
+            since_sample: u64::MAX,
+            current: Route::Run(Codec::Lz4),
+        }
+    }
+
     /// Whether the next payload should be used to re-measure the candidates.
     pub fn wants_sample(&self) -> bool {
         self.since_sample >= RESAMPLE_BYTES
     }
 
-    /// Measure every candidate on `data`.
+    /// Measure every candidate on `data`. The stream is measured as plain
+    /// zstd at its level on this run alone: its gain from history is not
+    /// counted, so `auto` streams only where zstd at that level pays anyway.
     pub fn sample(&mut self, data: &[u8]) {
-        for (i, c) in CANDIDATES.iter().enumerate() {
+        for (i, r) in self.candidates.iter().enumerate() {
+            let c = match r {
+                Route::Run(c) => *c,
+                Route::Stream => Codec::Zstd(super::stream::AUTO_LEVEL),
+            };
             let t = Instant::now();
             let out = c.compress(data);
             let cpu = t.elapsed().as_secs_f64();
             self.samples[i] = Some(Sample {
                 ratio: out.len() as f64 / data.len().max(1) as f64,
-                cpu_per_byte: if *c == Codec::None { 0.0 } else { cpu / data.len().max(1) as f64 },
+                cpu_per_byte: if c == Codec::None { 0.0 } else { cpu / data.len().max(1) as f64 },
             });
         }
         self.since_sample = 0;
     }
 
-    /// Pick the codec with the least time per input byte at `link_rate`
-    /// (bytes/s, None while unknown), spreading CPU over `workers` threads.
-    pub fn choose(&mut self, link_rate: Option<f64>, workers: usize, bytes: u64) -> Codec {
+    /// Pick the route with the least time per input byte at `link_rate`
+    /// (bytes/s, None while unknown), spreading per-run CPU over `workers`
+    /// threads; the stream has one thread.
+    pub fn choose(&mut self, link_rate: Option<f64>, workers: usize, bytes: u64) -> Route {
         self.since_sample = self.since_sample.saturating_add(bytes);
         let Some(rate) = link_rate else {
             return self.current;
         };
         let mut best = (f64::INFINITY, self.current);
-        for (i, c) in CANDIDATES.iter().enumerate() {
+        for (i, r) in self.candidates.iter().enumerate() {
             if let Some(s) = self.samples[i] {
-                let cost = (s.cpu_per_byte / workers.max(1) as f64).max(s.ratio / rate);
+                let threads = if *r == Route::Stream { 1 } else { workers.max(1) };
+                let cost = (s.cpu_per_byte / threads as f64).max(s.ratio / rate);
                 // Prefer the cheaper codec unless the other saves at least 5%.
                 if cost < best.0 * 0.95 {
-                    best = (cost, *c);
+                    best = (cost, *r);
                 }
             }
+        }
+        if best.1 != self.current {
+            log::debug!("auto: {} from now on at a link of {:.1} MB/s", best.1, rate / 1e6);
         }
         self.current = best.1;
         self.current
@@ -293,7 +346,36 @@ mod tests {
         p.sample(&data);
         // A slow link makes the smallest output win; an infinitely fast one
         // makes sending raw win.
-        assert!(matches!(p.choose(Some(1_000.0), 2, 0), Codec::Zstd(_)));
-        assert_eq!(p.choose(Some(1e15), 2, 0), Codec::None);
+        assert!(matches!(p.choose(Some(1_000.0), 2, 0), Route::Run(Codec::Zstd(_))));
+        assert_eq!(p.choose(Some(1e15), 2, 0), Route::Run(Codec::None));
+        // With a stream: it is a candidate too, never on an infinitely fast link.
+        let mut p = AutoPolicy::new(true);
+        p.sample(&data);
+        assert_eq!(p.choose(Some(1e15), 2, 0), Route::Run(Codec::None));
+    }
+
+    /// The stream's CPU is one thread's: with many workers, a link just
+    /// slow enough for zstd spread over them is too fast for the stream; on
+    /// a slow link the stream's smaller output (its history) wins.
+    #[test]
+    fn auto_does_not_spread_the_streams_cpu_over_the_workers() {
+        let none = Sample { ratio: 1.0, cpu_per_byte: 0.0 };
+        let lz4 = Sample { ratio: 0.5, cpu_per_byte: 1e-9 };
+        let zstd = Sample { ratio: 0.3, cpu_per_byte: 1e-8 };
+        let stream = Sample { ratio: 0.2, cpu_per_byte: 1e-8 };
+        let mut p = AutoPolicy::new(true);
+        p.samples = [Some(none), Some(lz4), Some(stream), Some(zstd)];
+        p.since_sample = 0;
+        // 60 MB/s: per-run zstd on 8 threads costs max(1.25e-9, 5e-9); the
+        // stream on one thread max(1e-8, 3.3e-9): per-run zstd wins.
+        assert_eq!(p.choose(Some(60e6), 8, 0), Route::Run(Codec::Zstd(1)));
+        // 1 MB/s: the link decides; the stream's smaller output wins.
+        assert_eq!(p.choose(Some(1e6), 8, 0), Route::Stream);
+        // Without a stream it is never chosen.
+        let mut p = AutoPolicy::new(false);
+        p.samples = [Some(none), Some(lz4), Some(zstd), Some(Sample { ratio: 0.25, cpu_per_byte: 3e-8 })];
+        // (here the fourth candidate is per-run zstd 6)
+        p.since_sample = 0;
+        assert_eq!(p.choose(Some(1e6), 8, 0), Route::Run(Codec::Zstd(6)));
     }
 }

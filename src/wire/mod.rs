@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
+//! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
 //! - [`throttle`]: the token bucket of `--bwlimit`, in front of a link's writer.
@@ -11,5 +12,6 @@ pub mod compress;
 pub mod liveness;
 pub mod protocol;
 pub mod rate;
+pub mod stream;
 pub mod throttle;
 pub mod transport;

@@ -90,6 +90,18 @@
 //! without reading the replies is held by back-pressure instead of growing
 //! the source's memory.
 //!
+//! Compression context (capability [`CAP_ZSTD_STREAM`]): when both ends
+//! set it, the source may send a run as codec
+//! [`STREAM_CODE`](crate::wire::stream::STREAM_CODE): the next flushed piece
+//! of one zstd stream that lasts the whole copy (all passes), so each run
+//! is compressed with everything streamed before it as history. Such
+//! payloads must be decompressed in the order their frames arrive, which is
+//! the order the source wrote them; requests are still answered out of
+//! order. Other codecs stay per run and bypass the stream. The window is at
+//! most 2^[`WINDOW_LOG_MAX`](crate::wire::stream::WINDOW_LOG_MAX) bytes; the
+//! target refuses a stream asking for more. A stream payload without the
+//! capability agreed is an error.
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -131,6 +143,13 @@ pub const V_KEEPALIVE: u16 = 2;
 pub const WINDOW: usize = 4096;
 /// Capability: the source may run a live copy in passes.
 pub const CAP_LIVE: u32 = 1;
+/// Capability: `Blocks` payloads of codec
+/// [`STREAM_CODE`](crate::wire::stream::STREAM_CODE) are pieces of one zstd
+/// stream per copy, decompressed in the order the frames arrive, with a
+/// window of at most 2^[`WINDOW_LOG_MAX`](crate::wire::stream::WINDOW_LOG_MAX)
+/// bytes (`wire::stream`). Without it (a peer of the previous release) runs
+/// are compressed one by one, as before.
+pub const CAP_ZSTD_STREAM: u32 = 1 << 1;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;

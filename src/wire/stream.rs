@@ -1,0 +1,246 @@
+//! One zstd stream per copy, across runs (capability
+//! [`CAP_ZSTD_STREAM`](crate::wire::protocol::CAP_ZSTD_STREAM)).
+//!
+//! Why: runs compressed one by one start with an empty history each time,
+//! so a block that repeats data from a run sent earlier (the same library in
+//! two places, a file's second copy) pays for it again. A whole-stream
+//! compressor keeps its history: with one compression context on the source
+//! and one decompression context on the target, each run is compressed with
+//! everything sent before it as history (long-distance matching over a
+//! window of up to [`WINDOW_LOG_MAX`]), and the stream is flushed after each
+//! run so that every `Blocks` frame decompresses on its own arrival, in the
+//! order the frames were written.
+//!
+//! The order is the contract: the source compresses runs in exactly the
+//! order it writes their frames (one thread owns the encoder, see
+//! `copy::source`), and the target decompresses `Blocks` frames of codec
+//! [`STREAM_CODE`] in the order it reads them. Runs sent with a per-run
+//! codec (or raw) do not pass through the stream on either end.
+//!
+//! Memory: the source picks the window from the image size, at most
+//! 2^[`WINDOW_LOG_MAX`] bytes; the target's decoder refuses a stream whose
+//! frame asks for a larger window (zstd's `windowLogMax`), so a hostile
+//! source cannot make it allocate more than that bound plus a run. Each
+//! payload must expand to exactly the run's declared length, checked before
+//! anything is written; every block is then checked against its key as
+//! always.
+
+use thiserror::Error;
+use zstd::stream::raw::{CParameter, DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
+
+use super::compress::CodecError;
+
+/// The codec code of a `Blocks` payload that is the next flushed piece of
+/// the copy's stream.
+pub const STREAM_CODE: u8 = 4;
+
+/// Largest window either end uses: 128 MiB of history. The bound both ends
+/// agree on by agreeing on the capability; the target allocates at most this
+/// much for the window (plus a run).
+pub const WINDOW_LOG_MAX: u32 = 27;
+
+/// Smallest window the source picks (zstd's levels use 2^19..2^21 anyway).
+const WINDOW_LOG_MIN: u32 = 20;
+
+/// The zstd level `auto` streams at whenever it picks zstd (zstd's default,
+/// the level the experiments compare against).
+pub const AUTO_LEVEL: i32 = 3;
+
+#[derive(Debug, Error)]
+#[error("zstd stream: {0}")]
+pub struct StreamError(String);
+
+/// The window for an image of `size` bytes: the whole image if it fits
+/// under the bound, so a small copy does not make either end allocate the
+/// full window.
+pub fn window_log_for(size: u64) -> u32 {
+    let need = 64 - size.saturating_sub(1).leading_zeros();
+    need.clamp(WINDOW_LOG_MIN, WINDOW_LOG_MAX)
+}
+
+/// The source's end of the stream.
+pub struct StreamEncoder {
+    enc: Encoder<'static>,
+}
+
+impl StreamEncoder {
+    /// A stream at `level` with long-distance matching over 2^`window_log`
+    /// bytes (at most [`WINDOW_LOG_MAX`]).
+    pub fn new(level: i32, window_log: u32) -> Result<StreamEncoder, StreamError> {
+        let e = |e: std::io::Error| StreamError(e.to_string());
+        let mut enc = Encoder::new(level).map_err(e)?;
+        enc.set_parameter(CParameter::WindowLog(window_log.min(WINDOW_LOG_MAX))).map_err(e)?;
+        enc.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(e)?;
+        // Blocks are verified by their digests; zstd's checksum would only
+        // cost bytes (and a streamed frame never ends anyway).
+        enc.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
+        Ok(StreamEncoder { enc })
+    }
+
+    /// Compress `data` as the next piece of the stream and flush it, so that
+    /// the returned bytes decompress to exactly `data` once every earlier
+    /// piece has been decompressed.
+    pub fn compress_run(&mut self, data: &[u8]) -> Result<Vec<u8>, StreamError> {
+        let e = |e: std::io::Error| StreamError(e.to_string());
+        let mut out: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 128);
+        let mut input = InBuffer::around(data);
+        while input.pos() < data.len() {
+            if out.capacity() == out.len() {
+                out.reserve(64 << 10);
+            }
+            let pos = out.len();
+            let mut o = OutBuffer::around_pos(&mut out, pos);
+            self.enc.run(&mut input, &mut o).map_err(e)?;
+        }
+        loop {
+            if out.capacity() == out.len() {
+                out.reserve(64 << 10);
+            }
+            let pos = out.len();
+            let mut o = OutBuffer::around_pos(&mut out, pos);
+            if self.enc.flush(&mut o).map_err(e)? == 0 {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// The target's end of the stream.
+pub struct StreamDecoder {
+    dec: Decoder<'static>,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Result<StreamDecoder, StreamError> {
+        let e = |e: std::io::Error| StreamError(e.to_string());
+        let mut dec = Decoder::new().map_err(e)?;
+        // The memory bound: a frame declaring a larger window is an error,
+        // not an allocation.
+        dec.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX)).map_err(e)?;
+        Ok(StreamDecoder { dec })
+    }
+
+    /// Decompress the next piece of the stream, which must expand to
+    /// exactly `raw_len` bytes (at most `raw_len + 1` are ever produced, so
+    /// a piece claiming less than it holds is caught without growing).
+    /// After an error the stream is unusable; the copy fails.
+    pub fn decompress_run(&mut self, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CodecError> {
+        let corrupt = |detail: String| CodecError::Corrupt { codec: "zstd-stream", detail };
+        let mut out = vec![0u8; raw_len + 1];
+        let mut input = InBuffer::around(payload);
+        let mut o = OutBuffer::around(&mut out[..]);
+        loop {
+            let before = (input.pos(), o.pos());
+            self.dec.run(&mut input, &mut o).map_err(|e| corrupt(e.to_string()))?;
+            let done = input.pos() == payload.len() && o.pos() < o.capacity();
+            // A full output (one byte past the run) or no progress ends it.
+            if done || o.pos() == o.capacity() || (input.pos(), o.pos()) == before {
+                break;
+            }
+        }
+        let (got, used) = (o.pos(), input.pos());
+        if got != raw_len {
+            return Err(CodecError::Length { codec: "zstd-stream", got, want: raw_len });
+        }
+        if used != payload.len() {
+            return Err(corrupt(format!("{} bytes of the payload left undecoded", payload.len() - used)));
+        }
+        out.truncate(raw_len);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs that repeat data from earlier runs: the stream finds it, runs
+    /// compressed one by one do not.
+    fn runs() -> Vec<Vec<u8>> {
+        let mut x = 7u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let a = noise(256 << 10);
+        let b = noise(64 << 10);
+        vec![a.clone(), b.clone(), [b.clone(), a[1000..90_000].to_vec()].concat(), a.clone(), vec![5; 4096]]
+    }
+
+    #[test]
+    fn runs_round_trip_in_order_and_history_pays() {
+        let mut enc = StreamEncoder::new(3, window_log_for(1 << 30)).unwrap();
+        let mut dec = StreamDecoder::new().unwrap();
+        let (mut streamed, mut alone) = (0, 0);
+        for r in runs() {
+            let p = enc.compress_run(&r).unwrap();
+            streamed += p.len();
+            alone += zstd::bulk::compress(&r, 3).unwrap().len();
+            assert_eq!(dec.decompress_run(&p, r.len()).unwrap(), r);
+        }
+        // The repeated 256 KiB of noise costs almost nothing the second time.
+        assert!(streamed * 10 < alone * 6, "streamed {streamed}, run by run {alone}");
+    }
+
+    #[test]
+    fn a_wrong_length_or_a_corrupt_piece_is_an_error() {
+        let rs = runs();
+        let mut enc = StreamEncoder::new(3, 22).unwrap();
+        let pieces: Vec<Vec<u8>> = rs.iter().map(|r| enc.compress_run(r).unwrap()).collect();
+        // Claiming fewer bytes than the piece holds.
+        let mut dec = StreamDecoder::new().unwrap();
+        assert!(matches!(dec.decompress_run(&pieces[0], rs[0].len() - 1), Err(CodecError::Length { .. })));
+        // Claiming more.
+        let mut dec = StreamDecoder::new().unwrap();
+        assert!(matches!(dec.decompress_run(&pieces[0], rs[0].len() + 1), Err(CodecError::Length { .. })));
+        // A piece cut short.
+        let mut dec = StreamDecoder::new().unwrap();
+        let cut = &pieces[0][..pieces[0].len() / 2];
+        assert!(dec.decompress_run(cut, rs[0].len()).is_err());
+        // Pieces out of order: the second one alone has no frame header.
+        let mut dec = StreamDecoder::new().unwrap();
+        assert!(dec.decompress_run(&pieces[1], rs[1].len()).is_err());
+        // Flipped bytes never come back as the run (zstd errors or the
+        // output differs; the caller then fails on the block's key).
+        for at in [0, 5, pieces[2].len() / 2, pieces[2].len() - 1] {
+            let mut dec = StreamDecoder::new().unwrap();
+            dec.decompress_run(&pieces[0], rs[0].len()).unwrap();
+            dec.decompress_run(&pieces[1], rs[1].len()).unwrap();
+            let mut bad = pieces[2].clone();
+            bad[at] ^= 0x40;
+            if let Ok(out) = dec.decompress_run(&bad, rs[2].len()) {
+                assert_ne!(out, rs[2], "flip at {at} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_over_the_bound_is_refused_not_allocated() {
+        // A source (here: zstd itself) asking for a 1 GiB window.
+        let mut big = Encoder::new(3).unwrap();
+        big.set_parameter(CParameter::WindowLog(30)).unwrap();
+        let mut out = vec![0u8; 1 << 16];
+        let data = vec![1u8; 1000];
+        let mut input = InBuffer::around(&data);
+        let mut o = OutBuffer::around(&mut out[..]);
+        big.run(&mut input, &mut o).unwrap();
+        while big.flush(&mut o).unwrap() != 0 {}
+        let n = o.pos();
+        let e = StreamDecoder::new().unwrap().decompress_run(&out[..n], data.len()).unwrap_err();
+        assert!(e.to_string().contains("zstd-stream"), "{e}");
+    }
+
+    #[test]
+    fn the_window_follows_the_image_up_to_the_bound() {
+        assert_eq!(window_log_for(0), WINDOW_LOG_MIN);
+        assert_eq!(window_log_for(4 << 20), 22);
+        assert_eq!(window_log_for((4 << 20) + 1), 23);
+        assert_eq!(window_log_for(u64::MAX), WINDOW_LOG_MAX);
+    }
+}
