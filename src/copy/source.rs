@@ -543,20 +543,33 @@ impl SourceSession {
     /// What is found is kept for the next [`send_pass`](Self::send_pass) or
     /// [`final_pass`](Self::final_pass).
     pub fn scan(&mut self) -> Result<Scan, EngineError> {
-        if self.opts.live.is_none() {
-            return Err(EngineError::StepOrder("scan() on a session that is not live".into()));
-        }
-        let mut scan = Scan { pass_done: self.pass, ..Scan::default() };
-        if self.in_flight {
-            let stale = self.wait_pass_done(None)?;
-            scan.stale_groups = stale.len() as u64;
-            let gc = self.shared.layout.group_count();
-            self.pending.extend(stale.into_iter().filter(|&g| g < gc));
-        }
+        let stale_groups = self.wait_pass()?;
+        let mut scan = Scan { pass_done: self.pass, stale_groups, ..Scan::default() };
         let changed = self.changed_blocks(false)?;
         scan.changed_blocks = changed;
         log::info!("pass {}: {changed} blocks changed since hashed", self.pass);
         Ok(scan)
+    }
+
+    /// Wait until the target has finished the pass in flight, if one is,
+    /// and keep the groups it reports stale for the next pass; returns
+    /// their count. [`scan`](Self::scan) does this first; a caller that
+    /// learns meanwhile that the source has stopped changing (migrate: the
+    /// guest is suspended) can stop here and leave the finding of changes
+    /// to [`final_pass`](Self::final_pass), which with snapshot tracking
+    /// costs no new snapshot.
+    pub fn wait_pass(&mut self) -> Result<u64, EngineError> {
+        if self.opts.live.is_none() {
+            return Err(EngineError::StepOrder("scan() on a session that is not live".into()));
+        }
+        if !self.in_flight {
+            return Ok(0);
+        }
+        let stale = self.wait_pass_done(None)?;
+        let n = stale.len() as u64;
+        let gc = self.shared.layout.group_count();
+        self.pending.extend(stale.into_iter().filter(|&g| g < gc));
+        Ok(n)
     }
 
     fn wait_pass_done(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Vec<u64>, EngineError> {

@@ -870,6 +870,17 @@ fn passes_during_memory(
         if suspended {
             return (sent, None);
         }
+        for c in copies.iter_mut() {
+            if let Err(source) = c.session.wait_pass() {
+                return (sent, Some(MigrateError::PreCopy { disk: c.disk.path(), source }));
+            }
+        }
+        // Suspended (or READY came) while that pass travelled: the final
+        // pass finds the rest. Scanning now would take a tracking snapshot
+        // (seconds under emulation) inside the suspended window.
+        if ctl.stop.load(Ordering::SeqCst) || ctl.suspended.load(Ordering::SeqCst) {
+            return (sent, None);
+        }
         let mut changed = 0;
         for c in copies.iter_mut() {
             match c.session.scan() {
