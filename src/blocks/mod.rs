@@ -3,7 +3,9 @@
 //! - [`digest`]: block digest algorithms and the short wire key.
 //! - [`layout`]: how an image is cut into blocks (partition-aware).
 //! - [`blockmap`]: per-block, per-group and whole-image digests, hashed on all cores.
+//! - [`runs`]: runs of consecutive numbers: the range check, the cutting.
 
 pub mod blockmap;
 pub mod digest;
 pub mod layout;
+pub mod runs;

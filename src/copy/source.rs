@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
+use crate::blocks::runs::checked_end;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
@@ -1023,8 +1024,7 @@ fn work_loop(
 }
 
 fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Result<(), EngineError> {
-    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.group_count() && count > 0);
-    let Some(end) = end else {
+    let Some(end) = checked_end(first, count, sh.layout.group_count()) else {
         return Err(EngineError::BadRequest(format!(
             "digests of groups {first}+{count}, image has {}",
             sh.layout.group_count()
@@ -1048,8 +1048,7 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 /// stream (`streaming`: the target takes one) when the user chose zstd or
 /// `auto` routes it there, else compressed on its own (or raw).
 fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, EngineError> {
-    let end = first.checked_add(count as u64).filter(|&e| e <= sh.layout.block_count() && count > 0);
-    let Some(end) = end else {
+    let Some(end) = checked_end(first, count, sh.layout.block_count()) else {
         return Err(EngineError::BadRequest(format!("blocks {first}+{count}, image has {}", sh.layout.block_count())));
     };
     let (start, stop) = byte_range(&sh.layout, first, end);

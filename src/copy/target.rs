@@ -34,6 +34,7 @@ use rayon::prelude::*;
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::blocks::layout::Layout;
+use crate::blocks::runs::{checked_end, runs};
 use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 use crate::wire::compress::Codec;
@@ -638,23 +639,15 @@ impl Target<'_> {
                 self.layout.group_count()
             )));
         }
-        let mut want: Option<(u64, u32)> = None;
+        let mut want = Vec::new();
         for (i, d) in digests.into_iter().enumerate() {
             let g = first + i as u64;
             self.announce(g, d)?;
-            if self.settle_group_locally(g, &d)? {
-                continue;
+            if !self.settle_group_locally(g, &d)? {
+                want.push(g);
             }
-            want = match want {
-                Some((f, c)) if f + c as u64 == g && c < MAX_WANT => Some((f, c + 1)),
-                Some((f, c)) => {
-                    self.request(Message::WantDigests { first_group: f, count: c })?;
-                    Some((g, 1))
-                }
-                None => Some((g, 1)),
-            };
         }
-        if let Some((f, c)) = want {
+        for (f, c) in runs(want, MAX_WANT) {
             self.request(Message::WantDigests { first_group: f, count: c })?;
         }
         Ok(())
@@ -813,18 +806,7 @@ impl Target<'_> {
     /// Ask for `blocks` (ascending) in runs of consecutive blocks.
     fn request_runs(&mut self, blocks: &[u64]) -> Result<(), EngineError> {
         let max = (MAX_RUN_BYTES / self.layout.block_size as u64).max(1) as u32;
-        let mut run: Option<(u64, u32)> = None;
-        for &i in blocks {
-            run = match run {
-                Some((f, c)) if f + c as u64 == i && c < max => Some((f, c + 1)),
-                Some((f, c)) => {
-                    self.request(Message::Fetch { first_block: f, count: c })?;
-                    Some((i, 1))
-                }
-                None => Some((i, 1)),
-            };
-        }
-        if let Some((f, c)) = run {
+        for (f, c) in runs(blocks.iter().copied(), max) {
             self.request(Message::Fetch { first_block: f, count: c })?;
         }
         Ok(())
@@ -838,8 +820,7 @@ impl Target<'_> {
         raw_len: u32,
         payload: Vec<u8>,
     ) -> Result<(), EngineError> {
-        let end = first.checked_add(count as u64).filter(|&e| e <= self.layout.block_count() && count > 0);
-        let Some(end) = end else {
+        let Some(end) = checked_end(first, count, self.layout.block_count()) else {
             return Err(EngineError::BadReply(format!(
                 "blocks {first}+{count}, the image has {}",
                 self.layout.block_count()
