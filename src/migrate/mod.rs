@@ -252,6 +252,9 @@ pub struct MigrateReport {
     pub downtime_seconds: Option<f64>,
     /// The last disk delta, sent while the source was suspended.
     pub final_delta_seconds: Option<f64>,
+    /// From the target's READY to the start of the last delta: the disk
+    /// pass of the memory phase still in flight, and the test hold.
+    pub ready_to_delta_seconds: Option<f64>,
     /// `--stop-copy`: the copy of the save image (memory) to the target.
     pub memory_image: Option<Report>,
     /// Bytes the disk copies moved (both directions, framing included).
@@ -991,6 +994,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     let ctl = PassControl::default();
     let overlap = opts.passes_during_memory;
     let mut relay_error: Option<String> = None;
+    let mut ready_at: Option<Instant> = None;
     let (waited, (passes, disk_failure)) = std::thread::scope(|s| {
         let disks = overlap.then(|| {
             let (copies, ctl) = (&mut copies[..], &ctl);
@@ -1003,7 +1007,10 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
             }
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ev::RelayConnected(s)) => relay = Some(s),
-                Ok(Ev::Relay(l)) if l == "READY" => break Waited::Ready,
+                Ok(Ev::Relay(l)) if l == "READY" => {
+                    ready_at = Some(Instant::now());
+                    break Waited::Ready;
+                }
                 Ok(Ev::Relay(l)) => {
                     log::debug!("relay: {l}");
                     if let Some(e) = l.strip_prefix("ERROR ") {
@@ -1066,6 +1073,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     clock.next(report, "final disk delta (suspended)", progress);
     journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
     let t = Instant::now();
+    report.ready_to_delta_seconds = ready_at.map(|r| t.duration_since(r).as_secs_f64());
     let delta = final_delta(copies, report, suspended_at.map(|s| s.elapsed()).unwrap_or_default());
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
     // Held until this function returns: the guest runs again by then.
