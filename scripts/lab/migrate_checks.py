@@ -189,6 +189,47 @@ def check_xm_target_vg(g, dst, vg, want_created):
     return f"{summary}; attached: {attached}", figures
 
 
+HOOK = "/usr/lib/xenmig/external-device-migrate"
+
+
+def check_xend_hook(g, dst):
+    """The xend hook the package installs, driven as xend drove it around a
+    suspend: steps 0 and 1 while g1 runs (live copies of its disk to the
+    same path on DST), `xl pause` standing in for xend's suspend, steps 2
+    and 3; then both LVs are read past the page cache and compared. g1 is
+    unpaused and stays here (xend would have moved its memory)."""
+    src = g.host
+    if src.run(f"test -x {HOOK}")[0] != 0:
+        raise LabError(f"{HOOK} is not installed")
+    before = last_heartbeat(src, g.log)
+    said = []
+    for step in (0, 1):
+        said.append(src.sh(f"{HOOK} -type vbd -step {step} -host {dst.ip} -domname g1", 120).strip())
+    time.sleep(10)  # the live passes run while the guest writes
+    src.sh("xl pause g1")
+    try:
+        said.append(src.sh(f"{HOOK} -type vbd -step 2 -host {dst.ip} -domname g1", 60).strip())
+        rc, out = src.run(f"{HOOK} -type vbd -step 3 -host {dst.ip} -domname g1", 600)
+        said.append(out.strip())
+        if rc != 0:
+            raise LabError(f"step 3: status {rc}: {out[-800:]}")
+        digest = "dd if=/dev/vg0/g1 bs=1M iflag=direct status=none | sha256sum"
+        here, there = src.sh(digest).split()[0], dst.sh(digest).split()[0]
+    finally:
+        src.sh("xl unpause g1")
+    if here != there:
+        raise LabError(f"after step 3 the LVs differ: {src.name} {here[:16]}, {dst.name} {there[:16]}")
+    rep = json.loads(src.sh("cat /run/xenmig/hook/g1/disk-0.json").strip().splitlines()[-1])
+    if not rep.get("verified"):
+        raise LabError(f"the copy's report: {json.dumps(rep)[:800]}")
+    after = wait_heartbeat_above(src, before, 90, g.log)
+    passes = len(rep.get("passes", []))
+    return (f"{' / '.join(x for x in said if x)}; {passes} passes, downtime "
+            f"{rep.get('downtime_seconds', 0):.2f} s, verified; sha256 of both LVs {here[:16]}; "
+            f"g1 runs on {src.name} ({before} -> {after})",
+            {"passes": passes, "downtime_seconds": rep.get("downtime_seconds")})
+
+
 def check_xm_kill_at_hold(g, dst):
     """Kill the target's `xenmig serve` while READY is held (XENMIG_TEST_HOLD_READY
     gives the window): the last delta fails, READY never reaches xl, xl resumes
@@ -490,6 +531,9 @@ def run_xenmig_migrate_checks(checks, hosts):
     if not checks.step("xenmig migrate --target-vg vg0 g1 back (vg1 -> vg0, its tagged LV reused)",
                        lambda: check_xm_target_vg(g, other(), "vg0", False)):
         return
+    checks.step(f"the xend hook ({HOOK}, from the .deb) driven step by step around a "
+                "pause of g1: its disk copied live and verified on the other host",
+                lambda: check_xend_hook(g, other()))
     if os.environ.get("XENMIG_LAB_BENCH") == "1":
         checks.step("migrate benchmark: xl migrate (memory only), xl migrate -p + dd, xenmig live (now and before), --stop-copy at "
                     "64 and 512 MiB under a write load (XENMIG_LAB_BENCH=1)",
