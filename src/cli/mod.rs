@@ -357,6 +357,9 @@ pub fn main() -> i32 {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     output::init(cli.verbose, cli.log_format);
+    // A far end's messages (ssh, the remote xenmig) reach the operator as
+    // they come.
+    xenmig::wire::transport::set_peer_line_sink(|line| eprintln!("{line}"));
     let quiet = cli.quiet;
     let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
     match run(cli.command, quiet, &sub, cli.config_file.as_deref()) {

@@ -208,7 +208,7 @@ pub fn run(
                 match xl_header::rewrite(&mut stdin, &mut to_target, &renames) {
                     Ok(n) => tell(&w, &format!("CONFIG {n} disk paths rewritten")),
                     Err(e) => {
-                        eprintln!("xenmig migrate-relay: {e}");
+                        log::error!("migrate-relay: {e}");
                         tell(&w, &format!("ERROR {e}"));
                         // SAFETY: kill(2) of the transport this process
                         // started and has not reaped (see above).

@@ -20,6 +20,23 @@ use thiserror::Error;
 
 use super::throttle::Throttle;
 
+/// Where a spawned peer's stderr lines go (already sanitized). The library
+/// prints nothing: the program sets this (xenmig's CLI: to its stderr);
+/// unset, they go to the log at info level.
+static PEER_LINES: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Send the far end's stderr lines to `sink` (once per process).
+pub fn set_peer_line_sink(sink: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = PEER_LINES.set(Box::new(sink));
+}
+
+fn pass_on(line: &str) {
+    match PEER_LINES.get() {
+        Some(sink) => sink(line),
+        None => log::info!("peer: {line}"),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum TransportError {
     #[error("cannot start '{command}': {source}")]
@@ -264,7 +281,7 @@ impl Link {
                 // Its final error reaches the operator once, in this end's
                 // own error (from its Error frame, or from `failure`).
                 if !line.starts_with("xenmig: error:") {
-                    eprintln!("{line}");
+                    pass_on(&line);
                 }
                 let mut k = keep.lock().unwrap();
                 k.push_str(&line);
