@@ -15,6 +15,7 @@ use xenmig::wire::compress::Choice;
 use xenmig::wire::rate::Rate;
 
 mod assets;
+mod bar;
 mod copy;
 mod images;
 mod migrate;

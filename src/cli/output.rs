@@ -75,7 +75,7 @@ pub(crate) fn progress(quiet: bool, hide_bar: bool, what: &str) -> Progress {
         return Progress::hidden();
     }
     if std::io::stderr().is_terminal() {
-        return Progress::stderr(hide_bar);
+        return if hide_bar { Progress::hidden() } else { Progress::new(Arc::new(super::bar::Bar::new())) };
     }
     let what = what.to_string();
     let json = format() == LogFormat::Json;

@@ -1,10 +1,11 @@
-//! Progress display: a bar with rate and ETA on a terminal; without one
-//! (hooks, cron, systemd), each phase as one event handed to the caller's
-//! sink, which writes it as a log line (the library prints nothing itself).
+//! Progress of long work, as the library reports it: phases (with the bytes
+//! they cover), bytes done, notes. The library draws nothing: a caller
+//! gives a [`Meter`] (xenmig's CLI: a bar on a terminal, one line per phase
+//! otherwise) or an event [`Sink`], or nothing.
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
 use std::sync::Arc;
+
+use crate::wire::rate::Rate;
 
 /// What a progress sink is told.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -18,91 +19,84 @@ pub enum Event<'a> {
 /// Receives the events of a progress without a bar.
 pub type Sink = Arc<dyn Fn(Event<'_>) + Send + Sync>;
 
+/// Something that shows progress (a terminal bar, a log).
+pub trait Meter: Send + Sync {
+    /// A phase of `total` bytes begins.
+    fn phase(&self, name: &str, total: u64);
+    /// `bytes` more of the phase are done.
+    fn inc(&self, bytes: u64);
+    /// A note about the work (a pass done, a phase of migrate).
+    fn message(&self, msg: &str);
+    /// The bandwidth limit the work runs under.
+    fn limit(&self, _rate: Rate) {}
+    /// The work is over.
+    fn finish(&self) {}
+}
+
+/// A [`Sink`] as a meter: phases and notes become events, bytes nothing.
+struct Events(Sink);
+
+impl Meter for Events {
+    fn phase(&self, name: &str, total: u64) {
+        (self.0)(Event::Phase { name, bytes: total });
+    }
+    fn inc(&self, _: u64) {}
+    fn message(&self, msg: &str) {
+        (self.0)(Event::Note(msg));
+    }
+}
+
+/// The handle the engine reports through; cheap to clone.
 #[derive(Clone)]
 pub struct Progress {
-    bar: Option<ProgressBar>,
-    sink: Option<Sink>,
+    meter: Option<Arc<dyn Meter>>,
 }
 
 impl Progress {
-    /// A bar on stderr if it is a terminal and `quiet` is false.
-    pub fn stderr(quiet: bool) -> Progress {
-        if quiet || !std::io::stderr().is_terminal() {
-            return Progress::hidden();
-        }
-        Progress::bar()
+    /// Report to `meter`.
+    pub fn new(meter: Arc<dyn Meter>) -> Progress {
+        Progress { meter: Some(meter) }
     }
 
-    /// Events to `sink` instead of a bar.
+    /// Events to `sink` (phases and notes; bytes are not counted).
     pub fn events(sink: Sink) -> Progress {
-        Progress { bar: None, sink: Some(sink) }
+        Progress::new(Arc::new(Events(sink)))
     }
 
-    fn bar() -> Progress {
-        // Hidden until the first phase gives it a length, so that no empty
-        // "0 B/0 B" bar flashes up.
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        Progress { bar: Some(bar), sink: None }
+    /// Report nowhere.
+    pub fn hidden() -> Progress {
+        Progress { meter: None }
     }
 
     /// Show the bandwidth limit next to the rate (nothing when there is none).
-    pub fn limit(&self, rate: crate::wire::rate::Rate) {
-        if let (Some(b), Some(_)) = (&self.bar, rate.limit()) {
-            b.set_style(
-                ProgressStyle::with_template(&format!(
-                    "{{prefix:>9}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} (limit {rate}/s) ETA {{eta}} {{msg}}"
-                ))
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+    pub fn limit(&self, rate: Rate) {
+        if let Some(m) = &self.meter {
+            m.limit(rate);
         }
-    }
-
-    pub fn hidden() -> Progress {
-        Progress { bar: None, sink: None }
     }
 
     /// Start a phase of `total` bytes.
     pub fn phase(&self, name: &str, total: u64) {
-        if let Some(s) = &self.sink {
-            s(Event::Phase { name, bytes: total });
-        }
-        if let Some(b) = &self.bar {
-            b.set_length(total);
-            b.set_position(0);
-            b.reset_eta();
-            b.set_prefix(name.to_string());
-            if b.is_hidden() {
-                b.set_draw_target(ProgressDrawTarget::stderr());
-            }
+        if let Some(m) = &self.meter {
+            m.phase(name, total);
         }
     }
 
     pub fn inc(&self, bytes: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(bytes);
+        if let Some(m) = &self.meter {
+            m.inc(bytes);
         }
     }
 
     pub fn message(&self, msg: String) {
-        if let Some(s) = &self.sink {
-            s(Event::Note(&msg));
-        }
-        if let Some(b) = &self.bar {
-            b.set_message(msg);
+        if let Some(m) = &self.meter {
+            m.message(&msg);
         }
     }
 
     pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
+        if let Some(m) = &self.meter {
+            m.finish();
         }
     }
 }

@@ -23,7 +23,9 @@ use super::throttle::Throttle;
 /// Where a spawned peer's stderr lines go (already sanitized). The library
 /// prints nothing: the program sets this (xenmig's CLI: to its stderr);
 /// unset, they go to the log at info level.
-static PEER_LINES: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
+static PEER_LINES: std::sync::OnceLock<PeerLineSink> = std::sync::OnceLock::new();
+
+type PeerLineSink = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Send the far end's stderr lines to `sink` (once per process).
 pub fn set_peer_line_sink(sink: impl Fn(&str) + Send + Sync + 'static) {
