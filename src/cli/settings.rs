@@ -116,33 +116,62 @@ pub(crate) fn copy_host(a: &CopyArgs) -> Option<String> {
     })
 }
 
-/// Settings of `copy` from the configuration, where no flag set them.
-pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
-    let host = copy_host(a);
+/// The settings `copy` and `migrate` share, as their flags hold them.
+struct Shared<'s> {
+    ssh: &'s mut String,
+    remote_xenmig: &'s mut String,
+    compress: &'s mut xenmig::wire::compress::Choice,
+    hash: &'s mut super::HashArgs,
+    bwlimit: &'s mut Rate,
+    idle: &'s mut super::IdleArgs,
+    references: &'s mut Vec<PathBuf>,
+}
+
+/// Fill the shared settings from the host section and the file, where no
+/// flag set them.
+fn apply_shared(r: &mut Resolver<'_>, cfg: &Config, a: Shared<'_>) {
     let g = &cfg.general;
-    let mut r = Resolver::new(m, cfg, host.as_deref());
     let h = r.section();
-    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
+    r.pick("ssh", "ssh", a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
     r.pick(
         "remote_xenmig",
         "remote_xenmig",
-        &mut a.remote_xenmig,
+        a.remote_xenmig,
         h.and_then(|h| h.remote_xenmig.as_ref()),
         g.remote_xenmig.as_ref(),
         |s| text(s),
     );
-    r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
+    r.pick("compress", "compress", a.compress, None, g.compress.as_ref(), shown);
     r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
     r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
-    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
+    r.pick("bwlimit", "bwlimit", a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
     r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
     r.pick(
         "references",
         "references",
-        &mut a.references,
+        a.references,
         h.and_then(|h| h.references.as_ref()),
         g.references.as_ref(),
         |v| paths(v),
+    );
+}
+
+/// Settings of `copy` from the configuration, where no flag set them.
+pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+    let host = copy_host(a);
+    let mut r = Resolver::new(m, cfg, host.as_deref());
+    apply_shared(
+        &mut r,
+        cfg,
+        Shared {
+            ssh: &mut a.ssh,
+            remote_xenmig: &mut a.remote_xenmig,
+            compress: &mut a.compress,
+            hash: &mut a.hash,
+            bwlimit: &mut a.bwlimit,
+            idle: &mut a.idle,
+            references: &mut a.references,
+        },
     );
     r.rows
 }
@@ -150,30 +179,21 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
 /// Settings of `migrate` from the configuration, where no flag set them.
 pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = a.host.clone();
-    let (g, mg) = (&cfg.general, &cfg.migrate);
+    let mg = &cfg.migrate;
     let mut r = Resolver::new(m, cfg, host.as_deref());
     let h = r.section();
-    r.pick("ssh", "ssh", &mut a.ssh, h.and_then(|h| h.ssh.as_ref()), g.ssh.as_ref(), |s| text(s));
-    r.pick(
-        "remote_xenmig",
-        "remote_xenmig",
-        &mut a.remote_xenmig,
-        h.and_then(|h| h.remote_xenmig.as_ref()),
-        g.remote_xenmig.as_ref(),
-        |s| text(s),
-    );
-    r.pick("compress", "compress", &mut a.compress, None, g.compress.as_ref(), shown);
-    r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
-    r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
-    r.pick("bwlimit", "bwlimit", &mut a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
-    r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
-    r.pick(
-        "references",
-        "references",
-        &mut a.references,
-        h.and_then(|h| h.references.as_ref()),
-        g.references.as_ref(),
-        |v| paths(v),
+    apply_shared(
+        &mut r,
+        cfg,
+        Shared {
+            ssh: &mut a.ssh,
+            remote_xenmig: &mut a.remote_xenmig,
+            compress: &mut a.compress,
+            hash: &mut a.hash,
+            bwlimit: &mut a.bwlimit,
+            idle: &mut a.idle,
+            references: &mut a.references,
+        },
     );
     // The target VG is optional (None: the source's VG name); the file's
     // value is wrapped to fit.
