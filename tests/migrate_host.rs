@@ -102,6 +102,63 @@ fn a_migration_moves_the_domain_and_its_disk() {
     );
 }
 
+/// The last delta starts when the source is seen suspended, not at READY:
+/// here the target's xl takes 5 s after the suspension (its last memory
+/// round and the domain's build, under TCG), and the delta is done before
+/// READY comes, so READY goes on at once.
+#[test]
+fn the_last_delta_runs_before_ready_while_xl_finishes() {
+    let mut w = World::new(VG_BIG);
+    let want = w.guest_writes_before_suspend(100, 3);
+    w.fault("xl_sleep_suspended", "5");
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert!(fs::read(w.tgt_disk()).unwrap() == want, "the target disk differs from the suspended source");
+    let t = r.suspended_window.clone().unwrap_or_else(|| panic!("no suspended window: {r:?}"));
+    let (done, ready) = (t.last_delta_done.unwrap(), t.ready.unwrap());
+    assert!(done < ready, "the last delta ended at {done:.2} s, READY came at {ready:.2} s: {t:?}");
+    assert!(t.last_delta_started.unwrap() < 2.0, "{t:?}");
+    assert!(r.ready_to_release_seconds.unwrap() < 0.5, "{r:?}");
+    let (released, go, unpaused) = (t.released.unwrap(), t.go.unwrap(), t.unpaused.unwrap());
+    assert!(ready <= released && released <= go && go <= unpaused, "{t:?}");
+    assert!(r.disks[0].copy.as_ref().unwrap().verified);
+    row(
+        "success, last delta done before READY (target's xl slow after the suspension)",
+        format!("migrated; {}; delta done at {done:.2} s, READY at {ready:.2} s", where_runs(&w)),
+    );
+}
+
+/// The target's disk end dies at the suspension, so the last delta (run
+/// before READY comes) fails: READY is withheld when it comes, the source
+/// resumes, the target's copy is destroyed.
+#[test]
+fn the_last_delta_fails_before_ready_ready_withheld() {
+    let mut w = World::new(VG_BIG);
+    let want = w.guest_writes_before_suspend(100, 2);
+    w.fault("kill_serve_at_suspend", "");
+    w.fault("xl_sleep_suspended", "2");
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    // The last pass of the memory phase (sent at the suspension) or the
+    // delta itself meets the dead link first.
+    assert!(matches!(e, MigrateError::FinalDelta { .. } | MigrateError::PreCopy { .. }), "{e}\n{}", w.log());
+    assert!(!r.migrated);
+    assert_eq!(
+        r.rolled_back,
+        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
+        "{}",
+        w.log()
+    );
+    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
+    assert!(!w.log().contains("GO"), "{}", w.log());
+    assert_rolled_back(&w, &want);
+    row(
+        "last delta: target disk end killed at the suspension, before READY",
+        format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
+}
+
 #[test]
 fn disk_passes_go_on_while_xl_copies_memory() {
     // The guest writes 64 blocks while xl copies memory (3 s) and 2 more

@@ -165,7 +165,8 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
                "heartbeat_gap_seconds": hb_gap,
                "heartbeat_gap_error_seconds": measured[1] if measured else None,
                "final_delta_seconds": rep.get("final_delta_seconds"),
-               "ready_to_delta_seconds": rep.get("ready_to_delta_seconds"),
+               "ready_to_release_seconds": rep.get("ready_to_release_seconds"),
+               "suspended_window": rep.get("suspended_window"),
                "seconds": rep.get("seconds"), "bytes_wire": wire, "lv_bytes": size,
                "disk_passes": rep.get("disk_passes"),
                "disk_passes_during_memory": rep.get("disk_passes_during_memory"),
@@ -330,7 +331,8 @@ def bench_one(src, src_log, dst, how, size_mib):
                     "final_delta_seconds": rep.get("final_delta_seconds"),
                     "bytes_wire": rep.get("bytes_wire"), "disk_passes": rep.get("disk_passes"),
                     "disk_passes_during_memory": rep.get("disk_passes_during_memory"),
-                    "ready_to_delta_seconds": rep.get("ready_to_delta_seconds")})
+                    "ready_to_release_seconds": rep.get("ready_to_release_seconds"),
+                    "suspended_window": rep.get("suspended_window")})
     fig["seconds"] = time.monotonic() - t
     first = wait_heartbeat_above(dst, None, 120, dst_log)
     wait_heartbeat_above(dst, first, 60, dst_log)

@@ -8,8 +8,9 @@
 //!  P2 disk pre-copy, guest running              ══ xenmig serve --target ══▶ LV (one link per disk)
 //!     passes until the changes (all disks) converge
 //!  P3 xl migrate -s "xenmig migrate-relay ..."  ── xl's stream (memory) ──▶ NAME--incoming, paused
-//!     source suspended by xl                    ◀── READY, held by the relay
-//!  P4 last disk delta (source quiescent)        ══ final pass, verified ══▶ LV (synced, no page cache)
+//!     source suspended by xl
+//!  P4 at once: last disk delta                  ══ final pass, verified ══▶ LV (synced, no page cache)
+//!     (meanwhile xl's last round)               ◀── READY, held by the relay until P4 is done
 //!  P5 RELEASE: READY passed on ─▶ xl sends GO   ─────────────────────────▶ unpause; status 0
 //!     xl destroys the source domain; its LV is kept, tagged
 //! ```
@@ -35,6 +36,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -252,9 +254,13 @@ pub struct MigrateReport {
     pub downtime_seconds: Option<f64>,
     /// The last disk delta, sent while the source was suspended.
     pub final_delta_seconds: Option<f64>,
-    /// From the target's READY to the start of the last delta: the disk
-    /// pass of the memory phase still in flight, and the test hold.
-    pub ready_to_delta_seconds: Option<f64>,
+    /// From the target's READY to RELEASE (READY passed on to xl): what
+    /// xenmig adds to xl's own pause. Near 0 when the last delta was done
+    /// before READY came.
+    pub ready_to_release_seconds: Option<f64>,
+    /// Live mode: the suspended window, event by event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended_window: Option<SuspendedWindow>,
     /// `--stop-copy`: the copy of the save image (memory) to the target.
     pub memory_image: Option<Report>,
     /// Bytes the disk copies moved (both directions, framing included).
@@ -270,6 +276,25 @@ pub struct MigrateReport {
     pub error: Option<String>,
     /// The plan (`--dry-run`, and also recorded on a real run).
     pub plan: Vec<String>,
+}
+
+/// Live mode: when each event of the suspended window happened, in
+/// seconds after the source was seen suspended. It tells where a pause
+/// longer than xl's own goes: the last delta (which starts at once and
+/// runs while xl sends its last memory round and the target restores),
+/// the wait for READY, and xl's GO and the target's unpause after RELEASE.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SuspendedWindow {
+    pub last_delta_started: Option<f64>,
+    pub last_delta_done: Option<f64>,
+    /// The target's xl built the domain, paused (READY reached the relay).
+    pub ready: Option<f64>,
+    /// READY passed on to the source's xl.
+    pub released: Option<f64>,
+    /// The source's xl sent GO (its point of no return).
+    pub go: Option<f64>,
+    /// The target's xl reported the unpause.
+    pub unpaused: Option<f64>,
 }
 
 /// The real source host: libxenctrl/xenstore, lvm2 and xl.
@@ -840,6 +865,21 @@ struct PassControl {
     stop: AtomicBool,
     /// The source is suspended: announce what was found and stop.
     suspended: AtomicBool,
+    /// When the source was seen suspended (set before `suspended`).
+    suspended_at: OnceLock<Instant>,
+    /// Start the last delta as soon as the source is suspended, while xl
+    /// still sends its last memory round and the target restores.
+    early_delta: bool,
+}
+
+/// What the disk thread of the memory phase did.
+#[derive(Default)]
+struct DuringMemory {
+    passes: u32,
+    failed: Option<MigrateError>,
+    /// The last delta, when the thread started it (the source was seen
+    /// suspended before READY came).
+    delta: Option<Result<FinalDelta, MigrateError>>,
 }
 
 /// A pause between disk passes of the memory phase at least this long, and
@@ -900,8 +940,30 @@ fn passes_during_memory(
     }
 }
 
-/// P3 to P5: xl migrate through the relay, the last delta while READY is
-/// held, then release or roll back.
+/// The disk thread of the memory phase: passes while xl copies memory;
+/// then, if the source was seen suspended before READY came, the last
+/// delta at once. The guest cannot write any more, so the delta is final;
+/// it runs while xl sends its last memory round and the target's xl builds
+/// the domain (seconds), instead of after READY. READY is passed on only
+/// once this thread is done and its delta verified. Requests the guest had
+/// in flight when it was suspended are replayed by its block frontend on
+/// the target after the unpause, so a write that lands on the source LV
+/// after this delta read its block is not lost.
+fn disks_during_memory(copies: &mut Vec<DiskCopy>, ctl: &PassControl, progress: &Progress) -> DuringMemory {
+    let (passes, failed) = passes_during_memory(&mut copies[..], ctl, progress);
+    let delta = match (&failed, ctl.suspended_at.get()) {
+        (None, Some(&since)) if ctl.early_delta && !ctl.stop.load(Ordering::SeqCst) => {
+            progress.message("source suspended: the last disk delta, while xl sends its last memory round".into());
+            Some(final_delta(copies, since))
+        }
+        _ => None,
+    };
+    DuringMemory { passes, failed, delta }
+}
+
+/// P3 to P5: xl migrate through the relay, the last delta as soon as the
+/// source is suspended, READY held until it is verified, then release or
+/// roll back.
 fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     let Commit { host, opts, dom, mut copies, report, clock, journal, progress } = p;
     let copies = &mut copies;
@@ -980,29 +1042,32 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     // Wait for READY, polling the source for the moment it suspends. The
     // disk passes go on meanwhile (xl's memory copy takes long, and what
     // the guest writes during it would otherwise all wait for the frozen
-    // window).
+    // window); once the source is suspended, the last delta starts.
     let deadline = Instant::now() + opts.memory_timeout;
     let mut relay: Option<UnixStream> = None;
-    let mut suspended_at: Option<Instant> = None;
-    let poll = |suspended_at: &mut Option<Instant>| {
-        if suspended_at.is_none() {
-            if let Ok(Some(DomState::Suspended) | None) = host.state(dom.id) {
-                *suspended_at = Some(Instant::now());
-            }
-        }
-    };
-    let ctl = PassControl::default();
+    let is_suspended = || matches!(host.state(dom.id), Ok(Some(DomState::Suspended) | None));
+    // The fault tests' READY hold needs the delta after READY.
+    let ctl = PassControl { early_delta: opts.hold_ready.is_none(), ..PassControl::default() };
     let overlap = opts.passes_during_memory;
     let mut relay_error: Option<String> = None;
     let mut ready_at: Option<Instant> = None;
-    let (waited, (passes, disk_failure)) = std::thread::scope(|s| {
+    let (waited, during) = std::thread::scope(|s| {
         let disks = overlap.then(|| {
-            let (copies, ctl) = (&mut copies[..], &ctl);
-            s.spawn(move || passes_during_memory(copies, ctl, progress))
+            let (copies, ctl) = (&mut *copies, &ctl);
+            s.spawn(move || disks_during_memory(copies, ctl, progress))
         });
         let waited = loop {
-            poll(&mut suspended_at);
-            if suspended_at.is_some() {
+            if ctl.suspended_at.get().is_none() && is_suspended() {
+                let _ = ctl.suspended_at.set(Instant::now());
+                if overlap && ctl.early_delta {
+                    clock.next(report, "final disk delta (suspended)", progress);
+                    // Memory and FinalDelta are undone alike (both before
+                    // Released): a journal that could not say which is no
+                    // reason to stop here, with the guest suspended.
+                    if let Err(e) = journal.set_phase(Phase::FinalDelta, &opts.journal_dir) {
+                        log::warn!("{e}");
+                    }
+                }
                 ctl.suspended.store(true, Ordering::SeqCst);
             }
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -1024,11 +1089,32 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
             }
         };
         ctl.stop.store(true, Ordering::SeqCst);
-        let passes = disks.map(|h| h.join().expect("disk passes thread panicked")).unwrap_or((0, None));
-        (waited, passes)
+        if matches!(waited, Waited::Ready) && disks.as_ref().is_some_and(|d| !d.is_finished()) {
+            progress.message("READY held until the last disk delta is verified".into());
+        }
+        let during = disks.map(|h| h.join().expect("disk passes thread panicked")).unwrap_or_default();
+        (waited, during)
     });
+    if ctl.suspended_at.get().is_none() && is_suspended() {
+        let _ = ctl.suspended_at.set(Instant::now());
+    }
+    let suspended_at = ctl.suspended_at.get().copied();
+    let DuringMemory { passes, failed: disk_failure, delta: early_delta } = during;
     report.disk_passes += passes;
     report.disk_passes_during_memory = passes;
+    let mut window = SuspendedWindow::default();
+    let since = |t: Instant| suspended_at.map(|s| t.saturating_duration_since(s).as_secs_f64());
+    // The trackers of a delta that ran go when this function returns: the
+    // guest runs again by then, here or there.
+    let mut _tracking = Vec::new();
+    let early_delta = early_delta.map(|d| {
+        d.map(|d| {
+            (window.last_delta_started, window.last_delta_done) = (since(d.started), since(d.done));
+            report.final_delta_seconds = Some(d.seconds());
+            _tracking = d.record(report);
+        })
+    });
+    window.ready = ready_at.and_then(since);
     let e = match waited {
         // xl resumes the source itself when READY never came.
         Waited::XlExit(code) => Some(MigrateError::Memory(match &relay_error {
@@ -1047,55 +1133,66 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
         if let Some(d) = &disk_failure {
             log::error!("{d}");
         }
+        if let Some(Err(d)) = &early_delta {
+            log::error!("{d}");
+        }
+        report.suspended_window = suspended_at.map(|_| window);
         rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
         return Err(e);
     }
-    if let Some(e) = disk_failure {
-        // READY came, but a disk copy broke meanwhile: withhold it.
+    // READY came, but a disk copy broke meanwhile: withhold it.
+    if let Some(e) = disk_failure.or(early_delta.and_then(Result::err)) {
         if let Some(relay) = relay.as_mut() {
             let _ = relay.write_all(b"ABORT\n");
         }
         drop(relay);
         wait_xl(&rx, Duration::from_secs(180));
+        report.suspended_window = suspended_at.map(|_| window);
         rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
         return Err(e);
     }
-    poll(&mut suspended_at);
     let mut relay = relay.expect("READY comes over the relay's connection");
 
-    // ---- P4 final delta: the source is suspended, the target paused ----
-    if let Some(hold) = opts.hold_ready {
-        // Fault tests: a window in which to kill or cut something while the
-        // target's READY is held.
-        log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
-        std::thread::sleep(hold);
-    }
-    clock.next(report, "final disk delta (suspended)", progress);
-    journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
-    let t = Instant::now();
-    report.ready_to_delta_seconds = ready_at.map(|r| t.duration_since(r).as_secs_f64());
-    let delta = final_delta(copies, report, suspended_at.map(|s| s.elapsed()).unwrap_or_default());
-    report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
-    // Held until this function returns: the guest runs again by then.
-    let _tracking = match delta {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = relay.write_all(b"ABORT\n");
-            drop(relay);
-            wait_xl(&rx, Duration::from_secs(180));
-            rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-            return Err(e);
+    // ---- P4 final delta, unless it ran already: the source is suspended,
+    // the target paused ----
+    if window.last_delta_done.is_none() {
+        if let Some(hold) = opts.hold_ready {
+            // Fault tests: a window in which to kill or cut something while
+            // the target's READY is held.
+            log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
+            std::thread::sleep(hold);
         }
-    };
+        clock.next(report, "final disk delta (suspended)", progress);
+        journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
+        match final_delta(copies, suspended_at.unwrap_or_else(Instant::now)) {
+            Ok(d) => {
+                (window.last_delta_started, window.last_delta_done) = (since(d.started), since(d.done));
+                report.final_delta_seconds = Some(d.seconds());
+                _tracking = d.record(report);
+            }
+            Err(e) => {
+                let _ = relay.write_all(b"ABORT\n");
+                drop(relay);
+                wait_xl(&rx, Duration::from_secs(180));
+                report.suspended_window = suspended_at.map(|_| window);
+                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
+                return Err(e);
+            }
+        }
+    }
 
     // ---- P5 release: the point of no return is xl's GO ----
     clock.next(report, "commit", progress);
     journal.set_phase(Phase::Released, &opts.journal_dir)?;
     let released = relay.write_all(b"RELEASE\n").and_then(|_| relay.flush());
+    let released_at = Instant::now();
+    window.released = since(released_at);
+    report.ready_to_release_seconds = ready_at.map(|r| released_at.duration_since(r).as_secs_f64());
     if let Err(e) = released {
         // The relay is gone: xl never got READY and resumes the source.
         let e = MigrateError::Memory(format!("the relay went away before READY was passed on: {e}"));
         wait_xl(&rx, Duration::from_secs(180));
+        report.suspended_window = suspended_at.map(|_| window);
         rollback_before_release(host, opts, dom, Vec::new(), report, &e);
         return Err(e);
     }
@@ -1103,6 +1200,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     let mut unpaused_at: Option<Instant> = None;
     let code = loop {
         match rx.recv_timeout(Duration::from_secs(600)) {
+            Ok(Ev::Relay(l)) if l == "GO" => window.go = since(Instant::now()),
             Ok(Ev::Relay(l)) => {
                 if let Some(s) = l.strip_prefix("RESULT ") {
                     result = s.trim().parse().ok();
@@ -1114,9 +1212,11 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
             Err(_) => break None,
         }
     };
+    window.unpaused = unpaused_at.and_then(since);
     if let (Some(s), Some(u)) = (suspended_at, unpaused_at) {
         report.downtime_seconds = Some(u.duration_since(s).as_secs_f64());
     }
+    report.suspended_window = suspended_at.map(|_| window);
     if code == Some(0) {
         return Ok(());
     }
@@ -1129,31 +1229,58 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     settle_after_release(host, &target, dom, opts.paused, report, why)
 }
 
-/// Send every disk's last delta and check it; finish the links. The
-/// change trackers come back: the caller drops them (removing their
-/// snapshots, which is slow) once the guest runs again, here or there.
-pub(crate) fn final_delta(
-    copies: &mut Vec<DiskCopy>,
-    report: &mut MigrateReport,
-    frozen: Duration,
-) -> Result<Vec<Tracking>, MigrateError> {
-    let mut tracking = Vec::new();
+/// Every disk's last delta, sent, verified and synced on the target.
+pub(crate) struct FinalDelta {
+    reports: Vec<(String, Report)>,
+    bytes_wire: u64,
+    tracking: Vec<Tracking>,
+    started: Instant,
+    done: Instant,
+}
+
+impl FinalDelta {
+    fn seconds(&self) -> f64 {
+        self.done.duration_since(self.started).as_secs_f64()
+    }
+
+    /// Into the report. The change trackers come back: the caller drops
+    /// them (removing their snapshots, which is slow) once the guest runs
+    /// again, here or there.
+    pub(crate) fn record(self, report: &mut MigrateReport) -> Vec<Tracking> {
+        for (disk, r) in self.reports {
+            if let Some(d) = report.disks.iter_mut().find(|d| d.source == disk) {
+                d.copy = Some(r);
+            }
+        }
+        report.bytes_wire += self.bytes_wire;
+        self.tracking
+    }
+}
+
+/// Send every disk's last delta and check it; finish the links. `frozen`
+/// is when the guest stopped writing (the target's report counts its
+/// downtime from there).
+pub(crate) fn final_delta(copies: &mut Vec<DiskCopy>, frozen: Instant) -> Result<FinalDelta, MigrateError> {
+    let started = Instant::now();
+    let mut delta = FinalDelta { reports: Vec::new(), bytes_wire: 0, tracking: Vec::new(), started, done: started };
     for c in copies.iter_mut() {
         let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
-        if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
-            d.copy = Some(r);
-        }
+        delta.reports.push((c.disk.path(), r));
     }
     for c in std::mem::take(copies) {
         let disk = c.disk.path();
-        report.bytes_wire += c.session.bytes_wire();
-        tracking
-            .push(c.session.finish(frozen).map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?);
+        delta.bytes_wire += c.session.bytes_wire();
+        delta.tracking.push(
+            c.session
+                .finish(frozen.elapsed())
+                .map_err(|source| MigrateError::FinalDelta { disk: disk.clone(), source })?,
+        );
         // The target end exits only after its final sync.
         c.peer.close().map_err(|e| MigrateError::FinalDelta { disk: disk.clone(), source: e.into() })?;
         let _ = c.target_path;
     }
-    Ok(tracking)
+    delta.done = Instant::now();
+    Ok(delta)
 }
 
 /// How xl ended, in words.

@@ -98,12 +98,12 @@ pub(super) fn save_and_commit(p: Commit) -> Result<(), MigrateError> {
     clock.next(report, "final disk delta (paused)", progress);
     journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
     let t = Instant::now();
-    let delta = final_delta(copies, report, stopped.elapsed());
+    let delta = final_delta(copies, stopped);
     report.final_delta_seconds = Some(t.elapsed().as_secs_f64());
     // The tracking snapshots go when this function returns, after the
     // restore on the target or the rollback here.
     let _tracking = match delta {
-        Ok(t) => t,
+        Ok(d) => d.record(report),
         Err(e) => {
             super::abort_copies(std::mem::take(copies), &e);
             undo(report, &e);

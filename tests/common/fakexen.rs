@@ -107,6 +107,11 @@ migrate)
     log "source: guest wrote"
   fi
   setsrc suspended; log "source: suspended"
+  # The target's disk end dies the moment the guest is suspended: the last
+  # delta, which starts then, must fail and READY be withheld.
+  if f kill_serve_at_suspend; then
+    while read -r p; do kill -9 "$p" 2>/dev/null; done < "$S/serve.pids"; log "source: target disk end killed"
+  fi
   if f xl_stream_fail; then
     log "source: stream failed; source resumed"; setsrc running; exit 1
   fi
