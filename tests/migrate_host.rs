@@ -123,6 +123,10 @@ fn the_last_delta_runs_before_ready_while_xl_finishes() {
     let (released, go, unpaused) = (t.released.unwrap(), t.go.unwrap(), t.unpaused.unwrap());
     assert!(ready <= released && released <= go && go <= unpaused, "{t:?}");
     assert!(r.disks[0].copy.as_ref().unwrap().verified);
+    let phases: Vec<&str> = r.phases.iter().map(|p| p.phase.as_str()).collect();
+    let mut unique = phases.clone();
+    unique.dedup();
+    assert_eq!(phases, unique, "a phase twice");
     row(
         "success, last delta done before READY (target's xl slow after the suspension)",
         format!("migrated; {}; the last delta verified before READY came", where_runs(&w)),

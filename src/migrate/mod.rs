@@ -1051,6 +1051,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     let overlap = opts.passes_during_memory;
     let mut relay_error: Option<String> = None;
     let mut ready_at: Option<Instant> = None;
+    let mut delta_phase = false;
     let (waited, during) = std::thread::scope(|s| {
         let disks = overlap.then(|| {
             let (copies, ctl) = (&mut *copies, &ctl);
@@ -1060,6 +1061,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
             if ctl.suspended_at.get().is_none() && is_suspended() {
                 let _ = ctl.suspended_at.set(Instant::now());
                 if overlap && ctl.early_delta {
+                    delta_phase = true;
                     clock.next(report, "final disk delta (suspended)", progress);
                     // Memory and FinalDelta are undone alike (both before
                     // Released): a journal that could not say which is no
@@ -1162,7 +1164,9 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
             log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
             std::thread::sleep(hold);
         }
-        clock.next(report, "final disk delta (suspended)", progress);
+        if !delta_phase {
+            clock.next(report, "final disk delta (suspended)", progress);
+        }
         journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
         match final_delta(copies, suspended_at.unwrap_or_else(Instant::now)) {
             Ok(d) => {
