@@ -118,6 +118,10 @@ fn the_last_delta_runs_before_ready_while_xl_finishes() {
     let t = r.suspended_window.clone().unwrap_or_else(|| panic!("no suspended window: {r:?}"));
     let (done, ready) = (t.last_delta_done.unwrap(), t.ready.unwrap());
     assert!(done < ready, "the last delta ended at {done:.2} s, READY came at {ready:.2} s: {t:?}");
+    // The fake xl sends the rest of its stream after its 5 s: the delta
+    // was done while xl was still at it.
+    let end = t.xl_stream_end.unwrap();
+    assert!(done < end && end <= ready, "{t:?}");
     assert!(t.last_delta_started.unwrap() < 2.0, "{t:?}");
     assert!(r.ready_to_release_seconds.unwrap() < 0.5, "{r:?}");
     let (released, go, unpaused) = (t.released.unwrap(), t.go.unwrap(), t.unpaused.unwrap());

@@ -287,6 +287,9 @@ pub struct MigrateReport {
 pub struct SuspendedWindow {
     pub last_delta_started: Option<f64>,
     pub last_delta_done: Option<f64>,
+    /// The last byte of xl's stream (its last memory round and the
+    /// device state) went to the target.
+    pub xl_stream_end: Option<f64>,
     /// The target's xl built the domain, paused (READY reached the relay).
     pub ready: Option<f64>,
     /// READY passed on to the source's xl.
@@ -1052,6 +1055,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     let mut relay_error: Option<String> = None;
     let mut ready_at: Option<Instant> = None;
     let mut delta_phase = false;
+    let mut stream_end: Option<Instant> = None;
     let (waited, during) = std::thread::scope(|s| {
         let disks = overlap.then(|| {
             let (copies, ctl) = (&mut *copies, &ctl);
@@ -1080,6 +1084,9 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
                 }
                 Ok(Ev::Relay(l)) => {
                     log::debug!("relay: {l}");
+                    if let Some(ms) = l.strip_prefix("STREAM_IDLE ").and_then(|m| m.parse::<u64>().ok()) {
+                        stream_end = Instant::now().checked_sub(Duration::from_millis(ms));
+                    }
                     if let Some(e) = l.strip_prefix("ERROR ") {
                         relay_error = Some(e.to_string());
                     }
@@ -1117,6 +1124,7 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
         })
     });
     window.ready = ready_at.and_then(since);
+    window.xl_stream_end = stream_end.and_then(since);
     let e = match waited {
         // xl resumes the source itself when READY never came.
         Waited::XlExit(code) => Some(MigrateError::Memory(match &relay_error {

@@ -24,8 +24,9 @@
 //! on: xl sees its transport close before READY and resumes the source
 //! (`failed_resume` in xl_migrate.c); xenmig removes `NAME--incoming` on
 //! the target. The control socket carries one line per event: from the
-//! relay `READY`, `GO` (the source's GO went through), `RESULT <status>`,
-//! `EOF`; to the relay `RELEASE` or `ABORT`.
+//! relay `STREAM_IDLE <ms>` (how long ago xl's last byte went up, sent
+//! just before READY), `READY`, `GO` (the source's GO went through),
+//! `RESULT <status>`, `EOF`; to the relay `RELEASE` or `ABORT`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -34,6 +35,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use thiserror::Error;
 
@@ -198,8 +200,14 @@ pub fn run(
     // Up: xl -> target, blindly; after RELEASE the first GO.len() bytes are
     // GO (xl writes it as soon as it reads READY).
     let after_release = Arc::new(AtomicU64::new(0));
+    // When the last of xl's bytes went up (ms since `started`): at READY,
+    // the end of xl's stream (its last memory round), so that the report
+    // can tell xl's last round from the target's restore.
+    let started = Instant::now();
+    let last_up_ms = Arc::new(AtomicU64::new(0));
     {
         let (released, after, w) = (released.clone(), after_release.clone(), ctl_w.clone());
+        let last_up = last_up_ms.clone();
         let renames = renames.to_vec();
         let transport_pid = child.id() as libc::pid_t;
         thread::spawn(move || {
@@ -227,7 +235,7 @@ pub fn run(
                 if to_target.write_all(&buf[..n]).is_err() {
                     break;
                 }
-                let _ = to_target.flush();
+                last_up.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
                 if released.load(Ordering::SeqCst) && !told {
                     let total = after.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                     if total >= GO.len() as u64 {
@@ -266,6 +274,8 @@ pub fn run(
             }
             ready_seen = true;
             asked.store(true, Ordering::SeqCst);
+            let idle = (started.elapsed().as_millis() as u64).saturating_sub(last_up_ms.load(Ordering::SeqCst));
+            tell(&ctl_w, &format!("STREAM_IDLE {idle}"));
             tell(&ctl_w, "READY");
             let answer = answers.recv().unwrap_or_default();
             if answer != "RELEASE" {
