@@ -75,6 +75,11 @@ fn until_ready(
     xl_in.write_all(&[7u8; 1000]).unwrap();
     let mut line = String::new();
     ctl_r.read_line(&mut line).unwrap();
+    // How long ago xl's last byte went up, then READY.
+    let idle = line.trim().strip_prefix("STREAM_IDLE ").unwrap_or_else(|| panic!("{line:?}"));
+    assert!(idle.parse::<u64>().is_ok(), "{line:?}");
+    line.clear();
+    ctl_r.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "READY");
     (ctl_r, ctl, xl_in, xl_out)
 }
@@ -142,6 +147,11 @@ fn xenmig_going_away_counts_as_abort() {
     assert_eq!(read_n(&mut xl_out, BANNER.len()), BANNER);
     xl_in.write_all(&[7u8; 1000]).unwrap();
     let mut line = String::new();
+    ctl_r.read_line(&mut line).unwrap();
+    // How long ago xl's last byte went up, then READY.
+    let idle = line.trim().strip_prefix("STREAM_IDLE ").unwrap_or_else(|| panic!("{line:?}"));
+    assert!(idle.parse::<u64>().is_ok(), "{line:?}");
+    line.clear();
     ctl_r.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "READY");
     drop(ctl_r);
