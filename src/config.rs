@@ -16,7 +16,7 @@
 //! block_size: 4096
 //! bwlimit: 50M                  # bytes per second (K, M, G as rsync); 0: none
 //! idle_timeout: 120
-//! references: [/dev/vg0/debian12]
+//! references: [/dev/vg0/debian12, '/srv/templates/*.xmi']   # patterns: copy::refglob
 //! migrate:
 //!   target_vg: vg0
 //!   max_passes: 6

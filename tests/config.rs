@@ -164,3 +164,82 @@ fn errors_name_file_line_and_key() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("writable by group or others"));
 }
+
+#[test]
+fn reference_globs_expand_at_use_time_sorted_without_the_target() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (src, dst) = (dir.join("web.img"), dir.join("tmpl-dst.img"));
+    // The guest's disk is a template's clone: everything can come from it.
+    let data = sample_image(&src, 7, 64);
+    fs::write(dir.join("tmpl-b.img"), &data).unwrap();
+    sample_image(&dir.join("tmpl-a.img"), 8, 16);
+    let cfg = write_config(
+        dir,
+        &format!(
+            "references: ['{0}/tmpl-*.img', '{0}/none-*.img']\nhosts:\n  host2:\n    references: ['{0}/tmpl-*.img']\n",
+            dir.display()
+        ),
+    );
+    let f = cfg.display().to_string();
+    let pat = format!("{}/tmpl-*.img", dir.display());
+    // `xenmig config` shows each pattern and, where the references are
+    // used here, what it matches now: sorted, never DST itself.
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "copy", s(&src), s(&dst)]));
+    let (value, origin) = row(&r, "references");
+    let want = format!("{pat} = [{0}/tmpl-a.img, {0}/tmpl-b.img], {0}/none-*.img (matches nothing)", dir.display());
+    assert_eq!((value, origin), (want, format!("{f}:1")));
+    // DST on another host: the pattern is expanded there, at copy time.
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "copy", s(&src), "host2:/dev/vg0/web"]));
+    assert_eq!(
+        row(&r, "references"),
+        (format!("{pat} (a pattern, expanded on host2)"), format!("host section host2, {f}:4"))
+    );
+    // A template added after the file was written is found at use time.
+    fs::write(dir.join("tmpl-c.img"), b"").unwrap();
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "copy", s(&src), s(&dst)]));
+    assert!(row(&r, "references").0.contains("tmpl-b.img, ") && row(&r, "references").0.contains("/tmpl-c.img]"));
+    fs::remove_file(dir.join("tmpl-c.img")).unwrap();
+    // A real copy takes its blocks from the matches; the empty pattern is
+    // a warning naming it, not an error.
+    let out = xenmig(Some(&cfg), &["copy", "--json", s(&src), s(&dst)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_counters(&v);
+    assert_eq!(v["blocks_fetched"], 0, "{v}");
+    assert!(v["blocks_reused"].as_u64().unwrap() > 0, "{v}");
+    assert!(err.contains(&format!("reference pattern {}/none-*.img matches nothing", dir.display())), "{err}");
+    assert_eq!(fs::read(&dst).unwrap(), data);
+    // `similarity` expands them the same way (from -r here).
+    let out = xenmig(None, &["similarity", "--json", "-r", &pat, s(&src)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refs: Vec<String> = v["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().into()).collect();
+    // tmpl-dst.img (the copy just made) matches too; the image itself would not.
+    let names = ["tmpl-a.img", "tmpl-b.img", "tmpl-dst.img"];
+    assert_eq!(refs, names.iter().map(|n| format!("{}/{n}", dir.display())).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_missing_explicit_reference_is_still_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (d.path().join("a.img"), d.path().join("b.img"));
+    sample_image(&src, 3, 16);
+    let missing = d.path().join("gone.img");
+    let cfg = write_config(d.path(), &format!("references: ['{}']\n", missing.display()));
+    let out = xenmig(Some(&cfg), &["copy", s(&src), s(&dst)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(
+        !dst.exists() || fs::metadata(&dst).unwrap().len() == 0,
+        "nothing written before the references are checked"
+    );
+    // A malformed pattern is an error naming it.
+    let cfg = write_config(d.path(), &format!("references: ['{}/[x']\n", d.path().display()));
+    let out = xenmig(Some(&cfg), &["copy", s(&src), s(&dst)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[x") && err.contains("bad pattern"), "{err}");
+}

@@ -77,6 +77,7 @@ pub fn similarity_cmd(
     let progress = super::output::progress(quiet, false, "similarity");
     progress.phase("hashing", layout.size);
     let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+    let references = xenmig::copy::refglob::expand(&references, Some(&image))?;
     let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;
     progress.finish();
     let sim = similarity(&map, &refs);

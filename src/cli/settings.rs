@@ -100,11 +100,38 @@ fn shown<T: Display>(v: &T) -> String {
     v.to_string()
 }
 
-fn paths(v: &[PathBuf]) -> String {
+/// Where a command's references are used: on this host (for the image
+/// named, which a pattern never matches), or on another host.
+#[derive(Clone, Debug)]
+pub(crate) enum RefsAt {
+    Here(Option<PathBuf>),
+    Host(String),
+}
+
+/// A reference list for `xenmig config`: each pattern with what it
+/// matches now, or, on another host, where it will be expanded.
+fn references(v: &[PathBuf], at: &RefsAt) -> String {
+    use xenmig::copy::refglob;
     if v.is_empty() {
         return "(none)".into();
     }
-    v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    let entry = |p: &PathBuf| {
+        let shown = p.display();
+        if !refglob::is_pattern(p) {
+            return shown.to_string();
+        }
+        match at {
+            RefsAt::Host(h) => format!("{shown} (a pattern, expanded on {h})"),
+            RefsAt::Here(image) => match refglob::expand_entry(p, image.as_deref()) {
+                Ok(m) if m.is_empty() => format!("{shown} (matches nothing)"),
+                Ok(m) => {
+                    format!("{shown} = [{}]", m.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+                }
+                Err(e) => format!("{shown} ({e})"),
+            },
+        }
+    };
+    v.iter().map(entry).collect::<Vec<_>>().join(", ")
 }
 
 /// The host a copy talks to: that of its remote end, if any.
@@ -116,6 +143,15 @@ pub(crate) fn copy_host(a: &CopyArgs) -> Option<String> {
     })
 }
 
+/// Where a copy's references are used: on DST's side.
+fn copy_refs_at(a: &CopyArgs) -> RefsAt {
+    use xenmig::wire::transport::Location;
+    match Location::parse(&a.dst) {
+        Location::Remote { host, .. } => RefsAt::Host(host),
+        Location::Local(p) => RefsAt::Here(Some(p)),
+    }
+}
+
 /// The settings `copy` and `migrate` share, as their flags hold them.
 struct Shared<'s> {
     ssh: &'s mut String,
@@ -125,6 +161,7 @@ struct Shared<'s> {
     bwlimit: &'s mut Rate,
     idle: &'s mut super::IdleArgs,
     references: &'s mut Vec<PathBuf>,
+    refs_at: RefsAt,
 }
 
 /// Fill the shared settings from the host section and the file, where no
@@ -152,13 +189,14 @@ fn apply_shared(r: &mut Resolver<'_>, cfg: &Config, a: Shared<'_>) {
         a.references,
         h.and_then(|h| h.references.as_ref()),
         g.references.as_ref(),
-        |v| paths(v),
+        |v| references(v, &a.refs_at),
     );
 }
 
 /// Settings of `copy` from the configuration, where no flag set them.
 pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = copy_host(a);
+    let refs_at = copy_refs_at(a);
     let mut r = Resolver::new(m, cfg, host.as_deref());
     apply_shared(
         &mut r,
@@ -171,6 +209,7 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
             bwlimit: &mut a.bwlimit,
             idle: &mut a.idle,
             references: &mut a.references,
+            refs_at,
         },
     );
     r.rows
@@ -193,6 +232,7 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
             bwlimit: &mut a.bwlimit,
             idle: &mut a.idle,
             references: &mut a.references,
+            refs_at: RefsAt::Host(host.clone().unwrap_or_else(|| "HOST".into())),
         },
     );
     // The target VG is optional (None: the source's VG name); the file's
