@@ -243,3 +243,85 @@ fn a_missing_explicit_reference_is_still_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[x") && err.contains("bad pattern"), "{err}");
 }
+
+#[test]
+fn hash_and_index_take_digest_and_block_size_from_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "block_size: 8192\nhash: sha256\n");
+    let img = d.path().join("a.img");
+    sample_image(&img, 5, 256);
+    let out = xenmig(Some(&cfg), &["hash", "--json", s(&img)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["algorithm"].as_str(), v["block_size"].as_u64()), (Some("sha256"), Some(8192)), "{v}");
+    // The flag wins over the file.
+    let out = xenmig(Some(&cfg), &["hash", "--json", "--hash", "blake3", s(&img)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["algorithm"].as_str(), v["block_size"].as_u64()), (Some("blake3"), Some(8192)), "{v}");
+    // index: the same settings, seen in the file it writes.
+    let idx = d.path().join("refs.xmi");
+    let out = xenmig(Some(&cfg), &["index", "-o", s(&idx), s(&img)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&xenmig(None, &["show", s(&idx)]).stdout).to_string();
+    assert!(shown.contains("sha256") && shown.contains("8192"), "{shown}");
+    let f = cfg.display().to_string();
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "index", "-o", "x", "--block-size", "4096", "img"]));
+    assert_eq!(row(&r, "hash"), ("sha256".into(), format!("{f}:2")));
+    assert_eq!(row(&r, "block_size"), ("4096".into(), "flag".into()));
+}
+
+#[test]
+fn serve_takes_what_its_starter_left_unsaid_from_its_own_file() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (src, dst) = (dir.join("web.img"), dir.join("out/web.img"));
+    fs::create_dir(dir.join("out")).unwrap();
+    let data = sample_image(&src, 11, 64);
+    fs::write(dir.join("tmpl-1.img"), &data).unwrap();
+    // The far end's host has its own file (XENMIG_CONFIG, inherited by the
+    // `serve` that `-s ''` runs through pipes); the copy's end reads another,
+    // empty one (--config), so it passes no -r.
+    let far = write_config(dir, &format!("references: ['{}/tmpl-*.img']\nbwlimit: 64M\n", dir.display()));
+    let near = dir.join("near.yaml");
+    fs::write(&near, "# nothing\n").unwrap();
+    let f = far.display().to_string();
+    let r = rows(&xenmig(Some(&far), &["config", "--", "serve", "--target", s(&dst)]));
+    assert_eq!(row(&r, "references").1, format!("{f}:1"));
+    assert_eq!(row(&r, "bwlimit"), ("64M".into(), format!("{f}:2")));
+    assert_eq!(row(&r, "compress"), ("auto".into(), "default".into()));
+    let r = rows(&xenmig(Some(&far), &["config", "--", "serve", "--source", s(&src), "--bwlimit", "1M"]));
+    assert_eq!(row(&r, "bwlimit"), ("1M".into(), "flag".into()));
+    let dst_arg = format!("far:{}", dst.display());
+    let out = xenmig(
+        Some(&far),
+        &["--config", s(&near), "copy", "--json", "-s", "", "--remote-xenmig", s(&bin()), s(&src), &dst_arg],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_counters(&v);
+    // Every block came from the far host's reference, none over the link.
+    assert_eq!(v["blocks_fetched"], 0, "{v}");
+    assert_eq!(fs::read(&dst).unwrap(), data);
+}
+
+#[test]
+fn similarity_takes_references_from_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.img");
+    let data = sample_image(&img, 9, 32);
+    fs::write(d.path().join("ref-1.img"), &data).unwrap();
+    let cfg = write_config(d.path(), &format!("references: ['{}/ref-*.img']\n", d.path().display()));
+    let out = xenmig(Some(&cfg), &["similarity", "--json", s(&img)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["blocks_missing"], 0, "{v}");
+    assert_eq!(v["references"][0].as_str().unwrap(), s(&d.path().join("ref-1.img")));
+    // Neither -r nor the file: an error saying both ways.
+    let out = xenmig(None, &["similarity", s(&img)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no references"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Commands that take nothing from the file say so in `xenmig config`.
+    let out = xenmig(Some(&cfg), &["config", "--", "show", "x.xmi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`show` takes no setting"));
+}

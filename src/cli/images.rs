@@ -72,6 +72,9 @@ pub fn similarity_cmd(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<i32> {
+    if references.is_empty() {
+        anyhow::bail!("similarity: no references: give -r PATH, or `references` in the configuration");
+    }
     let img = Image::open_read(&image)?;
     let layout = layout_of(&img, hash.block_size, hash.align)?;
     let progress = super::output::progress(quiet, false, "similarity");

@@ -92,8 +92,8 @@ enum Command {
     /// source, compressed. Every block is verified before it counts, and the
     /// whole target is checked against the source's image digest.
     Copy(CopyArgs),
-    /// Print the settings `copy` and `migrate` would use, each with where it
-    /// came from: default, the file (FILE:LINE), a host section, or a flag.
+    /// Print the settings a command would use, each with where it came
+    /// from: default, the file (FILE:LINE), a host section, or a flag.
     ///
     /// Without COMMAND: those of `migrate` to --host (or to no particular
     /// host). With COMMAND: those of that command line, for example
@@ -102,7 +102,8 @@ enum Command {
         /// The host whose section applies.
         #[arg(long, value_name = "HOST", conflicts_with = "command")]
         host: Option<String>,
-        /// A `copy` or `migrate` command line (after `--`).
+        /// A command line (after `--`): copy, migrate, serve, hash, index or
+        /// similarity.
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
@@ -135,8 +136,9 @@ enum Command {
     /// moves nothing.
     Similarity {
         image: PathBuf,
-        /// Reference images or index files (repeatable, at least one).
-        #[arg(short = 'r', long = "reference", value_name = "PATH", required = true)]
+        /// Reference images or index files, or glob patterns (repeatable;
+        /// at least one, here or as `references` in the configuration).
+        #[arg(short = 'r', long = "reference", value_name = "PATH")]
         references: Vec<PathBuf>,
         #[command(flatten)]
         hash: HashArgs,
@@ -390,15 +392,11 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Path>) -> anyhow::Result<i32> {
+    let mut cmd = cmd;
+    settings::configure(&mut cmd, m, || settings::load(config))?;
     match cmd {
-        Command::Copy(mut a) => {
-            settings::apply_copy(&mut a, m, &settings::load(config)?);
-            Ok(copy::run_copy(a, quiet))
-        }
-        Command::Migrate(mut a) => {
-            settings::apply_migrate(&mut a, m, &settings::load(config)?);
-            migrate::run_migrate(a, quiet)
-        }
+        Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
+        Command::Migrate(a) => migrate::run_migrate(a, quiet),
         Command::Config { host, command } => settings::show(host, command, config),
         Command::MigrateRelay { control, ssh, rewrite_disk, rest } => {
             migrate::run_relay(control, ssh, rewrite_disk, rest)

@@ -1,10 +1,22 @@
 //! Flags over the configuration file: the one place that decides which
-//! value a setting of `copy` and `migrate` takes, and remembers why.
+//! value a command's setting takes, and remembers why.
 //!
 //! Precedence, lowest first: the flag's default, the file's top level (or
 //! its `migrate:` section), the section of the host the command talks to,
 //! a flag given on the command line. `xenmig config` prints the same
 //! decision this module makes for a real run.
+//!
+//! Which command takes which setting ([`configure`]):
+//!
+//! | command | settings from the file |
+//! |---|---|
+//! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end) |
+//! | `migrate` | the same (host section: HOST's), and `migrate:` |
+//! | `serve` | compress, hash, block_size, bwlimit, idle_timeout, references (top level only: it does not know its peer) |
+//! | `hash`, `index` | hash, block_size |
+//! | `similarity` | hash, block_size, references |
+//!
+//! The others take nothing from it and do not read it.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -16,7 +28,7 @@ use xenmig::config::{At, Config, HostSettings};
 use xenmig::wire::rate::Rate;
 
 use super::migrate::MigrateArgs;
-use super::CopyArgs;
+use super::{Command, CopyArgs, HashArgs};
 
 /// Where a setting's value came from.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,18 +191,74 @@ fn apply_shared(r: &mut Resolver<'_>, cfg: &Config, a: Shared<'_>) {
         |s| text(s),
     );
     r.pick("compress", "compress", a.compress, None, g.compress.as_ref(), shown);
-    r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
-    r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    apply_hash(r, cfg, a.hash);
     r.pick("bwlimit", "bwlimit", a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
     r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+    apply_references(r, cfg, a.references, &a.refs_at);
+}
+
+/// The digest and the block size (`--hash`, `--block-size`).
+fn apply_hash(r: &mut Resolver<'_>, cfg: &Config, a: &mut HashArgs) {
+    let g = &cfg.general;
+    r.pick("hash", "algo", &mut a.algo, None, g.hash.as_ref(), shown);
+    r.pick("block_size", "block_size", &mut a.block_size, None, g.block_size.as_ref(), shown);
+}
+
+/// The references (`-r`), used at `at`.
+fn apply_references(r: &mut Resolver<'_>, cfg: &Config, refs: &mut Vec<PathBuf>, at: &RefsAt) {
+    let h = r.section();
     r.pick(
         "references",
         "references",
-        a.references,
+        refs,
         h.and_then(|h| h.references.as_ref()),
-        g.references.as_ref(),
-        |v| references(v, &a.refs_at),
+        cfg.general.references.as_ref(),
+        |v| references(v, at),
     );
+}
+
+/// Fill `cmd`'s settings from the configuration `cfg()` reads, where no
+/// flag set them, and say what was decided and why. None, and nothing
+/// read: the command takes no setting from the file.
+pub(crate) fn configure(
+    cmd: &mut Command,
+    m: &ArgMatches,
+    cfg: impl FnOnce() -> anyhow::Result<Config>,
+) -> anyhow::Result<Option<Vec<Row>>> {
+    let rows = match cmd {
+        Command::Copy(a) => apply_copy(a, m, &cfg()?),
+        Command::Migrate(a) => apply_migrate(a, m, &cfg()?),
+        Command::Serve { source, target, hash, compress, references, idle, bwlimit, .. } => {
+            let cfg = cfg()?;
+            // No host section: serve does not know which host started it.
+            let mut r = Resolver::new(m, &cfg, None);
+            let g = &cfg.general;
+            r.pick("compress", "compress", compress, None, g.compress.as_ref(), shown);
+            apply_hash(&mut r, &cfg, hash);
+            r.pick("bwlimit", "bwlimit", bwlimit, None, g.bwlimit.as_ref(), shown::<Rate>);
+            r.pick("idle_timeout", "idle_timeout", &mut idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+            // The references are the target's; a source has none.
+            if source.is_none() {
+                apply_references(&mut r, &cfg, references, &RefsAt::Here(target.clone()));
+            }
+            r.rows
+        }
+        Command::Hash { hash, .. } | Command::Index { hash, .. } => {
+            let cfg = cfg()?;
+            let mut r = Resolver::new(m, &cfg, None);
+            apply_hash(&mut r, &cfg, hash);
+            r.rows
+        }
+        Command::Similarity { image, references, hash, .. } => {
+            let cfg = cfg()?;
+            let mut r = Resolver::new(m, &cfg, None);
+            apply_hash(&mut r, &cfg, hash);
+            apply_references(&mut r, &cfg, references, &RefsAt::Here(Some(image.clone())));
+            r.rows
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(rows))
 }
 
 /// Settings of `copy` from the configuration, where no flag set them.
@@ -279,10 +347,10 @@ pub(crate) fn show(host: Option<String>, command: Vec<String>, flag: Option<&Pat
         Some(p) => load(Some(p))?,
         None => cfg,
     };
-    let rows = match cli.command {
-        super::Command::Copy(mut a) => apply_copy(&mut a, m, &cfg),
-        super::Command::Migrate(mut a) => apply_migrate(&mut a, m, &cfg),
-        _ => anyhow::bail!("config: only `copy` and `migrate` read the configuration"),
+    let mut command = cli.command;
+    let name = all.subcommand_name().unwrap_or_default().to_string();
+    let Some(rows) = configure(&mut command, m, || Ok(cfg.clone()))? else {
+        anyhow::bail!("config: `{name}` takes no setting from the configuration");
     };
     // Written, not printed: `xenmig config | head` must not panic on a
     // closed pipe.
