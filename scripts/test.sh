@@ -13,8 +13,11 @@ fi
 # and live tests; libxen-dev and libclang-dev so that build.rs generates the
 # Xen bindings (without them xenmig builds, but its Xen layer is left out).
 # groff renders the generated man pages (tests/assets.rs); procps' pgrep
-# looks for copies the xend hook left running (tests/hook.rs).
-need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps)
+# looks for copies the xend hook left running (tests/hook.rs). iproute2's
+# `ip netns` joins two namespaces by a veth pair for the --bwlimit test
+# (tests/bwlimit.rs, ignored in a plain cargo test like the ssh tests, and
+# run here by --include-ignored below).
+need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps iproute2)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

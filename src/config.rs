@@ -1,5 +1,6 @@
-//! The site configuration, `/etc/xenmig/xenmig.yaml`: defaults for `copy`
-//! and `migrate`, and per-host sections.
+//! The site configuration, `/etc/xenmig/xenmig.yaml`: defaults for the
+//! commands (which command takes which setting: `src/cli/settings.rs`),
+//! and per-host sections.
 //!
 //! This module reads and checks the file; it does not know the command
 //! line. Every value keeps the line it was written on, so that `xenmig
