@@ -325,3 +325,31 @@ fn similarity_takes_references_from_the_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`show` takes no setting"));
 }
+
+#[test]
+fn the_log_format_comes_from_the_file_unless_a_flag_says_otherwise() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "block_size: 8192\nlog_format: json\n");
+    let img = d.path().join("a.img");
+    sample_image(&img, 4, 64);
+    let json_lines = |out: &Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.trim().is_empty(), "no stderr at all");
+        err.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+    };
+    // Without a terminal `hash` writes a phase line: JSON, from the file.
+    assert!(json_lines(&xenmig(Some(&cfg), &["hash", s(&img)])));
+    // The flag wins, before or after the command's name.
+    assert!(!json_lines(&xenmig(Some(&cfg), &["--log-format", "text", "hash", s(&img)])));
+    assert!(!json_lines(&xenmig(Some(&cfg), &["hash", "--log-format", "text", s(&img)])));
+    let f = cfg.display().to_string();
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "serve", "--source", "x"]));
+    assert_eq!(row(&r, "log_format"), ("json".into(), format!("{f}:2")));
+    // A wrong value names file, line and key, and so the message is text.
+    let cfg = write_config(d.path(), "ssh: ssh\nlog_format: xml\n");
+    let out = xenmig(Some(&cfg), &["hash", s(&img)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("config {f}:2: log_format: unknown log format 'xml'")), "{err}");
+}

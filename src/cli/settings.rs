@@ -16,7 +16,9 @@
 //! | `hash`, `index` | hash, block_size |
 //! | `similarity` | hash, block_size, references |
 //!
-//! The others take nothing from it and do not read it.
+//! Each of these also takes `log_format` (the global `--log-format`),
+//! decided before stderr is set up. The others take nothing from the file
+//! and do not read it.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
-use xenmig::config::{At, Config, HostSettings};
+use xenmig::config::{At, Config, HostSettings, LogFormat};
 use xenmig::wire::rate::Rate;
 
 use super::migrate::MigrateArgs;
@@ -217,17 +219,24 @@ fn apply_references(r: &mut Resolver<'_>, cfg: &Config, refs: &mut Vec<PathBuf>,
     );
 }
 
-/// Fill `cmd`'s settings from the configuration `cfg()` reads, where no
-/// flag set them, and say what was decided and why. None, and nothing
-/// read: the command takes no setting from the file.
+/// `--log-format` (a global flag, seen in every command's matches).
+fn apply_log_format(r: &mut Resolver<'_>, cfg: &Config, format: &mut LogFormat) {
+    r.pick("log_format", "log_format", format, None, cfg.general.log_format.as_ref(), shown);
+}
+
+/// Fill `cmd`'s settings, and the log format, from the configuration
+/// `cfg()` reads, where no flag set them, and say what was decided and
+/// why. None, and nothing read: the command takes no setting from the
+/// file.
 pub(crate) fn configure(
     cmd: &mut Command,
+    log_format: &mut LogFormat,
     m: &ArgMatches,
     cfg: impl FnOnce() -> anyhow::Result<Config>,
 ) -> anyhow::Result<Option<Vec<Row>>> {
     let rows = match cmd {
-        Command::Copy(a) => apply_copy(a, m, &cfg()?),
-        Command::Migrate(a) => apply_migrate(a, m, &cfg()?),
+        Command::Copy(a) => apply_copy(a, log_format, m, &cfg()?),
+        Command::Migrate(a) => apply_migrate(a, log_format, m, &cfg()?),
         Command::Serve { source, target, hash, compress, references, idle, bwlimit, .. } => {
             let cfg = cfg()?;
             // No host section: serve does not know which host started it.
@@ -241,12 +250,14 @@ pub(crate) fn configure(
             if source.is_none() {
                 apply_references(&mut r, &cfg, references, &RefsAt::Here(target.clone()));
             }
+            apply_log_format(&mut r, &cfg, log_format);
             r.rows
         }
         Command::Hash { hash, .. } | Command::Index { hash, .. } => {
             let cfg = cfg()?;
             let mut r = Resolver::new(m, &cfg, None);
             apply_hash(&mut r, &cfg, hash);
+            apply_log_format(&mut r, &cfg, log_format);
             r.rows
         }
         Command::Similarity { image, references, hash, .. } => {
@@ -254,6 +265,7 @@ pub(crate) fn configure(
             let mut r = Resolver::new(m, &cfg, None);
             apply_hash(&mut r, &cfg, hash);
             apply_references(&mut r, &cfg, references, &RefsAt::Here(Some(image.clone())));
+            apply_log_format(&mut r, &cfg, log_format);
             r.rows
         }
         _ => return Ok(None),
@@ -262,7 +274,7 @@ pub(crate) fn configure(
 }
 
 /// Settings of `copy` from the configuration, where no flag set them.
-pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+fn apply_copy(a: &mut CopyArgs, log_format: &mut LogFormat, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = copy_host(a);
     let refs_at = copy_refs_at(a);
     let mut r = Resolver::new(m, cfg, host.as_deref());
@@ -280,11 +292,12 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
             refs_at,
         },
     );
+    apply_log_format(&mut r, cfg, log_format);
     r.rows
 }
 
 /// Settings of `migrate` from the configuration, where no flag set them.
-pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+fn apply_migrate(a: &mut MigrateArgs, log_format: &mut LogFormat, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = a.host.clone();
     let mg = &cfg.migrate;
     let mut r = Resolver::new(m, cfg, host.as_deref());
@@ -320,6 +333,7 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
         shown,
     );
     r.pick("migrate.rescan", "rescan", &mut a.rescan, None, mg.rescan.as_ref(), |v| v.name().to_string());
+    apply_log_format(&mut r, cfg, log_format);
     r.rows
 }
 
@@ -349,7 +363,8 @@ pub(crate) fn show(host: Option<String>, command: Vec<String>, flag: Option<&Pat
     };
     let mut command = cli.command;
     let name = all.subcommand_name().unwrap_or_default().to_string();
-    let Some(rows) = configure(&mut command, m, || Ok(cfg.clone()))? else {
+    let mut format = cli.log_format;
+    let Some(rows) = configure(&mut command, &mut format, m, || Ok(cfg.clone()))? else {
         anyhow::bail!("config: `{name}` takes no setting from the configuration");
     };
     // Written, not printed: `xenmig config | head` must not panic on a
