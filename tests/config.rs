@@ -287,8 +287,12 @@ fn serve_takes_what_its_starter_left_unsaid_from_its_own_file() {
     let f = far.display().to_string();
     let r = rows(&xenmig(Some(&far), &["config", "--", "serve", "--target", s(&dst)]));
     assert_eq!(row(&r, "references").1, format!("{f}:1"));
-    assert_eq!(row(&r, "bwlimit"), ("64M".into(), format!("{f}:2")));
     assert_eq!(row(&r, "compress"), ("auto".into(), "default".into()));
+    // The limit is the sending end's: a source's, from the file unless a flag says.
+    assert!(!r.iter().any(|r| r.0 == "bwlimit"), "{r:?}");
+    let r = rows(&xenmig(Some(&far), &["config", "--", "serve", "--source", s(&src)]));
+    assert_eq!(row(&r, "bwlimit"), ("64M".into(), format!("{f}:2")));
+    assert!(!r.iter().any(|r| r.0 == "references"), "{r:?}");
     let r = rows(&xenmig(Some(&far), &["config", "--", "serve", "--source", s(&src), "--bwlimit", "1M"]));
     assert_eq!(row(&r, "bwlimit"), ("1M".into(), "flag".into()));
     let dst_arg = format!("far:{}", dst.display());
@@ -302,6 +306,36 @@ fn serve_takes_what_its_starter_left_unsaid_from_its_own_file() {
     // Every block came from the far host's reference, none over the link.
     assert_eq!(v["blocks_fetched"], 0, "{v}");
     assert_eq!(fs::read(&dst).unwrap(), data);
+    // A pull: the far `serve --source` sends, under its own file's limit
+    // when the starting end sets none. 1 MiB at 512 KiB/s cannot take
+    // less than 2 s (the bucket starts empty); unlimited it takes far less.
+    let far = write_config(dir, "bwlimit: 512K\n");
+    let big = dir.join("big.img");
+    fs::write(&big, noise(12, 1 << 20)).unwrap();
+    let src_arg = format!("far:{}", big.display());
+    let pulled = dir.join("out/big.img");
+    let started = std::time::Instant::now();
+    let out = xenmig(
+        Some(&far),
+        &[
+            "--config",
+            s(&near),
+            "copy",
+            "--json",
+            "--compress",
+            "none",
+            "-s",
+            "",
+            "--remote-xenmig",
+            s(&bin()),
+            &src_arg,
+            s(&pulled),
+        ],
+    );
+    let secs = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(&pulled).unwrap(), fs::read(&big).unwrap());
+    assert!(secs >= 1.9, "1 MiB in {secs:.2} s: the far end's limit did not apply");
 }
 
 #[test]

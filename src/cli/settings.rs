@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end) |
 //! | `migrate` | the same (host section: HOST's), and `migrate:` |
-//! | `serve` | compress, hash, block_size, bwlimit, idle_timeout, references (top level only: it does not know its peer) |
+//! | `serve` | compress, hash, block_size, idle_timeout; bwlimit as `--source`, references as `--target` (top level only: it does not know its peer) |
 //! | `hash`, `index` | hash, block_size |
 //! | `similarity` | hash, block_size, references |
 //!
@@ -244,10 +244,11 @@ pub(crate) fn configure(
             let g = &cfg.general;
             r.pick("compress", "compress", compress, None, g.compress.as_ref(), shown);
             apply_hash(&mut r, &cfg, hash);
-            r.pick("bwlimit", "bwlimit", bwlimit, None, g.bwlimit.as_ref(), shown::<Rate>);
             r.pick("idle_timeout", "idle_timeout", &mut idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
-            // The references are the target's; a source has none.
-            if source.is_none() {
+            // The limit is the sending end's, the references the target's.
+            if source.is_some() {
+                r.pick("bwlimit", "bwlimit", bwlimit, None, g.bwlimit.as_ref(), shown::<Rate>);
+            } else {
                 apply_references(&mut r, &cfg, references, &RefsAt::Here(target.clone()));
             }
             apply_log_format(&mut r, &cfg, log_format);
