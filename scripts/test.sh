@@ -45,7 +45,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 AuthorizedKeysFile /root/.ssh/authorized_keys
-SetEnv PATH=/usr/local/bin:/usr/bin:/bin
+SetEnv PATH=/usr/local/bin:/usr/bin:/bin XENMIG_CONFIG=
 CONF
 cleanup() {
     [ -f "$tmp/sshd.pid" ] && kill "$(cat "$tmp/sshd.pid")" 2>/dev/null || true
@@ -61,7 +61,9 @@ export XENMIG_SSH="ssh -p 2222 -i $tmp/client_key -o BatchMode=yes -o StrictHost
 $XENMIG_SSH root@127.0.0.1 true
 
 # No test reads the host's /etc/xenmig/xenmig.yaml: an empty XENMIG_CONFIG
-# means no configuration file (tests/config.rs names its own files).
+# means no configuration file (tests/config.rs names its own files). The
+# sshd above sets it too, for the `xenmig serve` it runs (serve reads the
+# file of the host it runs on).
 export XENMIG_CONFIG=
 
 # The Xen lab (tests/lab.rs) runs only when asked: XENMIG_LAB=1 scripts/test.sh.

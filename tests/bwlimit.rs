@@ -210,7 +210,7 @@ impl VethPair {
             "ListenAddress {VETH_DST_IP}\nPort 2222\nHostKey {0}/host_key\nPidFile {0}/sshd.pid\n\
              AuthorizedKeysFile {0}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nUseDNS no\n\
-             SetEnv PATH=/usr/local/bin:/usr/bin:/bin\n",
+             SetEnv PATH=/usr/local/bin:/usr/bin:/bin XENMIG_CONFIG=\n",
             d.display()
         );
         fs::write(d.join("sshd_config"), config).unwrap();
