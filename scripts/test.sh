@@ -13,8 +13,11 @@ fi
 # and live tests; libxen-dev and libclang-dev so that build.rs generates the
 # Xen bindings (without them xenmig builds, but its Xen layer is left out).
 # groff renders the generated man pages (tests/assets.rs); procps' pgrep
-# looks for copies the xend hook left running (tests/hook.rs).
-need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps)
+# looks for copies the xend hook left running (tests/hook.rs). iproute2's
+# `ip netns` joins two namespaces by a veth pair for the --bwlimit test
+# (tests/bwlimit.rs, ignored in a plain cargo test like the ssh tests, and
+# run here by --include-ignored below).
+need=(openssh-server openssh-client util-linux mount e2fsprogs libxen-dev libclang-dev lvm2 groff-base procps iproute2)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -42,7 +45,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 AuthorizedKeysFile /root/.ssh/authorized_keys
-SetEnv PATH=/usr/local/bin:/usr/bin:/bin
+SetEnv PATH=/usr/local/bin:/usr/bin:/bin XENMIG_CONFIG=
 CONF
 cleanup() {
     [ -f "$tmp/sshd.pid" ] && kill "$(cat "$tmp/sshd.pid")" 2>/dev/null || true
@@ -58,7 +61,9 @@ export XENMIG_SSH="ssh -p 2222 -i $tmp/client_key -o BatchMode=yes -o StrictHost
 $XENMIG_SSH root@127.0.0.1 true
 
 # No test reads the host's /etc/xenmig/xenmig.yaml: an empty XENMIG_CONFIG
-# means no configuration file (tests/config.rs names its own files).
+# means no configuration file (tests/config.rs names its own files). The
+# sshd above sets it too, for the `xenmig serve` it runs (serve reads the
+# file of the host it runs on).
 export XENMIG_CONFIG=
 
 # The Xen lab (tests/lab.rs) runs only when asked: XENMIG_LAB=1 scripts/test.sh.

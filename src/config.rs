@@ -1,5 +1,6 @@
-//! The site configuration, `/etc/xenmig/xenmig.yaml`: defaults for `copy`
-//! and `migrate`, and per-host sections.
+//! The site configuration, `/etc/xenmig/xenmig.yaml`: defaults for the
+//! commands (which command takes which setting: `src/cli/settings.rs`),
+//! and per-host sections.
 //!
 //! This module reads and checks the file; it does not know the command
 //! line. Every value keeps the line it was written on, so that `xenmig
@@ -16,7 +17,8 @@
 //! block_size: 4096
 //! bwlimit: 50M                  # bytes per second (K, M, G as rsync); 0: none
 //! idle_timeout: 120
-//! references: [/dev/vg0/debian12]
+//! log_format: json              # --log-format: text or json (stderr)
+//! references: [/dev/vg0/debian12, '/srv/templates/*.xmi']   # patterns: copy::refglob
 //! migrate:
 //!   target_vg: vg0
 //!   max_passes: 6
@@ -74,6 +76,42 @@ pub enum ConfigError {
     Syntax { path: PathBuf, line: u64, message: String },
 }
 
+/// What xenmig writes on stderr (`--log-format`, `log_format:`): lines
+/// for people, or one JSON object per line for log collectors. The CLI
+/// does the writing; the type is here because the file names it too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format '{s}' (text, json)")),
+        }
+    }
+}
+
 /// A value from the file and the line it is on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct At<T> {
@@ -93,6 +131,7 @@ pub struct Settings {
     pub bwlimit: Option<At<Rate>>,
     pub idle_timeout: Option<At<u64>>,
     pub references: Option<At<Vec<PathBuf>>>,
+    pub log_format: Option<At<LogFormat>>,
 }
 
 /// Defaults of `migrate` only.
@@ -243,6 +282,7 @@ impl Ctx<'_> {
             bwlimit: self.parsed_rate(r.bwlimit, "bwlimit")?,
             idle_timeout: r.idle_timeout.map(plain),
             references: r.references.map(paths),
+            log_format: self.parsed(r.log_format, "log_format")?,
         })
     }
 
@@ -366,6 +406,7 @@ mod raw {
         pub bwlimit: Option<Spanned<NumOrText>>,
         pub idle_timeout: Option<Spanned<u64>>,
         pub references: Option<Spanned<Vec<String>>>,
+        pub log_format: Option<Spanned<String>>,
     }
 
     /// The top level: the general settings written out (serde's `flatten`
@@ -381,6 +422,7 @@ mod raw {
         pub bwlimit: Option<Spanned<NumOrText>>,
         pub idle_timeout: Option<Spanned<u64>>,
         pub references: Option<Spanned<Vec<String>>>,
+        pub log_format: Option<Spanned<String>>,
         pub migrate: Option<Migrate>,
         pub hosts: Option<BTreeMap<String, Host>>,
     }
@@ -397,6 +439,7 @@ mod raw {
                 bwlimit: self.bwlimit.take(),
                 idle_timeout: self.idle_timeout.take(),
                 references: self.references.take(),
+                log_format: self.log_format.take(),
             }
         }
     }
@@ -533,6 +576,7 @@ hosts:
         let cases = [
             ("compress: brotli\n", 1, "compress", "unknown compression"),
             ("hash: md5\n", 1, "hash", "unknown digest"),
+            ("ssh: x\nlog_format: xml\n", 2, "log_format", "unknown log format"),
             ("ssh: x\nblock_size: 1000\n", 2, "block_size", "power of two"),
             ("bwlimit: 10X\n", 1, "bwlimit", "unknown suffix"),
             ("migrate:\n  rescan: sometimes\n", 2, "migrate.rescan", "unknown rescan"),

@@ -38,21 +38,55 @@ fn man_pages_and_completions_follow_the_flags() {
     }
     // bash: the completion loads and completes commands and flags.
     let bash = d.path().join("completions/xenmig.bash");
-    let script = format!(
-        "source {} && complete -p xenmig && COMP_WORDS=(xenmig co) COMP_CWORD=1 && _xenmig xenmig co xenmig && echo \"${{COMPREPLY[@]}}\" \
-         && COMP_WORDS=(xenmig copy --bw) COMP_CWORD=2 && _xenmig xenmig --bw copy && echo \"${{COMPREPLY[@]}}\"",
-        bash.display()
-    );
-    let r = Command::new("bash").args(["--norc", "-c", &script]).output().unwrap();
-    let said = String::from_utf8_lossy(&r.stdout);
-    assert!(r.status.success(), "{said}{}", String::from_utf8_lossy(&r.stderr));
-    let lines: Vec<&str> = said.lines().collect();
-    assert!(lines[0].contains("_xenmig") && lines[0].ends_with(" xenmig"), "{said}");
-    assert!(lines[1].split(' ').any(|w| w == "copy") && lines[1].split(' ').any(|w| w == "config"), "{said}");
-    assert!(lines[2].split(' ').any(|w| w == "--bwlimit"), "{said}");
+    let loaded = Command::new("bash")
+        .args(["--norc", "-c", &format!("source {} && complete -p xenmig", bash.display())])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&loaded.stdout);
+    assert!(loaded.status.success() && said.contains("_xenmig") && said.trim_end().ends_with(" xenmig"), "{said}");
+    let has = |words: &[String], w: &str| words.iter().any(|x| x == w);
+    let co = complete(&bash, &["co"]);
+    assert!(has(&co, "copy") && has(&co, "config"), "{co:?}");
+    assert!(has(&complete(&bash, &["copy", "--bw"]), "--bwlimit"));
+    // `xenmig <TAB>` and `xenmig help <TAB>` offer the public commands
+    // and none of the hidden ones; hidden flags are not offered either.
+    let public = ["migrate", "copy", "config", "hash", "index", "similarity", "show", "domains", "serve", "pause"];
+    let hidden = ["assets", "migrate-relay", "migrate-target"];
+    for words in [&[""][..], &["help", ""][..]] {
+        let offered = complete(&bash, words);
+        for c in public {
+            assert!(has(&offered, c), "xenmig {words:?}: {c} missing from {offered:?}");
+        }
+        for c in hidden {
+            assert!(!has(&offered, c), "xenmig {words:?}: hidden {c} offered: {offered:?}");
+        }
+    }
+    let serve = complete(&bash, &["serve", "--"]);
+    assert!(has(&serve, "--target") && has(&serve, "--bwlimit"), "{serve:?}");
+    assert!(!has(&serve, "--allow-open-by"), "{serve:?}");
     // zsh and fish files are there and name the flags too.
     for f in ["_xenmig", "xenmig.fish"] {
         let t = fs::read_to_string(d.path().join("completions").join(f)).unwrap();
         assert!(t.contains("bwlimit") && t.contains("log-format"), "{f}");
+        for h in ["assets", "migrate-relay", "migrate-target", "allow-open-by"] {
+            assert!(!t.contains(h), "{f} offers hidden {h}");
+        }
     }
+}
+
+/// What bash completion offers for `xenmig WORDS...` (the last word is the
+/// one being completed).
+fn complete(script: &std::path::Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let cur = quoted.last().unwrap();
+    let prev = if words.len() > 1 { quoted[quoted.len() - 2].clone() } else { "xenmig".into() };
+    let line = format!(
+        "source {} && COMP_WORDS=(xenmig {}) COMP_CWORD={} && _xenmig xenmig {cur} {prev} && printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len()
+    );
+    let r = Command::new("bash").args(["--norc", "-c", &line]).output().unwrap();
+    assert!(r.status.success(), "{words:?}: {}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).lines().map(str::to_string).collect()
 }

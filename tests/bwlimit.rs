@@ -1,8 +1,10 @@
 //! `--bwlimit`: the sending end holds the limit.
 //!
-//! The long tests copy over real ssh to the loopback sshd that
-//! scripts/test.sh starts (ignored in a plain `cargo test`, run there with
-//! `--include-ignored`); the local ones run everywhere.
+//! The long tests copy over real ssh, to the loopback sshd that
+//! scripts/test.sh starts, and between two network namespaces joined by a
+//! veth pair, with an sshd of the test's own in one of them (ignored in a
+//! plain `cargo test`, run by scripts/test.sh with `--include-ignored`, as
+//! root); the local ones run everywhere.
 //!
 //! Two rates are measured, by this test's own clock: the steady rate, from
 //! the growth of the destination file's allocated bytes between 20% and 80%
@@ -31,13 +33,26 @@ fn timed_copy(args: &[&str]) -> (serde_json::Value, f64) {
     (v, secs)
 }
 
-/// Run `xenmig copy --json ARGS` while sampling the allocated bytes of
-/// `dst` (a fresh file) every 50 ms; also returns the steady rate, from the
-/// samples between 20% and 80% of `size` bytes.
 fn watched_copy(args: &[&str], dst: Option<(&Path, u64)>) -> (serde_json::Value, f64, Option<f64>) {
+    watched_copy_in(&[], args, dst)
+}
+
+/// Run `PREFIX... xenmig copy --json ARGS` (PREFIX: for example `ip netns
+/// exec NS`, which execs xenmig in the same process) while sampling the
+/// allocated bytes of `dst` (a fresh file) every 50 ms; also returns the
+/// steady rate, from the samples between 20% and 80% of `size` bytes.
+fn watched_copy_in(prefix: &[&str], args: &[&str], dst: Option<(&Path, u64)>) -> (serde_json::Value, f64, Option<f64>) {
     use std::os::unix::fs::MetadataExt;
     let started = Instant::now();
-    let child = Command::new(bin())
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    let child = cmd
         .env("XENMIG_CONFIG", "")
         .arg("copy")
         .arg("--json")
@@ -125,6 +140,174 @@ fn the_limit_holds_over_ssh_both_ways() {
     let (v, free_secs) = timed_copy(&args);
     assert!(v.get("bwlimit").is_none(), "{v}");
     eprintln!("pull without a limit: {free_secs:.2} s against {secs:.2} s");
+    assert!(free_secs < secs / 2.0, "unlimited {free_secs:.2} s, limited {secs:.2} s");
+}
+
+/// Two network namespaces joined by a veth pair (10.200.77.1/30 in the
+/// source's, 10.200.77.2/30 in the target's), and an sshd of this test's
+/// own in the target's namespace, listening on 10.200.77.2:2222 only.
+/// Dropping it stops that sshd and deletes both namespaces (and with them
+/// the veth pair), also when the test fails.
+struct VethPair {
+    src_ns: String,
+    dst_ns: String,
+    dir: tempfile::TempDir,
+    ssh: String,
+}
+
+const VETH_SRC_IP: &str = "10.200.77.1";
+const VETH_DST_IP: &str = "10.200.77.2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl VethPair {
+    fn new() -> VethPair {
+        require_root("network namespaces and a veth pair");
+        // Names unique to this process: other test runs may have theirs.
+        let tag = std::process::id();
+        let (src_ns, dst_ns) = (format!("xmbw-s-{tag}"), format!("xmbw-d-{tag}"));
+        let dir = tempfile::tempdir().unwrap();
+        // From here on the guard exists: whatever fails is cleaned up.
+        let mut pair = VethPair { src_ns, dst_ns, dir, ssh: String::new() };
+        let (s_dev, d_dev) = (format!("xmbs{tag}"), format!("xmbd{tag}"));
+        ip(&["netns", "add", &pair.src_ns]);
+        ip(&["netns", "add", &pair.dst_ns]);
+        ip(&[
+            "link",
+            "add",
+            &s_dev,
+            "netns",
+            &pair.src_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &d_dev,
+            "netns",
+            &pair.dst_ns,
+        ]);
+        ip(&["-n", &pair.src_ns, "addr", "add", &format!("{VETH_SRC_IP}/30"), "dev", &s_dev]);
+        ip(&["-n", &pair.dst_ns, "addr", "add", &format!("{VETH_DST_IP}/30"), "dev", &d_dev]);
+        for (ns, dev) in [(&pair.src_ns, &s_dev), (&pair.dst_ns, &d_dev)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        let d = pair.dir.path();
+        for key in ["host_key", "client_key"] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key))
+                .status()
+                .unwrap();
+            assert!(st.success(), "ssh-keygen");
+        }
+        fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        fs::create_dir_all("/run/sshd").unwrap();
+        let config = format!(
+            "ListenAddress {VETH_DST_IP}\nPort 2222\nHostKey {0}/host_key\nPidFile {0}/sshd.pid\n\
+             AuthorizedKeysFile {0}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nUseDNS no\n\
+             SetEnv PATH=/usr/local/bin:/usr/bin:/bin XENMIG_CONFIG=\n",
+            d.display()
+        );
+        fs::write(d.join("sshd_config"), config).unwrap();
+        // sshd forks into the background once it listens; its pid file
+        // says which process to stop.
+        let st = Command::new("ip")
+            .args(["netns", "exec", &pair.dst_ns, "/usr/sbin/sshd", "-f"])
+            .arg(d.join("sshd_config"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "sshd in {}", pair.dst_ns);
+        pair.ssh = format!(
+            "ssh -p 2222 -i {}/client_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            d.display()
+        );
+        // Wait until it answers from the source's namespace, across the
+        // veth, before any copy is timed: polled, at most 10 s.
+        let login = format!("root@{VETH_DST_IP}");
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let answered = d.join("sshd.pid").exists()
+                && Command::new("ip")
+                    .args(["netns", "exec", &pair.src_ns, "sh", "-c", &format!("{} {login} true", pair.ssh)])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+            if answered {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sshd in {} does not answer on {VETH_DST_IP}:2222", pair.dst_ns);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        pair
+    }
+
+    /// Bytes the veth carried from the source's namespace so far.
+    fn bytes_sent(&self) -> u64 {
+        let dev = format!("xmbs{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.src_ns, "cat", &format!("/sys/class/net/{dev}/statistics/tx_bytes")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("tx_bytes of the veth")
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(self.dir.path().join("sshd.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill(2) on the pid our own sshd wrote; no memory
+                // is involved.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        for ns in [&self.src_ns, &self.dst_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and ip netns (scripts/test.sh runs it); 25 s"]
+fn the_limit_holds_across_a_veth_pair_between_namespaces() {
+    let net = VethPair::new();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    let limit: u64 = 6 << 20;
+    // 120 MiB at 6 MiB/s: a 20 s push from the source's namespace to the
+    // target's, every byte through the veth (and ssh).
+    dense_image(&a, 8, 120 << 20);
+    let bin = bin();
+    let rb = format!("root@{VETH_DST_IP}:{}", b.display());
+    let in_src = ["ip", "netns", "exec", net.src_ns.as_str()];
+    let common = ["-s", net.ssh.as_str(), "--remote-xenmig", s(&bin), "--compress", "none"];
+    let mut args = common.to_vec();
+    args.extend(["--bwlimit", "6M", s(&a), &rb]);
+    let before = net.bytes_sent();
+    let (v, secs, steady) = watched_copy_in(&in_src, &args, Some((&b, 120 << 20)));
+    let on_veth = net.bytes_sent() - before;
+    eprintln!(
+        "veth: {on_veth} bytes from the source's namespace in {secs:.2} s = {:.0} B/s ({:.3} of the limit; ssh and TCP included)",
+        on_veth as f64 / secs,
+        on_veth as f64 / secs / limit as f64
+    );
+    assert_rate(&v, secs, steady, limit, "veth push, 20 s");
+    // The bytes did cross the veth: at least what xenmig wrote.
+    assert!(on_veth >= v["bytes_wire"].as_u64().unwrap() / 2, "{on_veth} bytes on the veth");
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    // Side by side, the same push without a limit: the limit set the pace.
+    fs::remove_file(&b).unwrap();
+    let mut args = common.to_vec();
+    args.extend([s(&a), rb.as_str()]);
+    let (v, free_secs, _) = watched_copy_in(&in_src, &args, None);
+    assert!(v.get("bwlimit").is_none(), "{v}");
+    eprintln!("veth push without a limit: {free_secs:.2} s against {secs:.2} s");
     assert!(free_secs < secs / 2.0, "unlimited {free_secs:.2} s, limited {secs:.2} s");
 }
 

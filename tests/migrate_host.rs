@@ -167,6 +167,88 @@ fn the_last_delta_fails_before_ready_ready_withheld() {
     );
 }
 
+/// `migrate --bwlimit` (`opts.source.bwlimit`) reaches the disk copies:
+/// the target's disk fills at the limit, the pre-copy cannot beat it, and
+/// the report `migrate --json` prints carries it (and each disk's copy
+/// report). Side by side, the same migration without a limit.
+#[test]
+fn bwlimit_throttles_the_disk_copies_and_is_reported() {
+    const DISK: usize = 24 << 20;
+    let limit: u64 = 4 << 20;
+    let (r, steady) = watched_migrate(DISK, Some(limit));
+    let precopy = phase_seconds(&r, "disk pre-copy");
+    let copy = r.disks[0].copy.as_ref().unwrap();
+    let floor = copy.bytes_payload_wire as f64 / limit as f64;
+    let steady = steady.expect("enough samples of the target disk's growth");
+    eprintln!(
+        "migrate --bwlimit 4M, {} MiB disk: steady {steady:.0} B/s ({:.3} of the limit); pre-copy {precopy:.2} s for {} payload bytes ({floor:.2} s at the limit); whole migration {:.2} s",
+        DISK >> 20,
+        steady / limit as f64,
+        copy.bytes_payload_wire,
+        r.seconds
+    );
+    assert!((0.9..=1.1).contains(&(steady / limit as f64)), "steady {steady:.0} B/s is not within 10% of {limit}");
+    // Nearly all of the payload is pass 1, in the pre-copy; the bucket
+    // starts empty, so it cannot have gone faster than the limit.
+    assert!(copy.bytes_payload_wire as usize >= DISK, "{copy:?}");
+    assert!(precopy >= 0.95 * DISK as f64 / limit as f64, "pre-copy {precopy:.2} s beat the limit");
+    assert_eq!(r.bwlimit, Some(limit));
+    assert_eq!(copy.bwlimit, Some(limit));
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["bwlimit"], limit, "{json}");
+    assert_eq!(json["disks"][0]["copy"]["bwlimit"], limit);
+    // Without a limit: none reported, and the pre-copy is much faster.
+    let (free, _) = watched_migrate(DISK, None);
+    let free_precopy = phase_seconds(&free, "disk pre-copy");
+    eprintln!("the same without a limit: pre-copy {free_precopy:.2} s, whole migration {:.2} s", free.seconds);
+    assert!(serde_json::to_value(&free).unwrap().get("bwlimit").is_none());
+    assert!(free_precopy < precopy / 2.0, "unlimited {free_precopy:.2} s, limited {precopy:.2} s");
+}
+
+fn phase_seconds(r: &MigrateReport, name: &str) -> f64 {
+    r.phases.iter().find(|p| p.phase == name).unwrap_or_else(|| panic!("no phase {name}: {:?}", r.phases)).seconds
+}
+
+/// A migration of a `disk`-byte guest disk (no guest writes), with the
+/// target disk's allocated bytes sampled every 50 ms; the report and the
+/// steady rate between 20% and 80% of the disk.
+fn watched_migrate(disk: usize, limit: Option<u64>) -> (MigrateReport, Option<f64>) {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Instant;
+    let w = World::with_disk(VG_BIG, disk);
+    w.no_guest_writes();
+    let mut o = w.opts();
+    // Noise does not compress: no CPU spent finding that out.
+    o.source.compress = "none".parse().unwrap();
+    if let Some(l) = limit {
+        o.source.bwlimit = xenmig::wire::rate::Rate(l);
+    }
+    let (host, tgt) = (w.host(), w.tgt_disk());
+    let started = Instant::now();
+    let ((r, res), samples) = std::thread::scope(|sc| {
+        let job = sc.spawn(|| migrate::migrate(&host, &o, &Progress::hidden()));
+        let mut samples: Vec<(f64, u64)> = Vec::new();
+        while !job.is_finished() {
+            if let Ok(m) = fs::metadata(&tgt) {
+                samples.push((started.elapsed().as_secs_f64(), m.blocks() * 512));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (job.join().unwrap(), samples)
+    });
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before, "the target disk differs from the source");
+    let size = disk as u64;
+    let first = samples.iter().find(|s| s.1 >= size / 5);
+    let last = samples.iter().rev().find(|s| s.1 <= size * 4 / 5);
+    let steady = match (first, last) {
+        (Some(a), Some(b)) if b.0 - a.0 > 1.0 => Some((b.1 - a.1) as f64 / (b.0 - a.0)),
+        _ => None,
+    };
+    (r, steady)
+}
+
 #[test]
 fn disk_passes_go_on_while_xl_copies_memory() {
     // The guest writes 64 blocks while xl copies memory (3 s) and 2 more

@@ -72,11 +72,15 @@ pub fn similarity_cmd(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<i32> {
+    if references.is_empty() {
+        anyhow::bail!("similarity: no references: give -r PATH, or `references` in the configuration");
+    }
     let img = Image::open_read(&image)?;
     let layout = layout_of(&img, hash.block_size, hash.align)?;
     let progress = super::output::progress(quiet, false, "similarity");
     progress.phase("hashing", layout.size);
     let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
+    let references = xenmig::copy::refglob::expand(&references, Some(&image))?;
     let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;
     progress.finish();
     let sim = similarity(&map, &refs);

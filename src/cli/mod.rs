@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use xenmig::blocks::digest::Algorithm;
 use xenmig::blocks::layout::{check_block_size, Align};
@@ -53,7 +53,7 @@ struct Cli {
     /// Format of what goes to stderr: `text`, or `json` (one object per
     /// line, for log collectors). Without a terminal, each phase is one
     /// timestamped line; on a terminal the progress bar is unchanged.
-    #[arg(long, global = true, value_enum, default_value = "text", value_name = "FORMAT")]
+    #[arg(long, global = true, default_value = "text", value_name = "FORMAT", value_parser = output::log_format_parser())]
     log_format: output::LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -92,8 +92,8 @@ enum Command {
     /// source, compressed. Every block is verified before it counts, and the
     /// whole target is checked against the source's image digest.
     Copy(CopyArgs),
-    /// Print the settings `copy` and `migrate` would use, each with where it
-    /// came from: default, the file (FILE:LINE), a host section, or a flag.
+    /// Print the settings a command would use, each with where it came
+    /// from: default, the file (FILE:LINE), a host section, or a flag.
     ///
     /// Without COMMAND: those of `migrate` to --host (or to no particular
     /// host). With COMMAND: those of that command line, for example
@@ -102,7 +102,8 @@ enum Command {
         /// The host whose section applies.
         #[arg(long, value_name = "HOST", conflicts_with = "command")]
         host: Option<String>,
-        /// A `copy` or `migrate` command line (after `--`).
+        /// A command line (after `--`): copy, migrate, serve, hash, index or
+        /// similarity.
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
@@ -135,8 +136,9 @@ enum Command {
     /// moves nothing.
     Similarity {
         image: PathBuf,
-        /// Reference images or index files (repeatable, at least one).
-        #[arg(short = 'r', long = "reference", value_name = "PATH", required = true)]
+        /// Reference images or index files, or glob patterns (repeatable;
+        /// at least one, here or as `references` in the configuration).
+        #[arg(short = 'r', long = "reference", value_name = "PATH")]
         references: Vec<PathBuf>,
         #[command(flatten)]
         hash: HashArgs,
@@ -357,13 +359,17 @@ pub fn main() -> i32 {
     // from a default, which the configuration may replace.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    output::init(cli.verbose, cli.log_format);
+    let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
+    // The configuration first: it may set the log format stderr is
+    // written in, including the message saying the file is wrong.
+    let (mut cmd, mut format) = (cli.command, cli.log_format);
+    let configured = settings::configure(&mut cmd, &mut format, &sub, || settings::load(cli.config_file.as_deref()));
+    output::init(cli.verbose, format);
     // A far end's messages (ssh, the remote xenmig) reach the operator as
     // they come.
     xenmig::wire::transport::set_peer_line_sink(|line| eprintln!("{line}"));
     let quiet = cli.quiet;
-    let sub = matches.subcommand().map(|(_, m)| m.clone()).expect("clap: a subcommand is required");
-    match run(cli.command, quiet, &sub, cli.config_file.as_deref()) {
+    match configured.and_then(|_| run(cmd, quiet, cli.config_file.as_deref())) {
         Ok(code) => code,
         Err(e) => {
             // Causes may quote a peer or a remote command: no control
@@ -389,16 +395,11 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Path>) -> anyhow::Result<i32> {
+/// Run a command whose settings are decided (`settings::configure`).
+fn run(cmd: Command, quiet: bool, config: Option<&std::path::Path>) -> anyhow::Result<i32> {
     match cmd {
-        Command::Copy(mut a) => {
-            settings::apply_copy(&mut a, m, &settings::load(config)?);
-            Ok(copy::run_copy(a, quiet))
-        }
-        Command::Migrate(mut a) => {
-            settings::apply_migrate(&mut a, m, &settings::load(config)?);
-            migrate::run_migrate(a, quiet)
-        }
+        Command::Copy(a) => Ok(copy::run_copy(a, quiet)),
+        Command::Migrate(a) => migrate::run_migrate(a, quiet),
         Command::Config { host, command } => settings::show(host, command, config),
         Command::MigrateRelay { control, ssh, rewrite_disk, rest } => {
             migrate::run_relay(control, ssh, rewrite_disk, rest)

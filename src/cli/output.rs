@@ -9,18 +9,20 @@
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, OnceLock};
 
-use clap::ValueEnum;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use serde_json::json;
 
+pub(crate) use xenmig::config::LogFormat;
 use xenmig::copy::progress::{Event, Progress};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub(crate) enum LogFormat {
-    /// Human-readable lines, each with a timestamp when stderr is not a terminal.
-    #[default]
-    Text,
-    /// One JSON object per line: ts, level, event or target, message.
-    Json,
+/// `--log-format`'s parser: the values, with their help for `--help` and
+/// the completions, read by the one `FromStr` the configuration file uses.
+pub(crate) fn log_format_parser() -> impl TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new([
+        PossibleValue::new("text").help("Human-readable lines, each with a timestamp when stderr is not a terminal"),
+        PossibleValue::new("json").help("One JSON object per line: ts, level, event or target, message"),
+    ])
+    .map(|s| s.parse::<LogFormat>().expect("a possible value of --log-format"))
 }
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();

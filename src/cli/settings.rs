@@ -1,10 +1,24 @@
 //! Flags over the configuration file: the one place that decides which
-//! value a setting of `copy` and `migrate` takes, and remembers why.
+//! value a command's setting takes, and remembers why.
 //!
 //! Precedence, lowest first: the flag's default, the file's top level (or
 //! its `migrate:` section), the section of the host the command talks to,
 //! a flag given on the command line. `xenmig config` prints the same
 //! decision this module makes for a real run.
+//!
+//! Which command takes which setting ([`configure`]):
+//!
+//! | command | settings from the file |
+//! |---|---|
+//! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end) |
+//! | `migrate` | the same (host section: HOST's), and `migrate:` |
+//! | `serve` | compress, hash, block_size, idle_timeout; bwlimit as `--source`, references as `--target` (top level only: it does not know its peer) |
+//! | `hash`, `index` | hash, block_size |
+//! | `similarity` | hash, block_size, references |
+//!
+//! Each of these also takes `log_format` (the global `--log-format`),
+//! decided before stderr is set up. The others take nothing from the file
+//! and do not read it.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -12,11 +26,11 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
-use xenmig::config::{At, Config, HostSettings};
+use xenmig::config::{At, Config, HostSettings, LogFormat};
 use xenmig::wire::rate::Rate;
 
 use super::migrate::MigrateArgs;
-use super::CopyArgs;
+use super::{Command, CopyArgs, HashArgs};
 
 /// Where a setting's value came from.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,11 +114,38 @@ fn shown<T: Display>(v: &T) -> String {
     v.to_string()
 }
 
-fn paths(v: &[PathBuf]) -> String {
+/// Where a command's references are used: on this host (for the image
+/// named, which a pattern never matches), or on another host.
+#[derive(Clone, Debug)]
+pub(crate) enum RefsAt {
+    Here(Option<PathBuf>),
+    Host(String),
+}
+
+/// A reference list for `xenmig config`: each pattern with what it
+/// matches now, or, on another host, where it will be expanded.
+fn references(v: &[PathBuf], at: &RefsAt) -> String {
+    use xenmig::copy::refglob;
     if v.is_empty() {
         return "(none)".into();
     }
-    v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    let entry = |p: &PathBuf| {
+        let shown = p.display();
+        if !refglob::is_pattern(p) {
+            return shown.to_string();
+        }
+        match at {
+            RefsAt::Host(h) => format!("{shown} (a pattern, expanded on {h})"),
+            RefsAt::Here(image) => match refglob::expand_entry(p, image.as_deref()) {
+                Ok(m) if m.is_empty() => format!("{shown} (matches nothing)"),
+                Ok(m) => {
+                    format!("{shown} = [{}]", m.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+                }
+                Err(e) => format!("{shown} ({e})"),
+            },
+        }
+    };
+    v.iter().map(entry).collect::<Vec<_>>().join(", ")
 }
 
 /// The host a copy talks to: that of its remote end, if any.
@@ -116,6 +157,15 @@ pub(crate) fn copy_host(a: &CopyArgs) -> Option<String> {
     })
 }
 
+/// Where a copy's references are used: on DST's side.
+fn copy_refs_at(a: &CopyArgs) -> RefsAt {
+    use xenmig::wire::transport::Location;
+    match Location::parse(&a.dst) {
+        Location::Remote { host, .. } => RefsAt::Host(host),
+        Location::Local(p) => RefsAt::Here(Some(p)),
+    }
+}
+
 /// The settings `copy` and `migrate` share, as their flags hold them.
 struct Shared<'s> {
     ssh: &'s mut String,
@@ -125,6 +175,7 @@ struct Shared<'s> {
     bwlimit: &'s mut Rate,
     idle: &'s mut super::IdleArgs,
     references: &'s mut Vec<PathBuf>,
+    refs_at: RefsAt,
 }
 
 /// Fill the shared settings from the host section and the file, where no
@@ -142,23 +193,91 @@ fn apply_shared(r: &mut Resolver<'_>, cfg: &Config, a: Shared<'_>) {
         |s| text(s),
     );
     r.pick("compress", "compress", a.compress, None, g.compress.as_ref(), shown);
-    r.pick("hash", "algo", &mut a.hash.algo, None, g.hash.as_ref(), shown);
-    r.pick("block_size", "block_size", &mut a.hash.block_size, None, g.block_size.as_ref(), shown);
+    apply_hash(r, cfg, a.hash);
     r.pick("bwlimit", "bwlimit", a.bwlimit, h.and_then(|h| h.bwlimit.as_ref()), g.bwlimit.as_ref(), shown::<Rate>);
     r.pick("idle_timeout", "idle_timeout", &mut a.idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+    apply_references(r, cfg, a.references, &a.refs_at);
+}
+
+/// The digest and the block size (`--hash`, `--block-size`).
+fn apply_hash(r: &mut Resolver<'_>, cfg: &Config, a: &mut HashArgs) {
+    let g = &cfg.general;
+    r.pick("hash", "algo", &mut a.algo, None, g.hash.as_ref(), shown);
+    r.pick("block_size", "block_size", &mut a.block_size, None, g.block_size.as_ref(), shown);
+}
+
+/// The references (`-r`), used at `at`.
+fn apply_references(r: &mut Resolver<'_>, cfg: &Config, refs: &mut Vec<PathBuf>, at: &RefsAt) {
+    let h = r.section();
     r.pick(
         "references",
         "references",
-        a.references,
+        refs,
         h.and_then(|h| h.references.as_ref()),
-        g.references.as_ref(),
-        |v| paths(v),
+        cfg.general.references.as_ref(),
+        |v| references(v, at),
     );
 }
 
+/// `--log-format` (a global flag, seen in every command's matches).
+fn apply_log_format(r: &mut Resolver<'_>, cfg: &Config, format: &mut LogFormat) {
+    r.pick("log_format", "log_format", format, None, cfg.general.log_format.as_ref(), shown);
+}
+
+/// Fill `cmd`'s settings, and the log format, from the configuration
+/// `cfg()` reads, where no flag set them, and say what was decided and
+/// why. None, and nothing read: the command takes no setting from the
+/// file.
+pub(crate) fn configure(
+    cmd: &mut Command,
+    log_format: &mut LogFormat,
+    m: &ArgMatches,
+    cfg: impl FnOnce() -> anyhow::Result<Config>,
+) -> anyhow::Result<Option<Vec<Row>>> {
+    let rows = match cmd {
+        Command::Copy(a) => apply_copy(a, log_format, m, &cfg()?),
+        Command::Migrate(a) => apply_migrate(a, log_format, m, &cfg()?),
+        Command::Serve { source, target, hash, compress, references, idle, bwlimit, .. } => {
+            let cfg = cfg()?;
+            // No host section: serve does not know which host started it.
+            let mut r = Resolver::new(m, &cfg, None);
+            let g = &cfg.general;
+            r.pick("compress", "compress", compress, None, g.compress.as_ref(), shown);
+            apply_hash(&mut r, &cfg, hash);
+            r.pick("idle_timeout", "idle_timeout", &mut idle.idle_timeout, None, g.idle_timeout.as_ref(), shown);
+            // The limit is the sending end's, the references the target's.
+            if source.is_some() {
+                r.pick("bwlimit", "bwlimit", bwlimit, None, g.bwlimit.as_ref(), shown::<Rate>);
+            } else {
+                apply_references(&mut r, &cfg, references, &RefsAt::Here(target.clone()));
+            }
+            apply_log_format(&mut r, &cfg, log_format);
+            r.rows
+        }
+        Command::Hash { hash, .. } | Command::Index { hash, .. } => {
+            let cfg = cfg()?;
+            let mut r = Resolver::new(m, &cfg, None);
+            apply_hash(&mut r, &cfg, hash);
+            apply_log_format(&mut r, &cfg, log_format);
+            r.rows
+        }
+        Command::Similarity { image, references, hash, .. } => {
+            let cfg = cfg()?;
+            let mut r = Resolver::new(m, &cfg, None);
+            apply_hash(&mut r, &cfg, hash);
+            apply_references(&mut r, &cfg, references, &RefsAt::Here(Some(image.clone())));
+            apply_log_format(&mut r, &cfg, log_format);
+            r.rows
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(rows))
+}
+
 /// Settings of `copy` from the configuration, where no flag set them.
-pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+fn apply_copy(a: &mut CopyArgs, log_format: &mut LogFormat, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = copy_host(a);
+    let refs_at = copy_refs_at(a);
     let mut r = Resolver::new(m, cfg, host.as_deref());
     apply_shared(
         &mut r,
@@ -171,13 +290,15 @@ pub(crate) fn apply_copy(a: &mut CopyArgs, m: &ArgMatches, cfg: &Config) -> Vec<
             bwlimit: &mut a.bwlimit,
             idle: &mut a.idle,
             references: &mut a.references,
+            refs_at,
         },
     );
+    apply_log_format(&mut r, cfg, log_format);
     r.rows
 }
 
 /// Settings of `migrate` from the configuration, where no flag set them.
-pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
+fn apply_migrate(a: &mut MigrateArgs, log_format: &mut LogFormat, m: &ArgMatches, cfg: &Config) -> Vec<Row> {
     let host = a.host.clone();
     let mg = &cfg.migrate;
     let mut r = Resolver::new(m, cfg, host.as_deref());
@@ -193,6 +314,7 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
             bwlimit: &mut a.bwlimit,
             idle: &mut a.idle,
             references: &mut a.references,
+            refs_at: RefsAt::Host(host.clone().unwrap_or_else(|| "HOST".into())),
         },
     );
     // The target VG is optional (None: the source's VG name); the file's
@@ -212,6 +334,7 @@ pub(crate) fn apply_migrate(a: &mut MigrateArgs, m: &ArgMatches, cfg: &Config) -
         shown,
     );
     r.pick("migrate.rescan", "rescan", &mut a.rescan, None, mg.rescan.as_ref(), |v| v.name().to_string());
+    apply_log_format(&mut r, cfg, log_format);
     r.rows
 }
 
@@ -239,10 +362,11 @@ pub(crate) fn show(host: Option<String>, command: Vec<String>, flag: Option<&Pat
         Some(p) => load(Some(p))?,
         None => cfg,
     };
-    let rows = match cli.command {
-        super::Command::Copy(mut a) => apply_copy(&mut a, m, &cfg),
-        super::Command::Migrate(mut a) => apply_migrate(&mut a, m, &cfg),
-        _ => anyhow::bail!("config: only `copy` and `migrate` read the configuration"),
+    let mut command = cli.command;
+    let name = all.subcommand_name().unwrap_or_default().to_string();
+    let mut format = cli.log_format;
+    let Some(rows) = configure(&mut command, &mut format, m, || Ok(cfg.clone()))? else {
+        anyhow::bail!("config: `{name}` takes no setting from the configuration");
     };
     // Written, not printed: `xenmig config | head` must not panic on a
     // closed pipe.

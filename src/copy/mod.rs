@@ -13,6 +13,7 @@ pub mod interrupt;
 pub mod progress;
 pub mod quiesce;
 pub mod references;
+pub mod refglob;
 pub mod run;
 pub mod source;
 pub mod target;

@@ -333,7 +333,9 @@ pub fn run_with(
         check_room(dst, layout.size, opts.max_image_size)?;
         check_memory(&layout)?;
         // References first: a bad one stops the copy before DST is touched.
-        let mut refs = ReferenceSet::load(&opts.references, algo, layout.block_size)?;
+        // Patterns are expanded now, on this host (never to DST itself).
+        let references = super::refglob::expand(&opts.references, Some(dst))?;
+        let mut refs = ReferenceSet::load(&references, algo, layout.block_size)?;
         check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
         let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let dst_img = wrap(dst_img);

@@ -1259,7 +1259,9 @@ impl FinalDelta {
     /// them (removing their snapshots, which is slow) once the guest runs
     /// again, here or there.
     pub(crate) fn record(self, report: &mut MigrateReport) -> Vec<Tracking> {
-        for (disk, r) in self.reports {
+        for (disk, mut r) in self.reports {
+            // The target's report knows nothing of the limit its source ran under.
+            r.bwlimit = report.bwlimit;
             if let Some(d) = report.disks.iter_mut().find(|d| d.source == disk) {
                 d.copy = Some(r);
             }

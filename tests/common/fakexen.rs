@@ -287,6 +287,11 @@ impl World {
     /// A world where the source runs DOMAIN on one 2 MiB disk and the
     /// target has a VG of `tgt_vg_bytes` with nothing in it.
     pub fn new(tgt_vg_bytes: u64) -> World {
+        World::with_disk(tgt_vg_bytes, DISK_BYTES)
+    }
+
+    /// The same with a source disk of `disk_bytes` (of noise).
+    pub fn with_disk(tgt_vg_bytes: u64, disk_bytes: usize) -> World {
         crate::common::require_root("/dev directories standing for volume groups");
         let tmp = tempfile::tempdir().unwrap();
         let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
@@ -314,7 +319,7 @@ impl World {
         fs::create_dir_all(format!("/dev/{src_vg}")).unwrap();
         fs::create_dir_all(format!("/dev/{tgt_vg}")).unwrap();
         let disk = format!("/dev/{src_vg}/{DOMAIN}-disk");
-        let src_before = crate::common::noise(7, DISK_BYTES);
+        let src_before = crate::common::noise(7, disk_bytes);
         fs::write(&disk, &src_before).unwrap();
         fs::write(s.join("src.disk"), &disk).unwrap();
         fs::write(s.join("tgt.disk"), format!("/dev/{tgt_vg}/{DOMAIN}-disk")).unwrap();
@@ -582,7 +587,8 @@ impl SourceHost for FakeSource {
                 vdev: "xvda".into(),
                 vg: self.src_vg.clone(),
                 lv: format!("{DOMAIN}-disk"),
-                size_bytes: DISK_BYTES as u64,
+                // The fake LV is a file: its size is the disk's.
+                size_bytes: fs::metadata(format!("/dev/{}/{DOMAIN}-disk", self.src_vg)).unwrap().len(),
             }],
         })
     }
