@@ -994,7 +994,7 @@ impl Target<'_> {
         });
         self.bytes_fetched += raw_len as u64;
         self.bytes_payload += payload_len;
-        *self.codecs.entry(format!("{}-delta", Codec::name_of(codec))).or_default() += raw_len as u64;
+        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
