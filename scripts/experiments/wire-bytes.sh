@@ -118,7 +118,7 @@ for round in $(seq "$ROUNDS"); do
             cold) src=$IMG/clone.img ref= old= ;;
             release) src=$IMG/trixie.img ref=$IMG/bookworm.img old= ;;
             clone) src=$IMG/clone.img ref=$IMG/bookworm.img old= ;;
-            return) src=$IMG/return.img ref=$IMG/clone.img ;;
+            return) src=$IMG/return.img ref=$IMG/clone.img old= ;;
             return-inplace) src=$IMG/return.img ref= old=$IMG/clone.img ;;
             *) echo "$0: unknown cell $cell" >&2; exit 2 ;;
         esac
@@ -156,5 +156,5 @@ print(f"| cell | method | MB on the wire | s, {link} (median of {sys.argv[2]}) |
 print("|---|---|---|---|---|")
 for (cell, method), r in rows.items():
     s = "%.2f" % statistics.median(r["s"]) if r["s"] else ""
-    print(f"| {cell} | {method} | {statistics.median(r['b']) / 1e6:.1f} | {s} | {'; '.join(sorted(r['codecs']))} |")
+    print(f"| {cell} | {method} | {statistics.median(r['b']) / 1e6:.2f} | {s} | {'; '.join(sorted(r['codecs']))} |")
 EOF
