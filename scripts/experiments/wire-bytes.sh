@@ -18,6 +18,9 @@
 # BEFORE: the baseline binary (default: built from commit $BASE, 9184316,
 # the last commit before the stream, into $PREV_DIR); AFTER: default
 # target/release/xenmig (built if missing). Prints a markdown table.
+# Cell return-inplace is the return migration as `migrate` runs it: DST
+# already holds the old copy (clone.img), no -r; what changed is fetched
+# (and, with CAP_SUB_DELTA on both ends, sent against DST's old blocks).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EXP=${EXP:-/var/tmp/xenmig-exp/quick}
@@ -25,7 +28,7 @@ IMG=$EXP/img
 BASE=${BASE:-9184316}
 PREV_DIR=${PREV_DIR:-/var/tmp/xenmig-prev}
 ROUNDS=${ROUNDS:-1}
-CELLS=${CELLS:-cold release}   # also: clone return
+CELLS=${CELLS:-cold release}   # also: clone return return-inplace
 for f in clone.img trixie.img bookworm.img return.img; do
     [ -f "$IMG/$f" ] || { echo "$0: $IMG/$f missing; run scripts/experiments/images.sh --quick first" >&2; exit 1; }
 done
@@ -83,8 +86,8 @@ EOF
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 
 # xenmig copy: prints "wire_bytes seconds codecs".
-xm() { # binary codec src [ref]
-    local bin=$1 codec=$2 src=$3 ref=${4:-} args=()
+xm() { # binary codec src [ref [old]]: old, if given, is DST's content beforehand
+    local bin=$1 codec=$2 src=$3 ref=${4:-} old=${5:-} args=()
     [ -n "$ref" ] && args=(-r "$ref")
     local dst=$tmp/dst.img
     if [ -n "${RATE:-}" ]; then
@@ -92,6 +95,7 @@ xm() { # binary codec src [ref]
         dst=h:$tmp/dst.img
     fi
     rm -f "$tmp/dst.img"
+    [ -n "$old" ] && cp --sparse=always "$old" "$tmp/dst.img"
     local t0 t1 out
     t0=$(date +%s.%N)
     out=$("$bin" -q copy --json --compress "$codec" "${args[@]}" "$src" "$dst")
@@ -102,7 +106,8 @@ import json, sys
 r = json.loads(sys.argv[1])
 assert r["verified"]
 assert r["blocks_total"] == r["blocks_zero"] + r["blocks_reused"] + r["blocks_fetched"]
-c = ",".join("%s %.0f%%" % (k, 100 * v / max(1, r["bytes_fetched"])) for k, v in sorted(r["codecs"].items()))
+c = "" if not r.get("blocks_delta") else "%d deltas " % r["blocks_delta"]
+c += ",".join("%s %.0f%%" % (k, 100 * v / max(1, r["bytes_fetched"])) for k, v in sorted(r["codecs"].items()))
 print(r["bytes_wire"], "%.2f" % (float(sys.argv[3]) - float(sys.argv[2])), c)' "$out" "$t0" "$t1"
 }
 
@@ -110,16 +115,17 @@ rows=$tmp/rows
 for round in $(seq "$ROUNDS"); do
     for cell in $CELLS; do
         case $cell in
-            cold) src=$IMG/clone.img ref= ;;
-            release) src=$IMG/trixie.img ref=$IMG/bookworm.img ;;
-            clone) src=$IMG/clone.img ref=$IMG/bookworm.img ;;
-            return) src=$IMG/return.img ref=$IMG/clone.img ;;
+            cold) src=$IMG/clone.img ref= old= ;;
+            release) src=$IMG/trixie.img ref=$IMG/bookworm.img old= ;;
+            clone) src=$IMG/clone.img ref=$IMG/bookworm.img old= ;;
+            return) src=$IMG/return.img ref=$IMG/clone.img old= ;;
+            return-inplace) src=$IMG/return.img ref= old=$IMG/clone.img ;;
             *) echo "$0: unknown cell $cell" >&2; exit 2 ;;
         esac
         for codec in zstd auto; do
             for which in before after; do
                 bin=$BEFORE; [ $which = after ] && bin=$AFTER
-                res=$(xm "$bin" "$codec" "$src" "$ref")
+                res=$(xm "$bin" "$codec" "$src" "$ref" "$old")
                 read -r bytes secs codecs <<<"$res"
                 printf '%s\t%s\t%s\t%s\t%s\n' "$cell" "xenmig $which, --compress $codec" "$bytes" "$secs" "$codecs" >>"$rows"
             done
@@ -127,8 +133,8 @@ for round in $(seq "$ROUNDS"); do
         [ "$round" = 1 ] || continue
         n=$(nonzero "$src" | zstd -q -3 --long=30 -c | wc -c)
         printf '%s\t%s\t%s\t\t\n' "$cell" "zstd -3 --long=30 of the non-zero blocks" "$n" >>"$rows"
-        if [ -n "$ref" ]; then
-            n=$(zstd -q -3 --long=30 --patch-from="$ref" -c "$src" | wc -c)
+        if [ -n "$ref$old" ]; then
+            n=$(zstd -q -3 --long=30 --patch-from="${ref:-$old}" -c "$src" | wc -c)
             printf '%s\t%s\t%s\t\t\n' "$cell" "zstd -3 --long=30 --patch-from=REF (REF on the source too)" "$n" >>"$rows"
         fi
     done
@@ -150,5 +156,5 @@ print(f"| cell | method | MB on the wire | s, {link} (median of {sys.argv[2]}) |
 print("|---|---|---|---|---|")
 for (cell, method), r in rows.items():
     s = "%.2f" % statistics.median(r["s"]) if r["s"] else ""
-    print(f"| {cell} | {method} | {statistics.median(r['b']) / 1e6:.1f} | {s} | {'; '.join(sorted(r['codecs']))} |")
+    print(f"| {cell} | {method} | {statistics.median(r['b']) / 1e6:.2f} | {s} | {'; '.join(sorted(r['codecs']))} |")
 EOF

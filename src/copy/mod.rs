@@ -129,6 +129,11 @@ pub struct Report {
     pub blocks_reused: u64,
     /// Non-zero blocks fetched from the source, each verified.
     pub blocks_fetched: u64,
+    /// Of the fetched blocks, those sent as the sub-blocks that differ from
+    /// the target's old version of them (`wire::subdelta`), each verified.
+    pub blocks_delta: u64,
+    /// Deltas that did not rebuild their block (then fetched whole).
+    pub deltas_failed: u64,
     /// Of the reused blocks, those already in place in the target.
     pub blocks_in_place: u64,
     /// Groups settled by their group digest alone (no per-block keys sent).
@@ -136,7 +141,8 @@ pub struct Report {
     pub groups_total: u64,
     /// Groups fetched whole again because their blocks did not add up.
     pub groups_refetched: u64,
-    /// Raw bytes of fetched blocks, and what they cost on the wire.
+    /// Raw bytes fetched (blocks, and delta bodies), and what they cost on
+    /// the wire.
     pub bytes_fetched: u64,
     pub bytes_payload_wire: u64,
     /// Fetched runs by the codec they travelled with (what `auto` chose):
@@ -180,6 +186,8 @@ impl Default for Report {
             blocks_zero: 0,
             blocks_reused: 0,
             blocks_fetched: 0,
+            blocks_delta: 0,
+            deltas_failed: 0,
             blocks_in_place: 0,
             groups_matched: 0,
             groups_total: 0,

@@ -37,10 +37,12 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
+    WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
+use crate::wire::subdelta;
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -284,7 +286,8 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let (mut link, agreed) = handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM, opts.idle_timeout)?;
+        let (mut link, agreed) =
+            handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
@@ -346,7 +349,8 @@ impl SourceSession {
         }));
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting));
+        let deltas = agreed.caps & CAP_SUB_DELTA != 0;
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -926,6 +930,7 @@ fn read_loop(
     frames: Sender<Message>,
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
+    deltas: bool,
 ) {
     let result = (|| loop {
         waiting.set(true);
@@ -934,6 +939,9 @@ fn read_loop(
         match m? {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 // Blocks while the queue is full: back-pressure.
+                let _ = work.send(m);
+            }
+            m @ Message::FetchDelta { .. } if deltas => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -968,6 +976,8 @@ struct RawRun {
     first_block: u64,
     count: u32,
     raw: Vec<u8>,
+    /// `raw` is a delta body for block `first_block`, sent as `Delta`.
+    delta: bool,
 }
 
 /// What a worker made of a Fetch.
@@ -985,8 +995,11 @@ fn stream_loop(mut enc: StreamEncoder, rx: Receiver<RawRun>, frames: &Sender<Mes
     for run in rx {
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;
-        let m =
-            Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload };
+        let m = if run.delta {
+            Message::Delta { block: run.first_block, codec: STREAM_CODE, raw_len, payload }
+        } else {
+            Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload }
+        };
         if frames.send(m).is_err() {
             break; // the writer is gone: the copy is failing already
         }
@@ -1002,19 +1015,22 @@ fn work_loop(
 ) -> Result<(), EngineError> {
     for m in rx {
         let reply = match m {
-            Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx),
-            Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()).map(|r| match r {
-                Reply::Frame(m) => {
-                    let _ = tx.send(m);
-                }
-                Reply::Stream(run) => {
-                    if let Some(s) = &stream {
-                        let _ = s.send(run);
-                    }
-                }
-            }),
+            Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx).map(|()| None),
+            Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
+            Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, stream.is_some()),
             _ => unreachable!("reader forwards only requests"),
-        };
+        }
+        .map(|r| match r {
+            Some(Reply::Frame(m)) => {
+                let _ = tx.send(m);
+            }
+            Some(Reply::Stream(run)) => {
+                if let Some(s) = &stream {
+                    let _ = s.send(run);
+                }
+            }
+            None => {}
+        });
         if let Err(e) = reply {
             let _ = tx.send(Message::Error { message: format!("source: {e}") });
             return Err(e);
@@ -1044,10 +1060,8 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
     Ok(())
 }
 
-/// Read a requested run and pick how it travels: through the copy's zstd
-/// stream (`streaming`: the target takes one) when the user chose zstd or
-/// `auto` routes it there, else compressed on its own (or raw).
-fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, EngineError> {
+/// Read a requested run and send it as [`route`] says.
+fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Option<Reply>, EngineError> {
     let Some(end) = checked_end(first, count, sh.layout.block_count()) else {
         return Err(EngineError::BadRequest(format!("blocks {first}+{count}, image has {}", sh.layout.block_count())));
     };
@@ -1057,6 +1071,48 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
     }
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
+    Ok(Some(match route(sh, raw, streaming) {
+        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: first, count, raw, delta: false }),
+        Routed::Coded { code, raw_len, payload } => {
+            Reply::Frame(Message::Blocks { first_block: first, count, codec: code, raw_len, payload })
+        }
+    }))
+}
+
+/// Answer a `FetchDelta`: block `block` as the sub-blocks that differ from
+/// the target's old version, whose signature is `sig` (its length checked
+/// against the block's here), through the stream or a codec like any run.
+fn fetch_delta(sh: &Shared, block: u64, sig: &[u8], streaming: bool) -> Result<Option<Reply>, EngineError> {
+    if checked_end(block, 1, sh.layout.block_count()).is_none() {
+        return Err(EngineError::BadRequest(format!(
+            "a delta of block {block}, image has {}",
+            sh.layout.block_count()
+        )));
+    }
+    let (off, len) = sh.layout.extent(block);
+    let mut raw = vec![0u8; len];
+    sh.img.read_at(&mut raw, off)?;
+    let body = subdelta::encode(&raw, sig).map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
+    Ok(Some(match route(sh, body, streaming) {
+        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: block, count: 1, raw, delta: true }),
+        Routed::Coded { code, raw_len, payload } => {
+            Reply::Frame(Message::Delta { block, codec: code, raw_len, payload })
+        }
+    }))
+}
+
+/// How a payload travels.
+enum Routed {
+    /// As the next piece of the copy's stream.
+    Stream(Vec<u8>),
+    /// On its own, compressed with `code` (or raw).
+    Coded { code: u8, raw_len: u32, payload: Vec<u8> },
+}
+
+/// Pick how `raw` (a run, or a delta body) travels: through the copy's
+/// zstd stream (`streaming`: the target takes one) when the user chose
+/// zstd or `auto` routes it there, else compressed on its own (or raw).
+fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
     let raw_len = raw.len() as u32;
     let route = match sh.compress {
         Choice::Fixed(Codec::Zstd(_)) if streaming => Route::Stream,
@@ -1071,7 +1127,7 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
     };
     let codec = match route {
         // Never sent raw instead: both ends' streams must see the same runs.
-        Route::Stream if streaming => return Ok(Reply::Stream(RawRun { first_block: first, count, raw })),
+        Route::Stream if streaming => return Routed::Stream(raw),
         // (auto offers the stream only to a copy that has one)
         Route::Stream => Codec::Zstd(zstream::AUTO_LEVEL),
         Route::Run(c) => c,
@@ -1084,5 +1140,5 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Reply, 
             (payload, code) = (packed, codec.code());
         }
     }
-    Ok(Reply::Frame(Message::Blocks { first_block: first, count, codec: code, raw_len, payload }))
+    Routed::Coded { code, raw_len, payload }
 }

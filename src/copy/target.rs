@@ -40,9 +40,11 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
+    WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
+use crate::wire::subdelta;
 use crate::wire::transport::{Link, Writer};
 
 use super::references::ReferenceSet;
@@ -182,6 +184,8 @@ enum State {
     InPlace,
     Reused,
     Fetched,
+    /// Fetched as a delta against DST's old version of it (`wire::subdelta`).
+    Delta,
 }
 
 /// The receiver's states, as `protocol` draws them. A plain copy starts
@@ -272,6 +276,15 @@ struct Target<'a> {
     /// The copy's zstd stream, when the capability was agreed (created at
     /// its first piece: its window is allocated only if a stream comes).
     stream: Option<Option<StreamDecoder>>,
+    /// `CAP_SUB_DELTA` agreed: blocks with an old version in DST may be
+    /// asked for as deltas.
+    deltas: bool,
+    /// Blocks asked for with `FetchDelta` and not answered yet (at most the
+    /// request window: nothing else is kept per delta, the old bytes are
+    /// read again from DST when the answer comes).
+    delta_asked: HashSet<u64>,
+    /// Deltas that did not rebuild their block, each then fetched whole.
+    deltas_failed: u64,
     progress: &'a Progress,
 }
 
@@ -291,7 +304,8 @@ pub fn run_with(
     wrap: &dyn Fn(Image) -> Box<dyn Disk>,
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let (link, agreed) = handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM, opts.idle_timeout)?;
+    let (link, agreed) =
+        handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA, opts.idle_timeout)?;
     let Link { mut reader, writer, stats, .. } = link;
     let v2 = agreed.keepalive();
     if !v2 {
@@ -395,6 +409,9 @@ pub fn run_with(
             held: VecDeque::new(),
             windowed: v2,
             stream: (agreed.caps & CAP_ZSTD_STREAM != 0).then_some(None),
+            deltas: agreed.caps & CAP_SUB_DELTA != 0,
+            delta_asked: HashSet::new(),
+            deltas_failed: 0,
             progress,
         };
         t.progress.phase("copying", t.layout.size);
@@ -492,7 +509,7 @@ impl Target<'_> {
                         return Err(EngineError::BadReply(format!("an end of pass {} while {}", at.pass(), at.name())))
                     }
                 },
-                Message::BlockDigests { .. } | Message::Blocks { .. }
+                Message::BlockDigests { .. } | Message::Blocks { .. } | Message::Delta { .. }
                     if matches!(self.at, Receiving::BetweenPasses { .. }) =>
                 {
                     return Err(EngineError::BadReply(format!(
@@ -504,6 +521,9 @@ impl Target<'_> {
                 Message::BlockDigests { group, keys } => self.on_block_digests(group, keys)?,
                 Message::Blocks { first_block, count, codec, raw_len, payload } => {
                     self.on_blocks(first_block, count, codec, raw_len, payload)?
+                }
+                Message::Delta { block, codec, raw_len, payload } if self.deltas => {
+                    self.on_delta(block, codec, raw_len, payload)?
                 }
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
@@ -595,7 +615,9 @@ impl Target<'_> {
             blocks_zero: count(State::Zero),
             blocks_reused: count(State::InPlace) + count(State::Reused),
             blocks_in_place: count(State::InPlace),
-            blocks_fetched: count(State::Fetched),
+            blocks_fetched: count(State::Fetched) + count(State::Delta),
+            blocks_delta: count(State::Delta),
+            deltas_failed: self.deltas_failed,
             groups_matched: self.groups_matched,
             groups_total: self.layout.group_count(),
             groups_refetched: self.refetched.len() as u64,
@@ -780,7 +802,7 @@ impl Target<'_> {
         self.grp[g as usize].pending =
             self.grp[g as usize].pending.checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
         self.keys.insert(g, keys);
-        self.request_runs(&missing)?;
+        self.request_missing(&missing)?;
         if self.grp[g as usize].pending == 0 {
             self.group_done(g, false)?;
         }
@@ -803,6 +825,28 @@ impl Target<'_> {
         }
         self.write_block(i, &data, d, State::Reused)?;
         Ok(true)
+    }
+
+    /// Ask for missing `blocks` (ascending): as a delta each one whose old
+    /// version DST holds at the same place (non-zero; it differs, or the
+    /// block would not be missing), the others in runs.
+    fn request_missing(&mut self, blocks: &[u64]) -> Result<(), EngineError> {
+        if !self.deltas {
+            return self.request_runs(blocks);
+        }
+        let mut whole = Vec::with_capacity(blocks.len());
+        for &i in blocks {
+            let (off, len) = self.layout.extent(i);
+            if !subdelta::worth_it(len) || self.zeros.is_zero_digest(&self.have[i as usize], len) {
+                whole.push(i);
+                continue;
+            }
+            let mut old = vec![0u8; len];
+            self.dst.read_at(&mut old, off)?;
+            self.delta_asked.insert(i);
+            self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
+        }
+        self.request_runs(&whole)
     }
 
     /// Ask for `blocks` (ascending) in runs of consecutive blocks.
@@ -847,23 +891,7 @@ impl Target<'_> {
             )));
         }
         let payload_len = payload.len() as u64;
-        let raw = if codec == STREAM_CODE {
-            // The next piece of the copy's stream: frames arrive in the order
-            // the source compressed them, and are decoded in that order here.
-            let Some(slot) = self.stream.as_mut() else {
-                return Err(EngineError::BadReply(format!(
-                    "a zstd stream piece for blocks {first}+{count}, but no stream was agreed"
-                )));
-            };
-            let dec = match slot {
-                Some(d) => d,
-                None => slot.insert(StreamDecoder::new()?),
-            };
-            dec.decompress_run(&payload, raw_len as usize)
-        } else {
-            Codec::decompress(codec, payload, raw_len as usize)
-        }
-        .map_err(|source| EngineError::Codec { block: first, source })?;
+        let raw = self.decode(first, codec, payload, raw_len)?;
         let layout = &self.layout;
         let algo = self.algo;
         let digests: Vec<Digest> = (first..end)
@@ -902,6 +930,86 @@ impl Target<'_> {
             }
         }
         for g in touched {
+            self.group_done(g, false)?;
+        }
+        Ok(())
+    }
+
+    /// Decompress the payload of a reply about `block` onward to exactly
+    /// `raw_len` bytes: a stream piece in arrival order (frames arrive in
+    /// the order the source compressed them), anything else on its own.
+    fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
+        if codec == STREAM_CODE {
+            let Some(slot) = self.stream.as_mut() else {
+                return Err(EngineError::BadReply(format!(
+                    "a zstd stream piece for block {block}, but no stream was agreed"
+                )));
+            };
+            let dec = match slot {
+                Some(d) => d,
+                None => slot.insert(StreamDecoder::new()?),
+            };
+            dec.decompress_run(&payload, raw_len as usize)
+        } else {
+            Codec::decompress(codec, payload, raw_len as usize)
+        }
+        .map_err(|source| EngineError::Codec { block, source })
+    }
+
+    /// A delta for block `i`: rebuilt from DST's old version and written
+    /// only if it matches the block's key; otherwise the block is fetched
+    /// whole (a sub-block hash collision, an old block that changed, a
+    /// damaged body). Frames that do not fit what was asked fail the copy.
+    fn on_delta(&mut self, i: u64, codec: u8, raw_len: u32, payload: Vec<u8>) -> Result<(), EngineError> {
+        let gb = self.layout.group_blocks();
+        let g = i / gb;
+        if checked_end(i, 1, self.layout.block_count()).is_none()
+            || self.state[i as usize] != State::Pending
+            || !self.keys.contains_key(&g)
+            || !self.delta_asked.remove(&i)
+        {
+            return Err(EngineError::BadReply(format!(
+                "a delta for block {i}, which was not asked for in pass {}",
+                self.at.pass()
+            )));
+        }
+        self.replied(&format!("a delta for block {i}"))?;
+        let (off, len) = self.layout.extent(i);
+        if raw_len as usize > subdelta::max_body(len) {
+            return Err(EngineError::BadReply(format!(
+                "a delta of {raw_len} bytes for block {i} of {len} bytes (at most {})",
+                subdelta::max_body(len)
+            )));
+        }
+        let payload_len = payload.len() as u64;
+        let body = self.decode(i, codec, payload, raw_len)?;
+        let mut old = vec![0u8; len];
+        self.dst.read_at(&mut old, off)?;
+        let want = self.keys[&g][(i - g * gb) as usize];
+        let rebuilt = subdelta::apply(&old, &body).map_err(|e| e.to_string()).and_then(|new| {
+            let d = self.algo.digest(&new);
+            if key_of(&d) == want {
+                Ok((new, d))
+            } else {
+                Err("the rebuilt block does not match its key".to_string())
+            }
+        });
+        self.bytes_fetched += raw_len as u64;
+        self.bytes_payload += payload_len;
+        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
+        let (new, d) = match rebuilt {
+            Ok(r) => r,
+            Err(why) => {
+                log::warn!("block {i}: the delta against its old version failed ({why}); fetching it whole");
+                self.deltas_failed += 1;
+                return self.request_runs(&[i]);
+            }
+        };
+        self.write_block(i, &new, d, State::Delta)?;
+        self.pass_report.blocks_fetched += 1;
+        self.grp[g as usize].pending =
+            self.grp[g as usize].pending.checked_sub(1).ok_or_else(|| underflow("blocks pending", g))?;
+        if self.grp[g as usize].pending == 0 {
             self.group_done(g, false)?;
         }
         Ok(())

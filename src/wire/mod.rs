@@ -3,6 +3,7 @@
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
 //! - [`stream`]: one zstd stream per copy, across runs.
+//! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
 //! - [`throttle`]: the token bucket of `--bwlimit`, in front of a link's writer.
@@ -13,5 +14,6 @@ pub mod liveness;
 pub mod protocol;
 pub mod rate;
 pub mod stream;
+pub mod subdelta;
 pub mod throttle;
 pub mod transport;

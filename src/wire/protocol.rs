@@ -102,6 +102,26 @@
 //! target refuses a stream asking for more. A stream payload without the
 //! capability agreed is an error.
 //!
+//! Changed blocks against their old version (capability
+//! [`CAP_SUB_DELTA`]): when both ends set it, the target may ask for a
+//! missing block whose old version it holds at the same place in DST with
+//! `FetchDelta(block, signature)` instead of `Fetch`; the signature is a
+//! 4-byte hash per 512-byte sub-block of its old block
+//! (`wire::subdelta`). The source answers with one
+//! `Delta(block, codec, raw_len, payload)`: the payload decodes (with the
+//! codec, [`STREAM_CODE`](crate::wire::stream::STREAM_CODE) included, as
+//! the next piece of the stream like any run) to a bitmap of the
+//! sub-blocks that differ followed by those sub-blocks. The target rebuilds
+//! the block from its old bytes, checks it against the block's key and, if
+//! it does not match or the body is malformed, fetches the whole block
+//! with `Fetch`. A `FetchDelta` awaits one reply, as a `Fetch` does.
+//!
+//! ```text
+//!    | <------------------- FetchDelta(block, sig) ------- |  old version in DST
+//!    | -- Delta(block, codec, bitmap + changed subs) ----> |  rebuilt, checked
+//!    | <------------------- Fetch(block, 1) -------------- |  only if it failed
+//! ```
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -132,6 +152,7 @@ use thiserror::Error;
 
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
+use crate::wire::subdelta::HASH_LEN;
 
 pub const VERSION: u16 = 2;
 /// Oldest peer version spoken (one release back).
@@ -150,6 +171,11 @@ pub const CAP_LIVE: u32 = 1;
 /// bytes (`wire::stream`). Without it (a peer of the previous release) runs
 /// are compressed one by one, as before.
 pub const CAP_ZSTD_STREAM: u32 = 1 << 1;
+/// Capability: the target may ask for a block with `FetchDelta`, sending a
+/// signature of its old version, and the source answers with a `Delta`
+/// (`wire::subdelta`). Without it (a peer of the previous release) every
+/// missing block is fetched whole.
+pub const CAP_SUB_DELTA: u32 = 1 << 2;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -179,6 +205,9 @@ pub enum Kind {
     PassDone = 13,
     /// Version 2: nothing to say, still alive.
     KeepAlive = 14,
+    /// Capability [`CAP_SUB_DELTA`]: one block, against the target's old version.
+    FetchDelta = 15,
+    Delta = 16,
 }
 
 impl Kind {
@@ -199,6 +228,8 @@ impl Kind {
             PassBegin,
             PassDone,
             KeepAlive,
+            FetchDelta,
+            Delta,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -268,6 +299,20 @@ pub enum Message {
         message: String,
     },
     KeepAlive,
+    /// Block `block`, whose old version has signature `sig`
+    /// ([`HASH_LEN`](crate::wire::subdelta::HASH_LEN) bytes per sub-block).
+    FetchDelta {
+        block: u64,
+        sig: Vec<u8>,
+    },
+    /// The answer to a `FetchDelta`: `payload` decodes with `codec` to a
+    /// `raw_len`-byte delta body (`wire::subdelta::apply`).
+    Delta {
+        block: u64,
+        codec: u8,
+        raw_len: u32,
+        payload: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -316,6 +361,8 @@ impl Message {
             Message::PassDone { .. } => Kind::PassDone,
             Message::Error { .. } => Kind::Error,
             Message::KeepAlive => Kind::KeepAlive,
+            Message::FetchDelta { .. } => Kind::FetchDelta,
+            Message::Delta { .. } => Kind::Delta,
         }
     }
 
@@ -391,6 +438,16 @@ impl Message {
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
             Message::KeepAlive => {}
+            Message::FetchDelta { block, sig } => {
+                put_u64(&mut b, *block);
+                b.extend_from_slice(sig);
+            }
+            Message::Delta { block, codec, raw_len, payload } => {
+                put_u64(&mut b, *block);
+                b.push(*codec);
+                put_u32(&mut b, *raw_len);
+                tail = payload;
+            }
         }
         let len = (b.len() - 5 + tail.len()) as u32;
         b[1..5].copy_from_slice(&len.to_le_bytes());
@@ -504,6 +561,22 @@ impl Message {
             Kind::KeepAlive => {
                 exact(0)?;
                 Message::KeepAlive
+            }
+            Kind::FetchDelta => {
+                if p.len() < 8 || (p.len() - 8) % HASH_LEN != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x {HASH_LEN}", p.len())));
+                }
+                Message::FetchDelta { block: u64_at(0), sig: p[8..].to_vec() }
+            }
+            Kind::Delta => {
+                if p.len() < 13 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let raw_len = u32_at(9);
+                if raw_len as u64 > MAX_RUN_BYTES {
+                    return Err(bad(format!("claims {raw_len} raw bytes, more than a block may hold")));
+                }
+                Message::Delta { block: u64_at(0), codec: p[8], raw_len, payload: p[13..].to_vec() }
             }
         })
     }
@@ -671,6 +744,8 @@ mod tests {
             Message::PassBegin { pass: 2, final_pass: true, changed_blocks: 77 },
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
             Message::KeepAlive,
+            Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+            Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },
         ]
     }
 
@@ -777,7 +852,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..16, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..18, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);
