@@ -321,11 +321,11 @@ def bench_one(src, src_log, dst, how, size_mib):
         # "last delta after READY": the order before the last delta moved to
         # the suspension (the fault tests' READY hold of 0 s restores it).
         extra = {"xenmig live": "--force",
-                 "xenmig live, last delta after READY": "--force",
+                 "xenmig live (last delta after READY)": "--force",
                  "xenmig live, before (--rescan fast --no-passes-during-memory)":
                      "--force --rescan fast --no-passes-during-memory",
                  "xenmig --stop-copy": "--stop-copy --force"}[how]
-        env = "XENMIG_TEST_HOLD_READY=0 " if how == "xenmig live, last delta after READY" else ""
+        env = "XENMIG_TEST_HOLD_READY=0 " if how == "xenmig live (last delta after READY)" else ""
         rc, _ = src.run(f"{env}xenmig migrate --json {extra} gb {dst.ip} >/tmp/xb.json 2>/tmp/xb.err", 1200)
         raw = src.sh("cat /tmp/xb.json").strip()
         rep = json.loads(raw.splitlines()[-1]) if raw else {}
@@ -356,7 +356,7 @@ def check_migrate_bench(hosts):
     # (memory only)" run a part of the table (memory only needs an earlier
     # move: it goes last).
     sizes = [int(x) for x in os.environ.get("XENMIG_LAB_BENCH_SIZES", "64,512").split(",")]
-    methods = ("xl migrate -p + dd", "xenmig live", "xenmig live, last delta after READY",
+    methods = ("xl migrate -p + dd", "xenmig live", "xenmig live (last delta after READY)",
                "xenmig live, before (--rescan fast --no-passes-during-memory)",
                "xenmig --stop-copy", "xl migrate (memory only)")
     chosen = os.environ.get("XENMIG_LAB_BENCH_METHODS")
