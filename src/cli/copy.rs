@@ -27,6 +27,7 @@ pub fn serve(
     idle: IdleArgs,
     max_image_size: Option<u64>,
     bwlimit: Rate,
+    readback: bool,
 ) -> anyhow::Result<i32> {
     let role = match (source, target) {
         (Some(p), None) => ServeRole::Source(
@@ -49,6 +50,7 @@ pub fn serve(
                 create_mode: None,
                 idle_timeout: idle.timeout(),
                 max_image_size,
+                readback,
             },
         ),
         _ => anyhow::bail!("give exactly one of --source and --target"),
@@ -88,6 +90,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             create_mode: None,
             idle_timeout: a.idle.timeout(),
             max_image_size: a.max_image_size,
+            readback: !a.no_readback,
         },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,

@@ -205,6 +205,9 @@ enum Command {
         /// Source: bytes per second it may write (as `copy --bwlimit`).
         #[arg(long, default_value = "0", value_name = "RATE")]
         bwlimit: Rate,
+        /// Target: do not read back what was written (as `copy --no-readback`).
+        #[arg(long, requires = "target")]
+        no_readback: bool,
     },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
@@ -344,6 +347,11 @@ pub(crate) struct CopyArgs {
     /// bare number is bytes; 0: no limit.
     #[arg(long, default_value = "0", value_name = "RATE")]
     pub(crate) bwlimit: Rate,
+    /// Do not read back from DST's device what was written before calling
+    /// the copy verified: it is then checked as written, and a device that
+    /// stores other bytes than it was given goes unnoticed.
+    #[arg(long)]
+    no_readback: bool,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -427,8 +435,19 @@ fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Pat
             idle,
             max_image_size,
             bwlimit,
-        } => {
-            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size, bwlimit)
-        }
+            no_readback,
+        } => copy::serve(
+            source,
+            target,
+            hash,
+            compress,
+            references,
+            live,
+            allow_open_by,
+            idle,
+            max_image_size,
+            bwlimit,
+            !no_readback,
+        ),
     }
 }

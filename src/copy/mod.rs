@@ -7,11 +7,13 @@
 //! runs, verifying everything. [`run`] joins two local ends with a socket
 //! pair so that a local copy speaks exactly the protocol a remote one does.
 //! [`quiesce`] freezes and thaws a live source; [`tracker`] finds what
-//! changed between passes.
+//! changed between passes; [`readback`] checks that the target's device
+//! holds what was written.
 
 pub mod interrupt;
 pub mod progress;
 pub mod quiesce;
+pub mod readback;
 pub mod references;
 pub mod run;
 pub mod source;
@@ -56,6 +58,8 @@ pub enum EngineError {
     BadReply(String),
     #[error("reference {path}: {what}")]
     Reference { path: PathBuf, what: String },
+    #[error("{path}: blocks {first}..{end} (bytes {start}..{stop}) read back from the device differ from what was written and verified there ({differing} of the {read} blocks read back differ): the device, or another writer, changed them; nothing is verified")]
+    ReadBack { path: PathBuf, first: u64, end: u64, start: u64, stop: u64, differing: u64, read: u64 },
     #[error("the copy finished but its digest {got} does not match the source's {want}")]
     NotVerified { got: String, want: String },
     #[error("interrupted by {}", interrupt::signal_name(*signal))]
