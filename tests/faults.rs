@@ -17,6 +17,8 @@
 //! serve` processes (a remote copy's two ends); the disk faults hit the
 //! engine in threads, with DST behind the `FaultyDisk` test double.
 //!
+//! The target reads back what it wrote (`--readback`) in every cell.
+//!
 //! The scenario: DST holds an older copy (every third block differs), a
 //! reference holds some of the missing blocks, the rest is fetched; the
 //! relay plays the guest, changing 40 source blocks when pass 1 ends and 4
@@ -371,7 +373,7 @@ fn process_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
         .spawn()
         .unwrap();
     let mut tgt = Command::new(bin())
-        .args(["serve", "--target", s(&sc.dst), "--reference", s(&sc.reference), "--idle-timeout", &idle])
+        .args(["serve", "--target", s(&sc.dst), "--reference", s(&sc.reference), "--idle-timeout", &idle, "--readback"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -511,6 +513,7 @@ fn engine_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
     let topts = TargetOptions {
         references: vec![sc.reference.clone()],
         idle_timeout: Some(Duration::from_secs(IDLE_S)),
+        readback: true,
         ..TargetOptions::default()
     };
     let src_path = sc.src.clone();
@@ -684,8 +687,9 @@ fn target_disk_full() {
     column(Fault::DiskFull);
 }
 
-/// The target reads back what it wrote (the default): a device that
-/// stores other bytes than it was given fails the copy.
+/// The target reads back what it wrote (`--readback`, as every cell of
+/// the matrix runs): a device that stores other bytes than it was given
+/// fails the copy.
 #[test]
 fn writes_that_land_changed() {
     column(Fault::WriteChanged);
@@ -751,7 +755,7 @@ fn a_reference_block_that_lands_changed_is_an_error_naming_it() {
     a_changed_write_is_an_error_naming_the_block(FROM_REFERENCE);
 }
 
-/// What the read-back is for: without it (`--no-readback`), the same
+/// What the read-back is for: without it (the default of `copy`), the same
 /// fault is reported verified and DST differs from the source.
 #[test]
 fn without_the_read_back_a_changed_write_is_reported_verified() {

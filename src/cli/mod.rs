@@ -205,9 +205,9 @@ enum Command {
         /// Source: bytes per second it may write (as `copy --bwlimit`).
         #[arg(long, default_value = "0", value_name = "RATE")]
         bwlimit: Rate,
-        /// Target: do not read back what was written (as `copy --no-readback`).
+        /// Target: read back what was written (as `copy --readback`).
         #[arg(long, requires = "target")]
-        no_readback: bool,
+        readback: bool,
     },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
@@ -347,11 +347,12 @@ pub(crate) struct CopyArgs {
     /// bare number is bytes; 0: no limit.
     #[arg(long, default_value = "0", value_name = "RATE")]
     pub(crate) bwlimit: Rate,
-    /// Do not read back from DST's device what was written before calling
-    /// the copy verified: it is then checked as written, and a device that
-    /// stores other bytes than it was given goes unnoticed.
+    /// Read back from DST's device (not the page cache) every block each
+    /// pass wrote, and fail, naming the blocks, where it differs from what
+    /// was written and verified: catches a device, or another writer, that
+    /// changes data under the copy. Without it DST is checked as written.
     #[arg(long)]
-    no_readback: bool,
+    readback: bool,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -435,7 +436,7 @@ fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Pat
             idle,
             max_image_size,
             bwlimit,
-            no_readback,
+            readback,
         } => copy::serve(
             source,
             target,
@@ -447,7 +448,7 @@ fn run(cmd: Command, quiet: bool, m: &ArgMatches, config: Option<&std::path::Pat
             idle,
             max_image_size,
             bwlimit,
-            !no_readback,
+            readback,
         ),
     }
 }

@@ -150,8 +150,12 @@ pub struct Report {
     pub bytes_wire: u64,
     pub seconds: f64,
     /// True only when every group, and so the whole target as written,
-    /// matched the source's digests.
+    /// matched the source's digests (and, with `read_back`, what was
+    /// written was read back from the device as written).
     pub verified: bool,
+    /// The target read back from its device every block this copy wrote
+    /// (false: `--no-readback`, or a target before the read-back).
+    pub read_back: bool,
     /// The source's whole-image digest (hex).
     pub digest: String,
     /// Passes of the copy: one for a plain copy; for a live copy, the live
@@ -193,6 +197,7 @@ impl Default for Report {
             bytes_wire: 0,
             seconds: 0.0,
             verified: false,
+            read_back: false,
             digest: String::new(),
             passes: Vec::new(),
             downtime_seconds: 0.0,

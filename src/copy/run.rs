@@ -101,10 +101,9 @@ fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
     if let Some(max) = o.target.max_image_size {
         v.extend(["--max-image-size".into(), max.to_string()]);
     }
-    // Only when off: the default is not named, so that a far xenmig of
-    // the previous release (which lacks the flag) still runs.
-    if !o.target.readback {
-        v.push("--no-readback".into());
+    // Only when asked for: a far xenmig of the previous release lacks it.
+    if o.target.readback {
+        v.push("--readback".into());
     }
     for r in &o.target.references {
         v.push("--reference".into());

@@ -68,7 +68,9 @@ pub struct TargetOptions {
     /// room on DST limits it).
     pub max_image_size: Option<u64>,
     /// Read back what this copy wrote, from the device, before a pass
-    /// counts (see [`readback`](super::readback)).
+    /// counts (see [`readback`](super::readback)). Off by default: on a
+    /// cold copy it costs about half the copy's time again
+    /// (docs/benchmarks.md, "Read-back"); `migrate` always sets it.
     pub readback: bool,
 }
 
@@ -110,7 +112,7 @@ impl Default for TargetOptions {
             create_mode: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_image_size: None,
-            readback: true,
+            readback: false,
         }
     }
 }
@@ -145,7 +147,8 @@ pub fn check_room(dst: &Path, size: u64, max: Option<u64>) -> Result<(), EngineE
 }
 
 /// Bytes of state the target keeps per block at most (`have` 32, `state` 1,
-/// the compact index of DST's earlier content 12; docs/benchmarks.md).
+/// the compact index of DST's earlier content 12, the read-back's bit of
+/// what was written 1/8; docs/benchmarks.md).
 pub const BYTES_PER_BLOCK: u64 = 46;
 
 /// Refuse an image whose per-block state would not fit in the memory
@@ -616,6 +619,7 @@ impl Target<'_> {
             bytes_payload_wire: self.bytes_payload,
             codecs: std::mem::take(&mut self.codecs),
             verified: true,
+            read_back: self.written.is_some(),
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
             ..Report::default()

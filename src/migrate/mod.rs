@@ -750,6 +750,11 @@ fn precopy(
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
         // The final delta lands while our own paused incoming domain holds the LV.
         args.extend(["--allow-open-by".into(), format!("{}--incoming", dom.name)]);
+        // Every pass is read back from the target's device: a write that
+        // lands changed fails its pass, and in the last delta withholds
+        // READY. The pre-copy passes pay for it while the guest runs; the
+        // suspended window reads back only the last delta.
+        args.push("--readback".into());
         args.extend(crate::copy::run::idle_arg(opts.source.idle_timeout));
         for reference in references {
             args.extend(["--reference".into(), reference.clone()]);
@@ -1138,9 +1143,22 @@ pub(crate) fn final_delta(
     frozen: Duration,
 ) -> Result<Vec<Tracking>, MigrateError> {
     let mut tracking = Vec::new();
-    for c in copies.iter_mut() {
-        let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
-        if let Some(d) = report.disks.iter_mut().find(|d| d.source == c.disk.path()) {
+    for i in 0..copies.len() {
+        let r = match copies[i].session.final_pass() {
+            Ok(r) => r,
+            Err(e) => {
+                // A disk end that failed (its read-back found a changed
+                // write, say) sends its error and exits; this end may see
+                // only the broken link. Its own words are the cause to
+                // report; that copy is stopped here, the others by the
+                // caller's rollback.
+                let c = copies.remove(i);
+                let disk = c.disk.path();
+                c.session.abort(&e);
+                return Err(MigrateError::FinalDelta { disk, source: crate::copy::run::remote_cause(e, c.peer) });
+            }
+        };
+        if let Some(d) = report.disks.iter_mut().find(|d| d.source == copies[i].disk.path()) {
             d.copy = Some(r);
         }
     }
