@@ -98,15 +98,23 @@ pub fn check(
         .map(|g| {
             let (a, b) = layout.group_range(g);
             let mut bad = Vec::new();
-            for (first, end) in written.runs(a, b) {
-                let (start, stop) = byte_range(layout, first, end);
+            let runs = written.runs(a, b);
+            if let (Some(&(first, _)), Some(&(_, end))) = (runs.first(), runs.last()) {
                 // What the device holds, not dom0's page cache: the write
                 // left its pages cached, and reading those would return the
                 // very bytes that were written whatever the device stored.
                 // The range is clean after the caller's fsync, so dropping
-                // it (POSIX_FADV_DONTNEED) makes the read below go to the
+                // it (POSIX_FADV_DONTNEED) makes the reads below go to the
                 // device. (On tmpfs the cache is the storage; nothing drops.)
+                // One call per group, from its first written block to its
+                // last (not one per run: a target that held most of the
+                // image has thousands of one-block runs; the clean pages
+                // of blocks in between are dropped too, which is harmless).
+                let (start, stop) = byte_range(layout, first, end);
                 disk.evict(start, stop - start);
+            }
+            for (first, end) in runs {
+                let (start, stop) = byte_range(layout, first, end);
                 let mut buf = vec![0u8; (stop - start) as usize];
                 disk.read_at(&mut buf, start)?;
                 for i in first..end {
