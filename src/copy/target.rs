@@ -69,7 +69,7 @@ pub struct TargetOptions {
     pub max_image_size: Option<u64>,
     /// Read back what this copy wrote, from the device, before a pass
     /// counts (see [`readback`](super::readback)). Off by default: on a
-    /// cold copy it costs about half the copy's time again
+    /// cold copy it costs a third to a half of the copy's time again
     /// (docs/benchmarks.md, "Read-back"); `migrate` always sets it.
     pub readback: bool,
 }
