@@ -11,7 +11,7 @@ XMF_MATRIX_DIR=$dir cargo test -q --test faults >&2
 for f in $(ls "$dir" | sort -n); do cat "$dir/$f"; done | sed 's#/tmp/\.tmp[A-Za-z0-9]*#TMP#g; s/|/\\|/g' > "$dir/all.tsv"
 awk -F'\t' '
 BEGIN {
-    n = split("SIGKILL to the source|SIGTERM to the source|SIGKILL to the target|SIGTERM to the target|link cut|link stalls|corrupted frame|duplicated frame|reference changed|EIO on DST|short writes on DST|DST full (ENOSPC)", col, "|")
+    n = split("SIGKILL to the source|SIGTERM to the source|SIGKILL to the target|SIGTERM to the target|link cut|link stalls|corrupted frame|duplicated frame|reference changed|EIO on DST|short writes on DST|DST full (ENOSPC)|write lands changed", col, "|")
 }
 {
     if (!($1 in seen)) { seen[$1] = 1; rows[++r] = $1 }

@@ -49,6 +49,28 @@ fn copy_onto_an_older_copy_moves_only_what_changed() {
     assert!(v["bytes_wire"].as_u64().unwrap() < 10 * 4096 + 20_000, "{v}");
 }
 
+/// `--readback` reaches the target end, local or spawned (`serve
+/// --target`, here through `-s ""`), and the report says so; without it
+/// the report says the target was not read back.
+#[test]
+fn readback_is_asked_for_and_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, c) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("c.img"));
+    let data = sample_image(&a, 4, 600);
+    let v = copy_json(&[s(&a), s(&b)]);
+    assert_eq!(v["read_back"], false, "{v}");
+    change_blocks(&a, 10, 3, 7);
+    let v = copy_json(&["--readback", s(&a), s(&b)]);
+    assert_eq!(v["read_back"], true, "{v}");
+    let far = format!("h:{}", s(&c));
+    let v = copy_json(&["--readback", "-s", "", "--remote-xenmig", s(&bin()), s(&a), &far]);
+    assert_eq!(v["read_back"], true, "{v}");
+    let want = fs::read(&a).unwrap();
+    assert_ne!(want, data);
+    assert_eq!(fs::read(&b).unwrap(), want);
+    assert_eq!(fs::read(&c).unwrap(), want);
+}
+
 #[test]
 fn precache_costs_at_most_a_ten_thousandth_of_the_image() {
     let d = tempfile::tempdir().unwrap();

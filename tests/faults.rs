@@ -17,6 +17,8 @@
 //! serve` processes (a remote copy's two ends); the disk faults hit the
 //! engine in threads, with DST behind the `FaultyDisk` test double.
 //!
+//! The target reads back what it wrote (`--readback`) in every cell.
+//!
 //! The scenario: DST holds an older copy (every third block differs), a
 //! reference holds some of the missing blocks, the rest is fetched; the
 //! relay plays the guest, changing 40 source blocks when pass 1 ends and 4
@@ -105,6 +107,8 @@ enum Fault {
     DiskEio,
     ShortWrite,
     DiskFull,
+    /// From then on every write to DST reports success but lands changed.
+    WriteChanged,
 }
 
 impl Fault {
@@ -120,11 +124,12 @@ impl Fault {
             Fault::DiskEio => "EIO on DST".into(),
             Fault::ShortWrite => "short writes on DST".into(),
             Fault::DiskFull => "DST full (ENOSPC)".into(),
+            Fault::WriteChanged => "write lands changed".into(),
         }
     }
 
     fn is_disk(self) -> bool {
-        matches!(self, Fault::DiskEio | Fault::ShortWrite | Fault::DiskFull)
+        matches!(self, Fault::DiskEio | Fault::ShortWrite | Fault::DiskFull | Fault::WriteChanged)
     }
 }
 
@@ -368,7 +373,7 @@ fn process_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
         .spawn()
         .unwrap();
     let mut tgt = Command::new(bin())
-        .args(["serve", "--target", s(&sc.dst), "--reference", s(&sc.reference), "--idle-timeout", &idle])
+        .args(["serve", "--target", s(&sc.dst), "--reference", s(&sc.reference), "--idle-timeout", &idle, "--readback"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -472,6 +477,7 @@ fn engine_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
             Rule::always(Op::Sync, DiskFault::Errno(libc::EIO)),
         ],
         Fault::ShortWrite => vec![Rule::always(Op::Write, DiskFault::Short)],
+        Fault::WriteChanged => vec![Rule::always(Op::Write, DiskFault::Changed)],
         Fault::DiskFull => vec![
             Rule::always(Op::Write, DiskFault::Errno(libc::ENOSPC)),
             Rule::always(Op::Sync, DiskFault::Errno(libc::ENOSPC)),
@@ -507,6 +513,7 @@ fn engine_cell(sc: &Scene, phase: Phase, fault: Fault) -> Outcome {
     let topts = TargetOptions {
         references: vec![sc.reference.clone()],
         idle_timeout: Some(Duration::from_secs(IDLE_S)),
+        readback: true,
         ..TargetOptions::default()
     };
     let src_path = sc.src.clone();
@@ -678,6 +685,86 @@ fn short_writes_on_the_target_disk() {
 #[test]
 fn target_disk_full() {
     column(Fault::DiskFull);
+}
+
+/// The target reads back what it wrote (`--readback`, as every cell of
+/// the matrix runs): a device that stores other bytes than it was given
+/// fails the copy.
+#[test]
+fn writes_that_land_changed() {
+    column(Fault::WriteChanged);
+}
+
+/// A plain (not live) copy of the scene in two threads, DST behind a
+/// faulty disk holding `rules` (armed from the start).
+fn copy_onto_faulty_disk(
+    sc: &Scene,
+    rules: Vec<Rule>,
+    readback: bool,
+) -> (Result<Report, EngineError>, Result<Report, EngineError>, Arc<FaultPlan>) {
+    let plan = FaultPlan::new(rules, true);
+    let (a, b) = Link::pair().unwrap();
+    let src = sc.src.clone();
+    let source = thread::spawn(move || source::run(&src, &SourceOptions::default(), a, &Progress::hidden()));
+    let topts = TargetOptions { references: vec![sc.reference.clone()], readback, ..TargetOptions::default() };
+    let wplan = plan.clone();
+    let wrap = move |img: xenmig::storage::image::Image| -> Box<dyn xenmig::storage::disk::Disk> {
+        Box::new(FaultyDisk::new(Box::new(img), wplan.clone()))
+    };
+    let t = target::run_with(&sc.dst, &topts, b, &Progress::hidden(), &wrap);
+    (source.join().unwrap(), t, plan)
+}
+
+// In the scene, block 3 is fetched (DST's old copy differs there, the
+// reference does not hold it) and block 6 is copied from the reference.
+const FETCHED: u64 = 3;
+const FROM_REFERENCE: u64 = 6;
+
+/// One write of `block` lands changed: the target's read-back names the
+/// block and DST, neither end reports the copy verified, and a plain rerun
+/// onto the same DST (a sound disk now) fetches what is wrong and verifies.
+fn a_changed_write_is_an_error_naming_the_block(block: u64) {
+    let sc = Scene::new();
+    let rule = Rule::once_at(Op::Write, block * 4096, (block + 1) * 4096, DiskFault::Changed);
+    let (src, tgt, plan) = copy_onto_faulty_disk(&sc, vec![rule], true);
+    assert_eq!(plan.fired(), 1, "block {block} was not written by this copy");
+    let e = tgt.expect_err("the target reported a changed write verified");
+    assert!(
+        matches!(e, EngineError::ReadBack { first, end, differing: 1, .. } if first == block && end == block + 1),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    let named = format!("blocks {block}..{}", block + 1);
+    assert!(text.contains(s(&sc.dst)) && text.contains(&named), "{text}");
+    let e = src.expect_err("the source reported a changed write verified");
+    assert!(e.to_string().contains(&named), "the source's error does not say why: {e}");
+    let want = fs::read(&sc.src).unwrap();
+    assert_ne!(fs::read(&sc.dst).unwrap(), want, "the fault did not change DST");
+    let v = copy_json(&[s(&sc.src), s(&sc.dst)]);
+    assert!(v["blocks_fetched"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(fs::read(&sc.dst).unwrap(), want);
+}
+
+#[test]
+fn a_fetched_block_that_lands_changed_is_an_error_naming_it() {
+    a_changed_write_is_an_error_naming_the_block(FETCHED);
+}
+
+#[test]
+fn a_reference_block_that_lands_changed_is_an_error_naming_it() {
+    a_changed_write_is_an_error_naming_the_block(FROM_REFERENCE);
+}
+
+/// What the read-back is for: without it (the default of `copy`), the same
+/// fault is reported verified and DST differs from the source.
+#[test]
+fn without_the_read_back_a_changed_write_is_reported_verified() {
+    let sc = Scene::new();
+    let rule = Rule::once_at(Op::Write, FETCHED * 4096, (FETCHED + 1) * 4096, DiskFault::Changed);
+    let (src, tgt, plan) = copy_onto_faulty_disk(&sc, vec![rule], false);
+    assert_eq!(plan.fired(), 1);
+    assert!(src.unwrap().verified && tgt.unwrap().verified);
+    assert_ne!(fs::read(&sc.dst).unwrap(), fs::read(&sc.src).unwrap());
 }
 
 /// A target whose disk hangs in the frozen pass keeps sending keep-alives

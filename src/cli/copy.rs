@@ -27,6 +27,7 @@ pub fn serve(
     idle: IdleArgs,
     max_image_size: Option<u64>,
     bwlimit: Rate,
+    readback: bool,
 ) -> anyhow::Result<i32> {
     let role = match (source, target) {
         (Some(p), None) => ServeRole::Source(
@@ -49,6 +50,7 @@ pub fn serve(
                 create_mode: None,
                 idle_timeout: idle.timeout(),
                 max_image_size,
+                readback,
             },
         ),
         _ => anyhow::bail!("give exactly one of --source and --target"),
@@ -88,6 +90,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             create_mode: None,
             idle_timeout: a.idle.timeout(),
             max_image_size: a.max_image_size,
+            readback: a.readback,
         },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
@@ -125,7 +128,15 @@ fn print_report(r: &Report, json: bool) {
             100.0 * n as f64 / r.blocks_total as f64
         }
     };
-    println!("{} -> {}: {:.1} MiB in {:.2} s, verified {}", r.source, r.target, mib(r.image_size), r.seconds, r.digest);
+    let how = if r.read_back { " (read back)" } else { "" };
+    println!(
+        "{} -> {}: {:.1} MiB in {:.2} s, verified{how} {}",
+        r.source,
+        r.target,
+        mib(r.image_size),
+        r.seconds,
+        r.digest
+    );
     if let Some(limit) = r.bwlimit {
         println!("  bandwidth limit: {}/s", Rate(limit));
     }

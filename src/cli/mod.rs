@@ -207,6 +207,9 @@ enum Command {
         /// Source: bytes per second it may write (as `copy --bwlimit`).
         #[arg(long, default_value = "0", value_name = "RATE")]
         bwlimit: Rate,
+        /// Target: read back what was written (as `copy --readback`).
+        #[arg(long, requires = "target")]
+        readback: bool,
     },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
@@ -346,6 +349,12 @@ pub(crate) struct CopyArgs {
     /// bare number is bytes; 0: no limit.
     #[arg(long, default_value = "0", value_name = "RATE")]
     pub(crate) bwlimit: Rate,
+    /// Read back from DST's device (not the page cache) every block each
+    /// pass wrote, and fail, naming the blocks, where it differs from what
+    /// was written and verified: catches a device, or another writer, that
+    /// changes data under the copy. Without it DST is checked as written.
+    #[arg(long)]
+    readback: bool,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -428,8 +437,19 @@ fn run(cmd: Command, quiet: bool, config: Option<&std::path::Path>) -> anyhow::R
             idle,
             max_image_size,
             bwlimit,
-        } => {
-            copy::serve(source, target, hash, compress, references, live, allow_open_by, idle, max_image_size, bwlimit)
-        }
+            readback,
+        } => copy::serve(
+            source,
+            target,
+            hash,
+            compress,
+            references,
+            live,
+            allow_open_by,
+            idle,
+            max_image_size,
+            bwlimit,
+            readback,
+        ),
     }
 }

@@ -7,11 +7,13 @@
 //! runs, verifying everything. [`run`] joins two local ends with a socket
 //! pair so that a local copy speaks exactly the protocol a remote one does.
 //! [`quiesce`] freezes and thaws a live source; [`tracker`] finds what
-//! changed between passes.
+//! changed between passes; [`readback`] checks that the target's device
+//! holds what was written.
 
 pub mod interrupt;
 pub mod progress;
 pub mod quiesce;
+pub mod readback;
 pub mod references;
 pub mod refglob;
 pub mod run;
@@ -57,6 +59,8 @@ pub enum EngineError {
     BadReply(String),
     #[error("reference {path}: {what}")]
     Reference { path: PathBuf, what: String },
+    #[error("{path}: blocks {first}..{end} (bytes {start}..{stop}) read back from the device differ from what was written and verified there ({differing} of the {read} blocks read back differ): the device, or another writer, changed them; nothing is verified")]
+    ReadBack { path: PathBuf, first: u64, end: u64, start: u64, stop: u64, differing: u64, read: u64 },
     #[error("the copy finished but its digest {got} does not match the source's {want}")]
     NotVerified { got: String, want: String },
     #[error("interrupted by {}", interrupt::signal_name(*signal))]
@@ -153,8 +157,12 @@ pub struct Report {
     pub bytes_wire: u64,
     pub seconds: f64,
     /// True only when every group, and so the whole target as written,
-    /// matched the source's digests.
+    /// matched the source's digests (and, with `read_back`, what was
+    /// written was read back from the device as written).
     pub verified: bool,
+    /// The target read back from its device every block this copy wrote
+    /// (false: `--no-readback`, or a target before the read-back).
+    pub read_back: bool,
     /// The source's whole-image digest (hex).
     pub digest: String,
     /// Passes of the copy: one for a plain copy; for a live copy, the live
@@ -198,6 +206,7 @@ impl Default for Report {
             bytes_wire: 0,
             seconds: 0.0,
             verified: false,
+            read_back: false,
             digest: String::new(),
             passes: Vec::new(),
             downtime_seconds: 0.0,

@@ -101,6 +101,10 @@ fn serve_target_args(o: &CopyOptions, path: &str) -> Vec<String> {
     if let Some(max) = o.target.max_image_size {
         v.extend(["--max-image-size".into(), max.to_string()]);
     }
+    // Only when asked for: a far xenmig of the previous release lacks it.
+    if o.target.readback {
+        v.push("--readback".into());
+    }
     for r in &o.target.references {
         v.push("--reference".into());
         v.push(r.display().to_string());

@@ -47,6 +47,7 @@ use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
 use crate::wire::transport::{Link, Writer};
 
+use super::readback::{self, Written};
 use super::references::ReferenceSet;
 use super::{EngineError, PassReport, Progress, Report};
 
@@ -68,6 +69,11 @@ pub struct TargetOptions {
     /// Refuse a source image larger than this many bytes (None: only the
     /// room on DST limits it).
     pub max_image_size: Option<u64>,
+    /// Read back what this copy wrote, from the device, before a pass
+    /// counts (see [`readback`](super::readback)). Off by default: on a
+    /// cold copy it costs a third to a half of the copy's time again
+    /// (docs/benchmarks.md, "Read-back"); `migrate` always sets it.
+    pub readback: bool,
 }
 
 /// Refuse a block-device DST that is a logical volume lvm reports open (a
@@ -108,6 +114,7 @@ impl Default for TargetOptions {
             create_mode: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_image_size: None,
+            readback: false,
         }
     }
 }
@@ -142,7 +149,8 @@ pub fn check_room(dst: &Path, size: u64, max: Option<u64>) -> Result<(), EngineE
 }
 
 /// Bytes of state the target keeps per block at most (`have` 32, `state` 1,
-/// the compact index of DST's earlier content 12; docs/benchmarks.md).
+/// the compact index of DST's earlier content 12, the read-back's bit of
+/// what was written 1/8; docs/benchmarks.md).
 pub const BYTES_PER_BLOCK: u64 = 46;
 
 /// Refuse an image whose per-block state would not fit in the memory
@@ -248,6 +256,8 @@ struct Target<'a> {
     /// Digest of what DST holds now at each block (a fresh file reads as
     /// zeros); kept current as blocks are written.
     have: Vec<Digest>,
+    /// Blocks written since the last read-back; None: no read-back.
+    written: Option<Written>,
     /// What the target knows of each group, in one place.
     grp: Vec<Group>,
     /// Where the exchange stands (the protocol module's receiver states).
@@ -389,6 +399,7 @@ pub fn run_with(
             dst: dst_img,
             refs,
             have,
+            written: opts.readback.then(|| Written::new(n as u64)),
             grp: vec![Group::default(); g],
             at: Receiving::Announcing { pass: 1, strict: true },
             state: vec![State::Pending; n],
@@ -583,6 +594,12 @@ impl Target<'_> {
 
     /// A live pass is settled: tell the source which groups must go again.
     fn end_live_pass(&mut self) -> Result<(), EngineError> {
+        // Each pass's writes are read back at its end, so that the frozen
+        // pass reads back only the last delta.
+        if self.written.as_ref().is_some_and(|w| w.count() > 0) {
+            self.dst.sync()?;
+            self.read_back()?;
+        }
         self.close_pass_report();
         let stale = std::mem::take(&mut self.stale);
         self.send(&Message::PassDone { pass: self.at.pass(), stale_groups: stale })?;
@@ -600,6 +617,7 @@ impl Target<'_> {
             return Err(EngineError::NotVerified { got: hex(&got), want: hex(&want) });
         }
         self.dst.sync()?;
+        self.read_back()?;
         // Nothing of this copy stays in dom0's page cache: a Xen guest's
         // backend writes under it, so cached pages would later be stale.
         self.dst.drop_cache();
@@ -625,6 +643,7 @@ impl Target<'_> {
             bytes_payload_wire: self.bytes_payload,
             codecs: std::mem::take(&mut self.codecs),
             verified: true,
+            read_back: self.written.is_some(),
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
             ..Report::default()
@@ -748,8 +767,24 @@ impl Target<'_> {
         Ok(false)
     }
 
+    /// Check (once DST is synced) that the device holds the blocks written
+    /// since the last read-back; they need not be read again after that.
+    fn read_back(&mut self) -> Result<(), EngineError> {
+        let Some(written) = self.written.as_mut() else { return Ok(()) };
+        readback::check(&*self.dst, &self.layout, self.algo, written, &self.have, self.progress)?;
+        written.clear();
+        Ok(())
+    }
+
+    fn mark_written(&mut self, first: u64, end: u64) {
+        if let Some(w) = self.written.as_mut() {
+            (first..end).for_each(|i| w.mark(i));
+        }
+    }
+
     fn write_block(&mut self, i: u64, data: &[u8], digest: Digest, state: State) -> Result<(), EngineError> {
         self.dst.write_at(data, self.layout.extent(i).0)?;
+        self.mark_written(i, i + 1);
         self.have[i as usize] = digest;
         self.state[i as usize] = state;
         if state == State::Reused {
@@ -763,6 +798,7 @@ impl Target<'_> {
         let (off, len) = self.layout.extent(i);
         if !self.zeros.is_zero_digest(&self.have[i as usize], len) {
             self.dst.zero_range(off, len)?;
+            self.mark_written(i, i + 1);
             self.have[i as usize] = self.zeros.get(len);
         }
         self.state[i as usize] = State::Zero;
@@ -914,6 +950,7 @@ impl Target<'_> {
             }
         }
         self.dst.write_at(&raw, start)?;
+        self.mark_written(first, end);
         self.bytes_fetched += raw_len as u64;
         self.bytes_payload += payload_len;
         *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;

@@ -778,6 +778,11 @@ fn precopy(
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
         // The final delta lands while our own paused incoming domain holds the LV.
         args.extend(["--allow-open-by".into(), format!("{}--incoming", dom.name)]);
+        // Every pass is read back from the target's device: a write that
+        // lands changed fails its pass, and in the last delta withholds
+        // READY. The pre-copy passes pay for it while the guest runs; the
+        // suspended window reads back only the last delta.
+        args.push("--readback".into());
         args.extend(crate::copy::run::idle_arg(opts.source.idle_timeout));
         for reference in references {
             args.extend(["--reference".into(), reference.clone()]);
@@ -1277,9 +1282,22 @@ impl FinalDelta {
 pub(crate) fn final_delta(copies: &mut Vec<DiskCopy>, frozen: Instant) -> Result<FinalDelta, MigrateError> {
     let started = Instant::now();
     let mut delta = FinalDelta { reports: Vec::new(), bytes_wire: 0, tracking: Vec::new(), started, done: started };
-    for c in copies.iter_mut() {
-        let r = c.session.final_pass().map_err(|source| MigrateError::FinalDelta { disk: c.disk.path(), source })?;
-        delta.reports.push((c.disk.path(), r));
+    for i in 0..copies.len() {
+        let r = match copies[i].session.final_pass() {
+            Ok(r) => r,
+            Err(e) => {
+                // A disk end that failed (its read-back found a changed
+                // write, say) sends its error and exits; this end may see
+                // only the broken link. Its own words are the cause to
+                // report; that copy is stopped here, the others by the
+                // caller's rollback.
+                let c = copies.remove(i);
+                let disk = c.disk.path();
+                c.session.abort(&e);
+                return Err(MigrateError::FinalDelta { disk, source: crate::copy::run::remote_cause(e, c.peer) });
+            }
+        };
+        delta.reports.push((copies[i].disk.path(), r));
     }
     for c in std::mem::take(copies) {
         let disk = c.disk.path();

@@ -34,6 +34,10 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// Forget cached pages so that later reads come from the device (see
     /// [`Image::drop_cache`](super::image::Image::drop_cache)).
     fn drop_cache(&self);
+    /// Drop the clean cached pages of `[offset, offset+len)`, of a file or
+    /// a device alike, so that the next read of it comes from the storage
+    /// (the target's read-back, after an fsync made the range clean).
+    fn evict(&self, offset: u64, len: u64);
 
     /// Read exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {

@@ -196,6 +196,10 @@ impl Disk for FaultyDisk {
     fn drop_cache(&self) {
         self.inner.drop_cache()
     }
+
+    fn evict(&self, offset: u64, len: u64) {
+        self.inner.evict(offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -272,6 +272,18 @@ impl Disk for Image {
     fn drop_cache(&self) {
         Image::drop_cache(self)
     }
+
+    fn evict(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
+        if let Err(e) = nix::fcntl::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&self.file),
+            off,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        ) {
+            log::warn!("cannot drop the page cache of {} at {offset}+{len}: {e}", self.path.display());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -243,6 +243,16 @@ if [ "$1" = serve ]; then
   echo $$ >> "$S/serve.pids"
   f serve_fail && { echo "target: cannot open the disk (fault)" >&2; exit 1; }
   f serve_sleep && sleep "$(cat "$S/faults/serve_sleep")"
+  if f faulty_disk_end; then
+    # The disk end is a test binary's, writing DST through a FaultyDisk
+    # (the file names the binary): the link on fds 3 and 4, the test
+    # harness's own output dropped, the disk end's error on stderr. DST is
+    # `serve --target`'s argument; the others go along (the disk end takes
+    # --readback from them). setsid -w: its status and stderr reach the
+    # source, as a remote end's do through ssh.
+    XMT_FAULTY_DST=$3 XMT_SERVE_ARGS="$*" exec setsid -w bash -c 'echo $$ >> "$0"; exec "$@" 3<&0 4>&1 1>/dev/null' "$S/serve.pids" \
+      "$(cat "$S/faults/faulty_disk_end")" --exact faulty_disk_end --ignored --nocapture --test-threads=1
+  fi
   if f serve_cut; then
     # The link drops after N bytes from the source.
     # (exec: no shell keeps the source's pipe open behind head.)
