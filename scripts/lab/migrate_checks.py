@@ -331,6 +331,10 @@ def bench_one(src, src_log, dst, how, size_mib):
         rep = json.loads(raw.splitlines()[-1]) if raw else {}
         if rc != 0:
             raise LabError(f"{how}: status {rc}: {rep.get('error')}; {src.sh('tail -c 800 /tmp/xb.err')}")
+        # The last pass as each disk's report has it (blocks, seconds):
+        # what the last delta carried, apart from the links' closing.
+        fig["final_passes"] = [p for d in rep.get("disks", []) for p in ((d.get("copy") or {}).get("passes") or [])
+                               if p.get("final_pass")]
         fig.update({"reported_downtime_seconds": rep.get("downtime_seconds"),
                     "final_delta_seconds": rep.get("final_delta_seconds"),
                     "bytes_wire": rep.get("bytes_wire"), "disk_passes": rep.get("disk_passes"),
