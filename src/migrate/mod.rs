@@ -1155,8 +1155,37 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
         rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
         return Err(e);
     }
-    // READY came, but a disk copy broke meanwhile: withhold it.
-    if let Some(e) = disk_failure.or(early_delta.and_then(Result::err)) {
+    // ---- P4 final delta, unless it ran already: the source is suspended,
+    // the target paused. Any failure up to RELEASE withholds READY ----
+    let verified = match disk_failure.or(early_delta.and_then(Result::err)) {
+        // READY came, but a disk copy broke meanwhile.
+        Some(e) => Err(e),
+        None if window.last_delta_done.is_some() => Ok(()),
+        None => {
+            if let Some(hold) = opts.hold_ready {
+                // Fault tests: a window in which to kill or cut something
+                // while the target's READY is held.
+                log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
+                std::thread::sleep(hold);
+            }
+            if !delta_phase {
+                clock.next(report, "final disk delta (suspended)", progress);
+            }
+            journal.set_phase(Phase::FinalDelta, &opts.journal_dir).and_then(|()| {
+                let d = final_delta(copies, suspended_at.unwrap_or_else(Instant::now))?;
+                (window.last_delta_started, window.last_delta_done) = (since(d.started), since(d.done));
+                report.final_delta_seconds = Some(d.seconds());
+                _tracking = d.record(report);
+                Ok(())
+            })
+        }
+    }
+    // Released is journalled before RELEASE goes: a `--recover` must know
+    // that the target may run.
+    .and_then(|()| journal.set_phase(Phase::Released, &opts.journal_dir));
+    if let Err(e) = verified {
+        // ABORT: the relay closes without passing READY on, and xl, with
+        // no READY, resumes the source; the rollback does what xl did not.
         if let Some(relay) = relay.as_mut() {
             let _ = relay.write_all(b"ABORT\n");
         }
@@ -1168,39 +1197,8 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
     }
     let mut relay = relay.expect("READY comes over the relay's connection");
 
-    // ---- P4 final delta, unless it ran already: the source is suspended,
-    // the target paused ----
-    if window.last_delta_done.is_none() {
-        if let Some(hold) = opts.hold_ready {
-            // Fault tests: a window in which to kill or cut something while
-            // the target's READY is held.
-            log::warn!("holding READY for {hold:?} (XENMIG_TEST_HOLD_READY)");
-            std::thread::sleep(hold);
-        }
-        if !delta_phase {
-            clock.next(report, "final disk delta (suspended)", progress);
-        }
-        journal.set_phase(Phase::FinalDelta, &opts.journal_dir)?;
-        match final_delta(copies, suspended_at.unwrap_or_else(Instant::now)) {
-            Ok(d) => {
-                (window.last_delta_started, window.last_delta_done) = (since(d.started), since(d.done));
-                report.final_delta_seconds = Some(d.seconds());
-                _tracking = d.record(report);
-            }
-            Err(e) => {
-                let _ = relay.write_all(b"ABORT\n");
-                drop(relay);
-                wait_xl(&rx, Duration::from_secs(180));
-                report.suspended_window = suspended_at.map(|_| window);
-                rollback_before_release(host, opts, dom, std::mem::take(copies), report, &e);
-                return Err(e);
-            }
-        }
-    }
-
     // ---- P5 release: the point of no return is xl's GO ----
     clock.next(report, "commit", progress);
-    journal.set_phase(Phase::Released, &opts.journal_dir)?;
     let released = relay.write_all(b"RELEASE\n").and_then(|_| relay.flush());
     let released_at = Instant::now();
     window.released = since(released_at);
