@@ -21,6 +21,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -587,6 +588,16 @@ impl SourceSession {
         };
         self.in_flight = false;
         Ok(stale)
+    }
+
+    /// `frozen` is set once the source stops changing (migrate: xl suspended
+    /// the guest). From then on a [`scan`](Self::scan) does not wait for a
+    /// slow tracking step (a snapshot being taken) and finds nothing; the
+    /// [`final_pass`](Self::final_pass) finds it all.
+    pub fn watch_freeze(&mut self, frozen: Arc<AtomicBool>) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.watch_freeze(frozen);
+        }
     }
 
     /// Announce what the scans found as a live pass (the source keeps running).
