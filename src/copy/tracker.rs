@@ -203,6 +203,8 @@ pub struct SnapTracker {
     seq: u32,
     cow_bytes: u64,
     frozen: Option<Arc<AtomicBool>>,
+    /// Where device-mapper's nodes are (`/dev/mapper`).
+    mapper: PathBuf,
 }
 
 /// Removes snapshots in a thread: `lvremove` takes seconds under emulation,
@@ -260,7 +262,11 @@ fn dm_name(r: &LvRef) -> String {
 
 /// The COW device of snapshot `r`.
 pub fn cow_path(r: &LvRef) -> PathBuf {
-    PathBuf::from(format!("/dev/mapper/{}-cow", dm_name(r)))
+    cow_path_in(Path::new("/dev/mapper"), r)
+}
+
+fn cow_path_in(mapper: &Path, r: &LvRef) -> PathBuf {
+    mapper.join(format!("{}-cow", dm_name(r)))
 }
 
 fn lvm_err(e: impl std::fmt::Display) -> EngineError {
@@ -273,7 +279,12 @@ impl SnapTracker {
     /// 8 MiB); a snapshot that overflows is detected and that pass falls back
     /// to a full re-read.
     pub fn start(path: &Path, size: u64) -> Result<SnapTracker, EngineError> {
-        let lvm = Lvm::new();
+        Self::start_with(Lvm::new(), Path::new("/dev/mapper"), path, size)
+    }
+
+    /// [`start`](Self::start) with these lvm2 commands and device-mapper
+    /// nodes in `mapper` (tests: fake commands).
+    pub fn start_with(lvm: Lvm, mapper: &Path, path: &Path, size: u64) -> Result<SnapTracker, EngineError> {
         let lv = lvm.lv_for_path(path).map_err(lvm_err)?.ok_or_else(|| {
             EngineError::Tracking(format!(
                 "--rescan lvm-snapshot needs a logical volume source; {} is not one",
@@ -290,6 +301,7 @@ impl SnapTracker {
             seq: 0,
             cow_bytes: (size / 4).max(8 << 20),
             frozen: None,
+            mapper: mapper.to_path_buf(),
         };
         t.current = Some(t.take().wait()?);
         Ok(t)
@@ -325,7 +337,7 @@ impl SnapTracker {
                 Ok(next) => {
                     let next = next?;
                     let cur = self.current.replace(next).expect("a snapshot is tracking");
-                    let table = dmsnap::read_cow_device(&cow_path(&cur));
+                    let table = dmsnap::read_cow_device(&cow_path_in(&self.mapper, &cur));
                     self.remover.remove(&self.lvm, cur.clone());
                     return Self::ranges(&cur, table);
                 }
@@ -339,7 +351,7 @@ impl SnapTracker {
         // The last call: the source is frozen, no new snapshot is needed (a
         // snapshot still being taken is removed on drop).
         let cur = self.current.take().expect("a snapshot is tracking");
-        let table = dmsnap::read_cow_device(&cow_path(&cur));
+        let table = dmsnap::read_cow_device(&cow_path_in(&self.mapper, &cur));
         self.retired = Some(cur.clone());
         Self::ranges(&cur, table)
     }

@@ -140,29 +140,32 @@ pub fn read_cow_device(path: &Path) -> Result<ExceptionTable, DmSnapError> {
     })
 }
 
+/// A persistent exception store as dm-snapshot lays it out: the header,
+/// then areas of exceptions (`chunk_bytes / 16` each) followed by their
+/// data chunks, here left zero. For tests and fake LVM commands: `old`
+/// are the origin chunks that were written, in order; `valid` 0 marks an
+/// overflowed snapshot.
+pub fn encode_store(chunk_bytes: usize, valid: u32, old: &[u64]) -> Vec<u8> {
+    let per_area = chunk_bytes / 16;
+    let areas = old.len() / per_area + 1;
+    let mut s = vec![0u8; chunk_bytes * (1 + areas * (per_area + 1))];
+    s[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    s[4..8].copy_from_slice(&valid.to_le_bytes());
+    s[8..12].copy_from_slice(&1u32.to_le_bytes());
+    s[12..16].copy_from_slice(&((chunk_bytes / 512) as u32).to_le_bytes());
+    for (n, &o) in old.iter().enumerate() {
+        let (area, slot) = (n / per_area, n % per_area);
+        let at = chunk_bytes * (1 + area * (per_area + 1)) + 16 * slot;
+        let new_chunk = (2 + area * (per_area + 1) + slot) as u64;
+        s[at..at + 8].copy_from_slice(&o.to_le_bytes());
+        s[at + 8..at + 16].copy_from_slice(&new_chunk.to_le_bytes());
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Lay out a store as the format describes: header, then areas of
-    /// `per_area` exceptions each followed by their data chunks.
-    fn store(chunk_bytes: usize, valid: u32, old: &[u64]) -> Vec<u8> {
-        let per_area = chunk_bytes / 16;
-        let areas = old.len() / per_area + 1;
-        let mut s = vec![0u8; chunk_bytes * (1 + areas * (per_area + 1))];
-        s[..4].copy_from_slice(&MAGIC.to_le_bytes());
-        s[4..8].copy_from_slice(&valid.to_le_bytes());
-        s[8..12].copy_from_slice(&1u32.to_le_bytes());
-        s[12..16].copy_from_slice(&((chunk_bytes / 512) as u32).to_le_bytes());
-        for (n, &o) in old.iter().enumerate() {
-            let (area, slot) = (n / per_area, n % per_area);
-            let at = chunk_bytes * (1 + area * (per_area + 1)) + 16 * slot;
-            let new_chunk = (2 + area * (per_area + 1) + slot) as u64;
-            s[at..at + 8].copy_from_slice(&o.to_le_bytes());
-            s[at + 8..at + 16].copy_from_slice(&new_chunk.to_le_bytes());
-        }
-        s
-    }
 
     fn parse_bytes(s: &[u8]) -> Result<ExceptionTable, DmSnapError> {
         let cb = u32::from_le_bytes(s[12..16].try_into().unwrap()) as usize * 512;
@@ -177,7 +180,7 @@ mod tests {
     fn reads_exceptions_across_areas() {
         // 4 KiB chunks hold 256 exceptions per area: 600 spans three areas.
         let old: Vec<u64> = (0..600).map(|i| i * 7 % 1000).collect();
-        let t = parse_bytes(&store(4096, 1, &old)).unwrap();
+        let t = parse_bytes(&encode_store(4096, 1, &old)).unwrap();
         assert_eq!(t.chunk_bytes, 4096);
         assert!(t.valid);
         assert_eq!(t.old_chunks, old);
@@ -186,19 +189,19 @@ mod tests {
 
     #[test]
     fn empty_and_invalidated_tables() {
-        let t = parse_bytes(&store(8192, 1, &[])).unwrap();
+        let t = parse_bytes(&encode_store(8192, 1, &[])).unwrap();
         assert!(t.old_chunks.is_empty());
-        let t = parse_bytes(&store(4096, 0, &[3])).unwrap();
+        let t = parse_bytes(&encode_store(4096, 0, &[3])).unwrap();
         assert!(!t.valid);
     }
 
     #[test]
     fn not_a_store_is_named() {
-        let mut s = store(4096, 1, &[1]);
+        let mut s = encode_store(4096, 1, &[1]);
         s[0] = 0;
         let e = parse_bytes(&s).unwrap_err().to_string();
         assert!(e.contains("cow") && e.contains("magic"), "{e}");
-        let mut s = store(4096, 1, &[1]);
+        let mut s = encode_store(4096, 1, &[1]);
         s[8] = 2;
         assert!(parse_bytes(&s).unwrap_err().to_string().contains("version 2"));
     }
@@ -207,7 +210,7 @@ mod tests {
     fn reads_a_store_from_a_file_with_o_direct() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("cow");
-        std::fs::write(&p, store(4096, 1, &[5, 9, 1])).unwrap();
+        std::fs::write(&p, encode_store(4096, 1, &[5, 9, 1])).unwrap();
         match read_cow_device(&p) {
             Ok(t) => assert_eq!(t.old_chunks, vec![5, 9, 1]),
             // Some file systems (tmpfs) refuse O_DIRECT; the parser is
