@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, Hashing};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::blocks::layout::Layout;
 use crate::blocks::runs::{checked_end, runs};
@@ -370,10 +370,11 @@ pub fn run_with(
             // index of DST is built from them.
             let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
             let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
-            BlockMap::stream(
+            BlockMap::stream_with(
                 &*dst_img,
                 &layout,
                 algo,
+                Hashing::default(),
                 |_, batch| {
                     for h in batch {
                         digests.extend_from_slice(&h.blocks);
