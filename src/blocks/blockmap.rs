@@ -82,6 +82,9 @@ pub struct Piece<'a> {
     pub zero: &'a [bool],
 }
 
+/// What [`Hashing::with_data`] calls with each piece.
+pub type OnPiece<'a> = dyn Fn(Piece) -> Result<(), ImageError> + Sync + 'a;
+
 /// What hashing does besides the strong digests.
 #[derive(Clone, Copy, Default)]
 pub struct Hashing<'a> {
@@ -90,7 +93,7 @@ pub struct Hashing<'a> {
     /// Called in the hashing task with the bytes of each piece while they
     /// are still at hand (a direct local copy writes them: the bytes
     /// written are the bytes hashed).
-    pub with_data: Option<&'a (dyn Fn(Piece) -> Result<(), ImageError> + Sync)>,
+    pub with_data: Option<&'a OnPiece<'a>>,
 }
 
 /// Bytes read at a time within a group (at least one block): small enough
