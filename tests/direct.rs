@@ -226,3 +226,28 @@ fn a_source_that_changes_during_a_direct_copy_fails_clearly() {
         assert!(msg.contains("a.img"), "{how:?}: {msg}");
     }
 }
+
+/// DST failing a write (EIO mid-way, or ENOSPC on the first write) fails
+/// a direct copy with the write's error, naming DST and the offset; it
+/// neither hangs nor reports the copy verified. The source is untouched.
+#[test]
+fn a_write_error_fails_a_direct_copy_naming_dst() {
+    use xenmig::storage::faulty::{Fault, FaultPlan, FaultyDisk, Op, Rule};
+    for (rule, errno) in [
+        (Rule::once_at(Op::Write, 5 << 20, 6 << 20, Fault::Errno(libc::EIO)), "Input/output error"),
+        (Rule::always(Op::Write, Fault::Errno(libc::ENOSPC)), "No space left"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+        let data = sample_image(&a, 31, 40 * 256);
+        let plan = FaultPlan::new(vec![rule], true);
+        let p = plan.clone();
+        let wrap = move |img: Image| -> Box<dyn Disk> { Box::new(FaultyDisk::new(Box::new(img), p.clone())) };
+        let r =
+            direct::copy_with(&a, &b, &SourceOptions::default(), &TargetOptions::default(), &Progress::hidden(), &wrap);
+        let msg = r.expect_err("a failed write was reported verified").to_string();
+        assert!(msg.contains("b.img") && msg.contains(errno) && msg.contains("offset"), "{msg}");
+        assert!(plan.fired() >= 1);
+        assert_eq!(fs::read(&a).unwrap(), data);
+    }
+}
