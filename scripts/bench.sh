@@ -6,7 +6,11 @@
 #     fsyncs its target, so the durable baseline is cp followed by sync)
 #   - bytes on the wire for precache and for a copy with 1% of blocks changed
 # Prints a Markdown table of medians and ratios. Needs b3sum (apt-get install
-# b3sum) and python3 (for the medians).
+# b3sum) and python3 (for the medians). XENMIG=PATH measures that binary
+# instead of the one built here (e.g. an older build, for a before/after).
+# Run it on a quiet machine: not while the Xen lab's QEMU runs
+# (pgrep -f qemu-system-x86_64; pgrep -x cannot match the name, which the
+# kernel cuts to 15 characters).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${BENCH_MIB:-1024}
@@ -14,8 +18,12 @@ ROUNDS=${ROUNDS:-5}
 DIR=${BENCH_DIR:-/var/tmp/xenmig-bench}
 THREADS=$(nproc)
 command -v b3sum >/dev/null || { echo "bench: needs b3sum (apt-get install b3sum)" >&2; exit 1; }
-cargo build --release --quiet
-X=$PWD/target/release/xenmig
+if [ -n "${XENMIG:-}" ]; then
+    X=$XENMIG
+else
+    cargo build --release --quiet
+    X=${CARGO_TARGET_DIR:-$PWD/target}/release/xenmig
+fi
 mkdir -p "$DIR"
 IMG=$DIR/image-$MIB.img
 if [ ! -f "$IMG" ]; then

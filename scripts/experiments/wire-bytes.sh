@@ -89,6 +89,9 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 xm() { # binary codec src [ref [old]]: old, if given, is DST's content beforehand
     local bin=$1 codec=$2 src=$3 ref=${4:-} old=${5:-} args=()
     [ -n "$ref" ] && args=(-r "$ref")
+    # What crosses the wire is the point: a local copy onto a new DST with
+    # no reference would otherwise go direct, with no wire at all.
+    "$bin" copy --help | grep -q -- --no-direct && args+=(--no-direct)
     local dst=$tmp/dst.img
     if [ -n "${RATE:-}" ]; then
         args+=(-s "$tmp/shape-ssh" --remote-xenmig "$bin")

@@ -94,6 +94,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
         },
         ssh: a.ssh,
         remote_xenmig: a.remote_xenmig,
+        direct: !a.no_direct,
     };
     let progress = super::output::progress(quiet, a.json, "copy");
     progress.limit(a.bwlimit);
@@ -151,6 +152,13 @@ fn print_report(r: &Report, json: bool) {
         r.blocks_fetched,
         pct(r.blocks_fetched),
     );
+    if r.direct {
+        println!(
+            "  direct: {:.2} MiB read, hashed and written once, no wire (--no-direct runs the protocol)",
+            mib(r.bytes_fetched)
+        );
+        return;
+    }
     println!(
         "  wire: {:.2} MiB in all ({:.3}% of the image); fetched {:.2} MiB sent as {:.2} MiB",
         mib(r.bytes_wire),

@@ -355,6 +355,12 @@ pub(crate) struct CopyArgs {
     /// changes data under the copy. Without it DST is checked as written.
     #[arg(long)]
     readback: bool,
+    /// Run the wire protocol between two local ends (a socket pair, as a
+    /// remote copy does) even where the copy could go direct (a new DST, no
+    /// references: each block read, hashed and written once): to see what a
+    /// remote copy would send, or to try a codec locally.
+    #[arg(long)]
+    no_direct: bool,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {

@@ -5,11 +5,14 @@
 //! orchestrator for a domain's disks); [`target::run`] rebuilds the image
 //! from zero blocks, its own earlier content, reference images and fetched
 //! runs, verifying everything. [`run`] joins two local ends with a socket
-//! pair so that a local copy speaks exactly the protocol a remote one does.
+//! pair so that a local copy speaks exactly the protocol a remote one does,
+//! except where nothing on the target side can be reused: then [`direct`]
+//! reads, hashes and writes each block once, through the target's code.
 //! [`quiesce`] freezes and thaws a live source; [`tracker`] finds what
 //! changed between passes; [`readback`] checks that the target's device
 //! holds what was written.
 
+pub mod direct;
 pub mod interrupt;
 pub mod progress;
 pub mod quiesce;
@@ -71,6 +74,8 @@ pub enum EngineError {
     HookTimeout { what: &'static str, command: String, seconds: u64 },
     #[error("the final (frozen) pass did not end within {seconds} s (--final-timeout): the target stopped making progress; nothing is verified")]
     FinalTimeout { seconds: f64 },
+    #[error("SRC {path} changed during the copy ({before} before, {after} after); the copy is not verified: copy it again while nothing writes to it, or with --live")]
+    SourceChanged { path: PathBuf, before: String, after: String },
     #[error("SRC {src} and DST {dst} are the same {what}; refusing to copy it onto itself")]
     SameFile { src: PathBuf, dst: PathBuf, what: &'static str },
     #[error("target {path} is logical volume {lv}, which is open (a running guest's disk, or in use by another process); refusing to write to it")]
@@ -170,6 +175,9 @@ pub struct Report {
     pub passes: Vec<PassReport>,
     /// Live copy: time the source was frozen (freeze to thaw), in seconds.
     pub downtime_seconds: f64,
+    /// A direct local copy (`direct`): each block read once, hashed once
+    /// and written in one process, no wire (bytes_wire 0).
+    pub direct: bool,
     /// `--bwlimit`: bytes per second the source end could write (absent:
     /// no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -210,6 +218,7 @@ impl Default for Report {
             digest: String::new(),
             passes: Vec::new(),
             downtime_seconds: 0.0,
+            direct: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::storage::image::ImageError;
 use crate::wire::protocol::ProtocolError;
 use crate::wire::transport::{Link, Location, Peer};
 
+use super::direct;
 use super::source::{self, SourceOptions};
 use super::target::{self, TargetOptions};
 use super::{EngineError, Progress, Report};
@@ -23,6 +24,9 @@ pub struct CopyOptions {
     pub ssh: String,
     /// The xenmig program on the remote host.
     pub remote_xenmig: String,
+    /// Let a local copy with nothing to reuse go direct (`direct`) instead
+    /// of through the wire protocol.
+    pub direct: bool,
 }
 
 impl Default for CopyOptions {
@@ -32,6 +36,7 @@ impl Default for CopyOptions {
             target: TargetOptions::default(),
             ssh: "ssh".into(),
             remote_xenmig: "xenmig".into(),
+            direct: true,
         }
     }
 }
@@ -123,6 +128,13 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             // source does not become a readable copy.
             if topts.create_mode.is_none() {
                 topts.create_mode = Some(src_meta.permissions().mode() & 0o777);
+            }
+            if opts.direct && direct::eligible(&opts.source, &topts, d) {
+                let mut report = direct::copy(s, d, &opts.source, &topts, progress)?;
+                report.source = src.to_string();
+                report.target = dst.to_string();
+                report.seconds = started.elapsed().as_secs_f64();
+                return Ok(report);
             }
             let (a, b) = Link::pair()?;
             let (s, sopts) = (s.clone(), opts.source.clone());

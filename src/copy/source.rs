@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, Hashing};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
 use crate::blocks::runs::checked_end;
@@ -505,10 +505,11 @@ impl SourceSession {
         let mut fast: Vec<u64> = Vec::with_capacity(if live { layout.block_count() as usize } else { 0 });
         let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
         let frames = self.frames().clone();
-        let hashed = BlockMap::stream(
+        let hashed = BlockMap::stream_with(
             &sh.img,
             layout,
             algo,
+            Hashing { fast: live, with_data: None },
             |first, batch| {
                 {
                     let mut d = sh.digests.write().unwrap();

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
 use crate::blocks::layout::Layout;
 use crate::blocks::runs::{checked_end, runs};
@@ -247,10 +247,10 @@ struct Group {
     verified: bool,
 }
 
-struct Target<'a> {
+pub(super) struct Target<'a> {
     algo: Algorithm,
     layout: Layout,
-    dst: Box<dyn Disk>,
+    dst: Arc<dyn Disk>,
     refs: ReferenceSet,
     zeros: ZeroDigests,
     /// Digest of what DST holds now at each block (a fresh file reads as
@@ -277,7 +277,8 @@ struct Target<'a> {
     pass_started: Instant,
     passes: Vec<PassReport>,
     /// Shared with the keep-alive thread; a frame is written under the lock.
-    out: Arc<Mutex<Writer>>,
+    /// None: no link (a direct local copy, which never asks for anything).
+    out: Option<Arc<Mutex<Writer>>>,
     /// Replies awaited (a Fetch awaits one, WantDigests(_, n) n), and
     /// requests held back while [`WINDOW`] are awaited (version 2).
     outstanding: usize,
@@ -350,81 +351,13 @@ pub fn run_with(
             Message::ImageInfo { algo, layout } => (algo, layout),
             other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for ImageInfo" }.into()),
         };
-        if !algo.collision_safe() {
-            log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
-        }
-        // What the source claims must fit before anything is sized by it.
-        check_room(dst, layout.size, opts.max_image_size)?;
-        check_memory(&layout)?;
-        // References first: a bad one stops the copy before DST is touched.
-        // Patterns are expanded now, on this host (never to DST itself).
-        let references = super::refglob::expand(&opts.references, Some(dst))?;
-        let mut refs = ReferenceSet::load(&references, algo, layout.block_size)?;
-        check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
-        let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
-        let dst_img = wrap(dst_img);
-        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
-        let have = if had_data {
-            progress.phase("scanning", layout.size);
-            // Only the digests are kept (they become `have`); the compact
-            // index of DST is built from them.
-            let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
-            let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
-            BlockMap::stream(
-                &*dst_img,
-                &layout,
-                algo,
-                |_, batch| {
-                    for h in batch {
-                        digests.extend_from_slice(&h.blocks);
-                        groups.push(h.digest);
-                    }
-                    true
-                },
-                &|n| progress.inc(n),
-            )?;
-            // Blocks that moved within DST count too; each is re-read and
-            // checked, so one overwritten meanwhile is simply fetched.
-            let is_zero = |i: usize| zeros.is_zero_digest(&digests[i], layout.extent(i as u64).1);
-            refs.add_own_parts(dst.into(), Image::open_read(dst)?, &layout, &digests, is_zero, &groups);
-            digests
-        } else {
-            (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
-        };
-        let n = layout.block_count() as usize;
-        let g = layout.group_count() as usize;
-        let mut t = Target {
-            algo,
-            zeros,
-            dst: dst_img,
-            refs,
-            have,
-            written: opts.readback.then(|| Written::new(n as u64)),
-            grp: vec![Group::default(); g],
-            at: Receiving::Announcing { pass: 1, strict: true },
-            state: vec![State::Pending; n],
-            keys: HashMap::new(),
-            open_groups: 0,
-            stale: Vec::new(),
-            refetched: HashSet::new(),
-            groups_matched: 0,
-            bytes_fetched: 0,
-            bytes_payload: 0,
-            codecs: Default::default(),
-            pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
-            pass_started: Instant::now(),
-            passes: Vec::new(),
-            layout: layout.clone(),
+        let link = LinkSide {
             out: out.clone(),
-            outstanding: 0,
-            held: VecDeque::new(),
             windowed: v2,
-            stream: (agreed.caps & CAP_ZSTD_STREAM != 0).then_some(None),
+            stream: agreed.caps & CAP_ZSTD_STREAM != 0,
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
-            delta_asked: HashSet::new(),
-            deltas_failed: 0,
-            progress,
         };
+        let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         t.progress.phase("copying", t.layout.size);
         t.main_loop(&rx)
     })();
@@ -451,19 +384,128 @@ pub fn run_with(
     }
 }
 
+/// The target's side of the link, when there is one (a direct local copy
+/// has none: `copy::direct`).
+pub(super) struct LinkSide {
+    out: Arc<Mutex<Writer>>,
+    /// Version 2: requests are windowed.
+    windowed: bool,
+    /// `CAP_ZSTD_STREAM` agreed.
+    stream: bool,
+    /// `CAP_SUB_DELTA` agreed.
+    deltas: bool,
+}
+
+impl<'a> Target<'a> {
+    /// Everything between learning the image's shape and the first group:
+    /// refuse what DST cannot hold, load the references, open (or create)
+    /// DST and learn what it holds. Nothing is written to DST before this
+    /// has passed.
+    pub(super) fn open(
+        dst: &Path,
+        opts: &TargetOptions,
+        algo: Algorithm,
+        layout: Layout,
+        progress: &'a Progress,
+        wrap: &dyn Fn(Image) -> Box<dyn Disk>,
+        link: Option<LinkSide>,
+    ) -> Result<Target<'a>, EngineError> {
+        if !algo.collision_safe() {
+            log::warn!("the source hashes with SHA-1, which is not collision-safe: do not use references holding other tenants' data");
+        }
+        // What the source claims must fit before anything is sized by it.
+        check_room(dst, layout.size, opts.max_image_size)?;
+        check_memory(&layout)?;
+        // References first: a bad one stops the copy before DST is touched.
+        // Patterns are expanded now, on this host (never to DST itself).
+        let references = super::refglob::expand(&opts.references, Some(dst))?;
+        let mut refs = ReferenceSet::load(&references, algo, layout.block_size)?;
+        check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
+        let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
+        let dst_img: Arc<dyn Disk> = Arc::from(wrap(dst_img));
+        let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        let have = if had_data {
+            progress.phase("scanning", layout.size);
+            // Only the digests are kept (they become `have`); the compact
+            // index of DST is built from them.
+            let mut digests: Vec<Digest> = Vec::with_capacity(layout.block_count() as usize);
+            let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
+            BlockMap::stream_with(
+                &*dst_img,
+                &layout,
+                algo,
+                Hashing::default(),
+                |_, batch| {
+                    for h in batch {
+                        digests.extend_from_slice(&h.blocks);
+                        groups.push(h.digest);
+                    }
+                    true
+                },
+                &|n| progress.inc(n),
+            )?;
+            // Blocks that moved within DST count too; each is re-read and
+            // checked, so one overwritten meanwhile is simply fetched.
+            let is_zero = |i: usize| zeros.is_zero_digest(&digests[i], layout.extent(i as u64).1);
+            refs.add_own_parts(dst.into(), Image::open_read(dst)?, &layout, &digests, is_zero, &groups);
+            digests
+        } else {
+            (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
+        };
+        let n = layout.block_count() as usize;
+        let g = layout.group_count() as usize;
+        Ok(Target {
+            algo,
+            zeros,
+            dst: dst_img,
+            refs,
+            have,
+            written: opts.readback.then(|| Written::new(n as u64)),
+            grp: vec![Group::default(); g],
+            at: Receiving::Announcing { pass: 1, strict: true },
+            state: vec![State::Pending; n],
+            keys: HashMap::new(),
+            open_groups: 0,
+            stale: Vec::new(),
+            refetched: HashSet::new(),
+            groups_matched: 0,
+            bytes_fetched: 0,
+            bytes_payload: 0,
+            codecs: Default::default(),
+            pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
+            pass_started: Instant::now(),
+            passes: Vec::new(),
+            layout: layout.clone(),
+            outstanding: 0,
+            held: VecDeque::new(),
+            windowed: link.as_ref().is_some_and(|l| l.windowed),
+            stream: link.as_ref().is_some_and(|l| l.stream).then_some(None),
+            deltas: link.as_ref().is_some_and(|l| l.deltas),
+            out: link.map(|l| l.out),
+            delta_asked: HashSet::new(),
+            deltas_failed: 0,
+            progress,
+        })
+    }
+}
+
 type Inbox = Receiver<Result<Message, ProtocolError>>;
 
 impl Target<'_> {
     /// Write one frame (under the lock the keep-alive thread shares).
     fn send(&self, m: &Message) -> Result<(), EngineError> {
-        let mut w = self.out.lock().expect("writer lock");
+        let mut w = self.link()?.lock().expect("writer lock");
         write_message(&mut *w, m)?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), EngineError> {
-        self.out.lock().expect("writer lock").flush().map_err(ProtocolError::Io)?;
+        self.link()?.lock().expect("writer lock").flush().map_err(ProtocolError::Io)?;
         Ok(())
+    }
+
+    fn link(&self) -> Result<&Arc<Mutex<Writer>>, EngineError> {
+        self.out.as_ref().ok_or_else(|| EngineError::StepOrder("a direct local copy has no source to ask".into()))
     }
 
     /// Send a request, or hold it while the window is full (version 2).
@@ -607,7 +649,26 @@ impl Target<'_> {
         Ok(())
     }
 
+    /// The final pass settled: verify, report Done, wait for Bye.
     fn finish(&mut self, want: Digest, rx: &Inbox) -> Result<Report, EngineError> {
+        let mut report = self.conclude(want)?;
+        let json = serde_json::to_string(&report).expect("report serialises");
+        self.send(&Message::Done { report: json })?;
+        self.flush()?;
+        match rx.recv().map_err(|_| ProtocolError::Eof("before saying Bye"))?? {
+            Message::Bye { downtime_ns } => {
+                report.downtime_seconds = downtime_ns as f64 / 1e9;
+                Ok(report)
+            }
+            other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Bye" }.into()),
+        }
+    }
+
+    /// Every group settled: check each was verified and that their digests
+    /// make the source's image digest `want`, make DST durable (and read it
+    /// back, if asked), and count what happened. The one place where a copy
+    /// counts as verified, with the link or without (`copy::direct`).
+    pub(super) fn conclude(&mut self, want: Digest) -> Result<Report, EngineError> {
         if let Some(g) = self.grp.iter().position(|g| !g.verified) {
             return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
@@ -624,7 +685,7 @@ impl Target<'_> {
         self.close_pass_report();
         self.progress.finish();
         let count = |s: State| self.state.iter().filter(|&&x| x == s).count() as u64;
-        let mut report = Report {
+        Ok(Report {
             target: self.dst.path().display().to_string(),
             image_size: self.layout.size,
             block_size: self.layout.block_size,
@@ -647,17 +708,7 @@ impl Target<'_> {
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
             ..Report::default()
-        };
-        let json = serde_json::to_string(&report).expect("report serialises");
-        self.send(&Message::Done { report: json })?;
-        self.flush()?;
-        match rx.recv().map_err(|_| ProtocolError::Eof("before saying Bye"))?? {
-            Message::Bye { downtime_ns } => {
-                report.downtime_seconds = downtime_ns as f64 / 1e9;
-                Ok(report)
-            }
-            other => Err(ProtocolError::Unexpected { got: other.kind(), state: "waiting for Bye" }.into()),
-        }
+        })
     }
 
     fn group_bytes(&self, g: u64) -> u64 {
@@ -784,11 +835,53 @@ impl Target<'_> {
 
     fn write_block(&mut self, i: u64, data: &[u8], digest: Digest, state: State) -> Result<(), EngineError> {
         self.dst.write_at(data, self.layout.extent(i).0)?;
+        self.wrote(i, digest, state);
+        Ok(())
+    }
+
+    /// Block `i` of DST now holds data whose digest is `digest`.
+    fn wrote(&mut self, i: u64, digest: Digest, state: State) {
         self.mark_written(i, i + 1);
         self.have[i as usize] = digest;
         self.state[i as usize] = state;
         if state == State::Reused {
             self.pass_report.blocks_reused += 1;
+        }
+    }
+
+    /// DST, for a direct local copy's hashing threads to write to
+    /// (`copy::direct`), which then report each group to
+    /// [`settle_direct`](Self::settle_direct).
+    pub(super) fn disk(&self) -> Arc<dyn Disk> {
+        self.dst.clone()
+    }
+
+    /// Group `g` as this process hashed it from the source (`copy::direct`):
+    /// its non-zero blocks were written to DST from the very bytes that
+    /// were hashed, so each block's digest is that of what DST now holds.
+    /// Zero blocks are made zero (a fresh file already reads as zeros);
+    /// then the group is verified and counted like any other.
+    pub(super) fn settle_direct(&mut self, g: u64, hashed: &HashedGroup) -> Result<(), EngineError> {
+        let (a, b) = self.layout.group_range(g);
+        if hashed.blocks.len() as u64 != b - a || hashed.zero.len() as u64 != b - a {
+            return Err(EngineError::StepOrder(format!("group {g} reported with the wrong number of blocks")));
+        }
+        self.announce(g, hashed.digest)?;
+        let none = Codec::name_of(Codec::None.code()).to_string();
+        for (k, i) in (a..b).enumerate() {
+            if hashed.zero[k] {
+                self.set_zero(i)?;
+            } else {
+                self.wrote(i, hashed.blocks[k], State::Fetched);
+                let len = self.layout.extent(i).1 as u64;
+                self.bytes_fetched += len;
+                *self.codecs.entry(none.clone()).or_default() += len;
+                self.pass_report.blocks_fetched += 1;
+            }
+        }
+        self.grp[g as usize].pending = 0;
+        if !self.group_done(g, false)? {
+            return Err(EngineError::GroupMismatch { group: g, first: a, end: b });
         }
         Ok(())
     }

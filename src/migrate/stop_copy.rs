@@ -118,6 +118,7 @@ pub(super) fn save_and_commit(p: Commit) -> Result<(), MigrateError> {
         target: TargetOptions::default(),
         ssh: opts.ssh.clone(),
         remote_xenmig: opts.remote_xenmig.clone(),
+        ..CopyOptions::default()
     };
     let dst = Location::Remote { host: opts.host.clone(), path: remote_file.display().to_string() };
     match copy(&Location::Local(local.clone()), &dst, &copy_opts, &Progress::hidden()) {

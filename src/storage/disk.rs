@@ -38,6 +38,12 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// a device alike, so that the next read of it comes from the storage
     /// (the target's read-back, after an fsync made the range clean).
     fn evict(&self, offset: u64, len: u64);
+    /// Start writing `[offset, offset+len)` back to storage now, without
+    /// waiting for it: a copy that writes a whole disk overlaps that I/O
+    /// with the rest of its work, and its final fsync has less left to do.
+    /// A hint only (the fsync is what makes the data durable); the default
+    /// does nothing.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 
     /// Read exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {

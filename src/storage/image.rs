@@ -35,6 +35,8 @@ pub enum ImageError {
     Sync { path: PathBuf, source: io::Error },
     #[error("target block device {path} is in use{}; refusing to write to it", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
     Busy { path: PathBuf, holder: Option<String> },
+    #[error("cannot stat {path}: {source}")]
+    Stat { path: PathBuf, source: io::Error },
     #[error("cannot write {len} bytes at offset {offset} of {path}, which holds {size}")]
     OutOfRange { path: PathBuf, offset: u64, len: u64, size: u64 },
 }
@@ -83,6 +85,25 @@ fn unescape_mountinfo(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What tells whether an open image changed: its size and, for a regular
+/// file, its modification time (a block device has none worth reading).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub size: u64,
+    /// Seconds and nanoseconds.
+    pub modified: Option<(i64, i64)>,
+}
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.size)?;
+        if let Some((s, ns)) = self.modified {
+            write!(f, ", modified at {s}.{ns:09}")?;
+        }
+        Ok(())
+    }
 }
 
 /// An open image.
@@ -221,6 +242,18 @@ impl Image {
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
     }
+
+    /// The image's [`Stamp`] now, read from the open descriptor (not the
+    /// path, which may name another file by now).
+    pub fn stamp(&self) -> Result<Stamp, ImageError> {
+        use std::os::unix::fs::MetadataExt;
+        let stat_err = |source| ImageError::Stat { path: self.path.clone(), source };
+        if self.is_block_device {
+            return Ok(Stamp { size: device_size(&self.file).map_err(stat_err)?, modified: None });
+        }
+        let m = self.file.metadata().map_err(stat_err)?;
+        Ok(Stamp { size: m.len(), modified: Some((m.mtime(), m.mtime_nsec())) })
+    }
 }
 
 impl Disk for Image {
@@ -271,6 +304,23 @@ impl Disk for Image {
 
     fn drop_cache(&self) {
         Image::drop_cache(self)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else { return };
+        // SAFETY: a plain call on an open descriptor with integer arguments;
+        // no memory is passed.
+        let r = unsafe {
+            libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&self.file), off, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r != 0 {
+            // Only a hint: the final fsync reports what matters.
+            log::debug!(
+                "cannot start writeback of {} at {offset}+{len}: {}",
+                self.path.display(),
+                io::Error::last_os_error()
+            );
+        }
     }
 
     fn evict(&self, offset: u64, len: u64) {
