@@ -106,7 +106,7 @@ fn only(c: Candidates) -> Vec<u64> {
 /// ones may still wait for their removal, which runs in a thread).
 fn writes_since_current(dir: &Path, chunks: &[u64]) -> PathBuf {
     let log = std::fs::read_to_string(dir.join("log")).unwrap();
-    let last = log.lines().filter_map(|l| l.strip_prefix("create ")).last().expect("a snapshot was taken");
+    let last = log.lines().filter_map(|l| l.strip_prefix("create ")).next_back().expect("a snapshot was taken");
     let cow = dir.join("mapper").join(format!("vg0-{last}-cow"));
     assert!(cow.exists(), "{} is gone", cow.display());
     std::fs::write(&cow, encode_store(4096, 1, chunks)).unwrap();
