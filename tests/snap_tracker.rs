@@ -113,18 +113,23 @@ fn writes_since_current(dir: &Path, chunks: &[u64]) -> PathBuf {
     cow
 }
 
-#[test]
-fn a_frozen_source_does_not_wait_for_a_snapshot_and_none_is_left() {
-    // O_DIRECT reads of the fake COW devices need a real file system
-    // (tmpfs refuses them): the target directory's.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let dir = dir.path();
+/// A tracker of a fresh origin file, with fake lvm2 commands in the
+/// returned directory. O_DIRECT reads of the fake COW devices need a real
+/// file system (tmpfs refuses them): the target directory's.
+fn tracker() -> (tempfile::TempDir, SnapTracker) {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmp.path();
     let origin = dir.join("disk.img");
     std::fs::write(&origin, vec![0u8; SIZE as usize]).unwrap();
     fake_lvm(dir, &origin);
-    let layout = Layout::flat(SIZE, 4096).unwrap();
-    let mut t =
-        SnapTracker::start_with(Lvm::with_bin_dir(dir.join("bin")), &dir.join("mapper"), &origin, SIZE).unwrap();
+    let t = SnapTracker::start_with(Lvm::with_bin_dir(dir.join("bin")), &dir.join("mapper"), &origin, SIZE).unwrap();
+    (tmp, t)
+}
+
+#[test]
+fn a_frozen_source_does_not_wait_for_a_snapshot_and_none_is_left() {
+    let (tmp, mut t) = tracker();
+    let (dir, layout) = (tmp.path(), Layout::flat(SIZE, 4096).unwrap());
     let frozen = Arc::new(AtomicBool::new(false));
     t.watch_freeze(frozen.clone());
 
@@ -158,14 +163,8 @@ fn a_frozen_source_does_not_wait_for_a_snapshot_and_none_is_left() {
 
 #[test]
 fn an_overflowed_snapshot_makes_the_pass_reread_everything() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let dir = dir.path();
-    let origin = dir.join("disk.img");
-    std::fs::write(&origin, vec![0u8; SIZE as usize]).unwrap();
-    fake_lvm(dir, &origin);
-    let layout = Layout::flat(SIZE, 4096).unwrap();
-    let mut t =
-        SnapTracker::start_with(Lvm::with_bin_dir(dir.join("bin")), &dir.join("mapper"), &origin, SIZE).unwrap();
+    let (tmp, mut t) = tracker();
+    let (dir, layout) = (tmp.path(), Layout::flat(SIZE, 4096).unwrap());
     let cow = writes_since_current(dir, &[1]);
     std::fs::write(&cow, encode_store(4096, 0, &[1])).unwrap();
     assert!(matches!(t.candidates(&layout, true).unwrap(), Candidates::All(_)));
