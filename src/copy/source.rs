@@ -35,7 +35,7 @@ use crate::blocks::layout::{Align, Layout};
 use crate::blocks::runs::checked_end;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
-use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
+use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
@@ -1134,7 +1134,8 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
             if p.wants_sample() {
                 p.sample(&raw);
             }
-            p.choose(sh.stats.drain_rate(), sh.workers, raw.len() as u64)
+            let link = LinkView { drain_rate: sh.stats.drain_rate(), written: sh.stats.written() };
+            p.choose(link, sh.workers, raw.len() as u64, Instant::now())
         }
     };
     let codec = match route {
