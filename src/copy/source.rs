@@ -38,8 +38,8 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
-    MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
@@ -355,10 +355,8 @@ impl SourceSession {
         }));
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
-        let optional = Optional {
-            deltas: agreed.caps & CAP_SUB_DELTA != 0,
-            subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
-        };
+        let optional =
+            Optional { deltas: agreed.caps & CAP_SUB_DELTA != 0, subgroups: agreed.caps & CAP_SUB_GROUPS != 0 };
         thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {

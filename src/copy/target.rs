@@ -44,8 +44,8 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
-    MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
@@ -332,8 +332,12 @@ pub fn run_with(
     wrap: &dyn Fn(Image) -> Box<dyn Disk>,
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let (link, agreed) =
-        handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS, opts.idle_timeout)?;
+    let (link, agreed) = handshake_within(
+        link,
+        Role::Target,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS,
+        opts.idle_timeout,
+    )?;
     let Link { mut reader, writer, stats, .. } = link;
     let v2 = agreed.keepalive();
     if !v2 {
@@ -944,7 +948,7 @@ impl Target<'_> {
             || self.keys.contains_key(&g)
             || self.sub_asked.contains(&g)
         {
-            return Err(EngineError::BadReply(format!("block digests for group {g}, which were not asked for")));
+            return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
         }
         let (a, b) = self.layout.group_range(g);
         if keys.len() as u64 != b - a {
