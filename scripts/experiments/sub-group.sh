@@ -14,6 +14,9 @@
 #   only-nonzero-dst: "always" only for groups where DST holds data, the
 #           others get every key.
 #
+# And for return-inplace a tree of halvings (a key per half whose parent
+# differs, down to leaves whose block keys travel).
+#
 # Frame headers are left out (about 20 bytes per group asked about).
 # Blocks are 4 KiB, groups 1 MiB (256 blocks), the quick images' layout
 # (flat: they have no partition table). Equality of SHA-1s stands for
@@ -32,6 +35,7 @@ BS, GB, K = 4096, 256, 15
 Z = bytes(BS)
 img = sys.argv[1] + "/"
 cache = {}
+tree = []
 def blocks(p):
     if p not in cache:
         out = []
@@ -77,4 +81,26 @@ for name, src, old, ref in [
             zbit += (subs + 7) // 8 + nonzero * K + keys
             nzdst += subs * K + keys if nonzero else (b - a) * K
         print(f"| {name} ({old or 'new'}, {ref or '-'}) | {len(asked)} | {S} | {today} | {always} | {zbit} | {nzdst} |")
+    if name != "return-inplace":
+        continue
+    # A tree of halvings instead: a 15-byte key per half where its parent
+    # differs, down to leaves of L blocks, whose keys then travel (a round
+    # trip per level).
+    for L in (4, 8, 16):
+        tot = 0
+        for a, b in asked:
+            todo = [(a, b)]
+            while todo:
+                x, y = todo.pop()
+                if y - x <= L:
+                    tot += (y - x) * K if s[x:y] != o[x:y] else 0
+                    continue
+                m = (x + y) // 2
+                for p, q in ((x, m), (m, y)):
+                    tot += K
+                    if s[p:q] != o[p:q]:
+                        todo.append((p, q))
+        tree.append(f"leaves of {L}: {tot}")
+print()
+print("return-inplace, a tree of halvings:", "; ".join(tree))
 EOF
