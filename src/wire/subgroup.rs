@@ -21,9 +21,10 @@
 //! worse where DST is new (all zeros): there the source's own zero
 //! sub-groups are left out.
 //!
-//! A sub-group key is [`KEY_LEN`] bytes, like a block key: a collision
-//! (or a lie) costs the group's keys one more time, never a wrong block,
-//! and finding one is as hard as finding a colliding block key.
+//! A sub-group key is [`KEY_LEN`](crate::blocks::digest::KEY_LEN) bytes,
+//! like a block key: a collision (or a lie) costs the group's keys one more
+//! time, never a wrong block, and finding one is as hard as finding a
+//! colliding block key.
 //!
 //! Every length here comes from a peer and is checked before it is used:
 //! a signature or answer must have exactly one bit per sub-group of the
