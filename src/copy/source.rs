@@ -38,12 +38,13 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
-    WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::subdelta;
+use crate::wire::subgroup::{self, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -170,6 +171,8 @@ impl Default for SourceOptions {
 struct Shared {
     img: Image,
     layout: Layout,
+    algo: Algorithm,
+    zeros: ZeroDigests,
     /// Block digests hashed so far (a prefix of the image, whole groups);
     /// between passes of a live copy, updated where blocks changed.
     digests: RwLock<Vec<Digest>>,
@@ -287,8 +290,8 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let (mut link, agreed) =
-            handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA, opts.idle_timeout)?;
+        let caps = live_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+        let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
@@ -311,6 +314,8 @@ impl SourceSession {
         let shared = Arc::new(Shared {
             img,
             layout: layout.clone(),
+            algo: opts.algo,
+            zeros: ZeroDigests::new(opts.algo, layout.block_size as usize),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
             auto: Mutex::new(AutoPolicy::new(stream_level.is_some())),
@@ -350,8 +355,9 @@ impl SourceSession {
         }));
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
-        let deltas = agreed.caps & CAP_SUB_DELTA != 0;
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas));
+        let optional =
+            Optional { deltas: agreed.caps & CAP_SUB_DELTA != 0, subgroups: agreed.caps & CAP_SUB_GROUPS != 0 };
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -935,6 +941,15 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>, keepalive: Option<Duration>)
     }
 }
 
+/// Optional requests the target may make (capabilities both ends set).
+#[derive(Clone, Copy)]
+struct Optional {
+    /// `FetchDelta` (`CAP_SUB_DELTA`).
+    deltas: bool,
+    /// `WantChangedKeys` (`CAP_SUB_GROUPS`).
+    subgroups: bool,
+}
+
 /// Take requests off the link and pass events on, until Done.
 fn read_loop(
     mut r: Reader,
@@ -942,7 +957,7 @@ fn read_loop(
     frames: Sender<Message>,
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
-    deltas: bool,
+    optional: Optional,
 ) {
     let result = (|| loop {
         waiting.set(true);
@@ -953,7 +968,10 @@ fn read_loop(
                 // Blocks while the queue is full: back-pressure.
                 let _ = work.send(m);
             }
-            m @ Message::FetchDelta { .. } if deltas => {
+            m @ Message::FetchDelta { .. } if optional.deltas => {
+                let _ = work.send(m);
+            }
+            m @ Message::WantChangedKeys { .. } if optional.subgroups => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1030,6 +1048,9 @@ fn work_loop(
             Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx).map(|()| None),
             Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
             Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, stream.is_some()),
+            Message::WantChangedKeys { group, subs, zero, keys } => {
+                changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
+            }
             _ => unreachable!("reader forwards only requests"),
         }
         .map(|r| match r {
@@ -1070,6 +1091,27 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
         let _ = tx.send(Message::BlockDigests { group: g, keys });
     }
     Ok(())
+}
+
+/// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
+/// the target's signature `sig` of `subs` sub-groups, and their keys.
+fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
+    if g >= sh.layout.group_count() {
+        return Err(EngineError::BadRequest(format!(
+            "changed keys of group {g}, image has {}",
+            sh.layout.group_count()
+        )));
+    }
+    let (a, b) = sh.layout.group_range(g);
+    let d = sh.digests.read().unwrap();
+    if (d.len() as u64) < b {
+        return Err(EngineError::BadRequest(format!("changed keys of group {g} before it was announced")));
+    }
+    let own = &d[a as usize..b as usize];
+    let is_zero = |k: usize| sh.zeros.is_zero_digest(&own[k], sh.layout.extent(a + k as u64).1);
+    let (differ, keys) = subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
+        .map_err(|e| EngineError::BadRequest(format!("changed keys of group {g}: {e}")))?;
+    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
 }
 
 /// Read a requested run and send it as [`route`] says.
