@@ -176,9 +176,11 @@ impl LinkStats {
 
     /// Count one write of `bytes` that took `nanos`.
     fn count_write(&self, bytes: u64, nanos: u64) {
-        self.written.fetch_add(bytes, Ordering::Relaxed);
+        let before = self.written.fetch_add(bytes, Ordering::Relaxed);
         if write_blocked(bytes, nanos) {
-            self.blocked_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if self.blocked_bytes.fetch_add(bytes, Ordering::Relaxed) == 0 {
+                log::debug!("link: the first write to block came after {before} bytes");
+            }
             self.recent.lock().unwrap().push(bytes as f64 / (nanos as f64 / 1e9));
         }
     }
