@@ -38,8 +38,8 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
-    WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
@@ -49,6 +49,7 @@ use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
+use super::shared_ref::{self, SharedRef};
 use super::tracker::{self, Candidates, ChangeTracker, Compare};
 use super::{EngineError, Progress, Report};
 
@@ -150,6 +151,10 @@ pub struct SourceOptions {
     /// Bytes per second this end may write to the link (`--bwlimit`; 0:
     /// no limit).
     pub bwlimit: Rate,
+    /// Images this host holds that the target may hold too
+    /// (`--source-reference`): one the target offers, with the same image
+    /// digest, becomes the zstd stream's dictionary (`copy::shared_ref`).
+    pub source_references: Vec<std::path::PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -162,6 +167,7 @@ impl Default for SourceOptions {
             live: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             bwlimit: Rate(0),
+            source_references: Vec::new(),
         }
     }
 }
@@ -284,11 +290,24 @@ impl SourceSession {
             None => None,
         };
         let live_cap = if opts.live.is_some() { CAP_LIVE } else { 0 };
+        // A shared reference serves only the zstd stream: offer the
+        // capability only when runs may go through it.
+        let may_stream = matches!(opts.compress, Choice::Auto | Choice::Fixed(Codec::Zstd(_)));
+        let shared_cap = if may_stream && !opts.source_references.is_empty() {
+            shared_ref::check_source_references(&opts.source_references)?;
+            CAP_SHARED_REF
+        } else {
+            0
+        };
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let (mut link, agreed) =
-            handshake_within(link, Role::Source, live_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA, opts.idle_timeout)?;
+        let (mut link, agreed) = handshake_within(
+            link,
+            Role::Source,
+            live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA,
+            opts.idle_timeout,
+        )?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
@@ -300,8 +319,12 @@ impl SourceSession {
             Choice::Auto => Some(zstream::AUTO_LEVEL),
             Choice::Fixed(_) => None,
         };
+        // The encoder is made on the stream's thread: with a shared
+        // reference agreed, only once the target's offer is answered.
+        let shared_agreed = agreed.caps & CAP_SHARED_REF != 0;
         let encoder = match stream_level {
-            Some(level) => Some(StreamEncoder::new(level, zstream::window_log_for(layout.size))?),
+            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size }),
+            Some(level) => Some(Pending::Ready(StreamEncoder::new(level, zstream::window_log_for(layout.size))?)),
             None => None,
         };
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
@@ -351,7 +374,16 @@ impl SourceSession {
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
         let deltas = agreed.caps & CAP_SUB_DELTA != 0;
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas));
+        // The reader answers the target's offer and hands the chosen
+        // reference to the stream's thread (None: start empty).
+        let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
+        let offer = shared_agreed.then(|| Offer {
+            paths: opts.source_references.clone(),
+            algo: opts.algo,
+            block_size: opts.block_size,
+            prefix: stream_level.is_some().then_some(prefix_tx),
+        });
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas, offer));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -366,7 +398,7 @@ impl SourceSession {
             let (tx, rx) = bounded::<RawRun>(workers + 2);
             let (frames, fail) = (frames_tx.clone(), fail_tx.clone());
             threads.push(thread::spawn(move || {
-                if let Err(e) = stream_loop(enc, rx, &frames) {
+                if let Err(e) = stream_loop(enc, prefix_rx, rx, &frames) {
                     let _ = frames.send(Message::Error { message: format!("source: {e}") });
                     let _ = fail.send(e);
                 }
@@ -943,12 +975,33 @@ fn read_loop(
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
     deltas: bool,
+    mut offer: Option<Offer>,
 ) {
     let result = (|| loop {
         waiting.set(true);
         let m = read_message(&mut r, "before the target said Done");
         waiting.set(false);
-        match m? {
+        let m = m?;
+        if let Some(o) = offer.take() {
+            // CAP_SHARED_REF: the target's offer comes before anything else.
+            let Message::RefOffer { refs } = m else {
+                return Err(EngineError::Protocol(ProtocolError::Unexpected {
+                    got: m.kind(),
+                    state: "waiting for the target's RefOffer",
+                }));
+            };
+            let chosen = match &o.prefix {
+                Some(_) => shared_ref::choose(&o.paths, &refs, o.algo, o.block_size)?,
+                None => None,
+            };
+            // Before any reply: the stream's first piece follows it.
+            let _ = frames.send(Message::RefChosen { chosen: chosen.as_ref().map(|r| r.digest) });
+            if let Some(tx) = o.prefix {
+                let _ = tx.send(chosen);
+            }
+            continue;
+        }
+        match m {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 // Blocks while the queue is full: back-pressure.
                 let _ = work.send(m);
@@ -983,6 +1036,26 @@ fn read_loop(
     }
 }
 
+/// What the reader needs to answer the target's `RefOffer`.
+struct Offer {
+    paths: Vec<std::path::PathBuf>,
+    algo: Algorithm,
+    block_size: u32,
+    /// To the stream's thread (None: no stream, so no reference is read).
+    prefix: Option<Sender<Option<SharedRef>>>,
+}
+
+/// The stream's encoder, or what it waits for to make one.
+enum Pending {
+    Ready(StreamEncoder),
+    /// A shared reference was agreed: the encoder starts with the reference
+    /// the reader chose as its prefix (or empty, if none).
+    Prefix {
+        level: i32,
+        image_size: u64,
+    },
+}
+
 /// A run read for the stream's thread to compress.
 struct RawRun {
     first_block: u64,
@@ -1003,7 +1076,20 @@ enum Reply {
 /// Own the stream's encoder: compress each run as the next piece of the
 /// stream and pass its frame on at once, so that pieces reach the writer
 /// (and the target's decoder) in the order they were compressed.
-fn stream_loop(mut enc: StreamEncoder, rx: Receiver<RawRun>, frames: &Sender<Message>) -> Result<(), EngineError> {
+fn stream_loop(
+    enc: Pending,
+    prefix: Receiver<Option<SharedRef>>,
+    rx: Receiver<RawRun>,
+    frames: &Sender<Message>,
+) -> Result<(), EngineError> {
+    let mut enc = match enc {
+        Pending::Ready(enc) => enc,
+        Pending::Prefix { level, image_size } => match prefix.recv() {
+            Ok(Some(r)) => StreamEncoder::with_prefix(level, r.bytes, image_size)?,
+            Ok(None) => StreamEncoder::new(level, zstream::window_log_for(image_size))?,
+            Err(_) => return Ok(()), // the reader ended first: the copy is failing already
+        },
+    };
     for run in rx {
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;

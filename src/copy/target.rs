@@ -40,8 +40,8 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, MAX_RUN_BYTES,
-    WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
@@ -49,6 +49,7 @@ use crate::wire::transport::{Link, Writer};
 
 use super::readback::{self, Written};
 use super::references::ReferenceSet;
+use super::shared_ref;
 use super::{EngineError, PassReport, Progress, Report};
 
 #[derive(Clone, Debug)]
@@ -296,6 +297,11 @@ pub(super) struct Target<'a> {
     delta_asked: HashSet<u64>,
     /// Deltas that did not rebuild their block, each then fetched whole.
     deltas_failed: u64,
+    /// `CAP_SHARED_REF`: the references offered, until the source's
+    /// `RefChosen` (digest, size, index into `refs.images`).
+    ref_offer: Option<Vec<(Digest, u64, usize)>>,
+    /// The reference the stream's prefix was made of (chosen and verified).
+    shared_used: Option<PathBuf>,
     progress: &'a Progress,
 }
 
@@ -315,8 +321,12 @@ pub fn run_with(
     wrap: &dyn Fn(Image) -> Box<dyn Disk>,
 ) -> Result<Report, EngineError> {
     let started = Instant::now();
-    let (link, agreed) =
-        handshake_within(link, Role::Target, CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA, opts.idle_timeout)?;
+    let (link, agreed) = handshake_within(
+        link,
+        Role::Target,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SHARED_REF,
+        opts.idle_timeout,
+    )?;
     let Link { mut reader, writer, stats, .. } = link;
     let v2 = agreed.keepalive();
     if !v2 {
@@ -358,6 +368,9 @@ pub fn run_with(
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
+        if agreed.caps & CAP_SHARED_REF != 0 {
+            t.offer_references(dst)?;
+        }
         t.progress.phase("copying", t.layout.size);
         t.main_loop(&rx)
     })();
@@ -484,6 +497,8 @@ impl<'a> Target<'a> {
             out: link.map(|l| l.out),
             delta_asked: HashSet::new(),
             deltas_failed: 0,
+            ref_offer: None,
+            shared_used: None,
             progress,
         })
     }
@@ -562,6 +577,15 @@ impl Target<'_> {
                         return Err(EngineError::BadReply(format!("an end of pass {} while {}", at.pass(), at.name())))
                     }
                 },
+                Message::RefChosen { chosen } if self.ref_offer.is_some() => self.on_ref_chosen(chosen)?,
+                Message::BlockDigests { .. } | Message::Blocks { .. } | Message::Delta { .. }
+                    if self.ref_offer.is_some() =>
+                {
+                    return Err(EngineError::BadReply(format!(
+                        "{:?} before answering the offer of references (RefChosen)",
+                        m.kind()
+                    )))
+                }
                 Message::BlockDigests { .. } | Message::Blocks { .. } | Message::Delta { .. }
                     if matches!(self.at, Receiving::BetweenPasses { .. }) =>
                 {
@@ -581,7 +605,9 @@ impl Target<'_> {
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
             if let Receiving::Settling { pass, strict, image_digest } = self.at {
-                if self.open_groups == 0 {
+                // (An offer of references is answered before a pass ends:
+                // its answer may still be on its way when nothing was asked.)
+                if self.open_groups == 0 && self.ref_offer.is_none() {
                     if self.outstanding != 0 || !self.held.is_empty() {
                         return Err(EngineError::BadReply(format!(
                             "the end of pass {pass} with {} replies still awaited",
@@ -599,6 +625,43 @@ impl Target<'_> {
                 self.flush()?;
             }
         }
+    }
+
+    /// `CAP_SHARED_REF`: tell the source which references could serve as
+    /// the stream's dictionary (before any request, as the protocol says).
+    fn offer_references(&mut self, dst: &Path) -> Result<(), EngineError> {
+        let offer = shared_ref::offers(&self.refs, dst);
+        self.send(&Message::RefOffer { refs: offer.iter().map(|&(d, s, _)| (d, s)).collect() })?;
+        self.ref_offer = Some(offer);
+        Ok(())
+    }
+
+    /// The source's choice: read the chosen reference into memory, check
+    /// that those bytes still have the digest offered, and start the stream
+    /// with them as its prefix.
+    fn on_ref_chosen(&mut self, chosen: Option<Digest>) -> Result<(), EngineError> {
+        let offer = self.ref_offer.take().unwrap_or_default();
+        let Some(d) = chosen else { return Ok(()) };
+        let Some(&(_, _, i)) = offer.iter().find(|(o, _, _)| *o == d) else {
+            return Err(EngineError::BadReply(format!("a shared reference {} that was not offered", hex(&d))));
+        };
+        let Some(slot) = self.stream.as_mut() else {
+            return Err(EngineError::BadReply("a shared reference, but no zstd stream was agreed".into()));
+        };
+        let path = self.refs.index.images[i].path.clone();
+        let im = &self.refs.images[i];
+        let r = shared_ref::load(&path, &im.image, Some(im.layout.clone()), self.algo, self.layout.block_size)?;
+        if r.digest != d {
+            return Err(EngineError::Reference {
+                path,
+                what: "changed since it was hashed: its bytes no longer have the digest offered to the source;                        copy again"
+                    .into(),
+            });
+        }
+        log::info!("shared reference: {} is the stream's dictionary", path.display());
+        *slot = Some(StreamDecoder::with_prefix(r.bytes, self.layout.size)?);
+        self.shared_used = Some(path);
+        Ok(())
     }
 
     fn close_pass_report(&mut self) {
@@ -707,6 +770,7 @@ impl Target<'_> {
             read_back: self.written.is_some(),
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
+            shared_reference: self.shared_used.as_ref().map(|p| p.display().to_string()),
             ..Report::default()
         })
     }
@@ -1035,7 +1099,14 @@ impl Target<'_> {
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
             if want != Some(key_of(&digests[k])) {
                 if self.at.strict() {
-                    return Err(EngineError::BadBlock { block: i, offset: self.layout.extent(i).0 });
+                    let offset = self.layout.extent(i).0;
+                    return Err(match &self.shared_used {
+                        // Name the likelier cause: the two ends' dictionaries.
+                        Some(path) if codec == STREAM_CODE => {
+                            EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
+                        }
+                        _ => EngineError::BadBlock { block: i, offset },
+                    });
                 }
                 // Changed since the source hashed it: newer data, announced
                 // again in the next pass.

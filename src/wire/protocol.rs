@@ -122,6 +122,33 @@
 //!    | <------------------- Fetch(block, 1) -------------- |  only if it failed
 //! ```
 //!
+//! A reference both hosts hold (capability [`CAP_SHARED_REF`]): when both
+//! ends set it, the target, once it has loaded its references, sends one
+//! `RefOffer` before any request: the image digest (with the copy's digest
+//! algorithm and block size, partition-aware layout) and size of each
+//! reference it can hold in memory as a dictionary (possibly none). The
+//! source answers with one `RefChosen` before any reply: the digest of one
+//! of those that it holds too, verified by hashing the bytes it will use,
+//! or none. With a reference chosen, the copy's zstd stream starts with
+//! that reference's bytes as its prefix (`wire::stream`), on both ends; the
+//! target verifies its own bytes against the digest before it decodes, and
+//! refuses a window larger than it computes from the two sizes. Everything
+//! else is unchanged: reused blocks are not sent, every block written is
+//! checked against its key (a dictionary that differs between the ends
+//! decodes to blocks that fail it, and the copy fails naming the
+//! reference), the image against the image digest. A source that sends a
+//! reply before `RefChosen`, or chooses a digest that was not offered, is a
+//! protocol error.
+//!
+//! ```text
+//!    | -- ImageInfo -------------------------------------> |  loads its refs
+//!    | <--------------- RefOffer([(digest, size)...]) ---- |  before any request
+//!    |   hashes its --source-reference matching a size     |
+//!    | -- RefChosen(digest | none) ----------------------> |  before any reply;
+//!    |   (Groups, requests and replies as above; stream    |  target loads and
+//!    |    pieces decode with the reference as prefix)      |  verifies its bytes
+//! ```
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -176,6 +203,11 @@ pub const CAP_ZSTD_STREAM: u32 = 1 << 1;
 /// (`wire::subdelta`). Without it (a peer of the previous release) every
 /// missing block is fetched whole.
 pub const CAP_SUB_DELTA: u32 = 1 << 2;
+/// Capability: the target offers the references it holds (`RefOffer`) and
+/// the source names one it holds too (`RefChosen`), which then starts the
+/// copy's zstd stream as its prefix (`wire::stream`). Without it (a peer of
+/// the previous release) neither frame is sent and the stream starts empty.
+pub const CAP_SHARED_REF: u32 = 1 << 3;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -208,6 +240,9 @@ pub enum Kind {
     /// Capability [`CAP_SUB_DELTA`]: one block, against the target's old version.
     FetchDelta = 15,
     Delta = 16,
+    /// Capability [`CAP_SHARED_REF`]: the target's references, by digest.
+    RefOffer = 17,
+    RefChosen = 18,
 }
 
 impl Kind {
@@ -230,6 +265,8 @@ impl Kind {
             KeepAlive,
             FetchDelta,
             Delta,
+            RefOffer,
+            RefChosen,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -313,7 +350,20 @@ pub enum Message {
         raw_len: u32,
         payload: Vec<u8>,
     },
+    /// The target's references that may serve as the stream's prefix:
+    /// image digest and size in bytes of each.
+    RefOffer {
+        refs: Vec<(Digest, u64)>,
+    },
+    /// The source's answer: the digest of the offered reference it holds
+    /// too, or None.
+    RefChosen {
+        chosen: Option<Digest>,
+    },
 }
+
+/// Bytes of one `RefOffer` entry (digest, size).
+const REF_ENTRY: usize = 40;
 
 #[derive(Debug, Error)]
 pub enum ProtocolError {
@@ -363,6 +413,8 @@ impl Message {
             Message::KeepAlive => Kind::KeepAlive,
             Message::FetchDelta { .. } => Kind::FetchDelta,
             Message::Delta { .. } => Kind::Delta,
+            Message::RefOffer { .. } => Kind::RefOffer,
+            Message::RefChosen { .. } => Kind::RefChosen,
         }
     }
 
@@ -447,6 +499,17 @@ impl Message {
                 b.push(*codec);
                 put_u32(&mut b, *raw_len);
                 tail = payload;
+            }
+            Message::RefOffer { refs } => {
+                for (d, size) in refs {
+                    b.extend_from_slice(d);
+                    put_u64(&mut b, *size);
+                }
+            }
+            Message::RefChosen { chosen } => {
+                if let Some(d) = chosen {
+                    b.extend_from_slice(d);
+                }
             }
         }
         let len = (b.len() - 5 + tail.len()) as u32;
@@ -578,6 +641,21 @@ impl Message {
                 }
                 Message::Delta { block: u64_at(0), codec: p[8], raw_len, payload: p[13..].to_vec() }
             }
+            Kind::RefOffer => {
+                if p.len() % REF_ENTRY != 0 {
+                    return Err(bad(format!("{} bytes is not n x {REF_ENTRY}", p.len())));
+                }
+                let refs = p
+                    .chunks_exact(REF_ENTRY)
+                    .map(|c| (c[..32].try_into().unwrap(), u64::from_le_bytes(c[32..].try_into().unwrap())))
+                    .collect();
+                Message::RefOffer { refs }
+            }
+            Kind::RefChosen => match p.len() {
+                0 => Message::RefChosen { chosen: None },
+                32 => Message::RefChosen { chosen: Some(p.try_into().unwrap()) },
+                n => return Err(bad(format!("{n} bytes, expected 0 or 32"))),
+            },
         })
     }
 }
@@ -746,6 +824,10 @@ mod tests {
             Message::KeepAlive,
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },
+            Message::RefOffer { refs: vec![([4; 32], 1 << 30), ([5; 32], 7)] },
+            Message::RefOffer { refs: vec![] },
+            Message::RefChosen { chosen: Some([6; 32]) },
+            Message::RefChosen { chosen: None },
         ]
     }
 
@@ -852,7 +934,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..18, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);
