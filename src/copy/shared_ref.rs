@@ -158,16 +158,12 @@ pub fn offers(refs: &ReferenceSet, dst: &Path) -> Vec<(Digest, u64, usize)> {
     out
 }
 
-/// The source's choice among the target's `offered` references: the first
-/// of `paths` whose size is offered and whose bytes, read now and hashed
-/// from memory, have an offered digest. Each reference left out is said
-/// once in the log.
-pub fn choose(
-    paths: &[PathBuf],
-    offered: &[(Digest, u64)],
-    algo: Algorithm,
-    block_size: u32,
-) -> Result<Option<SharedRef>, EngineError> {
+/// The source's references, read into memory and hashed from there, as the
+/// copy starts (on a thread of its own, while the target loads its own
+/// references: the offer then finds them ready). A reference above
+/// [`MAX_SHARED_REF`] is left out, said once in the log.
+pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Vec<SharedRef>, EngineError> {
+    let mut out = Vec::new();
     for p in paths {
         let img = Image::open_read(p)?;
         let size = img.size();
@@ -179,25 +175,30 @@ pub fn choose(
             );
             continue;
         }
-        if !offered.iter().any(|&(_, s)| s == size) {
-            log::info!("source reference {}: the target holds no reference of its size ({size} bytes)", p.display());
-            continue;
-        }
-        #[allow(unused_mut)] // (mutated by the tests' hook only)
-        let mut r = load(p, &img, None, algo, block_size)?;
+        out.push(load(p, &img, None, algo, block_size)?);
+    }
+    Ok(out)
+}
+
+/// The source's choice among the target's `offered` references: the first
+/// of its `loaded` references with an offered digest and size. Each one
+/// left out is said once in the log.
+pub fn choose(loaded: Vec<SharedRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
+    for r in loaded {
         #[cfg(test)]
-        forged::apply(&mut r, offered);
+        let r = forged::apply(r, offered);
+        let size = r.bytes.len() as u64;
         if offered.iter().any(|&(d, s)| d == r.digest && s == size) {
-            log::info!("shared reference: {} (digest {}) is the stream's dictionary", p.display(), hex(&r.digest));
-            return Ok(Some(r));
+            log::info!("shared reference: {} (digest {}) is the stream's dictionary", r.path.display(), hex(&r.digest));
+            return Some(r);
         }
         log::info!(
-            "source reference {}: its digest {} is not one the target holds; not used",
-            p.display(),
+            "source reference {} ({size} bytes, digest {}) is not one the target holds; not used",
+            r.path.display(),
             hex(&r.digest)
         );
     }
-    Ok(None)
+    None
 }
 
 /// Tests only: a source reference whose digest is taken from the target's
@@ -214,12 +215,13 @@ pub(crate) mod forged {
         PATHS.lock().unwrap().push(path.into());
     }
 
-    pub(super) fn apply(r: &mut SharedRef, offered: &[(Digest, u64)]) {
+    pub(super) fn apply(mut r: SharedRef, offered: &[(Digest, u64)]) -> SharedRef {
         if PATHS.lock().unwrap().contains(&r.path) {
             if let Some((d, _)) = offered.iter().find(|(_, s)| *s == r.bytes.len() as u64) {
                 r.digest = *d;
             }
         }
+        r
     }
 }
 

@@ -377,12 +377,18 @@ impl SourceSession {
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
         let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
-        let offer = shared_agreed.then(|| Offer {
-            paths: opts.source_references.clone(),
-            algo: opts.algo,
-            block_size: opts.block_size,
-            prefix: stream_level.is_some().then_some(prefix_tx),
+        // Read and hash this end's references now, while the target loads
+        // its own: its offer then finds them ready. (Only if a stream can
+        // use them.)
+        let offer = (shared_agreed && stream_level.is_some()).then(|| {
+            let (paths, algo, block_size) = (opts.source_references.clone(), opts.algo, opts.block_size);
+            Offer { loading: thread::spawn(move || shared_ref::load_all(&paths, algo, block_size)), prefix: prefix_tx }
         });
+        let offer = match offer {
+            Some(o) => Some(Some(o)),
+            None if shared_agreed => Some(None),
+            None => None,
+        };
         thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas, offer));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
@@ -975,7 +981,9 @@ fn read_loop(
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
     deltas: bool,
-    mut offer: Option<Offer>,
+    // Some(None): the capability was agreed but no stream can use a
+    // reference, so the answer is none.
+    mut offer: Option<Option<Offer>>,
 ) {
     let result = (|| loop {
         waiting.set(true);
@@ -990,13 +998,18 @@ fn read_loop(
                     state: "waiting for the target's RefOffer",
                 }));
             };
-            let chosen = match &o.prefix {
-                Some(_) => shared_ref::choose(&o.paths, &refs, o.algo, o.block_size)?,
-                None => None,
+            let (chosen, prefix) = match o {
+                // (Nothing offered: the loader's work is simply dropped.)
+                Some(o) if refs.is_empty() => (None, Some(o.prefix)),
+                Some(o) => match o.loading.join() {
+                    Ok(loaded) => (shared_ref::choose(loaded?, &refs), Some(o.prefix)),
+                    Err(_) => return Err(EngineError::Aborted("the source references' loader panicked".into())),
+                },
+                None => (None, None),
             };
             // Before any reply: the stream's first piece follows it.
             let _ = frames.send(Message::RefChosen { chosen: chosen.as_ref().map(|r| r.digest) });
-            if let Some(tx) = o.prefix {
+            if let Some(tx) = prefix {
                 let _ = tx.send(chosen);
             }
             continue;
@@ -1038,11 +1051,10 @@ fn read_loop(
 
 /// What the reader needs to answer the target's `RefOffer`.
 struct Offer {
-    paths: Vec<std::path::PathBuf>,
-    algo: Algorithm,
-    block_size: u32,
-    /// To the stream's thread (None: no stream, so no reference is read).
-    prefix: Option<Sender<Option<SharedRef>>>,
+    /// This end's references, being read and hashed.
+    loading: thread::JoinHandle<Result<Vec<SharedRef>, EngineError>>,
+    /// To the stream's thread.
+    prefix: Sender<Option<SharedRef>>,
 }
 
 /// The stream's encoder, or what it waits for to make one.
@@ -1085,7 +1097,12 @@ fn stream_loop(
     let mut enc = match enc {
         Pending::Ready(enc) => enc,
         Pending::Prefix { level, image_size } => match prefix.recv() {
-            Ok(Some(r)) => StreamEncoder::with_prefix(level, r.bytes, image_size)?,
+            Ok(Some(r)) => {
+                let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
+                // Index the prefix while the target loads its copy of it.
+                enc.prime()?;
+                enc
+            }
             Ok(None) => StreamEncoder::new(level, zstream::window_log_for(image_size))?,
             Err(_) => return Ok(()), // the reader ended first: the copy is failing already
         },

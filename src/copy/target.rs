@@ -302,6 +302,10 @@ pub(super) struct Target<'a> {
     ref_offer: Option<Vec<(Digest, u64, usize)>>,
     /// The reference the stream's prefix was made of (chosen and verified).
     shared_used: Option<PathBuf>,
+    /// The chosen reference being read and verified on a thread of its
+    /// own, so that requests go on meanwhile; the first stream piece waits
+    /// for it.
+    shared_loading: Option<(PathBuf, thread::JoinHandle<Result<StreamDecoder, EngineError>>)>,
     progress: &'a Progress,
 }
 
@@ -499,6 +503,7 @@ impl<'a> Target<'a> {
             deltas_failed: 0,
             ref_offer: None,
             shared_used: None,
+            shared_loading: None,
             progress,
         })
     }
@@ -645,21 +650,42 @@ impl Target<'_> {
         let Some(&(_, _, i)) = offer.iter().find(|(o, _, _)| *o == d) else {
             return Err(EngineError::BadReply(format!("a shared reference {} that was not offered", hex(&d))));
         };
-        let Some(slot) = self.stream.as_mut() else {
-            return Err(EngineError::BadReply("a shared reference, but no zstd stream was agreed".into()));
-        };
-        let path = self.refs.index.images[i].path.clone();
-        let im = &self.refs.images[i];
-        let r = shared_ref::load(&path, &im.image, Some(im.layout.clone()), self.algo, self.layout.block_size)?;
-        if r.digest != d {
-            return Err(EngineError::Reference {
-                path,
-                what: "changed since it was hashed: its bytes no longer have the digest offered to the source;                        copy again"
-                    .into(),
-            });
+        if !matches!(self.stream, Some(None)) {
+            return Err(EngineError::BadReply(
+                "a shared reference, but no zstd stream was agreed (or it began)".into(),
+            ));
         }
+        let path = self.refs.index.images[i].path.clone();
+        let layout = self.refs.images[i].layout.clone();
+        let (algo, block_size, image_size) = (self.algo, self.layout.block_size, self.layout.size);
+        let p = path.clone();
+        let loading = thread::spawn(move || {
+            let img = Image::open_read(&p)?;
+            let r = shared_ref::load(&p, &img, Some(layout), algo, block_size)?;
+            if r.digest != d {
+                return Err(EngineError::Reference {
+                    path: p,
+                    what: "changed since it was hashed: its bytes no longer have the digest offered to the source; \
+                           copy again"
+                        .into(),
+                });
+            }
+            Ok(StreamDecoder::with_prefix(r.bytes, image_size)?)
+        });
+        self.shared_loading = Some((path, loading));
+        Ok(())
+    }
+
+    /// Wait for the chosen reference (if one is loading) and make it the
+    /// stream's decoder.
+    fn take_shared_decoder(&mut self) -> Result<(), EngineError> {
+        let Some((path, loading)) = self.shared_loading.take() else { return Ok(()) };
+        let dec =
+            loading.join().map_err(|_| EngineError::Aborted("the shared reference's loader panicked".into()))??;
         log::info!("shared reference: {} is the stream's dictionary", path.display());
-        *slot = Some(StreamDecoder::with_prefix(r.bytes, self.layout.size)?);
+        if let Some(slot) = self.stream.as_mut() {
+            *slot = Some(dec);
+        }
         self.shared_used = Some(path);
         Ok(())
     }
@@ -732,6 +758,11 @@ impl Target<'_> {
     /// back, if asked), and count what happened. The one place where a copy
     /// counts as verified, with the link or without (`copy::direct`).
     pub(super) fn conclude(&mut self, want: Digest) -> Result<Report, EngineError> {
+        // A reference chosen but never needed (nothing streamed): its
+        // loading must still end, and fail only the dictionary, not the copy.
+        if let Err(e) = self.take_shared_decoder() {
+            log::warn!("{e} (no block was decoded with it)");
+        }
         if let Some(g) = self.grp.iter().position(|g| !g.verified) {
             return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
@@ -1141,6 +1172,7 @@ impl Target<'_> {
     /// the order the source compressed them), anything else on its own.
     fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
         if codec == STREAM_CODE {
+            self.take_shared_decoder()?;
             let Some(slot) = self.stream.as_mut() else {
                 return Err(EngineError::BadReply(format!(
                     "a zstd stream piece for block {block}, but no stream was agreed"
