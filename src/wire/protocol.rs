@@ -138,12 +138,15 @@
 //! decodes to blocks that fail it, and the copy fails naming the
 //! reference), the image against the image digest. A source that sends a
 //! reply before `RefChosen`, or chooses a digest that was not offered, is a
-//! protocol error.
+//! protocol error; so is a target whose first frame is not `RefOffer`. A
+//! source sets the bit only when it has a `--source-reference` and may
+//! stream; either end without it sends neither frame.
 //!
 //! ```text
 //!    | -- ImageInfo -------------------------------------> |  loads its refs
 //!    | <--------------- RefOffer([(digest, size)...]) ---- |  before any request
-//!    |   hashes its --source-reference matching a size     |
+//!    |   (its --source-reference: read and hashed since    |
+//!    |    the handshake)                                   |
 //!    | -- RefChosen(digest | none) ----------------------> |  before any reply;
 //!    |   (Groups, requests and replies as above; stream    |  target loads and
 //!    |    pieces decode with the reference as prefix)      |  verifies its bytes
