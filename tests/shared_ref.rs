@@ -334,3 +334,59 @@ fn a_live_copy_keeps_the_dictionary_across_passes() {
     assert!(rep.shared_reference.is_some());
     assert!(rep.passes.len() >= 2, "{:?}", rep.passes);
 }
+
+fn xenmig(config: Option<&Path>, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin())
+        .args(args)
+        .env("XENMIG_CONFIG", config.map(|p| p.as_os_str().to_owned()).unwrap_or_default())
+        .output()
+        .unwrap()
+}
+
+fn report(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    common::check_counters(&v);
+    v
+}
+
+/// The command line: `--source-reference` for a local source, passed on to
+/// `serve --source` for a remote one, and `source_references` from the
+/// configuration file; a path that cannot be a dictionary is an error
+/// naming it.
+#[test]
+fn the_cli_takes_it_from_the_flag_the_far_end_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let (rs, ss, ds) = (common::s(&r), common::s(&src), common::s(&dst));
+    let remote_src = format!("h:{ss}");
+    let bin = common::bin();
+    let remote = ["-s", "", "--remote-xenmig", common::s(&bin)];
+    let runs: Vec<(Vec<&str>, Option<PathBuf>)> = vec![
+        (vec!["--source-reference", rs, ss], None),
+        ([&remote[..], &["--source-reference", rs, &remote_src]].concat(), None),
+        (vec![ss], Some(dir.path().join("xenmig.yaml"))),
+    ];
+    fs::write(dir.path().join("xenmig.yaml"), format!("source_references: [{rs}]\n")).unwrap();
+    for (extra, config) in runs {
+        let _ = fs::remove_file(&dst);
+        let mut args = vec!["-q", "copy", "--json", "--compress", "zstd", "-r", rs];
+        args.extend(extra);
+        args.push(ds);
+        let v = report(&xenmig(config.as_deref(), &args));
+        assert_eq!(v["shared_reference"].as_str(), Some(rs), "{args:?}: {v}");
+        assert_eq!(fs::read(&dst).unwrap(), image);
+    }
+    // Not an image: refused before the copy, naming it.
+    let missing = dir.path().join("no-such.img");
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&missing), ss, ds]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.img"), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = dir.path().join("ref.xmi");
+    assert!(xenmig(None, &["index", "-o", common::s(&index), rs]).status.success());
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&index), ss, ds]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("index or hash file"), "{err}");
+}
