@@ -284,6 +284,20 @@ fn a_source_reference_with_another_digest_is_not_used() {
     assert_eq!(rep.shared_reference, None);
 }
 
+/// A source reference above the 1 GiB limit (a sparse file here) is not
+/// read, and the copy proceeds without a dictionary.
+#[test]
+fn a_source_reference_above_the_limit_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let big = dir.path().join("big.img");
+    fs::File::create(&big).unwrap().set_len(xenmig::copy::shared_ref::MAX_SHARED_REF + BS as u64).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![big], codec: "zstd", live: None };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+}
+
 /// A source that names a reference the target did not offer is refused,
 /// and nothing is reported verified.
 #[test]

@@ -35,6 +35,23 @@ use super::EngineError;
 /// log says so once) and the copy proceeds with an empty history.
 pub const MAX_SHARED_REF: u64 = 1 << 30;
 
+/// Why a reference of `size` bytes is not used as a dictionary on this
+/// host, if it is not: above [`MAX_SHARED_REF`], or more than half the
+/// memory available now (it costs its size and, measured on the
+/// experiments' images, about half as much again for the window it fills
+/// and zstd's tables: docs/experiments.md).
+pub fn too_large(size: u64) -> Option<String> {
+    if size > MAX_SHARED_REF {
+        return Some(format!("more than the {MAX_SHARED_REF}-byte limit for a shared dictionary"));
+    }
+    match super::target::mem_available() {
+        Some(avail) if size.saturating_mul(2) > avail => {
+            Some(format!("more than half the {avail} bytes of memory available"))
+        }
+        _ => None,
+    }
+}
+
 /// A reference's bytes, and the image digest computed from exactly them.
 pub struct SharedRef {
     pub path: PathBuf,
@@ -141,10 +158,9 @@ pub fn offers(refs: &ReferenceSet, dst: &Path) -> Vec<(Digest, u64, usize)> {
         if same_file || out.iter().any(|(d, _, _)| *d == im.image_digest) {
             continue;
         }
-        if im.layout.size > MAX_SHARED_REF {
+        if let Some(why) = too_large(im.layout.size) {
             log::info!(
-                "reference {} ({} bytes) is larger than the {MAX_SHARED_REF}-byte limit for a shared dictionary: \
-                 not offered as one (its blocks are still reused)",
+                "reference {} ({} bytes, {why}) is not offered as a shared dictionary (its blocks are still reused)",
                 im.path.display(),
                 im.layout.size
             );
@@ -167,12 +183,8 @@ pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<V
     for p in paths {
         let img = Image::open_read(p)?;
         let size = img.size();
-        if size > MAX_SHARED_REF {
-            log::warn!(
-                "source reference {} ({size} bytes) is larger than the {MAX_SHARED_REF}-byte limit for a shared \
-                 dictionary: not used",
-                p.display()
-            );
+        if let Some(why) = too_large(size) {
+            log::warn!("source reference {} ({size} bytes, {why}) is not used as a shared dictionary", p.display());
             continue;
         }
         out.push(load(p, &img, None, algo, block_size)?);
@@ -296,6 +308,17 @@ mod tests {
                 block.iter().all(|&x| x == 0) || block == &image[i * bs..(i + 1) * bs],
                 "DST block {i} holds bytes that are not the source's"
             );
+        }
+    }
+
+    #[test]
+    fn the_limits_are_the_constant_and_the_memory_available() {
+        assert!(too_large(MAX_SHARED_REF + 1).unwrap().contains("limit"));
+        assert_eq!(too_large(4096), None);
+        if let Some(avail) = crate::copy::target::mem_available() {
+            if avail / 2 < MAX_SHARED_REF {
+                assert!(too_large(avail / 2 + 1).unwrap().contains("memory available"));
+            }
         }
     }
 

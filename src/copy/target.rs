@@ -158,18 +158,22 @@ pub const BYTES_PER_BLOCK: u64 = 46;
 /// available now (MemAvailable), before allocating it.
 pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
     let need = layout.block_count().saturating_mul(BYTES_PER_BLOCK);
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
-    match available {
+    match mem_available() {
         Some(available) if need > available => {
             Err(EngineError::TooManyBlocks { size: layout.size, blocks: layout.block_count(), need, available })
         }
         _ => Ok(()),
     }
+}
+
+/// The memory available now (MemAvailable), if the kernel says.
+pub(super) fn mem_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    })
 }
 
 /// Bytes an unprivileged writer may still allocate on `path`'s file system.
