@@ -329,9 +329,10 @@ pub(crate) struct CopyArgs {
     /// target holds a reference (-r) with the same image digest, both ends
     /// use it as the zstd dictionary for the blocks that are fetched, as
     /// `zstd --patch-from` does: it helps an upgraded or edited image whose
-    /// changed files resemble the reference's (docs/experiments.md). Costs
-    /// its size in memory on both hosts (at most 1 GiB is used) and a read
-    /// and hash of it here; needs `--compress zstd` or auto.
+    /// changed files resemble the reference's, on a slow link
+    /// (docs/experiments.md). Costs its size in memory on both hosts (at
+    /// most 1 GiB, and half the memory available, is used) and a read and
+    /// hash of it on each; needs `--compress zstd` or auto.
     #[arg(long = "source-reference", value_name = "PATH")]
     pub(crate) source_references: Vec<PathBuf>,
     /// Compression of fetched blocks: auto (from measured link rate and CPU
