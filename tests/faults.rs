@@ -80,8 +80,8 @@ impl Phase {
         match self {
             Phase::Handshake => "handshake (Hello)",
             Phase::Scanning => "scanning DST (ImageInfo)",
-            Phase::Digests => "digest exchange (BlockDigests)",
-            Phase::Fetch => "block fetch, pass 1 (Blocks)",
+            Phase::Digests => "digest exchange (ChangedKeys)",
+            Phase::Fetch => "block fetch, pass 1 (Delta or Blocks)",
             Phase::LivePass => "live pass 2 (Blocks)",
             Phase::FinalPass => "final pass, frozen (Blocks)",
             Phase::Verification => "verification (final GroupsEnd)",
@@ -234,8 +234,13 @@ fn starts(phase: Phase, down: bool, m: &Message, seen: &Seen) -> bool {
     match (phase, down, m) {
         (Phase::Handshake, true, Message::Hello { .. }) => true,
         (Phase::Scanning, true, Message::ImageInfo { .. }) => true,
-        (Phase::Digests, true, Message::BlockDigests { .. }) => true,
-        (Phase::Fetch, true, Message::Blocks { .. }) => seen.pass <= 1,
+        // With CAP_SUB_GROUPS (both ends here) a group's keys come as
+        // ChangedKeys; BlockDigests only from an older peer, or again after
+        // a group failed its digest.
+        (Phase::Digests, true, Message::BlockDigests { .. } | Message::ChangedKeys { .. }) => true,
+        // Every block pass 1 fetches here has an old version in DST: with
+        // CAP_SUB_DELTA they all come as Delta.
+        (Phase::Fetch, true, Message::Blocks { .. } | Message::Delta { .. }) => seen.pass <= 1,
         (Phase::LivePass, true, Message::Blocks { .. }) => seen.pass >= 2 && !seen.final_pass,
         (Phase::FinalPass, true, Message::Blocks { .. }) => seen.final_pass,
         (Phase::Verification, true, Message::GroupsEnd { .. }) => seen.final_pass,

@@ -8,39 +8,30 @@
 //! forge the source's digest.)
 
 mod common;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use common::{relay, Edit};
 use proptest::prelude::*;
+use relay::Outcome;
+use relay::{hide, keep, relay, Edit};
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
-use xenmig::copy::{EngineError, Progress, Report};
+use xenmig::copy::{Progress, Report};
 use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{Message, CAP_SHARED_REF};
 use xenmig::wire::transport::Link;
 
 const BS: usize = 4096;
 
-fn keep() -> Edit {
-    Box::new(|m| m)
-}
-
 /// Hide the capability in a Hello (a peer that does not know it).
 fn hide_shared() -> Edit {
-    Box::new(|m| match m {
-        Message::Hello { version, role, caps } => Message::Hello { version, role, caps: caps & !CAP_SHARED_REF },
-        m => m,
-    })
-}
-
-struct Outcome {
-    source: Result<Report, EngineError>,
-    target: Result<Report, EngineError>,
+    hide(CAP_SHARED_REF)
 }
 
 struct Setup<'a> {

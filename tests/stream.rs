@@ -9,18 +9,36 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use common::{relay, Edit};
 use proptest::prelude::*;
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::{EngineError, Progress, Report};
 use xenmig::wire::compress::Choice;
-use xenmig::wire::protocol::{Message, CAP_ZSTD_STREAM};
+use xenmig::wire::protocol::{read_frame, write_message, Message, ProtocolError, CAP_ZSTD_STREAM};
 use xenmig::wire::stream::STREAM_CODE;
-use xenmig::wire::transport::Link;
+use xenmig::wire::transport::{Link, Reader, Writer};
 
 const BS: usize = 512;
+
+/// What the relay does to each frame on its way.
+type Edit = Box<dyn FnMut(Message) -> Message + Send>;
+
+/// Pass frames from `from` to `to` through `edit` until either side stops;
+/// an Error frame is passed on as such.
+fn relay(mut from: Reader, mut to: Writer, mut edit: Edit) -> thread::JoinHandle<()> {
+    thread::spawn(move || loop {
+        let m = match read_frame(&mut from, "relay") {
+            Ok(m) => edit(m),
+            Err(ProtocolError::Remote(message)) => Message::Error { message },
+            Err(_) => return,
+        };
+        let stop = matches!(m, Message::Error { .. });
+        if write_message(&mut to, &m).and_then(|_| Ok(to.flush()?)).is_err() || stop {
+            return;
+        }
+    })
+}
 
 fn keep() -> Edit {
     Box::new(|m| m)

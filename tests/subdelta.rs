@@ -5,35 +5,23 @@
 //! signatures or damage the source's deltas on the way.
 
 mod common;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::fs;
 use std::path::Path;
-use std::thread;
-use std::time::Duration;
 
-use common::{relay, Edit};
 use proptest::prelude::*;
-use xenmig::blocks::layout::Align;
-use xenmig::copy::source::{SourceOptions, SourceSession};
-use xenmig::copy::target::{self, TargetOptions};
-use xenmig::copy::{EngineError, Progress, Report};
-use xenmig::wire::compress::Choice;
+use relay::{hide, keep, Edit, Outcome};
+use xenmig::copy::Report;
 use xenmig::wire::protocol::{Message, CAP_SUB_DELTA};
 use xenmig::wire::subdelta;
-use xenmig::wire::transport::Link;
 
 const BS: usize = 4096;
 
-fn keep() -> Edit {
-    Box::new(|m| m)
-}
-
 /// Hide the capability in a Hello (a peer that does not know it).
 fn hide_delta() -> Edit {
-    Box::new(|m| match m {
-        Message::Hello { version, role, caps } => Message::Hello { version, role, caps: caps & !CAP_SUB_DELTA },
-        m => m,
-    })
+    hide(CAP_SUB_DELTA)
 }
 
 /// A target that lies: its signature is that of the source's own block, so
@@ -62,40 +50,9 @@ fn damage_deltas(at: usize) -> Edit {
     })
 }
 
-struct Outcome {
-    source: Result<Report, EngineError>,
-    target: Result<Report, EngineError>,
-}
-
 /// Copy `src` onto `dst` in-process through a relay editing each direction.
 fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
-    let (src_link, relay_s) = Link::pair().unwrap();
-    let (relay_t, tgt_link) = Link::pair().unwrap();
-    let r1 = relay(relay_s.reader, relay_t.writer, to_target);
-    let r2 = relay(relay_t.reader, relay_s.writer, to_source);
-    let dst_path = dst.to_path_buf();
-    let target = thread::spawn(move || {
-        let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
-        target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
-    });
-    let opts = SourceOptions {
-        block_size: BS as u32,
-        align: Align::Flat,
-        compress: codec.parse::<Choice>().unwrap(),
-        idle_timeout: Some(Duration::from_secs(30)),
-        ..SourceOptions::default()
-    };
-    let source =
-        SourceSession::start(src, &opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
-            Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
-            Err(e) => {
-                s.abort(&e);
-                Err(e)
-            }
-        });
-    let target = target.join().unwrap();
-    let _ = (r1.join(), r2.join());
-    Outcome { source, target }
+    relay::copy_through(src, dst, BS as u32, codec, to_target, to_source)
 }
 
 /// How a block of the new image relates to the old one at the same place.

@@ -25,12 +25,15 @@ sim_path = os.path.join(out, f"similarity-{mode}.jsonl")
 XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-inplace", "precache"]
 PEERS = ["simple", "rsync", "rsync-z", "casync", "zstd-patch"]
 ORDER = ["simple"] + XM + PEERS[1:]
-SCEN = ["release", "clone", "return", "cold"]
+SCEN = ["release", "clone", "return", "cold", "big"]
+# The scenarios of both modes (big: images.sh --big, same size in both).
+SCALED = SCEN[:4]
 SCEN_TXT = {
     "release": "trixie, target has bookworm",
     "clone": "template clone, target has bookworm template",
     "return": "return migration, target has the pre-change clone",
     "cold": "cold: clone, target has nothing",
+    "big": "return migration of a 4 GiB guest, target has its pre-change copy",
 }
 MB = 1e6
 md = []
@@ -160,7 +163,7 @@ if rows:
     # the fastest measured), wire part from the bytes at the new rate.
     SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 2.5
     est = defaultdict(float)
-    for s in SCEN:
+    for s in SCALED:
         for m in ORDER:
             ks = [k for k in cells if k[0] == s and k[2] == m]
             if not ks:

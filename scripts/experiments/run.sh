@@ -12,6 +12,7 @@
 # Environment knobs (defaults depend on the mode):
 #   LINKS      link rates in Mbit/s, 0 = unshaped          quick: "100 0 20"   full: "100 0 20 2"
 #   SCENARIOS  release clone return cold                   quick: all four
+#              (and big: a 4 GiB guest's return migration, after images.sh --big)
 #   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto precache rsync rsync-z casync zstd-patch
 #              (and xm-inplace: xenmig --compress auto onto a DST that already is a copy of
 #              REF, no -r: the same starting point rsync gets)
@@ -143,8 +144,9 @@ wire() { # bytes both ways through the veth so far
 
 # --------------------------------------------------------------- scenarios --
 # name: source image, reference the target holds ("" = nothing)
-scen_src() { case $1 in release) echo trixie ;; clone) echo clone ;; return) echo return ;; cold) echo clone ;; esac; }
-scen_ref() { case $1 in release) echo bookworm ;; clone) echo bookworm ;; return) echo clone ;; cold) echo "" ;; esac; }
+# (big: a 4 GiB guest's return migration, images.sh --big; not in the defaults)
+scen_src() { case $1 in release) echo trixie ;; clone) echo clone ;; return) echo return ;; cold) echo clone ;; big) echo big-return ;; esac; }
+scen_ref() { case $1 in release) echo bookworm ;; clone) echo bookworm ;; return) echo clone ;; cold) echo "" ;; big) echo big ;; esac; }
 
 OUTF=$W/tgt/out.img
 [ -f "$CSV" ] || echo "mode,scenario,source,reference,link_mbps,method,round,seconds,wire_bytes,tool_wire_bytes,image_bytes,nonzero_bytes,verified,started" > "$CSV"
@@ -208,9 +210,10 @@ for link in $LINKS; do
                 # cold: nothing on the target, so precache does not apply
                 [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ]; } && continue
                 prepare "$m" "$S" "$R"
-                J=$JSONDIR/$scen-$link-$m-$round.json
-                rm -f "$J"
-                b0=$(wire); t0=$(date +%s.%N); started=$(date -u +%FT%TZ)
+                started=$(date -u +%FT%TZ)
+                # (named by start time too: a later pass must not overwrite it)
+                J=$JSONDIR/$scen-$link-$m-$round-$started.json
+                b0=$(wire); t0=$(date +%s.%N)
                 rc=0; method "$m" "$S" "$R" "$J" 2>"$W/err" || rc=$?
                 t1=$(date +%s.%N); b1=$(wire)
                 secs=$(echo "$t1 - $t0" | bc -l | sed 's/^\./0./')

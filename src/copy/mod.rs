@@ -146,6 +146,14 @@ pub struct Report {
     pub blocks_delta: u64,
     /// Deltas that did not rebuild their block (then fetched whole).
     pub deltas_failed: u64,
+    /// Of the zero and reused blocks, those kept as the target held them
+    /// without their key travelling: their sub-group matched the target's
+    /// (`wire::subgroup`), the whole group checked against its digest.
+    /// Summed over the passes of a live copy.
+    pub blocks_keyless: u64,
+    /// Groups that kept blocks keyless but failed their group digest, then
+    /// asked for again with every key.
+    pub groups_rekeyed: u64,
     /// Of the reused blocks, those already in place in the target.
     pub blocks_in_place: u64,
     /// Groups settled by their group digest alone (no per-block keys sent).
@@ -212,6 +220,8 @@ impl Default for Report {
             blocks_fetched: 0,
             blocks_delta: 0,
             deltas_failed: 0,
+            blocks_keyless: 0,
+            groups_rekeyed: 0,
             blocks_in_place: 0,
             groups_matched: 0,
             groups_total: 0,

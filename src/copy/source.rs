@@ -35,15 +35,16 @@ use crate::blocks::layout::{Align, Layout};
 use crate::blocks::runs::checked_end;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
-use crate::wire::compress::{AutoPolicy, Choice, Codec, Route};
+use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
     CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::subdelta;
+use crate::wire::subgroup::{self, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 
 use super::interrupt;
@@ -176,6 +177,8 @@ impl Default for SourceOptions {
 struct Shared {
     img: Image,
     layout: Layout,
+    algo: Algorithm,
+    zeros: ZeroDigests,
     /// Block digests hashed so far (a prefix of the image, whole groups);
     /// between passes of a live copy, updated where blocks changed.
     digests: RwLock<Vec<Digest>>,
@@ -302,12 +305,8 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let (mut link, agreed) = handshake_within(
-            link,
-            Role::Source,
-            live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA,
-            opts.idle_timeout,
-        )?;
+        let caps = live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+        let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
         }
@@ -334,6 +333,8 @@ impl SourceSession {
         let shared = Arc::new(Shared {
             img,
             layout: layout.clone(),
+            algo: opts.algo,
+            zeros: ZeroDigests::new(opts.algo, layout.block_size as usize),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
             auto: Mutex::new(AutoPolicy::new(stream_level.is_some())),
@@ -373,7 +374,8 @@ impl SourceSession {
         }));
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
-        let deltas = agreed.caps & CAP_SUB_DELTA != 0;
+        let optional =
+            Optional { deltas: agreed.caps & CAP_SUB_DELTA != 0, subgroups: agreed.caps & CAP_SUB_GROUPS != 0 };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
         let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
@@ -389,7 +391,7 @@ impl SourceSession {
             None if shared_agreed => Some(None),
             None => None,
         };
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, deltas, offer));
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -973,6 +975,15 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>, keepalive: Option<Duration>)
     }
 }
 
+/// Optional requests the target may make (capabilities both ends set).
+#[derive(Clone, Copy)]
+struct Optional {
+    /// `FetchDelta` (`CAP_SUB_DELTA`).
+    deltas: bool,
+    /// `WantChangedKeys` (`CAP_SUB_GROUPS`).
+    subgroups: bool,
+}
+
 /// Take requests off the link and pass events on, until Done.
 fn read_loop(
     mut r: Reader,
@@ -980,7 +991,7 @@ fn read_loop(
     frames: Sender<Message>,
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
-    deltas: bool,
+    optional: Optional,
     // Some(None): the capability was agreed but no stream can use a
     // reference, so the answer is none.
     mut offer: Option<Option<Offer>>,
@@ -1019,7 +1030,10 @@ fn read_loop(
                 // Blocks while the queue is full: back-pressure.
                 let _ = work.send(m);
             }
-            m @ Message::FetchDelta { .. } if deltas => {
+            m @ Message::FetchDelta { .. } if optional.deltas => {
+                let _ = work.send(m);
+            }
+            m @ Message::WantChangedKeys { .. } if optional.subgroups => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1133,6 +1147,9 @@ fn work_loop(
             Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx).map(|()| None),
             Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
             Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, stream.is_some()),
+            Message::WantChangedKeys { group, subs, zero, keys } => {
+                changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
+            }
             _ => unreachable!("reader forwards only requests"),
         }
         .map(|r| match r {
@@ -1173,6 +1190,27 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
         let _ = tx.send(Message::BlockDigests { group: g, keys });
     }
     Ok(())
+}
+
+/// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
+/// the target's signature `sig` of `subs` sub-groups, and their keys.
+fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
+    if g >= sh.layout.group_count() {
+        return Err(EngineError::BadRequest(format!(
+            "changed keys of group {g}, image has {}",
+            sh.layout.group_count()
+        )));
+    }
+    let (a, b) = sh.layout.group_range(g);
+    let d = sh.digests.read().unwrap();
+    if (d.len() as u64) < b {
+        return Err(EngineError::BadRequest(format!("changed keys of group {g} before it was announced")));
+    }
+    let own = &d[a as usize..b as usize];
+    let is_zero = |k: usize| sh.zeros.is_zero_digest(&own[k], sh.layout.extent(a + k as u64).1);
+    let (differ, keys) = subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
+        .map_err(|e| EngineError::BadRequest(format!("changed keys of group {g}: {e}")))?;
+    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
 }
 
 /// Read a requested run and send it as [`route`] says.
@@ -1237,7 +1275,8 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
             if p.wants_sample() {
                 p.sample(&raw);
             }
-            p.choose(sh.stats.drain_rate(), sh.workers, raw.len() as u64)
+            let link = LinkView { drain_rate: sh.stats.drain_rate(), written: sh.stats.written() };
+            p.choose(link, sh.workers, raw.len() as u64, Instant::now())
         }
     };
     let codec = match route {

@@ -10,10 +10,14 @@
 //! 4. Otherwise ask for the group's per-block keys and settle each block:
 //!    zero, in place, from a reference (re-read and checked), or fetched in
 //!    runs, pipelined. Fetched blocks are checked before they are written.
+//!    With `CAP_SUB_GROUPS` only the keys of the sub-groups that differ
+//!    from DST's come (`wire::subgroup`); the other sub-groups' blocks stay
+//!    in place, keyless.
 //!
 //! A settled group is verified by recomputing its digest from the full
 //! digests of exactly what was written; a group that fails (a key collision,
-//! or a reference changed under us) is fetched whole once more.
+//! or a reference changed under us) is fetched whole once more; one that
+//! kept blocks keyless is first asked for again with every key.
 //!
 //! Live copies come in passes (see `protocol`). In a live pass the source
 //! is still changing, so a fetched block may not match the key announced
@@ -40,11 +44,12 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
     CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
+use crate::wire::subgroup;
 use crate::wire::transport::{Link, Writer};
 
 use super::readback::{self, Written};
@@ -250,6 +255,9 @@ struct Group {
     tainted: bool,
     /// Its blocks as written reproduce `digest`.
     verified: bool,
+    /// Blocks kept in place in this pass without their key (their
+    /// sub-group matched DST's, `CAP_SUB_GROUPS`).
+    keyless: u32,
 }
 
 pub(super) struct Target<'a> {
@@ -301,6 +309,15 @@ pub(super) struct Target<'a> {
     delta_asked: HashSet<u64>,
     /// Deltas that did not rebuild their block, each then fetched whole.
     deltas_failed: u64,
+    /// `CAP_SUB_GROUPS` agreed: a group's keys may be asked for against
+    /// DST's sub-groups.
+    subgroups: bool,
+    /// Groups asked for with `WantChangedKeys` and not answered yet.
+    sub_asked: HashSet<u64>,
+    /// Blocks kept keyless (summed over passes), and groups that kept some
+    /// keyless but failed their digest, then asked for with every key.
+    blocks_keyless: u64,
+    groups_rekeyed: u64,
     /// `CAP_SHARED_REF`: the references offered, until the source's
     /// `RefChosen` (digest, size, index into `refs.images`).
     ref_offer: Option<Vec<(Digest, u64, usize)>>,
@@ -332,7 +349,7 @@ pub fn run_with(
     let (link, agreed) = handshake_within(
         link,
         Role::Target,
-        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SHARED_REF,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -374,6 +391,7 @@ pub fn run_with(
             windowed: v2,
             stream: agreed.caps & CAP_ZSTD_STREAM != 0,
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
+            subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -415,6 +433,8 @@ pub(super) struct LinkSide {
     stream: bool,
     /// `CAP_SUB_DELTA` agreed.
     deltas: bool,
+    /// `CAP_SUB_GROUPS` agreed.
+    subgroups: bool,
 }
 
 impl<'a> Target<'a> {
@@ -502,9 +522,13 @@ impl<'a> Target<'a> {
             windowed: link.as_ref().is_some_and(|l| l.windowed),
             stream: link.as_ref().is_some_and(|l| l.stream).then_some(None),
             deltas: link.as_ref().is_some_and(|l| l.deltas),
+            subgroups: link.as_ref().is_some_and(|l| l.subgroups),
             out: link.map(|l| l.out),
             delta_asked: HashSet::new(),
             deltas_failed: 0,
+            sub_asked: HashSet::new(),
+            blocks_keyless: 0,
+            groups_rekeyed: 0,
             ref_offer: None,
             shared_used: None,
             shared_loading: None,
@@ -587,7 +611,10 @@ impl Target<'_> {
                     }
                 },
                 Message::RefChosen { chosen } if self.ref_offer.is_some() => self.on_ref_chosen(chosen)?,
-                Message::BlockDigests { .. } | Message::Blocks { .. } | Message::Delta { .. }
+                Message::BlockDigests { .. }
+                | Message::Blocks { .. }
+                | Message::Delta { .. }
+                | Message::ChangedKeys { .. }
                     if self.ref_offer.is_some() =>
                 {
                     return Err(EngineError::BadReply(format!(
@@ -595,7 +622,10 @@ impl Target<'_> {
                         m.kind()
                     )))
                 }
-                Message::BlockDigests { .. } | Message::Blocks { .. } | Message::Delta { .. }
+                Message::BlockDigests { .. }
+                | Message::Blocks { .. }
+                | Message::Delta { .. }
+                | Message::ChangedKeys { .. }
                     if matches!(self.at, Receiving::BetweenPasses { .. }) =>
                 {
                     return Err(EngineError::BadReply(format!(
@@ -610,6 +640,9 @@ impl Target<'_> {
                 }
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
+                }
+                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
+                    self.on_changed_keys(group, subs, differ, keys)?
                 }
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
@@ -795,6 +828,8 @@ impl Target<'_> {
             blocks_fetched: count(State::Fetched) + count(State::Delta),
             blocks_delta: count(State::Delta),
             deltas_failed: self.deltas_failed,
+            blocks_keyless: self.blocks_keyless,
+            groups_rekeyed: self.groups_rekeyed,
             groups_matched: self.groups_matched,
             groups_total: self.layout.group_count(),
             groups_refetched: self.refetched.len() as u64,
@@ -836,7 +871,13 @@ impl Target<'_> {
         for (i, d) in digests.into_iter().enumerate() {
             let g = first + i as u64;
             self.announce(g, d)?;
-            if !self.settle_group_locally(g, &d)? {
+            if self.settle_group_locally(g, &d)? {
+                continue;
+            }
+            let (a, b) = self.layout.group_range(g);
+            if self.subgroups && subgroup::worth_it((b - a) as usize) {
+                self.want_changed_keys(g)?;
+            } else {
                 want.push(g);
             }
         }
@@ -858,6 +899,7 @@ impl Target<'_> {
         self.grp[g as usize].pending = (b - a) as u32;
         self.keys.remove(&g);
         self.grp[g as usize].tainted = false;
+        self.grp[g as usize].keyless = 0;
         self.grp[g as usize].digest = Some(d);
         self.grp[g as usize].announced_in = self.at.pass();
         self.open_groups += 1;
@@ -1002,6 +1044,7 @@ impl Target<'_> {
             || self.grp[g as usize].announced_in != self.at.pass()
             || self.grp[g as usize].verified
             || self.keys.contains_key(&g)
+            || self.sub_asked.contains(&g)
         {
             return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
         }
@@ -1014,15 +1057,66 @@ impl Target<'_> {
             )));
         }
         self.replied(&format!("block digests for group {g}"))?;
+        self.settle_keys(g, keys.into_iter().map(Some).collect())
+    }
+
+    /// Ask for the keys of group `g` that differ from what DST holds there
+    /// (`CAP_SUB_GROUPS`).
+    fn want_changed_keys(&mut self, g: u64) -> Result<(), EngineError> {
+        let (a, b) = self.layout.group_range(g);
+        let have = &self.have[a as usize..b as usize];
+        let sig = subgroup::signature(self.algo, have, |k| {
+            self.zeros.is_zero_digest(&have[k], self.layout.extent(a + k as u64).1)
+        });
+        let subs = subgroup::sub_count((b - a) as usize) as u16;
+        self.sub_asked.insert(g);
+        self.request(Message::WantChangedKeys { group: g, subs, zero: sig.zero, keys: sig.keys })
+    }
+
+    /// The answer to a `WantChangedKeys`: keys for the sub-groups that
+    /// differ from DST's; the others' blocks are kept as they are (checked
+    /// with the whole group against its digest in `group_done`).
+    fn on_changed_keys(&mut self, g: u64, subs: u16, differ: Vec<u8>, keys: Vec<Key>) -> Result<(), EngineError> {
+        if g >= self.layout.group_count()
+            || self.grp[g as usize].announced_in != self.at.pass()
+            || self.grp[g as usize].verified
+            || self.keys.contains_key(&g)
+            || !self.sub_asked.remove(&g)
+        {
+            return Err(EngineError::BadReply(format!("changed keys for group {g}, which were not asked for")));
+        }
+        let (a, b) = self.layout.group_range(g);
+        let given = subgroup::keys_given((b - a) as usize, subs as usize, &differ, keys)
+            .map_err(|e| EngineError::BadReply(format!("changed keys for group {g}: {e}")))?;
+        self.replied(&format!("changed keys for group {g}"))?;
+        self.settle_keys(g, given)
+    }
+
+    /// Settle each block of group `g` by its key: zero, in place, from a
+    /// reference, or asked for. A block given no key (`None`: its
+    /// sub-group matched DST's) is kept as DST holds it.
+    fn settle_keys(&mut self, g: u64, given: Vec<Option<Key>>) -> Result<(), EngineError> {
+        let (a, b) = self.layout.group_range(g);
         let mut missing = Vec::new();
+        let mut keys = Vec::with_capacity(given.len());
         for (k, i) in (a..b).enumerate() {
-            let key = &keys[k];
             let len = self.layout.extent(i).1;
-            if self.zeros.is_zero_key(key, len) {
+            let Some(key) = given[k] else {
+                // The key it would have had: nothing is asked for it, so
+                // no reply can be checked against it.
+                keys.push(key_of(&self.have[i as usize]));
+                self.state[i as usize] =
+                    if self.zeros.is_zero_digest(&self.have[i as usize], len) { State::Zero } else { State::InPlace };
+                self.grp[g as usize].keyless += 1;
+                self.blocks_keyless += 1;
+                continue;
+            };
+            keys.push(key);
+            if self.zeros.is_zero_key(&key, len) {
                 self.set_zero(i)?;
-            } else if key_of(&self.have[i as usize]) == *key {
+            } else if key_of(&self.have[i as usize]) == key {
                 self.state[i as usize] = State::InPlace;
-            } else if !self.reuse_block(i, key)? {
+            } else if !self.reuse_block(i, &key)? {
                 missing.push(i);
             }
         }
@@ -1264,6 +1358,20 @@ impl Target<'_> {
             self.stale.push(g);
             self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
             self.progress.inc(self.group_bytes(g));
+            return Ok(false);
+        }
+        if !matches && self.grp[g as usize].keyless > 0 {
+            // A sub-group key collided, or the source said a sub-group was
+            // the same when it was not: ask again, with every key.
+            log::warn!("group {g} did not match its digest with blocks kept by sub-group; asking for all its keys");
+            let (keyless, (a, b)) = (self.grp[g as usize].keyless, self.layout.group_range(g));
+            self.grp[g as usize].keyless = 0;
+            self.blocks_keyless -= keyless as u64;
+            self.groups_rekeyed += 1;
+            self.keys.remove(&g);
+            self.state[a as usize..b as usize].fill(State::Pending);
+            self.grp[g as usize].pending = (b - a) as u32;
+            self.request(Message::WantDigests { first_group: g, count: 1 })?;
             return Ok(false);
         }
         if !matches {

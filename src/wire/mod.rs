@@ -4,6 +4,7 @@
 //! - [`compress`]: codecs and the `auto` policy.
 //! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
+//! - [`subgroup`]: a group's keys only where its sub-groups differ from DST's.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
 //! - [`throttle`]: the token bucket of `--bwlimit`, in front of a link's writer.
@@ -15,5 +16,6 @@ pub mod protocol;
 pub mod rate;
 pub mod stream;
 pub mod subdelta;
+pub mod subgroup;
 pub mod throttle;
 pub mod transport;

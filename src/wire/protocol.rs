@@ -122,6 +122,27 @@
 //!    | <------------------- Fetch(block, 1) -------------- |  only if it failed
 //! ```
 //!
+//! Groups that mostly match DST (capability [`CAP_SUB_GROUPS`]): when both
+//! ends set it, the target asks for the keys of a group it could not
+//! settle (of at least two sub-groups) with `WantChangedKeys(group, subs,
+//! zero bits, sub-group keys)` instead of `WantDigests`: what DST holds at
+//! the group's place, by sub-group of
+//! [`SUB_BLOCKS`](crate::wire::subgroup::SUB_BLOCKS) blocks (a bit where
+//! it is all zeros, a [`KEY_LEN`]-byte sub-group key elsewhere;
+//! `wire::subgroup`). The source answers with one `ChangedKeys(group,
+//! subs, differ bits, keys)`: the sub-groups that differ from it and the
+//! keys of exactly their blocks. The target keeps the blocks of the other
+//! sub-groups in place and settles the keyed ones as after `BlockDigests`.
+//! The group is then verified against its group digest as always; one
+//! that fails it is asked for again with `WantDigests` (every key), and
+//! only a second failure fetches it whole. A `WantChangedKeys` awaits one
+//! reply. Either frame without the capability agreed, a count of
+//! sub-groups other than the group's, a bitmap with bits past them, or
+//! keys other than the bitmap calls for is an error naming the frame.
+//!
+//! ```text
+//!    | <---------- WantChangedKeys(g, subs, DST's sig) --- |  instead of
+//!    | -- ChangedKeys(g, subs, differ, their keys) ------> |  WantDigests
 //! A reference both hosts hold (capability [`CAP_SHARED_REF`]): when both
 //! ends set it, the target, once it has loaded its references, sends one
 //! `RefOffer` before any request: the image digest (with the copy's digest
@@ -183,6 +204,7 @@ use thiserror::Error;
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 use crate::wire::subdelta::HASH_LEN;
+use crate::wire::subgroup::bitmap_len;
 
 pub const VERSION: u16 = 2;
 /// Oldest peer version spoken (one release back).
@@ -206,11 +228,17 @@ pub const CAP_ZSTD_STREAM: u32 = 1 << 1;
 /// (`wire::subdelta`). Without it (a peer of the previous release) every
 /// missing block is fetched whole.
 pub const CAP_SUB_DELTA: u32 = 1 << 2;
+/// Capability: the target may ask for a group's keys with
+/// `WantChangedKeys`, sending what DST holds at the group's place by
+/// sub-group, and the source answers with `ChangedKeys`, the keys of the
+/// sub-groups that differ only (`wire::subgroup`). Without it (a peer of
+/// the previous release) every group's keys come whole (`WantDigests`).
+pub const CAP_SUB_GROUPS: u32 = 1 << 3;
 /// Capability: the target offers the references it holds (`RefOffer`) and
 /// the source names one it holds too (`RefChosen`), which then starts the
 /// copy's zstd stream as its prefix (`wire::stream`). Without it (a peer of
 /// the previous release) neither frame is sent and the stream starts empty.
-pub const CAP_SHARED_REF: u32 = 1 << 3;
+pub const CAP_SHARED_REF: u32 = 1 << 4;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -243,9 +271,12 @@ pub enum Kind {
     /// Capability [`CAP_SUB_DELTA`]: one block, against the target's old version.
     FetchDelta = 15,
     Delta = 16,
+    /// Capability [`CAP_SUB_GROUPS`]: one group's keys, against DST's sub-groups.
+    WantChangedKeys = 17,
+    ChangedKeys = 18,
     /// Capability [`CAP_SHARED_REF`]: the target's references, by digest.
-    RefOffer = 17,
-    RefChosen = 18,
+    RefOffer = 19,
+    RefChosen = 20,
 }
 
 impl Kind {
@@ -268,6 +299,8 @@ impl Kind {
             KeepAlive,
             FetchDelta,
             Delta,
+            WantChangedKeys,
+            ChangedKeys,
             RefOffer,
             RefChosen,
         ]
@@ -353,6 +386,24 @@ pub enum Message {
         raw_len: u32,
         payload: Vec<u8>,
     },
+    /// The keys of group `group` that differ from what DST holds there:
+    /// `subs` sub-groups, bit k of `zero` set where DST's sub-group k is
+    /// all zeros, and the sub-group key of each other one
+    /// (`wire::subgroup::Signature`).
+    WantChangedKeys {
+        group: u64,
+        subs: u16,
+        zero: Vec<u8>,
+        keys: Vec<Key>,
+    },
+    /// The answer to a `WantChangedKeys`: bit k of `differ` set where
+    /// sub-group k differs, and the keys of exactly those sub-groups' blocks.
+    ChangedKeys {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+        keys: Vec<Key>,
+    },
     /// The target's references that may serve as the stream's prefix:
     /// image digest and size in bytes of each.
     RefOffer {
@@ -416,6 +467,8 @@ impl Message {
             Message::KeepAlive => Kind::KeepAlive,
             Message::FetchDelta { .. } => Kind::FetchDelta,
             Message::Delta { .. } => Kind::Delta,
+            Message::WantChangedKeys { .. } => Kind::WantChangedKeys,
+            Message::ChangedKeys { .. } => Kind::ChangedKeys,
             Message::RefOffer { .. } => Kind::RefOffer,
             Message::RefChosen { .. } => Kind::RefChosen,
         }
@@ -502,6 +555,15 @@ impl Message {
                 b.push(*codec);
                 put_u32(&mut b, *raw_len);
                 tail = payload;
+            }
+            Message::WantChangedKeys { group, subs, zero: bits, keys }
+            | Message::ChangedKeys { group, subs, differ: bits, keys } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(bits);
+                for k in keys {
+                    b.extend_from_slice(k);
+                }
             }
             Message::RefOffer { refs } => {
                 for (d, size) in refs {
@@ -643,6 +705,28 @@ impl Message {
                     return Err(bad(format!("claims {raw_len} raw bytes, more than a block may hold")));
                 }
                 Message::Delta { block: u64_at(0), codec: p[8], raw_len, payload: p[13..].to_vec() }
+            }
+            Kind::WantChangedKeys | Kind::ChangedKeys => {
+                // group, sub-group count, a bit per sub-group, then keys.
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let bits_end = 10 + bitmap_len(subs as usize);
+                if p.len() < bits_end || (p.len() - bits_end) % KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + {} bytes of bitmap for {subs} sub-groups + n x {KEY_LEN}",
+                        p.len(),
+                        bits_end - 10
+                    )));
+                }
+                let (group, bits) = (u64_at(0), p[10..bits_end].to_vec());
+                let keys = p[bits_end..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                if kind == Kind::WantChangedKeys {
+                    Message::WantChangedKeys { group, subs, zero: bits, keys }
+                } else {
+                    Message::ChangedKeys { group, subs, differ: bits, keys }
+                }
             }
             Kind::RefOffer => {
                 if p.len() % REF_ENTRY != 0 {
@@ -827,6 +911,9 @@ mod tests {
             Message::KeepAlive,
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },
+            Message::WantChangedKeys { group: 3, subs: 16, zero: vec![0b101, 0], keys: vec![[4; KEY_LEN]; 14] },
+            Message::ChangedKeys { group: 3, subs: 9, differ: vec![1, 1], keys: vec![[5; KEY_LEN]; 17] },
+            Message::ChangedKeys { group: 0, subs: 0, differ: vec![], keys: vec![] },
             Message::RefOffer { refs: vec![([4; 32], 1 << 30), ([5; 32], 7)] },
             Message::RefOffer { refs: vec![] },
             Message::RefChosen { chosen: Some([6; 32]) },
@@ -937,7 +1024,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);

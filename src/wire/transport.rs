@@ -97,7 +97,55 @@ impl std::fmt::Display for Location {
 pub struct LinkStats {
     read: AtomicU64,
     written: AtomicU64,
-    write_nanos: AtomicU64,
+    /// Bytes of the writes that blocked (see [`write_blocked`]): the only
+    /// ones that say how fast the link drains.
+    blocked_bytes: AtomicU64,
+    /// The rates of the last blocked writes.
+    recent: Mutex<RecentRates>,
+}
+
+/// Blocked bytes and writes needed before [`LinkStats::drain_rate`] answers.
+const RATE_EVIDENCE: u64 = 256 << 10;
+const RATE_WRITES: usize = 8;
+
+/// The rates (bytes per second) of the last few blocked writes, in a ring.
+/// Their lower quartile is the drain rate: a write that found the buffers
+/// partly empty (at the start, or after the sender paused) blocked for only
+/// part of its bytes and reads too fast, up to the speed of memory. Too
+/// fast is the costly error, as `auto` then sends more bytes than a slow
+/// link can carry; too slow (a write that waited for a descheduled ssh)
+/// costs CPU at worst. An average over the whole copy would also let the
+/// start of a copy weigh on its end.
+#[derive(Debug, Default)]
+struct RecentRates {
+    rates: [f64; 15],
+    len: usize,
+    next: usize,
+}
+
+impl RecentRates {
+    fn push(&mut self, rate: f64) {
+        self.rates[self.next] = rate;
+        self.next = (self.next + 1) % self.rates.len();
+        self.len = (self.len + 1).min(self.rates.len());
+    }
+
+    fn lower_quartile(&self) -> Option<f64> {
+        let mut r = self.rates[..self.len].to_vec();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 4).copied()
+    }
+}
+
+/// Whether a write of `bytes` that took `nanos` waited for the link rather
+/// than only copying into buffers with room: longer than a fixed 250 µs
+/// plus a copy at 4 GB/s. Writes into buffers with room finish far below
+/// that; they say nothing about the link, and counting them made a slow
+/// link look fast at the start of a copy, while ssh's and the kernel's
+/// buffers (several MB) filled, and whenever the compressor was slower than
+/// the link.
+fn write_blocked(bytes: u64, nanos: u64) -> bool {
+    nanos > 250_000 + bytes / 4
 }
 
 impl LinkStats {
@@ -116,14 +164,23 @@ impl LinkStats {
     }
 
     /// Bytes per second the link drained while our writes were blocked;
-    /// None until enough has been written to tell.
+    /// None until enough writes blocked to tell (a link that never blocked
+    /// a write is at least as fast as we wrote).
     pub fn drain_rate(&self) -> Option<f64> {
-        let bytes = self.written.load(Ordering::Relaxed);
-        let nanos = self.write_nanos.load(Ordering::Relaxed);
-        if bytes < (1 << 20) || nanos == 0 {
+        let recent = self.recent.lock().unwrap();
+        if self.blocked_bytes.load(Ordering::Relaxed) < RATE_EVIDENCE || recent.len < RATE_WRITES {
             return None;
         }
-        Some(bytes as f64 / (nanos as f64 / 1e9))
+        recent.lower_quartile()
+    }
+
+    /// Count one write of `bytes` that took `nanos`.
+    fn count_write(&self, bytes: u64, nanos: u64) {
+        self.written.fetch_add(bytes, Ordering::Relaxed);
+        if write_blocked(bytes, nanos) {
+            self.blocked_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.recent.lock().unwrap().push(bytes as f64 / (nanos as f64 / 1e9));
+        }
     }
 }
 
@@ -160,8 +217,7 @@ impl<W: Write> Write for CountingWriter<W> {
             }
         };
         self.throttle.refund(allowed - n);
-        self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.write_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.count_write(n as u64, t.elapsed().as_nanos() as u64);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -385,6 +441,34 @@ impl Peer {
 
 #[cfg(test)]
 mod tests {
+
+    /// Only writes that waited for the link say how fast it drains; writes
+    /// into buffers with room (a slow link's first megabytes) do not.
+    #[test]
+    fn drain_rate_counts_only_blocked_writes() {
+        let s = LinkStats::default();
+        for _ in 0..64 {
+            s.count_write(64 << 10, 20_000); // 64 KiB in 20 µs: buffered
+        }
+        assert_eq!(s.written(), 4 << 20);
+        assert_eq!(s.drain_rate(), None, "buffered writes made up a rate");
+        // The first blocked writes found the buffers partly empty and read
+        // faster than the link; then the link drains 64 KiB per 50 ms.
+        s.count_write(64 << 10, 300_000);
+        s.count_write(64 << 10, 5_000_000);
+        for _ in 0..6 {
+            s.count_write(64 << 10, 50_000_000); // 64 KiB in 50 ms: blocked
+        }
+        let r = s.drain_rate().expect("512 KiB of blocked writes");
+        assert!((r - (64 << 10) as f64 / 0.05).abs() < 1.0, "rate {r}");
+        assert_eq!(s.written(), (4 << 20) + (512 << 10));
+        // The link slows down: the rate follows within a few writes.
+        for _ in 0..15 {
+            s.count_write(64 << 10, 100_000_000);
+        }
+        let r = s.drain_rate().unwrap();
+        assert!((r - (64 << 10) as f64 / 0.1).abs() < 1.0, "rate {r}");
+    }
     use super::*;
 
     #[test]

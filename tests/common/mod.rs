@@ -8,31 +8,6 @@ use std::process::Output;
 
 use serde_json::Value;
 
-/// What a test relay does to each frame on its way.
-pub type Edit = Box<dyn FnMut(xenmig::wire::protocol::Message) -> xenmig::wire::protocol::Message + Send>;
-
-/// Pass frames from `from` to `to` through `edit` until either side stops;
-/// an Error frame is passed on as such.
-pub fn relay(
-    mut from: xenmig::wire::transport::Reader,
-    mut to: xenmig::wire::transport::Writer,
-    mut edit: Edit,
-) -> std::thread::JoinHandle<()> {
-    use std::io::Write;
-    use xenmig::wire::protocol::{read_frame, write_message, Message, ProtocolError};
-    std::thread::spawn(move || loop {
-        let m = match read_frame(&mut from, "relay") {
-            Ok(m) => edit(m),
-            Err(ProtocolError::Remote(message)) => Message::Error { message },
-            Err(_) => return,
-        };
-        let stop = matches!(m, Message::Error { .. });
-        if write_message(&mut to, &m).and_then(|_| Ok(to.flush()?)).is_err() || stop {
-            return;
-        }
-    })
-}
-
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xenmig"))
 }

@@ -17,7 +17,9 @@ use xenmig::blocks::layout::{Align, Layout, Segment};
 use xenmig::copy::source::{self, LiveOptions, SourceOptions};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::Progress;
-use xenmig::wire::protocol::{read_message, Message, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_ZSTD_STREAM, VERSION};
+use xenmig::wire::protocol::{
+    read_message, Message, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, VERSION,
+};
 use xenmig::wire::transport::Link;
 
 /// Every target: its name (the directory under fuzz/corpus/ and
@@ -187,7 +189,8 @@ pub fn source_end(data: &[u8]) {
     let path = dir.path().join("src.img");
     let img = source_image();
     std::fs::write(&path, &img).unwrap();
-    let link = Link::new(input_reader(hello(Role::Target, CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA), rest), Discard);
+    let caps = CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+    let link = Link::new(input_reader(hello(Role::Target, caps), rest), Discard);
     let _ = source::run(&path, &source_options(flags), link, &Progress::hidden());
     assert!(std::fs::read(&path).unwrap() == img, "the source changed its image");
     let names: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();

@@ -1,0 +1,276 @@
+//! Groups that mostly match DST, settled without most of their block keys
+//! (capability [`CAP_SUB_GROUPS`](crate::wire::protocol::CAP_SUB_GROUPS)).
+//!
+//! Why: on a return migration DST holds the disk's old copy, and a group
+//! whose group digest differs from it usually differs in a few blocks only;
+//! yet the plain exchange sends all of its block keys (256 x 15 bytes for
+//! 4 KiB blocks). Instead the target cuts the group into sub-groups of
+//! [`SUB_BLOCKS`] blocks and sends what DST holds there as a [`Signature`]:
+//! a bit per sub-group that is all zeros in DST, and a [`sub_key`] of each
+//! other one. The source compares it with its own blocks ([`differing`])
+//! and answers with a bitmap of the sub-groups that differ and the keys of
+//! exactly their blocks. The target keeps the blocks of the other
+//! sub-groups as they are; it never trusts that: the group as a whole is
+//! still checked against the source's full group digest, and a group that
+//! fails it is asked for again with every key (`copy::target`).
+//!
+//! Measured before it was built (`scripts/experiments/sub-group.sh`,
+//! docs/experiments.md): on the return cell the keys of the 151 groups
+//! that mismatched took 0.58 MB; sub-groups of 16 blocks take 0.16 MB, 8
+//! blocks the same within 2%, 32 blocks 0.20 MB. The zero bits make it no
+//! worse where DST is new (all zeros): there the source's own zero
+//! sub-groups are left out.
+//!
+//! A sub-group key is [`KEY_LEN`](crate::blocks::digest::KEY_LEN) bytes,
+//! like a block key: a collision (or a lie) costs the group's keys one more
+//! time, never a wrong block, and finding one is as hard as finding a
+//! colliding block key.
+//!
+//! Every length here comes from a peer and is checked before it is used:
+//! a signature or answer must have exactly one bit per sub-group of the
+//! group (the bits past the last one zero), one key per sub-group it does
+//! not mark zero (signature) or per block of the sub-groups it marks
+//! (answer).
+
+use thiserror::Error;
+
+use crate::blocks::digest::{key_of, Algorithm, Digest, Key};
+
+/// Blocks per sub-group (the last one of a group may hold fewer).
+pub const SUB_BLOCKS: usize = 16;
+/// Domain separation: a sub-group key never equals a block or group digest.
+const LABEL: &[u8] = b"xenmig-subgroup-v1";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SubGroupError {
+    #[error("{got} sub-groups for a group of {blocks} blocks, which has {want}")]
+    Count { got: usize, blocks: usize, want: usize },
+    #[error("a bitmap of {got} bytes for {subs} sub-groups, which needs {want}")]
+    BitmapLength { got: usize, subs: usize, want: usize },
+    #[error("a bitmap marking sub-groups past the group's {subs}")]
+    BitsPast { subs: usize },
+    #[error("{got} keys, where the bitmap calls for {want}")]
+    Keys { got: usize, want: usize },
+}
+
+/// Sub-groups of a group of `blocks` blocks.
+pub fn sub_count(blocks: usize) -> usize {
+    blocks.div_ceil(SUB_BLOCKS)
+}
+
+/// Whether a group of `blocks` blocks is worth asking about by sub-group:
+/// with a single sub-group its key would only repeat the group digest,
+/// which already differed.
+pub fn worth_it(blocks: usize) -> bool {
+    sub_count(blocks) >= 2
+}
+
+/// Bytes of a bitmap with a bit per sub-group.
+pub fn bitmap_len(subs: usize) -> usize {
+    subs.div_ceil(8)
+}
+
+fn bit(bits: &[u8], k: usize) -> bool {
+    bits[k / 8] & (1 << (k % 8)) != 0
+}
+
+/// The key of a sub-group from the full digests of its blocks.
+pub fn sub_key(algo: Algorithm, digests: &[Digest]) -> Key {
+    key_of(&algo.digest_of_digests(LABEL, digests.iter()))
+}
+
+/// What the target holds at one group's place in DST.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// Bit k set: sub-group k is all zeros in DST (no key sent for it).
+    pub zero: Vec<u8>,
+    /// The [`sub_key`] of each sub-group not marked zero, in order.
+    pub keys: Vec<Key>,
+}
+
+/// The signature of a group whose blocks DST holds with digests `have`;
+/// `is_zero(k)` says whether block k of the group is all zeros.
+pub fn signature(algo: Algorithm, have: &[Digest], is_zero: impl Fn(usize) -> bool) -> Signature {
+    let subs = sub_count(have.len());
+    let mut zero = vec![0u8; bitmap_len(subs)];
+    let mut keys = Vec::new();
+    for (k, chunk) in have.chunks(SUB_BLOCKS).enumerate() {
+        let first = k * SUB_BLOCKS;
+        if (first..first + chunk.len()).all(&is_zero) {
+            zero[k / 8] |= 1 << (k % 8);
+        } else {
+            keys.push(sub_key(algo, chunk));
+        }
+    }
+    Signature { zero, keys }
+}
+
+/// Check that `bits` is a bitmap of exactly `subs` sub-groups.
+fn check_bitmap(bits: &[u8], subs: usize) -> Result<(), SubGroupError> {
+    let want = bitmap_len(subs);
+    if bits.len() != want {
+        return Err(SubGroupError::BitmapLength { got: bits.len(), subs, want });
+    }
+    if subs % 8 != 0 && bits[want - 1] >> (subs % 8) != 0 {
+        return Err(SubGroupError::BitsPast { subs });
+    }
+    Ok(())
+}
+
+/// The source's side: which sub-groups of its group (block digests `own`;
+/// `is_zero(k)`: block k is all zeros) differ from the target's `sig` of
+/// `subs` sub-groups (a bitmap, bit k set: differs), and the keys of the
+/// blocks of those sub-groups, in order. A sub-group the target holds as
+/// zeros differs when any of its blocks here is not zero; any other when
+/// its [`sub_key`] differs.
+pub fn differing(
+    algo: Algorithm,
+    own: &[Digest],
+    is_zero: impl Fn(usize) -> bool,
+    subs: usize,
+    sig: &Signature,
+) -> Result<(Vec<u8>, Vec<Key>), SubGroupError> {
+    let want = sub_count(own.len());
+    if subs != want {
+        return Err(SubGroupError::Count { got: subs, blocks: own.len(), want });
+    }
+    check_bitmap(&sig.zero, subs)?;
+    let zeros = (0..subs).filter(|&k| bit(&sig.zero, k)).count();
+    if sig.keys.len() != subs - zeros {
+        return Err(SubGroupError::Keys { got: sig.keys.len(), want: subs - zeros });
+    }
+    let mut theirs = sig.keys.iter();
+    let mut differ = vec![0u8; bitmap_len(subs)];
+    let mut keys = Vec::new();
+    for (k, chunk) in own.chunks(SUB_BLOCKS).enumerate() {
+        let first = k * SUB_BLOCKS;
+        let same = if bit(&sig.zero, k) {
+            (first..first + chunk.len()).all(&is_zero)
+        } else {
+            theirs.next().is_some_and(|t| *t == sub_key(algo, chunk))
+        };
+        if !same {
+            differ[k / 8] |= 1 << (k % 8);
+            keys.extend(chunk.iter().map(key_of));
+        }
+    }
+    Ok((differ, keys))
+}
+
+/// The target's side: which blocks of a group of `blocks` blocks the
+/// source's answer (`subs` sub-groups, bitmap `differ`, `keys`) gives keys
+/// for; `Some(key)` for those, `None` for the blocks of sub-groups it
+/// called the same as DST's. Checks the answer's shape only.
+pub fn keys_given(
+    blocks: usize,
+    subs: usize,
+    differ: &[u8],
+    keys: Vec<Key>,
+) -> Result<Vec<Option<Key>>, SubGroupError> {
+    let want = sub_count(blocks);
+    if subs != want {
+        return Err(SubGroupError::Count { got: subs, blocks, want });
+    }
+    check_bitmap(differ, subs)?;
+    let marked = (0..blocks).filter(|i| bit(differ, i / SUB_BLOCKS)).count();
+    if keys.len() != marked {
+        return Err(SubGroupError::Keys { got: keys.len(), want: marked });
+    }
+    let mut keys = keys.into_iter();
+    Ok((0..blocks).map(|i| if bit(differ, i / SUB_BLOCKS) { keys.next() } else { None }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: Algorithm = Algorithm::Blake3;
+
+    fn digests(seeds: &[u8]) -> Vec<Digest> {
+        seeds.iter().map(|&s| if s == 0 { A.digest(&[0; 64]) } else { A.digest(&[s; 64]) }).collect()
+    }
+
+    fn zero_of(d: &[Digest]) -> impl Fn(usize) -> bool + '_ {
+        let z = A.digest(&[0; 64]);
+        move |k| d[k] == z
+    }
+
+    #[test]
+    fn only_differing_sub_groups_carry_keys() {
+        // 40 blocks: sub-groups of 16, 16 and 8.
+        let mut old = vec![7u8; 40];
+        old[16..32].fill(0);
+        let mut new = old.clone();
+        new[3] = 9; // sub-group 0
+        new[20] = 5; // sub-group 1: DST zero there, now data
+        let (o, n) = (digests(&old), digests(&new));
+        let sig = signature(A, &o, zero_of(&o));
+        assert_eq!(sig.zero, vec![0b010]);
+        assert_eq!(sig.keys.len(), 2);
+        let (differ, keys) = differing(A, &n, zero_of(&n), 3, &sig).unwrap();
+        assert_eq!(differ, vec![0b011]);
+        assert_eq!(keys.len(), 32);
+        let given = keys_given(40, 3, &differ, keys).unwrap();
+        assert!(given[..32].iter().all(Option::is_some));
+        assert!(given[32..].iter().all(Option::is_none));
+        assert_eq!(given[3], Some(key_of(&n[3])));
+        // Identical: nothing differs, no keys.
+        let (differ, keys) = differing(A, &o, zero_of(&o), 3, &sig).unwrap();
+        assert_eq!((differ, keys.len()), (vec![0], 0));
+    }
+
+    #[test]
+    fn hostile_shapes_are_errors() {
+        let o = digests(&[1; 40]);
+        let sig = signature(A, &o, |_| false);
+        assert!(matches!(differing(A, &o, |_| false, 4, &sig), Err(SubGroupError::Count { want: 3, .. })));
+        let short = Signature { zero: vec![], keys: sig.keys.clone() };
+        assert!(matches!(differing(A, &o, |_| false, 3, &short), Err(SubGroupError::BitmapLength { .. })));
+        let past = Signature { zero: vec![0b1000], keys: sig.keys.clone() };
+        assert!(matches!(differing(A, &o, |_| false, 3, &past), Err(SubGroupError::BitsPast { subs: 3 })));
+        let fewer = Signature { zero: vec![0], keys: sig.keys[..2].to_vec() };
+        assert!(matches!(differing(A, &o, |_| false, 3, &fewer), Err(SubGroupError::Keys { got: 2, want: 3 })));
+        assert!(matches!(keys_given(40, 3, &[0b100], vec![[0; 15]; 9]), Err(SubGroupError::Keys { want: 8, .. })));
+        assert!(matches!(keys_given(40, 2, &[0], vec![]), Err(SubGroupError::Count { .. })));
+        assert!(matches!(keys_given(40, 3, &[0b1000], vec![]), Err(SubGroupError::BitsPast { .. })));
+    }
+
+    proptest! {
+        /// What the source sends with what DST holds gives every block of
+        /// the new group: the keys given where a sub-group differs, DST's
+        /// own block everywhere else, and that equals the new group.
+        #[test]
+        fn answer_plus_dst_is_the_new_group(
+            old in proptest::collection::vec(0u8..4, 1..300),
+            edits in proptest::collection::vec((any::<usize>(), 0u8..4), 0..6),
+        ) {
+            let mut new = old.clone();
+            for (at, v) in edits {
+                let i = at % new.len();
+                new[i] = v;
+            }
+            let (o, n) = (digests(&old), digests(&new));
+            let subs = sub_count(o.len());
+            let sig = signature(A, &o, zero_of(&o));
+            let (differ, keys) = differing(A, &n, zero_of(&n), subs, &sig).unwrap();
+            let given = keys_given(o.len(), subs, &differ, keys).unwrap();
+            for (i, g) in given.iter().enumerate() {
+                prop_assert_eq!(g.unwrap_or_else(|| key_of(&o[i])), key_of(&n[i]));
+            }
+        }
+
+        #[test]
+        fn garbage_answers_never_panic(
+            blocks in 1usize..600,
+            subs in 0usize..50,
+            differ in proptest::collection::vec(any::<u8>(), 0..8),
+            nkeys in 0usize..600,
+        ) {
+            let _ = keys_given(blocks, subs, &differ, vec![[0; 15]; nkeys]);
+            let o = vec![[0u8; 32]; blocks];
+            let sig = Signature { zero: differ.clone(), keys: vec![[1; 15]; nkeys % 40] };
+            let _ = differing(A, &o, |_| true, subs, &sig);
+        }
+    }
+}

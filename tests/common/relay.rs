@@ -1,0 +1,86 @@
+//! A copy in-process through a relay that can edit each frame on its way:
+//! hide a capability in a Hello (a peer of the previous release), lie in a
+//! request or damage a reply. Shared by the tests of the optional
+//! exchanges (`tests/subdelta.rs`, `tests/subgroup.rs`).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use xenmig::blocks::layout::Align;
+use xenmig::copy::source::{SourceOptions, SourceSession};
+use xenmig::copy::target::{self, TargetOptions};
+use xenmig::copy::{EngineError, Progress, Report};
+use xenmig::wire::compress::Choice;
+use xenmig::wire::protocol::{read_frame, write_message, Message, ProtocolError};
+use xenmig::wire::transport::{Link, Reader, Writer};
+
+/// What the relay does to each frame on its way.
+pub type Edit = Box<dyn FnMut(Message) -> Message + Send>;
+
+/// Pass frames from `from` to `to` through `edit` until either side stops;
+/// an Error frame is passed on as such.
+pub fn relay(mut from: Reader, mut to: Writer, mut edit: Edit) -> thread::JoinHandle<()> {
+    thread::spawn(move || loop {
+        let m = match read_frame(&mut from, "relay") {
+            Ok(m) => edit(m),
+            Err(ProtocolError::Remote(message)) => Message::Error { message },
+            Err(_) => return,
+        };
+        let stop = matches!(m, Message::Error { .. });
+        if write_message(&mut to, &m).and_then(|_| Ok(to.flush()?)).is_err() || stop {
+            return;
+        }
+    })
+}
+
+pub fn keep() -> Edit {
+    Box::new(|m| m)
+}
+
+/// Hide capability bits `caps` in a Hello (a peer that does not know them).
+pub fn hide(caps: u32) -> Edit {
+    Box::new(move |m| match m {
+        Message::Hello { version, role, caps: c } => Message::Hello { version, role, caps: c & !caps },
+        m => m,
+    })
+}
+
+pub struct Outcome {
+    pub source: Result<Report, EngineError>,
+    pub target: Result<Report, EngineError>,
+}
+
+/// Copy `src` onto `dst` (flat layout, blocks of `bs` bytes, `codec`)
+/// through a relay editing each direction.
+pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    let (src_link, relay_s) = Link::pair().unwrap();
+    let (relay_t, tgt_link) = Link::pair().unwrap();
+    let r1 = relay(relay_s.reader, relay_t.writer, to_target);
+    let r2 = relay(relay_t.reader, relay_s.writer, to_source);
+    let dst_path = dst.to_path_buf();
+    let target = thread::spawn(move || {
+        let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
+        target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
+    });
+    let opts = SourceOptions {
+        block_size: bs,
+        align: Align::Flat,
+        compress: codec.parse::<Choice>().unwrap(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        ..SourceOptions::default()
+    };
+    let source =
+        SourceSession::start(src, &opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
+            Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
+            Err(e) => {
+                s.abort(&e);
+                Err(e)
+            }
+        });
+    let target = target.join().unwrap();
+    let _ = (r1.join(), r2.join());
+    Outcome { source, target }
+}
