@@ -19,6 +19,7 @@
 //! idle_timeout: 120
 //! log_format: json              # --log-format: text or json (stderr)
 //! references: [/dev/vg0/debian12, '/srv/templates/*.xmi']   # patterns: copy::refglob
+//! source_references: [/dev/vg0/debian12]   # copy --source-reference (paths on SRC's host)
 //! migrate:
 //!   target_vg: vg0
 //!   max_passes: 6
@@ -131,6 +132,9 @@ pub struct Settings {
     pub bwlimit: Option<At<Rate>>,
     pub idle_timeout: Option<At<u64>>,
     pub references: Option<At<Vec<PathBuf>>>,
+    /// `copy --source-reference`: images the source's host holds that the
+    /// target's may hold too (plain paths, no patterns).
+    pub source_references: Option<At<Vec<PathBuf>>>,
     pub log_format: Option<At<LogFormat>>,
 }
 
@@ -282,6 +286,7 @@ impl Ctx<'_> {
             bwlimit: self.parsed_rate(r.bwlimit, "bwlimit")?,
             idle_timeout: r.idle_timeout.map(plain),
             references: r.references.map(paths),
+            source_references: r.source_references.map(paths),
             log_format: self.parsed(r.log_format, "log_format")?,
         })
     }
@@ -406,6 +411,7 @@ mod raw {
         pub bwlimit: Option<Spanned<NumOrText>>,
         pub idle_timeout: Option<Spanned<u64>>,
         pub references: Option<Spanned<Vec<String>>>,
+        pub source_references: Option<Spanned<Vec<String>>>,
         pub log_format: Option<Spanned<String>>,
     }
 
@@ -422,6 +428,7 @@ mod raw {
         pub bwlimit: Option<Spanned<NumOrText>>,
         pub idle_timeout: Option<Spanned<u64>>,
         pub references: Option<Spanned<Vec<String>>>,
+        pub source_references: Option<Spanned<Vec<String>>>,
         pub log_format: Option<Spanned<String>>,
         pub migrate: Option<Migrate>,
         pub hosts: Option<BTreeMap<String, Host>>,
@@ -439,6 +446,7 @@ mod raw {
                 bwlimit: self.bwlimit.take(),
                 idle_timeout: self.idle_timeout.take(),
                 references: self.references.take(),
+                source_references: self.source_references.take(),
                 log_format: self.log_format.take(),
             }
         }

@@ -21,6 +21,12 @@
 # Cell return-inplace is the return migration as `migrate` runs it: DST
 # already holds the old copy (clone.img), no -r; what changed is fetched
 # (and, with CAP_SUB_DELTA on both ends, sent against DST's old blocks).
+# SRCREF=1: the AFTER binary also gets `--source-reference REF` in the
+# cells that have a reference (release, clone, return: the source holds the
+# target's reference too, the case `zstd --patch-from` needs), so its rows
+# use the reference as the stream's dictionary (CAP_SHARED_REF); the
+# BEFORE rows are as without it. CODECS (default "zstd auto") picks the
+# --compress values compared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EXP=${EXP:-/var/tmp/xenmig-exp/quick}
@@ -29,6 +35,8 @@ BASE=${BASE:-9184316}
 PREV_DIR=${PREV_DIR:-/var/tmp/xenmig-prev}
 ROUNDS=${ROUNDS:-1}
 CELLS=${CELLS:-cold release}   # also: clone return return-inplace
+CODECS=${CODECS:-zstd auto}
+SRCREF=${SRCREF:-}
 for f in clone.img trixie.img bookworm.img return.img; do
     [ -f "$IMG/$f" ] || { echo "$0: $IMG/$f missing; run scripts/experiments/images.sh --quick first" >&2; exit 1; }
 done
@@ -86,9 +94,10 @@ EOF
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 
 # xenmig copy: prints "wire_bytes seconds codecs".
-xm() { # binary codec src [ref [old]]: old, if given, is DST's content beforehand
-    local bin=$1 codec=$2 src=$3 ref=${4:-} old=${5:-} args=()
+xm() { # binary codec src [ref [old [srcref]]]: old, if given, is DST's content beforehand
+    local bin=$1 codec=$2 src=$3 ref=${4:-} old=${5:-} srcref=${6:-} args=()
     [ -n "$ref" ] && args=(-r "$ref")
+    [ -n "$srcref" ] && args+=(--source-reference "$srcref")
     # What crosses the wire is the point: a local copy onto a new DST with
     # no reference would otherwise go direct, with no wire at all.
     "$bin" copy --help | grep -q -- --no-direct && args+=(--no-direct)
@@ -111,6 +120,8 @@ assert r["verified"]
 assert r["blocks_total"] == r["blocks_zero"] + r["blocks_reused"] + r["blocks_fetched"]
 c = "" if not r.get("blocks_delta") else "%d deltas " % r["blocks_delta"]
 c += ",".join("%s %.0f%%" % (k, 100 * v / max(1, r["bytes_fetched"])) for k, v in sorted(r["codecs"].items()))
+if r.get("shared_reference"):
+    c = "dictionary " + c
 print(r["bytes_wire"], "%.2f" % (float(sys.argv[3]) - float(sys.argv[2])), c)' "$out" "$t0" "$t1"
 }
 
@@ -125,12 +136,16 @@ for round in $(seq "$ROUNDS"); do
             return-inplace) src=$IMG/return.img ref= old=$IMG/clone.img ;;
             *) echo "$0: unknown cell $cell" >&2; exit 2 ;;
         esac
-        for codec in zstd auto; do
+        for codec in $CODECS; do
             for which in before after; do
                 bin=$BEFORE; [ $which = after ] && bin=$AFTER
-                res=$(xm "$bin" "$codec" "$src" "$ref" "$old")
+                srcref=; label="xenmig $which, --compress $codec"
+                if [ -n "$SRCREF" ] && [ $which = after ] && [ -n "$ref" ]; then
+                    srcref=$ref; label="$label --source-reference"
+                fi
+                res=$(xm "$bin" "$codec" "$src" "$ref" "$old" "$srcref")
                 read -r bytes secs codecs <<<"$res"
-                printf '%s\t%s\t%s\t%s\t%s\n' "$cell" "xenmig $which, --compress $codec" "$bytes" "$secs" "$codecs" >>"$rows"
+                printf '%s\t%s\t%s\t%s\t%s\n' "$cell" "$label" "$bytes" "$secs" "$codecs" >>"$rows"
             done
         done
         [ "$round" = 1 ] || continue

@@ -22,6 +22,7 @@ pub fn serve(
     hash: HashArgs,
     compress: Choice,
     references: Vec<PathBuf>,
+    source_references: Vec<PathBuf>,
     live: LiveArgs,
     allow_open_by: Option<String>,
     idle: IdleArgs,
@@ -40,6 +41,7 @@ pub fn serve(
                 live: live.options(),
                 idle_timeout: idle.timeout(),
                 bwlimit,
+                source_references,
             },
         ),
         (None, Some(p)) => ServeRole::Target(
@@ -83,6 +85,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             live: a.live.options(),
             idle_timeout: a.idle.timeout(),
             bwlimit: a.bwlimit,
+            source_references: a.source_references,
         },
         target: TargetOptions {
             references: a.references,

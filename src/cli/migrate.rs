@@ -215,6 +215,8 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
         }),
         idle_timeout: a.idle.timeout(),
         bwlimit: a.bwlimit,
+        // (not offered by migrate yet: `copy --source-reference` only)
+        source_references: Vec::new(),
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;

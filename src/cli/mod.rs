@@ -192,6 +192,10 @@ enum Command {
         compress: Choice,
         #[arg(short = 'r', long = "reference")]
         references: Vec<PathBuf>,
+        /// Source: images here the target may hold too (as `copy
+        /// --source-reference`).
+        #[arg(long = "source-reference", value_name = "PATH", requires = "source")]
+        source_references: Vec<PathBuf>,
         #[command(flatten)]
         live: LiveArgs,
         /// Used by migrate: write into the target LV although lvm reports
@@ -320,6 +324,17 @@ pub(crate) struct CopyArgs {
     /// (repeatable).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     references: Vec<PathBuf>,
+    /// Image on the SRC side that DST's side may hold too (a template or
+    /// the old release the guest was built from; repeatable). When the
+    /// target holds a reference (-r) with the same image digest, both ends
+    /// use it as the zstd dictionary for the blocks that are fetched, as
+    /// `zstd --patch-from` does: it helps an upgraded or edited image whose
+    /// changed files resemble the reference's, on a slow link
+    /// (docs/experiments.md). Costs its size in memory on both hosts (at
+    /// most 1 GiB, and half the memory available, is used) and a read and
+    /// hash of it on each; needs `--compress zstd` or auto.
+    #[arg(long = "source-reference", value_name = "PATH")]
+    pub(crate) source_references: Vec<PathBuf>,
     /// Compression of fetched blocks: auto (from measured link rate and CPU
     /// cost), none, lz4, zstd[:LEVEL], zlib[:LEVEL].
     #[arg(long, default_value = "auto", value_name = "CODEC")]
@@ -438,6 +453,7 @@ fn run(cmd: Command, quiet: bool, config: Option<&std::path::Path>) -> anyhow::R
             hash,
             compress,
             references,
+            source_references,
             live,
             allow_open_by,
             idle,
@@ -450,6 +466,7 @@ fn run(cmd: Command, quiet: bool, config: Option<&std::path::Path>) -> anyhow::R
             hash,
             compress,
             references,
+            source_references,
             live,
             allow_open_by,
             idle,

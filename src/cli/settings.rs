@@ -10,9 +10,9 @@
 //!
 //! | command | settings from the file |
 //! |---|---|
-//! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end) |
+//! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end), source_references (top level only) |
 //! | `migrate` | the same (host section: HOST's), and `migrate:` |
-//! | `serve` | compress, hash, block_size, idle_timeout; bwlimit as `--source`, references as `--target` (top level only: it does not know its peer) |
+//! | `serve` | compress, hash, block_size, idle_timeout; bwlimit and source_references as `--source`, references as `--target` (top level only: it does not know its peer) |
 //! | `hash`, `index` | hash, block_size |
 //! | `similarity` | hash, block_size, references |
 //!
@@ -219,6 +219,18 @@ fn apply_references(r: &mut Resolver<'_>, cfg: &Config, refs: &mut Vec<PathBuf>,
     );
 }
 
+/// `--source-reference` (top level only: paths on the source's host).
+fn apply_source_references(r: &mut Resolver<'_>, cfg: &Config, refs: &mut Vec<PathBuf>) {
+    let show = |v: &Vec<PathBuf>| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        }
+    };
+    r.pick("source_references", "source_references", refs, None, cfg.general.source_references.as_ref(), show);
+}
+
 /// `--log-format` (a global flag, seen in every command's matches).
 fn apply_log_format(r: &mut Resolver<'_>, cfg: &Config, format: &mut LogFormat) {
     r.pick("log_format", "log_format", format, None, cfg.general.log_format.as_ref(), shown);
@@ -237,7 +249,7 @@ pub(crate) fn configure(
     let rows = match cmd {
         Command::Copy(a) => apply_copy(a, log_format, m, &cfg()?),
         Command::Migrate(a) => apply_migrate(a, log_format, m, &cfg()?),
-        Command::Serve { source, target, hash, compress, references, idle, bwlimit, .. } => {
+        Command::Serve { source, target, hash, compress, references, source_references, idle, bwlimit, .. } => {
             let cfg = cfg()?;
             // No host section: serve does not know which host started it.
             let mut r = Resolver::new(m, &cfg, None);
@@ -248,6 +260,7 @@ pub(crate) fn configure(
             // The limit is the sending end's, the references the target's.
             if source.is_some() {
                 r.pick("bwlimit", "bwlimit", bwlimit, None, g.bwlimit.as_ref(), shown::<Rate>);
+                apply_source_references(&mut r, &cfg, source_references);
             } else {
                 apply_references(&mut r, &cfg, references, &RefsAt::Here(target.clone()));
             }
@@ -293,6 +306,7 @@ fn apply_copy(a: &mut CopyArgs, log_format: &mut LogFormat, m: &ArgMatches, cfg:
             refs_at,
         },
     );
+    apply_source_references(&mut r, cfg, &mut a.source_references);
     apply_log_format(&mut r, cfg, log_format);
     r.rows
 }

@@ -20,6 +20,7 @@ pub mod readback;
 pub mod references;
 pub mod refglob;
 pub mod run;
+pub mod shared_ref;
 pub mod source;
 pub mod target;
 pub mod tracker;
@@ -62,6 +63,8 @@ pub enum EngineError {
     BadReply(String),
     #[error("reference {path}: {what}")]
     Reference { path: PathBuf, what: String },
+    #[error("block {block} (offset {offset}), decoded with the shared reference {path} as the stream's dictionary, does not match its digest: the source's copy of that reference differs from this host's (or the link corrupted data); nothing is verified: copy again without --source-reference")]
+    SharedRefMismatch { block: u64, offset: u64, path: PathBuf },
     #[error("{path}: blocks {first}..{end} (bytes {start}..{stop}) read back from the device differ from what was written and verified there ({differing} of the {read} blocks read back differ): the device, or another writer, changed them; nothing is verified")]
     ReadBack { path: PathBuf, first: u64, end: u64, start: u64, stop: u64, differing: u64, read: u64 },
     #[error("the copy finished but its digest {got} does not match the source's {want}")]
@@ -186,6 +189,10 @@ pub struct Report {
     /// A direct local copy (`direct`): each block read once, hashed once
     /// and written in one process, no wire (bytes_wire 0).
     pub direct: bool,
+    /// The target's reference that both ends used as the zstd stream's
+    /// dictionary (`--source-reference`; absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_reference: Option<String>,
     /// `--bwlimit`: bytes per second the source end could write (absent:
     /// no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,6 +214,7 @@ impl Default for Report {
             algorithm: String::new(),
             blocks_total: 0,
             bwlimit: None,
+            shared_reference: None,
             blocks_zero: 0,
             blocks_reused: 0,
             blocks_fetched: 0,

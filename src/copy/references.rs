@@ -125,7 +125,7 @@ pub fn similarity(map: &BlockMap, refs: &ReferenceSet) -> Similarity {
 }
 
 /// The layout xenmig uses for an image it reads whole: partition-aware.
-pub fn layout_of(img: &Image, block_size: u32, align: Align) -> Result<Layout, EngineError> {
+pub fn layout_of(img: &dyn Disk, block_size: u32, align: Align) -> Result<Layout, EngineError> {
     let mut first = vec![0u8; 512.min(img.size() as usize)];
     img.read_at(&mut first, 0)?;
     Layout::detect(&first, img.size(), block_size, align).map_err(EngineError::BadLayout)

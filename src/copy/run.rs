@@ -73,6 +73,10 @@ fn serve_source_args(o: &CopyOptions, path: &str) -> Vec<String> {
     if s.bwlimit.limit().is_some() {
         v.extend(["--bwlimit".into(), s.bwlimit.0.to_string()]);
     }
+    // Paths on the far (source) host; likewise only when given.
+    for r in &s.source_references {
+        v.extend(["--source-reference".into(), r.display().to_string()]);
+    }
     if let Some(live) = &s.live {
         v.push("--live".into());
         v.extend(["--max-passes".into(), live.max_passes.to_string()]);

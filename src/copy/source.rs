@@ -38,7 +38,7 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
     CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
@@ -50,6 +50,7 @@ use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
+use super::shared_ref::{self, SharedRef};
 use super::tracker::{self, Candidates, ChangeTracker, Compare};
 use super::{EngineError, Progress, Report};
 
@@ -151,6 +152,10 @@ pub struct SourceOptions {
     /// Bytes per second this end may write to the link (`--bwlimit`; 0:
     /// no limit).
     pub bwlimit: Rate,
+    /// Images this host holds that the target may hold too
+    /// (`--source-reference`): one the target offers, with the same image
+    /// digest, becomes the zstd stream's dictionary (`copy::shared_ref`).
+    pub source_references: Vec<std::path::PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -163,6 +168,7 @@ impl Default for SourceOptions {
             live: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             bwlimit: Rate(0),
+            source_references: Vec::new(),
         }
     }
 }
@@ -287,10 +293,19 @@ impl SourceSession {
             None => None,
         };
         let live_cap = if opts.live.is_some() { CAP_LIVE } else { 0 };
+        // A shared reference serves only the zstd stream: offer the
+        // capability only when runs may go through it.
+        let may_stream = matches!(opts.compress, Choice::Auto | Choice::Fixed(Codec::Zstd(_)));
+        let shared_cap = if may_stream && !opts.source_references.is_empty() {
+            shared_ref::check_source_references(&opts.source_references)?;
+            CAP_SHARED_REF
+        } else {
+            0
+        };
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let caps = live_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+        let caps = live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -303,8 +318,12 @@ impl SourceSession {
             Choice::Auto => Some(zstream::AUTO_LEVEL),
             Choice::Fixed(_) => None,
         };
+        // The encoder is made on the stream's thread: with a shared
+        // reference agreed, only once the target's offer is answered.
+        let shared_agreed = agreed.caps & CAP_SHARED_REF != 0;
         let encoder = match stream_level {
-            Some(level) => Some(StreamEncoder::new(level, zstream::window_log_for(layout.size))?),
+            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size }),
+            Some(level) => Some(Pending::Ready(StreamEncoder::new(level, zstream::window_log_for(layout.size))?)),
             None => None,
         };
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
@@ -357,7 +376,22 @@ impl SourceSession {
         let reader_waiting = waiting.clone();
         let optional =
             Optional { deltas: agreed.caps & CAP_SUB_DELTA != 0, subgroups: agreed.caps & CAP_SUB_GROUPS != 0 };
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional));
+        // The reader answers the target's offer and hands the chosen
+        // reference to the stream's thread (None: start empty).
+        let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
+        // Read and hash this end's references now, while the target loads
+        // its own: its offer then finds them ready. (Only if a stream can
+        // use them.)
+        let offer = (shared_agreed && stream_level.is_some()).then(|| {
+            let (paths, algo, block_size) = (opts.source_references.clone(), opts.algo, opts.block_size);
+            Offer { loading: thread::spawn(move || shared_ref::load_all(&paths, algo, block_size)), prefix: prefix_tx }
+        });
+        let offer = match offer {
+            Some(o) => Some(Some(o)),
+            None if shared_agreed => Some(None),
+            None => None,
+        };
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -372,7 +406,7 @@ impl SourceSession {
             let (tx, rx) = bounded::<RawRun>(workers + 2);
             let (frames, fail) = (frames_tx.clone(), fail_tx.clone());
             threads.push(thread::spawn(move || {
-                if let Err(e) = stream_loop(enc, rx, &frames) {
+                if let Err(e) = stream_loop(enc, prefix_rx, rx, &frames) {
                     let _ = frames.send(Message::Error { message: format!("source: {e}") });
                     let _ = fail.send(e);
                 }
@@ -958,12 +992,40 @@ fn read_loop(
     events: Sender<Result<Event, EngineError>>,
     waiting: Waiting,
     optional: Optional,
+    // Some(None): the capability was agreed but no stream can use a
+    // reference, so the answer is none.
+    mut offer: Option<Option<Offer>>,
 ) {
     let result = (|| loop {
         waiting.set(true);
         let m = read_message(&mut r, "before the target said Done");
         waiting.set(false);
-        match m? {
+        let m = m?;
+        if let Some(o) = offer.take() {
+            // CAP_SHARED_REF: the target's offer comes before anything else.
+            let Message::RefOffer { refs } = m else {
+                return Err(EngineError::Protocol(ProtocolError::Unexpected {
+                    got: m.kind(),
+                    state: "waiting for the target's RefOffer",
+                }));
+            };
+            let (chosen, prefix) = match o {
+                // (Nothing offered: the loader's work is simply dropped.)
+                Some(o) if refs.is_empty() => (None, Some(o.prefix)),
+                Some(o) => match o.loading.join() {
+                    Ok(loaded) => (shared_ref::choose(loaded?, &refs), Some(o.prefix)),
+                    Err(_) => return Err(EngineError::Aborted("the source references' loader panicked".into())),
+                },
+                None => (None, None),
+            };
+            // Before any reply: the stream's first piece follows it.
+            let _ = frames.send(Message::RefChosen { chosen: chosen.as_ref().map(|r| r.digest) });
+            if let Some(tx) = prefix {
+                let _ = tx.send(chosen);
+            }
+            continue;
+        }
+        match m {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 // Blocks while the queue is full: back-pressure.
                 let _ = work.send(m);
@@ -1001,6 +1063,25 @@ fn read_loop(
     }
 }
 
+/// What the reader needs to answer the target's `RefOffer`.
+struct Offer {
+    /// This end's references, being read and hashed.
+    loading: thread::JoinHandle<Result<Vec<SharedRef>, EngineError>>,
+    /// To the stream's thread.
+    prefix: Sender<Option<SharedRef>>,
+}
+
+/// The stream's encoder, or what it waits for to make one.
+enum Pending {
+    Ready(StreamEncoder),
+    /// A shared reference was agreed: the encoder starts with the reference
+    /// the reader chose as its prefix (or empty, if none).
+    Prefix {
+        level: i32,
+        image_size: u64,
+    },
+}
+
 /// A run read for the stream's thread to compress.
 struct RawRun {
     first_block: u64,
@@ -1021,7 +1102,25 @@ enum Reply {
 /// Own the stream's encoder: compress each run as the next piece of the
 /// stream and pass its frame on at once, so that pieces reach the writer
 /// (and the target's decoder) in the order they were compressed.
-fn stream_loop(mut enc: StreamEncoder, rx: Receiver<RawRun>, frames: &Sender<Message>) -> Result<(), EngineError> {
+fn stream_loop(
+    enc: Pending,
+    prefix: Receiver<Option<SharedRef>>,
+    rx: Receiver<RawRun>,
+    frames: &Sender<Message>,
+) -> Result<(), EngineError> {
+    let mut enc = match enc {
+        Pending::Ready(enc) => enc,
+        Pending::Prefix { level, image_size } => match prefix.recv() {
+            Ok(Some(r)) => {
+                let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
+                // Index the prefix while the target loads its copy of it.
+                enc.prime()?;
+                enc
+            }
+            Ok(None) => StreamEncoder::new(level, zstream::window_log_for(image_size))?,
+            Err(_) => return Ok(()), // the reader ended first: the copy is failing already
+        },
+    };
     for run in rx {
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;

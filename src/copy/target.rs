@@ -44,7 +44,7 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
     CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
@@ -54,6 +54,7 @@ use crate::wire::transport::{Link, Writer};
 
 use super::readback::{self, Written};
 use super::references::ReferenceSet;
+use super::shared_ref;
 use super::{EngineError, PassReport, Progress, Report};
 
 #[derive(Clone, Debug)]
@@ -162,18 +163,22 @@ pub const BYTES_PER_BLOCK: u64 = 46;
 /// available now (MemAvailable), before allocating it.
 pub fn check_memory(layout: &Layout) -> Result<(), EngineError> {
     let need = layout.block_count().saturating_mul(BYTES_PER_BLOCK);
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
-    match available {
+    match mem_available() {
         Some(available) if need > available => {
             Err(EngineError::TooManyBlocks { size: layout.size, blocks: layout.block_count(), need, available })
         }
         _ => Ok(()),
     }
+}
+
+/// The memory available now (MemAvailable), if the kernel says.
+pub(super) fn mem_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    })
 }
 
 /// Bytes an unprivileged writer may still allocate on `path`'s file system.
@@ -313,6 +318,15 @@ pub(super) struct Target<'a> {
     /// keyless but failed their digest, then asked for with every key.
     blocks_keyless: u64,
     groups_rekeyed: u64,
+    /// `CAP_SHARED_REF`: the references offered, until the source's
+    /// `RefChosen` (digest, size, index into `refs.images`).
+    ref_offer: Option<Vec<(Digest, u64, usize)>>,
+    /// The reference the stream's prefix was made of (chosen and verified).
+    shared_used: Option<PathBuf>,
+    /// The chosen reference being read and verified on a thread of its
+    /// own, so that requests go on meanwhile; the first stream piece waits
+    /// for it.
+    shared_loading: Option<(PathBuf, thread::JoinHandle<Result<StreamDecoder, EngineError>>)>,
     progress: &'a Progress,
 }
 
@@ -335,7 +349,7 @@ pub fn run_with(
     let (link, agreed) = handshake_within(
         link,
         Role::Target,
-        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -380,6 +394,9 @@ pub fn run_with(
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
+        if agreed.caps & CAP_SHARED_REF != 0 {
+            t.offer_references(dst)?;
+        }
         t.progress.phase("copying", t.layout.size);
         t.main_loop(&rx)
     })();
@@ -512,6 +529,9 @@ impl<'a> Target<'a> {
             sub_asked: HashSet::new(),
             blocks_keyless: 0,
             groups_rekeyed: 0,
+            ref_offer: None,
+            shared_used: None,
+            shared_loading: None,
             progress,
         })
     }
@@ -590,6 +610,18 @@ impl Target<'_> {
                         return Err(EngineError::BadReply(format!("an end of pass {} while {}", at.pass(), at.name())))
                     }
                 },
+                Message::RefChosen { chosen } if self.ref_offer.is_some() => self.on_ref_chosen(chosen)?,
+                Message::BlockDigests { .. }
+                | Message::Blocks { .. }
+                | Message::Delta { .. }
+                | Message::ChangedKeys { .. }
+                    if self.ref_offer.is_some() =>
+                {
+                    return Err(EngineError::BadReply(format!(
+                        "{:?} before answering the offer of references (RefChosen)",
+                        m.kind()
+                    )))
+                }
                 Message::BlockDigests { .. }
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
@@ -615,7 +647,9 @@ impl Target<'_> {
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
             if let Receiving::Settling { pass, strict, image_digest } = self.at {
-                if self.open_groups == 0 {
+                // (An offer of references is answered before a pass ends:
+                // its answer may still be on its way when nothing was asked.)
+                if self.open_groups == 0 && self.ref_offer.is_none() {
                     if self.outstanding != 0 || !self.held.is_empty() {
                         return Err(EngineError::BadReply(format!(
                             "the end of pass {pass} with {} replies still awaited",
@@ -633,6 +667,64 @@ impl Target<'_> {
                 self.flush()?;
             }
         }
+    }
+
+    /// `CAP_SHARED_REF`: tell the source which references could serve as
+    /// the stream's dictionary (before any request, as the protocol says).
+    fn offer_references(&mut self, dst: &Path) -> Result<(), EngineError> {
+        let offer = shared_ref::offers(&self.refs, dst);
+        self.send(&Message::RefOffer { refs: offer.iter().map(|&(d, s, _)| (d, s)).collect() })?;
+        self.ref_offer = Some(offer);
+        Ok(())
+    }
+
+    /// The source's choice: read the chosen reference into memory, check
+    /// that those bytes still have the digest offered, and start the stream
+    /// with them as its prefix.
+    fn on_ref_chosen(&mut self, chosen: Option<Digest>) -> Result<(), EngineError> {
+        let offer = self.ref_offer.take().unwrap_or_default();
+        let Some(d) = chosen else { return Ok(()) };
+        let Some(&(_, _, i)) = offer.iter().find(|(o, _, _)| *o == d) else {
+            return Err(EngineError::BadReply(format!("a shared reference {} that was not offered", hex(&d))));
+        };
+        if !matches!(self.stream, Some(None)) {
+            return Err(EngineError::BadReply(
+                "a shared reference, but no zstd stream was agreed (or it began)".into(),
+            ));
+        }
+        let path = self.refs.index.images[i].path.clone();
+        let layout = self.refs.images[i].layout.clone();
+        let (algo, block_size, image_size) = (self.algo, self.layout.block_size, self.layout.size);
+        let p = path.clone();
+        let loading = thread::spawn(move || {
+            let img = Image::open_read(&p)?;
+            let r = shared_ref::load(&p, &img, Some(layout), algo, block_size)?;
+            if r.digest != d {
+                return Err(EngineError::Reference {
+                    path: p,
+                    what: "changed since it was hashed: its bytes no longer have the digest offered to the source; \
+                           copy again"
+                        .into(),
+                });
+            }
+            Ok(StreamDecoder::with_prefix(r.bytes, image_size)?)
+        });
+        self.shared_loading = Some((path, loading));
+        Ok(())
+    }
+
+    /// Wait for the chosen reference (if one is loading) and make it the
+    /// stream's decoder.
+    fn take_shared_decoder(&mut self) -> Result<(), EngineError> {
+        let Some((path, loading)) = self.shared_loading.take() else { return Ok(()) };
+        let dec =
+            loading.join().map_err(|_| EngineError::Aborted("the shared reference's loader panicked".into()))??;
+        log::info!("shared reference: {} is the stream's dictionary", path.display());
+        if let Some(slot) = self.stream.as_mut() {
+            *slot = Some(dec);
+        }
+        self.shared_used = Some(path);
+        Ok(())
     }
 
     fn close_pass_report(&mut self) {
@@ -703,6 +795,11 @@ impl Target<'_> {
     /// back, if asked), and count what happened. The one place where a copy
     /// counts as verified, with the link or without (`copy::direct`).
     pub(super) fn conclude(&mut self, want: Digest) -> Result<Report, EngineError> {
+        // A reference chosen but never needed (nothing streamed): its
+        // loading must still end, and fail only the dictionary, not the copy.
+        if let Err(e) = self.take_shared_decoder() {
+            log::warn!("{e} (no block was decoded with it)");
+        }
         if let Some(g) = self.grp.iter().position(|g| !g.verified) {
             return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
@@ -743,6 +840,7 @@ impl Target<'_> {
             read_back: self.written.is_some(),
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
+            shared_reference: self.shared_used.as_ref().map(|p| p.display().to_string()),
             ..Report::default()
         })
     }
@@ -1130,7 +1228,14 @@ impl Target<'_> {
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
             if want != Some(key_of(&digests[k])) {
                 if self.at.strict() {
-                    return Err(EngineError::BadBlock { block: i, offset: self.layout.extent(i).0 });
+                    let offset = self.layout.extent(i).0;
+                    return Err(match &self.shared_used {
+                        // Name the likelier cause: the two ends' dictionaries.
+                        Some(path) if codec == STREAM_CODE => {
+                            EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
+                        }
+                        _ => EngineError::BadBlock { block: i, offset },
+                    });
                 }
                 // Changed since the source hashed it: newer data, announced
                 // again in the next pass.
@@ -1165,6 +1270,7 @@ impl Target<'_> {
     /// the order the source compressed them), anything else on its own.
     fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
         if codec == STREAM_CODE {
+            self.take_shared_decoder()?;
             let Some(slot) = self.stream.as_mut() else {
                 return Err(EngineError::BadReply(format!(
                     "a zstd stream piece for block {block}, but no stream was agreed"

@@ -143,6 +143,34 @@
 //! ```text
 //!    | <---------- WantChangedKeys(g, subs, DST's sig) --- |  instead of
 //!    | -- ChangedKeys(g, subs, differ, their keys) ------> |  WantDigests
+//! A reference both hosts hold (capability [`CAP_SHARED_REF`]): when both
+//! ends set it, the target, once it has loaded its references, sends one
+//! `RefOffer` before any request: the image digest (with the copy's digest
+//! algorithm and block size, partition-aware layout) and size of each
+//! reference it can hold in memory as a dictionary (possibly none). The
+//! source answers with one `RefChosen` before any reply: the digest of one
+//! of those that it holds too, verified by hashing the bytes it will use,
+//! or none. With a reference chosen, the copy's zstd stream starts with
+//! that reference's bytes as its prefix (`wire::stream`), on both ends; the
+//! target verifies its own bytes against the digest before it decodes, and
+//! refuses a window larger than it computes from the two sizes. Everything
+//! else is unchanged: reused blocks are not sent, every block written is
+//! checked against its key (a dictionary that differs between the ends
+//! decodes to blocks that fail it, and the copy fails naming the
+//! reference), the image against the image digest. A source that sends a
+//! reply before `RefChosen`, or chooses a digest that was not offered, is a
+//! protocol error; so is a target whose first frame is not `RefOffer`. A
+//! source sets the bit only when it has a `--source-reference` and may
+//! stream; either end without it sends neither frame.
+//!
+//! ```text
+//!    | -- ImageInfo -------------------------------------> |  loads its refs
+//!    | <--------------- RefOffer([(digest, size)...]) ---- |  before any request
+//!    |   (its --source-reference: read and hashed since    |
+//!    |    the handshake)                                   |
+//!    | -- RefChosen(digest | none) ----------------------> |  before any reply;
+//!    |   (Groups, requests and replies as above; stream    |  target loads and
+//!    |    pieces decode with the reference as prefix)      |  verifies its bytes
 //! ```
 //!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
@@ -206,6 +234,11 @@ pub const CAP_SUB_DELTA: u32 = 1 << 2;
 /// sub-groups that differ only (`wire::subgroup`). Without it (a peer of
 /// the previous release) every group's keys come whole (`WantDigests`).
 pub const CAP_SUB_GROUPS: u32 = 1 << 3;
+/// Capability: the target offers the references it holds (`RefOffer`) and
+/// the source names one it holds too (`RefChosen`), which then starts the
+/// copy's zstd stream as its prefix (`wire::stream`). Without it (a peer of
+/// the previous release) neither frame is sent and the stream starts empty.
+pub const CAP_SHARED_REF: u32 = 1 << 4;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -241,6 +274,9 @@ pub enum Kind {
     /// Capability [`CAP_SUB_GROUPS`]: one group's keys, against DST's sub-groups.
     WantChangedKeys = 17,
     ChangedKeys = 18,
+    /// Capability [`CAP_SHARED_REF`]: the target's references, by digest.
+    RefOffer = 19,
+    RefChosen = 20,
 }
 
 impl Kind {
@@ -265,6 +301,8 @@ impl Kind {
             Delta,
             WantChangedKeys,
             ChangedKeys,
+            RefOffer,
+            RefChosen,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -366,7 +404,20 @@ pub enum Message {
         differ: Vec<u8>,
         keys: Vec<Key>,
     },
+    /// The target's references that may serve as the stream's prefix:
+    /// image digest and size in bytes of each.
+    RefOffer {
+        refs: Vec<(Digest, u64)>,
+    },
+    /// The source's answer: the digest of the offered reference it holds
+    /// too, or None.
+    RefChosen {
+        chosen: Option<Digest>,
+    },
 }
+
+/// Bytes of one `RefOffer` entry (digest, size).
+const REF_ENTRY: usize = 40;
 
 #[derive(Debug, Error)]
 pub enum ProtocolError {
@@ -418,6 +469,8 @@ impl Message {
             Message::Delta { .. } => Kind::Delta,
             Message::WantChangedKeys { .. } => Kind::WantChangedKeys,
             Message::ChangedKeys { .. } => Kind::ChangedKeys,
+            Message::RefOffer { .. } => Kind::RefOffer,
+            Message::RefChosen { .. } => Kind::RefChosen,
         }
     }
 
@@ -510,6 +563,17 @@ impl Message {
                 b.extend_from_slice(bits);
                 for k in keys {
                     b.extend_from_slice(k);
+                }
+            }
+            Message::RefOffer { refs } => {
+                for (d, size) in refs {
+                    b.extend_from_slice(d);
+                    put_u64(&mut b, *size);
+                }
+            }
+            Message::RefChosen { chosen } => {
+                if let Some(d) = chosen {
+                    b.extend_from_slice(d);
                 }
             }
         }
@@ -664,6 +728,21 @@ impl Message {
                     Message::ChangedKeys { group, subs, differ: bits, keys }
                 }
             }
+            Kind::RefOffer => {
+                if p.len() % REF_ENTRY != 0 {
+                    return Err(bad(format!("{} bytes is not n x {REF_ENTRY}", p.len())));
+                }
+                let refs = p
+                    .chunks_exact(REF_ENTRY)
+                    .map(|c| (c[..32].try_into().unwrap(), u64::from_le_bytes(c[32..].try_into().unwrap())))
+                    .collect();
+                Message::RefOffer { refs }
+            }
+            Kind::RefChosen => match p.len() {
+                0 => Message::RefChosen { chosen: None },
+                32 => Message::RefChosen { chosen: Some(p.try_into().unwrap()) },
+                n => return Err(bad(format!("{n} bytes, expected 0 or 32"))),
+            },
         })
     }
 }
@@ -835,6 +914,10 @@ mod tests {
             Message::WantChangedKeys { group: 3, subs: 16, zero: vec![0b101, 0], keys: vec![[4; KEY_LEN]; 14] },
             Message::ChangedKeys { group: 3, subs: 9, differ: vec![1, 1], keys: vec![[5; KEY_LEN]; 17] },
             Message::ChangedKeys { group: 0, subs: 0, differ: vec![], keys: vec![] },
+            Message::RefOffer { refs: vec![([4; 32], 1 << 30), ([5; 32], 7)] },
+            Message::RefOffer { refs: vec![] },
+            Message::RefChosen { chosen: Some([6; 32]) },
+            Message::RefChosen { chosen: None },
         ]
     }
 
@@ -941,7 +1024,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);

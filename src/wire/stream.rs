@@ -24,6 +24,21 @@
 //! payload must expand to exactly the run's declared length, checked before
 //! anything is written; every block is then checked against its key as
 //! always.
+//!
+//! A shared reference (capability
+//! [`CAP_SHARED_REF`](crate::wire::protocol::CAP_SHARED_REF)): when both
+//! ends hold the same reference image, the stream starts with that image's
+//! bytes as its prefix (zstd's `refPrefix`, what `zstd --patch-from` does),
+//! so a missing block that resembles any part of the reference costs only
+//! the difference. The window then covers the prefix and the image
+//! ([`window_log_with_prefix`]), up to 2^[`WINDOW_LOG_PREFIX_MAX`]; both
+//! ends compute it from the agreed reference's and the image's sizes, and
+//! the target refuses a stream asking for more. Each end holds the prefix
+//! in memory (read once, hashed from memory: never a mapping of a file that
+//! may change), so the reference's size is the memory this costs, besides
+//! the part of the window the stream fills.
+
+use std::sync::Arc;
 
 use thiserror::Error;
 use zstd::stream::raw::{CParameter, DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
@@ -38,6 +53,11 @@ pub const STREAM_CODE: u8 = 4;
 /// agree on by agreeing on the capability; the target allocates at most this
 /// much for the window (plus a run).
 pub const WINDOW_LOG_MAX: u32 = 27;
+
+/// Largest window with a shared reference as prefix: zstd's bound on
+/// 64-bit hosts (2 GiB). A reference and image larger than that together
+/// still work; the oldest of the reference slides out of reach.
+pub const WINDOW_LOG_PREFIX_MAX: u32 = 31;
 
 /// Smallest window the source picks (zstd's levels use 2^19..2^21 anyway).
 const WINDOW_LOG_MIN: u32 = 20;
@@ -58,23 +78,85 @@ pub fn window_log_for(size: u64) -> u32 {
     need.clamp(WINDOW_LOG_MIN, WINDOW_LOG_MAX)
 }
 
+/// The window for a stream whose prefix is `prefix_len` bytes, for an
+/// image of `size` bytes: prefix and image together, up to
+/// 2^[`WINDOW_LOG_PREFIX_MAX`]. Both ends compute it from the agreed sizes.
+pub fn window_log_with_prefix(prefix_len: u64, size: u64) -> u32 {
+    let total = prefix_len.saturating_add(size);
+    let need = 64 - total.saturating_sub(1).leading_zeros();
+    need.clamp(WINDOW_LOG_MIN, WINDOW_LOG_PREFIX_MAX)
+}
+
+/// A prefix both ends hold, with a borrow of it that zstd may keep for as
+/// long as the context lives. `ctx` is declared first so that it is
+/// dropped before `prefix`.
+struct WithPrefix<C> {
+    ctx: C,
+    _prefix: Option<Arc<[u8]>>,
+}
+
+/// `prefix` as a slice zstd's context may keep.
+///
+/// # Safety
+/// The caller keeps the `Arc` alive, unchanged, for as long as the
+/// returned slice is used (here: in the same [`WithPrefix`], dropped after
+/// the context that borrows it).
+unsafe fn extend(prefix: &Arc<[u8]>) -> &'static [u8] {
+    // SAFETY: an Arc's data never moves while a strong count exists, and
+    // `[u8]` behind an Arc is never mutated (no `get_mut` is ever called on
+    // it); the caller's contract keeps that count for the slice's life.
+    unsafe { &*Arc::as_ptr(prefix) }
+}
+
 /// The source's end of the stream.
 pub struct StreamEncoder {
-    enc: Encoder<'static>,
+    enc: WithPrefix<Encoder<'static>>,
+    /// Bytes [`prime`](Self::prime) made that no piece has carried yet.
+    primed: Vec<u8>,
 }
 
 impl StreamEncoder {
     /// A stream at `level` with long-distance matching over 2^`window_log`
     /// bytes (at most [`WINDOW_LOG_MAX`]).
     pub fn new(level: i32, window_log: u32) -> Result<StreamEncoder, StreamError> {
+        let enc = Encoder::new(level).map_err(|e| StreamError(e.to_string()))?;
+        Self::configure(WithPrefix { ctx: enc, _prefix: None }, window_log.min(WINDOW_LOG_MAX))
+    }
+
+    /// A stream at `level` whose history starts with `prefix` (a reference
+    /// the target holds too), with the window
+    /// [`window_log_with_prefix`]`(prefix, image_size)`.
+    pub fn with_prefix(level: i32, prefix: Arc<[u8]>, image_size: u64) -> Result<StreamEncoder, StreamError> {
+        let window_log = window_log_with_prefix(prefix.len() as u64, image_size);
+        // SAFETY: `prefix` goes into the same WithPrefix as the encoder
+        // that borrows it, and is dropped after it.
+        let slice = unsafe { extend(&prefix) };
+        let enc = Encoder::with_ref_prefix(level, slice).map_err(|e| StreamError(e.to_string()))?;
+        Self::configure(WithPrefix { ctx: enc, _prefix: Some(prefix) }, window_log)
+    }
+
+    fn configure(mut enc: WithPrefix<Encoder<'static>>, window_log: u32) -> Result<StreamEncoder, StreamError> {
         let e = |e: std::io::Error| StreamError(e.to_string());
-        let mut enc = Encoder::new(level).map_err(e)?;
-        enc.set_parameter(CParameter::WindowLog(window_log.min(WINDOW_LOG_MAX))).map_err(e)?;
-        enc.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(e)?;
+        enc.ctx.set_parameter(CParameter::WindowLog(window_log)).map_err(e)?;
+        enc.ctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(e)?;
         // Blocks are verified by their digests; zstd's checksum would only
         // cost bytes (and a streamed frame never ends anyway).
-        enc.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
-        Ok(StreamEncoder { enc })
+        enc.ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
+        Ok(StreamEncoder { enc, primed: Vec::new() })
+    }
+
+    /// Start the stream now, with nothing in it: with a prefix, this is
+    /// when zstd indexes it (about 2 s a GiB at level 3 with long-distance
+    /// matching), which would otherwise delay the first run. Whatever
+    /// bytes zstd already writes ride with the next piece.
+    pub fn prime(&mut self) -> Result<(), StreamError> {
+        let mut out = vec![0u8; 1 << 10];
+        let mut input = InBuffer::around(&[]);
+        let mut o = OutBuffer::around(&mut out[..]);
+        self.enc.ctx.run(&mut input, &mut o).map_err(|e| StreamError(e.to_string()))?;
+        let n = o.pos();
+        self.primed.extend_from_slice(&out[..n]);
+        Ok(())
     }
 
     /// Compress `data` as the next piece of the stream and flush it, so that
@@ -82,7 +164,8 @@ impl StreamEncoder {
     /// piece has been decompressed.
     pub fn compress_run(&mut self, data: &[u8]) -> Result<Vec<u8>, StreamError> {
         let e = |e: std::io::Error| StreamError(e.to_string());
-        let mut out: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 128);
+        let mut out: Vec<u8> = std::mem::take(&mut self.primed);
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 128);
         let mut input = InBuffer::around(data);
         while input.pos() < data.len() {
             if out.capacity() == out.len() {
@@ -90,7 +173,7 @@ impl StreamEncoder {
             }
             let pos = out.len();
             let mut o = OutBuffer::around_pos(&mut out, pos);
-            self.enc.run(&mut input, &mut o).map_err(e)?;
+            self.enc.ctx.run(&mut input, &mut o).map_err(e)?;
         }
         loop {
             if out.capacity() == out.len() {
@@ -98,7 +181,7 @@ impl StreamEncoder {
             }
             let pos = out.len();
             let mut o = OutBuffer::around_pos(&mut out, pos);
-            if self.enc.flush(&mut o).map_err(e)? == 0 {
+            if self.enc.ctx.flush(&mut o).map_err(e)? == 0 {
                 return Ok(out);
             }
         }
@@ -107,16 +190,31 @@ impl StreamEncoder {
 
 /// The target's end of the stream.
 pub struct StreamDecoder {
-    dec: Decoder<'static>,
+    dec: WithPrefix<Decoder<'static>>,
 }
 
 impl StreamDecoder {
     pub fn new() -> Result<StreamDecoder, StreamError> {
-        let e = |e: std::io::Error| StreamError(e.to_string());
-        let mut dec = Decoder::new().map_err(e)?;
+        let dec = Decoder::new().map_err(|e| StreamError(e.to_string()))?;
+        Self::bounded(WithPrefix { ctx: dec, _prefix: None }, WINDOW_LOG_MAX)
+    }
+
+    /// The decoder of a stream whose history starts with `prefix` (the
+    /// agreed reference, as this end holds it), refusing a window larger
+    /// than [`window_log_with_prefix`]`(prefix, image_size)`.
+    pub fn with_prefix(prefix: Arc<[u8]>, image_size: u64) -> Result<StreamDecoder, StreamError> {
+        let window_log = window_log_with_prefix(prefix.len() as u64, image_size);
+        // SAFETY: `prefix` goes into the same WithPrefix as the decoder
+        // that borrows it, and is dropped after it.
+        let slice = unsafe { extend(&prefix) };
+        let dec = Decoder::with_ref_prefix(slice).map_err(|e| StreamError(e.to_string()))?;
+        Self::bounded(WithPrefix { ctx: dec, _prefix: Some(prefix) }, window_log)
+    }
+
+    fn bounded(mut dec: WithPrefix<Decoder<'static>>, window_log: u32) -> Result<StreamDecoder, StreamError> {
         // The memory bound: a frame declaring a larger window is an error,
         // not an allocation.
-        dec.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX)).map_err(e)?;
+        dec.ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|e| StreamError(e.to_string()))?;
         Ok(StreamDecoder { dec })
     }
 
@@ -131,7 +229,7 @@ impl StreamDecoder {
         let mut o = OutBuffer::around(&mut out[..]);
         loop {
             let before = (input.pos(), o.pos());
-            self.dec.run(&mut input, &mut o).map_err(|e| corrupt(e.to_string()))?;
+            self.dec.ctx.run(&mut input, &mut o).map_err(|e| corrupt(e.to_string()))?;
             let done = input.pos() == payload.len() && o.pos() < o.capacity();
             // A full output (one byte past the run) or no progress ends it.
             if done || o.pos() == o.capacity() || (input.pos(), o.pos()) == before {
@@ -234,6 +332,57 @@ mod tests {
         let n = o.pos();
         let e = StreamDecoder::new().unwrap().decompress_run(&out[..n], data.len()).unwrap_err();
         assert!(e.to_string().contains("zstd-stream"), "{e}");
+    }
+
+    /// A reference both ends hold: runs that resemble it cost little, they
+    /// round-trip, and a decoder with other prefix bytes never returns them.
+    #[test]
+    fn a_shared_prefix_pays_and_must_be_the_same_on_both_ends() {
+        let rs = runs();
+        let prefix: Arc<[u8]> = rs[0].iter().chain(rs[1].iter()).copied().collect::<Vec<u8>>().into();
+        // What is sent: edits of the prefix's data.
+        let mut edited = prefix[..200_000].to_vec();
+        for i in (0..edited.len()).step_by(4000) {
+            edited[i] ^= 1;
+        }
+        let image = 1 << 20;
+        let mut plain = StreamEncoder::new(3, window_log_for(image)).unwrap();
+        let mut enc = StreamEncoder::with_prefix(3, prefix.clone(), image).unwrap();
+        enc.prime().unwrap(); // (indexes the prefix ahead; changes nothing the target sees)
+        let without = plain.compress_run(&edited).unwrap();
+        let with = enc.compress_run(&edited).unwrap();
+        assert!(with.len() * 5 < without.len(), "with the prefix {}, without {}", with.len(), without.len());
+        let mut dec = StreamDecoder::with_prefix(prefix.clone(), image).unwrap();
+        assert_eq!(dec.decompress_run(&with, edited.len()).unwrap(), edited);
+        // The same size of prefix, other bytes: never the run.
+        let mut other = prefix.to_vec();
+        for b in other.iter_mut().step_by(7) {
+            *b = b.wrapping_add(1);
+        }
+        let mut dec = StreamDecoder::with_prefix(other.into(), image).unwrap();
+        if let Ok(out) = dec.decompress_run(&with, edited.len()) {
+            assert_ne!(out, edited);
+        }
+        // No prefix at all: never the run either.
+        let mut dec = StreamDecoder::new().unwrap();
+        if let Ok(out) = dec.decompress_run(&with, edited.len()) {
+            assert_ne!(out, edited);
+        }
+    }
+
+    /// The target computes the window from the agreed sizes and refuses a
+    /// stream that asks for more (here: a source claiming a larger image).
+    #[test]
+    fn a_prefixed_window_over_what_the_sizes_allow_is_refused() {
+        let prefix: Arc<[u8]> = vec![7u8; 1 << 20].into();
+        let mut enc = StreamEncoder::with_prefix(3, prefix.clone(), 64 << 20).unwrap();
+        let run = vec![7u8; 4096];
+        let piece = enc.compress_run(&run).unwrap();
+        let mut dec = StreamDecoder::with_prefix(prefix, 1 << 20).unwrap();
+        assert!(dec.decompress_run(&piece, run.len()).is_err());
+        assert_eq!(window_log_with_prefix(1 << 20, 1 << 20), WINDOW_LOG_MIN + 1);
+        assert_eq!(window_log_with_prefix(300 << 20, 300 << 20), 30);
+        assert_eq!(window_log_with_prefix(u64::MAX, u64::MAX), WINDOW_LOG_PREFIX_MAX);
     }
 
     #[test]

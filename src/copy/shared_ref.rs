@@ -1,0 +1,337 @@
+//! A reference both hosts hold, as the prefix of the copy's zstd stream
+//! (capability [`CAP_SHARED_REF`](crate::wire::protocol::CAP_SHARED_REF),
+//! `wire::stream`): what the target offers, which of it the source holds
+//! (`--source-reference`), and the reference's bytes in memory.
+//!
+//! Why: a template or an older release usually sits on every host of a
+//! pool. A missing block that resembles some part of it (a new version of
+//! a file the old release has) costs only the difference when both ends'
+//! zstd contexts start with the reference as history, as `zstd
+//! --patch-from` does (docs/experiments.md, "Direction 3").
+//!
+//! The rule both ends keep: the bytes used as the prefix are read once into
+//! memory and hashed *from memory*; they are used only when that digest is
+//! the one agreed. A file that changes later does not matter (nothing
+//! reads it again), and a file that changed earlier is refused. Blocks
+//! decoded with the prefix are still checked against their keys.
+//!
+//! Memory is the cost: each end holds the reference ([`MAX_SHARED_REF`] at
+//! most), and the stream's window grows to cover reference and image.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::blocks::blockmap::BlockMap;
+use crate::blocks::digest::{hex, Algorithm, Digest};
+use crate::blocks::layout::{Align, Layout};
+use crate::storage::disk::Disk;
+use crate::storage::image::Image;
+
+use super::references::{is_hash_file, is_index_file, layout_of, ReferenceSet};
+use super::EngineError;
+
+/// Largest reference used as a dictionary (1 GiB): each end holds it in
+/// memory for the whole copy. A larger one is not offered nor chosen (the
+/// log says so once) and the copy proceeds with an empty history.
+pub const MAX_SHARED_REF: u64 = 1 << 30;
+
+/// Why a reference of `size` bytes is not used as a dictionary on this
+/// host, if it is not: above [`MAX_SHARED_REF`], or more than half the
+/// memory available now (it costs its size and, measured on the
+/// experiments' images, about half as much again for the window it fills
+/// and zstd's tables: docs/experiments.md).
+pub fn too_large(size: u64) -> Option<String> {
+    if size > MAX_SHARED_REF {
+        return Some(format!("more than the {MAX_SHARED_REF}-byte limit for a shared dictionary"));
+    }
+    match super::target::mem_available() {
+        Some(avail) if size.saturating_mul(2) > avail => {
+            Some(format!("more than half the {avail} bytes of memory available"))
+        }
+        _ => None,
+    }
+}
+
+/// A reference's bytes, and the image digest computed from exactly them.
+pub struct SharedRef {
+    pub path: PathBuf,
+    pub digest: Digest,
+    pub bytes: Arc<[u8]>,
+}
+
+/// Bytes in memory read through the [`Disk`] trait, so that they are
+/// hashed by the same code as every image.
+#[derive(Debug)]
+struct Mem<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+}
+
+impl Disk for Mem<'_> {
+    fn path(&self) -> &Path {
+        self.path
+    }
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn is_block_device(&self) -> bool {
+        false
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let at = (offset.min(self.bytes.len() as u64)) as usize;
+        let n = buf.len().min(self.bytes.len() - at);
+        buf[..n].copy_from_slice(&self.bytes[at..at + n]);
+        Ok(n)
+    }
+    fn pwrite(&self, _: &[u8], _: u64) -> std::io::Result<usize> {
+        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "a reference in memory is read-only"))
+    }
+    fn punch_hole(&self, _: u64, _: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn drop_cache(&self) {}
+    fn evict(&self, _: u64, _: u64) {}
+}
+
+/// Read all of `disk` into memory and hash those bytes with `layout` (None:
+/// the partition-aware layout xenmig uses for a reference, detected from
+/// the bytes).
+pub fn load(
+    path: &Path,
+    disk: &dyn Disk,
+    layout: Option<Layout>,
+    algo: Algorithm,
+    block_size: u32,
+) -> Result<SharedRef, EngineError> {
+    let size = disk.size();
+    if size > MAX_SHARED_REF {
+        return Err(EngineError::Reference {
+            path: path.into(),
+            what: format!("{size} bytes, more than the {MAX_SHARED_REF}-byte limit for a shared dictionary"),
+        });
+    }
+    let mut bytes = vec![0u8; size as usize];
+    disk.read_at(&mut bytes, 0)?;
+    let mem = Mem { path, bytes: &bytes };
+    let layout = match layout {
+        Some(l) => l,
+        None => layout_of(&mem, block_size, Align::Partitions)?,
+    };
+    if layout.size != size {
+        return Err(EngineError::Reference {
+            path: path.into(),
+            what: format!("is {size} bytes now, {} when it was hashed", layout.size),
+        });
+    }
+    let digest = BlockMap::of_image(&mem, layout, algo)?.image_digest;
+    Ok(SharedRef { path: path.into(), digest, bytes: bytes.into() })
+}
+
+/// Refuse, before the copy starts, a `--source-reference` that cannot be
+/// one: missing, unreadable, or digests without the data.
+pub fn check_source_references(paths: &[PathBuf]) -> Result<(), EngineError> {
+    for p in paths {
+        if is_index_file(p) || is_hash_file(p) {
+            return Err(EngineError::Reference {
+                path: p.clone(),
+                what: "is an index or hash file; --source-reference needs the image itself (its bytes are the \
+                       dictionary)"
+                    .into(),
+            });
+        }
+        Image::open_read(p).map_err(|e| EngineError::Reference { path: p.clone(), what: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// What the target offers: (image digest, size, index into `refs.images`)
+/// of each reference that is still as it was hashed (size and mtime), is
+/// not `dst`, and fits [`MAX_SHARED_REF`]; each digest once.
+pub fn offers(refs: &ReferenceSet, dst: &Path) -> Vec<(Digest, u64, usize)> {
+    let mut out: Vec<(Digest, u64, usize)> = Vec::new();
+    for (i, im) in refs.index.images.iter().enumerate() {
+        let Some(r) = refs.images.get(i) else { break };
+        let same_file = std::fs::canonicalize(&im.path).ok() == std::fs::canonicalize(dst).ok();
+        if same_file || out.iter().any(|(d, _, _)| *d == im.image_digest) {
+            continue;
+        }
+        if let Some(why) = too_large(im.layout.size) {
+            log::info!(
+                "reference {} ({} bytes, {why}) is not offered as a shared dictionary (its blocks are still reused)",
+                im.path.display(),
+                im.layout.size
+            );
+            continue;
+        }
+        if r.image.size() != im.layout.size || crate::formats::index::mtime_ns(&im.path) != im.mtime_ns {
+            continue; // changed since hashed: its digest would not describe it
+        }
+        out.push((im.image_digest, im.layout.size, i));
+    }
+    out
+}
+
+/// The source's references, read into memory and hashed from there, as the
+/// copy starts (on a thread of its own, while the target loads its own
+/// references: the offer then finds them ready). A reference above
+/// [`MAX_SHARED_REF`] is left out, said once in the log.
+pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Vec<SharedRef>, EngineError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let img = Image::open_read(p)?;
+        let size = img.size();
+        if let Some(why) = too_large(size) {
+            log::warn!("source reference {} ({size} bytes, {why}) is not used as a shared dictionary", p.display());
+            continue;
+        }
+        out.push(load(p, &img, None, algo, block_size)?);
+    }
+    Ok(out)
+}
+
+/// The source's choice among the target's `offered` references: the first
+/// of its `loaded` references with an offered digest and size. Each one
+/// left out is said once in the log.
+pub fn choose(loaded: Vec<SharedRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
+    for r in loaded {
+        #[cfg(test)]
+        let r = forged::apply(r, offered);
+        let size = r.bytes.len() as u64;
+        if offered.iter().any(|&(d, s)| d == r.digest && s == size) {
+            log::info!("shared reference: {} (digest {}) is the stream's dictionary", r.path.display(), hex(&r.digest));
+            return Some(r);
+        }
+        log::info!(
+            "source reference {} ({size} bytes, digest {}) is not one the target holds; not used",
+            r.path.display(),
+            hex(&r.digest)
+        );
+    }
+    None
+}
+
+/// Tests only: a source reference whose digest is taken from the target's
+/// offer of the same size instead of from its bytes, to see what a
+/// dictionary that differs between the two ends does.
+#[cfg(test)]
+pub(crate) mod forged {
+    use super::*;
+    use std::sync::Mutex;
+
+    static PATHS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(crate) fn forge(path: &Path) {
+        PATHS.lock().unwrap().push(path.into());
+    }
+
+    pub(super) fn apply(mut r: SharedRef, offered: &[(Digest, u64)]) -> SharedRef {
+        if PATHS.lock().unwrap().contains(&r.path) {
+            if let Some((d, _)) = offered.iter().find(|(_, s)| *s == r.bytes.len() as u64) {
+                r.digest = *d;
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::source::{self, SourceOptions};
+    use crate::copy::target::{self, TargetOptions};
+    use crate::copy::Progress;
+    use crate::wire::transport::Link;
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The two ends agree on a digest but hold different bytes (the
+    /// source's digest forged): blocks decoded with the wrong dictionary
+    /// fail their keys, the copy fails naming the shared reference, and
+    /// DST holds no block that is not the source's.
+    #[test]
+    fn a_dictionary_that_differs_between_the_ends_fails_clearly_never_writes_a_wrong_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096;
+        let blocks = 64;
+        let reference = noise(3, blocks * bs);
+        // The source's copy: the same size, a byte in each 1000 other.
+        let mut other = reference.clone();
+        for x in other.iter_mut().step_by(1000) {
+            *x = x.wrapping_add(1);
+        }
+        // SRC is made from the source's copy: its matches are bytes the
+        // target's copy does not have.
+        let mut image = other.clone();
+        for b in 0..blocks {
+            image[b * bs + 17 * b] ^= 0x40;
+        }
+        let [r_t, r_s, src, dst] = ["ref-t.img", "ref-s.img", "src.img", "dst.img"].map(|n| dir.path().join(n));
+        std::fs::write(&r_t, &reference).unwrap();
+        std::fs::write(&r_s, &other).unwrap();
+        std::fs::write(&src, &image).unwrap();
+        forged::forge(&r_s);
+        let (a, b) = Link::pair().unwrap();
+        let (dst2, r_t2) = (dst.clone(), r_t.clone());
+        let t = std::thread::spawn(move || {
+            let opts = TargetOptions { references: vec![r_t2], ..TargetOptions::default() };
+            target::run(&dst2, &opts, b, &Progress::hidden())
+        });
+        let opts = SourceOptions {
+            compress: "zstd".parse().unwrap(),
+            source_references: vec![r_s.clone()],
+            ..SourceOptions::default()
+        };
+        let s = source::run(&src, &opts, a, &Progress::hidden());
+        let e = t.join().unwrap().expect_err("a wrong dictionary must not give a verified copy");
+        assert!(s.is_err());
+        assert!(matches!(e, EngineError::SharedRefMismatch { .. }), "not a clear error: {e}");
+        if let EngineError::SharedRefMismatch { path, .. } = &e {
+            assert_eq!(path, &r_t);
+            assert!(e.to_string().contains("--source-reference"), "{e}");
+        }
+        let got = std::fs::read(&dst).unwrap_or_default();
+        for (i, block) in got.chunks(bs).enumerate() {
+            assert!(
+                block.iter().all(|&x| x == 0) || block == &image[i * bs..(i + 1) * bs],
+                "DST block {i} holds bytes that are not the source's"
+            );
+        }
+    }
+
+    #[test]
+    fn the_limits_are_the_constant_and_the_memory_available() {
+        assert!(too_large(MAX_SHARED_REF + 1).unwrap().contains("limit"));
+        assert_eq!(too_large(4096), None);
+        if let Some(avail) = crate::copy::target::mem_available() {
+            if avail / 2 < MAX_SHARED_REF {
+                assert!(too_large(avail / 2 + 1).unwrap().contains("memory available"));
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_in_memory_hash_as_the_file_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.img");
+        std::fs::write(&p, noise(9, 70_000)).unwrap();
+        let img = Image::open_read(&p).unwrap();
+        let layout = layout_of(&img, 4096, Align::Partitions).unwrap();
+        let want = BlockMap::of_image(&img, layout, Algorithm::Blake3).unwrap().image_digest;
+        let r = load(&p, &img, None, Algorithm::Blake3, 4096).unwrap();
+        assert_eq!(r.digest, want);
+        assert_eq!(&r.bytes[..], &std::fs::read(&p).unwrap()[..]);
+    }
+}

@@ -1,0 +1,397 @@
+//! A reference both hosts hold as the zstd stream's dictionary (capability
+//! `CAP_SHARED_REF`, `copy --source-reference`): random images derived from
+//! a random reference, copied with the reference on both sides, on one side
+//! only, or another image of the same size on the source's side, through a
+//! relay that can hide the capability (a peer of the previous release) or
+//! lie in the source's choice. (A dictionary that differs between the two
+//! ends behind an agreed digest is tested in `copy::shared_ref`, which can
+//! forge the source's digest.)
+
+mod common;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use relay::Outcome;
+use relay::{hide, keep, relay, Edit};
+use xenmig::blocks::layout::Align;
+use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
+use xenmig::copy::target::{self, TargetOptions};
+use xenmig::copy::{Progress, Report};
+use xenmig::wire::compress::Choice;
+use xenmig::wire::protocol::{Message, CAP_SHARED_REF};
+use xenmig::wire::transport::Link;
+
+const BS: usize = 4096;
+
+/// Hide the capability in a Hello (a peer that does not know it).
+fn hide_shared() -> Edit {
+    hide(CAP_SHARED_REF)
+}
+
+struct Setup<'a> {
+    src: &'a Path,
+    dst: &'a Path,
+    /// `-r` on the target's side.
+    target_refs: Vec<PathBuf>,
+    /// `--source-reference` on the source's side.
+    source_refs: Vec<PathBuf>,
+    codec: &'a str,
+    /// A live copy: change blocks of SRC between its passes with this.
+    live: Option<&'a dyn Fn(u32)>,
+}
+
+/// Copy in-process through a relay editing each direction.
+fn copy_through(s: &Setup<'_>, to_target: Edit, to_source: Edit) -> Outcome {
+    let (src_link, relay_s) = Link::pair().unwrap();
+    let (relay_t, tgt_link) = Link::pair().unwrap();
+    let r1 = relay(relay_s.reader, relay_t.writer, to_target);
+    let r2 = relay(relay_t.reader, relay_s.writer, to_source);
+    let (dst, references) = (s.dst.to_path_buf(), s.target_refs.clone());
+    let target = thread::spawn(move || {
+        let opts =
+            TargetOptions { idle_timeout: Some(Duration::from_secs(30)), references, ..TargetOptions::default() };
+        target::run(&dst, &opts, tgt_link, &Progress::hidden())
+    });
+    let opts = SourceOptions {
+        block_size: BS as u32,
+        align: Align::Flat,
+        compress: s.codec.parse::<Choice>().unwrap(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        source_references: s.source_refs.clone(),
+        live: s.live.map(|_| LiveOptions { max_passes: 3, converge_blocks: 0, ..LiveOptions::default() }),
+        ..SourceOptions::default()
+    };
+    let source = SourceSession::start(s.src, &opts, src_link, Progress::hidden()).and_then(|mut session| {
+        let r = (|| {
+            if let Some(change) = s.live {
+                for pass in 1..3 {
+                    change(pass);
+                    session.scan()?;
+                    session.send_pass()?;
+                }
+                change(3);
+                session.scan()?;
+            }
+            session.final_pass()
+        })();
+        match r {
+            Ok(rep) => session.finish(Duration::ZERO).map(|_| rep),
+            Err(e) => {
+                session.abort(&e);
+                Err(e)
+            }
+        }
+    });
+    let target = target.join().unwrap();
+    let _ = (r1.join(), r2.join());
+    Outcome { source, target }
+}
+
+/// How a block of the image relates to the reference.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Zero,
+    /// The reference's block `n` as it is (reused, never sent).
+    Same(u16),
+    /// The reference's block `n` with a few bytes changed: what the
+    /// dictionary is for.
+    Edited(u16, u16),
+    /// Bytes the reference does not have.
+    Fresh(u64),
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        1 => Just(Kind::Zero),
+        2 => any::<u16>().prop_map(Kind::Same),
+        4 => (any::<u16>(), any::<u16>()).prop_map(|(n, at)| Kind::Edited(n, at)),
+        2 => any::<u64>().prop_map(Kind::Fresh),
+    ]
+}
+
+/// The reference: `blocks` blocks of noise (nothing in it compresses
+/// without a dictionary).
+fn reference(seed: u64, blocks: usize) -> Vec<u8> {
+    common::noise(seed, blocks * BS)
+}
+
+fn derive(reference: &[u8], kinds: &[Kind]) -> Vec<u8> {
+    let n = reference.len() / BS;
+    let mut out = Vec::with_capacity(kinds.len() * BS);
+    for k in kinds {
+        match *k {
+            Kind::Zero => out.extend_from_slice(&[0u8; BS]),
+            Kind::Same(b) => out.extend_from_slice(&reference[b as usize % n * BS..][..BS]),
+            Kind::Edited(b, at) => {
+                let mut block = reference[b as usize % n * BS..][..BS].to_vec();
+                for i in 0..8 {
+                    let j = (at as usize + i * 397) % BS;
+                    block[j] = block[j].wrapping_add(1 + i as u8);
+                }
+                out.extend_from_slice(&block);
+            }
+            Kind::Fresh(seed) => out.extend_from_slice(&common::noise(seed, BS)),
+        }
+    }
+    out
+}
+
+/// What every successful copy must show.
+fn check(o: &Outcome, want: &[u8], dst: &Path) -> Report {
+    let t = o.target.as_ref().unwrap_or_else(|e| panic!("target: {e}"));
+    let s = o.source.as_ref().unwrap_or_else(|e| panic!("source: {e}"));
+    assert_eq!(fs::read(dst).unwrap(), want, "DST differs from SRC");
+    for r in [t, s] {
+        assert!(r.verified);
+        assert_eq!(r.blocks_total, r.blocks_zero + r.blocks_reused + r.blocks_fetched);
+    }
+    t.clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Byte-identical and verified wherever the reference is; the stream
+    /// takes it as its dictionary exactly when both ends hold it.
+    #[test]
+    fn copies_are_exact_wherever_the_reference_is(
+        seed in any::<u64>(),
+        ref_blocks in 1usize..48,
+        kinds in proptest::collection::vec(kind(), 1..96),
+        on_target in any::<bool>(),
+        on_source in any::<bool>(),
+        codec in prop_oneof![Just("zstd"), Just("auto"), Just("lz4")],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, src, dst) = (dir.path().join("ref.img"), dir.path().join("src.img"), dir.path().join("dst.img"));
+        let reference = reference(seed, ref_blocks);
+        fs::write(&r, &reference).unwrap();
+        // The source's copy of the reference lives elsewhere: only its
+        // bytes have to be the same.
+        let r_src = dir.path().join("ref-on-source.img");
+        fs::write(&r_src, &reference).unwrap();
+        let image = derive(&reference, &kinds);
+        fs::write(&src, &image).unwrap();
+        let setup = Setup {
+            src: &src,
+            dst: &dst,
+            target_refs: if on_target { vec![r.clone()] } else { vec![] },
+            source_refs: if on_source { vec![r_src.clone()] } else { vec![] },
+            codec,
+            live: None,
+        };
+        let o = copy_through(&setup, keep(), keep());
+        let rep = check(&o, &image, &dst);
+        let streams = codec != "lz4";
+        prop_assert_eq!(rep.shared_reference.is_some(), on_target && on_source && streams, "{:?}", rep.shared_reference);
+    }
+}
+
+fn one_byte_per_block_changed(dir: &Path, blocks: usize) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (r, src) = (dir.join("ref.img"), dir.join("src.img"));
+    let reference = reference(11, blocks);
+    fs::write(&r, &reference).unwrap();
+    let mut image = reference.clone();
+    for b in 0..blocks {
+        image[b * BS + (b * 37) % BS] ^= 0x80;
+    }
+    fs::write(&src, &image).unwrap();
+    (r, src, image)
+}
+
+/// Every block changed by one byte: none is reused, and without the
+/// dictionary each costs its 4 KiB of noise; with it, a few bytes.
+#[test]
+fn the_reference_pays_when_both_ends_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 256);
+    let dst = dir.path().join("dst.img");
+    let mut payload = Vec::new();
+    for source_refs in [vec![], vec![r.clone()]] {
+        let _ = fs::remove_file(&dst);
+        let setup =
+            Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None };
+        let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+        assert_eq!(rep.blocks_fetched, 256);
+        payload.push(rep.bytes_payload_wire);
+    }
+    assert!(payload[1] * 20 < payload[0], "with the reference {} bytes, without {}", payload[1], payload[0]);
+}
+
+/// A peer of the previous release (no capability bit) gets today's
+/// exchange: no offer, no choice, an empty history. The relay hides the bit
+/// in both Hellos (an old end neither sets it nor reads it); a current
+/// source without `--source-reference` does not set it either.
+#[test]
+fn a_peer_without_the_capability_gets_todays_exchange() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    for (hide, source_refs) in [(true, vec![r.clone()]), (false, vec![])] {
+        let _ = fs::remove_file(&dst);
+        let setup =
+            Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None };
+        let seen = Arc::new(AtomicBool::new(false));
+        let watch = |seen: Arc<AtomicBool>| -> Edit {
+            let mut hide_it = hide_shared();
+            Box::new(move |m| {
+                if matches!(m, Message::RefOffer { .. } | Message::RefChosen { .. }) {
+                    seen.store(true, Ordering::SeqCst);
+                }
+                if hide {
+                    hide_it(m)
+                } else {
+                    m
+                }
+            })
+        };
+        let o = copy_through(&setup, watch(seen.clone()), watch(seen.clone()));
+        let rep = check(&o, &image, &dst);
+        assert_eq!(rep.shared_reference, None);
+        assert!(!seen.load(Ordering::SeqCst), "a shared-reference frame crossed (hidden bit: {hide})");
+    }
+}
+
+/// A source's reference of the same size but other bytes: its digest is
+/// not the target's, so it is not used, and the copy is as without it.
+#[test]
+fn a_source_reference_with_another_digest_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let other = dir.path().join("other.img");
+    fs::write(&other, reference(12, 64)).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup =
+        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![other], codec: "zstd", live: None };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+}
+
+/// A source reference above the 1 GiB limit (a sparse file here) is not
+/// read, and the copy proceeds without a dictionary.
+#[test]
+fn a_source_reference_above_the_limit_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let big = dir.path().join("big.img");
+    fs::File::create(&big).unwrap().set_len(xenmig::copy::shared_ref::MAX_SHARED_REF + BS as u64).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![big], codec: "zstd", live: None };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+}
+
+/// A source that names a reference the target did not offer is refused,
+/// and nothing is reported verified.
+#[test]
+fn a_choice_that_was_not_offered_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, _) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let setup =
+        Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs: vec![r], codec: "zstd", live: None };
+    let lie: Edit = Box::new(|m| match m {
+        Message::RefChosen { chosen: Some(_) } => Message::RefChosen { chosen: Some([0xAB; 32]) },
+        m => m,
+    });
+    let o = copy_through(&setup, lie, keep());
+    let e = o.target.expect_err("a digest that was not offered must fail the copy").to_string();
+    assert!(e.contains("not offered"), "{e}");
+    assert!(o.source.is_err());
+}
+
+/// A live copy keeps the dictionary across its passes (one stream per
+/// copy), blocks changing between them.
+#[test]
+fn a_live_copy_keeps_the_dictionary_across_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, _) = one_byte_per_block_changed(dir.path(), 128);
+    let dst = dir.path().join("dst.img");
+    let reference = fs::read(&r).unwrap();
+    let change = |pass: u32| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&src).unwrap();
+        for b in (pass as usize * 7..128).step_by(11) {
+            let mut block = reference[b * BS..][..BS].to_vec();
+            block[pass as usize * 100] ^= 0x11;
+            f.write_all_at(&block, (b * BS) as u64).unwrap();
+        }
+    };
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r.clone()],
+        source_refs: vec![r],
+        codec: "zstd",
+        live: Some(&change),
+    };
+    let o = copy_through(&setup, keep(), keep());
+    let image = fs::read(&src).unwrap();
+    let rep = check(&o, &image, &dst);
+    assert!(rep.shared_reference.is_some());
+    assert!(rep.passes.len() >= 2, "{:?}", rep.passes);
+}
+
+fn xenmig(config: Option<&Path>, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin())
+        .args(args)
+        .env("XENMIG_CONFIG", config.map(|p| p.as_os_str().to_owned()).unwrap_or_default())
+        .output()
+        .unwrap()
+}
+
+fn report(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    common::check_counters(&v);
+    v
+}
+
+/// The command line: `--source-reference` for a local source, passed on to
+/// `serve --source` for a remote one, and `source_references` from the
+/// configuration file; a path that cannot be a dictionary is an error
+/// naming it.
+#[test]
+fn the_cli_takes_it_from_the_flag_the_far_end_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let (rs, ss, ds) = (common::s(&r), common::s(&src), common::s(&dst));
+    let remote_src = format!("h:{ss}");
+    let bin = common::bin();
+    let remote = ["-s", "", "--remote-xenmig", common::s(&bin)];
+    let runs: Vec<(Vec<&str>, Option<PathBuf>)> = vec![
+        (vec!["--source-reference", rs, ss], None),
+        ([&remote[..], &["--source-reference", rs, &remote_src]].concat(), None),
+        (vec![ss], Some(dir.path().join("xenmig.yaml"))),
+    ];
+    fs::write(dir.path().join("xenmig.yaml"), format!("source_references: [{rs}]\n")).unwrap();
+    for (extra, config) in runs {
+        let _ = fs::remove_file(&dst);
+        let mut args = vec!["-q", "copy", "--json", "--compress", "zstd", "-r", rs];
+        args.extend(extra);
+        args.push(ds);
+        let v = report(&xenmig(config.as_deref(), &args));
+        assert_eq!(v["shared_reference"].as_str(), Some(rs), "{args:?}: {v}");
+        assert_eq!(fs::read(&dst).unwrap(), image);
+    }
+    // Not an image: refused before the copy, naming it.
+    let missing = dir.path().join("no-such.img");
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&missing), ss, ds]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.img"), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = dir.path().join("ref.xmi");
+    assert!(xenmig(None, &["index", "-o", common::s(&index), rs]).status.success());
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&index), ss, ds]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("index or hash file"), "{err}");
+}
