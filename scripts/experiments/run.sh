@@ -15,7 +15,8 @@
 #              (and big: a 4 GiB guest's return migration, after images.sh --big)
 #   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto precache rsync rsync-z casync zstd-patch
 #              (and xm-inplace: xenmig --compress auto onto a DST that already is a copy of
-#              REF, no -r: the same starting point rsync gets)
+#              REF, no -r: the same starting point rsync gets; xm-srcref: auto with
+#              --source-reference REF as well, REF on both hosts as zstd-patch needs)
 #   ROUNDS     rounds per cell (methods interleaved within a round)   quick: 1   full: 3
 #   SKIP_CELLS scenario:link cells left out                 quick: "cold:20"   full: none
 #
@@ -174,6 +175,11 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
             # (DST's own content is its reference) and rewrites it in place
             ip netns exec $NS_S "$BIN" copy -q --json --compress auto -s "$SSH" \
                 --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
+        xm-srcref)
+            # auto, with REF on the source too (the case zstd-patch needs):
+            # both ends start the stream with REF as its dictionary
+            ip netns exec $NS_S "$BIN" copy -q --json --compress auto "${refarg[@]}" --source-reference "$R" -s "$SSH" \
+                --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
         xm-*|precache)
             local c=${m#xm-}; [ "$m" = precache ] && c=auto
             ip netns exec $NS_S "$BIN" copy -q --json --compress "$c" "${refarg[@]}" -s "$SSH" \
@@ -208,7 +214,7 @@ for link in $LINKS; do
         for round in $(seq "$ROUNDS"); do
             for m in $METHODS; do
                 # cold: nothing on the target, so precache does not apply
-                [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ]; } && continue
+                [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ] || [ "$m" = xm-srcref ]; } && continue
                 prepare "$m" "$S" "$R"
                 started=$(date -u +%FT%TZ)
                 # (named by start time too: a later pass must not overwrite it)

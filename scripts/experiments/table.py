@@ -12,7 +12,7 @@ import csv
 import statistics
 import sys
 
-ORDER = ["simple", "xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-inplace", "precache",
+ORDER = ["simple", "xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-inplace", "xm-srcref", "precache",
          "rsync", "rsync-z", "casync", "zstd-patch"]
 cells = {}
 for r in csv.DictReader(open(sys.argv[1])):
