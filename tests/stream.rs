@@ -3,6 +3,8 @@
 //! the previous release) or damage the stream's pieces on the way.
 
 mod common;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::fs;
 use std::path::Path;
@@ -10,46 +12,21 @@ use std::thread;
 use std::time::Duration;
 
 use proptest::prelude::*;
+use relay::{hide, keep, relay, Edit};
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::{EngineError, Progress, Report};
 use xenmig::wire::compress::Choice;
-use xenmig::wire::protocol::{read_frame, write_message, Message, ProtocolError, CAP_ZSTD_STREAM};
+use xenmig::wire::protocol::{Message, CAP_ZSTD_STREAM};
 use xenmig::wire::stream::STREAM_CODE;
-use xenmig::wire::transport::{Link, Reader, Writer};
+use xenmig::wire::transport::Link;
 
 const BS: usize = 512;
 
-/// What the relay does to each frame on its way.
-type Edit = Box<dyn FnMut(Message) -> Message + Send>;
-
-/// Pass frames from `from` to `to` through `edit` until either side stops;
-/// an Error frame is passed on as such.
-fn relay(mut from: Reader, mut to: Writer, mut edit: Edit) -> thread::JoinHandle<()> {
-    thread::spawn(move || loop {
-        let m = match read_frame(&mut from, "relay") {
-            Ok(m) => edit(m),
-            Err(ProtocolError::Remote(message)) => Message::Error { message },
-            Err(_) => return,
-        };
-        let stop = matches!(m, Message::Error { .. });
-        if write_message(&mut to, &m).and_then(|_| Ok(to.flush()?)).is_err() || stop {
-            return;
-        }
-    })
-}
-
-fn keep() -> Edit {
-    Box::new(|m| m)
-}
-
 /// Hide the stream capability in a Hello (a peer that does not know it).
 fn hide_stream() -> Edit {
-    Box::new(|m| match m {
-        Message::Hello { version, role, caps } => Message::Hello { version, role, caps: caps & !CAP_ZSTD_STREAM },
-        m => m,
-    })
+    hide(CAP_ZSTD_STREAM)
 }
 
 /// Flip one byte of the `nth` stream piece, `at` (modulo its length) bytes in.

@@ -258,20 +258,6 @@ fn an_oversized_delta_is_refused() {
     assert!(o.source.is_err());
 }
 
-/// Bytes from a seeded xorshift: incompressible, different per seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// Onto a DST whose old blocks are unrelated to the new ones (another
 /// guest's data), every delta would be a whole block plus its request:
 /// once the answers show that, the target asks for runs. Only the deltas
@@ -282,9 +268,9 @@ fn deltas_stop_when_the_old_blocks_are_unrelated() {
     let blocks = 24 * 1024;
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let new = noise(1, blocks * BS);
+    let new = common::noise(1, blocks * BS);
     fs::write(&a, &new).unwrap();
-    fs::write(&b, noise(2, blocks * BS)).unwrap();
+    fs::write(&b, common::noise(2, blocks * BS)).unwrap();
     let o = copy_through(&a, &b, "none", keep(), keep());
     let rep = o.target.unwrap();
     assert!(fs::read(&b).unwrap() == new, "the copy differs");
