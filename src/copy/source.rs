@@ -337,7 +337,7 @@ impl SourceSession {
             zeros: ZeroDigests::new(opts.algo, layout.block_size as usize),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
-            auto: Mutex::new(AutoPolicy::new(stream_level.is_some())),
+            auto: Mutex::new(AutoPolicy::new(stream_level.is_some(), layout.size)),
             stats: link.stats.clone(),
             workers,
         });

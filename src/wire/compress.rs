@@ -231,6 +231,22 @@ const NO_BLOCK_EVIDENCE: u64 = 8 << 20;
 /// queued ahead of the first half (several megabytes), which would time
 /// the previous route instead.
 const SEGMENT_BYTES: u64 = 16 << 20;
+/// Segments where candidates are timed on a fast link ([`PROBE_RATE`]):
+/// at a few hundred MB/s a 16 MiB segment's timed half lasts some 40 ms,
+/// and one scheduling hiccup on a shared host moved such timings by half
+/// (`-vv` logs of the unshaped cells, docs/experiments.md).
+const TIMED_SEGMENT_BYTES: u64 = 64 << 20;
+/// Timing the candidates on a fast link costs a segment each on routes
+/// that are mostly slower; it pays only on a copy long enough that the
+/// trials are a small part of it (3 trials of [`TIMED_SEGMENT_BYTES`]
+/// are under 5% of this). Smaller images take [`FAST_LINK_ROUTE`] there.
+const TIMING_MIN_IMAGE: u64 = 4 << 30;
+/// The route on a fast link when the copy is too short to time the
+/// candidates: the link is not what limits the copy there, the CPUs are
+/// (often shared with the receiver, or ssh's), and lz4 halves the bytes
+/// for a few percent of a core, where zstd costs several times that
+/// (docs/experiments.md, "Direction 5, unshaped").
+const FAST_LINK_ROUTE: Route = Route::Run(Codec::Lz4);
 /// Above this drain rate the link is not clearly the bottleneck: blocked
 /// writes may be waiting for the receiver's CPU (or, with both ends on one
 /// host, for CPU we share), which the link model cannot see. There `auto`
@@ -239,6 +255,8 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 const PROBE_RATE: f64 = 30e6;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
+/// Timings within this fraction of the fastest count as a tie.
+const TIMED_TIE: f64 = 0.10;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -285,11 +303,17 @@ pub struct AutoPolicy {
     /// The last decision was the model's (the link drains below
     /// [`PROBE_RATE`]).
     slow_link: bool,
+    /// The image is large enough to time candidates on a fast link
+    /// ([`TIMING_MIN_IMAGE`]).
+    may_time: bool,
+    /// No decision was taken yet: the route is the initial one, kept until
+    /// the link is known.
+    unknown: bool,
 }
 
 impl Default for AutoPolicy {
     fn default() -> Self {
-        AutoPolicy::new(false)
+        AutoPolicy::new(false, 0)
     }
 }
 
@@ -301,7 +325,8 @@ impl AutoPolicy {
     /// output (the stream, or per-run zstd 6): on a slow link the first
     /// megabytes cost the most, on a fast one the stronger codec only costs
     /// CPU for the few megabytes it takes to learn that the link is fast.
-    pub fn new(streamed: bool) -> AutoPolicy {
+    /// `image_bytes`: the image's size, which bounds what the copy sends.
+    pub fn new(streamed: bool, image_bytes: u64) -> AutoPolicy {
         AutoPolicy {
             candidates: if streamed { &STREAM_CANDIDATES } else { &CANDIDATES },
             samples: [None; 4],
@@ -314,6 +339,8 @@ impl AutoPolicy {
             timings: [None; 4],
             blind: false,
             slow_link: false,
+            may_time: image_bytes >= TIMING_MIN_IMAGE,
+            unknown: true,
         }
     }
 
@@ -349,6 +376,12 @@ impl AutoPolicy {
             });
         }
         self.since_sample = 0;
+        if log::log_enabled!(log::Level::Debug) {
+            let seen: Vec<String> = (self.candidates.iter().zip(&self.samples))
+                .filter_map(|(r, s)| s.map(|s| format!("{r} {:.3} at {:.0} MB/s", s.ratio, 1e-6 / s.cpu_per_byte)))
+                .collect();
+            log::debug!("auto: sampled {}", seen.join(", "));
+        }
     }
 
     /// The route for the next `bytes` of input, sent at `now`. Decided once
@@ -364,27 +397,34 @@ impl AutoPolicy {
     ///   wins in the model there), the model may be wrong, as the receiver
     ///   or a shared CPU can be the bottleneck. Each candidate whose CPU
     ///   alone could beat the fastest timed one is timed on a segment of
-    ///   its own; then the fastest stays, until the timings are
-    ///   [`TIMING_SEGMENTS`] old.
+    ///   its own (segments of [`TIMED_SEGMENT_BYTES`]); then the fastest
+    ///   stays, until the timings are [`TIMING_SEGMENTS`] old. On an image
+    ///   smaller than [`TIMING_MIN_IMAGE`] nothing is timed: the route is
+    ///   [`FAST_LINK_ROUTE`].
     pub fn choose(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
         self.since_sample = self.since_sample.saturating_add(bytes);
-        let half = SEGMENT_BYTES / 2;
+        let len = if self.may_time && !self.slow_link && !self.unknown { TIMED_SEGMENT_BYTES } else { SEGMENT_BYTES };
+        let half = len / 2;
         if self.segment_bytes < half && self.segment_bytes + bytes >= half {
             self.half_start = Some(now);
         }
         self.segment_bytes += bytes;
-        let seen_blocking = self.blind && link.drain_rate.is_some();
-        if self.segment_bytes < SEGMENT_BYTES && !seen_blocking {
+        // The link just became known (a write blocked, or enough went
+        // without one): decide now, not at the end of the segment.
+        let learnt = (self.blind || self.unknown)
+            && (link.drain_rate.is_some() || (self.unknown && link.written >= NO_BLOCK_EVIDENCE));
+        if self.segment_bytes < len && !learnt {
             return self.current;
         }
-        if seen_blocking {
+        if learnt {
             self.half_start = None; // not a whole segment: not timed
         }
         if let Some(start) = self.half_start.take() {
             let secs = now.duration_since(start).as_secs_f64();
-            if self.segment > 0 && secs > 0.0 {
+            if self.may_time && self.segment > 0 && secs > 0.0 {
                 if let Some(i) = self.index(self.current) {
                     let rate = (self.segment_bytes - half) as f64 / secs;
+                    log::debug!("auto: {} timed at {:.1} MB/s in segment {}", self.current, rate / 1e6, self.segment);
                     self.timings[i] = Some(Timing { rate, segment: self.segment });
                 }
             }
@@ -395,11 +435,21 @@ impl AutoPolicy {
         let rate = match link.drain_rate {
             Some(rate) => rate,
             None if link.written >= NO_BLOCK_EVIDENCE => f64::INFINITY,
-            None => return self.current,
+            None => {
+                log::debug!("auto: link still unknown after {} bytes written (segment {})", link.written, self.segment);
+                return self.current;
+            }
         };
         self.blind = link.drain_rate.is_none();
-        self.slow_link = rate < PROBE_RATE;
-        let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(rate, workers) };
+        // Once the link was fast, a dip below PROBE_RATE is more often the
+        // receiver (or a CPU it shares with us) pausing than the link
+        // slowing: on the unshaped cells the drain rate read 22-26 MB/s for
+        // a moment in most copies, and the stream it then chose was the
+        // slowest route there. A slow link reads far below that.
+        let slow_below = if self.slow_link || self.unknown { PROBE_RATE } else { PROBE_RATE / 2.0 };
+        self.unknown = false;
+        self.slow_link = rate < slow_below;
+        let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
         if next != self.current {
             log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
         }
@@ -436,25 +486,42 @@ impl AutoPolicy {
     }
 
     /// On a fast link: the fastest timed route, or one to time first.
-    fn timed(&self, rate: f64, workers: usize) -> Route {
+    fn timed(&self, workers: usize) -> Route {
+        if !self.may_time {
+            return FAST_LINK_ROUTE;
+        }
         let fresh = |t: &Option<Timing>| t.filter(|t| self.segment - t.segment <= TIMING_SEGMENTS);
         let best =
             (0..4).filter_map(|i| fresh(&self.timings[i]).map(|t| (t.rate, i))).max_by(|a, b| a.0.total_cmp(&b.0));
         let Some((best_rate, best)) = best else {
-            // Nothing timed yet: start from the model's choice.
-            return self.modelled(rate, workers);
+            // Nothing timed yet: start from the light codec.
+            return FAST_LINK_ROUTE;
         };
         for (i, r) in self.candidates.iter().enumerate() {
             if fresh(&self.timings[i]).is_some() {
                 continue;
             }
-            if let Some(s) = self.samples[i] {
-                if s.cpu_per_byte / Self::threads(*r, workers) < 0.95 / best_rate {
-                    return *r;
-                }
+            if self.cpu(i, workers).is_some_and(|cpu| cpu < 0.95 / best_rate) {
+                return *r;
             }
         }
-        self.candidates[best]
+        // Each route was timed on other data than the others (the segments
+        // differ in how well they compress), so timings a few percent apart
+        // are a tie, and a tie goes to the route with less CPU per byte:
+        // on a host whose cores the receiver shares, it leaves them to it.
+        let lightest = (0..4)
+            .filter(|&i| fresh(&self.timings[i]).is_some_and(|t| t.rate >= best_rate * (1.0 - TIMED_TIE)))
+            .min_by(|&a, &b| {
+                let cpu = |i| self.cpu(i, workers).unwrap_or(f64::INFINITY);
+                cpu(a).total_cmp(&cpu(b))
+            });
+        self.candidates[lightest.unwrap_or(best)]
+    }
+
+    /// Sampled CPU seconds per input byte of candidate `i`, its threads
+    /// counted.
+    fn cpu(&self, i: usize, workers: usize) -> Option<f64> {
+        self.samples[i].map(|s| s.cpu_per_byte / Self::threads(self.candidates[i], workers))
     }
 }
 
@@ -539,7 +606,7 @@ mod tests {
         let data = text(2 << 20);
         let now = Instant::now();
         for streamed in [true, false] {
-            let mut p = AutoPolicy::new(streamed);
+            let mut p = AutoPolicy::new(streamed, 1 << 30);
             p.sample(&data);
             let strongest = if streamed { Route::Stream } else { Route::Run(Codec::Zstd(6)) };
             let unknown = LinkView { drain_rate: None, written: 0 };
@@ -548,9 +615,10 @@ mod tests {
             assert_eq!(segment(&mut p, unknown, 2, now), strongest);
             let buffers_filling = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE - 1 };
             assert_eq!(segment(&mut p, buffers_filling, 2, now), strongest);
+            // Known as soon as it is: not at the end of the segment.
             let never_blocked = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE };
-            assert_eq!(segment(&mut p, never_blocked, 2, now), Route::Run(Codec::None));
-            assert_eq!(p.choose(never_blocked, 2, 4096, now), Route::Run(Codec::None));
+            assert_eq!(p.choose(never_blocked, 2, 4096, now), FAST_LINK_ROUTE);
+            assert_eq!(p.choose(never_blocked, 2, 4096, now), FAST_LINK_ROUTE);
             // Raw data blocked and measured a slow link: strong again at
             // once, not at the end of the segment.
             assert_eq!(p.choose(rate(1e6), 2, 4096, now), strongest);
@@ -573,7 +641,7 @@ mod tests {
         assert!(matches!(p.modelled(1_000.0, 2), Route::Run(Codec::Zstd(_))));
         assert_eq!(p.modelled(1e15, 2), Route::Run(Codec::None));
         // With a stream: it is a candidate too, never on an infinitely fast link.
-        let mut p = AutoPolicy::new(true);
+        let mut p = AutoPolicy::new(true, 1 << 30);
         p.sample(&data);
         assert_eq!(p.modelled(1_000.0, 2), Route::Stream);
         assert_eq!(p.modelled(1e15, 2), Route::Run(Codec::None));
@@ -588,7 +656,7 @@ mod tests {
         let lz4 = Sample { ratio: 0.5, cpu_per_byte: 1e-9 };
         let zstd = Sample { ratio: 0.3, cpu_per_byte: 1e-8 };
         let stream = Sample { ratio: 0.2, cpu_per_byte: 1e-8 };
-        let mut p = AutoPolicy::new(true);
+        let mut p = AutoPolicy::new(true, 1 << 30);
         p.samples = [Some(none), Some(lz4), Some(stream), Some(zstd)];
         // 60 MB/s: per-run zstd on 8 threads costs max(1.25e-9, 5e-9); the
         // stream on one thread max(1e-8, 3.3e-9): per-run zstd wins.
@@ -596,7 +664,7 @@ mod tests {
         // 1 MB/s: the link decides; the stream's smaller output wins.
         assert_eq!(p.modelled(1e6, 8), Route::Stream);
         // Without a stream it is never chosen.
-        let mut p = AutoPolicy::new(false);
+        let mut p = AutoPolicy::new(false, 1 << 30);
         p.samples = [Some(none), Some(lz4), Some(zstd), Some(Sample { ratio: 0.25, cpu_per_byte: 3e-8 })];
         // (here the fourth candidate is per-run zstd 6)
         assert_eq!(p.modelled(1e6, 8), Route::Run(Codec::Zstd(6)));
@@ -631,34 +699,81 @@ mod tests {
     }
 
     /// Where the link drains fast, the receiver or a shared CPU may be the
-    /// bottleneck, which the model cannot see: candidates are timed, and
-    /// the fastest kept, even against the model.
+    /// bottleneck, which the model cannot see: on a copy long enough,
+    /// candidates are timed, and the fastest kept, even against the model
+    /// (which picks raw at 1 GB/s).
     #[test]
-    fn on_a_fast_link_auto_keeps_the_fastest_timed_route() {
-        let mut p = AutoPolicy::new(true);
+    fn on_a_fast_link_a_long_copy_keeps_the_fastest_timed_route() {
+        let mut p = AutoPolicy::new(true, 8 << 30);
         measured_samples(&mut p);
-        // Raw is what the model picks at 1 GB/s; lz4 is what is fastest.
         let speed = |r: Route| match r {
             Route::Run(Codec::None) => 300e6,
-            Route::Run(Codec::Lz4) => 500e6,
-            Route::Run(_) => 200e6,
+            Route::Run(Codec::Lz4) => 400e6,
+            Route::Run(_) => 600e6,
             Route::Stream => 100e6,
         };
         let routes = run(&mut p, 1e9, 40, speed);
+        // Light first: the first segment goes through lz4.
+        assert_eq!(routes[0], FAST_LINK_ROUTE, "{routes:?}");
         let tail = &routes[routes.len() - 10..];
-        assert!(tail.iter().filter(|r| **r == Route::Run(Codec::Lz4)).count() >= 8, "lz4 not kept: {routes:?}");
-        // The stream, whose CPU alone is slower than timed lz4, is never
-        // timed again once lz4 is.
-        let first_lz4 = routes.iter().position(|r| *r == Route::Run(Codec::Lz4)).unwrap();
-        assert!(!routes[first_lz4..].contains(&Route::Stream), "{routes:?}");
-        assert!(p.timings.iter().flatten().count() >= 2);
+        assert!(tail.iter().all(|r| *r == Route::Run(Codec::Zstd(1))), "zstd 1 not kept: {routes:?}");
+        // The stream, whose CPU alone is slower than what was timed, is
+        // never tried.
+        assert!(!routes.contains(&Route::Stream), "{routes:?}");
+        assert_eq!(p.timings.iter().flatten().count(), 3);
+    }
+
+    /// Timings a few percent apart were taken on different data: a tie,
+    /// which the route with less CPU per byte wins.
+    #[test]
+    fn timings_a_few_percent_apart_are_a_tie_for_the_lighter_route() {
+        let mut p = AutoPolicy::new(true, 8 << 30);
+        measured_samples(&mut p);
+        let speed = |r: Route| match r {
+            Route::Run(Codec::None) => 300e6,
+            Route::Run(Codec::Lz4) => 500e6,
+            Route::Run(_) => 520e6,
+            Route::Stream => 100e6,
+        };
+        let routes = run(&mut p, 1e9, 40, speed);
+        assert!(routes.contains(&Route::Run(Codec::Zstd(1))), "zstd 1 never timed: {routes:?}");
+        let tail = &routes[routes.len() - 10..];
+        assert!(tail.iter().all(|r| *r == Route::Run(Codec::Lz4)), "lz4 not kept: {routes:?}");
+    }
+
+    /// A copy too short for trials to pay takes the light codec on a fast
+    /// link and times nothing, whatever the model would say.
+    #[test]
+    fn on_a_fast_link_a_short_copy_takes_the_light_codec() {
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        measured_samples(&mut p);
+        for drain in [40e6, 1e9] {
+            let routes = run(&mut p, drain, 20, |_| 300e6);
+            assert!(routes.iter().all(|r| *r == FAST_LINK_ROUTE), "{routes:?}");
+        }
+        assert!(p.timings.iter().all(Option::is_none));
+    }
+
+    /// Once the link was fast, a short dip of the drain rate below
+    /// [`PROBE_RATE`] (the receiver pausing) does not send the copy
+    /// through the stream; a link that really slows down does.
+    #[test]
+    fn a_fast_link_that_dips_keeps_the_light_codec() {
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        measured_samples(&mut p);
+        assert!(run(&mut p, 200e6, 2, |_| 300e6).iter().all(|r| *r == FAST_LINK_ROUTE));
+        assert!(run(&mut p, 22e6, 2, |_| 300e6).iter().all(|r| *r == FAST_LINK_ROUTE));
+        assert_eq!(run(&mut p, 10e6, 2, |_| 300e6).last(), Some(&Route::Stream));
+        // Once slow, the model decides until the link is fast again.
+        assert_eq!(run(&mut p, 22e6, 1, |_| 300e6).last(), Some(&Route::Stream));
+        assert_eq!(run(&mut p, 200e6, 2, |_| 300e6).last(), Some(&FAST_LINK_ROUTE));
     }
 
     /// Where the link is slow, lighter codecs are not tried: they would only
     /// cost bytes.
     #[test]
     fn on_a_slow_link_auto_follows_the_model_without_trying() {
-        let mut p = AutoPolicy::new(true);
+        let mut p = AutoPolicy::new(true, 8 << 30);
         measured_samples(&mut p);
         let routes = run(&mut p, 12.5e6, 40, |_| 40e6);
         assert!(routes.iter().all(|r| *r == Route::Stream), "{routes:?}");
