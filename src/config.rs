@@ -19,7 +19,7 @@
 //! idle_timeout: 120
 //! log_format: json              # --log-format: text or json (stderr)
 //! references: [/dev/vg0/debian12, '/srv/templates/*.xmi']   # patterns: copy::refglob
-//! source_references: [/dev/vg0/debian12]   # copy --source-reference (paths on SRC's host)
+//! source_references: [/dev/vg0/debian12]   # copy/migrate --source-reference (paths on SRC's host)
 //! migrate:
 //!   target_vg: vg0
 //!   max_passes: 6
@@ -132,7 +132,7 @@ pub struct Settings {
     pub bwlimit: Option<At<Rate>>,
     pub idle_timeout: Option<At<u64>>,
     pub references: Option<At<Vec<PathBuf>>>,
-    /// `copy --source-reference`: images the source's host holds that the
+    /// `copy` and `migrate --source-reference`: images the source's host holds that the
     /// target's may hold too (plain paths, no patterns).
     pub source_references: Option<At<Vec<PathBuf>>>,
     pub log_format: Option<At<LogFormat>>,

@@ -59,6 +59,21 @@ hosts:
     target_vg: vg1
 ";
 
+/// `migrate --source-reference` takes the file's top-level
+/// `source_references` (paths on the source's host, never a host
+/// section's), and the flag over it.
+#[test]
+fn migrate_takes_source_references_from_the_file_or_the_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "source_references: [/dev/vg0/debian12]\n");
+    let f = cfg.display().to_string();
+    let r = rows(&xenmig(Some(&cfg), &["config", "--", "migrate", "web1", "host2"]));
+    assert_eq!(row(&r, "source_references"), ("/dev/vg0/debian12".into(), format!("{f}:1")));
+    let r =
+        rows(&xenmig(Some(&cfg), &["config", "--", "migrate", "--source-reference", "/dev/vg0/tmpl", "web1", "host2"]));
+    assert_eq!(row(&r, "source_references"), ("/dev/vg0/tmpl".into(), "flag".into()));
+}
+
 #[test]
 fn precedence_default_file_host_flag() {
     let d = tempfile::tempdir().unwrap();

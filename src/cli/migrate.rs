@@ -70,6 +70,14 @@ pub struct MigrateArgs {
     /// open (templates, other guests' disks, older releases).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     pub(crate) references: Vec<PathBuf>,
+    /// Image on this host that HOST may hold too (repeatable), as in `copy
+    /// --source-reference`: when HOST offers a reference with the same
+    /// image digest, the fetched blocks of every disk are compressed with
+    /// it as the zstd dictionary (a template both hosts keep). Each disk's
+    /// copy holds it in memory on both hosts (at most 1 GiB, and half the
+    /// memory available).
+    #[arg(long = "source-reference", value_name = "PATH")]
+    pub(crate) source_references: Vec<PathBuf>,
     /// Compression of fetched blocks, as in `copy`.
     #[arg(long, default_value = "auto", value_name = "CODEC")]
     pub(crate) compress: Choice,
@@ -215,8 +223,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
         }),
         idle_timeout: a.idle.timeout(),
         bwlimit: a.bwlimit,
-        // (not offered by migrate yet: `copy --source-reference` only)
-        source_references: Vec::new(),
+        source_references: a.source_references,
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;

@@ -11,7 +11,7 @@
 //! | command | settings from the file |
 //! |---|---|
 //! | `copy` | ssh, remote_xenmig, compress, hash, block_size, bwlimit, idle_timeout, references (host section: of the remote end), source_references (top level only) |
-//! | `migrate` | the same (host section: HOST's), and `migrate:` |
+//! | `migrate` | the same (host section: HOST's; source_references top level only), and `migrate:` |
 //! | `serve` | compress, hash, block_size, idle_timeout; bwlimit and source_references as `--source`, references as `--target` (top level only: it does not know its peer) |
 //! | `hash`, `index` | hash, block_size |
 //! | `similarity` | hash, block_size, references |
@@ -348,6 +348,7 @@ fn apply_migrate(a: &mut MigrateArgs, log_format: &mut LogFormat, m: &ArgMatches
         shown,
     );
     r.pick("migrate.rescan", "rescan", &mut a.rescan, None, mg.rescan.as_ref(), |v| v.name().to_string());
+    apply_source_references(&mut r, cfg, &mut a.source_references);
     apply_log_format(&mut r, cfg, log_format);
     r.rows
 }
