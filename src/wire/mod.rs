@@ -4,6 +4,7 @@
 //! - [`compress`]: codecs and the `auto` policy.
 //! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
+//! - [`sketch`]: a resemblance sketch of a block; DST's blocks indexed by it.
 //! - [`subgroup`]: a group's keys only where its sub-groups differ from DST's.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
@@ -16,6 +17,7 @@ pub mod protocol;
 pub mod rate;
 pub mod stream;
 pub mod subdelta;
+pub mod sketch;
 pub mod subgroup;
 pub mod throttle;
 pub mod transport;
