@@ -13,41 +13,56 @@
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::ImageError;
-use crate::wire::sketch::{self, Index, SFS};
+use rayon::prelude::*;
+
+use crate::wire::sketch::{self, Index, Sketch, SFS};
 
 /// Entries the index holds at most (about 40 bytes each: ~60 MB), one per
 /// super-feature of each block: 2^19 blocks, 2 GiB of 4 KiB blocks.
 pub(super) const MAX_ENTRIES: usize = SFS << 19;
 
+/// Groups sketched in parallel between insertions (the sketches are put in
+/// the index in block order, so the first block with a value keeps it).
+const BATCH: u64 = 64;
+
 /// Index the blocks of `dst` for which `usable(block)` holds (non-zero,
-/// still as DST held them), reading one group at a time. None when no
-/// block was indexed.
+/// still as DST held them), reading one group per task on all cores
+/// (rayon). None when no block was indexed.
 pub(super) fn build(
     dst: &dyn Disk,
     layout: &Layout,
     usable: impl Fn(u64) -> bool,
     cap: usize,
 ) -> Result<Option<Index>, ImageError> {
-    let mut index = Index::new(cap);
-    let mut buf = Vec::new();
-    let mut indexed = 0u64;
-    'groups: for g in 0..layout.group_count() {
+    let wanted: Vec<bool> = (0..layout.block_count()).map(usable).collect();
+    let sketch_group = |g: u64| -> Result<Vec<(u64, Sketch)>, ImageError> {
         let (a, b) = layout.group_range(g);
-        let wanted: Vec<u64> = (a..b).filter(|&i| usable(i)).collect();
-        let (Some(&first), Some(&last)) = (wanted.first(), wanted.last()) else { continue };
+        let blocks: Vec<u64> = (a..b).filter(|&i| wanted[i as usize]).collect();
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else { return Ok(Vec::new()) };
         let (start, _) = layout.extent(first);
         let (end_off, end_len) = layout.extent(last);
-        buf.resize((end_off + end_len as u64 - start) as usize, 0);
+        let mut buf = vec![0u8; (end_off + end_len as u64 - start) as usize];
         dst.read_at(&mut buf, start)?;
-        for i in wanted {
-            let (off, len) = layout.extent(i);
-            let at = (off - start) as usize;
-            if let Some(s) = sketch::sketch(&buf[at..at + len]) {
-                if !index.insert(i, &s) {
-                    break 'groups;
-                }
-                indexed += 1;
+        Ok(blocks
+            .into_iter()
+            .filter_map(|i| {
+                let (off, len) = layout.extent(i);
+                let at = (off - start) as usize;
+                sketch::sketch(&buf[at..at + len]).map(|s| (i, s))
+            })
+            .collect())
+    };
+    let mut index = Index::new(cap);
+    let mut indexed = 0u64;
+    let groups = layout.group_count();
+    'batches: for first in (0..groups).step_by(BATCH as usize) {
+        let batch: Vec<Vec<(u64, Sketch)>> =
+            (first..(first + BATCH).min(groups)).into_par_iter().map(sketch_group).collect::<Result<_, _>>()?;
+        for (i, s) in batch.into_iter().flatten() {
+            if !index.insert(i, &s) {
+                break 'batches;
             }
+            indexed += 1;
         }
     }
     log::debug!("similar blocks: {indexed} blocks of DST indexed ({} entries)", index.len());

@@ -1265,8 +1265,8 @@ fn sketches(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError>
         .map(|i| {
             let (off, len) = sh.layout.extent(i);
             let at = (off - start) as usize;
-            // A block shorter than a window has no features: zeros, which
-            // at worst name a useless candidate (the delta is checked).
+            // A block without features: zeros, which the target takes
+            // as "none" (and a sketch of zeros by chance as the same).
             sketch::sketch(&raw[at..at + len]).map(|s| sketch::to_bytes(&s)).unwrap_or_default()
         })
         .collect();

@@ -1316,7 +1316,8 @@ impl Target<'_> {
             }
             let len = self.layout.extent(i).1;
             let found = match &self.sim_index {
-                Some(Some(index)) => index.best(&sketch::from_bytes(s), |j| {
+                // (All zeros: the source's block has no features.)
+                Some(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
                     j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.still_old(j)
                 }),
                 _ => None,

@@ -17,7 +17,11 @@
 //! (`h = (h << 1) + GEAR[byte]` in 32 bits, so each window's hash depends
 //! on exactly its bytes), [`FEATURES`] features each the maximum over the
 //! block of a linear transform `m * h + a` of it, and every
-//! [`PER_SF`] features hashed into one super-feature. Two blocks sharing
+//! [`PER_SF`] features hashed into one super-feature. Only windows whose
+//! hash has its top [`SAMPLE_BITS`] bits zero are transformed (content-
+//! defined sampling, as Odess does): two blocks sharing content sample the
+//! same windows there, and the transforms, most of the work, run on one
+//! window in 16 (the index of a 360 MB DST took 2.4 s without it). Two blocks sharing
 //! most of their content share a super-feature with high probability; one
 //! shared super-feature is a candidate, more is a better one. A sketch
 //! says nothing for sure: the delta's result is checked against the
@@ -36,6 +40,8 @@ pub const WINDOW: usize = 32;
 pub const FEATURES: usize = 12;
 /// Features hashed into one super-feature.
 pub const PER_SF: usize = 4;
+/// Windows are sampled where the hash's top this many bits are zero.
+pub const SAMPLE_BITS: u32 = 4;
 /// Super-features per sketch.
 pub const SFS: usize = FEATURES / PER_SF;
 /// Bytes of one sketch on the wire (little-endian u32 per super-feature).
@@ -84,8 +90,9 @@ const fn transforms() -> ([u32; FEATURES], [u32; FEATURES]) {
 const GEAR: [u32; 256] = gear_table();
 const TRANSFORMS: ([u32; FEATURES], [u32; FEATURES]) = transforms();
 
-/// The sketch of `block`, or None when it is shorter than a window (no
-/// feature to take).
+/// The sketch of `block`, or None when no window of it was sampled (shorter
+/// than a window, or content such as a repeated byte whose windows all
+/// hash alike): no feature to take.
 pub fn sketch(block: &[u8]) -> Option<Sketch> {
     if block.len() < WINDOW {
         return None;
@@ -96,11 +103,19 @@ pub fn sketch(block: &[u8]) -> Option<Sketch> {
         h = (h << 1).wrapping_add(GEAR[b as usize]);
     }
     let mut f = [0u32; FEATURES];
+    let mut sampled = false;
     for &b in &block[WINDOW - 1..] {
         h = (h << 1).wrapping_add(GEAR[b as usize]);
+        if h >> (32 - SAMPLE_BITS) != 0 {
+            continue;
+        }
+        sampled = true;
         for t in 0..FEATURES {
             f[t] = f[t].max(m[t].wrapping_mul(h).wrapping_add(a[t]));
         }
+    }
+    if !sampled {
+        return None;
     }
     let mut out = [0u32; SFS];
     for (s, chunk) in out.iter_mut().zip(f.chunks_exact(PER_SF)) {
@@ -229,18 +244,27 @@ mod tests {
     }
 
     #[test]
-    fn the_index_finds_the_similar_block_and_not_unrelated_ones() {
+    fn the_index_finds_similar_blocks_and_not_unrelated_ones() {
         let mut idx = Index::new(1 << 20);
         let blocks: Vec<Vec<u8>> = (0..200).map(|i| noise(100 + i, 4096)).collect();
         for (i, b) in blocks.iter().enumerate() {
             assert!(idx.insert(i as u64, &sketch(b).unwrap()));
         }
-        let mut edited = blocks[77].clone();
-        edited[2048..2560].copy_from_slice(&noise(9, 512));
-        assert_eq!(idx.best(&sketch(&edited).unwrap(), |_| true).map(|(b, _)| b), Some(77));
-        // Ruled out: no candidate.
+        // An eighth of each block rewritten: a sketch finds most, not all.
+        // A feature survives when its maximum was not in the rewritten
+        // eighth and the new bytes bring no larger one (~77%), a
+        // super-feature when all 4 do, the block when one of 3 does: ~73%.
+        let found = (0..200u64)
+            .filter(|&i| {
+                let mut edited = blocks[i as usize].clone();
+                edited[2048..2560].copy_from_slice(&noise(9 + i, 512));
+                idx.best(&sketch(&edited).unwrap(), |_| true).map(|(b, _)| b) == Some(i)
+            })
+            .count();
+        assert!(found >= 140, "found {found} of 200");
+        // Unrelated blocks: no candidate; a block ruled out: not offered.
+        assert!((0..200).all(|i| idx.best(&sketch(&noise(5000 + i, 4096)).unwrap(), |_| true).is_none()));
         assert_eq!(idx.best(&sketch(&blocks[77]).unwrap(), |b| b != 77), None);
-        assert_eq!(idx.best(&sketch(&noise(5000, 4096)).unwrap(), |_| true), None);
     }
 
     #[test]
@@ -259,13 +283,14 @@ mod tests {
     #[test]
     fn short_blocks_have_no_sketch_and_the_constants_are_fixed() {
         assert_eq!(sketch(&[0u8; WINDOW - 1]), None);
-        assert!(sketch(&[0u8; WINDOW]).is_some());
+        assert_eq!(sketch(&noise(4, WINDOW - 1)), None);
+        assert!(sketch(&noise(4, 4096)).is_some());
         // Both ends must compute the same sketch: a change of constants is
         // a protocol change (this value pins them).
         assert_eq!(sketch(&(0..=255u8).cycle().take(4096).collect::<Vec<_>>()), Some(PINNED));
     }
 
-    const PINNED: Sketch = [62926722, 3224124491, 263674438];
+    const PINNED: Sketch = [473848551, 728128060, 2274217399];
 
     proptest! {
         #[test]
