@@ -32,7 +32,11 @@ fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source:
 enum Far {
     Zero,
     /// Old block `n` (modulo the first half) with `len` bytes at `at` changed.
-    Moved { n: u16, at: u16, len: u16 },
+    Moved {
+        n: u16,
+        at: u16,
+        len: u16,
+    },
     /// New content.
     Fresh,
 }
@@ -79,7 +83,9 @@ fn images(seed: u64, half: usize, fars: &[Far]) -> (Vec<u8>, Vec<u8>, u64) {
         } else {
             b
         };
-        if b.iter().any(|&x| x != 0) && !olds.contains(&b) && index.best(&sketch::sketch(&b).unwrap(), |_| true).is_some()
+        if b.iter().any(|&x| x != 0)
+            && !olds.contains(&b)
+            && index.best(&sketch::sketch(&b).unwrap(), |_| true).is_some()
         {
             similar += 1;
         }

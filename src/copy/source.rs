@@ -43,9 +43,9 @@ use crate::wire::protocol::{
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
-use crate::wire::{sketch, subdelta};
 use crate::wire::subgroup::{self, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
+use crate::wire::{sketch, subdelta};
 
 use super::interrupt;
 use super::quiesce::Freeze;

@@ -45,11 +45,10 @@ use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR, CAP_SUB_DELTA,
-    CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
-use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::sketch::{self, SKETCH_LEN};
+use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
 use crate::wire::transport::{Link, Writer};
@@ -1248,7 +1247,7 @@ impl Target<'_> {
         }
         self.request_runs(&whole)?;
         let max = (MAX_RUN_BYTES / self.layout.block_size as u64).max(1) as u32;
-        for (f, c) in runs(far.into_iter(), max) {
+        for (f, c) in runs(far, max) {
             if self.sketch_asked.contains_key(&f) {
                 // (Cannot happen within a pass; never two answers for one key.)
                 self.request_runs(&(f..f + c as u64).collect::<Vec<_>>())?;
