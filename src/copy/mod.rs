@@ -21,6 +21,7 @@ pub mod references;
 pub mod refglob;
 pub mod run;
 pub mod shared_ref;
+mod similar;
 pub mod source;
 pub mod target;
 pub mod tracker;
@@ -144,6 +145,9 @@ pub struct Report {
     /// Of the fetched blocks, those sent as the sub-blocks that differ from
     /// the target's old version of them (`wire::subdelta`), each verified.
     pub blocks_delta: u64,
+    /// Of the delta blocks, those rebuilt on a similar block elsewhere in
+    /// the target (found by resemblance sketch, `wire::sketch`).
+    pub blocks_similar: u64,
     /// Deltas that did not rebuild their block (then fetched whole).
     pub deltas_failed: u64,
     /// Of the zero and reused blocks, those kept as the target held them
@@ -219,6 +223,7 @@ impl Default for Report {
             blocks_reused: 0,
             blocks_fetched: 0,
             blocks_delta: 0,
+            blocks_similar: 0,
             deltas_failed: 0,
             blocks_keyless: 0,
             groups_rekeyed: 0,

@@ -38,14 +38,14 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR, CAP_SUB_DELTA,
+    CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
-use crate::wire::subdelta;
 use crate::wire::subgroup::{self, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
+use crate::wire::{sketch, subdelta};
 
 use super::interrupt;
 use super::quiesce::Freeze;
@@ -305,7 +305,7 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let caps = live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+        let caps = live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SIMILAR;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -374,8 +374,11 @@ impl SourceSession {
         }));
         let reader_frames = frames_tx.clone();
         let reader_waiting = waiting.clone();
-        let optional =
-            Optional { deltas: agreed.caps & CAP_SUB_DELTA != 0, subgroups: agreed.caps & CAP_SUB_GROUPS != 0 };
+        let optional = Optional {
+            deltas: agreed.caps & CAP_SUB_DELTA != 0,
+            subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
+            sketches: agreed.caps & CAP_SIMILAR != 0,
+        };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
         let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
@@ -982,6 +985,8 @@ struct Optional {
     deltas: bool,
     /// `WantChangedKeys` (`CAP_SUB_GROUPS`).
     subgroups: bool,
+    /// `WantSketches` (`CAP_SIMILAR`).
+    sketches: bool,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1034,6 +1039,9 @@ fn read_loop(
                 let _ = work.send(m);
             }
             m @ Message::WantChangedKeys { .. } if optional.subgroups => {
+                let _ = work.send(m);
+            }
+            m @ Message::WantSketches { .. } if optional.sketches => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1150,6 +1158,9 @@ fn work_loop(
             Message::WantChangedKeys { group, subs, zero, keys } => {
                 changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
             }
+            Message::WantSketches { first_block, count } => {
+                sketches(sh, first_block, count).map(|m| Some(Reply::Frame(m)))
+            }
             _ => unreachable!("reader forwards only requests"),
         }
         .map(|r| match r {
@@ -1230,6 +1241,36 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Option<
             Reply::Frame(Message::Blocks { first_block: first, count, codec: code, raw_len, payload })
         }
     }))
+}
+
+/// Answer a `WantSketches`: the resemblance sketch of each block of a run
+/// (no longer than a `Fetch` may ask for).
+fn sketches(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError> {
+    let Some(end) = checked_end(first, count, sh.layout.block_count()) else {
+        return Err(EngineError::BadRequest(format!(
+            "sketches of blocks {first}+{count}, image has {}",
+            sh.layout.block_count()
+        )));
+    };
+    let (start, stop) = byte_range(&sh.layout, first, end);
+    if stop - start > MAX_RUN_BYTES {
+        return Err(EngineError::BadRequest(format!(
+            "sketches of a run of {} bytes, more than {MAX_RUN_BYTES}",
+            stop - start
+        )));
+    }
+    let mut raw = vec![0u8; (stop - start) as usize];
+    sh.img.read_at(&mut raw, start)?;
+    let sketches = (first..end)
+        .map(|i| {
+            let (off, len) = sh.layout.extent(i);
+            let at = (off - start) as usize;
+            // A block without features: zeros, which the target takes
+            // as "none" (and a sketch of zeros by chance as the same).
+            sketch::sketch(&raw[at..at + len]).map(|s| sketch::to_bytes(&s)).unwrap_or_default()
+        })
+        .collect();
+    Ok(Message::Sketches { first_block: first, sketches })
 }
 
 /// Answer a `FetchDelta`: block `block` as the sub-blocks that differ from

@@ -44,9 +44,10 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR, CAP_SUB_DELTA,
+    CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
+use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
@@ -55,6 +56,7 @@ use crate::wire::transport::{Link, Writer};
 use super::readback::{self, Written};
 use super::references::ReferenceSet;
 use super::shared_ref;
+use super::similar;
 use super::{EngineError, PassReport, Progress, Report};
 
 #[derive(Clone, Debug)]
@@ -204,6 +206,9 @@ enum State {
     Fetched,
     /// Fetched as a delta against DST's old version of it (`wire::subdelta`).
     Delta,
+    /// Fetched as a delta against a similar block elsewhere in DST
+    /// (`wire::sketch`).
+    Similar,
 }
 
 /// The receiver's states, as `protocol` draws them. A plain copy starts
@@ -303,10 +308,20 @@ pub(super) struct Target<'a> {
     /// `CAP_SUB_DELTA` agreed: blocks with an old version in DST may be
     /// asked for as deltas.
     deltas: bool,
-    /// Blocks asked for with `FetchDelta` and not answered yet (at most the
-    /// request window: nothing else is kept per delta, the old bytes are
-    /// read again from DST when the answer comes).
-    delta_asked: HashSet<u64>,
+    /// Blocks asked for with `FetchDelta` and not answered yet, each with
+    /// the block of DST its signature was made of (itself, or a similar
+    /// block elsewhere); at most the request window: the old bytes are read
+    /// again from DST when the answer comes.
+    delta_asked: HashMap<u64, u64>,
+    /// `CAP_SIMILAR` (and `CAP_SUB_DELTA`) agreed: blocks without an old
+    /// version at the same place may be asked for as deltas against a
+    /// similar block of DST, found by sketch.
+    similar: bool,
+    /// DST's blocks by sketch: None until first needed, Some(None) when DST
+    /// holds nothing to index (`copy::similar`).
+    sim_index: Option<Option<sketch::Index>>,
+    /// `WantSketches` awaiting their answer: first block, count.
+    sketch_asked: HashMap<u64, u32>,
     /// Deltas that did not rebuild their block, each then fetched whole.
     deltas_failed: u64,
     /// Whether deltas pay on this disk: their body's share of the block,
@@ -354,7 +369,7 @@ pub fn run_with(
     let (link, agreed) = handshake_within(
         link,
         Role::Target,
-        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF | CAP_SIMILAR,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -397,6 +412,7 @@ pub fn run_with(
             stream: agreed.caps & CAP_ZSTD_STREAM != 0,
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
+            similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -440,6 +456,8 @@ pub(super) struct LinkSide {
     deltas: bool,
     /// `CAP_SUB_GROUPS` agreed.
     subgroups: bool,
+    /// `CAP_SIMILAR` and `CAP_SUB_DELTA` agreed.
+    similar: bool,
 }
 
 impl<'a> Target<'a> {
@@ -528,8 +546,11 @@ impl<'a> Target<'a> {
             stream: link.as_ref().is_some_and(|l| l.stream).then_some(None),
             deltas: link.as_ref().is_some_and(|l| l.deltas),
             subgroups: link.as_ref().is_some_and(|l| l.subgroups),
+            similar: link.as_ref().is_some_and(|l| l.similar),
             out: link.map(|l| l.out),
-            delta_asked: HashSet::new(),
+            delta_asked: HashMap::new(),
+            sim_index: None,
+            sketch_asked: HashMap::new(),
             deltas_failed: 0,
             delta_share: DeltaShare::default(),
             probing: HashSet::new(),
@@ -650,6 +671,7 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::Sketches { .. }
                     if self.ref_offer.is_some() =>
                 {
                     return Err(EngineError::BadReply(format!(
@@ -661,6 +683,7 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::Sketches { .. }
                     if matches!(self.at, Receiving::BetweenPasses { .. }) =>
                 {
                     return Err(EngineError::BadReply(format!(
@@ -678,6 +701,9 @@ impl Target<'_> {
                 }
                 Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
                     self.on_changed_keys(group, subs, differ, keys)?
+                }
+                Message::Sketches { first_block, sketches } if self.similar => {
+                    self.on_sketches(first_block, sketches)?
                 }
                 other => return Err(ProtocolError::Unexpected { got: other.kind(), state: "copying" }.into()),
             }
@@ -860,8 +886,9 @@ impl Target<'_> {
             blocks_zero: count(State::Zero),
             blocks_reused: count(State::InPlace) + count(State::Reused),
             blocks_in_place: count(State::InPlace),
-            blocks_fetched: count(State::Fetched) + count(State::Delta),
-            blocks_delta: count(State::Delta),
+            blocks_fetched: count(State::Fetched) + count(State::Delta) + count(State::Similar),
+            blocks_delta: count(State::Delta) + count(State::Similar),
+            blocks_similar: count(State::Similar),
             deltas_failed: self.deltas_failed,
             blocks_keyless: self.blocks_keyless,
             groups_rekeyed: self.groups_rekeyed,
@@ -1186,16 +1213,27 @@ impl Target<'_> {
 
     /// Ask for missing `blocks` (ascending): as a delta each one whose old
     /// version DST holds at the same place (non-zero; it differs, or the
-    /// block would not be missing), the others in runs.
+    /// block would not be missing), the others in runs, or (`CAP_SIMILAR`,
+    /// DST holding something) first their sketches, to look for a similar
+    /// block in DST.
     fn request_missing(&mut self, blocks: &[u64]) -> Result<(), EngineError> {
         if !self.deltas {
             return self.request_runs(blocks);
         }
         let mut whole = Vec::with_capacity(blocks.len());
+        let mut far = Vec::new();
         for &i in blocks {
             let (off, len) = self.layout.extent(i);
-            if !subdelta::worth_it(len) || self.zeros.is_zero_digest(&self.have[i as usize], len) {
+            if !subdelta::worth_it(len) {
                 whole.push(i);
+                continue;
+            }
+            if self.zeros.is_zero_digest(&self.have[i as usize], len) {
+                if self.similar && self.similar_index()? {
+                    far.push(i);
+                } else {
+                    whole.push(i);
+                }
                 continue;
             }
             if !self.delta_share.ask() {
@@ -1204,8 +1242,94 @@ impl Target<'_> {
             }
             let mut old = vec![0u8; len];
             self.dst.read_at(&mut old, off)?;
-            self.delta_asked.insert(i);
+            self.delta_asked.insert(i, i);
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
+        }
+        self.request_runs(&whole)?;
+        let max = (MAX_RUN_BYTES / self.layout.block_size as u64).max(1) as u32;
+        for (f, c) in runs(far, max) {
+            if self.sketch_asked.contains_key(&f) {
+                // (Cannot happen within a pass; never two answers for one key.)
+                self.request_runs(&(f..f + c as u64).collect::<Vec<_>>())?;
+                continue;
+            }
+            self.sketch_asked.insert(f, c);
+            self.request(Message::WantSketches { first_block: f, count: c })?;
+        }
+        Ok(())
+    }
+
+    /// Whether DST still holds block `j` as it held it when indexed: kept
+    /// in place, or not yet settled in this pass (then it may be rewritten
+    /// before a delta against it comes back, which the key check catches).
+    fn still_old(&self, j: u64) -> bool {
+        match self.state[j as usize] {
+            State::InPlace => true,
+            State::Pending => !self.keys.contains_key(&(j / self.layout.group_blocks())),
+            _ => false,
+        }
+    }
+
+    /// The index of DST's blocks by sketch, built at the first call
+    /// (`copy::similar`); false when DST holds nothing to index.
+    fn similar_index(&mut self) -> Result<bool, EngineError> {
+        if self.sim_index.is_none() {
+            let started = Instant::now();
+            let index = similar::build(
+                &*self.dst,
+                &self.layout,
+                |j| {
+                    let len = self.layout.extent(j).1;
+                    self.still_old(j) && !self.zeros.is_zero_digest(&self.have[j as usize], len)
+                },
+                similar::MAX_ENTRIES,
+            )?;
+            log::debug!("similar blocks: index built in {:.2} s", started.elapsed().as_secs_f64());
+            self.sim_index = Some(index);
+        }
+        Ok(matches!(self.sim_index, Some(Some(_))))
+    }
+
+    /// Sketches of the run at `first`: each block still awaited is asked
+    /// for as a delta against the most similar block of DST, or whole
+    /// where there is none.
+    fn on_sketches(&mut self, first: u64, sketches: Vec<[u8; SKETCH_LEN]>) -> Result<(), EngineError> {
+        match self.sketch_asked.remove(&first) {
+            Some(n) if n as usize == sketches.len() => {}
+            _ => {
+                return Err(EngineError::BadReply(format!(
+                    "sketches of blocks {first}+{}, which were not asked for in pass {}",
+                    sketches.len(),
+                    self.at.pass()
+                )))
+            }
+        }
+        self.replied(&format!("sketches of blocks {first}+{}", sketches.len()))?;
+        let gb = self.layout.group_blocks();
+        let mut whole = Vec::new();
+        for (k, s) in sketches.iter().enumerate() {
+            let i = first + k as u64;
+            // (A group forgotten meanwhile asks for its blocks again.)
+            if self.state[i as usize] != State::Pending || !self.keys.contains_key(&(i / gb)) {
+                continue;
+            }
+            let len = self.layout.extent(i).1;
+            let found = match &self.sim_index {
+                // (All zeros: the source's block has no features.)
+                Some(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
+                    j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.still_old(j)
+                }),
+                _ => None,
+            };
+            match found {
+                Some((j, _)) if self.delta_share.ask() => {
+                    let mut old = vec![0u8; len];
+                    self.dst.read_at(&mut old, self.layout.extent(j).0)?;
+                    self.delta_asked.insert(i, j);
+                    self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
+                }
+                _ => whole.push(i),
+            }
         }
         self.request_runs(&whole)
     }
@@ -1336,15 +1460,16 @@ impl Target<'_> {
         if checked_end(i, 1, self.layout.block_count()).is_none()
             || self.state[i as usize] != State::Pending
             || !self.keys.contains_key(&g)
-            || !self.delta_asked.remove(&i)
+            || !self.delta_asked.contains_key(&i)
         {
             return Err(EngineError::BadReply(format!(
                 "a delta for block {i}, which was not asked for in pass {}",
                 self.at.pass()
             )));
         }
+        let base = self.delta_asked.remove(&i).expect("checked above");
         self.replied(&format!("a delta for block {i}"))?;
-        let (off, len) = self.layout.extent(i);
+        let len = self.layout.extent(i).1;
         if raw_len as usize > subdelta::max_body(len) {
             return Err(EngineError::BadReply(format!(
                 "a delta of {raw_len} bytes for block {i} of {len} bytes (at most {})",
@@ -1355,7 +1480,7 @@ impl Target<'_> {
         self.delta_share.answered(raw_len as usize, len);
         let body = self.decode(i, codec, payload, raw_len)?;
         let mut old = vec![0u8; len];
-        self.dst.read_at(&mut old, off)?;
+        self.dst.read_at(&mut old, self.layout.extent(base).0)?;
         let want = self.keys[&g][(i - g * gb) as usize];
         let rebuilt = subdelta::apply(&old, &body).map_err(|e| e.to_string()).and_then(|new| {
             let d = self.algo.digest(&new);
@@ -1371,12 +1496,12 @@ impl Target<'_> {
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
-                log::warn!("block {i}: the delta against its old version failed ({why}); fetching it whole");
+                log::warn!("block {i}: the delta against DST's block {base} failed ({why}); fetching it whole");
                 self.deltas_failed += 1;
                 return self.request_runs(&[i]);
             }
         };
-        self.write_block(i, &new, d, State::Delta)?;
+        self.write_block(i, &new, d, if base == i { State::Delta } else { State::Similar })?;
         self.pass_report.blocks_fetched += 1;
         self.grp[g as usize].pending =
             self.grp[g as usize].pending.checked_sub(1).ok_or_else(|| underflow("blocks pending", g))?;

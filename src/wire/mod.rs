@@ -4,6 +4,7 @@
 //! - [`compress`]: codecs and the `auto` policy.
 //! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
+//! - [`sketch`]: a resemblance sketch of a block; DST's blocks indexed by it.
 //! - [`subgroup`]: a group's keys only where its sub-groups differ from DST's.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
@@ -14,6 +15,7 @@ pub mod compress;
 pub mod liveness;
 pub mod protocol;
 pub mod rate;
+pub mod sketch;
 pub mod stream;
 pub mod subdelta;
 pub mod subgroup;

@@ -173,6 +173,29 @@
 //!    |    pieces decode with the reference as prefix)      |  verifies its bytes
 //! ```
 //!
+//! Similar blocks elsewhere in DST (capability [`CAP_SIMILAR`], used only
+//! with [`CAP_SUB_DELTA`] agreed too): when both ends set it, the target
+//! may ask for the resemblance sketches of a run of missing blocks that
+//! have no old version at the same place with `WantSketches(first, count)`
+//! (at most a run of [`MAX_RUN_BYTES`]); the source answers with one
+//! `Sketches(first, sketches)`: exactly `count` sketches of
+//! [`SKETCH_LEN`](crate::wire::sketch::SKETCH_LEN) bytes
+//! (`wire::sketch`). The target looks each one up in an index of DST's own
+//! blocks; for a block that has a similar one there it sends the
+//! `FetchDelta` above with the signature of *that* block, and rebuilds the
+//! answer's body on it (checked against the block's key, refetched whole
+//! with `Fetch` if it fails, as always); the others it fetches whole. The
+//! source does not know which block the target chose: a `FetchDelta` means
+//! the same as before. A `WantSketches` awaits one reply. `Sketches` with
+//! another first block or count than asked is an error naming the frame.
+//!
+//! ```text
+//!    | <------------------- WantSketches(first, n) ------- |  no old version
+//!    | -- Sketches(first, n sketches) -------------------> |  at that place
+//!    | <------------------- FetchDelta(block, sig of j) -- |  j: similar, in DST
+//!    | -- Delta(block, codec, bitmap + changed subs) ----> |  rebuilt on j
+//! ```
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -203,6 +226,7 @@ use thiserror::Error;
 
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
+use crate::wire::sketch::SKETCH_LEN;
 use crate::wire::subdelta::HASH_LEN;
 use crate::wire::subgroup::bitmap_len;
 
@@ -239,6 +263,11 @@ pub const CAP_SUB_GROUPS: u32 = 1 << 3;
 /// copy's zstd stream as its prefix (`wire::stream`). Without it (a peer of
 /// the previous release) neither frame is sent and the stream starts empty.
 pub const CAP_SHARED_REF: u32 = 1 << 4;
+/// Capability: the target may ask for the resemblance sketches of missing
+/// blocks (`WantSketches`, answered by `Sketches`, `wire::sketch`) to find
+/// a similar block in DST to ask a `FetchDelta` against. Without it (a peer
+/// of the previous release) such blocks are fetched whole.
+pub const CAP_SIMILAR: u32 = 1 << 5;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -277,6 +306,9 @@ pub enum Kind {
     /// Capability [`CAP_SHARED_REF`]: the target's references, by digest.
     RefOffer = 19,
     RefChosen = 20,
+    /// Capability [`CAP_SIMILAR`]: sketches of a run of missing blocks.
+    WantSketches = 21,
+    Sketches = 22,
 }
 
 impl Kind {
@@ -303,6 +335,8 @@ impl Kind {
             ChangedKeys,
             RefOffer,
             RefChosen,
+            WantSketches,
+            Sketches,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -414,6 +448,16 @@ pub enum Message {
     RefChosen {
         chosen: Option<Digest>,
     },
+    /// The resemblance sketches of blocks `first_block..+count`.
+    WantSketches {
+        first_block: u64,
+        count: u32,
+    },
+    /// The answer to a `WantSketches`: one sketch per block asked, in order.
+    Sketches {
+        first_block: u64,
+        sketches: Vec<[u8; SKETCH_LEN]>,
+    },
 }
 
 /// Bytes of one `RefOffer` entry (digest, size).
@@ -471,6 +515,8 @@ impl Message {
             Message::ChangedKeys { .. } => Kind::ChangedKeys,
             Message::RefOffer { .. } => Kind::RefOffer,
             Message::RefChosen { .. } => Kind::RefChosen,
+            Message::WantSketches { .. } => Kind::WantSketches,
+            Message::Sketches { .. } => Kind::Sketches,
         }
     }
 
@@ -520,9 +566,15 @@ impl Message {
                     b.extend_from_slice(k);
                 }
             }
-            Message::Fetch { first_block, count } => {
+            Message::Fetch { first_block, count } | Message::WantSketches { first_block, count } => {
                 put_u64(&mut b, *first_block);
                 put_u32(&mut b, *count);
+            }
+            Message::Sketches { first_block, sketches } => {
+                put_u64(&mut b, *first_block);
+                for s in sketches {
+                    b.extend_from_slice(s);
+                }
             }
             Message::Blocks { first_block, count, codec, raw_len, payload } => {
                 put_u64(&mut b, *first_block);
@@ -743,6 +795,17 @@ impl Message {
                 32 => Message::RefChosen { chosen: Some(p.try_into().unwrap()) },
                 n => return Err(bad(format!("{n} bytes, expected 0 or 32"))),
             },
+            Kind::WantSketches => {
+                exact(12)?;
+                Message::WantSketches { first_block: u64_at(0), count: u32_at(8) }
+            }
+            Kind::Sketches => {
+                if p.len() < 8 || (p.len() - 8) % SKETCH_LEN != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x {SKETCH_LEN}", p.len())));
+                }
+                let sketches = p[8..].chunks_exact(SKETCH_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::Sketches { first_block: u64_at(0), sketches }
+            }
         })
     }
 }
@@ -918,6 +981,9 @@ mod tests {
             Message::RefOffer { refs: vec![] },
             Message::RefChosen { chosen: Some([6; 32]) },
             Message::RefChosen { chosen: None },
+            Message::WantSketches { first_block: 40, count: 3 },
+            Message::Sketches { first_block: 40, sketches: vec![[7; SKETCH_LEN], [8; SKETCH_LEN]] },
+            Message::Sketches { first_block: 0, sketches: vec![] },
         ]
     }
 

@@ -1,0 +1,249 @@
+//! Similar blocks elsewhere in DST (capability `CAP_SIMILAR`): random
+//! images whose new blocks land where the old copy had zeros, some of them
+//! edited copies of old blocks elsewhere (a rewritten file in free space),
+//! copied onto the old copy through a relay that can hide the capability
+//! (a peer of the previous release), lie in the target's signatures, damage
+//! the source's deltas or answer sketches nobody asked for.
+
+mod common;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use relay::{hide, keep, Edit, Outcome};
+use xenmig::copy::Report;
+use xenmig::wire::protocol::{Message, CAP_SIMILAR, CAP_SUB_DELTA};
+use xenmig::wire::sketch::{self, Index};
+use xenmig::wire::subdelta;
+
+const BS: usize = 4096;
+
+fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    relay::copy_through(src, dst, BS as u32, codec, to_target, to_source)
+}
+
+/// What a block of the new image's second half (zeros in the old copy) is.
+#[derive(Clone, Copy, Debug)]
+enum Far {
+    Zero,
+    /// Old block `n` (modulo the first half) with `len` bytes at `at` changed.
+    Moved {
+        n: u16,
+        at: u16,
+        len: u16,
+    },
+    /// New content.
+    Fresh,
+}
+
+fn far() -> impl Strategy<Value = Far> {
+    prop_oneof![
+        1 => Just(Far::Zero),
+        4 => (any::<u16>(), any::<u16>(), 1u16..600).prop_map(|(n, at, len)| Far::Moved { n, at, len }),
+        2 => Just(Far::Fresh),
+    ]
+}
+
+/// The old image (`half` noise blocks, then as many zero blocks), the new
+/// one (the same first half, then `fars`), and how many far blocks the
+/// target finds a similar block for: those whose sketch shares a
+/// super-feature with an old block (what `Index::best` finds, as the
+/// target's index of DST's unchanged first half holds).
+fn images(seed: u64, half: usize, fars: &[Far]) -> (Vec<u8>, Vec<u8>, u64) {
+    let olds: Vec<Vec<u8>> = (0..half).map(|i| common::noise(seed ^ (i as u64 * 7919 + 1), BS)).collect();
+    let mut old: Vec<u8> = olds.concat();
+    let mut new = old.clone();
+    old.extend(vec![0u8; fars.len() * BS]);
+    let mut index = Index::new(usize::MAX);
+    for (i, b) in olds.iter().enumerate() {
+        index.insert(i as u64, &sketch::sketch(b).unwrap());
+    }
+    let mut similar = 0;
+    for (k, f) in fars.iter().enumerate() {
+        let b = match *f {
+            Far::Zero => vec![0u8; BS],
+            Far::Moved { n, at, len } => {
+                let mut b = olds[n as usize % half].clone();
+                let at = at as usize % BS;
+                for x in &mut b[at..(at + len as usize).min(BS)] {
+                    *x ^= 0xa5;
+                }
+                b
+            }
+            Far::Fresh => common::noise(!seed ^ (k as u64 * 104_729), BS),
+        };
+        // (A block twice would be one fetch and one reuse: keep them distinct.)
+        let b = if b.iter().any(|&x| x != 0) && new.chunks(BS).any(|c| c == &b[..]) {
+            common::noise(!seed ^ (k as u64 * 104_729), BS)
+        } else {
+            b
+        };
+        if b.iter().any(|&x| x != 0)
+            && !olds.contains(&b)
+            && index.best(&sketch::sketch(&b).unwrap(), |_| true).is_some()
+        {
+            similar += 1;
+        }
+        new.extend(b);
+    }
+    (old, new, similar)
+}
+
+fn counted(rep: &Report, len: usize) -> Result<(), TestCaseError> {
+    prop_assert!(rep.verified);
+    prop_assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+    prop_assert_eq!(rep.blocks_total, (len as u64).div_ceil(BS as u64));
+    prop_assert!(rep.blocks_similar <= rep.blocks_delta && rep.blocks_delta <= rep.blocks_fetched);
+    prop_assert_eq!(rep.bytes_fetched, rep.codecs.values().sum::<u64>());
+    Ok(())
+}
+
+/// Counts the frames of kind `k` passing.
+fn count_kind(k: xenmig::wire::protocol::Kind, n: Arc<AtomicUsize>) -> Edit {
+    Box::new(move |m| {
+        if m.kind() == k {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+        m
+    })
+}
+
+/// A target that lies: each signature is that of the source's own block,
+/// so the source sends nothing and the target rebuilds the block it chose.
+fn lying_signatures(src: Vec<u8>) -> Edit {
+    Box::new(move |m| match m {
+        Message::FetchDelta { block, .. } => {
+            let at = block as usize * BS;
+            Message::FetchDelta { block, sig: subdelta::signature(&src[at..(at + BS).min(src.len())]) }
+        }
+        m => m,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// With the capability on both ends or hidden on either: byte-identical,
+    /// counted, and every far block with a similar block in DST went as a
+    /// delta against it exactly when both ends have it.
+    #[test]
+    fn similar_blocks_rebuild_the_image_and_are_counted(
+        seed in any::<u64>(),
+        half in 1usize..40,
+        fars in proptest::collection::vec(far(), 1..40),
+        codec in prop_oneof![Just("none"), Just("zstd:1"), Just("zstd"), Just("auto")],
+        hidden in 0u8..4,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, similar) = images(seed, half, &fars);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let (to_target, to_source) = match hidden {
+            0 => (keep(), keep()),
+            // A source without it: the target sees no bit and never asks.
+            1 => (hide(CAP_SIMILAR), keep()),
+            // A target without it neither sets it nor asks: hidden both ways.
+            2 => (hide(CAP_SIMILAR), hide(CAP_SIMILAR)),
+            // Sketches without deltas are not used.
+            _ => (hide(CAP_SUB_DELTA), keep()),
+        };
+        let o = copy_through(&a, &b, codec, to_target, to_source);
+        let rep = o.source.unwrap();
+        prop_assert!(o.target.unwrap().verified);
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.deltas_failed, 0);
+        prop_assert_eq!(rep.blocks_similar, if hidden == 0 { similar } else { 0 }, "{:?}", rep);
+    }
+
+    /// Signatures that do not fit the candidate (a lying target, or a
+    /// candidate rewritten after it was signed): every rebuilt block misses
+    /// its key and is fetched whole; the copy is still byte-identical.
+    #[test]
+    fn a_wrong_signature_costs_a_refetch_never_a_wrong_block(
+        seed in any::<u64>(),
+        half in 1usize..20,
+        fars in proptest::collection::vec(far(), 1..24),
+        codec in prop_oneof![Just("none"), Just("zstd:1")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, similar) = images(seed, half, &fars);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let o = copy_through(&a, &b, codec, keep(), lying_signatures(new.clone()));
+        let rep = o.target.unwrap();
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.blocks_similar, 0);
+        prop_assert_eq!(rep.deltas_failed, similar);
+    }
+}
+
+/// Blocks moved with small edits (a file rewritten elsewhere): each is
+/// found and sent as a delta against its old copy, so far fewer bytes
+/// travel than the blocks themselves.
+#[test]
+fn moved_blocks_go_as_deltas_against_their_old_copy() {
+    let fars: Vec<Far> = (0..32).map(|n| Far::Moved { n, at: 100 + 97 * n, len: 20 }).collect();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new, similar) = images(7, 32, &fars);
+    assert_eq!(similar, 32, "a 20-byte edit should keep a super-feature of these blocks");
+    fs::write(&a, &new).unwrap();
+    fs::write(&b, &old).unwrap();
+    let o = copy_through(&a, &b, "none", keep(), keep());
+    let rep = o.target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert_eq!((rep.blocks_fetched, rep.blocks_similar, rep.deltas_failed), (32, 32, 0));
+    // Each delta: a bitmap and at most two 512-byte sub-blocks of 4 KiB.
+    assert!(rep.bytes_fetched <= 32 * (1 + 2 * 512), "{} bytes fetched", rep.bytes_fetched);
+}
+
+/// A new DST (all zeros) holds nothing similar: no sketch is asked for, and
+/// the blocks go whole.
+#[test]
+fn a_new_dst_asks_for_no_sketches() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let new = common::noise(3, 64 * BS);
+    fs::write(&a, &new).unwrap();
+    fs::write(&b, vec![0u8; 64 * BS]).unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let o = copy_through(&a, &b, "zstd", keep(), count_kind(xenmig::wire::protocol::Kind::WantSketches, asked.clone()));
+    let rep = o.target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert_eq!((rep.blocks_fetched, rep.blocks_delta), (64, 0));
+    assert_eq!(asked.load(Ordering::SeqCst), 0);
+}
+
+/// Sketches nobody asked for (another first block than asked) fail the
+/// copy with an error naming them, before any block is written from them.
+#[test]
+fn sketches_not_asked_for_are_refused() {
+    let fars: Vec<Far> = (0..4).map(|n| Far::Moved { n, at: 10, len: 5 }).collect();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new, _) = images(11, 4, &fars);
+    fs::write(&a, &new).unwrap();
+    fs::write(&b, &old).unwrap();
+    let shift: Edit = Box::new(|m| match m {
+        Message::Sketches { first_block, sketches } => Message::Sketches { first_block: first_block + 1, sketches },
+        m => m,
+    });
+    let o = copy_through(&a, &b, "none", shift, keep());
+    let e = o.target.unwrap_err().to_string();
+    assert!(e.contains("sketches of blocks 5+4, which were not asked for"), "{e}");
+    assert!(o.source.is_err());
+    // DST is the old copy, or blocks of the new one: never anything else.
+    let got = fs::read(&b).unwrap();
+    for (i, blk) in got.chunks(BS).enumerate() {
+        assert!(blk == &new[i * BS..(i + 1) * BS] || blk == &old[i * BS..(i + 1) * BS], "block {i}");
+    }
+}
