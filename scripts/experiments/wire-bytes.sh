@@ -108,10 +108,13 @@ xm() { # binary codec src [ref [old [srcref]]]: old, if given, is DST's content 
     fi
     rm -f "$tmp/dst.img"
     [ -n "$old" ] && cp --sparse=always "$old" "$tmp/dst.img"
-    local t0 t1 out
+    local t0 t1 out rc=0
     t0=$(date +%s.%N)
-    out=$("$bin" -q copy --json --compress "$codec" "${args[@]}" "$src" "$dst")
+    # (xm runs in a command substitution, where bash drops set -e: a failed
+    # copy must be told apart from a wrong one here)
+    out=$("$bin" -q copy --json --compress "$codec" "${args[@]}" "$src" "$dst") || rc=$?
     t1=$(date +%s.%N)
+    [ "$rc" = 0 ] || { echo "$0: $bin copy of $src failed, exit status $rc" >&2; exit 1; }
     cmp -s "$src" "$tmp/dst.img" || { echo "$0: $bin made a wrong copy of $src" >&2; exit 1; }
     python3 -c '
 import json, sys
