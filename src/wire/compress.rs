@@ -190,7 +190,7 @@ impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Route::Run(c) => c.fmt(f),
-            Route::Stream => write!(f, "zstd-stream:{}", super::stream::AUTO_LEVEL),
+            Route::Stream => f.write_str("zstd-stream"),
         }
     }
 }
@@ -239,6 +239,17 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 const PROBE_RATE: f64 = 30e6;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
+/// The levels the stream may move between on a slow link
+/// (`CAP_STREAM_LEVELS`), lowest first: the first is the level it starts
+/// at. Measured on the quick images (docs/experiments.md, "The stream's
+/// level"): each step sends fewer bytes for more CPU, 19 about 18% fewer
+/// than 3 on the release cell for 90x its CPU.
+const STREAM_LEVELS: [i32; 6] = [super::stream::AUTO_LEVEL, 6, 9, 12, 15, 19];
+/// A new level must promise at least this much less time per byte than the
+/// current one: each change ends the stream's frame and re-indexes its
+/// last 16 MiB at the new level (`wire::stream`), so two levels that the
+/// samples barely tell apart must not alternate.
+const LEVEL_GAIN: f64 = 0.95;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -285,6 +296,15 @@ pub struct AutoPolicy {
     /// The last decision was the model's (the link drains below
     /// [`PROBE_RATE`]).
     slow_link: bool,
+    /// The stream may change level (`CAP_STREAM_LEVELS` agreed).
+    levels: bool,
+    /// The stream at each of [`STREAM_LEVELS`], measured on a slow link as
+    /// far as a level could still win (None: not measured).
+    level_samples: [Option<Sample>; STREAM_LEVELS.len()],
+    /// The level the stream should compress at.
+    stream_level: i32,
+    /// The link's drain rate at the last decision.
+    rate: f64,
 }
 
 impl Default for AutoPolicy {
@@ -314,7 +334,27 @@ impl AutoPolicy {
             timings: [None; 4],
             blind: false,
             slow_link: false,
+            levels: false,
+            level_samples: [None; STREAM_LEVELS.len()],
+            stream_level: super::stream::AUTO_LEVEL,
+            rate: f64::INFINITY,
         }
+    }
+
+    /// The copy's stream may change level (`CAP_STREAM_LEVELS` agreed):
+    /// where the link is slow, `auto` also picks the stream's level by the
+    /// same model ([`AutoPolicy::stream_level`]).
+    pub fn with_levels(mut self) -> AutoPolicy {
+        self.levels = self.candidates.contains(&Route::Stream);
+        self
+    }
+
+    /// The level the stream should compress at from now on: its first
+    /// level until the link is known to be slow, then the level the model
+    /// finds fastest (the larger of one thread's CPU time and the output's
+    /// link time), back to the first on a fast link.
+    pub fn stream_level(&self) -> i32 {
+        self.stream_level
     }
 
     /// Whether the next payload should go into a measurement of the
@@ -349,6 +389,52 @@ impl AutoPolicy {
             });
         }
         self.since_sample = 0;
+        self.sample_levels(&data);
+    }
+
+    /// On a slow link, measure the stream's higher levels on the same
+    /// sample, lowest first, as long as one could still win: a level whose
+    /// CPU time alone exceeds the best link time so far cannot, and every
+    /// level above it costs more CPU still. (Level 19 takes about half a
+    /// second on a sample: measured only where the link is that slow.)
+    fn sample_levels(&mut self, data: &[u8]) {
+        self.level_samples = [None; STREAM_LEVELS.len()];
+        let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
+        if !self.levels || !self.slow_link {
+            return;
+        }
+        self.level_samples[0] = Some(base);
+        let mut best_link = base.ratio / self.rate;
+        for (j, &level) in STREAM_LEVELS.iter().enumerate().skip(1) {
+            let t = thread_cpu_time();
+            let out = Codec::Zstd(level).compress(data);
+            let cpu = thread_cpu_time() - t;
+            let s = Sample {
+                ratio: out.len() as f64 / data.len() as f64 * STREAM_HISTORY,
+                cpu_per_byte: cpu / data.len() as f64,
+            };
+            self.level_samples[j] = Some(s);
+            best_link = best_link.min(s.ratio / self.rate);
+            if s.cpu_per_byte >= best_link {
+                break;
+            }
+        }
+    }
+
+    /// The stream's cost per input byte at `rate`, and the level that
+    /// gives it: the current level unless another measured one is faster
+    /// by more than [`LEVEL_GAIN`].
+    fn stream_cost(&self, base: Sample, rate: f64) -> (f64, i32) {
+        let cost = |s: Sample| s.cpu_per_byte.max(s.ratio / rate);
+        let measured = STREAM_LEVELS.iter().zip(&self.level_samples).filter_map(|(l, s)| s.map(|s| (cost(s), *l)));
+        let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
+        let current = measured.clone().find(|(_, l)| *l == self.stream_level);
+        match (best, current) {
+            (Some(b), Some(c)) if b.0 < c.0 * LEVEL_GAIN => b,
+            (_, Some(c)) => c,
+            (Some(b), None) => b,
+            (None, None) => (cost(base), STREAM_LEVELS[0]),
+        }
     }
 
     /// The route for the next `bytes` of input, sent at `now`. Decided once
@@ -398,12 +484,25 @@ impl AutoPolicy {
             None => return self.current,
         };
         self.blind = link.drain_rate.is_none();
+        let was_slow = self.slow_link;
         self.slow_link = rate < PROBE_RATE;
+        self.rate = rate;
+        if self.slow_link && !was_slow && self.levels {
+            // The stream's higher levels are measured only on a slow link:
+            // now, not at the next sample's time.
+            self.since_sample = u64::MAX;
+        }
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(rate, workers) };
-        if next != self.current {
-            log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
+        let level = match self.index(Route::Stream).and_then(|i| self.samples[i]) {
+            Some(base) if self.slow_link && next == Route::Stream => self.stream_cost(base, rate).1,
+            _ if !self.slow_link => STREAM_LEVELS[0],
+            _ => self.stream_level,
+        };
+        if next != self.current || (next == Route::Stream && level != self.stream_level) {
+            log::debug!("auto: {next} (stream level {level}) from now on at a link of {:.1} MB/s", rate / 1e6);
         }
         self.current = next;
+        self.stream_level = level;
         self.current
     }
 
@@ -424,7 +523,10 @@ impl AutoPolicy {
         let mut best = (f64::INFINITY, self.current);
         for (i, r) in self.candidates.iter().enumerate() {
             if let Some(s) = self.samples[i] {
-                let cost = (s.cpu_per_byte / Self::threads(*r, workers)).max(s.ratio / rate);
+                let cost = match r {
+                    Route::Stream => self.stream_cost(s, rate).0,
+                    _ => (s.cpu_per_byte / Self::threads(*r, workers)).max(s.ratio / rate),
+                };
                 // The cheaper codec on a near tie (2%): any wider margin is
                 // link time given away where the link decides.
                 if cost < best.0 * 0.98 {
@@ -662,5 +764,93 @@ mod tests {
         measured_samples(&mut p);
         let routes = run(&mut p, 12.5e6, 40, |_| 40e6);
         assert!(routes.iter().all(|r| *r == Route::Stream), "{routes:?}");
+    }
+
+    /// The stream's level by the model: given a drain rate and measured
+    /// costs, the level with the least time per byte (one thread's CPU
+    /// against the output's link time), kept unless another is clearly
+    /// faster; its first level on a fast link or without the capability.
+    #[test]
+    fn auto_picks_the_streams_level_by_the_link() {
+        // Roughly the release cell's measured costs (docs/experiments.md,
+        // "The stream's level"), CPU per byte on one thread.
+        let measured = [(3, 0.29, 6e-9), (6, 0.28, 1.3e-8), (9, 0.268, 2.3e-8), (12, 0.263, 5.8e-8), (15, 0.261, 1.7e-7), (19, 0.237, 5.3e-7)];
+        let policy = |levels: bool, current: i32| {
+            let mut p = AutoPolicy::new(true);
+            if levels {
+                p = p.with_levels();
+            }
+            measured_samples(&mut p);
+            for (j, (l, ratio, cpu)) in measured.iter().enumerate() {
+                assert_eq!(STREAM_LEVELS[j], *l);
+                if levels {
+                    p.level_samples[j] = Some(Sample { ratio: *ratio, cpu_per_byte: *cpu });
+                }
+            }
+            p.stream_level = current;
+            p
+        };
+        let base = Sample { ratio: 0.29, cpu_per_byte: 6e-9 };
+        // 2 Mbit/s: the link time of 0.237 (9.5e-7 s/B) beats level 19's CPU.
+        assert_eq!(policy(true, 3).stream_cost(base, 250e3).1, 19);
+        // 20 Mbit/s: level 19's CPU (5.3e-7) is over the link time of any
+        // level; 12 and 15 are the best link times under their CPU...
+        assert_eq!(policy(true, 3).stream_cost(base, 2.5e6).1, 12);
+        // ...100 Mbit/s: 12's CPU (5.8e-8) is over 3's link time (2.3e-8);
+        // level 6 (2.24e-8) is fastest, but not by 5% over 3: 3 stays...
+        assert_eq!(policy(true, 3).stream_cost(base, 12.5e6).1, 3);
+        // ...nor over 9 (2.3e-8, its CPU): 9 stays if it is the level.
+        assert_eq!(policy(true, 9).stream_cost(base, 12.5e6).1, 9);
+        // At 40 MB/s (above PROBE_RATE the model is not asked, but the rule
+        // holds): 9's CPU exceeds 3's cost by more than 5%: back to 3.
+        assert_eq!(policy(true, 9).stream_cost(base, 40e6).1, 3);
+        // Without the capability: its first level, whatever the link.
+        assert_eq!(policy(false, 3).stream_cost(base, 250e3).1, 3);
+        // Through choose: a slow link known, the stream goes to 19; a
+        // fast link brings it back to 3.
+        let mut p = policy(true, 3);
+        let now = Instant::now();
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 19);
+        // (a fast link times the routes instead; the stream, if it stays,
+        // goes back to its first level)
+        segment(&mut p, rate(1e9), 2, now);
+        assert_eq!(p.stream_level(), 3);
+        let mut p = policy(false, 3);
+        segment(&mut p, rate(250e3), 2, now);
+        assert_eq!(p.stream_level(), 3);
+    }
+
+    /// On a slow link the levels are measured on real samples, lowest
+    /// first, only as far as one could still win.
+    #[test]
+    fn auto_measures_the_levels_only_as_far_as_they_can_win() {
+        let data = text(SAMPLE_BYTES);
+        let now = Instant::now();
+        // Fast link: no level beyond the first is measured.
+        let mut p = AutoPolicy::new(true).with_levels();
+        segment(&mut p, rate(1e9), 2, now);
+        p.sample(&data);
+        assert!(p.level_samples.iter().all(Option::is_none));
+        // A link too slow for any CPU to matter: every level is measured.
+        let mut p = AutoPolicy::new(true).with_levels();
+        segment(&mut p, rate(1.0), 2, now);
+        assert!(p.wants_sample(), "a slow link, first seen, asks for a sample at once");
+        p.sample(&data);
+        assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
+        segment(&mut p, rate(1.0), 2, now);
+        // (at 1 byte/s only the output counts: the smallest sample wins)
+        let smallest = (0..STREAM_LEVELS.len())
+            .min_by(|&a, &b| p.level_samples[a].unwrap().ratio.total_cmp(&p.level_samples[b].unwrap().ratio))
+            .unwrap();
+        assert_eq!(p.stream_level(), STREAM_LEVELS[smallest]);
+        // A link just slow enough for the model: stops at the first level
+        // whose CPU alone exceeds the best link time (for 1 MiB of text at
+        // level 19, far more than 1 ns a byte).
+        let mut p = AutoPolicy::new(true).with_levels();
+        segment(&mut p, rate(29e6), 2, now);
+        p.sample(&data);
+        let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
+        assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
     }
 }
