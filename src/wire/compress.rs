@@ -289,9 +289,11 @@ pub struct AutoPolicy {
     segment_bytes: u64,
     half_start: Option<Instant>,
     timings: [Option<Timing>; 4],
-    /// The current route was chosen before any write blocked (the link
-    /// counted as infinitely fast): the first blocked writes end the
-    /// segment, as raw data on a slow link is the costliest mistake.
+    /// The current route was chosen before any write blocked (at the
+    /// start, or with the link counted as infinitely fast): the first
+    /// blocked writes end the segment, as raw data on a slow link is the
+    /// costliest mistake, and a short copy on a slow link would otherwise
+    /// end before its first decision (and the stream's level).
     blind: bool,
     /// The last decision was the model's (the link drains below
     /// [`PROBE_RATE`]).
@@ -332,7 +334,7 @@ impl AutoPolicy {
             segment_bytes: 0,
             half_start: None,
             timings: [None; 4],
-            blind: false,
+            blind: true,
             slow_link: false,
             levels: false,
             level_samples: [None; STREAM_LEVELS.len()],
@@ -390,6 +392,17 @@ impl AutoPolicy {
         }
         self.since_sample = 0;
         self.sample_levels(&data);
+        // The stream's level follows its new samples at once: on a short
+        // copy the next segment's decision may never come.
+        if let (true, Some(base)) = (self.slow_link, self.index(Route::Stream).and_then(|i| self.samples[i])) {
+            if self.current == Route::Stream && self.levels {
+                let level = self.stream_cost(base, self.rate).1;
+                if level != self.stream_level {
+                    log::debug!("auto: stream level {level} from now on at a link of {:.1} MB/s", self.rate / 1e6);
+                }
+                self.stream_level = level;
+            }
+        }
     }
 
     /// On a slow link, measure the stream's higher levels on the same
@@ -852,5 +865,26 @@ mod tests {
         p.sample(&data);
         let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
         assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
+    }
+
+    /// A short copy on a slow link: the first blocked writes decide at
+    /// once (not at the end of a 16 MiB segment), the levels are measured
+    /// on the next sample, and the stream's level follows that sample
+    /// without waiting for another decision.
+    #[test]
+    fn on_a_short_copy_the_level_rises_as_soon_as_the_link_is_known() {
+        let data = text(SAMPLE_BYTES);
+        let now = Instant::now();
+        let mut p = AutoPolicy::new(true).with_levels();
+        p.sample(&data);
+        assert_eq!(p.choose(LinkView { drain_rate: None, written: 1 << 20 }, 2, 4096, now), Route::Stream);
+        assert_eq!(p.segment, 0);
+        // 300 KB blocked at 250 kB/s, one run later: decided now.
+        assert_eq!(p.choose(rate(250e3), 2, 4096, now), Route::Stream);
+        assert_eq!(p.segment, 1);
+        assert_eq!(p.stream_level(), STREAM_LEVELS[0]);
+        assert!(p.wants_sample());
+        p.sample(&data);
+        assert!(p.stream_level() > STREAM_LEVELS[0], "level {}", p.stream_level());
     }
 }

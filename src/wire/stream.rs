@@ -323,6 +323,8 @@ pub struct StreamDecoder {
     tail: Option<Tail>,
     /// A frame ended: the next one starts with the tail as its prefix.
     frame_ended: bool,
+    /// Frames begun (0 until a piece is decoded).
+    frames: u64,
 }
 
 impl StreamDecoder {
@@ -351,7 +353,7 @@ impl StreamDecoder {
         // The memory bound: a frame declaring a larger window is an error,
         // not an allocation. (A parameter: it holds for every frame.)
         ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|c| StreamError(zerr(c)))?;
-        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false })
+        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0 })
     }
 
     /// Follow the source's level changes (`CAP_STREAM_LEVELS` agreed): a
@@ -365,10 +367,16 @@ impl StreamDecoder {
         self
     }
 
+    /// Frames of the stream decoded so far: one per level the source used.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
     /// Give the next frame its prefix: the tail, which holds everything
     /// decoded before it.
     fn next_frame(&mut self) -> Result<(), String> {
         self.frame_ended = false;
+        self.frames += 1;
         // Without the capability frames are independent, as zstd decodes them.
         let Some(tail) = &self.tail else { return Ok(()) };
         let prefix = tail.freeze();
@@ -386,6 +394,7 @@ impl StreamDecoder {
     /// After an error the stream is unusable; the copy fails.
     pub fn decompress_run(&mut self, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CodecError> {
         let corrupt = |detail: String| CodecError::Corrupt { codec: "zstd-stream", detail };
+        self.frames = self.frames.max(1);
         let mut out = vec![0u8; raw_len + 1];
         let mut input = InBuffer::around(payload);
         // Output bytes so far, and how many of them the tail holds already.

@@ -104,6 +104,14 @@ pub struct LinkStats {
     recent: Mutex<RecentRates>,
 }
 
+/// Largest write passed to the link at once. The writer's buffer holds
+/// 1 MiB, and a write into a full pipe returns only once all of it is
+/// taken: in 1 MiB writes a 2 Mbit/s link would take the [`RATE_WRITES`]
+/// blocked writes that make its rate known only after 8 MiB (32 s), past
+/// the end of a short copy, whose first megabytes then go as if the link
+/// were unknown. In 64 KiB writes it is known after about 512 KiB.
+const WRITE_SLICE: usize = 64 << 10;
+
 /// Blocked bytes and writes needed before [`LinkStats::drain_rate`] answers.
 const RATE_EVIDENCE: u64 = 256 << 10;
 const RATE_WRITES: usize = 8;
@@ -210,7 +218,7 @@ impl<W: Write> Write for CountingWriter<W> {
         let t = Instant::now();
         // Inside the timed span: a limited link looks as slow as it is to
         // `auto`'s drain rate, which then compresses harder.
-        let allowed = self.throttle.admit(buf.len());
+        let allowed = self.throttle.admit(buf.len().min(WRITE_SLICE));
         let n = match self.inner.write(&buf[..allowed]) {
             Ok(n) => n,
             Err(e) => {
