@@ -180,8 +180,12 @@
 //! [`LEVEL_PREFIX`](crate::wire::stream::LEVEL_PREFIX) bytes of the
 //! stream's content so far: everything the stream's pieces decoded to, in
 //! order. The target, whenever a frame ends, gives the next one exactly
-//! those bytes. Every frame is bounded by the same window as the first. A
-//! stream that began with a shared reference never starts a second frame.
+//! those bytes. Every frame is bounded by the same window as the first,
+//! and carries at least
+//! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) bytes of
+//! content before the next begins (each new frame costs the target a copy
+//! of its tail): a closer frame is an error naming the stream. A stream
+//! that began with a shared reference never starts a second frame.
 //! `auto` raises the level where the link is slow (`wire::compress`); no
 //! frame or field is added, and without the bit the stream is one frame.
 //!

@@ -100,6 +100,12 @@ pub const AUTO_LEVEL: i32 = 3;
 /// window.
 pub const LEVEL_PREFIX: usize = 16 << 20;
 
+/// Content a frame carries at least before the next may begin: each new
+/// frame costs the target a copy of the tail (up to [`LEVEL_PREFIX`]), so
+/// this bounds that copying to 16 bytes per byte decoded, whatever a
+/// source sends. The source waits for it before it changes level.
+pub const LEVEL_FRAME_MIN: u64 = 1 << 20;
+
 #[derive(Debug, Error)]
 #[error("zstd stream: {0}")]
 pub struct StreamError(String);
@@ -172,6 +178,8 @@ pub struct StreamEncoder {
     /// The content's tail, kept when the level may change
     /// ([`follow_levels`](Self::follow_levels)).
     tail: Option<Tail>,
+    /// Content compressed in the running frame.
+    frame_content: u64,
 }
 
 impl StreamEncoder {
@@ -207,7 +215,7 @@ impl StreamEncoder {
         // Blocks are verified by their digests; zstd's checksum would only
         // cost bytes (and a streamed frame never ends anyway).
         ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
-        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None })
+        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None, frame_content: 0 })
     }
 
     /// Allow [`set_level`](Self::set_level): the target follows level
@@ -220,9 +228,10 @@ impl StreamEncoder {
         self
     }
 
-    /// Whether [`set_level`](Self::set_level) may be called.
+    /// Whether [`set_level`](Self::set_level) may be called now: the
+    /// target follows, and the running frame carried [`LEVEL_FRAME_MIN`].
     pub fn can_change_level(&self) -> bool {
-        self.tail.is_some()
+        self.tail.is_some() && self.frame_content >= LEVEL_FRAME_MIN
     }
 
     /// The level the next piece is compressed at.
@@ -242,6 +251,12 @@ impl StreamEncoder {
         let Some(tail) = &self.tail else {
             return Err(StreamError("the level of a stream the target cannot follow changes in".into()));
         };
+        if self.frame_content < LEVEL_FRAME_MIN {
+            return Err(StreamError(format!(
+                "a level change after {} bytes of the frame, before the {LEVEL_FRAME_MIN} the target asks",
+                self.frame_content
+            )));
+        }
         let e = |c: usize| StreamError(zerr(c));
         let mut out = std::mem::take(&mut self.primed);
         loop {
@@ -263,6 +278,7 @@ impl StreamEncoder {
         // The previous prefix belonged to the frame that just ended.
         self.prefix = Some(prefix);
         self.level = level;
+        self.frame_content = 0;
         Ok(())
     }
 
@@ -309,6 +325,7 @@ impl StreamEncoder {
         if let Some(t) = &mut self.tail {
             t.push(data);
         }
+        self.frame_content += data.len() as u64;
         Ok(out)
     }
 }
@@ -325,6 +342,10 @@ pub struct StreamDecoder {
     frame_ended: bool,
     /// Frames begun (0 until a piece is decoded).
     frames: u64,
+    /// Content decoded before the running piece, and where the running
+    /// frame began in it.
+    decoded: u64,
+    frame_began: u64,
 }
 
 impl StreamDecoder {
@@ -353,7 +374,7 @@ impl StreamDecoder {
         // The memory bound: a frame declaring a larger window is an error,
         // not an allocation. (A parameter: it holds for every frame.)
         ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|c| StreamError(zerr(c)))?;
-        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0 })
+        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0, decoded: 0, frame_began: 0 })
     }
 
     /// Follow the source's level changes (`CAP_STREAM_LEVELS` agreed): a
@@ -372,13 +393,18 @@ impl StreamDecoder {
         self.frames
     }
 
-    /// Give the next frame its prefix: the tail, which holds everything
-    /// decoded before it.
-    fn next_frame(&mut self) -> Result<(), String> {
+    /// Give the next frame, beginning after `at` bytes of content, its
+    /// prefix: the tail, which holds everything decoded before it.
+    fn next_frame(&mut self, at: u64) -> Result<(), String> {
         self.frame_ended = false;
         self.frames += 1;
+        let carried = at - self.frame_began;
+        self.frame_began = at;
         // Without the capability frames are independent, as zstd decodes them.
         let Some(tail) = &self.tail else { return Ok(()) };
+        if carried < LEVEL_FRAME_MIN {
+            return Err(format!("a frame of {carried} bytes before the next, less than {LEVEL_FRAME_MIN}"));
+        }
         let prefix = tail.freeze();
         // SAFETY: `prefix` goes into `self.prefix`, dropped after `ctx` and
         // replaced only at the next frame's start, once this one ended.
@@ -407,7 +433,7 @@ impl StreamDecoder {
                     t.push(&out[kept..got]);
                     kept = got;
                 }
-                self.next_frame().map_err(corrupt)?;
+                self.next_frame(self.decoded + got as u64).map_err(corrupt)?;
             }
             let before = (input.pos(), got);
             let mut o = OutBuffer::around_pos(&mut out[..], got);
@@ -433,6 +459,7 @@ impl StreamDecoder {
         if let Some(t) = &mut self.tail {
             t.push(&out[kept..]);
         }
+        self.decoded += raw_len as u64;
         Ok(out)
     }
 }
@@ -588,16 +615,22 @@ mod tests {
     /// frame's prefix is the content's tail).
     #[test]
     fn a_level_change_keeps_the_history() {
-        let rs = runs();
+        // The test's runs, each after a megabyte of text (a frame carries
+        // at least LEVEL_FRAME_MIN before the level may change).
+        let filler = |seed: usize| -> Vec<u8> {
+            (0..LEVEL_FRAME_MIN as usize).map(|i| b"guest disk xen lvm "[(i * 7 + seed + i / 4096) % 19]).collect()
+        };
+        let rs: Vec<Vec<u8>> = runs().into_iter().enumerate().flat_map(|(i, r)| [filler(i), r]).collect();
         let mut enc = StreamEncoder::new(3, window_log_for(1 << 30)).unwrap().follow_levels();
         let mut dec = StreamDecoder::new().unwrap().follow_levels();
-        assert!(enc.can_change_level());
+        assert!(!enc.can_change_level(), "nothing in the frame yet");
+        assert!(enc.set_level(9).is_err());
         let mut pieces = Vec::new();
         for (i, r) in rs.iter().enumerate() {
-            // 3, then 19 from the second run on, 6 from the fourth.
+            // 3, then 19 from the second test run on, 6 from the fourth.
             match i {
-                1 => enc.set_level(19).unwrap(),
-                3 => enc.set_level(6).unwrap(),
+                3 => enc.set_level(19).unwrap(),
+                7 => enc.set_level(6).unwrap(),
                 _ => enc.set_level(enc.level()).unwrap(), // (no change: no new frame)
             }
             let p = enc.compress_run(r).unwrap();
@@ -605,9 +638,10 @@ mod tests {
             pieces.push(p);
         }
         assert_eq!(enc.level(), 6);
-        // Run 3 repeats run 0 (256 KiB of noise) after two level changes:
-        // found in the prefix, it costs almost nothing.
-        assert!(pieces[3].len() < 8 << 10, "{} bytes for a run the history holds", pieces[3].len());
+        assert_eq!(dec.frames(), 3);
+        // Test run 3 repeats run 0 (256 KiB of noise) after two level
+        // changes: found in the prefix, it costs almost nothing.
+        assert!(pieces[7].len() < 8 << 10, "{} bytes for a run the history holds", pieces[7].len());
         // A decoder that does not follow levels decodes the new frames
         // without the prefix: never the runs that need it.
         let mut blind = StreamDecoder::new().unwrap();
@@ -652,5 +686,22 @@ mod tests {
         let mut t = Tail::default();
         t.push(&data);
         assert_eq!(&*t.freeze(), &data[3000..]);
+    }
+
+    /// A source that starts frames closer than LEVEL_FRAME_MIN apart (each
+    /// would cost the target a copy of its tail) is refused; a decoder
+    /// that does not follow levels decodes back-to-back frames as zstd
+    /// does, independently.
+    #[test]
+    fn frames_closer_than_the_minimum_are_refused() {
+        let run = vec![7u8; 4096];
+        let mut two = zstd::bulk::compress(&run, 3).unwrap();
+        two.extend_from_slice(&zstd::bulk::compress(&run, 3).unwrap());
+        let mut dec = StreamDecoder::new().unwrap().follow_levels();
+        let e = dec.decompress_run(&two, 8192).unwrap_err().to_string();
+        assert!(e.contains("less than"), "{e}");
+        let mut dec = StreamDecoder::new().unwrap();
+        assert_eq!(dec.decompress_run(&two, 8192).unwrap(), [run.clone(), run].concat());
+        assert_eq!(dec.frames(), 2);
     }
 }
