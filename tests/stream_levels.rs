@@ -26,7 +26,8 @@ use xenmig::wire::transport::Link;
 /// Text-like data: words drawn pseudo-randomly from a vocabulary, which
 /// every zstd level compresses, the higher ones clearly better.
 fn text(len: usize, seed: u32) -> Vec<u8> {
-    let words = ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero ", "dom0 ", "link "];
+    let words =
+        ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero ", "dom0 ", "link "];
     let mut x = seed;
     let mut data = Vec::with_capacity(len + 16);
     while data.len() < len {

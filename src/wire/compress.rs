@@ -787,7 +787,14 @@ mod tests {
     fn auto_picks_the_streams_level_by_the_link() {
         // Roughly the release cell's measured costs (docs/experiments.md,
         // "The stream's level"), CPU per byte on one thread.
-        let measured = [(3, 0.29, 6e-9), (6, 0.28, 1.3e-8), (9, 0.268, 2.3e-8), (12, 0.263, 5.8e-8), (15, 0.261, 1.7e-7), (19, 0.237, 5.3e-7)];
+        let measured = [
+            (3, 0.29, 6e-9),
+            (6, 0.28, 1.3e-8),
+            (9, 0.268, 2.3e-8),
+            (12, 0.263, 5.8e-8),
+            (15, 0.261, 1.7e-7),
+            (19, 0.237, 5.3e-7),
+        ];
         let policy = |levels: bool, current: i32| {
             let mut p = AutoPolicy::new(true);
             if levels {

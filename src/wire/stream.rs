@@ -60,8 +60,6 @@
 //! level (a new frame would lose the reference); so does `--compress
 //! zstd:L`.
 
-
-
 use std::collections::VecDeque;
 use std::sync::Arc;
 
