@@ -307,6 +307,11 @@ pub struct AutoPolicy {
     stream_level: i32,
     /// The link's drain rate at the last decision.
     rate: f64,
+    /// Levels at or above this one are not chosen again: at it, the link
+    /// stopped blocking our writes (the stream's CPU, not the link, was
+    /// the bottleneck: its sample's cost was wrong for this data, or the
+    /// drain rate was taken while the target was busy).
+    level_cap: i32,
 }
 
 impl Default for AutoPolicy {
@@ -340,6 +345,7 @@ impl AutoPolicy {
             level_samples: [None; STREAM_LEVELS.len()],
             stream_level: super::stream::AUTO_LEVEL,
             rate: f64::INFINITY,
+            level_cap: i32::MAX,
         }
     }
 
@@ -439,7 +445,11 @@ impl AutoPolicy {
     /// by more than [`LEVEL_GAIN`].
     fn stream_cost(&self, base: Sample, rate: f64) -> (f64, i32) {
         let cost = |s: Sample| s.cpu_per_byte.max(s.ratio / rate);
-        let measured = STREAM_LEVELS.iter().zip(&self.level_samples).filter_map(|(l, s)| s.map(|s| (cost(s), *l)));
+        let measured = STREAM_LEVELS
+            .iter()
+            .zip(&self.level_samples)
+            .filter(|(l, _)| **l == STREAM_LEVELS[0] || **l < self.level_cap)
+            .filter_map(|(l, s)| s.map(|s| (cost(s), *l)));
         let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
         let current = measured.clone().find(|(_, l)| *l == self.stream_level);
         match (best, current) {
@@ -467,6 +477,19 @@ impl AutoPolicy {
     ///   [`TIMING_SEGMENTS`] old.
     pub fn choose(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
         self.since_sample = self.since_sample.saturating_add(bytes);
+        if self.slow_link && link.drain_rate.is_none() && self.stream_level != STREAM_LEVELS[0] {
+            // Writes stopped blocking at this level: the stream no longer
+            // keeps the link busy. Back to the first level at once, and not
+            // this high again; writes will block again, and the next
+            // decision picks among the lower levels.
+            log::debug!(
+                "auto: the link stopped blocking at stream level {}: back to {}",
+                self.stream_level,
+                STREAM_LEVELS[0]
+            );
+            self.level_cap = self.level_cap.min(self.stream_level);
+            self.stream_level = STREAM_LEVELS[0];
+        }
         let half = SEGMENT_BYTES / 2;
         if self.segment_bytes < half && self.segment_bytes + bytes >= half {
             self.half_start = Some(now);
@@ -493,6 +516,10 @@ impl AutoPolicy {
 
         let rate = match link.drain_rate {
             Some(rate) => rate,
+            // Slow before, not blocking lately: the sender was the
+            // bottleneck for a while (see above); the route stays until
+            // writes block again (sending raw would only flood the link).
+            None if self.slow_link => return self.current,
             None if link.written >= NO_BLOCK_EVIDENCE => f64::INFINITY,
             None => return self.current,
         };
@@ -893,5 +920,31 @@ mod tests {
         assert!(p.wants_sample());
         p.sample(&data);
         assert!(p.stream_level() > STREAM_LEVELS[0], "level {}", p.stream_level());
+    }
+
+    /// At a level whose CPU turned out slower than the link (writes stop
+    /// blocking), the stream falls back to its first level at once, and
+    /// the next decisions choose only among lower levels.
+    #[test]
+    fn when_writes_stop_blocking_the_level_falls_back_and_stays_lower() {
+        let mut p = AutoPolicy::new(true).with_levels();
+        measured_samples(&mut p);
+        let measured =
+            [(0.29, 6e-9), (0.28, 1.3e-8), (0.268, 2.3e-8), (0.263, 5.8e-8), (0.261, 1.7e-7), (0.237, 5.3e-7)];
+        for (j, (ratio, cpu)) in measured.iter().enumerate() {
+            p.level_samples[j] = Some(Sample { ratio: *ratio, cpu_per_byte: *cpu });
+        }
+        let now = Instant::now();
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 19);
+        // A megabyte written without a blocked write: no rate any more.
+        let stale = LinkView { drain_rate: None, written: 1 << 30 };
+        assert_eq!(p.choose(stale, 2, 4096, now), Route::Stream, "the route stays");
+        assert_eq!(p.stream_level(), 3);
+        assert_eq!(segment(&mut p, stale, 2, now), Route::Stream, "not raw on a link that was slow");
+        assert_eq!(p.stream_level(), 3);
+        // Writes block again at 2 Mbit/s: the best level below 19.
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 15);
     }
 }
