@@ -529,10 +529,6 @@ impl AutoPolicy {
 
         let rate = match link.drain_rate {
             Some(rate) => rate,
-            // Slow before, not blocking lately: the sender was the
-            // bottleneck for a while (see above); the route stays until
-            // writes block again (sending raw would only flood the link).
-            None if self.slow_link => return self.current,
             None if link.written >= NO_BLOCK_EVIDENCE => f64::INFINITY,
             None => return self.current,
         };
@@ -955,8 +951,6 @@ mod tests {
         // A megabyte written without a blocked write: no rate any more.
         let stale = LinkView { drain_rate: None, written: 1 << 30 };
         assert_eq!(p.choose(stale, 2, 4096, now), Route::Stream, "the route stays");
-        assert_eq!(p.stream_level(), 3);
-        assert_eq!(segment(&mut p, stale, 2, now), Route::Stream, "not raw on a link that was slow");
         assert_eq!(p.stream_level(), 3);
         // Writes block again at 2 Mbit/s: the best level below 19.
         assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);

@@ -106,19 +106,11 @@ pub struct LinkStats {
     last_blocked_at: AtomicU64,
 }
 
-/// Largest write passed to the link at once. The writer's buffer holds
-/// 1 MiB, and a write into a full pipe returns only once all of it is
-/// taken: in 1 MiB writes a 2 Mbit/s link would take the [`RATE_WRITES`]
-/// blocked writes that make its rate known only after 8 MiB (32 s), past
-/// the end of a short copy, whose first megabytes then go as if the link
-/// were unknown. In 64 KiB writes it is known after about 512 KiB.
-const WRITE_SLICE: usize = 64 << 10;
-
 /// A drain rate is reported only while writes keep blocking: after this
 /// many bytes written without one blocking, the link drains faster than
 /// this end writes (its compressor, or a target that was busy when the
 /// rate was taken, was the bottleneck), and the old rate says nothing.
-const RATE_STALE: u64 = 1 << 20;
+const RATE_STALE: u64 = 8 << 20;
 
 /// Blocked bytes and writes needed before [`LinkStats::drain_rate`] answers.
 const RATE_EVIDENCE: u64 = 256 << 10;
@@ -232,7 +224,7 @@ impl<W: Write> Write for CountingWriter<W> {
         let t = Instant::now();
         // Inside the timed span: a limited link looks as slow as it is to
         // `auto`'s drain rate, which then compresses harder.
-        let allowed = self.throttle.admit(buf.len().min(WRITE_SLICE));
+        let allowed = self.throttle.admit(buf.len());
         let n = match self.inner.write(&buf[..allowed]) {
             Ok(n) => n,
             Err(e) => {
@@ -493,11 +485,11 @@ mod tests {
         let r = s.drain_rate().unwrap();
         assert!((r - (64 << 10) as f64 / 0.1).abs() < 1.0, "rate {r}");
         // Then the writes stop blocking (our compressor became slower than
-        // the link): after a megabyte the old rate is no longer reported...
-        for _ in 0..16 {
+        // the link): after 8 MiB the old rate is no longer reported...
+        for _ in 0..128 {
             s.count_write(64 << 10, 20_000);
         }
-        assert!(s.drain_rate().is_some(), "exactly 1 MiB is not past it");
+        assert!(s.drain_rate().is_some(), "exactly 8 MiB is not past it");
         s.count_write(64 << 10, 20_000);
         assert_eq!(s.drain_rate(), None, "a stale rate");
         // ...until one blocks again.
