@@ -27,6 +27,8 @@
 # use the reference as the stream's dictionary (CAP_SHARED_REF); the
 # BEFORE rows are as without it. CODECS (default "zstd auto") picks the
 # --compress values compared.
+# A stream whose level changed (`auto` on a slow link, CAP_STREAM_LEVELS)
+# shows its levels in the codecs column ("levels 3>19").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EXP=${EXP:-/var/tmp/xenmig-exp/quick}
@@ -125,6 +127,8 @@ c = "" if not r.get("blocks_delta") else "%d deltas " % r["blocks_delta"]
 c += ",".join("%s %.0f%%" % (k, 100 * v / max(1, r["bytes_fetched"])) for k, v in sorted(r["codecs"].items()))
 if r.get("shared_reference"):
     c = "dictionary " + c
+if len(r.get("stream_levels", [])) > 1:
+    c += " levels " + ">".join(map(str, r["stream_levels"]))
 print(r["bytes_wire"], "%.2f" % (float(sys.argv[3]) - float(sys.argv[2])), c)' "$out" "$t0" "$t1"
 }
 

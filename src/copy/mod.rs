@@ -197,10 +197,23 @@ pub struct Report {
     /// dictionary (`--source-reference`; absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_reference: Option<String>,
+    /// The zstd levels the source's stream compressed at, in order (`auto`
+    /// raises the level where the link is slow; absent: no stream, or the
+    /// source was the remote end).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stream_levels: Vec<i32>,
+    /// Frames of the zstd stream the target decoded: one per level the
+    /// source used (0: no stream).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub stream_frames: u64,
     /// `--bwlimit`: bytes per second the source end could write (absent:
     /// no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bwlimit: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn report_version_1() -> u32 {
@@ -219,6 +232,8 @@ impl Default for Report {
             blocks_total: 0,
             bwlimit: None,
             shared_reference: None,
+            stream_levels: Vec::new(),
+            stream_frames: 0,
             blocks_zero: 0,
             blocks_reused: 0,
             blocks_fetched: 0,

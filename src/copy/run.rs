@@ -149,7 +149,8 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             // what did not arrive or did not verify), unless it only saw the
             // source hang up: then the source's own error says why.
             match (result, source_result) {
-                (Ok(report), Ok(_)) => report,
+                // (the levels are the source's to tell)
+                (Ok(report), Ok(from_source)) => Report { stream_levels: from_source.stream_levels, ..report },
                 (_, Err(e @ EngineError::Interrupted { .. })) => return Err(e),
                 (Err(EngineError::Protocol(ProtocolError::Eof(_) | ProtocolError::Io(_))), Err(e)) => return Err(e),
                 (Err(e), _) | (Ok(_), Err(e)) => return Err(e),

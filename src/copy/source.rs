@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -38,8 +38,8 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR, CAP_SUB_DELTA,
-    CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
+    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
@@ -184,6 +184,11 @@ struct Shared {
     digests: RwLock<Vec<Digest>>,
     compress: Choice,
     auto: Mutex<AutoPolicy>,
+    /// The level `auto` wants the stream at (the stream's thread follows
+    /// it between runs, when the target follows level changes).
+    stream_level: AtomicI32,
+    /// The levels the stream compressed at, in order (for the report).
+    stream_levels: Mutex<Vec<i32>>,
     stats: Arc<LinkStats>,
     workers: usize,
 }
@@ -305,7 +310,8 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let caps = live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SIMILAR;
+        let caps =
+            live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SIMILAR | CAP_STREAM_LEVELS;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -318,12 +324,18 @@ impl SourceSession {
             Choice::Auto => Some(zstream::AUTO_LEVEL),
             Choice::Fixed(_) => None,
         };
+        // `auto` may change the stream's level where the link is slow
+        // when the target follows; `--compress zstd:L` keeps L.
+        let levels = agreed.caps & CAP_STREAM_LEVELS != 0 && opts.compress == Choice::Auto && stream_level.is_some();
         // The encoder is made on the stream's thread: with a shared
         // reference agreed, only once the target's offer is answered.
         let shared_agreed = agreed.caps & CAP_SHARED_REF != 0;
         let encoder = match stream_level {
-            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size }),
-            Some(level) => Some(Pending::Ready(StreamEncoder::new(level, zstream::window_log_for(layout.size))?)),
+            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size, levels }),
+            Some(level) => {
+                let enc = StreamEncoder::new(level, zstream::window_log_for(layout.size))?;
+                Some(Pending::Ready(if levels { enc.follow_levels() } else { enc }))
+            }
             None => None,
         };
         write_message(&mut link.writer, &Message::ImageInfo { algo: opts.algo, layout: layout.clone() })?;
@@ -337,7 +349,13 @@ impl SourceSession {
             zeros: ZeroDigests::new(opts.algo, layout.block_size as usize),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
-            auto: Mutex::new(AutoPolicy::new(stream_level.is_some(), layout.size)),
+            auto: Mutex::new(if levels {
+                AutoPolicy::new(true, layout.size).with_levels()
+            } else {
+                AutoPolicy::new(stream_level.is_some(), layout.size)
+            }),
+            stream_level: AtomicI32::new(stream_level.unwrap_or(zstream::AUTO_LEVEL)),
+            stream_levels: Mutex::new(Vec::new()),
             stats: link.stats.clone(),
             workers,
         });
@@ -407,9 +425,9 @@ impl SourceSession {
         // The stream's thread ends once every worker (holding its input) has.
         let stream_tx = encoder.map(|enc| {
             let (tx, rx) = bounded::<RawRun>(workers + 2);
-            let (frames, fail) = (frames_tx.clone(), fail_tx.clone());
+            let (frames, fail, sh) = (frames_tx.clone(), fail_tx.clone(), shared.clone());
             threads.push(thread::spawn(move || {
-                if let Err(e) = stream_loop(enc, prefix_rx, rx, &frames) {
+                if let Err(e) = stream_loop(enc, prefix_rx, rx, &frames, &sh) {
                     let _ = frames.send(Message::Error { message: format!("source: {e}") });
                     let _ = fail.send(e);
                 }
@@ -692,6 +710,8 @@ impl SourceSession {
                 return Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
             }
         };
+        // (every piece was decoded by now: the stream's thread is idle)
+        report.stream_levels = self.shared.stream_levels.lock().unwrap().clone();
         let algo = self.opts.algo;
         let own = hex(&image_digest(algo, &self.shared.layout, &self.groups)[..algo.width()]);
         if !report.verified || report.digest != own {
@@ -1087,6 +1107,8 @@ enum Pending {
     Prefix {
         level: i32,
         image_size: u64,
+        /// Without a reference chosen, the stream may change level.
+        levels: bool,
     },
 }
 
@@ -1115,21 +1137,40 @@ fn stream_loop(
     prefix: Receiver<Option<SharedRef>>,
     rx: Receiver<RawRun>,
     frames: &Sender<Message>,
+    sh: &Shared,
 ) -> Result<(), EngineError> {
     let mut enc = match enc {
         Pending::Ready(enc) => enc,
-        Pending::Prefix { level, image_size } => match prefix.recv() {
+        Pending::Prefix { level, image_size, levels } => match prefix.recv() {
             Ok(Some(r)) => {
                 let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
                 // Index the prefix while the target loads its copy of it.
                 enc.prime()?;
                 enc
             }
-            Ok(None) => StreamEncoder::new(level, zstream::window_log_for(image_size))?,
+            Ok(None) => {
+                let enc = StreamEncoder::new(level, zstream::window_log_for(image_size))?;
+                if levels {
+                    enc.follow_levels()
+                } else {
+                    enc
+                }
+            }
             Err(_) => return Ok(()), // the reader ended first: the copy is failing already
         },
     };
+    let mut used = None;
     for run in rx {
+        let want = sh.stream_level.load(Ordering::Relaxed);
+        if enc.can_change_level() && want != enc.level() {
+            enc.set_level(want)?;
+            log::debug!("stream: level {want} from now on");
+            used = None;
+        }
+        if used != Some(enc.level()) {
+            used = Some(enc.level());
+            sh.stream_levels.lock().unwrap().push(enc.level());
+        }
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;
         let m = if run.delta {
@@ -1317,7 +1358,9 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
                 p.sample(&raw);
             }
             let link = LinkView { drain_rate: sh.stats.drain_rate(), written: sh.stats.written() };
-            p.choose(link, sh.workers, raw.len() as u64, Instant::now())
+            let route = p.choose(link, sh.workers, raw.len() as u64, Instant::now());
+            sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+            route
         }
     };
     let codec = match route {

@@ -44,8 +44,8 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR, CAP_SUB_DELTA,
-    CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
+    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
@@ -332,6 +332,9 @@ pub(super) struct Target<'a> {
     /// `CAP_SUB_GROUPS` agreed: a group's keys may be asked for against
     /// DST's sub-groups.
     subgroups: bool,
+    /// `CAP_STREAM_LEVELS` agreed: the stream's decoder follows level
+    /// changes.
+    levels: bool,
     /// Groups asked for with `WantChangedKeys` and not answered yet.
     sub_asked: HashSet<u64>,
     /// Blocks kept keyless (summed over passes), and groups that kept some
@@ -369,7 +372,7 @@ pub fn run_with(
     let (link, agreed) = handshake_within(
         link,
         Role::Target,
-        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF | CAP_SIMILAR,
+        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF | CAP_SIMILAR | CAP_STREAM_LEVELS,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -413,6 +416,7 @@ pub fn run_with(
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
             similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
+            levels: agreed.caps & CAP_STREAM_LEVELS != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -458,6 +462,8 @@ pub(super) struct LinkSide {
     subgroups: bool,
     /// `CAP_SIMILAR` and `CAP_SUB_DELTA` agreed.
     similar: bool,
+    /// `CAP_STREAM_LEVELS` agreed.
+    levels: bool,
 }
 
 impl<'a> Target<'a> {
@@ -547,6 +553,7 @@ impl<'a> Target<'a> {
             deltas: link.as_ref().is_some_and(|l| l.deltas),
             subgroups: link.as_ref().is_some_and(|l| l.subgroups),
             similar: link.as_ref().is_some_and(|l| l.similar),
+            levels: link.as_ref().is_some_and(|l| l.levels),
             out: link.map(|l| l.out),
             delta_asked: HashMap::new(),
             sim_index: None,
@@ -903,6 +910,7 @@ impl Target<'_> {
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
             shared_reference: self.shared_used.as_ref().map(|p| p.display().to_string()),
+            stream_frames: self.stream.as_ref().and_then(|s| s.as_ref()).map_or(0, |d| d.frames()),
             ..Report::default()
         })
     }
@@ -1441,6 +1449,7 @@ impl Target<'_> {
             };
             let dec = match slot {
                 Some(d) => d,
+                None if self.levels => slot.insert(StreamDecoder::new()?.follow_levels()),
                 None => slot.insert(StreamDecoder::new()?),
             };
             dec.decompress_run(&payload, raw_len as usize)

@@ -190,7 +190,7 @@ impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Route::Run(c) => c.fmt(f),
-            Route::Stream => write!(f, "zstd-stream:{}", super::stream::AUTO_LEVEL),
+            Route::Stream => f.write_str("zstd-stream"),
         }
     }
 }
@@ -257,6 +257,28 @@ const PROBE_RATE: f64 = 30e6;
 const TIMING_SEGMENTS: u64 = 12;
 /// Timings within this fraction of the fastest count as a tie.
 const TIMED_TIE: f64 = 0.10;
+/// The levels the stream may move between on a slow link
+/// (`CAP_STREAM_LEVELS`), lowest first: the first is the level it starts
+/// at. Measured on the quick images (docs/experiments.md, "The stream's
+/// level"): each step sends fewer bytes for more CPU, 19 about 18% fewer
+/// than 3 on the release cell for 90x its CPU.
+const STREAM_LEVELS: [i32; 6] = [super::stream::AUTO_LEVEL, 6, 9, 12, 15, 19];
+/// A level above the first counts its CPU time this many times over. Its
+/// sample is a megabyte compressed on its own; the stream compresses with a
+/// 128 MiB window and long-distance matching, and re-indexes 16 MiB at each
+/// change. Measured side by side on the return cell at 2 Mbit/s without
+/// this margin (on cores shared with another measurement), level 19 sent
+/// 24% fewer bytes and took 9% longer (docs/experiments.md): the stream's
+/// thread, not the link, was the bottleneck. The margin (a judgement, not
+/// fitted) keeps a level only where its CPU leaves the link the bottleneck
+/// with room to spare; on a quiet machine that cell still takes 19 with it,
+/// 7% faster than level 3.
+const LEVEL_CPU_MARGIN: f64 = 1.5;
+/// A new level must promise at least this much less time per byte than the
+/// current one: each change ends the stream's frame and re-indexes its
+/// last 16 MiB at the new level (`wire::stream`), so two levels that the
+/// samples barely tell apart must not alternate.
+const LEVEL_GAIN: f64 = 0.95;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -296,9 +318,11 @@ pub struct AutoPolicy {
     segment_bytes: u64,
     half_start: Option<Instant>,
     timings: [Option<Timing>; 4],
-    /// The current route was chosen before any write blocked (the link
-    /// counted as infinitely fast): the first blocked writes end the
-    /// segment, as raw data on a slow link is the costliest mistake.
+    /// The current route was chosen before any write blocked (at the
+    /// start, or with the link counted as infinitely fast): the first
+    /// blocked writes end the segment, as raw data on a slow link is the
+    /// costliest mistake, and a short copy on a slow link would otherwise
+    /// end before its first decision (and the stream's level).
     blind: bool,
     /// The last decision was the model's (the link drains below
     /// [`PROBE_RATE`]).
@@ -309,6 +333,20 @@ pub struct AutoPolicy {
     /// No decision was taken yet: the route is the initial one, kept until
     /// the link is known.
     unknown: bool,
+    /// The stream may change level (`CAP_STREAM_LEVELS` agreed).
+    levels: bool,
+    /// The stream at each of [`STREAM_LEVELS`], measured on a slow link as
+    /// far as a level could still win (None: not measured).
+    level_samples: [Option<Sample>; STREAM_LEVELS.len()],
+    /// The level the stream should compress at.
+    stream_level: i32,
+    /// The link's drain rate at the last decision.
+    rate: f64,
+    /// Levels at or above this one are not chosen again: at it, the link
+    /// stopped blocking our writes (the stream's CPU, not the link, was
+    /// the bottleneck: its sample's cost was wrong for this data, or the
+    /// drain rate was taken while the target was busy).
+    level_cap: i32,
 }
 
 impl Default for AutoPolicy {
@@ -337,11 +375,33 @@ impl AutoPolicy {
             segment_bytes: 0,
             half_start: None,
             timings: [None; 4],
+            // (until the link is known: `unknown`)
             blind: false,
             slow_link: false,
             may_time: image_bytes >= TIMING_MIN_IMAGE,
             unknown: true,
+            levels: false,
+            level_samples: [None; STREAM_LEVELS.len()],
+            stream_level: super::stream::AUTO_LEVEL,
+            rate: f64::INFINITY,
+            level_cap: i32::MAX,
         }
+    }
+
+    /// The copy's stream may change level (`CAP_STREAM_LEVELS` agreed):
+    /// where the link is slow, `auto` also picks the stream's level by the
+    /// same model ([`AutoPolicy::stream_level`]).
+    pub fn with_levels(mut self) -> AutoPolicy {
+        self.levels = self.candidates.contains(&Route::Stream);
+        self
+    }
+
+    /// The level the stream should compress at from now on: its first
+    /// level until the link is known to be slow, then the level the model
+    /// finds fastest (the larger of one thread's CPU time and the output's
+    /// link time), back to the first on a fast link.
+    pub fn stream_level(&self) -> i32 {
+        self.stream_level
     }
 
     /// Whether the next payload should go into a measurement of the
@@ -382,6 +442,70 @@ impl AutoPolicy {
                 .collect();
             log::debug!("auto: sampled {}", seen.join(", "));
         }
+        self.sample_levels(&data);
+        // The stream's level follows its new samples at once: on a short
+        // copy the next segment's decision may never come.
+        if let (true, Some(base)) = (self.slow_link, self.index(Route::Stream).and_then(|i| self.samples[i])) {
+            if self.current == Route::Stream && self.levels {
+                let level = self.stream_cost(base, self.rate).1;
+                if level != self.stream_level {
+                    log::debug!("auto: stream level {level} from now on at a link of {:.1} MB/s", self.rate / 1e6);
+                }
+                self.stream_level = level;
+            }
+        }
+    }
+
+    /// On a slow link, measure the stream's higher levels on the same
+    /// sample, lowest first, as long as one could still win: a level whose
+    /// CPU time alone exceeds the best link time so far cannot, and every
+    /// level above it costs more CPU still. (Level 19 takes about half a
+    /// second on a sample: measured only where the link is that slow.)
+    fn sample_levels(&mut self, data: &[u8]) {
+        self.level_samples = [None; STREAM_LEVELS.len()];
+        let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
+        if !self.levels || !self.slow_link {
+            return;
+        }
+        self.level_samples[0] = Some(base);
+        let mut best_link = base.ratio / self.rate;
+        for (j, &level) in STREAM_LEVELS.iter().enumerate().skip(1) {
+            let t = thread_cpu_time();
+            let out = Codec::Zstd(level).compress(data);
+            let cpu = thread_cpu_time() - t;
+            let s = Sample {
+                ratio: out.len() as f64 / data.len() as f64 * STREAM_HISTORY,
+                cpu_per_byte: cpu / data.len() as f64,
+            };
+            self.level_samples[j] = Some(s);
+            best_link = best_link.min(s.ratio / self.rate);
+            if s.cpu_per_byte * LEVEL_CPU_MARGIN >= best_link {
+                break;
+            }
+        }
+    }
+
+    /// The stream's cost per input byte at `rate`, and the level that
+    /// gives it: the current level unless another measured one is faster
+    /// by more than [`LEVEL_GAIN`].
+    fn stream_cost(&self, base: Sample, rate: f64) -> (f64, i32) {
+        let cost = |s: Sample, l: i32| {
+            let margin = if l == STREAM_LEVELS[0] { 1.0 } else { LEVEL_CPU_MARGIN };
+            (s.cpu_per_byte * margin).max(s.ratio / rate)
+        };
+        let measured = STREAM_LEVELS
+            .iter()
+            .zip(&self.level_samples)
+            .filter(|(l, _)| **l == STREAM_LEVELS[0] || **l < self.level_cap)
+            .filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
+        let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
+        let current = measured.clone().find(|(_, l)| *l == self.stream_level);
+        match (best, current) {
+            (Some(b), Some(c)) if b.0 < c.0 * LEVEL_GAIN => b,
+            (_, Some(c)) => c,
+            (Some(b), None) => b,
+            (None, None) => (cost(base, STREAM_LEVELS[0]), STREAM_LEVELS[0]),
+        }
     }
 
     /// The route for the next `bytes` of input, sent at `now`. Decided once
@@ -403,6 +527,19 @@ impl AutoPolicy {
     ///   [`FAST_LINK_ROUTE`].
     pub fn choose(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
         self.since_sample = self.since_sample.saturating_add(bytes);
+        if self.slow_link && link.drain_rate.is_none() && self.stream_level != STREAM_LEVELS[0] {
+            // Writes stopped blocking at this level: the stream no longer
+            // keeps the link busy. Back to the first level at once, and not
+            // this high again; writes will block again, and the next
+            // decision picks among the lower levels.
+            log::debug!(
+                "auto: the link stopped blocking at stream level {}: back to {}",
+                self.stream_level,
+                STREAM_LEVELS[0]
+            );
+            self.level_cap = self.level_cap.min(self.stream_level);
+            self.stream_level = STREAM_LEVELS[0];
+        }
         let len = if self.may_time && !self.slow_link && !self.unknown { TIMED_SEGMENT_BYTES } else { SEGMENT_BYTES };
         let half = len / 2;
         if self.segment_bytes < half && self.segment_bytes + bytes >= half {
@@ -455,12 +592,25 @@ impl AutoPolicy {
         // slowest route there. A slow link reads far below that.
         let slow_below = if self.slow_link || self.unknown { PROBE_RATE } else { PROBE_RATE / 2.0 };
         self.unknown = false;
+        let was_slow = self.slow_link;
         self.slow_link = rate < slow_below;
+        self.rate = rate;
+        if self.slow_link && !was_slow && self.levels {
+            // The stream's higher levels are measured only on a slow link:
+            // now, not at the next sample's time.
+            self.since_sample = u64::MAX;
+        }
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
-        if next != self.current {
-            log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
+        let level = match self.index(Route::Stream).and_then(|i| self.samples[i]) {
+            Some(base) if self.slow_link && next == Route::Stream => self.stream_cost(base, rate).1,
+            _ if !self.slow_link => STREAM_LEVELS[0],
+            _ => self.stream_level,
+        };
+        if next != self.current || (next == Route::Stream && level != self.stream_level) {
+            log::debug!("auto: {next} (stream level {level}) from now on at a link of {:.1} MB/s", rate / 1e6);
         }
         self.current = next;
+        self.stream_level = level;
         self.current
     }
 
@@ -481,7 +631,10 @@ impl AutoPolicy {
         let mut best = (f64::INFINITY, self.current);
         for (i, r) in self.candidates.iter().enumerate() {
             if let Some(s) = self.samples[i] {
-                let cost = (s.cpu_per_byte / Self::threads(*r, workers)).max(s.ratio / rate);
+                let cost = match r {
+                    Route::Stream => self.stream_cost(s, rate).0,
+                    _ => (s.cpu_per_byte / Self::threads(*r, workers)).max(s.ratio / rate),
+                };
                 // The cheaper codec on a near tie (2%): any wider margin is
                 // link time given away where the link decides.
                 if cost < best.0 * 0.98 {
@@ -792,5 +945,147 @@ mod tests {
         measured_samples(&mut p);
         let routes = run(&mut p, 12.5e6, 40, |_| 40e6);
         assert!(routes.iter().all(|r| *r == Route::Stream), "{routes:?}");
+    }
+
+    /// The stream's level by the model: given a drain rate and measured
+    /// costs, the level with the least time per byte (one thread's CPU
+    /// against the output's link time), kept unless another is clearly
+    /// faster; its first level on a fast link or without the capability.
+    #[test]
+    fn auto_picks_the_streams_level_by_the_link() {
+        // Roughly the release cell's measured costs (docs/experiments.md,
+        // "The stream's level"), CPU per byte on one thread.
+        let measured = [
+            (3, 0.29, 6e-9),
+            (6, 0.28, 1.3e-8),
+            (9, 0.268, 2.3e-8),
+            (12, 0.263, 5.8e-8),
+            (15, 0.261, 1.7e-7),
+            (19, 0.237, 5.3e-7),
+        ];
+        let policy = |levels: bool, current: i32| {
+            let mut p = AutoPolicy::new(true, 1 << 30);
+            if levels {
+                p = p.with_levels();
+            }
+            measured_samples(&mut p);
+            for (j, (l, ratio, cpu)) in measured.iter().enumerate() {
+                assert_eq!(STREAM_LEVELS[j], *l);
+                if levels {
+                    p.level_samples[j] = Some(Sample { ratio: *ratio, cpu_per_byte: *cpu });
+                }
+            }
+            p.stream_level = current;
+            p
+        };
+        let base = Sample { ratio: 0.29, cpu_per_byte: 6e-9 };
+        // 2 Mbit/s: the link time of 0.237 (9.5e-7 s/B) beats level 19's CPU.
+        assert_eq!(policy(true, 3).stream_cost(base, 250e3).1, 19);
+        // 20 Mbit/s: level 19's CPU (5.3e-7) is over the link time of any
+        // level; 12 and 15 are the best link times under their CPU...
+        assert_eq!(policy(true, 3).stream_cost(base, 2.5e6).1, 12);
+        // ...100 Mbit/s: 12's CPU (5.8e-8) is over 3's link time (2.3e-8);
+        // level 6 (2.24e-8) is fastest, but not by 5% over 3: 3 stays...
+        assert_eq!(policy(true, 3).stream_cost(base, 12.5e6).1, 3);
+        // ...but from 9 (its CPU with the margin: 3.45e-8) it is: 6.
+        assert_eq!(policy(true, 9).stream_cost(base, 12.5e6).1, 6);
+        // Within 5% of the current level, the current one stays.
+        assert_eq!(policy(true, 6).stream_cost(base, 12.5e6).1, 6);
+        // At 40 MB/s (above PROBE_RATE the model is not asked, but the rule
+        // holds): 9's CPU exceeds 3's cost by more than 5%: back to 3.
+        assert_eq!(policy(true, 9).stream_cost(base, 40e6).1, 3);
+        // Without the capability: its first level, whatever the link.
+        assert_eq!(policy(false, 3).stream_cost(base, 250e3).1, 3);
+        // Through choose: a slow link known, the stream goes to 19; a
+        // fast link brings it back to 3.
+        let mut p = policy(true, 3);
+        let now = Instant::now();
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 19);
+        // (a fast link times the routes instead; the stream, if it stays,
+        // goes back to its first level)
+        segment(&mut p, rate(1e9), 2, now);
+        assert_eq!(p.stream_level(), 3);
+        let mut p = policy(false, 3);
+        segment(&mut p, rate(250e3), 2, now);
+        assert_eq!(p.stream_level(), 3);
+    }
+
+    /// On a slow link the levels are measured on real samples, lowest
+    /// first, only as far as one could still win.
+    #[test]
+    fn auto_measures_the_levels_only_as_far_as_they_can_win() {
+        let data = text(SAMPLE_BYTES);
+        let now = Instant::now();
+        // Fast link: no level beyond the first is measured.
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        segment(&mut p, rate(1e9), 2, now);
+        p.sample(&data);
+        assert!(p.level_samples.iter().all(Option::is_none));
+        // A link too slow for any CPU to matter: every level is measured.
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        segment(&mut p, rate(1.0), 2, now);
+        assert!(p.wants_sample(), "a slow link, first seen, asks for a sample at once");
+        p.sample(&data);
+        assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
+        segment(&mut p, rate(1.0), 2, now);
+        // (at 1 byte/s only the output counts: the smallest sample wins)
+        let smallest = (0..STREAM_LEVELS.len())
+            .min_by(|&a, &b| p.level_samples[a].unwrap().ratio.total_cmp(&p.level_samples[b].unwrap().ratio))
+            .unwrap();
+        assert_eq!(p.stream_level(), STREAM_LEVELS[smallest]);
+        // A link just slow enough for the model: stops at the first level
+        // whose CPU alone exceeds the best link time (for 1 MiB of text at
+        // level 19, far more than 1 ns a byte).
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        segment(&mut p, rate(29e6), 2, now);
+        p.sample(&data);
+        let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
+        assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
+    }
+
+    /// A short copy on a slow link: the first blocked writes decide at
+    /// once (not at the end of a 16 MiB segment), the levels are measured
+    /// on the next sample, and the stream's level follows that sample
+    /// without waiting for another decision.
+    #[test]
+    fn on_a_short_copy_the_level_rises_as_soon_as_the_link_is_known() {
+        let data = text(SAMPLE_BYTES);
+        let now = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        p.sample(&data);
+        assert_eq!(p.choose(LinkView { drain_rate: None, written: 1 << 20 }, 2, 4096, now), Route::Stream);
+        assert_eq!(p.segment, 0);
+        // 300 KB blocked at 250 kB/s, one run later: decided now.
+        assert_eq!(p.choose(rate(250e3), 2, 4096, now), Route::Stream);
+        assert_eq!(p.segment, 1);
+        assert_eq!(p.stream_level(), STREAM_LEVELS[0]);
+        assert!(p.wants_sample());
+        p.sample(&data);
+        assert!(p.stream_level() > STREAM_LEVELS[0], "level {}", p.stream_level());
+    }
+
+    /// At a level whose CPU turned out slower than the link (writes stop
+    /// blocking), the stream falls back to its first level at once, and
+    /// the next decisions choose only among lower levels.
+    #[test]
+    fn when_writes_stop_blocking_the_level_falls_back_and_stays_lower() {
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        measured_samples(&mut p);
+        let measured =
+            [(0.29, 6e-9), (0.28, 1.3e-8), (0.268, 2.3e-8), (0.263, 5.8e-8), (0.261, 1.7e-7), (0.237, 5.3e-7)];
+        for (j, (ratio, cpu)) in measured.iter().enumerate() {
+            p.level_samples[j] = Some(Sample { ratio: *ratio, cpu_per_byte: *cpu });
+        }
+        let now = Instant::now();
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 19);
+        // A megabyte written without a blocked write: no rate any more.
+        let stale = LinkView { drain_rate: None, written: 1 << 30 };
+        assert_eq!(p.choose(stale, 2, 4096, now), Route::Stream, "the route stays");
+        assert_eq!(p.stream_level(), 3);
+        // Writes block again at 2 Mbit/s: the best level below 19.
+        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
+        assert_eq!(p.stream_level(), 15);
     }
 }

@@ -196,6 +196,22 @@
 //!    | -- Delta(block, codec, bitmap + changed subs) ----> |  rebuilt on j
 //! ```
 //!
+//! The stream's level (capability [`CAP_STREAM_LEVELS`]): when both ends
+//! set it, the source may end the stream's zstd frame (its end rides at the
+//! start of the next piece) and begin a new frame, at another level, whose
+//! prefix (zstd's `refPrefix`) is the last
+//! [`LEVEL_PREFIX`](crate::wire::stream::LEVEL_PREFIX) bytes of the
+//! stream's content so far: everything the stream's pieces decoded to, in
+//! order. The target, whenever a frame ends, gives the next one exactly
+//! those bytes. Every frame is bounded by the same window as the first,
+//! and carries at least
+//! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) bytes of
+//! content before the next begins (each new frame costs the target a copy
+//! of its tail): a closer frame is an error naming the stream. A stream
+//! that began with a shared reference never starts a second frame.
+//! `auto` raises the level where the link is slow (`wire::compress`); no
+//! frame or field is added, and without the bit the stream is one frame.
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -268,6 +284,13 @@ pub const CAP_SHARED_REF: u32 = 1 << 4;
 /// a similar block in DST to ask a `FetchDelta` against. Without it (a peer
 /// of the previous release) such blocks are fetched whole.
 pub const CAP_SIMILAR: u32 = 1 << 5;
+/// Capability: the source may end the zstd stream's frame between two
+/// pieces and begin the next at another level, with the stream's last
+/// [`LEVEL_PREFIX`](crate::wire::stream::LEVEL_PREFIX) bytes of content as
+/// its prefix; the target gives each frame after the first the same bytes
+/// (`wire::stream`). Without it (a peer of the previous release) the
+/// stream keeps its first level.
+pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;

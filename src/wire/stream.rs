@@ -37,11 +37,35 @@
 //! in memory (read once, hashed from memory: never a mapping of a file that
 //! may change), so the reference's size is the memory this costs, besides
 //! the part of the window the stream fills.
+//!
+//! The level (capability
+//! [`CAP_STREAM_LEVELS`](crate::wire::protocol::CAP_STREAM_LEVELS)): on a
+//! slow link the CPU is mostly idle and a higher level sends fewer bytes,
+//! but how slow the link is becomes known only after the stream has begun
+//! (`auto`'s drain rate needs blocked writes). libzstd applies a new
+//! `compressionLevel` inside a frame only in multithreaded mode, where each
+//! flush ends a job and the next job re-indexes a slice of the window as
+//! its history: with a flush per run that is a re-index per run and a
+//! history cut to that slice, so that is not used. Nor is a new stream per
+//! level, which would start with no history. Instead the source ends the
+//! frame and starts the next one at the new level with the last
+//! [`LEVEL_PREFIX`] bytes of the stream's content as its prefix (zstd's
+//! `refPrefix`); the target, when a frame ends, gives the next frame the
+//! same bytes, the last [`LEVEL_PREFIX`] bytes it decoded. Both ends keep
+//! that tail only with the capability agreed (a copy of what passes
+//! through, at most [`LEVEL_PREFIX`], plus the frozen prefix of the
+//! running frame: 2 x 16 MiB each end, besides the window), and the window
+//! bound is unchanged: every frame's window is checked against the same
+//! `windowLogMax`. A stream that began with a shared reference keeps its
+//! level (a new frame would lose the reference); so does `--compress
+//! zstd:L`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use thiserror::Error;
-use zstd::stream::raw::{CParameter, DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{CParameter, DParameter, InBuffer, OutBuffer};
+use zstd::zstd_safe::{CCtx, DCtx, ResetDirective};
 
 use super::compress::CodecError;
 
@@ -62,13 +86,31 @@ pub const WINDOW_LOG_PREFIX_MAX: u32 = 31;
 /// Smallest window the source picks (zstd's levels use 2^19..2^21 anyway).
 const WINDOW_LOG_MIN: u32 = 20;
 
-/// The zstd level `auto` streams at whenever it picks zstd (zstd's default,
-/// the level the experiments compare against).
+/// The zstd level `auto` starts the stream at, and keeps while the link is
+/// fast or unknown (zstd's default, the level the experiments compare
+/// against).
 pub const AUTO_LEVEL: i32 = 3;
+
+/// Bytes of the stream's content a new frame (a level change) starts with
+/// as its prefix: the same on both ends, part of the capability. 16 MiB:
+/// what the source re-indexes at the new level (a few seconds at level 19,
+/// on a link slow enough for level 19), and what each end keeps besides the
+/// window.
+pub const LEVEL_PREFIX: usize = 16 << 20;
+
+/// Content a frame carries at least before the next may begin: each new
+/// frame costs the target a copy of the tail (up to [`LEVEL_PREFIX`]), so
+/// this bounds that copying to 16 bytes per byte decoded, whatever a
+/// source sends. The source waits for it before it changes level.
+pub const LEVEL_FRAME_MIN: u64 = 1 << 20;
 
 #[derive(Debug, Error)]
 #[error("zstd stream: {0}")]
 pub struct StreamError(String);
+
+fn zerr(code: usize) -> String {
+    zstd::zstd_safe::get_error_name(code).to_string()
+}
 
 /// The window for an image of `size` bytes: the whole image if it fits
 /// under the bound, so a small copy does not make either end allocate the
@@ -87,20 +129,13 @@ pub fn window_log_with_prefix(prefix_len: u64, size: u64) -> u32 {
     need.clamp(WINDOW_LOG_MIN, WINDOW_LOG_PREFIX_MAX)
 }
 
-/// A prefix both ends hold, with a borrow of it that zstd may keep for as
-/// long as the context lives. `ctx` is declared first so that it is
-/// dropped before `prefix`.
-struct WithPrefix<C> {
-    ctx: C,
-    _prefix: Option<Arc<[u8]>>,
-}
-
 /// `prefix` as a slice zstd's context may keep.
 ///
 /// # Safety
 /// The caller keeps the `Arc` alive, unchanged, for as long as the
-/// returned slice is used (here: in the same [`WithPrefix`], dropped after
-/// the context that borrows it).
+/// returned slice is used (here: in the `prefix` field of the same
+/// encoder or decoder, declared after the context that borrows it, so
+/// dropped after it, and replaced only once the frame that used it ended).
 unsafe fn extend(prefix: &Arc<[u8]>) -> &'static [u8] {
     // SAFETY: an Arc's data never moves while a strong count exists, and
     // `[u8]` behind an Arc is never mutated (no `get_mut` is ever called on
@@ -108,19 +143,48 @@ unsafe fn extend(prefix: &Arc<[u8]>) -> &'static [u8] {
     unsafe { &*Arc::as_ptr(prefix) }
 }
 
+/// The last [`LEVEL_PREFIX`] bytes of the stream's content: the next
+/// frame's prefix.
+#[derive(Default)]
+struct Tail(VecDeque<u8>);
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(LEVEL_PREFIX)..];
+        let excess = (self.0.len() + data.len()).saturating_sub(LEVEL_PREFIX);
+        self.0.drain(..excess);
+        self.0.extend(data);
+    }
+
+    /// A copy that stays unchanged for the frame that uses it.
+    fn freeze(&self) -> Arc<[u8]> {
+        let (a, b) = self.0.as_slices();
+        [a, b].concat().into()
+    }
+}
+
 /// The source's end of the stream.
 pub struct StreamEncoder {
-    enc: WithPrefix<Encoder<'static>>,
-    /// Bytes [`prime`](Self::prime) made that no piece has carried yet.
+    ctx: CCtx<'static>,
+    /// The running frame's prefix, which `ctx` borrows: declared after it,
+    /// so dropped after it.
+    prefix: Option<Arc<[u8]>>,
+    /// Bytes [`prime`](Self::prime) or a level change made that no piece
+    /// has carried yet.
     primed: Vec<u8>,
+    level: i32,
+    /// The content's tail, kept when the level may change
+    /// ([`follow_levels`](Self::follow_levels)).
+    tail: Option<Tail>,
+    /// Content compressed in the running frame.
+    frame_content: u64,
 }
 
 impl StreamEncoder {
     /// A stream at `level` with long-distance matching over 2^`window_log`
     /// bytes (at most [`WINDOW_LOG_MAX`]).
     pub fn new(level: i32, window_log: u32) -> Result<StreamEncoder, StreamError> {
-        let enc = Encoder::new(level).map_err(|e| StreamError(e.to_string()))?;
-        Self::configure(WithPrefix { ctx: enc, _prefix: None }, window_log.min(WINDOW_LOG_MAX))
+        Self::configure(CCtx::create(), None, level, window_log.min(WINDOW_LOG_MAX))
     }
 
     /// A stream at `level` whose history starts with `prefix` (a reference
@@ -128,21 +192,92 @@ impl StreamEncoder {
     /// [`window_log_with_prefix`]`(prefix, image_size)`.
     pub fn with_prefix(level: i32, prefix: Arc<[u8]>, image_size: u64) -> Result<StreamEncoder, StreamError> {
         let window_log = window_log_with_prefix(prefix.len() as u64, image_size);
-        // SAFETY: `prefix` goes into the same WithPrefix as the encoder
-        // that borrows it, and is dropped after it.
+        let mut ctx = CCtx::create();
+        // SAFETY: `prefix` goes into the `prefix` field of the encoder that
+        // owns `ctx`, and is dropped after it.
         let slice = unsafe { extend(&prefix) };
-        let enc = Encoder::with_ref_prefix(level, slice).map_err(|e| StreamError(e.to_string()))?;
-        Self::configure(WithPrefix { ctx: enc, _prefix: Some(prefix) }, window_log)
+        ctx.ref_prefix(slice).map_err(|c| StreamError(zerr(c)))?;
+        Self::configure(ctx, Some(prefix), level, window_log)
     }
 
-    fn configure(mut enc: WithPrefix<Encoder<'static>>, window_log: u32) -> Result<StreamEncoder, StreamError> {
-        let e = |e: std::io::Error| StreamError(e.to_string());
-        enc.ctx.set_parameter(CParameter::WindowLog(window_log)).map_err(e)?;
-        enc.ctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(e)?;
+    fn configure(
+        mut ctx: CCtx<'static>,
+        prefix: Option<Arc<[u8]>>,
+        level: i32,
+        window_log: u32,
+    ) -> Result<StreamEncoder, StreamError> {
+        let e = |c: usize| StreamError(zerr(c));
+        ctx.set_parameter(CParameter::CompressionLevel(level)).map_err(e)?;
+        ctx.set_parameter(CParameter::WindowLog(window_log)).map_err(e)?;
+        ctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(e)?;
         // Blocks are verified by their digests; zstd's checksum would only
         // cost bytes (and a streamed frame never ends anyway).
-        enc.ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
-        Ok(StreamEncoder { enc, primed: Vec::new() })
+        ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
+        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None, frame_content: 0 })
+    }
+
+    /// Allow [`set_level`](Self::set_level): the target follows level
+    /// changes (`CAP_STREAM_LEVELS` agreed). Not for a stream with a shared
+    /// reference, which a new frame would lose.
+    pub fn follow_levels(mut self) -> StreamEncoder {
+        if self.prefix.is_none() {
+            self.tail = Some(Tail::default());
+        }
+        self
+    }
+
+    /// Whether [`set_level`](Self::set_level) may be called now: the
+    /// target follows, and the running frame carried [`LEVEL_FRAME_MIN`].
+    pub fn can_change_level(&self) -> bool {
+        self.tail.is_some() && self.frame_content >= LEVEL_FRAME_MIN
+    }
+
+    /// The level the next piece is compressed at.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Compress from the next piece on at `level`: end the running frame
+    /// (its last bytes ride with the next piece) and begin one at `level`
+    /// whose prefix is the stream's last [`LEVEL_PREFIX`] bytes, as the
+    /// target's decoder will give it. Indexing that prefix at the new level
+    /// is this call's cost.
+    pub fn set_level(&mut self, level: i32) -> Result<(), StreamError> {
+        if level == self.level {
+            return Ok(());
+        }
+        let Some(tail) = &self.tail else {
+            return Err(StreamError("the level of a stream the target cannot follow changes in".into()));
+        };
+        if self.frame_content < LEVEL_FRAME_MIN {
+            return Err(StreamError(format!(
+                "a level change after {} bytes of the frame, before the {LEVEL_FRAME_MIN} the target asks",
+                self.frame_content
+            )));
+        }
+        let e = |c: usize| StreamError(zerr(c));
+        let mut out = std::mem::take(&mut self.primed);
+        loop {
+            out.reserve(1 << 10);
+            let pos = out.len();
+            let mut o = OutBuffer::around_pos(&mut out, pos);
+            if self.ctx.end_stream(&mut o).map_err(e)? == 0 {
+                break;
+            }
+        }
+        self.primed = out;
+        let prefix = tail.freeze();
+        self.ctx.reset(ResetDirective::SessionOnly).map_err(e)?;
+        self.ctx.set_parameter(CParameter::CompressionLevel(level)).map_err(e)?;
+        // SAFETY: `prefix` goes into `self.prefix`, dropped after `ctx` and
+        // replaced only by the next level change, once this frame ended.
+        let slice = unsafe { extend(&prefix) };
+        self.ctx.ref_prefix(slice).map_err(e)?;
+        // The previous prefix belonged to the frame that just ended.
+        self.prefix = Some(prefix);
+        self.level = level;
+        self.frame_content = 0;
+        Ok(())
     }
 
     /// Start the stream now, with nothing in it: with a prefix, this is
@@ -153,7 +288,7 @@ impl StreamEncoder {
         let mut out = vec![0u8; 1 << 10];
         let mut input = InBuffer::around(&[]);
         let mut o = OutBuffer::around(&mut out[..]);
-        self.enc.ctx.run(&mut input, &mut o).map_err(|e| StreamError(e.to_string()))?;
+        self.ctx.compress_stream(&mut o, &mut input).map_err(|c| StreamError(zerr(c)))?;
         let n = o.pos();
         self.primed.extend_from_slice(&out[..n]);
         Ok(())
@@ -163,7 +298,7 @@ impl StreamEncoder {
     /// the returned bytes decompress to exactly `data` once every earlier
     /// piece has been decompressed.
     pub fn compress_run(&mut self, data: &[u8]) -> Result<Vec<u8>, StreamError> {
-        let e = |e: std::io::Error| StreamError(e.to_string());
+        let e = |c: usize| StreamError(zerr(c));
         let mut out: Vec<u8> = std::mem::take(&mut self.primed);
         out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 128);
         let mut input = InBuffer::around(data);
@@ -173,7 +308,7 @@ impl StreamEncoder {
             }
             let pos = out.len();
             let mut o = OutBuffer::around_pos(&mut out, pos);
-            self.enc.ctx.run(&mut input, &mut o).map_err(e)?;
+            self.ctx.compress_stream(&mut o, &mut input).map_err(e)?;
         }
         loop {
             if out.capacity() == out.len() {
@@ -181,22 +316,39 @@ impl StreamEncoder {
             }
             let pos = out.len();
             let mut o = OutBuffer::around_pos(&mut out, pos);
-            if self.enc.ctx.flush(&mut o).map_err(e)? == 0 {
-                return Ok(out);
+            if self.ctx.flush_stream(&mut o).map_err(e)? == 0 {
+                break;
             }
         }
+        if let Some(t) = &mut self.tail {
+            t.push(data);
+        }
+        self.frame_content += data.len() as u64;
+        Ok(out)
     }
 }
 
 /// The target's end of the stream.
 pub struct StreamDecoder {
-    dec: WithPrefix<Decoder<'static>>,
+    ctx: DCtx<'static>,
+    /// The running frame's prefix, which `ctx` borrows: declared after it,
+    /// so dropped after it.
+    prefix: Option<Arc<[u8]>>,
+    /// The content's tail, kept when the source may change levels.
+    tail: Option<Tail>,
+    /// A frame ended: the next one starts with the tail as its prefix.
+    frame_ended: bool,
+    /// Frames begun (0 until a piece is decoded).
+    frames: u64,
+    /// Content decoded before the running piece, and where the running
+    /// frame began in it.
+    decoded: u64,
+    frame_began: u64,
 }
 
 impl StreamDecoder {
     pub fn new() -> Result<StreamDecoder, StreamError> {
-        let dec = Decoder::new().map_err(|e| StreamError(e.to_string()))?;
-        Self::bounded(WithPrefix { ctx: dec, _prefix: None }, WINDOW_LOG_MAX)
+        Self::bounded(DCtx::create(), None, WINDOW_LOG_MAX)
     }
 
     /// The decoder of a stream whose history starts with `prefix` (the
@@ -204,18 +356,60 @@ impl StreamDecoder {
     /// than [`window_log_with_prefix`]`(prefix, image_size)`.
     pub fn with_prefix(prefix: Arc<[u8]>, image_size: u64) -> Result<StreamDecoder, StreamError> {
         let window_log = window_log_with_prefix(prefix.len() as u64, image_size);
-        // SAFETY: `prefix` goes into the same WithPrefix as the decoder
-        // that borrows it, and is dropped after it.
+        let mut ctx = DCtx::create();
+        // SAFETY: `prefix` goes into the `prefix` field of the decoder that
+        // owns `ctx`, and is dropped after it.
         let slice = unsafe { extend(&prefix) };
-        let dec = Decoder::with_ref_prefix(slice).map_err(|e| StreamError(e.to_string()))?;
-        Self::bounded(WithPrefix { ctx: dec, _prefix: Some(prefix) }, window_log)
+        ctx.ref_prefix(slice).map_err(|c| StreamError(zerr(c)))?;
+        Self::bounded(ctx, Some(prefix), window_log)
     }
 
-    fn bounded(mut dec: WithPrefix<Decoder<'static>>, window_log: u32) -> Result<StreamDecoder, StreamError> {
+    fn bounded(
+        mut ctx: DCtx<'static>,
+        prefix: Option<Arc<[u8]>>,
+        window_log: u32,
+    ) -> Result<StreamDecoder, StreamError> {
         // The memory bound: a frame declaring a larger window is an error,
-        // not an allocation.
-        dec.ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|e| StreamError(e.to_string()))?;
-        Ok(StreamDecoder { dec })
+        // not an allocation. (A parameter: it holds for every frame.)
+        ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|c| StreamError(zerr(c)))?;
+        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0, decoded: 0, frame_began: 0 })
+    }
+
+    /// Follow the source's level changes (`CAP_STREAM_LEVELS` agreed): a
+    /// frame after the first starts with the last [`LEVEL_PREFIX`] bytes
+    /// decoded as its prefix. Not with a shared reference: a source that
+    /// began with one never changes level.
+    pub fn follow_levels(mut self) -> StreamDecoder {
+        if self.prefix.is_none() {
+            self.tail = Some(Tail::default());
+        }
+        self
+    }
+
+    /// Frames of the stream decoded so far: one per level the source used.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Give the next frame, beginning after `at` bytes of content, its
+    /// prefix: the tail, which holds everything decoded before it.
+    fn next_frame(&mut self, at: u64) -> Result<(), String> {
+        self.frame_ended = false;
+        self.frames += 1;
+        let carried = at - self.frame_began;
+        self.frame_began = at;
+        // Without the capability frames are independent, as zstd decodes them.
+        let Some(tail) = &self.tail else { return Ok(()) };
+        if carried < LEVEL_FRAME_MIN {
+            return Err(format!("a frame of {carried} bytes before the next, less than {LEVEL_FRAME_MIN}"));
+        }
+        let prefix = tail.freeze();
+        // SAFETY: `prefix` goes into `self.prefix`, dropped after `ctx` and
+        // replaced only at the next frame's start, once this one ended.
+        let slice = unsafe { extend(&prefix) };
+        self.ctx.ref_prefix(slice).map_err(zerr)?;
+        self.prefix = Some(prefix);
+        Ok(())
     }
 
     /// Decompress the next piece of the stream, which must expand to
@@ -224,19 +418,35 @@ impl StreamDecoder {
     /// After an error the stream is unusable; the copy fails.
     pub fn decompress_run(&mut self, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CodecError> {
         let corrupt = |detail: String| CodecError::Corrupt { codec: "zstd-stream", detail };
+        self.frames = self.frames.max(1);
         let mut out = vec![0u8; raw_len + 1];
         let mut input = InBuffer::around(payload);
-        let mut o = OutBuffer::around(&mut out[..]);
+        // Output bytes so far, and how many of them the tail holds already.
+        let (mut got, mut kept) = (0, 0);
         loop {
-            let before = (input.pos(), o.pos());
-            self.dec.ctx.run(&mut input, &mut o).map_err(|e| corrupt(e.to_string()))?;
-            let done = input.pos() == payload.len() && o.pos() < o.capacity();
+            if self.frame_ended && input.pos() < payload.len() {
+                // (the level changed between runs: nothing of this piece
+                // was decoded yet, unless the source ended a frame mid-run)
+                if let Some(t) = &mut self.tail {
+                    t.push(&out[kept..got]);
+                    kept = got;
+                }
+                self.next_frame(self.decoded + got as u64).map_err(corrupt)?;
+            }
+            let before = (input.pos(), got);
+            let mut o = OutBuffer::around_pos(&mut out[..], got);
+            let left = self.ctx.decompress_stream(&mut o, &mut input).map_err(|c| corrupt(zerr(c)))?;
+            got = o.pos();
+            if left == 0 {
+                self.frame_ended = true;
+            }
+            let done = input.pos() == payload.len() && got < out.len();
             // A full output (one byte past the run) or no progress ends it.
-            if done || o.pos() == o.capacity() || (input.pos(), o.pos()) == before {
+            if done || got == out.len() || (input.pos(), got) == before {
                 break;
             }
         }
-        let (got, used) = (o.pos(), input.pos());
+        let used = input.pos();
         if got != raw_len {
             return Err(CodecError::Length { codec: "zstd-stream", got, want: raw_len });
         }
@@ -244,6 +454,10 @@ impl StreamDecoder {
             return Err(corrupt(format!("{} bytes of the payload left undecoded", payload.len() - used)));
         }
         out.truncate(raw_len);
+        if let Some(t) = &mut self.tail {
+            t.push(&out[kept..]);
+        }
+        self.decoded += raw_len as u64;
         Ok(out)
     }
 }
@@ -251,6 +465,7 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zstd::stream::raw::{Encoder, Operation};
 
     /// Runs that repeat data from earlier runs: the stream finds it, runs
     /// compressed one by one do not.
@@ -391,5 +606,100 @@ mod tests {
         assert_eq!(window_log_for(4 << 20), 22);
         assert_eq!(window_log_for((4 << 20) + 1), 23);
         assert_eq!(window_log_for(u64::MAX), WINDOW_LOG_MAX);
+    }
+
+    /// The level changes mid-stream: every piece still decodes in order,
+    /// and the history before the change still pays after it (the new
+    /// frame's prefix is the content's tail).
+    #[test]
+    fn a_level_change_keeps_the_history() {
+        // The test's runs, each after a megabyte of text (a frame carries
+        // at least LEVEL_FRAME_MIN before the level may change).
+        let filler = |seed: usize| -> Vec<u8> {
+            (0..LEVEL_FRAME_MIN as usize).map(|i| b"guest disk xen lvm "[(i * 7 + seed + i / 4096) % 19]).collect()
+        };
+        let rs: Vec<Vec<u8>> = runs().into_iter().enumerate().flat_map(|(i, r)| [filler(i), r]).collect();
+        let mut enc = StreamEncoder::new(3, window_log_for(1 << 30)).unwrap().follow_levels();
+        let mut dec = StreamDecoder::new().unwrap().follow_levels();
+        assert!(!enc.can_change_level(), "nothing in the frame yet");
+        assert!(enc.set_level(9).is_err());
+        let mut pieces = Vec::new();
+        for (i, r) in rs.iter().enumerate() {
+            // 3, then 19 from the second test run on, 6 from the fourth.
+            match i {
+                3 => enc.set_level(19).unwrap(),
+                7 => enc.set_level(6).unwrap(),
+                _ => enc.set_level(enc.level()).unwrap(), // (no change: no new frame)
+            }
+            let p = enc.compress_run(r).unwrap();
+            assert_eq!(dec.decompress_run(&p, r.len()).unwrap(), *r, "run {i}");
+            pieces.push(p);
+        }
+        assert_eq!(enc.level(), 6);
+        assert_eq!(dec.frames(), 3);
+        // Test run 3 repeats run 0 (256 KiB of noise) after two level
+        // changes: found in the prefix, it costs almost nothing.
+        assert!(pieces[7].len() < 8 << 10, "{} bytes for a run the history holds", pieces[7].len());
+        // A decoder that does not follow levels decodes the new frames
+        // without the prefix: never the runs that need it.
+        let mut blind = StreamDecoder::new().unwrap();
+        let mut wrong = 0;
+        for (p, r) in pieces.iter().zip(&rs) {
+            match blind.decompress_run(p, r.len()) {
+                Ok(out) if out == *r => {}
+                Ok(_) => wrong += 1,
+                Err(_) => {
+                    wrong += 1;
+                    break;
+                }
+            }
+        }
+        assert!(wrong > 0);
+    }
+
+    /// Only a stream whose target follows levels may change them, and a
+    /// stream with a shared reference never does.
+    #[test]
+    fn the_level_changes_only_where_the_target_follows() {
+        let mut enc = StreamEncoder::new(3, 22).unwrap();
+        assert!(!enc.can_change_level());
+        assert!(enc.set_level(9).is_err());
+        enc.set_level(3).unwrap(); // (the same level: nothing to follow)
+        let prefix: Arc<[u8]> = vec![1u8; 4096].into();
+        let mut enc = StreamEncoder::with_prefix(3, prefix, 1 << 20).unwrap().follow_levels();
+        assert!(!enc.can_change_level());
+        assert!(enc.set_level(9).is_err());
+    }
+
+    /// The tail holds the last LEVEL_PREFIX bytes, whatever the pieces.
+    #[test]
+    fn the_tail_is_the_contents_last_bytes() {
+        let mut t = Tail::default();
+        let data: Vec<u8> = (0..LEVEL_PREFIX + 3000).map(|i| (i % 251) as u8).collect();
+        t.push(&data[..1000]);
+        assert_eq!(&*t.freeze(), &data[..1000]);
+        t.push(&data[1000..LEVEL_PREFIX + 100]);
+        t.push(&data[LEVEL_PREFIX + 100..]);
+        assert_eq!(&*t.freeze(), &data[3000..]);
+        let mut t = Tail::default();
+        t.push(&data);
+        assert_eq!(&*t.freeze(), &data[3000..]);
+    }
+
+    /// A source that starts frames closer than LEVEL_FRAME_MIN apart (each
+    /// would cost the target a copy of its tail) is refused; a decoder
+    /// that does not follow levels decodes back-to-back frames as zstd
+    /// does, independently.
+    #[test]
+    fn frames_closer_than_the_minimum_are_refused() {
+        let run = vec![7u8; 4096];
+        let mut two = zstd::bulk::compress(&run, 3).unwrap();
+        two.extend_from_slice(&zstd::bulk::compress(&run, 3).unwrap());
+        let mut dec = StreamDecoder::new().unwrap().follow_levels();
+        let e = dec.decompress_run(&two, 8192).unwrap_err().to_string();
+        assert!(e.contains("less than"), "{e}");
+        let mut dec = StreamDecoder::new().unwrap();
+        assert_eq!(dec.decompress_run(&two, 8192).unwrap(), [run.clone(), run].concat());
+        assert_eq!(dec.frames(), 2);
     }
 }

@@ -102,7 +102,15 @@ pub struct LinkStats {
     blocked_bytes: AtomicU64,
     /// The rates of the last blocked writes.
     recent: Mutex<RecentRates>,
+    /// Bytes written when the last blocked write ended.
+    last_blocked_at: AtomicU64,
 }
+
+/// A drain rate is reported only while writes keep blocking: after this
+/// many bytes written without one blocking, the link drains faster than
+/// this end writes (its compressor, or a target that was busy when the
+/// rate was taken, was the bottleneck), and the old rate says nothing.
+const RATE_STALE: u64 = 8 << 20;
 
 /// Blocked bytes and writes needed before [`LinkStats::drain_rate`] answers.
 const RATE_EVIDENCE: u64 = 256 << 10;
@@ -165,10 +173,15 @@ impl LinkStats {
 
     /// Bytes per second the link drained while our writes were blocked;
     /// None until enough writes blocked to tell (a link that never blocked
-    /// a write is at least as fast as we wrote).
+    /// a write is at least as fast as we wrote), and None again once
+    /// [`RATE_STALE`] bytes went without a write blocking.
     pub fn drain_rate(&self) -> Option<f64> {
         let recent = self.recent.lock().unwrap();
         if self.blocked_bytes.load(Ordering::Relaxed) < RATE_EVIDENCE || recent.len < RATE_WRITES {
+            return None;
+        }
+        let since = self.written.load(Ordering::Relaxed) - self.last_blocked_at.load(Ordering::Relaxed);
+        if since > RATE_STALE {
             return None;
         }
         recent.lower_quartile()
@@ -182,6 +195,7 @@ impl LinkStats {
                 log::debug!("link: the first write to block came after {before} bytes");
             }
             self.recent.lock().unwrap().push(bytes as f64 / (nanos as f64 / 1e9));
+            self.last_blocked_at.store(before + bytes, Ordering::Relaxed);
         }
     }
 }
@@ -470,6 +484,17 @@ mod tests {
         }
         let r = s.drain_rate().unwrap();
         assert!((r - (64 << 10) as f64 / 0.1).abs() < 1.0, "rate {r}");
+        // Then the writes stop blocking (our compressor became slower than
+        // the link): after 8 MiB the old rate is no longer reported...
+        for _ in 0..128 {
+            s.count_write(64 << 10, 20_000);
+        }
+        assert!(s.drain_rate().is_some(), "exactly 8 MiB is not past it");
+        s.count_write(64 << 10, 20_000);
+        assert_eq!(s.drain_rate(), None, "a stale rate");
+        // ...until one blocks again.
+        s.count_write(64 << 10, 100_000_000);
+        assert!(s.drain_rate().is_some());
     }
     use super::*;
 
