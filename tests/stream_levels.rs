@@ -65,6 +65,7 @@ fn copy(src: &Path, dst: &Path, compress: &str, bwlimit: u64, to_target: Edit, t
         compress: compress.parse().unwrap(),
         idle_timeout: Some(Duration::from_secs(60)),
         bwlimit: Rate(bwlimit),
+        raise_levels: true,
         ..SourceOptions::default()
     };
     let mut s = SourceSession::start(src, &opts, src_link, Progress::hidden()).unwrap();

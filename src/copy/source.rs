@@ -156,6 +156,14 @@ pub struct SourceOptions {
     /// (`--source-reference`): one the target offers, with the same image
     /// digest, becomes the zstd stream's dictionary (`copy::shared_ref`).
     pub source_references: Vec<std::path::PathBuf>,
+    /// `auto` may raise the zstd stream's level on a slow link
+    /// (`CAP_STREAM_LEVELS`). Off by default: over real ssh, a drain rate
+    /// read while the target was busy at the start looked like a slow link
+    /// on fast ones too, and a level of 15-19 then stalled the copy for
+    /// seconds (docs/experiments.md, "The stream's level on a slow link").
+    /// The frames, the capability and the choice stay, for callers that
+    /// know their link is slow.
+    pub raise_levels: bool,
 }
 
 impl Default for SourceOptions {
@@ -169,6 +177,7 @@ impl Default for SourceOptions {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             bwlimit: Rate(0),
             source_references: Vec::new(),
+            raise_levels: false,
         }
     }
 }
@@ -349,7 +358,7 @@ impl SourceSession {
             zeros: ZeroDigests::new(opts.algo, layout.block_size as usize),
             digests: RwLock::new(Vec::with_capacity(layout.block_count() as usize)),
             compress: opts.compress,
-            auto: Mutex::new(if levels {
+            auto: Mutex::new(if levels && opts.raise_levels {
                 AutoPolicy::new(true, layout.size).with_levels()
             } else {
                 AutoPolicy::new(stream_level.is_some(), layout.size)
