@@ -209,7 +209,8 @@
 //! content before the next begins (each new frame costs the target a copy
 //! of its tail): a closer frame is an error naming the stream. A stream
 //! that began with a shared reference never starts a second frame.
-//! `auto` raises the level where the link is slow (`wire::compress`); no
+//! `auto` may raise the level where the link is slow (`wire::compress`;
+//! only with `SourceOptions::raise_levels`, off by default); no
 //! frame or field is added, and without the bit the stream is one frame.
 //!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
