@@ -16,7 +16,7 @@ use relay::{hide, keep, relay, Edit};
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
-use xenmig::copy::{EngineError, Progress, Report};
+use xenmig::copy::Progress;
 use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{Message, CAP_ZSTD_STREAM};
 use xenmig::wire::stream::STREAM_CODE;
@@ -46,34 +46,8 @@ fn damage_piece(nth: usize, at: usize) -> Edit {
 }
 
 /// Copy `src` onto `dst` in-process through a relay editing each direction.
-fn copy_through(src: &Path, dst: &Path, opts: &SourceOptions, to_target: Edit, to_source: Edit) -> CopyOutcome {
-    let (src_link, relay_s) = Link::pair().unwrap();
-    let (relay_t, tgt_link) = Link::pair().unwrap();
-    let r1 = relay(relay_s.reader, relay_t.writer, to_target);
-    let r2 = relay(relay_t.reader, relay_s.writer, to_source);
-    let dst_path = dst.to_path_buf();
-    let target = thread::spawn(move || {
-        let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
-        target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
-    });
-    let source = SourceSession::start(src, opts, src_link, Progress::hidden()).and_then(|mut s| {
-        let r = s.final_pass();
-        match r {
-            Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
-            Err(e) => {
-                s.abort(&e);
-                Err(e)
-            }
-        }
-    });
-    let target = target.join().unwrap();
-    let _ = (r1.join(), r2.join());
-    CopyOutcome { source, target }
-}
-
-struct CopyOutcome {
-    source: Result<Report, EngineError>,
-    target: Result<Report, EngineError>,
+fn copy_through(src: &Path, dst: &Path, opts: &SourceOptions, to_target: Edit, to_source: Edit) -> relay::Outcome {
+    relay::copy_with(src, dst, opts, to_target, to_source)
 }
 
 fn source_opts(compress: &str) -> SourceOptions {

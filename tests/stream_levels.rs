@@ -11,17 +11,14 @@ mod relay;
 
 use std::fs;
 use std::path::Path;
-use std::thread;
 use std::time::Duration;
 
-use relay::{hide, keep, relay, Edit};
+use relay::{copy_with, hide, keep, Edit};
 use xenmig::blocks::layout::Align;
-use xenmig::copy::source::{SourceOptions, SourceSession};
-use xenmig::copy::target::{self, TargetOptions};
-use xenmig::copy::{Progress, Report};
+use xenmig::copy::source::SourceOptions;
+use xenmig::copy::Report;
 use xenmig::wire::protocol::CAP_STREAM_LEVELS;
 use xenmig::wire::rate::Rate;
-use xenmig::wire::transport::Link;
 
 /// Text-like data: words drawn pseudo-randomly from a vocabulary, which
 /// every zstd level compresses, the higher ones clearly better.
@@ -50,15 +47,6 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
 /// Copy `src` onto `dst` with `compress` through a relay editing each
 /// direction, the source writing at most `bwlimit` bytes a second.
 fn copy(src: &Path, dst: &Path, compress: &str, bwlimit: u64, to_target: Edit, to_source: Edit) -> (Report, Report) {
-    let (src_link, relay_s) = Link::pair().unwrap();
-    let (relay_t, tgt_link) = Link::pair().unwrap();
-    let r1 = relay(relay_s.reader, relay_t.writer, to_target);
-    let r2 = relay(relay_t.reader, relay_s.writer, to_source);
-    let dst_path = dst.to_path_buf();
-    let target = thread::spawn(move || {
-        let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(60)), ..TargetOptions::default() };
-        target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
-    });
     let opts = SourceOptions {
         block_size: 4096,
         align: Align::Flat,
@@ -68,12 +56,8 @@ fn copy(src: &Path, dst: &Path, compress: &str, bwlimit: u64, to_target: Edit, t
         raise_levels: true,
         ..SourceOptions::default()
     };
-    let mut s = SourceSession::start(src, &opts, src_link, Progress::hidden()).unwrap();
-    let rep = s.final_pass().unwrap();
-    drop(s.finish(Duration::ZERO).unwrap());
-    let trep = target.join().unwrap().unwrap();
-    let _ = (r1.join(), r2.join());
-    (rep, trep)
+    let o = copy_with(src, dst, &opts, to_target, to_source);
+    (o.source.unwrap(), o.target.unwrap())
 }
 
 /// What every copy here must show: DST is the source, verified, the

@@ -1,7 +1,8 @@
 //! A copy in-process through a relay that can edit each frame on its way:
 //! hide a capability in a Hello (a peer of the previous release), lie in a
 //! request or damage a reply. Shared by the tests of the optional
-//! exchanges (`tests/subdelta.rs`, `tests/subgroup.rs`).
+//! exchanges (`tests/subdelta.rs`, `tests/subgroup.rs`, `tests/similar.rs`,
+//! `tests/stream.rs`, `tests/stream_levels.rs`).
 
 #![allow(dead_code)]
 
@@ -56,6 +57,19 @@ pub struct Outcome {
 /// Copy `src` onto `dst` (flat layout, blocks of `bs` bytes, `codec`)
 /// through a relay editing each direction.
 pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    let opts = SourceOptions {
+        block_size: bs,
+        align: Align::Flat,
+        compress: codec.parse::<Choice>().unwrap(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        ..SourceOptions::default()
+    };
+    copy_with(src, dst, &opts, to_target, to_source)
+}
+
+/// Copy `src` onto `dst` with the source's `opts` through a relay editing
+/// each direction.
+pub fn copy_with(src: &Path, dst: &Path, opts: &SourceOptions, to_target: Edit, to_source: Edit) -> Outcome {
     let (src_link, relay_s) = Link::pair().unwrap();
     let (relay_t, tgt_link) = Link::pair().unwrap();
     let r1 = relay(relay_s.reader, relay_t.writer, to_target);
@@ -65,21 +79,13 @@ pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edi
         let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
         target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
     });
-    let opts = SourceOptions {
-        block_size: bs,
-        align: Align::Flat,
-        compress: codec.parse::<Choice>().unwrap(),
-        idle_timeout: Some(Duration::from_secs(30)),
-        ..SourceOptions::default()
-    };
-    let source =
-        SourceSession::start(src, &opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
-            Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
-            Err(e) => {
-                s.abort(&e);
-                Err(e)
-            }
-        });
+    let source = SourceSession::start(src, opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
+        Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
+        Err(e) => {
+            s.abort(&e);
+            Err(e)
+        }
+    });
     let target = target.join().unwrap();
     let _ = (r1.join(), r2.join());
     Outcome { source, target }
