@@ -20,7 +20,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::blocks::blockmap::{byte_range, image_digest, BlockMap, Hashing, Piece};
+use crate::blocks::blockmap::{image_digest, BlockMap, Hashing, Piece};
 use crate::blocks::digest::Digest;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
@@ -82,38 +82,25 @@ pub fn copy_with(
     };
     let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
     let mut failed = None;
-    let hashed = std::thread::scope(|scope| {
-        // Each written batch goes to the device while the next one is read
-        // and hashed (measured: the final fsync of 1 GiB otherwise waits
-        // 0.3 s on its own). From a thread of its own: starting writeback
-        // can block on the device's queue, and the hashing threads would
-        // wait for it at the next batch.
-        let (kick, kicks) = crossbeam_channel::unbounded::<(u64, u64)>();
-        let kicker = disk.clone();
-        scope.spawn(move || kicks.iter().for_each(|(start, len)| kicker.start_writeback(start, len)));
-        BlockMap::stream_with(
-            &img,
-            &layout,
-            algo,
-            Hashing { fast: false, with_data: Some(&write) },
-            |first, batch| {
-                for (k, h) in batch.iter().enumerate() {
-                    if let Err(e) = t.settle_direct(first + k as u64, h) {
-                        failed = Some(e);
-                        return false;
-                    }
-                    groups.push(h.digest);
+    // (Each verified group goes to the device from the target's writeback
+    // thread while the next ones are read and hashed.)
+    let hashed = BlockMap::stream_with(
+        &img,
+        &layout,
+        algo,
+        Hashing { fast: false, with_data: Some(&write) },
+        |first, batch| {
+            for (k, h) in batch.iter().enumerate() {
+                if let Err(e) = t.settle_direct(first + k as u64, h) {
+                    failed = Some(e);
+                    return false;
                 }
-                let (a, _) = layout.group_range(first);
-                let (_, b) = layout.group_range(first + batch.len() as u64 - 1);
-                let (start, stop) = byte_range(&layout, a, b);
-                let _ = kick.send((start, stop - start));
-                interrupt::pending().is_none()
-            },
-            &|_| {},
-        )
-        // `kick` is dropped here: the kicker ends, and the scope waits for it.
-    })?;
+                groups.push(h.digest);
+            }
+            interrupt::pending().is_none()
+        },
+        &|_| {},
+    )?;
     if let Some(e) = failed {
         return Err(e);
     }

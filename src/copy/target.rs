@@ -41,6 +41,7 @@ use crate::blocks::layout::Layout;
 use crate::blocks::runs::{checked_end, runs};
 use crate::storage::disk::Disk;
 use crate::storage::image::Image;
+use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
@@ -269,6 +270,9 @@ pub(super) struct Target<'a> {
     algo: Algorithm,
     layout: Layout,
     dst: Arc<dyn Disk>,
+    /// Verified groups go to the device at once, so that the final fsync
+    /// has little left to write.
+    writeback: Writeback,
     refs: ReferenceSet,
     zeros: ZeroDigests,
     /// Digest of what DST holds now at each block (a fresh file reads as
@@ -527,6 +531,7 @@ impl<'a> Target<'a> {
         Ok(Target {
             algo,
             zeros,
+            writeback: Writeback::start(dst_img.clone()),
             dst: dst_img,
             refs,
             have,
@@ -1567,6 +1572,8 @@ impl Target<'_> {
         self.grp[g as usize].pending = 0;
         self.keys.remove(&g);
         self.grp[g as usize].verified = true;
+        let (start, stop) = byte_range(&self.layout, a, b);
+        self.writeback.kick(start, stop - start);
         self.open_groups = self.open_groups.checked_sub(1).ok_or_else(|| underflow("open groups", g))?;
         self.progress.inc(self.group_bytes(g));
         Ok(true)
