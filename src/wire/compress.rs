@@ -342,6 +342,13 @@ pub struct AutoPolicy {
     /// No decision was taken yet: the route is the initial one, kept until
     /// the link is known.
     unknown: bool,
+    /// The last decision took the link as fast, and the one before had
+    /// not seen it yet: until the segment ends, a slow reading decides at
+    /// once. At 100 Mbit/s the first readings jump between 2.6 and
+    /// 116 MB/s while TCP's window grows into the shaper's queue, and a
+    /// fast one waiting out its segment sent 16.8 MB through lz4 in 2
+    /// copies of 4 (docs/experiments.md, "Writeback").
+    probation: bool,
     /// The stream may change level (`CAP_STREAM_LEVELS` agreed).
     levels: bool,
     /// The stream at each of [`STREAM_LEVELS`], measured on a slow link as
@@ -389,6 +396,7 @@ impl AutoPolicy {
             slow_link: false,
             may_time: image_bytes >= TIMING_MIN_IMAGE,
             unknown: true,
+            probation: false,
             levels: false,
             level_samples: [None; STREAM_LEVELS.len()],
             stream_level: super::stream::AUTO_LEVEL,
@@ -563,7 +571,9 @@ impl AutoPolicy {
         // 100 Mbit/s, deciding on it sent the first 16 MiB of 2 copies in 3
         // through lz4).
         let learnt = match link.drain_rate {
-            Some(rate) => self.blind || (self.unknown && rate < PROBE_RATE),
+            Some(rate) => {
+                self.blind || (self.unknown && rate < PROBE_RATE) || (self.probation && rate < PROBE_RATE / 2.0)
+            }
             None => self.unknown && link.written >= NO_BLOCK_EVIDENCE,
         };
         if self.segment_bytes < len && !learnt {
@@ -609,9 +619,11 @@ impl AutoPolicy {
         // a moment in most copies, and the stream it then chose was the
         // slowest route there. A slow link reads far below that.
         let slow_below = if self.slow_link || self.unknown { PROBE_RATE } else { PROBE_RATE / 2.0 };
+        let was_fast = !self.unknown && !self.slow_link;
         self.unknown = false;
         let was_slow = self.slow_link;
         self.slow_link = rate < slow_below;
+        self.probation = !self.slow_link && !was_fast;
         self.rate = rate;
         if self.slow_link && !was_slow && self.levels {
             // The stream's higher levels are measured only on a slow link:
@@ -955,6 +967,27 @@ mod tests {
         // Once slow, the model decides until the link is fast again.
         assert_eq!(run(&mut p, 22e6, 1, |_| 300e6).last(), Some(&Route::Stream));
         assert_eq!(run(&mut p, 200e6, 2, |_| 300e6).last(), Some(&FAST_LINK_ROUTE));
+    }
+
+    /// The first fast verdict is on probation for its segment: a slow
+    /// reading then decides at once (the shaper's queue was still filling
+    /// when the link looked fast). A later dip waits for the segment's end.
+    #[test]
+    fn a_first_fast_reading_gives_way_to_a_slow_one_at_once() {
+        let now = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        measured_samples(&mut p);
+        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        assert_eq!(p.choose(rate(60e6), 2, 1 << 20, now), FAST_LINK_ROUTE);
+        let at = p.segment;
+        assert_eq!(p.choose(rate(12e6), 2, 1 << 20, now), Route::Stream);
+        assert_eq!(p.segment, at + 1, "the slow reading waited for the segment's end");
+        // Fast again, past probation: a whole segment confirms it, and a
+        // dip within the next one waits for that one's end.
+        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        assert_eq!(p.choose(rate(12e6), 2, 1 << 20, now), FAST_LINK_ROUTE);
+        assert_eq!(p.choose(rate(12e6), 2, SEGMENT_BYTES, now), Route::Stream);
     }
 
     /// Where the link is slow, lighter codecs are not tried: they would only
