@@ -180,14 +180,42 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
             f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
 
 
-def check_xm_target_vg(g, dst, vg, want_created):
-    """A live migrate into volume group VG on DST, without -C."""
-    summary, figures = check_xm_migrate(g, dst, want_created, None, f"--target-vg {vg}")
+def check_xm_target_vg(g, dst, vg, want_created, template=None):
+    """A live migrate into volume group VG on DST, without -C. TEMPLATE: an
+    LV both hosts hold byte for byte, given as -r (DST's) and as
+    --source-reference (this host's); the report must name it as the
+    stream's dictionary of every disk's copy."""
+    extra = f"--target-vg {vg}"
+    if template:
+        extra += f" -r {template} --source-reference {template}"
+    src = g.host
+    summary, figures = check_xm_migrate(g, dst, want_created, None, extra)
     attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
     if f"/dev/{vg}/g1" not in attached:
         raise LabError(f"g1 on {dst.name} does not use /dev/{vg}/g1: {attached!r}")
     figures["attached"] = attached
+    if template:
+        rep = json.loads(src.sh("cat /tmp/xm.json").strip().splitlines()[-1])
+        used = [(d.get("copy") or {}).get("shared_reference") for d in rep.get("disks", [])]
+        if not used or any(u != template for u in used):
+            raise LabError(f"the disks' copies did not use {template} as their dictionary: {used}")
+        figures["shared_reference"] = used
+        summary += f"; dictionary {template} on both hosts"
     return f"{summary}; attached: {attached}", figures
+
+
+def make_template(src, dst, lv="vg0/tmpl"):
+    """The same bytes in LV on both hosts (g1's disk as it is now, read while
+    it runs: any content will do, as long as both copies are equal)."""
+    for h in (src, dst):
+        h.sh(f"lvs {lv} >/dev/null 2>&1 || lvcreate -q -y -L 32M -n {lv.split('/')[1]} {lv.split('/')[0]}", 60)
+    src.sh(f"dd if=/dev/vg0/g1 of=/dev/{lv} bs=1M conv=fsync status=none", 120)
+    src.sh(f"dd if=/dev/{lv} bs=1M status=none | gzip -1 | ssh -o BatchMode=yes root@{dst.ip} "
+           f"'gunzip | dd of=/dev/{lv} bs=1M conv=fsync status=none'", 600)
+    sums = [h.sh(f"sha256sum /dev/{lv} | cut -c1-64").strip() for h in (src, dst)]
+    if sums[0] != sums[1]:
+        raise LabError(f"/dev/{lv} differs between {src.name} and {dst.name}: {sums}")
+    return f"/dev/{lv}"
 
 
 HOOK = "/usr/lib/xenmig/external-device-migrate"
@@ -533,10 +561,17 @@ def run_xenmig_migrate_checks(checks, hosts):
     vg1_host.sh("test -e /dev/vg1 || { truncate -s 96M /var/tmp/vg1.img && "
                 "pvcreate -q $(losetup -f --show /var/tmp/vg1.img) && "
                 "vgcreate -q vg1 $(losetup -j /var/tmp/vg1.img | cut -d: -f1); }", 120)
+    # A template both hosts hold (session 13): the vg1 migration gets it as
+    # -r on the target and --source-reference here, and its fetched blocks
+    # go through the zstd stream with it as the dictionary (CAP_SHARED_REF).
+    template = []
+    checks.step(f"a 32 MiB template LV, the same bytes on {g.host.name} and {vg1_host.name}",
+                lambda: (template.append(make_template(g.host, vg1_host)), "vg0/tmpl on both")[1])
     if not checks.step(f"xenmig migrate --target-vg vg1 g1 {g.host.name} -> {vg1_host.name} (no -C: "
-                       "the relay rewrites the disk path in xl's config): the counter continues, "
-                       "the guest runs from /dev/vg1/g1",
-                       lambda: check_xm_target_vg(g, other(), "vg1", True)):
+                       "the relay rewrites the disk path in xl's config)"
+                       + (" with -r and --source-reference of the template" if template else "")
+                       + ": the counter continues, the guest runs from /dev/vg1/g1",
+                       lambda: check_xm_target_vg(g, other(), "vg1", True, template[0] if template else None)):
         return
     if not checks.step("xenmig migrate --target-vg vg0 g1 back (vg1 -> vg0, its tagged LV reused)",
                        lambda: check_xm_target_vg(g, other(), "vg0", False)):
