@@ -884,9 +884,55 @@ fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8], context: &'static str) -
 
 pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
     let (head, tail) = m.encode_parts();
+    tally::count(m.kind(), head.len() + tail.len(), tail.len());
     w.write_all(&head)?;
     w.write_all(tail)?;
     Ok(())
+}
+
+/// What this process wrote, by frame kind: a measurement aid (logged at
+/// debug level after a local copy, where both ends are this process), so
+/// that where the protocol's bytes go can be counted exactly.
+pub mod tally {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    use super::Kind;
+
+    const KINDS: usize = 32;
+    static FRAMES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+    static BYTES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+    /// Bytes of the bulk payload (Blocks and Delta data) within `BYTES`.
+    static BULK: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+
+    pub(super) fn count(kind: Kind, bytes: usize, bulk: usize) {
+        let k = kind as usize % KINDS;
+        FRAMES[k].fetch_add(1, Relaxed);
+        BYTES[k].fetch_add(bytes as u64, Relaxed);
+        BULK[k].fetch_add(bulk as u64, Relaxed);
+    }
+
+    /// One kind's frames written so far.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Line {
+        pub kind: Kind,
+        pub frames: u64,
+        /// Whole frames, headers included.
+        pub bytes: u64,
+        /// Of which bulk payload (what the codec made of the blocks).
+        pub bulk: u64,
+    }
+
+    /// Every kind written at least once since the process started.
+    pub fn lines() -> Vec<Line> {
+        (0..KINDS as u8)
+            .filter_map(Kind::from_u8)
+            .map(|kind| {
+                let k = kind as usize;
+                Line { kind, frames: FRAMES[k].load(Relaxed), bytes: BYTES[k].load(Relaxed), bulk: BULK[k].load(Relaxed) }
+            })
+            .filter(|l| l.frames > 0)
+            .collect()
+    }
 }
 
 /// What the handshake agreed on.
