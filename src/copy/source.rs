@@ -38,7 +38,7 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
     CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
@@ -200,6 +200,9 @@ struct Shared {
     stream_levels: Mutex<Vec<i32>>,
     stats: Arc<LinkStats>,
     workers: usize,
+    /// `CAP_BLOCK_HINTS` (and `CAP_SUB_GROUPS`) agreed: a `WantChangedKeys`
+    /// is answered with `ChangedSubs`, the keys come after `WantHintedKeys`.
+    hints: bool,
 }
 
 /// What the reader thread hands to the caller.
@@ -319,8 +322,14 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let caps =
-            live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SIMILAR | CAP_STREAM_LEVELS;
+        let caps = live_cap
+            | shared_cap
+            | CAP_ZSTD_STREAM
+            | CAP_SUB_DELTA
+            | CAP_SUB_GROUPS
+            | CAP_SIMILAR
+            | CAP_STREAM_LEVELS
+            | CAP_BLOCK_HINTS;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -367,6 +376,7 @@ impl SourceSession {
             stream_levels: Mutex::new(Vec::new()),
             stats: link.stats.clone(),
             workers,
+            hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
         });
 
         let Link { reader, writer, .. } = link;
@@ -405,6 +415,7 @@ impl SourceSession {
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
             sketches: agreed.caps & CAP_SIMILAR != 0,
+            hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
@@ -1016,6 +1027,8 @@ struct Optional {
     subgroups: bool,
     /// `WantSketches` (`CAP_SIMILAR`).
     sketches: bool,
+    /// `WantHintedKeys` (`CAP_BLOCK_HINTS` with `CAP_SUB_GROUPS`).
+    hints: bool,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1071,6 +1084,9 @@ fn read_loop(
                 let _ = work.send(m);
             }
             m @ Message::WantSketches { .. } if optional.sketches => {
+                let _ = work.send(m);
+            }
+            m @ Message::WantHintedKeys { .. } if optional.hints => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1211,6 +1227,9 @@ fn work_loop(
             Message::WantSketches { first_block, count } => {
                 sketches(sh, first_block, count).map(|m| Some(Reply::Frame(m)))
             }
+            Message::WantHintedKeys { group, subs, differ, zero, hints } => {
+                hinted_keys(sh, group, subs, &differ, &zero, &hints).map(|m| Some(Reply::Frame(m)))
+            }
             _ => unreachable!("reader forwards only requests"),
         }
         .map(|r| match r {
@@ -1254,24 +1273,57 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 }
 
 /// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
-/// the target's signature `sig` of `subs` sub-groups, and their keys.
+/// the target's signature `sig` of `subs` sub-groups, and their keys (with
+/// `CAP_BLOCK_HINTS`: which differ only, as `ChangedSubs`).
 fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
+    let (differ, keys) = with_group(sh, g, "changed keys", |own, is_zero| {
+        subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
+    })?;
+    Ok(if sh.hints {
+        Message::ChangedSubs { group: g, subs, differ }
+    } else {
+        Message::ChangedKeys { group: g, subs, differ, keys }
+    })
+}
+
+/// Answer a `WantHintedKeys` (`CAP_BLOCK_HINTS`): the keys of group `g`'s
+/// blocks in the sub-groups marked in `differ` whose hint differs from DST's.
+fn hinted_keys(
+    sh: &Shared,
+    g: u64,
+    subs: u16,
+    differ: &[u8],
+    zero: &[u8],
+    hints: &[u8],
+) -> Result<Message, EngineError> {
+    let (count, changed, keys) = with_group(sh, g, "hinted keys", |own, is_zero| {
+        subgroup::hinted(own, is_zero, subs as usize, differ, zero, hints)
+    })?;
+    // (At most a group's blocks: MAX_FRAME bounds the hints that named them.)
+    let count = u32::try_from(count)
+        .map_err(|_| EngineError::BadRequest(format!("hinted keys of group {g}: too many blocks")))?;
+    Ok(Message::HintedKeys { group: g, count, changed, keys })
+}
+
+/// Run `f` on the block digests of group `g` (and whether each of its
+/// blocks is zero), once the group is announced; `what` names the request.
+fn with_group<T>(
+    sh: &Shared,
+    g: u64,
+    what: &str,
+    f: impl FnOnce(&[Digest], &dyn Fn(usize) -> bool) -> Result<T, subgroup::SubGroupError>,
+) -> Result<T, EngineError> {
     if g >= sh.layout.group_count() {
-        return Err(EngineError::BadRequest(format!(
-            "changed keys of group {g}, image has {}",
-            sh.layout.group_count()
-        )));
+        return Err(EngineError::BadRequest(format!("{what} of group {g}, image has {}", sh.layout.group_count())));
     }
     let (a, b) = sh.layout.group_range(g);
     let d = sh.digests.read().unwrap();
     if (d.len() as u64) < b {
-        return Err(EngineError::BadRequest(format!("changed keys of group {g} before it was announced")));
+        return Err(EngineError::BadRequest(format!("{what} of group {g} before it was announced")));
     }
     let own = &d[a as usize..b as usize];
     let is_zero = |k: usize| sh.zeros.is_zero_digest(&own[k], sh.layout.extent(a + k as u64).1);
-    let (differ, keys) = subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
-        .map_err(|e| EngineError::BadRequest(format!("changed keys of group {g}: {e}")))?;
-    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
+    f(own, &is_zero).map_err(|e| EngineError::BadRequest(format!("{what} of group {g}: {e}")))
 }
 
 /// Read a requested run and send it as [`route`] says.

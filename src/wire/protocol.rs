@@ -245,7 +245,7 @@ use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 use crate::wire::sketch::SKETCH_LEN;
 use crate::wire::subdelta::HASH_LEN;
-use crate::wire::subgroup::bitmap_len;
+use crate::wire::subgroup::{bitmap_len, HINT_LEN};
 
 pub const VERSION: u16 = 2;
 /// Oldest peer version spoken (one release back).
@@ -292,6 +292,14 @@ pub const CAP_SIMILAR: u32 = 1 << 5;
 /// (`wire::stream`). Without it (a peer of the previous release) the
 /// stream keeps its first level.
 pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
+/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): the source
+/// answers a `WantChangedKeys` with `ChangedSubs`, the sub-groups that
+/// differ without their keys; the target then sends `WantHintedKeys`, a
+/// 2-byte hint of each of DST's blocks there, and the source answers
+/// `HintedKeys`, the keys of the blocks whose hint differs only
+/// (`wire::subgroup`). Without it (a peer of the previous release) the
+/// keys of every block of a differing sub-group come in `ChangedKeys`.
+pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -333,6 +341,11 @@ pub enum Kind {
     /// Capability [`CAP_SIMILAR`]: sketches of a run of missing blocks.
     WantSketches = 21,
     Sketches = 22,
+    /// Capability [`CAP_BLOCK_HINTS`]: the sub-groups that differ, then
+    /// the keys of their blocks whose hint differs.
+    ChangedSubs = 23,
+    WantHintedKeys = 24,
+    HintedKeys = 25,
 }
 
 impl Kind {
@@ -361,6 +374,9 @@ impl Kind {
             RefChosen,
             WantSketches,
             Sketches,
+            ChangedSubs,
+            WantHintedKeys,
+            HintedKeys,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -482,6 +498,34 @@ pub enum Message {
         first_block: u64,
         sketches: Vec<[u8; SKETCH_LEN]>,
     },
+    /// The answer to a `WantChangedKeys` with [`CAP_BLOCK_HINTS`] agreed:
+    /// bit k of `differ` set where sub-group k of the `subs` differs; no keys.
+    ChangedSubs {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+    },
+    /// The keys of group `group`'s blocks in the sub-groups marked in
+    /// `differ` (as `ChangedSubs` said) that differ from DST's: bit k of
+    /// `zero` set where DST's sub-group k is all zeros, and the
+    /// [`HINT_LEN`](crate::wire::subgroup::HINT_LEN)-byte hint of each of
+    /// DST's blocks in the other marked sub-groups, in order.
+    WantHintedKeys {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+        zero: Vec<u8>,
+        hints: Vec<u8>,
+    },
+    /// The answer to a `WantHintedKeys`: over the `count` blocks of the
+    /// marked sub-groups, bit n of `changed` set where the n-th differs
+    /// from DST's, and the keys of exactly those.
+    HintedKeys {
+        group: u64,
+        count: u32,
+        changed: Vec<u8>,
+        keys: Vec<Key>,
+    },
 }
 
 /// Bytes of one `RefOffer` entry (digest, size).
@@ -541,6 +585,9 @@ impl Message {
             Message::RefChosen { .. } => Kind::RefChosen,
             Message::WantSketches { .. } => Kind::WantSketches,
             Message::Sketches { .. } => Kind::Sketches,
+            Message::ChangedSubs { .. } => Kind::ChangedSubs,
+            Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
+            Message::HintedKeys { .. } => Kind::HintedKeys,
         }
     }
 
@@ -650,6 +697,26 @@ impl Message {
             Message::RefChosen { chosen } => {
                 if let Some(d) = chosen {
                     b.extend_from_slice(d);
+                }
+            }
+            Message::ChangedSubs { group, subs, differ } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(differ);
+            }
+            Message::WantHintedKeys { group, subs, differ, zero, hints } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(differ);
+                b.extend_from_slice(zero);
+                b.extend_from_slice(hints);
+            }
+            Message::HintedKeys { group, count, changed, keys } => {
+                put_u64(&mut b, *group);
+                put_u32(&mut b, *count);
+                b.extend_from_slice(changed);
+                for k in keys {
+                    b.extend_from_slice(k);
                 }
             }
         }
@@ -830,6 +897,52 @@ impl Message {
                 let sketches = p[8..].chunks_exact(SKETCH_LEN).map(|c| c.try_into().unwrap()).collect();
                 Message::Sketches { first_block: u64_at(0), sketches }
             }
+            Kind::ChangedSubs => {
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                exact(10 + bitmap_len(subs as usize))?;
+                Message::ChangedSubs { group: u64_at(0), subs, differ: p[10..].to_vec() }
+            }
+            Kind::WantHintedKeys => {
+                // group, sub-group count, two bitmaps of a bit per sub-group, hints.
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let bits = bitmap_len(subs as usize);
+                let hints_at = 10 + 2 * bits;
+                if p.len() < hints_at || (p.len() - hints_at) % HINT_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + 2 x {bits} bytes of bitmaps for {subs} sub-groups + n x {HINT_LEN}",
+                        p.len()
+                    )));
+                }
+                Message::WantHintedKeys {
+                    group: u64_at(0),
+                    subs,
+                    differ: p[10..10 + bits].to_vec(),
+                    zero: p[10 + bits..hints_at].to_vec(),
+                    hints: p[hints_at..].to_vec(),
+                }
+            }
+            Kind::HintedKeys => {
+                // group, blocks covered, a bit per block covered, keys.
+                if p.len() < 12 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let count = u32_at(8);
+                let keys_at = 12usize.saturating_add((count as usize).div_ceil(8));
+                if p.len() < keys_at || (p.len() - keys_at) % KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 12 + a bitmap of {count} blocks + n x {KEY_LEN}",
+                        p.len()
+                    )));
+                }
+                let keys = p[keys_at..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::HintedKeys { group: u64_at(0), count, changed: p[12..keys_at].to_vec(), keys }
+            }
         })
     }
 }
@@ -928,7 +1041,12 @@ pub mod tally {
             .filter_map(Kind::from_u8)
             .map(|kind| {
                 let k = kind as usize;
-                Line { kind, frames: FRAMES[k].load(Relaxed), bytes: BYTES[k].load(Relaxed), bulk: BULK[k].load(Relaxed) }
+                Line {
+                    kind,
+                    frames: FRAMES[k].load(Relaxed),
+                    bytes: BYTES[k].load(Relaxed),
+                    bulk: BULK[k].load(Relaxed),
+                }
             })
             .filter(|l| l.frames > 0)
             .collect()
@@ -1054,6 +1172,11 @@ mod tests {
             Message::WantSketches { first_block: 40, count: 3 },
             Message::Sketches { first_block: 40, sketches: vec![[7; SKETCH_LEN], [8; SKETCH_LEN]] },
             Message::Sketches { first_block: 0, sketches: vec![] },
+            Message::ChangedSubs { group: 4, subs: 16, differ: vec![0b1001, 0] },
+            Message::ChangedSubs { group: 0, subs: 0, differ: vec![] },
+            Message::WantHintedKeys { group: 4, subs: 9, differ: vec![3, 1], zero: vec![2, 0], hints: vec![7; 34] },
+            Message::HintedKeys { group: 4, count: 33, changed: vec![1, 0, 0, 0, 1], keys: vec![[6; KEY_LEN]; 2] },
+            Message::HintedKeys { group: 1, count: 0, changed: vec![], keys: vec![] },
         ]
     }
 
@@ -1143,6 +1266,38 @@ mod tests {
     }
 
     #[test]
+    fn hinted_frames_of_the_wrong_shape_are_malformed() {
+        let frame = |kind: Kind, p: &[u8]| {
+            let mut f = vec![kind as u8];
+            f.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            f.extend_from_slice(p);
+            read_message(&mut &f[..], "t").unwrap_err().to_string()
+        };
+        let mut p = 3u64.to_le_bytes().to_vec();
+        p.extend_from_slice(&16u16.to_le_bytes());
+        // ChangedSubs: 16 sub-groups need 2 bytes of bitmap, not 3 or 1.
+        for bits in [&[0u8, 0, 0][..], &[0]] {
+            let e = frame(Kind::ChangedSubs, &[&p[..], bits].concat());
+            assert!(e.contains("malformed ChangedSubs frame"), "{e}");
+        }
+        // WantHintedKeys: two bitmaps of 2 bytes, then whole hints.
+        let e = frame(Kind::WantHintedKeys, &[&p[..], &[0, 0, 0, 0, 9]].concat());
+        assert!(e.contains("malformed WantHintedKeys frame"), "{e}");
+        let e = frame(Kind::WantHintedKeys, &[&p[..], &[0, 0, 0]].concat());
+        assert!(e.contains("malformed WantHintedKeys frame"), "{e}");
+        // HintedKeys: a count whose bitmap the frame cannot hold, and keys
+        // that are not whole.
+        let mut h = 3u64.to_le_bytes().to_vec();
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = frame(Kind::HintedKeys, &h);
+        assert!(e.contains("malformed HintedKeys frame"), "{e}");
+        let mut h = 3u64.to_le_bytes().to_vec();
+        h.extend_from_slice(&9u32.to_le_bytes());
+        let e = frame(Kind::HintedKeys, &[&h[..], &[1, 0], &[5; KEY_LEN - 1]].concat());
+        assert!(e.contains("malformed HintedKeys frame"), "{e}");
+    }
+
+    #[test]
     fn keepalives_are_skipped_by_read_message() {
         let mut f = Message::KeepAlive.encode();
         f.extend(Message::KeepAlive.encode());
@@ -1160,7 +1315,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..27, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);
