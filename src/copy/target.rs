@@ -729,7 +729,9 @@ impl Target<'_> {
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
                 }
-                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups && !self.hints => {
+                // (Also with CAP_BLOCK_HINTS: the whole answer of a source
+                // that did not agree to it is as good.)
+                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
                     self.on_changed_keys(group, subs, differ, keys)?
                 }
                 Message::ChangedSubs { group, subs, differ } if self.hints => {
