@@ -43,7 +43,7 @@ use crate::wire::protocol::{
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
-use crate::wire::subgroup::{self, Signature};
+use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use crate::wire::{sketch, subdelta};
 
@@ -200,9 +200,6 @@ struct Shared {
     stream_levels: Mutex<Vec<i32>>,
     stats: Arc<LinkStats>,
     workers: usize,
-    /// `CAP_BLOCK_HINTS` (and `CAP_SUB_GROUPS`) agreed: a `WantChangedKeys`
-    /// is answered with `ChangedSubs`, the keys come after `WantHintedKeys`.
-    hints: bool,
 }
 
 /// What the reader thread hands to the caller.
@@ -376,7 +373,6 @@ impl SourceSession {
             stream_levels: Mutex::new(Vec::new()),
             stats: link.stats.clone(),
             workers,
-            hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
         });
 
         let Link { reader, writer, .. } = link;
@@ -1086,7 +1082,7 @@ fn read_loop(
             m @ Message::WantSketches { .. } if optional.sketches => {
                 let _ = work.send(m);
             }
-            m @ Message::WantHintedKeys { .. } if optional.hints => {
+            m @ (Message::WantHintedKeys { .. } | Message::WantChangedSubs { .. }) if optional.hints => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1227,6 +1223,9 @@ fn work_loop(
             Message::WantSketches { first_block, count } => {
                 sketches(sh, first_block, count).map(|m| Some(Reply::Frame(m)))
             }
+            Message::WantChangedSubs { group, subs, zero, keys } => {
+                changed_subs(sh, group, subs, &zero, &keys).map(|m| Some(Reply::Frame(m)))
+            }
             Message::WantHintedKeys { group, subs, differ, zero, hints } => {
                 hinted_keys(sh, group, subs, &differ, &zero, &hints).map(|m| Some(Reply::Frame(m)))
             }
@@ -1273,17 +1272,21 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 }
 
 /// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
-/// the target's signature `sig` of `subs` sub-groups, and their keys (with
-/// `CAP_BLOCK_HINTS`: which differ only, as `ChangedSubs`).
+/// the target's signature `sig` of `subs` sub-groups, and their keys.
 fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
     let (differ, keys) = with_group(sh, g, "changed keys", |own, is_zero| {
         subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
     })?;
-    Ok(if sh.hints {
-        Message::ChangedSubs { group: g, subs, differ }
-    } else {
-        Message::ChangedKeys { group: g, subs, differ, keys }
-    })
+    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
+}
+
+/// Answer a `WantChangedSubs` (`CAP_BLOCK_HINTS`): which sub-groups of
+/// group `g` differ from the target's short signature, no keys.
+fn changed_subs(sh: &Shared, g: u64, subs: u16, zero: &[u8], keys: &[ShortKey]) -> Result<Message, EngineError> {
+    let differ = with_group(sh, g, "changed sub-groups", |own, is_zero| {
+        subgroup::differing_short(sh.algo, own, is_zero, subs as usize, zero, keys)
+    })?;
+    Ok(Message::ChangedSubs { group: g, subs, differ })
 }
 
 /// Answer a `WantHintedKeys` (`CAP_BLOCK_HINTS`): the keys of group `g`'s

@@ -729,9 +729,7 @@ impl Target<'_> {
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
                 }
-                // (Also with CAP_BLOCK_HINTS: the whole answer of a source
-                // that did not agree to it is as good.)
-                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
+                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups && !self.hints => {
                     self.on_changed_keys(group, subs, differ, keys)?
                 }
                 Message::ChangedSubs { group, subs, differ } if self.hints => {
@@ -1172,6 +1170,10 @@ impl Target<'_> {
         });
         let subs = subgroup::sub_count((b - a) as usize) as u16;
         self.sub_asked.insert(g);
+        if self.hints {
+            let keys = sig.keys.iter().map(subgroup::short).collect();
+            return self.request(Message::WantChangedSubs { group: g, subs, zero: sig.zero, keys });
+        }
         self.request(Message::WantChangedKeys { group: g, subs, zero: sig.zero, keys: sig.keys })
     }
 
@@ -1203,7 +1205,7 @@ impl Target<'_> {
             && !self.keys.contains_key(&g)
     }
 
-    /// The answer to a `WantChangedKeys` with `CAP_BLOCK_HINTS`: the
+    /// The answer to a `WantChangedSubs` (`CAP_BLOCK_HINTS`): the
     /// sub-groups of `g` that differ from DST's, without keys. Ask for the
     /// keys of their blocks that differ, with a hint of each of DST's
     /// blocks there (none where DST's sub-group is all zeros).

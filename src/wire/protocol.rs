@@ -245,7 +245,7 @@ use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 use crate::wire::sketch::SKETCH_LEN;
 use crate::wire::subdelta::HASH_LEN;
-use crate::wire::subgroup::{bitmap_len, HINT_LEN};
+use crate::wire::subgroup::{bitmap_len, ShortKey, HINT_LEN, SHORT_KEY_LEN};
 
 pub const VERSION: u16 = 2;
 /// Oldest peer version spoken (one release back).
@@ -292,13 +292,14 @@ pub const CAP_SIMILAR: u32 = 1 << 5;
 /// (`wire::stream`). Without it (a peer of the previous release) the
 /// stream keeps its first level.
 pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
-/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): the source
-/// answers a `WantChangedKeys` with `ChangedSubs`, the sub-groups that
-/// differ without their keys; the target then sends `WantHintedKeys`, a
-/// 2-byte hint of each of DST's blocks there, and the source answers
-/// `HintedKeys`, the keys of the blocks whose hint differs only
-/// (`wire::subgroup`). Without it (a peer of the previous release) the
-/// keys of every block of a differing sub-group come in `ChangedKeys`.
+/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): the target
+/// asks `WantChangedSubs` (8-byte sub-group keys) instead of
+/// `WantChangedKeys`, the source answers `ChangedSubs`, the sub-groups
+/// that differ without their keys; the target then sends
+/// `WantHintedKeys`, a 2-byte hint of each of DST's blocks there, and the
+/// source answers `HintedKeys`, the keys of the blocks whose hint differs
+/// only (`wire::subgroup`). Without it (a peer of the previous release)
+/// the exchange is `WantChangedKeys` / `ChangedKeys`.
 pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
@@ -346,6 +347,7 @@ pub enum Kind {
     ChangedSubs = 23,
     WantHintedKeys = 24,
     HintedKeys = 25,
+    WantChangedSubs = 26,
 }
 
 impl Kind {
@@ -377,6 +379,7 @@ impl Kind {
             ChangedSubs,
             WantHintedKeys,
             HintedKeys,
+            WantChangedSubs,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -498,8 +501,17 @@ pub enum Message {
         first_block: u64,
         sketches: Vec<[u8; SKETCH_LEN]>,
     },
-    /// The answer to a `WantChangedKeys` with [`CAP_BLOCK_HINTS`] agreed:
-    /// bit k of `differ` set where sub-group k of the `subs` differs; no keys.
+    /// `WantChangedKeys` with [`CAP_BLOCK_HINTS`] agreed: the same
+    /// signature with sub-group keys of
+    /// [`SHORT_KEY_LEN`](crate::wire::subgroup::SHORT_KEY_LEN) bytes.
+    WantChangedSubs {
+        group: u64,
+        subs: u16,
+        zero: Vec<u8>,
+        keys: Vec<ShortKey>,
+    },
+    /// The answer to a `WantChangedSubs`: bit k of `differ` set where
+    /// sub-group k of the `subs` differs; no keys.
     ChangedSubs {
         group: u64,
         subs: u16,
@@ -586,6 +598,7 @@ impl Message {
             Message::WantSketches { .. } => Kind::WantSketches,
             Message::Sketches { .. } => Kind::Sketches,
             Message::ChangedSubs { .. } => Kind::ChangedSubs,
+            Message::WantChangedSubs { .. } => Kind::WantChangedSubs,
             Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
             Message::HintedKeys { .. } => Kind::HintedKeys,
         }
@@ -697,6 +710,14 @@ impl Message {
             Message::RefChosen { chosen } => {
                 if let Some(d) = chosen {
                     b.extend_from_slice(d);
+                }
+            }
+            Message::WantChangedSubs { group, subs, zero, keys } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(zero);
+                for k in keys {
+                    b.extend_from_slice(k);
                 }
             }
             Message::ChangedSubs { group, subs, differ } => {
@@ -896,6 +917,22 @@ impl Message {
                 }
                 let sketches = p[8..].chunks_exact(SKETCH_LEN).map(|c| c.try_into().unwrap()).collect();
                 Message::Sketches { first_block: u64_at(0), sketches }
+            }
+            Kind::WantChangedSubs => {
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let keys_at = 10 + bitmap_len(subs as usize);
+                if p.len() < keys_at || (p.len() - keys_at) % SHORT_KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + {} bytes of bitmap for {subs} sub-groups + n x {SHORT_KEY_LEN}",
+                        p.len(),
+                        keys_at - 10
+                    )));
+                }
+                let keys = p[keys_at..].chunks_exact(SHORT_KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::WantChangedSubs { group: u64_at(0), subs, zero: p[10..keys_at].to_vec(), keys }
             }
             Kind::ChangedSubs => {
                 if p.len() < 10 {
@@ -1172,6 +1209,7 @@ mod tests {
             Message::WantSketches { first_block: 40, count: 3 },
             Message::Sketches { first_block: 40, sketches: vec![[7; SKETCH_LEN], [8; SKETCH_LEN]] },
             Message::Sketches { first_block: 0, sketches: vec![] },
+            Message::WantChangedSubs { group: 4, subs: 16, zero: vec![0b101, 0], keys: vec![[3; SHORT_KEY_LEN]; 14] },
             Message::ChangedSubs { group: 4, subs: 16, differ: vec![0b1001, 0] },
             Message::ChangedSubs { group: 0, subs: 0, differ: vec![] },
             Message::WantHintedKeys { group: 4, subs: 9, differ: vec![3, 1], zero: vec![2, 0], hints: vec![7; 34] },
@@ -1280,6 +1318,9 @@ mod tests {
             let e = frame(Kind::ChangedSubs, &[&p[..], bits].concat());
             assert!(e.contains("malformed ChangedSubs frame"), "{e}");
         }
+        // WantChangedSubs: a bitmap of 2 bytes, then whole short keys.
+        let e = frame(Kind::WantChangedSubs, &[&p[..], &[0, 0], &[1; SHORT_KEY_LEN + 1]].concat());
+        assert!(e.contains("malformed WantChangedSubs frame"), "{e}");
         // WantHintedKeys: two bitmaps of 2 bytes, then whole hints.
         let e = frame(Kind::WantHintedKeys, &[&p[..], &[0, 0, 0, 0, 9]].concat());
         assert!(e.contains("malformed WantHintedKeys frame"), "{e}");
@@ -1315,7 +1356,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..27, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..28, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);

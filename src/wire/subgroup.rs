@@ -138,31 +138,78 @@ pub fn differing(
     subs: usize,
     sig: &Signature,
 ) -> Result<(Vec<u8>, Vec<Key>), SubGroupError> {
+    let differ = differ_bits(algo, own, is_zero, subs, &sig.zero, sig.keys.len(), |n, k| sig.keys[n] == k)?;
+    let keys = own.iter().enumerate().filter(|(i, _)| bit(&differ, i / SUB_BLOCKS)).map(|(_, d)| key_of(d)).collect();
+    Ok((differ, keys))
+}
+
+/// [`differing`] for a short signature (`WantChangedSubs`, capability
+/// [`CAP_BLOCK_HINTS`](crate::wire::protocol::CAP_BLOCK_HINTS)): the
+/// sub-groups that differ, no keys.
+pub fn differing_short(
+    algo: Algorithm,
+    own: &[Digest],
+    is_zero: impl Fn(usize) -> bool,
+    subs: usize,
+    zero: &[u8],
+    keys: &[ShortKey],
+) -> Result<Vec<u8>, SubGroupError> {
+    differ_bits(algo, own, is_zero, subs, zero, keys.len(), |n, k| keys[n] == short(&k))
+}
+
+/// Bytes of a sub-group key in a short signature (`WantChangedSubs`).
+///
+/// Why eight: a sub-group key that matches by chance keeps a sub-group
+/// that changed, and the group then fails its digest and is asked for
+/// again with every key; at 2^-64 per sub-group that never pays for the
+/// seven more bytes a full key costs per sub-group. (A guest that crafts
+/// colliding sub-groups costs its own copy that rekeying, never a wrong
+/// block.)
+pub const SHORT_KEY_LEN: usize = 8;
+/// A sub-group key cut to [`SHORT_KEY_LEN`] bytes.
+pub type ShortKey = [u8; SHORT_KEY_LEN];
+
+/// The short form of a sub-group key.
+pub fn short(k: &Key) -> ShortKey {
+    k[..SHORT_KEY_LEN].try_into().expect("a key is longer than its short form")
+}
+
+/// Bit k set where sub-group k of `own` differs from the target's: all
+/// zeros there (bit k of `zero`) or the `n`-th of its `nkeys` keys, which
+/// `same(n, key)` compares with this end's [`sub_key`].
+fn differ_bits(
+    algo: Algorithm,
+    own: &[Digest],
+    is_zero: impl Fn(usize) -> bool,
+    subs: usize,
+    zero: &[u8],
+    nkeys: usize,
+    same: impl Fn(usize, Key) -> bool,
+) -> Result<Vec<u8>, SubGroupError> {
     let want = sub_count(own.len());
     if subs != want {
         return Err(SubGroupError::Count { got: subs, blocks: own.len(), want });
     }
-    check_bitmap(&sig.zero, subs)?;
-    let zeros = (0..subs).filter(|&k| bit(&sig.zero, k)).count();
-    if sig.keys.len() != subs - zeros {
-        return Err(SubGroupError::Keys { got: sig.keys.len(), want: subs - zeros });
+    check_bitmap(zero, subs)?;
+    let zeros = (0..subs).filter(|&k| bit(zero, k)).count();
+    if nkeys != subs - zeros {
+        return Err(SubGroupError::Keys { got: nkeys, want: subs - zeros });
     }
-    let mut theirs = sig.keys.iter();
+    let mut n = 0;
     let mut differ = vec![0u8; bitmap_len(subs)];
-    let mut keys = Vec::new();
     for (k, chunk) in own.chunks(SUB_BLOCKS).enumerate() {
         let first = k * SUB_BLOCKS;
-        let same = if bit(&sig.zero, k) {
+        let same = if bit(zero, k) {
             (first..first + chunk.len()).all(&is_zero)
         } else {
-            theirs.next().is_some_and(|t| *t == sub_key(algo, chunk))
+            n += 1;
+            same(n - 1, sub_key(algo, chunk))
         };
         if !same {
             differ[k / 8] |= 1 << (k % 8);
-            keys.extend(chunk.iter().map(key_of));
         }
     }
-    Ok((differ, keys))
+    Ok(differ)
 }
 
 /// The target's side: which blocks of a group of `blocks` blocks the
@@ -385,6 +432,25 @@ mod tests {
     }
 
     #[test]
+    fn a_short_signature_names_the_same_sub_groups() {
+        let mut old = vec![7u8; 40];
+        old[16..32].fill(0);
+        let mut new = old.clone();
+        new[3] = 9;
+        new[20] = 5;
+        let (o, n) = (digests(&old), digests(&new));
+        let sig = signature(A, &o, zero_of(&o));
+        let shorts: Vec<ShortKey> = sig.keys.iter().map(short).collect();
+        let (differ, _) = differing(A, &n, zero_of(&n), 3, &sig).unwrap();
+        assert_eq!(differing_short(A, &n, zero_of(&n), 3, &sig.zero, &shorts).unwrap(), differ);
+        assert!(matches!(
+            differing_short(A, &n, zero_of(&n), 3, &sig.zero, &shorts[1..]),
+            Err(SubGroupError::Keys { got: 1, want: 2 })
+        ));
+        assert!(matches!(differing_short(A, &n, zero_of(&n), 2, &sig.zero, &shorts), Err(SubGroupError::Count { .. })));
+    }
+
+    #[test]
     fn hints_carry_keys_of_changed_blocks_only() {
         // 40 blocks: sub-groups of 16, 16 and 8; DST's sub-group 1 zeros.
         let mut old = vec![7u8; 40];
@@ -511,6 +577,7 @@ mod tests {
             let o = vec![[0u8; 32]; blocks];
             let sig = Signature { zero: differ.clone(), keys: vec![[1; 15]; nkeys % 40] };
             let _ = differing(A, &o, |_| true, subs, &sig);
+            let _ = differing_short(A, &o, |_| false, subs, &differ, &vec![[1; SHORT_KEY_LEN]; nkeys % 40]);
         }
     }
 }
