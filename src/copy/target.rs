@@ -729,7 +729,9 @@ impl Target<'_> {
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
                 }
-                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups && !self.hints => {
+                // (With CAP_BLOCK_HINTS too: the answer to a group asked the
+                // previous way.)
+                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
                     self.on_changed_keys(group, subs, differ, keys)?
                 }
                 Message::ChangedSubs { group, subs, differ } if self.hints => {
@@ -1170,7 +1172,10 @@ impl Target<'_> {
         });
         let subs = subgroup::sub_count((b - a) as usize) as u16;
         self.sub_asked.insert(g);
-        if self.hints {
+        // Hints pay only where DST holds something in the group: where it
+        // is all zeros (a new DST) the two more frames would cost bytes and
+        // save none, so such a group is asked the previous way.
+        if self.hints && !sig.keys.is_empty() {
             let keys = sig.keys.iter().map(subgroup::short).collect();
             return self.request(Message::WantChangedSubs { group: g, subs, zero: sig.zero, keys });
         }

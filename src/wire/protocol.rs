@@ -143,6 +143,45 @@
 //! ```text
 //!    | <---------- WantChangedKeys(g, subs, DST's sig) --- |  instead of
 //!    | -- ChangedKeys(g, subs, differ, their keys) ------> |  WantDigests
+//! ```
+//!
+//! Block hints (capability [`CAP_BLOCK_HINTS`], used only with
+//! [`CAP_SUB_GROUPS`] agreed too): when both ends set it, the target asks
+//! about a group where DST holds any non-zero block with
+//! `WantChangedSubs(group, subs, zero bits, short keys)` instead of
+//! `WantChangedKeys`: the same signature with sub-group keys cut to
+//! [`SHORT_KEY_LEN`](crate::wire::subgroup::SHORT_KEY_LEN) bytes (a group
+//! DST holds as all zeros is still asked with `WantChangedKeys` and
+//! answered with `ChangedKeys`: there hints would save nothing). The
+//! source answers `ChangedSubs(group, subs, differ bits)`: the sub-groups
+//! that differ, no keys. For those (if any; none settles the group as
+//! DST holds it) the target sends `WantHintedKeys(group, subs, differ,
+//! zero, hints)`: `differ` as the source sent it, bit k of `zero` set
+//! where DST's sub-group k (one of `differ`'s) is all zeros, and a
+//! [`HINT_LEN`](crate::wire::subgroup::HINT_LEN)-byte hint of each of
+//! DST's blocks in the other sub-groups of `differ`, in order (the first
+//! bytes of its full digest). The source answers `HintedKeys(group, count,
+//! changed bits, keys)`: over the `count` blocks of `differ`'s sub-groups,
+//! in order, a bit where the block differs (from zeros where `zero` says
+//! so, else from its hint), and the keys of exactly those blocks. The
+//! target keeps every other block as DST holds it and settles the keyed
+//! ones as after `BlockDigests`. A hint or short key that matches by
+//! chance keeps an old block: the group then fails its group digest and is
+//! asked for again with `WantDigests`, as above; never a wrong block. Each
+//! request awaits one reply. Any of these frames without the capability
+//! agreed, a count of sub-groups other than the group's, bitmaps of
+//! another length or with bits past their count, a `zero` bit outside
+//! `differ`, hints or keys other than the bitmaps call for, a `count`
+//! other than the blocks of the sub-groups asked about, or an answer for a
+//! group not asked about is an error naming the frame.
+//!
+//! ```text
+//!    | <---------- WantChangedSubs(g, subs, short sig) --- |  instead of
+//!    | -- ChangedSubs(g, subs, differ) ------------------> |  WantChangedKeys
+//!    | <----- WantHintedKeys(g, differ, zero, hints) ----- |  only if any differ
+//!    | -- HintedKeys(g, count, changed, their keys) -----> |
+//! ```
+//!
 //! A reference both hosts hold (capability [`CAP_SHARED_REF`]): when both
 //! ends set it, the target, once it has loaded its references, sends one
 //! `RefOffer` before any request: the image digest (with the copy's digest

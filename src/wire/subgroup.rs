@@ -26,6 +26,17 @@
 //! time, never a wrong block, and finding one is as hard as finding a
 //! colliding block key.
 //!
+//! Block hints (capability
+//! [`CAP_BLOCK_HINTS`](crate::wire::protocol::CAP_BLOCK_HINTS)): in a
+//! sub-group that differs most blocks are still DST's (on the experiments'
+//! return cell 5,012 of the 8,480 keys sent were of such blocks). So the
+//! signature goes with [`SHORT_KEY_LEN`]-byte keys ([`differing_short`]), the
+//! source names the differing sub-groups only, the target sends a
+//! [`HINT_LEN`]-byte [`hint`] of each of DST's blocks there ([`hints`]), and
+//! the source sends the keys of the blocks whose hint differs
+//! ([`hinted`], [`hinted_given`]). A chance match is caught by the group
+//! digest like a lie.
+//!
 //! Every length here comes from a peer and is checked before it is used:
 //! a signature or answer must have exactly one bit per sub-group of the
 //! group (the bits past the last one zero), one key per sub-group it does
