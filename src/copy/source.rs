@@ -38,8 +38,9 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
-    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
@@ -326,7 +327,8 @@ impl SourceSession {
             | CAP_SUB_GROUPS
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
-            | CAP_BLOCK_HINTS;
+            | CAP_BLOCK_HINTS
+            | CAP_SHORT_SUB_HASHES;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -412,6 +414,7 @@ impl SourceSession {
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
             sketches: agreed.caps & CAP_SIMILAR != 0,
             hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
+            short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
@@ -1025,6 +1028,8 @@ struct Optional {
     sketches: bool,
     /// `WantHintedKeys` (`CAP_BLOCK_HINTS` with `CAP_SUB_GROUPS`).
     hints: bool,
+    /// `FetchDeltaShort` (`CAP_SHORT_SUB_HASHES` with `CAP_SUB_DELTA`).
+    short_hashes: bool,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1074,6 +1079,9 @@ fn read_loop(
                 let _ = work.send(m);
             }
             m @ Message::FetchDelta { .. } if optional.deltas => {
+                let _ = work.send(m);
+            }
+            m @ Message::FetchDeltaShort { .. } if optional.short_hashes => {
                 let _ = work.send(m);
             }
             m @ Message::WantChangedKeys { .. } if optional.subgroups => {
@@ -1216,7 +1224,8 @@ fn work_loop(
         let reply = match m {
             Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx).map(|()| None),
             Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
-            Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, stream.is_some()),
+            Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, false, stream.is_some()),
+            Message::FetchDeltaShort { block, sig } => fetch_delta(sh, block, &sig, true, stream.is_some()),
             Message::WantChangedKeys { group, subs, zero, keys } => {
                 changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
             }
@@ -1381,7 +1390,14 @@ fn sketches(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError>
 /// Answer a `FetchDelta`: block `block` as the sub-blocks that differ from
 /// the target's old version, whose signature is `sig` (its length checked
 /// against the block's here), through the stream or a codec like any run.
-fn fetch_delta(sh: &Shared, block: u64, sig: &[u8], streaming: bool) -> Result<Option<Reply>, EngineError> {
+/// Answer a `FetchDelta` (or, `short`, a `FetchDeltaShort`).
+fn fetch_delta(
+    sh: &Shared,
+    block: u64,
+    sig: &[u8],
+    short: bool,
+    streaming: bool,
+) -> Result<Option<Reply>, EngineError> {
     if checked_end(block, 1, sh.layout.block_count()).is_none() {
         return Err(EngineError::BadRequest(format!(
             "a delta of block {block}, image has {}",
@@ -1391,7 +1407,8 @@ fn fetch_delta(sh: &Shared, block: u64, sig: &[u8], streaming: bool) -> Result<O
     let (off, len) = sh.layout.extent(block);
     let mut raw = vec![0u8; len];
     sh.img.read_at(&mut raw, off)?;
-    let body = subdelta::encode(&raw, sig).map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
+    let body = if short { subdelta::encode_short(&raw, sig) } else { subdelta::encode(&raw, sig) };
+    let body = body.map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
     Ok(Some(match route(sh, body, streaming) {
         Routed::Stream(raw) => Reply::Stream(RawRun { first_block: block, count: 1, raw, delta: true }),
         Routed::Coded { code, raw_len, payload } => {

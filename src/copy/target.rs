@@ -44,8 +44,9 @@ use crate::storage::image::Image;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
-    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
@@ -337,6 +338,9 @@ pub(super) struct Target<'a> {
     levels: bool,
     /// Groups asked for with `WantChangedKeys` and not answered yet.
     sub_asked: HashSet<u64>,
+    /// `CAP_SHORT_SUB_HASHES` agreed (with `CAP_SUB_DELTA`): deltas are
+    /// asked with `FetchDeltaShort`.
+    short_hashes: bool,
     /// `CAP_BLOCK_HINTS` agreed (with `CAP_SUB_GROUPS`): the sub-groups
     /// that differ come first (`ChangedSubs`), their blocks' keys after
     /// `WantHintedKeys`.
@@ -386,7 +390,8 @@ pub fn run_with(
             | CAP_SHARED_REF
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
-            | CAP_BLOCK_HINTS,
+            | CAP_BLOCK_HINTS
+            | CAP_SHORT_SUB_HASHES,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -430,6 +435,7 @@ pub fn run_with(
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
             hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
+            short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
             similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
             levels: agreed.caps & CAP_STREAM_LEVELS != 0,
         };
@@ -477,6 +483,8 @@ pub(super) struct LinkSide {
     subgroups: bool,
     /// `CAP_BLOCK_HINTS` and `CAP_SUB_GROUPS` agreed.
     hints: bool,
+    /// `CAP_SHORT_SUB_HASHES` and `CAP_SUB_DELTA` agreed.
+    short_hashes: bool,
     /// `CAP_SIMILAR` and `CAP_SUB_DELTA` agreed.
     similar: bool,
     /// `CAP_STREAM_LEVELS` agreed.
@@ -570,6 +578,7 @@ impl<'a> Target<'a> {
             deltas: link.as_ref().is_some_and(|l| l.deltas),
             subgroups: link.as_ref().is_some_and(|l| l.subgroups),
             hints: link.as_ref().is_some_and(|l| l.hints),
+            short_hashes: link.as_ref().is_some_and(|l| l.short_hashes),
             hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
@@ -596,6 +605,15 @@ type Inbox = Receiver<Result<Message, ProtocolError>>;
 impl Target<'_> {
     /// Write one frame (under the lock the keep-alive thread shares).
     fn send(&self, m: &Message) -> Result<(), EngineError> {
+        let short;
+        let m = match m {
+            // (Held and matched as FetchDelta; cut only on the way out.)
+            Message::FetchDelta { block, sig } if self.short_hashes => {
+                short = Message::FetchDeltaShort { block: *block, sig: subdelta::short_signature(sig) };
+                &short
+            }
+            m => m,
+        };
         let mut w = self.link()?.lock().expect("writer lock");
         write_message(&mut *w, m)?;
         Ok(())

@@ -122,6 +122,17 @@
 //!    | <------------------- Fetch(block, 1) -------------- |  only if it failed
 //! ```
 //!
+//! Short sub-block hashes (capability [`CAP_SHORT_SUB_HASHES`], used only
+//! with [`CAP_SUB_DELTA`] agreed too): when both ends set it, the target
+//! asks every delta with `FetchDeltaShort(block, sig)` instead of
+//! `FetchDelta`: the same signature with the first
+//! [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes of each
+//! sub-block's hash. The source compares as many bytes of its own hashes
+//! and answers with the same `Delta`. A short hash that matches by chance
+//! rebuilds a block that fails its key: it is fetched whole, as above. A
+//! `FetchDeltaShort` without the capability agreed, or with a signature of
+//! another length than the block's sub-blocks call for, is an error.
+//!
 //! Groups that mostly match DST (capability [`CAP_SUB_GROUPS`]): when both
 //! ends set it, the target asks for the keys of a group it could not
 //! settle (of at least two sub-groups) with `WantChangedKeys(group, subs,
@@ -283,7 +294,7 @@ use thiserror::Error;
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 use crate::wire::sketch::SKETCH_LEN;
-use crate::wire::subdelta::HASH_LEN;
+use crate::wire::subdelta::{HASH_LEN, SHORT_HASH_LEN};
 use crate::wire::subgroup::{bitmap_len, ShortKey, HINT_LEN, SHORT_KEY_LEN};
 
 pub const VERSION: u16 = 2;
@@ -340,6 +351,13 @@ pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
 /// only (`wire::subgroup`). Without it (a peer of the previous release)
 /// the exchange is `WantChangedKeys` / `ChangedKeys`.
 pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
+/// Capability (used only with [`CAP_SUB_DELTA`] agreed too): the target
+/// asks for a delta with `FetchDeltaShort`, whose signature holds
+/// [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes per
+/// sub-block instead of [`HASH_LEN`]; the answer is the same `Delta`.
+/// Without it (a peer of the previous release) the target sends
+/// `FetchDelta`.
+pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -387,6 +405,8 @@ pub enum Kind {
     WantHintedKeys = 24,
     HintedKeys = 25,
     WantChangedSubs = 26,
+    /// Capability [`CAP_SHORT_SUB_HASHES`]: `FetchDelta` with short hashes.
+    FetchDeltaShort = 27,
 }
 
 impl Kind {
@@ -419,6 +439,7 @@ impl Kind {
             WantHintedKeys,
             HintedKeys,
             WantChangedSubs,
+            FetchDeltaShort,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -491,6 +512,13 @@ pub enum Message {
     /// Block `block`, whose old version has signature `sig`
     /// ([`HASH_LEN`](crate::wire::subdelta::HASH_LEN) bytes per sub-block).
     FetchDelta {
+        block: u64,
+        sig: Vec<u8>,
+    },
+    /// `FetchDelta` with a signature of
+    /// [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes per
+    /// sub-block (`wire::subdelta::short_signature`).
+    FetchDeltaShort {
         block: u64,
         sig: Vec<u8>,
     },
@@ -638,6 +666,7 @@ impl Message {
             Message::Sketches { .. } => Kind::Sketches,
             Message::ChangedSubs { .. } => Kind::ChangedSubs,
             Message::WantChangedSubs { .. } => Kind::WantChangedSubs,
+            Message::FetchDeltaShort { .. } => Kind::FetchDeltaShort,
             Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
             Message::HintedKeys { .. } => Kind::HintedKeys,
         }
@@ -721,7 +750,7 @@ impl Message {
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
             Message::KeepAlive => {}
-            Message::FetchDelta { block, sig } => {
+            Message::FetchDelta { block, sig } | Message::FetchDeltaShort { block, sig } => {
                 put_u64(&mut b, *block);
                 b.extend_from_slice(sig);
             }
@@ -898,6 +927,12 @@ impl Message {
                     return Err(bad(format!("{} bytes is not 8 + n x {HASH_LEN}", p.len())));
                 }
                 Message::FetchDelta { block: u64_at(0), sig: p[8..].to_vec() }
+            }
+            Kind::FetchDeltaShort => {
+                if p.len() < 8 || (p.len() - 8) % SHORT_HASH_LEN != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x {SHORT_HASH_LEN}", p.len())));
+                }
+                Message::FetchDeltaShort { block: u64_at(0), sig: p[8..].to_vec() }
             }
             Kind::Delta => {
                 if p.len() < 13 {
@@ -1237,6 +1272,7 @@ mod tests {
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
             Message::KeepAlive,
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+            Message::FetchDeltaShort { block: 5, sig: vec![1, 2, 3, 4, 5, 6] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },
             Message::WantChangedKeys { group: 3, subs: 16, zero: vec![0b101, 0], keys: vec![[4; KEY_LEN]; 14] },
             Message::ChangedKeys { group: 3, subs: 9, differ: vec![1, 1], keys: vec![[5; KEY_LEN]; 17] },
@@ -1395,7 +1431,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..28, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..29, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);
