@@ -342,9 +342,9 @@ pub const CAP_SIMILAR: u32 = 1 << 5;
 /// (`wire::stream`). Without it (a peer of the previous release) the
 /// stream keeps its first level.
 pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
-/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): the target
-/// asks `WantChangedSubs` (8-byte sub-group keys) instead of
-/// `WantChangedKeys`, the source answers `ChangedSubs`, the sub-groups
+/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): for a group
+/// where DST holds data the target asks `WantChangedSubs` (8-byte
+/// sub-group keys) instead of `WantChangedKeys`, the source answers `ChangedSubs`, the sub-groups
 /// that differ without their keys; the target then sends
 /// `WantHintedKeys`, a 2-byte hint of each of DST's blocks there, and the
 /// source answers `HintedKeys`, the keys of the blocks whose hint differs
