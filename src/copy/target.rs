@@ -336,7 +336,8 @@ pub(super) struct Target<'a> {
     /// `CAP_STREAM_LEVELS` agreed: the stream's decoder follows level
     /// changes.
     levels: bool,
-    /// Groups asked for with `WantChangedKeys` and not answered yet.
+    /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
+    /// not answered yet.
     sub_asked: HashSet<u64>,
     /// `CAP_SHORT_SUB_HASHES` agreed (with `CAP_SUB_DELTA`): deltas are
     /// asked with `FetchDeltaShort`.
