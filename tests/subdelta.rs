@@ -12,9 +12,9 @@ use std::fs;
 use std::path::Path;
 
 use proptest::prelude::*;
-use relay::{hide, keep, Edit, Outcome};
+use relay::{chain, hide, keep, Edit, Outcome};
 use xenmig::copy::Report;
-use xenmig::wire::protocol::{Message, CAP_SUB_DELTA};
+use xenmig::wire::protocol::{Message, CAP_SHORT_SUB_HASHES, CAP_SUB_DELTA};
 use xenmig::wire::subdelta;
 
 const BS: usize = 4096;
@@ -51,7 +51,14 @@ fn damage_deltas(at: usize) -> Edit {
 }
 
 /// Copy `src` onto `dst` in-process through a relay editing each direction.
+///
+/// With the 4-byte sub-block hashes of `FetchDelta` (`CAP_SHORT_SUB_HASHES`
+/// hidden both ways, the exchange a peer of the previous release gets): a
+/// 4-byte hash matches by chance once in 2^32 sub-blocks, so every failed
+/// delta here is one the test caused.
 fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    let (to_target, to_source) =
+        (chain(hide(CAP_SHORT_SUB_HASHES), to_target), chain(hide(CAP_SHORT_SUB_HASHES), to_source));
     relay::copy_through(src, dst, BS as u32, codec, to_target, to_source)
 }
 
@@ -278,4 +285,143 @@ fn deltas_stop_when_the_old_blocks_are_unrelated() {
     assert_eq!(rep.blocks_fetched, blocks as u64);
     let limit = xenmig::wire::protocol::WINDOW as u64 + 64 + blocks as u64 / 32;
     assert!(rep.blocks_delta > 0 && rep.blocks_delta <= limit, "{} deltas of {} blocks", rep.blocks_delta, blocks);
+}
+
+/// Blocks of `new` that differ from `old` where some changed sub-block has
+/// the same short hash as the old one: the only deltas that may fail with
+/// `FetchDeltaShort` when nobody lies.
+fn chance_matches(old: &[u8], new: &[u8]) -> u64 {
+    let short = |b: &[u8]| subdelta::short_signature(&subdelta::signature(b));
+    old.chunks(BS)
+        .zip(new.chunks(BS))
+        .filter(|(o, n)| {
+            let (so, sn) = (short(o), short(n));
+            o.chunks(subdelta::SUB)
+                .zip(n.chunks(subdelta::SUB))
+                .zip(so.chunks(subdelta::SHORT_HASH_LEN).zip(sn.chunks(subdelta::SHORT_HASH_LEN)))
+                .any(|((a, b), (ha, hb))| a != b && ha == hb)
+        })
+        .count() as u64
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Short sub-block hashes (`CAP_SHORT_SUB_HASHES`) on both ends, or
+    /// hidden both ways (a peer of the previous release on either side):
+    /// byte-identical, counted, the deltas asked with `FetchDeltaShort`
+    /// exactly when both ends have it, and a delta fails only where a short
+    /// hash matched by chance (then the block is fetched whole).
+    #[test]
+    fn short_hashes_rebuild_the_image_and_are_counted(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..48),
+        tail in prop_oneof![Just(0usize), 1usize..BS],
+        codec in prop_oneof![Just("none"), Just("zstd:1"), Just("auto")],
+        hidden in any::<bool>(),
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, deltas) = images(seed, &changes, tail);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let (short, long) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s2, l2) = (short.clone(), long.clone());
+        let count: Edit = Box::new(move |m| {
+            match &m {
+                Message::FetchDeltaShort { .. } => s2.fetch_add(1, Ordering::SeqCst),
+                Message::FetchDelta { .. } => l2.fetch_add(1, Ordering::SeqCst),
+                _ => 0,
+            };
+            m
+        });
+        let (to_target, to_source) =
+            if hidden { (hide(CAP_SHORT_SUB_HASHES), chain(hide(CAP_SHORT_SUB_HASHES), count)) } else { (keep(), count) };
+        let o = relay::copy_through(&a, &b, BS as u32, codec, to_target, to_source);
+        let rep = o.source.unwrap();
+        prop_assert!(o.target.unwrap().verified);
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.blocks_delta + rep.deltas_failed, deltas, "{:?}", rep);
+        if hidden {
+            prop_assert_eq!(rep.deltas_failed, 0);
+            prop_assert_eq!((short.load(Ordering::SeqCst), long.load(Ordering::SeqCst) as u64), (0, deltas));
+        } else {
+            prop_assert!(rep.deltas_failed <= chance_matches(&old, &new));
+            prop_assert_eq!((short.load(Ordering::SeqCst) as u64, long.load(Ordering::SeqCst)), (deltas, 0));
+        }
+    }
+
+    /// A target whose short signatures are the source's own (as if every
+    /// short hash matched by chance): every rebuilt block misses its key
+    /// and is fetched whole; the copy is still byte-identical.
+    #[test]
+    fn a_chance_match_of_short_hashes_costs_a_refetch_never_a_wrong_block(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..32),
+        codec in prop_oneof![Just("none"), Just("zstd:1")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, deltas) = images(seed, &changes, 0);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let src = new.clone();
+        let lie: Edit = Box::new(move |m| match m {
+            Message::FetchDeltaShort { block, .. } => {
+                let at = block as usize * BS;
+                let sig = subdelta::short_signature(&subdelta::signature(&src[at..(at + BS).min(src.len())]));
+                Message::FetchDeltaShort { block, sig }
+            }
+            m => m,
+        });
+        let o = relay::copy_through(&a, &b, BS as u32, codec, keep(), lie);
+        let rep = o.source.unwrap();
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.blocks_delta, 0);
+        prop_assert_eq!(rep.deltas_failed, deltas);
+    }
+}
+
+/// A short signature of the wrong length, or a `FetchDeltaShort` from a
+/// target that did not agree to it, fails the copy with an error naming
+/// the block or the frame; DST keeps its old blocks.
+#[test]
+fn a_misshapen_short_signature_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new, _) = images(9, &[Change::Edit(100, 1); 4], 0);
+    fs::write(&a, &new).unwrap();
+    let cut: Edit = Box::new(|m| match m {
+        Message::FetchDeltaShort { block, mut sig } => {
+            sig.truncate(sig.len() - 2);
+            Message::FetchDeltaShort { block, sig }
+        }
+        m => m,
+    });
+    fs::write(&b, &old).unwrap();
+    let o = relay::copy_through(&a, &b, BS as u32, "none", keep(), cut);
+    let e = o.source.unwrap_err().to_string();
+    assert!(e.contains("a signature of 14 bytes for a block of 4096 bytes, which needs 16"), "{e}");
+    assert!(o.target.is_err());
+    assert_eq!(fs::read(&b).unwrap(), old);
+    // The source without the bit: a FetchDeltaShort is not a request it takes.
+    let long_to_short: Edit = Box::new(|m| match m {
+        Message::FetchDelta { block, sig } => Message::FetchDeltaShort { block, sig: subdelta::short_signature(&sig) },
+        m => m,
+    });
+    let o = relay::copy_through(
+        &a,
+        &b,
+        BS as u32,
+        "none",
+        hide(CAP_SHORT_SUB_HASHES),
+        chain(hide(CAP_SHORT_SUB_HASHES), long_to_short),
+    );
+    let e = o.source.unwrap_err().to_string();
+    assert!(e.contains("unexpected FetchDeltaShort frame"), "{e}");
+    assert_eq!(fs::read(&b).unwrap(), old);
 }

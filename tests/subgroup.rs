@@ -4,7 +4,10 @@
 //! can hide the capability (a peer of the previous release), lie in the
 //! source's answer (sub-groups called the same when they are not, keys
 //! that do not fit the bitmap) or in the target's signature (a sub-group
-//! key collision).
+//! key collision). The tests of `ChangedKeys` run with `CAP_BLOCK_HINTS`
+//! hidden both ways (the exchange a peer of the previous release gets);
+//! those of the block hints (`ChangedSubs`, `WantHintedKeys`,
+//! `HintedKeys`) at the end, with it.
 
 mod common;
 #[path = "common/relay.rs"]
@@ -14,10 +17,10 @@ use std::collections::HashSet;
 use std::fs;
 
 use proptest::prelude::*;
-use relay::{hide, keep, Edit, Outcome};
+use relay::{chain, hide, keep, Edit, Outcome};
 use xenmig::blocks::digest::{Algorithm, Digest};
 use xenmig::copy::Report;
-use xenmig::wire::protocol::{Message, CAP_SUB_DELTA, CAP_SUB_GROUPS};
+use xenmig::wire::protocol::{Message, CAP_BLOCK_HINTS, CAP_SUB_DELTA, CAP_SUB_GROUPS};
 use xenmig::wire::subgroup::{self, SUB_BLOCKS};
 
 /// Groups are 1 MiB whatever the block size.
@@ -37,6 +40,9 @@ enum Change {
     Rewrite,
     /// All zeros in both.
     Zeros,
+    /// All zeros in the old copy, a run of data now (a new file in free
+    /// space).
+    Fresh(u16, u16),
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -47,6 +53,7 @@ fn change() -> impl Strategy<Value = Change> {
         2 => (any::<u16>(), 1u16..40).prop_map(|(a, n)| Change::Zeroed(a, n)),
         1 => Just(Change::Rewrite),
         1 => Just(Change::Zeros),
+        1 => (any::<u16>(), 1u16..80).prop_map(|(a, n)| Change::Fresh(a, n)),
     ]
 }
 
@@ -77,6 +84,11 @@ fn images(seed: u64, bs: usize, changes: &[Change], short: usize) -> (Vec<u8>, V
             Change::Zeros => {
                 o = vec![vec![0; bs]; gb];
                 n = o.clone();
+            }
+            Change::Fresh(a, len) => {
+                o = vec![vec![0; bs]; gb];
+                n = o.clone();
+                run(*a, *len).for_each(|i| n[i] = blk(!seed, i));
             }
         }
         old.extend(o.concat());
@@ -128,7 +140,22 @@ fn counted(rep: &Report, len: usize, bs: usize) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Copy `new` onto `old` with the exchange of a peer without
+/// `CAP_BLOCK_HINTS` (the bit hidden both ways: keys in `ChangedKeys`).
 fn copy_onto_old(
+    old: &[u8],
+    new: &[u8],
+    bs: usize,
+    codec: &str,
+    to_target: Edit,
+    to_source: Edit,
+) -> (Outcome, Vec<u8>) {
+    let (to_target, to_source) = (chain(hide(CAP_BLOCK_HINTS), to_target), chain(hide(CAP_BLOCK_HINTS), to_source));
+    copy_onto_old_hinted(old, new, bs, codec, to_target, to_source)
+}
+
+/// Copy `new` onto `old`, every capability as the relay leaves it.
+fn copy_onto_old_hinted(
     old: &[u8],
     new: &[u8],
     bs: usize,
@@ -377,8 +404,269 @@ fn a_live_copy_asks_by_sub_group_in_every_pass() {
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
     assert!(rep.passes.len() >= 3, "{:?}", rep.passes);
     assert_eq!(rep.groups_rekeyed, 0);
-    // Pass 1: 4 groups with one sub-group changed each; later passes: three
-    // more groups, one changed sub-group each.
+    // Pass 1: 4 groups with one block changed each; later passes: three
+    // more groups, one changed block each. With the block hints (both ends
+    // here) every other block of those groups is kept keyless (but for a
+    // hint that matches by chance, which would rekey a group: none here).
     assert_eq!(keyless(&old, &new, bs), 4 * 240);
-    assert_eq!(rep.blocks_keyless, 4 * 240 + 3 * 240, "{rep:?}");
+    assert_eq!(rep.blocks_keyless, 4 * 255 + 3 * 255, "{rep:?}");
+}
+
+// ---- Block hints (`CAP_BLOCK_HINTS`): the keys of a differing sub-group's
+// blocks only where the block's hint differs from DST's.
+
+/// What a copy of `new` onto `old` with the block hints keeps keyless, and
+/// how many groups it asks for again with every key: in each group asked
+/// about, the blocks of matching sub-groups (only those where DST's group
+/// is all zeros: it is asked the previous way); in a differing one, each
+/// block that is zero in both where DST's sub-group is all zeros, else
+/// each whose hint equals DST's. A hint equal by chance for a block that
+/// changed keeps an old block: that group fails its digest and is asked
+/// for again (its blocks then not keyless).
+fn hinted_expect(old: &[u8], new: &[u8], bs: usize) -> (u64, u64) {
+    let old_groups: HashSet<&[u8]> = old.chunks(GROUP).collect();
+    let digest = |b: &[u8]| Algorithm::Blake3.digest(b);
+    let (mut keyless, mut rekeyed) = (0, 0);
+    for (o, g) in old.chunks(GROUP).zip(new.chunks(GROUP)) {
+        if o == g || g.iter().all(|&b| b == 0) || old_groups.contains(g) || !subgroup::worth_it(g.len().div_ceil(bs)) {
+            continue;
+        }
+        let (mut n, mut chance) = (0, false);
+        let dst_zero = o.iter().all(|&b| b == 0);
+        for (os, ns) in o.chunks(SUB_BLOCKS * bs).zip(g.chunks(SUB_BLOCKS * bs)) {
+            if os == ns {
+                n += ns.len().div_ceil(bs) as u64;
+            } else if dst_zero {
+            } else if os.iter().all(|&b| b == 0) {
+                n += ns.chunks(bs).filter(|b| b.iter().all(|&x| x == 0)).count() as u64;
+            } else {
+                for (ob, nb) in os.chunks(bs).zip(ns.chunks(bs)) {
+                    if subgroup::hint(&digest(ob)) == subgroup::hint(&digest(nb)) {
+                        n += 1;
+                        chance |= ob != nb;
+                    }
+                }
+            }
+        }
+        if chance {
+            rekeyed += 1;
+        } else {
+            keyless += n;
+        }
+    }
+    (keyless, rekeyed)
+}
+
+/// Of the groups asked about, those where DST's group is all zeros (asked
+/// the previous way even with the block hints): how many, and the blocks
+/// of their matching sub-groups (kept keyless).
+fn zero_dst(old: &[u8], new: &[u8], bs: usize) -> (u64, u64) {
+    let old_groups: HashSet<&[u8]> = old.chunks(GROUP).collect();
+    let (mut groups, mut kept) = (0, 0);
+    for (o, g) in old.chunks(GROUP).zip(new.chunks(GROUP)) {
+        if !o.iter().all(|&b| b == 0)
+            || o == g
+            || g.iter().all(|&b| b == 0)
+            || old_groups.contains(g)
+            || !subgroup::worth_it(g.len().div_ceil(bs))
+        {
+            continue;
+        }
+        groups += 1;
+        for (os, ns) in o.chunks(SUB_BLOCKS * bs).zip(g.chunks(SUB_BLOCKS * bs)) {
+            if os == ns {
+                kept += ns.len().div_ceil(bs) as u64;
+            }
+        }
+    }
+    (groups, kept)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    /// Onto an old copy, with the block hints on both ends (with or
+    /// without sub-block deltas), hidden both ways (a peer of the previous
+    /// release on either side: neither end agrees to it), or without
+    /// sub-groups: byte-identical, counted, and exactly the expected blocks
+    /// keyless.
+    #[test]
+    fn block_hints_rebuild_the_image_and_are_counted(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..5),
+        bs in prop_oneof![Just(4096usize), Just(16384), Just(65536)],
+        short in prop_oneof![Just(0usize), 1usize..70_000],
+        codec in prop_oneof![Just("none"), Just("zstd:1"), Just("auto")],
+        hidden in 0u8..4,
+    ) {
+        let (old, new) = images(seed, bs, &changes, short);
+        let (to_target, to_source) = match hidden {
+            0 => (keep(), keep()),
+            1 => (hide(CAP_BLOCK_HINTS), hide(CAP_BLOCK_HINTS)),
+            2 => (hide(CAP_SUB_DELTA), keep()),
+            _ => (hide(CAP_SUB_GROUPS), hide(CAP_SUB_GROUPS)),
+        };
+        let (o, got) = copy_onto_old_hinted(&old, &new, bs, codec, to_target, to_source);
+        let rep = o.source.unwrap();
+        prop_assert!(o.target.unwrap().verified);
+        prop_assert!(got == new, "DST differs from the source");
+        counted(&rep, new.len(), bs)?;
+        let (want_keyless, want_rekeyed) = match hidden {
+            0 | 2 => hinted_expect(&old, &new, bs),
+            1 => (keyless(&old, &new, bs), 0),
+            _ => (0, 0),
+        };
+        prop_assert_eq!(rep.groups_rekeyed, want_rekeyed);
+        prop_assert_eq!(rep.blocks_keyless, want_keyless, "{:?}", rep);
+    }
+
+    /// A source that calls every block the same as DST's (keys dropped from
+    /// `HintedKeys`), or a target whose hints all match (the source's own,
+    /// as a chance match would): every group asked about with hints fails
+    /// its digest, is asked for again with every key, and the copy is
+    /// byte-identical.
+    #[test]
+    fn a_lying_hinted_answer_costs_the_keys_never_a_wrong_block(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..4),
+        bs in prop_oneof![Just(4096usize), Just(32768)],
+        codec in prop_oneof![Just("none"), Just("zstd:1")],
+        collide in any::<bool>(),
+    ) {
+        let (old, new) = images(seed, bs, &changes, 0);
+        let (to_target, to_source): (Edit, Edit) = if collide {
+            let new = new.clone();
+            let colliding: Edit = Box::new(move |m| match m {
+                Message::WantHintedKeys { group, subs, differ, zero, .. } => {
+                    let g = &new[group as usize * GROUP..((group as usize + 1) * GROUP).min(new.len())];
+                    let digests: Vec<Digest> = g.chunks(bs).map(|b| Algorithm::Blake3.digest(b)).collect();
+                    let (_, hints) = subgroup::hints(&digests, &differ, |_| false);
+                    // (DST's zero sub-groups too: every block "the same".)
+                    Message::WantHintedKeys { group, subs, differ, zero: vec![0; zero.len()], hints }
+                }
+                m => m,
+            });
+            (keep(), colliding)
+        } else {
+            let lie: Edit = Box::new(|m| match m {
+                Message::HintedKeys { group, count, changed, .. } => {
+                    Message::HintedKeys { group, count, changed: vec![0; changed.len()], keys: vec![] }
+                }
+                m => m,
+            });
+            (lie, keep())
+        };
+        let (o, got) = copy_onto_old_hinted(&old, &new, bs, codec, to_target, to_source);
+        let rep = o.source.unwrap();
+        prop_assert!(got == new, "DST differs from the source");
+        counted(&rep, new.len(), bs)?;
+        let (zero_groups, zero_kept) = zero_dst(&old, &new, bs);
+        prop_assert_eq!(rep.groups_rekeyed, asked(&old, &new, bs) - zero_groups);
+        prop_assert_eq!(rep.blocks_keyless, zero_kept);
+    }
+}
+
+/// Hostile answers and requests of the hinted exchange fail the copy with
+/// an error naming what was wrong; DST keeps the old blocks it had.
+#[test]
+fn a_misshapen_hinted_exchange_is_a_clear_error() {
+    let bs = 4096;
+    let (old, new) = images(5, bs, &[Change::Blocks(vec![3, 200])], 0);
+    let answers: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|m| match m {
+                Message::ChangedSubs { group, subs, differ } => Message::ChangedSubs { group, subs: subs - 1, differ },
+                m => m,
+            }),
+            "changed sub-groups of group 0: 15 sub-groups for a group of 256 blocks, which has 16",
+        ),
+        (
+            Box::new(|m| match m {
+                Message::HintedKeys { group, count, changed, keys } => {
+                    Message::HintedKeys { group, count: count - 8, changed: changed[1..].to_vec(), keys }
+                }
+                m => m,
+            }),
+            "hinted keys for group 0: an answer covering 24 blocks, where the sub-groups asked about hold 32",
+        ),
+        (
+            Box::new(|m| match m {
+                Message::HintedKeys { group, count, changed, mut keys } => {
+                    keys.push([7; 15]);
+                    Message::HintedKeys { group, count, changed, keys }
+                }
+                m => m,
+            }),
+            "hinted keys for group 0: 3 keys, where the bitmap calls for 2",
+        ),
+        (
+            Box::new(|m| match m {
+                Message::HintedKeys { group: 0, count, changed, keys } => {
+                    Message::HintedKeys { group: 1, count, changed, keys }
+                }
+                m => m,
+            }),
+            "hinted keys for group 1, which were not asked for",
+        ),
+    ];
+    for (edit, says) in answers {
+        let (o, got) = copy_onto_old_hinted(&old, &new, bs, "none", edit, keep());
+        let e = o.target.unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(o.source.is_err());
+        assert_eq!(got, old, "DST was written");
+    }
+    // A request with a hint too few, or a zero bit where no sub-group was
+    // named: the source refuses it, naming the group.
+    let requests: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|m| match m {
+                Message::WantHintedKeys { group, subs, differ, zero, mut hints } => {
+                    hints.truncate(hints.len() - 2);
+                    Message::WantHintedKeys { group, subs, differ, zero, hints }
+                }
+                m => m,
+            }),
+            "hinted keys of group 0: 62 bytes of block hints, where the bitmaps call for 64",
+        ),
+        (
+            Box::new(|m| match m {
+                Message::WantHintedKeys { group, subs, differ, hints, .. } => {
+                    Message::WantHintedKeys { group, subs, differ, zero: vec![0, 0x80], hints }
+                }
+                m => m,
+            }),
+            "hinted keys of group 0: a sub-group marked as all zeros in DST that was not named as differing",
+        ),
+    ];
+    for (edit, says) in requests {
+        let (o, got) = copy_onto_old_hinted(&old, &new, bs, "none", keep(), edit);
+        let e = o.source.unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(o.target.is_err());
+        assert_eq!(got, old, "DST was written");
+    }
+}
+
+/// The keys saved by the hints, on a small return-like image: 8 groups with
+/// two changed blocks each send 2 keys per group instead of 2 sub-groups'.
+#[test]
+fn block_hints_send_the_keys_of_changed_blocks_only() {
+    let bs = 4096;
+    let changes: Vec<Change> = (0..8).map(|g| Change::Blocks(vec![g * 31, g * 31 + 100])).collect();
+    let (old, new) = images(7, bs, &changes, 0);
+    let run = |hinted: bool| {
+        let edit = || if hinted { keep() } else { hide(CAP_BLOCK_HINTS) };
+        let (o, got) = copy_onto_old_hinted(&old, &new, bs, "zstd:3", edit(), edit());
+        assert_eq!(got, new);
+        assert!(o.source.unwrap().verified);
+        o.target.unwrap()
+    };
+    let (with, without) = (run(true), run(false));
+    assert_eq!(with.blocks_keyless, 8 * 256 - 8 * 2);
+    assert_eq!(without.blocks_keyless, 8 * 256 - 8 * 2 * 16);
+    // Keys of 8 x 2 sub-groups (3,840 bytes) against 8 x 2 keys (240), the
+    // hints (8 x 2 x 16 x 2 = 512) and two more frames per group.
+    let saved = without.bytes_wire - with.bytes_wire;
+    assert!(saved > 2_500, "saved {saved} bytes: {} with, {} without", with.bytes_wire, without.bytes_wire);
 }

@@ -151,7 +151,8 @@ pub struct Report {
     /// Deltas that did not rebuild their block (then fetched whole).
     pub deltas_failed: u64,
     /// Of the zero and reused blocks, those kept as the target held them
-    /// without their key travelling: their sub-group matched the target's
+    /// without their key travelling: their sub-group matched the target's,
+    /// or (block hints) their hint matched the target's block
     /// (`wire::subgroup`), the whole group checked against its digest.
     /// Summed over the passes of a live copy.
     pub blocks_keyless: u64,

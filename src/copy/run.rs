@@ -145,6 +145,18 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             let source = thread::spawn(move || source::run(&s, &sopts, a, &Progress::hidden()));
             let result = target::run(d, &topts, b, progress);
             let source_result = source.join().expect("source thread panicked");
+            // Both ends are this process: what each frame kind cost, both
+            // directions (a measurement aid for the protocol's bytes).
+            for l in crate::wire::protocol::tally::lines() {
+                log::debug!(
+                    "frames {:?}: {} frames, {} bytes ({} bulk, {} protocol)",
+                    l.kind,
+                    l.frames,
+                    l.bytes,
+                    l.bulk,
+                    l.bytes - l.bulk
+                );
+            }
             // The target's error is usually the more telling one (it names
             // what did not arrive or did not verify), unless it only saw the
             // source hang up: then the source's own error says why.

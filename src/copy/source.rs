@@ -38,12 +38,13 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
-    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
-use crate::wire::subgroup::{self, Signature};
+use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use crate::wire::{sketch, subdelta};
 
@@ -319,8 +320,15 @@ impl SourceSession {
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
-        let caps =
-            live_cap | shared_cap | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SIMILAR | CAP_STREAM_LEVELS;
+        let caps = live_cap
+            | shared_cap
+            | CAP_ZSTD_STREAM
+            | CAP_SUB_DELTA
+            | CAP_SUB_GROUPS
+            | CAP_SIMILAR
+            | CAP_STREAM_LEVELS
+            | CAP_BLOCK_HINTS
+            | CAP_SHORT_SUB_HASHES;
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -405,6 +413,8 @@ impl SourceSession {
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
             sketches: agreed.caps & CAP_SIMILAR != 0,
+            hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
+            short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
@@ -1016,6 +1026,10 @@ struct Optional {
     subgroups: bool,
     /// `WantSketches` (`CAP_SIMILAR`).
     sketches: bool,
+    /// `WantHintedKeys` (`CAP_BLOCK_HINTS` with `CAP_SUB_GROUPS`).
+    hints: bool,
+    /// `FetchDeltaShort` (`CAP_SHORT_SUB_HASHES` with `CAP_SUB_DELTA`).
+    short_hashes: bool,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1067,10 +1081,16 @@ fn read_loop(
             m @ Message::FetchDelta { .. } if optional.deltas => {
                 let _ = work.send(m);
             }
+            m @ Message::FetchDeltaShort { .. } if optional.short_hashes => {
+                let _ = work.send(m);
+            }
             m @ Message::WantChangedKeys { .. } if optional.subgroups => {
                 let _ = work.send(m);
             }
             m @ Message::WantSketches { .. } if optional.sketches => {
+                let _ = work.send(m);
+            }
+            m @ (Message::WantHintedKeys { .. } | Message::WantChangedSubs { .. }) if optional.hints => {
                 let _ = work.send(m);
             }
             Message::PassDone { pass, stale_groups } => {
@@ -1204,12 +1224,19 @@ fn work_loop(
         let reply = match m {
             Message::WantDigests { first_group, count } => want_digests(sh, first_group, count, &tx).map(|()| None),
             Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
-            Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, stream.is_some()),
+            Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, false, stream.is_some()),
+            Message::FetchDeltaShort { block, sig } => fetch_delta(sh, block, &sig, true, stream.is_some()),
             Message::WantChangedKeys { group, subs, zero, keys } => {
                 changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
             }
             Message::WantSketches { first_block, count } => {
                 sketches(sh, first_block, count).map(|m| Some(Reply::Frame(m)))
+            }
+            Message::WantChangedSubs { group, subs, zero, keys } => {
+                changed_subs(sh, group, subs, &zero, &keys).map(|m| Some(Reply::Frame(m)))
+            }
+            Message::WantHintedKeys { group, subs, differ, zero, hints } => {
+                hinted_keys(sh, group, subs, &differ, &zero, &hints).map(|m| Some(Reply::Frame(m)))
             }
             _ => unreachable!("reader forwards only requests"),
         }
@@ -1256,22 +1283,59 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 /// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
 /// the target's signature `sig` of `subs` sub-groups, and their keys.
 fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
+    let (differ, keys) = with_group(sh, g, "changed keys", |own, is_zero| {
+        subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
+    })?;
+    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
+}
+
+/// Answer a `WantChangedSubs` (`CAP_BLOCK_HINTS`): which sub-groups of
+/// group `g` differ from the target's short signature, no keys.
+fn changed_subs(sh: &Shared, g: u64, subs: u16, zero: &[u8], keys: &[ShortKey]) -> Result<Message, EngineError> {
+    let differ = with_group(sh, g, "changed sub-groups", |own, is_zero| {
+        subgroup::differing_short(sh.algo, own, is_zero, subs as usize, zero, keys)
+    })?;
+    Ok(Message::ChangedSubs { group: g, subs, differ })
+}
+
+/// Answer a `WantHintedKeys` (`CAP_BLOCK_HINTS`): the keys of group `g`'s
+/// blocks in the sub-groups marked in `differ` whose hint differs from DST's.
+fn hinted_keys(
+    sh: &Shared,
+    g: u64,
+    subs: u16,
+    differ: &[u8],
+    zero: &[u8],
+    hints: &[u8],
+) -> Result<Message, EngineError> {
+    let (count, changed, keys) = with_group(sh, g, "hinted keys", |own, is_zero| {
+        subgroup::hinted(own, is_zero, subs as usize, differ, zero, hints)
+    })?;
+    // (At most a group's blocks: MAX_FRAME bounds the hints that named them.)
+    let count = u32::try_from(count)
+        .map_err(|_| EngineError::BadRequest(format!("hinted keys of group {g}: too many blocks")))?;
+    Ok(Message::HintedKeys { group: g, count, changed, keys })
+}
+
+/// Run `f` on the block digests of group `g` (and whether each of its
+/// blocks is zero), once the group is announced; `what` names the request.
+fn with_group<T>(
+    sh: &Shared,
+    g: u64,
+    what: &str,
+    f: impl FnOnce(&[Digest], &dyn Fn(usize) -> bool) -> Result<T, subgroup::SubGroupError>,
+) -> Result<T, EngineError> {
     if g >= sh.layout.group_count() {
-        return Err(EngineError::BadRequest(format!(
-            "changed keys of group {g}, image has {}",
-            sh.layout.group_count()
-        )));
+        return Err(EngineError::BadRequest(format!("{what} of group {g}, image has {}", sh.layout.group_count())));
     }
     let (a, b) = sh.layout.group_range(g);
     let d = sh.digests.read().unwrap();
     if (d.len() as u64) < b {
-        return Err(EngineError::BadRequest(format!("changed keys of group {g} before it was announced")));
+        return Err(EngineError::BadRequest(format!("{what} of group {g} before it was announced")));
     }
     let own = &d[a as usize..b as usize];
     let is_zero = |k: usize| sh.zeros.is_zero_digest(&own[k], sh.layout.extent(a + k as u64).1);
-    let (differ, keys) = subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
-        .map_err(|e| EngineError::BadRequest(format!("changed keys of group {g}: {e}")))?;
-    Ok(Message::ChangedKeys { group: g, subs, differ, keys })
+    f(own, &is_zero).map_err(|e| EngineError::BadRequest(format!("{what} of group {g}: {e}")))
 }
 
 /// Read a requested run and send it as [`route`] says.
@@ -1326,7 +1390,14 @@ fn sketches(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError>
 /// Answer a `FetchDelta`: block `block` as the sub-blocks that differ from
 /// the target's old version, whose signature is `sig` (its length checked
 /// against the block's here), through the stream or a codec like any run.
-fn fetch_delta(sh: &Shared, block: u64, sig: &[u8], streaming: bool) -> Result<Option<Reply>, EngineError> {
+/// Answer a `FetchDelta` (or, `short`, a `FetchDeltaShort`).
+fn fetch_delta(
+    sh: &Shared,
+    block: u64,
+    sig: &[u8],
+    short: bool,
+    streaming: bool,
+) -> Result<Option<Reply>, EngineError> {
     if checked_end(block, 1, sh.layout.block_count()).is_none() {
         return Err(EngineError::BadRequest(format!(
             "a delta of block {block}, image has {}",
@@ -1336,7 +1407,8 @@ fn fetch_delta(sh: &Shared, block: u64, sig: &[u8], streaming: bool) -> Result<O
     let (off, len) = sh.layout.extent(block);
     let mut raw = vec![0u8; len];
     sh.img.read_at(&mut raw, off)?;
-    let body = subdelta::encode(&raw, sig).map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
+    let body = if short { subdelta::encode_short(&raw, sig) } else { subdelta::encode(&raw, sig) };
+    let body = body.map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
     Ok(Some(match route(sh, body, streaming) {
         Routed::Stream(raw) => Reply::Stream(RawRun { first_block: block, count: 1, raw, delta: true }),
         Routed::Coded { code, raw_len, payload } => {

@@ -45,8 +45,9 @@ use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_LIVE, CAP_SHARED_REF, CAP_SIMILAR,
-    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
@@ -339,8 +340,19 @@ pub(super) struct Target<'a> {
     /// `CAP_STREAM_LEVELS` agreed: the stream's decoder follows level
     /// changes.
     levels: bool,
-    /// Groups asked for with `WantChangedKeys` and not answered yet.
+    /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
+    /// not answered yet.
     sub_asked: HashSet<u64>,
+    /// `CAP_SHORT_SUB_HASHES` agreed (with `CAP_SUB_DELTA`): deltas are
+    /// asked with `FetchDeltaShort`.
+    short_hashes: bool,
+    /// `CAP_BLOCK_HINTS` agreed (with `CAP_SUB_GROUPS`): the sub-groups
+    /// that differ come first (`ChangedSubs`), their blocks' keys after
+    /// `WantHintedKeys`.
+    hints: bool,
+    /// Groups asked for with `WantHintedKeys` and not answered yet: the
+    /// sub-groups asked about (the source's `ChangedSubs` bitmap).
+    hint_asked: HashMap<u64, Vec<u8>>,
     /// Blocks kept keyless (summed over passes), and groups that kept some
     /// keyless but failed their digest, then asked for with every key.
     blocks_keyless: u64,
@@ -376,7 +388,15 @@ pub fn run_with(
     let (link, agreed) = handshake_within(
         link,
         Role::Target,
-        CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHARED_REF | CAP_SIMILAR | CAP_STREAM_LEVELS,
+        CAP_LIVE
+            | CAP_ZSTD_STREAM
+            | CAP_SUB_DELTA
+            | CAP_SUB_GROUPS
+            | CAP_SHARED_REF
+            | CAP_SIMILAR
+            | CAP_STREAM_LEVELS
+            | CAP_BLOCK_HINTS
+            | CAP_SHORT_SUB_HASHES,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -419,6 +439,8 @@ pub fn run_with(
             stream: agreed.caps & CAP_ZSTD_STREAM != 0,
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
             subgroups: agreed.caps & CAP_SUB_GROUPS != 0,
+            hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
+            short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
             similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
             levels: agreed.caps & CAP_STREAM_LEVELS != 0,
         };
@@ -464,6 +486,10 @@ pub(super) struct LinkSide {
     deltas: bool,
     /// `CAP_SUB_GROUPS` agreed.
     subgroups: bool,
+    /// `CAP_BLOCK_HINTS` and `CAP_SUB_GROUPS` agreed.
+    hints: bool,
+    /// `CAP_SHORT_SUB_HASHES` and `CAP_SUB_DELTA` agreed.
+    short_hashes: bool,
     /// `CAP_SIMILAR` and `CAP_SUB_DELTA` agreed.
     similar: bool,
     /// `CAP_STREAM_LEVELS` agreed.
@@ -557,6 +583,9 @@ impl<'a> Target<'a> {
             stream: link.as_ref().is_some_and(|l| l.stream).then_some(None),
             deltas: link.as_ref().is_some_and(|l| l.deltas),
             subgroups: link.as_ref().is_some_and(|l| l.subgroups),
+            hints: link.as_ref().is_some_and(|l| l.hints),
+            short_hashes: link.as_ref().is_some_and(|l| l.short_hashes),
+            hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
             out: link.map(|l| l.out),
@@ -582,6 +611,15 @@ type Inbox = Receiver<Result<Message, ProtocolError>>;
 impl Target<'_> {
     /// Write one frame (under the lock the keep-alive thread shares).
     fn send(&self, m: &Message) -> Result<(), EngineError> {
+        let short;
+        let m = match m {
+            // (Held and matched as FetchDelta; cut only on the way out.)
+            Message::FetchDelta { block, sig } if self.short_hashes => {
+                short = Message::FetchDeltaShort { block: *block, sig: subdelta::short_signature(sig) };
+                &short
+            }
+            m => m,
+        };
         let mut w = self.link()?.lock().expect("writer lock");
         write_message(&mut *w, m)?;
         Ok(())
@@ -683,6 +721,8 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::ChangedSubs { .. }
+                | Message::HintedKeys { .. }
                 | Message::Sketches { .. }
                     if self.ref_offer.is_some() =>
                 {
@@ -695,6 +735,8 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::ChangedSubs { .. }
+                | Message::HintedKeys { .. }
                 | Message::Sketches { .. }
                     if matches!(self.at, Receiving::BetweenPasses { .. }) =>
                 {
@@ -711,8 +753,16 @@ impl Target<'_> {
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
                 }
+                // (With CAP_BLOCK_HINTS too: the answer to a group asked the
+                // previous way.)
                 Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
                     self.on_changed_keys(group, subs, differ, keys)?
+                }
+                Message::ChangedSubs { group, subs, differ } if self.hints => {
+                    self.on_changed_subs(group, subs, differ)?
+                }
+                Message::HintedKeys { group, count, changed, keys } if self.hints => {
+                    self.on_hinted_keys(group, count, changed, keys)?
                 }
                 Message::Sketches { first_block, sketches } if self.similar => {
                     self.on_sketches(first_block, sketches)?
@@ -1120,6 +1170,7 @@ impl Target<'_> {
             || self.grp[g as usize].verified
             || self.keys.contains_key(&g)
             || self.sub_asked.contains(&g)
+            || self.hint_asked.contains_key(&g)
         {
             return Err(EngineError::BadReply(format!("block digests for group {g}, which was not asked for")));
         }
@@ -1145,6 +1196,13 @@ impl Target<'_> {
         });
         let subs = subgroup::sub_count((b - a) as usize) as u16;
         self.sub_asked.insert(g);
+        // Hints pay only where DST holds something in the group: where it
+        // is all zeros (a new DST) the two more frames would cost bytes and
+        // save none, so such a group is asked the previous way.
+        if self.hints && !sig.keys.is_empty() {
+            let keys = sig.keys.iter().map(subgroup::short).collect();
+            return self.request(Message::WantChangedSubs { group: g, subs, zero: sig.zero, keys });
+        }
         self.request(Message::WantChangedKeys { group: g, subs, zero: sig.zero, keys: sig.keys })
     }
 
@@ -1164,6 +1222,54 @@ impl Target<'_> {
         let given = subgroup::keys_given((b - a) as usize, subs as usize, &differ, keys)
             .map_err(|e| EngineError::BadReply(format!("changed keys for group {g}: {e}")))?;
         self.replied(&format!("changed keys for group {g}"))?;
+        self.settle_keys(g, given)
+    }
+
+    /// Whether group `g` may take an answer about its sub-groups now: in
+    /// this pass, not verified, its keys not settled yet.
+    fn open_for_keys(&self, g: u64) -> bool {
+        g < self.layout.group_count()
+            && self.grp[g as usize].announced_in == self.at.pass()
+            && !self.grp[g as usize].verified
+            && !self.keys.contains_key(&g)
+    }
+
+    /// The answer to a `WantChangedSubs` (`CAP_BLOCK_HINTS`): the
+    /// sub-groups of `g` that differ from DST's, without keys. Ask for the
+    /// keys of their blocks that differ, with a hint of each of DST's
+    /// blocks there (none where DST's sub-group is all zeros).
+    fn on_changed_subs(&mut self, g: u64, subs: u16, differ: Vec<u8>) -> Result<(), EngineError> {
+        if !self.open_for_keys(g) || !self.sub_asked.remove(&g) {
+            return Err(EngineError::BadReply(format!("changed sub-groups of group {g}, which were not asked for")));
+        }
+        let (a, b) = self.layout.group_range(g);
+        subgroup::check_differ((b - a) as usize, subs as usize, &differ)
+            .map_err(|e| EngineError::BadReply(format!("changed sub-groups of group {g}: {e}")))?;
+        self.replied(&format!("changed sub-groups of group {g}"))?;
+        if differ.iter().all(|&x| x == 0) {
+            // (A sub-group key collided, or the source lies: the group
+            // digest decides, as after ChangedKeys.)
+            return self.settle_keys(g, vec![None; (b - a) as usize]);
+        }
+        let have = &self.have[a as usize..b as usize];
+        let (zero, hints) =
+            subgroup::hints(have, &differ, |k| self.zeros.is_zero_digest(&have[k], self.layout.extent(a + k as u64).1));
+        self.hint_asked.insert(g, differ.clone());
+        self.request(Message::WantHintedKeys { group: g, subs, differ, zero, hints })
+    }
+
+    /// The answer to a `WantHintedKeys`: keys for the blocks whose hint
+    /// differed; every other block is kept as DST holds it (checked with
+    /// the whole group against its digest in `group_done`).
+    fn on_hinted_keys(&mut self, g: u64, count: u32, changed: Vec<u8>, keys: Vec<Key>) -> Result<(), EngineError> {
+        let differ = match self.hint_asked.remove(&g) {
+            Some(d) if self.open_for_keys(g) => d,
+            _ => return Err(EngineError::BadReply(format!("hinted keys for group {g}, which were not asked for"))),
+        };
+        let (a, b) = self.layout.group_range(g);
+        let given = subgroup::hinted_given((b - a) as usize, &differ, count as usize, &changed, keys)
+            .map_err(|e| EngineError::BadReply(format!("hinted keys for group {g}: {e}")))?;
+        self.replied(&format!("hinted keys for group {g}"))?;
         self.settle_keys(g, given)
     }
 

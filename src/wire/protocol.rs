@@ -122,6 +122,17 @@
 //!    | <------------------- Fetch(block, 1) -------------- |  only if it failed
 //! ```
 //!
+//! Short sub-block hashes (capability [`CAP_SHORT_SUB_HASHES`], used only
+//! with [`CAP_SUB_DELTA`] agreed too): when both ends set it, the target
+//! asks every delta with `FetchDeltaShort(block, sig)` instead of
+//! `FetchDelta`: the same signature with the first
+//! [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes of each
+//! sub-block's hash. The source compares as many bytes of its own hashes
+//! and answers with the same `Delta`. A short hash that matches by chance
+//! rebuilds a block that fails its key: it is fetched whole, as above. A
+//! `FetchDeltaShort` without the capability agreed, or with a signature of
+//! another length than the block's sub-blocks call for, is an error.
+//!
 //! Groups that mostly match DST (capability [`CAP_SUB_GROUPS`]): when both
 //! ends set it, the target asks for the keys of a group it could not
 //! settle (of at least two sub-groups) with `WantChangedKeys(group, subs,
@@ -143,6 +154,45 @@
 //! ```text
 //!    | <---------- WantChangedKeys(g, subs, DST's sig) --- |  instead of
 //!    | -- ChangedKeys(g, subs, differ, their keys) ------> |  WantDigests
+//! ```
+//!
+//! Block hints (capability [`CAP_BLOCK_HINTS`], used only with
+//! [`CAP_SUB_GROUPS`] agreed too): when both ends set it, the target asks
+//! about a group where DST holds any non-zero block with
+//! `WantChangedSubs(group, subs, zero bits, short keys)` instead of
+//! `WantChangedKeys`: the same signature with sub-group keys cut to
+//! [`SHORT_KEY_LEN`](crate::wire::subgroup::SHORT_KEY_LEN) bytes (a group
+//! DST holds as all zeros is still asked with `WantChangedKeys` and
+//! answered with `ChangedKeys`: there hints would save nothing). The
+//! source answers `ChangedSubs(group, subs, differ bits)`: the sub-groups
+//! that differ, no keys. For those (if any; none settles the group as
+//! DST holds it) the target sends `WantHintedKeys(group, subs, differ,
+//! zero, hints)`: `differ` as the source sent it, bit k of `zero` set
+//! where DST's sub-group k (one of `differ`'s) is all zeros, and a
+//! [`HINT_LEN`](crate::wire::subgroup::HINT_LEN)-byte hint of each of
+//! DST's blocks in the other sub-groups of `differ`, in order (the first
+//! bytes of its full digest). The source answers `HintedKeys(group, count,
+//! changed bits, keys)`: over the `count` blocks of `differ`'s sub-groups,
+//! in order, a bit where the block differs (from zeros where `zero` says
+//! so, else from its hint), and the keys of exactly those blocks. The
+//! target keeps every other block as DST holds it and settles the keyed
+//! ones as after `BlockDigests`. A hint or short key that matches by
+//! chance keeps an old block: the group then fails its group digest and is
+//! asked for again with `WantDigests`, as above; never a wrong block. Each
+//! request awaits one reply. Any of these frames without the capability
+//! agreed, a count of sub-groups other than the group's, bitmaps of
+//! another length or with bits past their count, a `zero` bit outside
+//! `differ`, hints or keys other than the bitmaps call for, a `count`
+//! other than the blocks of the sub-groups asked about, or an answer for a
+//! group not asked about is an error naming the frame.
+//!
+//! ```text
+//!    | <---------- WantChangedSubs(g, subs, short sig) --- |  instead of
+//!    | -- ChangedSubs(g, subs, differ) ------------------> |  WantChangedKeys
+//!    | <----- WantHintedKeys(g, differ, zero, hints) ----- |  only if any differ
+//!    | -- HintedKeys(g, count, changed, their keys) -----> |
+//! ```
+//!
 //! A reference both hosts hold (capability [`CAP_SHARED_REF`]): when both
 //! ends set it, the target, once it has loaded its references, sends one
 //! `RefOffer` before any request: the image digest (with the copy's digest
@@ -244,8 +294,8 @@ use thiserror::Error;
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
 use crate::blocks::layout::{Layout, Segment};
 use crate::wire::sketch::SKETCH_LEN;
-use crate::wire::subdelta::HASH_LEN;
-use crate::wire::subgroup::bitmap_len;
+use crate::wire::subdelta::{HASH_LEN, SHORT_HASH_LEN};
+use crate::wire::subgroup::{bitmap_len, ShortKey, HINT_LEN, SHORT_KEY_LEN};
 
 pub const VERSION: u16 = 2;
 /// Oldest peer version spoken (one release back).
@@ -292,6 +342,22 @@ pub const CAP_SIMILAR: u32 = 1 << 5;
 /// (`wire::stream`). Without it (a peer of the previous release) the
 /// stream keeps its first level.
 pub const CAP_STREAM_LEVELS: u32 = 1 << 6;
+/// Capability (used only with [`CAP_SUB_GROUPS`] agreed too): for a group
+/// where DST holds data the target asks `WantChangedSubs` (8-byte
+/// sub-group keys) instead of `WantChangedKeys`, the source answers `ChangedSubs`, the sub-groups
+/// that differ without their keys; the target then sends
+/// `WantHintedKeys`, a 2-byte hint of each of DST's blocks there, and the
+/// source answers `HintedKeys`, the keys of the blocks whose hint differs
+/// only (`wire::subgroup`). Without it (a peer of the previous release)
+/// the exchange is `WantChangedKeys` / `ChangedKeys`.
+pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
+/// Capability (used only with [`CAP_SUB_DELTA`] agreed too): the target
+/// asks for a delta with `FetchDeltaShort`, whose signature holds
+/// [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes per
+/// sub-block instead of [`HASH_LEN`]; the answer is the same `Delta`.
+/// Without it (a peer of the previous release) the target sends
+/// `FetchDelta`.
+pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -333,6 +399,14 @@ pub enum Kind {
     /// Capability [`CAP_SIMILAR`]: sketches of a run of missing blocks.
     WantSketches = 21,
     Sketches = 22,
+    /// Capability [`CAP_BLOCK_HINTS`]: the sub-groups that differ, then
+    /// the keys of their blocks whose hint differs.
+    ChangedSubs = 23,
+    WantHintedKeys = 24,
+    HintedKeys = 25,
+    WantChangedSubs = 26,
+    /// Capability [`CAP_SHORT_SUB_HASHES`]: `FetchDelta` with short hashes.
+    FetchDeltaShort = 27,
 }
 
 impl Kind {
@@ -361,6 +435,11 @@ impl Kind {
             RefChosen,
             WantSketches,
             Sketches,
+            ChangedSubs,
+            WantHintedKeys,
+            HintedKeys,
+            WantChangedSubs,
+            FetchDeltaShort,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -436,6 +515,13 @@ pub enum Message {
         block: u64,
         sig: Vec<u8>,
     },
+    /// `FetchDelta` with a signature of
+    /// [`SHORT_HASH_LEN`](crate::wire::subdelta::SHORT_HASH_LEN) bytes per
+    /// sub-block (`wire::subdelta::short_signature`).
+    FetchDeltaShort {
+        block: u64,
+        sig: Vec<u8>,
+    },
     /// The answer to a `FetchDelta`: `payload` decodes with `codec` to a
     /// `raw_len`-byte delta body (`wire::subdelta::apply`).
     Delta {
@@ -481,6 +567,43 @@ pub enum Message {
     Sketches {
         first_block: u64,
         sketches: Vec<[u8; SKETCH_LEN]>,
+    },
+    /// `WantChangedKeys` with [`CAP_BLOCK_HINTS`] agreed: the same
+    /// signature with sub-group keys of
+    /// [`SHORT_KEY_LEN`](crate::wire::subgroup::SHORT_KEY_LEN) bytes.
+    WantChangedSubs {
+        group: u64,
+        subs: u16,
+        zero: Vec<u8>,
+        keys: Vec<ShortKey>,
+    },
+    /// The answer to a `WantChangedSubs`: bit k of `differ` set where
+    /// sub-group k of the `subs` differs; no keys.
+    ChangedSubs {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+    },
+    /// The keys of group `group`'s blocks in the sub-groups marked in
+    /// `differ` (as `ChangedSubs` said) that differ from DST's: bit k of
+    /// `zero` set where DST's sub-group k is all zeros, and the
+    /// [`HINT_LEN`](crate::wire::subgroup::HINT_LEN)-byte hint of each of
+    /// DST's blocks in the other marked sub-groups, in order.
+    WantHintedKeys {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+        zero: Vec<u8>,
+        hints: Vec<u8>,
+    },
+    /// The answer to a `WantHintedKeys`: over the `count` blocks of the
+    /// marked sub-groups, bit n of `changed` set where the n-th differs
+    /// from DST's, and the keys of exactly those.
+    HintedKeys {
+        group: u64,
+        count: u32,
+        changed: Vec<u8>,
+        keys: Vec<Key>,
     },
 }
 
@@ -541,6 +664,11 @@ impl Message {
             Message::RefChosen { .. } => Kind::RefChosen,
             Message::WantSketches { .. } => Kind::WantSketches,
             Message::Sketches { .. } => Kind::Sketches,
+            Message::ChangedSubs { .. } => Kind::ChangedSubs,
+            Message::WantChangedSubs { .. } => Kind::WantChangedSubs,
+            Message::FetchDeltaShort { .. } => Kind::FetchDeltaShort,
+            Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
+            Message::HintedKeys { .. } => Kind::HintedKeys,
         }
     }
 
@@ -622,7 +750,7 @@ impl Message {
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
             Message::KeepAlive => {}
-            Message::FetchDelta { block, sig } => {
+            Message::FetchDelta { block, sig } | Message::FetchDeltaShort { block, sig } => {
                 put_u64(&mut b, *block);
                 b.extend_from_slice(sig);
             }
@@ -650,6 +778,34 @@ impl Message {
             Message::RefChosen { chosen } => {
                 if let Some(d) = chosen {
                     b.extend_from_slice(d);
+                }
+            }
+            Message::WantChangedSubs { group, subs, zero, keys } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(zero);
+                for k in keys {
+                    b.extend_from_slice(k);
+                }
+            }
+            Message::ChangedSubs { group, subs, differ } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(differ);
+            }
+            Message::WantHintedKeys { group, subs, differ, zero, hints } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(differ);
+                b.extend_from_slice(zero);
+                b.extend_from_slice(hints);
+            }
+            Message::HintedKeys { group, count, changed, keys } => {
+                put_u64(&mut b, *group);
+                put_u32(&mut b, *count);
+                b.extend_from_slice(changed);
+                for k in keys {
+                    b.extend_from_slice(k);
                 }
             }
         }
@@ -772,6 +928,12 @@ impl Message {
                 }
                 Message::FetchDelta { block: u64_at(0), sig: p[8..].to_vec() }
             }
+            Kind::FetchDeltaShort => {
+                if p.len() < 8 || (p.len() - 8) % SHORT_HASH_LEN != 0 {
+                    return Err(bad(format!("{} bytes is not 8 + n x {SHORT_HASH_LEN}", p.len())));
+                }
+                Message::FetchDeltaShort { block: u64_at(0), sig: p[8..].to_vec() }
+            }
             Kind::Delta => {
                 if p.len() < 13 {
                     return Err(bad(format!("{} bytes, shorter than its header", p.len())));
@@ -830,6 +992,68 @@ impl Message {
                 let sketches = p[8..].chunks_exact(SKETCH_LEN).map(|c| c.try_into().unwrap()).collect();
                 Message::Sketches { first_block: u64_at(0), sketches }
             }
+            Kind::WantChangedSubs => {
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let keys_at = 10 + bitmap_len(subs as usize);
+                if p.len() < keys_at || (p.len() - keys_at) % SHORT_KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + {} bytes of bitmap for {subs} sub-groups + n x {SHORT_KEY_LEN}",
+                        p.len(),
+                        keys_at - 10
+                    )));
+                }
+                let keys = p[keys_at..].chunks_exact(SHORT_KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::WantChangedSubs { group: u64_at(0), subs, zero: p[10..keys_at].to_vec(), keys }
+            }
+            Kind::ChangedSubs => {
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                exact(10 + bitmap_len(subs as usize))?;
+                Message::ChangedSubs { group: u64_at(0), subs, differ: p[10..].to_vec() }
+            }
+            Kind::WantHintedKeys => {
+                // group, sub-group count, two bitmaps of a bit per sub-group, hints.
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let bits = bitmap_len(subs as usize);
+                let hints_at = 10 + 2 * bits;
+                if p.len() < hints_at || (p.len() - hints_at) % HINT_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + 2 x {bits} bytes of bitmaps for {subs} sub-groups + n x {HINT_LEN}",
+                        p.len()
+                    )));
+                }
+                Message::WantHintedKeys {
+                    group: u64_at(0),
+                    subs,
+                    differ: p[10..10 + bits].to_vec(),
+                    zero: p[10 + bits..hints_at].to_vec(),
+                    hints: p[hints_at..].to_vec(),
+                }
+            }
+            Kind::HintedKeys => {
+                // group, blocks covered, a bit per block covered, keys.
+                if p.len() < 12 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let count = u32_at(8);
+                let keys_at = 12usize.saturating_add((count as usize).div_ceil(8));
+                if p.len() < keys_at || (p.len() - keys_at) % KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 12 + a bitmap of {count} blocks + n x {KEY_LEN}",
+                        p.len()
+                    )));
+                }
+                let keys = p[keys_at..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
+                Message::HintedKeys { group: u64_at(0), count, changed: p[12..keys_at].to_vec(), keys }
+            }
         })
     }
 }
@@ -884,9 +1108,60 @@ fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8], context: &'static str) -
 
 pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
     let (head, tail) = m.encode_parts();
+    tally::count(m.kind(), head.len() + tail.len(), tail.len());
     w.write_all(&head)?;
     w.write_all(tail)?;
     Ok(())
+}
+
+/// What this process wrote, by frame kind: a measurement aid (logged at
+/// debug level after a local copy, where both ends are this process), so
+/// that where the protocol's bytes go can be counted exactly.
+pub mod tally {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    use super::Kind;
+
+    const KINDS: usize = 32;
+    static FRAMES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+    static BYTES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+    /// Bytes of the bulk payload (Blocks and Delta data) within `BYTES`.
+    static BULK: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+
+    pub(super) fn count(kind: Kind, bytes: usize, bulk: usize) {
+        let k = kind as usize % KINDS;
+        FRAMES[k].fetch_add(1, Relaxed);
+        BYTES[k].fetch_add(bytes as u64, Relaxed);
+        BULK[k].fetch_add(bulk as u64, Relaxed);
+    }
+
+    /// One kind's frames written so far.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Line {
+        pub kind: Kind,
+        pub frames: u64,
+        /// Whole frames, headers included.
+        pub bytes: u64,
+        /// Of which bulk payload (what the codec made of the blocks).
+        pub bulk: u64,
+    }
+
+    /// Every kind written at least once since the process started.
+    pub fn lines() -> Vec<Line> {
+        (0..KINDS as u8)
+            .filter_map(Kind::from_u8)
+            .map(|kind| {
+                let k = kind as usize;
+                Line {
+                    kind,
+                    frames: FRAMES[k].load(Relaxed),
+                    bytes: BYTES[k].load(Relaxed),
+                    bulk: BULK[k].load(Relaxed),
+                }
+            })
+            .filter(|l| l.frames > 0)
+            .collect()
+    }
 }
 
 /// What the handshake agreed on.
@@ -997,6 +1272,7 @@ mod tests {
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
             Message::KeepAlive,
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+            Message::FetchDeltaShort { block: 5, sig: vec![1, 2, 3, 4, 5, 6] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },
             Message::WantChangedKeys { group: 3, subs: 16, zero: vec![0b101, 0], keys: vec![[4; KEY_LEN]; 14] },
             Message::ChangedKeys { group: 3, subs: 9, differ: vec![1, 1], keys: vec![[5; KEY_LEN]; 17] },
@@ -1008,6 +1284,12 @@ mod tests {
             Message::WantSketches { first_block: 40, count: 3 },
             Message::Sketches { first_block: 40, sketches: vec![[7; SKETCH_LEN], [8; SKETCH_LEN]] },
             Message::Sketches { first_block: 0, sketches: vec![] },
+            Message::WantChangedSubs { group: 4, subs: 16, zero: vec![0b101, 0], keys: vec![[3; SHORT_KEY_LEN]; 14] },
+            Message::ChangedSubs { group: 4, subs: 16, differ: vec![0b1001, 0] },
+            Message::ChangedSubs { group: 0, subs: 0, differ: vec![] },
+            Message::WantHintedKeys { group: 4, subs: 9, differ: vec![3, 1], zero: vec![2, 0], hints: vec![7; 34] },
+            Message::HintedKeys { group: 4, count: 33, changed: vec![1, 0, 0, 0, 1], keys: vec![[6; KEY_LEN]; 2] },
+            Message::HintedKeys { group: 1, count: 0, changed: vec![], keys: vec![] },
         ]
     }
 
@@ -1097,6 +1379,41 @@ mod tests {
     }
 
     #[test]
+    fn hinted_frames_of_the_wrong_shape_are_malformed() {
+        let frame = |kind: Kind, p: &[u8]| {
+            let mut f = vec![kind as u8];
+            f.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            f.extend_from_slice(p);
+            read_message(&mut &f[..], "t").unwrap_err().to_string()
+        };
+        let mut p = 3u64.to_le_bytes().to_vec();
+        p.extend_from_slice(&16u16.to_le_bytes());
+        // ChangedSubs: 16 sub-groups need 2 bytes of bitmap, not 3 or 1.
+        for bits in [&[0u8, 0, 0][..], &[0]] {
+            let e = frame(Kind::ChangedSubs, &[&p[..], bits].concat());
+            assert!(e.contains("malformed ChangedSubs frame"), "{e}");
+        }
+        // WantChangedSubs: a bitmap of 2 bytes, then whole short keys.
+        let e = frame(Kind::WantChangedSubs, &[&p[..], &[0, 0], &[1; SHORT_KEY_LEN + 1]].concat());
+        assert!(e.contains("malformed WantChangedSubs frame"), "{e}");
+        // WantHintedKeys: two bitmaps of 2 bytes, then whole hints.
+        let e = frame(Kind::WantHintedKeys, &[&p[..], &[0, 0, 0, 0, 9]].concat());
+        assert!(e.contains("malformed WantHintedKeys frame"), "{e}");
+        let e = frame(Kind::WantHintedKeys, &[&p[..], &[0, 0, 0]].concat());
+        assert!(e.contains("malformed WantHintedKeys frame"), "{e}");
+        // HintedKeys: a count whose bitmap the frame cannot hold, and keys
+        // that are not whole.
+        let mut h = 3u64.to_le_bytes().to_vec();
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = frame(Kind::HintedKeys, &h);
+        assert!(e.contains("malformed HintedKeys frame"), "{e}");
+        let mut h = 3u64.to_le_bytes().to_vec();
+        h.extend_from_slice(&9u32.to_le_bytes());
+        let e = frame(Kind::HintedKeys, &[&h[..], &[1, 0], &[5; KEY_LEN - 1]].concat());
+        assert!(e.contains("malformed HintedKeys frame"), "{e}");
+    }
+
+    #[test]
     fn keepalives_are_skipped_by_read_message() {
         let mut f = Message::KeepAlive.encode();
         f.extend(Message::KeepAlive.encode());
@@ -1114,7 +1431,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn garbage_never_panics(kind in 0u8..29, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![kind];
             f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             f.extend_from_slice(&payload);

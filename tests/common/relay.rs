@@ -41,6 +41,11 @@ pub fn keep() -> Edit {
     Box::new(|m| m)
 }
 
+/// `first`, then `then`, on each frame.
+pub fn chain(mut first: Edit, mut then: Edit) -> Edit {
+    Box::new(move |m| then(first(m)))
+}
+
 /// Hide capability bits `caps` in a Hello (a peer that does not know them).
 pub fn hide(caps: u32) -> Edit {
     Box::new(move |m| match m {
