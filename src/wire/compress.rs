@@ -347,7 +347,7 @@ pub struct AutoPolicy {
     /// once. At 100 Mbit/s the first readings jump between 2.6 and
     /// 116 MB/s while TCP's window grows into the shaper's queue, and a
     /// fast one waiting out its segment sent 16.8 MB through lz4 in 2
-    /// copies of 4 (docs/experiments.md, "Writeback").
+    /// copies of 4 (docs/experiments.md, "The start and the end of a copy").
     probation: bool,
     /// The stream may change level (`CAP_STREAM_LEVELS` agreed).
     levels: bool,
