@@ -391,6 +391,8 @@ pub struct AutoPolicy {
     /// The last sample's data, kept (with levels) to measure the levels on
     /// once the link shows a slow spell.
     last_sample: Vec<u8>,
+    /// When the level's state on a slow link was last logged.
+    noted: Option<Instant>,
 }
 
 impl Default for AutoPolicy {
@@ -430,6 +432,7 @@ impl AutoPolicy {
             rate: f64::INFINITY,
             level_state: Levels::First,
             last_sample: Vec::new(),
+            noted: None,
         }
     }
 
@@ -529,10 +532,7 @@ impl AutoPolicy {
             let margin = if l == STREAM_LEVELS[0] { 1.0 } else { LEVEL_CPU_MARGIN };
             (s.cpu_per_byte * margin).max(s.ratio / rate)
         };
-        let measured = STREAM_LEVELS
-            .iter()
-            .zip(&self.level_samples)
-            .filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
+        let measured = STREAM_LEVELS.iter().zip(&self.level_samples).filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
         let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
         let current = measured.clone().find(|(_, l)| *l == self.stream_level);
         match (best, current) {
@@ -592,10 +592,16 @@ impl AutoPolicy {
                 let why = if !slow {
                     Some("the link no longer counts as slow".to_string())
                 } else {
-                    share.filter(|s| *s < DROP_BUSY).map(|s| format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0))
+                    share
+                        .filter(|s| *s < DROP_BUSY)
+                        .map(|s| format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0))
                 };
                 if let Some(why) = why {
-                    log::debug!("auto: stream level {} back to {} for good: {why}", self.stream_level, STREAM_LEVELS[0]);
+                    log::debug!(
+                        "auto: stream level {} back to {} for good: {why}",
+                        self.stream_level,
+                        STREAM_LEVELS[0]
+                    );
                     self.stream_level = STREAM_LEVELS[0];
                     self.level_state = Levels::Dropped;
                 } else if share.is_some() {
@@ -603,6 +609,18 @@ impl AutoPolicy {
                 }
             }
             Levels::First => {
+                if slow && self.noted.map_or(true, |t| now.saturating_duration_since(t).as_secs_f64() >= 1.0) {
+                    // Why the level has not risen yet, once a second at most.
+                    log::debug!(
+                        "auto: stream level {} ({}): drain {:.0} kB/s, spell {}, writer busy {:.1} s",
+                        self.stream_level,
+                        self.current,
+                        link.drain_rate.unwrap_or(0.0) / 1e3,
+                        link.spell.map_or("none".into(), |s| format!("{:.1} s at {:.0} kB/s", s.secs, s.rate() / 1e3)),
+                        link.busy
+                    );
+                    self.noted = Some(now);
+                }
                 let (Some(rate), Some(spell)) = (link.drain_rate, link.spell) else { return };
                 if !slow
                     || spell.secs < RAISE_SPELL_SECS
@@ -1199,8 +1217,7 @@ mod tests {
         let mut p = AutoPolicy::new(true, 1 << 30);
         p.sample(&text(SAMPLE_BYTES));
         let mut b = 0.0;
-        let (levels, _) =
-            feed(&mut p, t0, 100, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
+        let (levels, _) = feed(&mut p, t0, 100, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [3]);
     }
 
