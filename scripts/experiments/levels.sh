@@ -29,10 +29,10 @@ NS_S=lv-s NS_D=lv-d SRC_IP=10.231.7.1 DST_IP=10.231.7.2 PORT=2345
 W=$OUT/work
 mkdir -p "$W/tgt"
 cleanup() {
-    [ -f "$W/sshd.pid" ] && kill "$(cat "$W/sshd.pid")" 2>/dev/null
+    if [ -f "$W/sshd.pid" ]; then kill "$(cat "$W/sshd.pid")" 2>/dev/null || true; fi
     rm -f "$W/sshd.pid"
-    ip netns del $NS_S 2>/dev/null
-    ip netns del $NS_D 2>/dev/null
+    ip netns del $NS_S 2>/dev/null || true
+    ip netns del $NS_D 2>/dev/null || true
     rm -rf "$W/tgt"
     return 0
 }

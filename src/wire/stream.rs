@@ -56,7 +56,10 @@
 //! through, at most [`LEVEL_PREFIX`], plus the frozen prefix of the
 //! running frame: 2 x 16 MiB each end, besides the window), and the window
 //! bound is unchanged: every frame's window is checked against the same
-//! `windowLogMax`. A stream that began with a shared reference keeps its
+//! `windowLogMax`. Above [`LEVEL_PREFIX_HIGH_ABOVE`] the source indexes
+//! only the tail's last [`LEVEL_PREFIX_HIGH`] bytes (a new frame at level
+//! 19 would otherwise cost seconds); the target's longer prefix ends with
+//! the same bytes, so the frame decodes the same. A stream that began with a shared reference keeps its
 //! level (a new frame would lose the reference); so does `--compress
 //! zstd:L`.
 
