@@ -73,14 +73,18 @@ fn check(src: &[u8], dst: &Path, rep: &Report, trep: &Report) {
     assert_eq!(trep.stream_frames, rep.stream_levels.len() as u64, "levels {:?}", rep.stream_levels);
 }
 
-/// 500 kB/s (below `LEVELS_BELOW`): the link is known within a few hundred kilobytes, and a
-/// higher level, whose CPU time stays far below the link's, sends fewer
-/// bytes; the stream moves to it without losing its history.
+/// 500 kB/s (below `LEVELS_BELOW`): once the writes blocked steadily for
+/// 2 s (a slow spell), a higher level, whose CPU time stays far below the
+/// link's, sends fewer bytes; the stream moves to it without losing its
+/// history. 16 MiB of text take several seconds of this link: with 8 MiB
+/// the stream had compressed nearly everything (the writer's buffer holds
+/// 1 MiB) by the time the spell was long enough, in 3 copies of 5 under
+/// load.
 #[test]
 fn a_slow_link_raises_the_streams_level() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let data = text(8 << 20, 1);
+    let data = text(16 << 20, 1);
     fs::write(&a, &data).unwrap();
     let (rep, trep) = copy(&a, &b, "auto", 500_000, keep(), keep());
     check(&data, &b, &rep, &trep);

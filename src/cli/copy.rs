@@ -42,7 +42,7 @@ pub fn serve(
                 idle_timeout: idle.timeout(),
                 bwlimit,
                 source_references,
-                raise_levels: false,
+                ..SourceOptions::default()
             },
         ),
         (None, Some(p)) => ServeRole::Target(
@@ -87,7 +87,7 @@ pub fn run_copy(a: CopyArgs, quiet: bool) -> i32 {
             idle_timeout: a.idle.timeout(),
             bwlimit: a.bwlimit,
             source_references: a.source_references,
-            raise_levels: false,
+            ..SourceOptions::default()
         },
         target: TargetOptions {
             references: a.references,

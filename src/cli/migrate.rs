@@ -224,7 +224,7 @@ pub fn run_migrate(a: MigrateArgs, quiet: bool) -> anyhow::Result<i32> {
         idle_timeout: a.idle.timeout(),
         bwlimit: a.bwlimit,
         source_references: a.source_references,
-        raise_levels: false,
+        ..SourceOptions::default()
     };
     opts.target_vg = a.target_vg;
     opts.force = a.force;

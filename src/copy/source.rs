@@ -158,12 +158,9 @@ pub struct SourceOptions {
     /// digest, becomes the zstd stream's dictionary (`copy::shared_ref`).
     pub source_references: Vec<std::path::PathBuf>,
     /// `auto` may raise the zstd stream's level on a slow link
-    /// (`CAP_STREAM_LEVELS`). Off by default: over real ssh, a drain rate
-    /// read while the target was busy at the start looked like a slow link
-    /// on fast ones too, and a level of 15-19 then stalled the copy for
-    /// seconds (docs/experiments.md, "The stream's level on a slow link").
-    /// The frames, the capability and the choice stay, for callers that
-    /// know their link is slow.
+    /// (`CAP_STREAM_LEVELS`), once per copy, after a steady slow spell of
+    /// blocked writes (`wire::compress`, `wire::flow`). On by default; off,
+    /// the stream stays at its first level (the way to compare).
     pub raise_levels: bool,
 }
 
@@ -178,7 +175,7 @@ impl Default for SourceOptions {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             bwlimit: Rate(0),
             source_references: Vec::new(),
-            raise_levels: false,
+            raise_levels: true,
         }
     }
 }
@@ -1438,8 +1435,14 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
             if p.wants_sample() {
                 p.sample(&raw);
             }
-            let link = LinkView { drain_rate: sh.stats.drain_rate(), written: sh.stats.written() };
-            let route = p.choose(link, sh.workers, raw.len() as u64, Instant::now());
+            let now = Instant::now();
+            let link = LinkView {
+                drain_rate: sh.stats.drain_rate(),
+                written: sh.stats.written(),
+                spell: sh.stats.spell(now),
+                busy: sh.stats.busy_secs(now),
+            };
+            let route = p.choose(link, sh.workers, raw.len() as u64, now);
             sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
             route
         }

@@ -20,6 +20,8 @@
 use std::str::FromStr;
 use std::time::Instant;
 
+pub use super::flow::Spell;
+
 use thiserror::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +290,23 @@ const LEVEL_GAIN: f64 = 0.95;
 /// CPU (about 2 MB/s of input, 0.45 MB/s of output) still leaves the link
 /// the bottleneck, and re-indexing hides behind it.
 const LEVELS_BELOW: f64 = 1e6;
+/// The level rises only once the link drained this end's writes steadily
+/// below [`LEVELS_BELOW`] for this long, in one spell (`wire::flow`): one
+/// slow reading was often a receiver busy at the start, over fast links
+/// too (docs/experiments.md, "The merge, measured"), and a receiver that
+/// makes writes wait steadily for seconds is as slow as a slow link.
+const RAISE_SPELL_SECS: f64 = 2.0;
+/// ... and carried at least this much in that spell: the link moved data,
+/// at its own pace.
+const RAISE_SPELL_BYTES: u64 = 256 << 10;
+/// At a raised level, the share of wall time the writer spends in writes
+/// is checked over windows of this length...
+const DROP_WINDOW_SECS: f64 = 2.0;
+/// ... and the level drops back to the first, for good, when it is below
+/// this: the link no longer waits for this end's writes, the stream's
+/// compressor (or the receiver) does. On a slow link that the raised level
+/// keeps busy the writer is in writes nearly all the time.
+const DROP_BUSY: f64 = 0.5;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -296,13 +315,29 @@ struct Sample {
 }
 
 /// What `auto` knows of the link when it chooses.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct LinkView {
     /// Bytes per second the link drained while writes blocked (None until
     /// enough writes blocked to tell).
     pub drain_rate: Option<f64>,
     /// Bytes written so far.
     pub written: u64,
+    /// The spell of steadily blocked writes running now (`wire::flow`).
+    pub spell: Option<Spell>,
+    /// Seconds the writer has spent in writes so far.
+    pub busy: f64,
+}
+
+/// Where the stream's level is in its one rise and one fall per copy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Levels {
+    /// At the first level, and may rise.
+    First,
+    /// Raised; the writer's busy time is checked from the instant and busy
+    /// seconds given.
+    Raised { since: Instant, busy: f64 },
+    /// Back at the first level for the rest of the copy.
+    Dropped,
 }
 
 /// One candidate's measured speed: input bytes per second, end to end.
@@ -358,11 +393,13 @@ pub struct AutoPolicy {
     stream_level: i32,
     /// The link's drain rate at the last decision.
     rate: f64,
-    /// Levels at or above this one are not chosen again: at it, the link
-    /// stopped blocking our writes (the stream's CPU, not the link, was
-    /// the bottleneck: its sample's cost was wrong for this data, or the
-    /// drain rate was taken while the target was busy).
-    level_cap: i32,
+    /// The level's one rise and one fall.
+    level_state: Levels,
+    /// The last sample's data, kept (with levels) to measure the levels on
+    /// once the link shows a slow spell.
+    last_sample: Vec<u8>,
+    /// When the level's state on a slow link was last logged.
+    noted: Option<Instant>,
 }
 
 impl Default for AutoPolicy {
@@ -401,7 +438,9 @@ impl AutoPolicy {
             level_samples: [None; STREAM_LEVELS.len()],
             stream_level: super::stream::AUTO_LEVEL,
             rate: f64::INFINITY,
-            level_cap: i32::MAX,
+            level_state: Levels::First,
+            last_sample: Vec::new(),
+            noted: None,
         }
     }
 
@@ -459,17 +498,11 @@ impl AutoPolicy {
                 .collect();
             log::debug!("auto: sampled {}", seen.join(", "));
         }
-        self.sample_levels(&data);
-        // The stream's level follows its new samples at once: on a short
-        // copy the next segment's decision may never come.
-        if let (true, Some(base)) = (self.slow_link, self.index(Route::Stream).and_then(|i| self.samples[i])) {
-            if self.current == Route::Stream && self.levels {
-                let level = self.stream_cost(base, self.rate).1;
-                if level != self.stream_level {
-                    log::debug!("auto: stream level {level} from now on at a link of {:.1} MB/s", self.rate / 1e6);
-                }
-                self.stream_level = level;
-            }
+        // The levels are measured when the link shows a slow spell
+        // ([`AutoPolicy::levels_step`]), on the last sample.
+        self.level_samples = [None; STREAM_LEVELS.len()];
+        if self.levels && self.level_state == Levels::First {
+            self.last_sample = data;
         }
     }
 
@@ -478,14 +511,11 @@ impl AutoPolicy {
     /// CPU time alone exceeds the best link time so far cannot, and every
     /// level above it costs more CPU still. (Level 19 takes about half a
     /// second on a sample: measured only where the link is that slow.)
-    fn sample_levels(&mut self, data: &[u8]) {
+    fn sample_levels(&mut self, data: &[u8], rate: f64) {
         self.level_samples = [None; STREAM_LEVELS.len()];
         let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
-        if !self.levels || !self.slow_link || self.rate >= LEVELS_BELOW {
-            return;
-        }
         self.level_samples[0] = Some(base);
-        let mut best_link = base.ratio / self.rate;
+        let mut best_link = base.ratio / rate;
         for (j, &level) in STREAM_LEVELS.iter().enumerate().skip(1) {
             let t = thread_cpu_time();
             let out = Codec::Zstd(level).compress(data);
@@ -495,7 +525,7 @@ impl AutoPolicy {
                 cpu_per_byte: cpu / data.len() as f64,
             };
             self.level_samples[j] = Some(s);
-            best_link = best_link.min(s.ratio / self.rate);
+            best_link = best_link.min(s.ratio / rate);
             if s.cpu_per_byte * LEVEL_CPU_MARGIN >= best_link {
                 break;
             }
@@ -510,11 +540,7 @@ impl AutoPolicy {
             let margin = if l == STREAM_LEVELS[0] { 1.0 } else { LEVEL_CPU_MARGIN };
             (s.cpu_per_byte * margin).max(s.ratio / rate)
         };
-        let measured = STREAM_LEVELS
-            .iter()
-            .zip(&self.level_samples)
-            .filter(|(l, _)| **l == STREAM_LEVELS[0] || **l < self.level_cap)
-            .filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
+        let measured = STREAM_LEVELS.iter().zip(&self.level_samples).filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
         let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
         let current = measured.clone().find(|(_, l)| *l == self.stream_level);
         match (best, current) {
@@ -542,21 +568,100 @@ impl AutoPolicy {
     ///   stays, until the timings are [`TIMING_SEGMENTS`] old. On an image
     ///   smaller than [`TIMING_MIN_IMAGE`] nothing is timed: the route is
     ///   [`FAST_LINK_ROUTE`].
+    ///
+    /// The stream's level is decided on every call ([`AutoPolicy::levels_step`]).
     pub fn choose(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
-        self.since_sample = self.since_sample.saturating_add(bytes);
-        if self.slow_link && link.drain_rate.is_none() && self.stream_level != STREAM_LEVELS[0] {
-            // Writes stopped blocking at this level: the stream no longer
-            // keeps the link busy. Back to the first level at once, and not
-            // this high again; writes will block again, and the next
-            // decision picks among the lower levels.
-            log::debug!(
-                "auto: the link stopped blocking at stream level {}: back to {}",
-                self.stream_level,
-                STREAM_LEVELS[0]
-            );
-            self.level_cap = self.level_cap.min(self.stream_level);
-            self.stream_level = STREAM_LEVELS[0];
+        let route = self.choose_route(link, workers, bytes, now);
+        self.levels_step(link, now);
+        route
+    }
+
+    /// The stream's level: it rises at most once per copy, and falls at
+    /// most once, back to the first level, for good.
+    ///
+    /// - It rises only while the stream is the route on a slow link
+    ///   (below [`LEVELS_BELOW`]) whose writes blocked steadily for
+    ///   [`RAISE_SPELL_SECS`] in one spell at that rate, to the level the
+    ///   model finds fastest on the last sample (measured then).
+    /// - It falls when the route leaves the stream or the link stops
+    ///   counting as slow, or when over [`DROP_WINDOW_SECS`] the writer
+    ///   was in writes less than [`DROP_BUSY`] of the time: the
+    ///   compressor, not the link, set the pace.
+    fn levels_step(&mut self, link: LinkView, now: Instant) {
+        if !self.levels {
+            return;
         }
+        let slow = self.current == Route::Stream && self.slow_link && link.drain_rate.is_some_and(|r| r < LEVELS_BELOW);
+        match self.level_state {
+            Levels::Dropped => {}
+            Levels::Raised { since, busy } => {
+                let secs = now.saturating_duration_since(since).as_secs_f64();
+                let share = if secs >= DROP_WINDOW_SECS { Some((link.busy - busy) / secs) } else { None };
+                let why = if !slow {
+                    Some("the link no longer counts as slow".to_string())
+                } else {
+                    share
+                        .filter(|s| *s < DROP_BUSY)
+                        .map(|s| format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0))
+                };
+                if let Some(why) = why {
+                    log::debug!(
+                        "auto: stream level {} back to {} for good: {why}",
+                        self.stream_level,
+                        STREAM_LEVELS[0]
+                    );
+                    self.stream_level = STREAM_LEVELS[0];
+                    self.level_state = Levels::Dropped;
+                } else if share.is_some() {
+                    self.level_state = Levels::Raised { since: now, busy: link.busy };
+                }
+            }
+            Levels::First => {
+                if slow && self.noted.map_or(true, |t| now.saturating_duration_since(t).as_secs_f64() >= 1.0) {
+                    // Why the level has not risen yet, once a second at most.
+                    log::debug!(
+                        "auto: stream level {} ({}): drain {:.0} kB/s, spell {}, writer busy {:.1} s",
+                        self.stream_level,
+                        self.current,
+                        link.drain_rate.unwrap_or(0.0) / 1e3,
+                        link.spell.map_or("none".into(), |s| format!("{:.1} s at {:.0} kB/s", s.secs, s.rate() / 1e3)),
+                        link.busy
+                    );
+                    self.noted = Some(now);
+                }
+                let (Some(rate), Some(spell)) = (link.drain_rate, link.spell) else { return };
+                if !slow
+                    || spell.secs < RAISE_SPELL_SECS
+                    || spell.bytes < RAISE_SPELL_BYTES
+                    || spell.rate() >= LEVELS_BELOW
+                    || self.last_sample.is_empty()
+                {
+                    return;
+                }
+                let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
+                // The slower of the two readings: either may still be
+                // catching up with the other.
+                let rate = rate.max(spell.rate());
+                let data = std::mem::take(&mut self.last_sample);
+                self.sample_levels(&data, rate);
+                let level = self.stream_cost(base, rate).1;
+                if level == self.stream_level {
+                    // Not worth a new frame: measured again on the next sample.
+                    return;
+                }
+                log::debug!(
+                    "auto: stream level {level} from now on: the link drained {:.1} MB/s steadily for {:.1} s",
+                    rate / 1e6,
+                    spell.secs
+                );
+                self.stream_level = level;
+                self.level_state = Levels::Raised { since: now, busy: link.busy };
+            }
+        }
+    }
+
+    fn choose_route(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
+        self.since_sample = self.since_sample.saturating_add(bytes);
         let len = if self.may_time && !self.slow_link && !self.unknown { TIMED_SEGMENT_BYTES } else { SEGMENT_BYTES };
         let half = len / 2;
         if self.segment_bytes < half && self.segment_bytes + bytes >= half {
@@ -621,28 +726,14 @@ impl AutoPolicy {
         let slow_below = if self.slow_link || self.unknown { PROBE_RATE } else { PROBE_RATE / 2.0 };
         let was_fast = !self.unknown && !self.slow_link;
         self.unknown = false;
-        let was_slow = self.slow_link;
         self.slow_link = rate < slow_below;
         self.probation = !self.slow_link && !was_fast;
         self.rate = rate;
-        if self.slow_link && !was_slow && self.levels {
-            // The stream's higher levels are measured only on a slow link:
-            // now, not at the next sample's time.
-            self.since_sample = u64::MAX;
-        }
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
-        let level = match self.index(Route::Stream).and_then(|i| self.samples[i]) {
-            Some(base) if self.slow_link && next == Route::Stream && rate < LEVELS_BELOW => {
-                self.stream_cost(base, rate).1
-            }
-            _ if !self.slow_link || rate >= LEVELS_BELOW => STREAM_LEVELS[0],
-            _ => self.stream_level,
-        };
-        if next != self.current || (next == Route::Stream && level != self.stream_level) {
-            log::debug!("auto: {next} (stream level {level}) from now on at a link of {:.1} MB/s", rate / 1e6);
+        if next != self.current {
+            log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
         }
         self.current = next;
-        self.stream_level = level;
         self.current
     }
 
@@ -772,7 +863,7 @@ mod tests {
     }
 
     fn rate(r: f64) -> LinkView {
-        LinkView { drain_rate: Some(r), written: 1 << 30 }
+        LinkView { drain_rate: Some(r), written: 1 << 30, ..LinkView::default() }
     }
 
     fn text(len: usize) -> Vec<u8> {
@@ -801,14 +892,14 @@ mod tests {
             let mut p = AutoPolicy::new(streamed, 1 << 30);
             p.sample(&data);
             let strongest = if streamed { Route::Stream } else { Route::Run(Codec::Zstd(6)) };
-            let unknown = LinkView { drain_rate: None, written: 0 };
+            let unknown = LinkView { drain_rate: None, written: 0, ..LinkView::default() };
             // Within a segment nothing changes.
             assert_eq!(p.choose(unknown, 2, 4096, now), strongest);
             assert_eq!(segment(&mut p, unknown, 2, now), strongest);
-            let buffers_filling = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE - 1 };
+            let buffers_filling = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE - 1, ..LinkView::default() };
             assert_eq!(segment(&mut p, buffers_filling, 2, now), strongest);
             // Known as soon as it is: not at the end of the segment.
-            let never_blocked = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE };
+            let never_blocked = LinkView { drain_rate: None, written: NO_BLOCK_EVIDENCE, ..LinkView::default() };
             assert_eq!(p.choose(never_blocked, 2, 4096, now), FAST_LINK_ROUTE);
             assert_eq!(p.choose(never_blocked, 2, 4096, now), FAST_LINK_ROUTE);
             // A fast first reading waits for the end of the segment (the
@@ -885,7 +976,7 @@ mod tests {
     /// link draining `drain` bytes/s while writes block.
     fn run(p: &mut AutoPolicy, drain: f64, n: usize, speed: impl Fn(Route) -> f64) -> Vec<Route> {
         let mut at = Instant::now();
-        let link = LinkView { drain_rate: Some(drain), written: 1 << 30 };
+        let link = LinkView { drain_rate: Some(drain), written: 1 << 30, ..LinkView::default() };
         let per_segment = (SEGMENT_BYTES >> 20) as usize;
         let mut routes = Vec::new();
         for i in 0..n * per_segment {
@@ -1049,101 +1140,189 @@ mod tests {
         assert_eq!(policy(true, 9).stream_cost(base, 40e6).1, 3);
         // Without the capability: its first level, whatever the link.
         assert_eq!(policy(false, 3).stream_cost(base, 250e3).1, 3);
-        // Through choose: a slow link known, the stream goes to 19; a
-        // fast link brings it back to 3.
-        let mut p = policy(true, 3);
-        let now = Instant::now();
-        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
-        assert_eq!(p.stream_level(), 19);
-        // (a fast link times the routes instead; the stream, if it stays,
-        // goes back to its first level)
-        segment(&mut p, rate(1e9), 2, now);
-        assert_eq!(p.stream_level(), 3);
-        let mut p = policy(false, 3);
-        segment(&mut p, rate(250e3), 2, now);
-        assert_eq!(p.stream_level(), 3);
-        // At 20 Mbit/s (above LEVELS_BELOW) the level stays 3 through
-        // choose, whatever the samples say.
-        let mut p = policy(true, 3);
-        assert_eq!(segment(&mut p, rate(2.5e6), 2, now), Route::Stream);
-        assert_eq!(p.stream_level(), 3);
     }
 
-    /// On a slow link the levels are measured on real samples, lowest
-    /// first, only as far as one could still win.
+    /// The levels are measured on the kept sample, lowest first, only as
+    /// far as one could still win.
     #[test]
     fn auto_measures_the_levels_only_as_far_as_they_can_win() {
         let data = text(SAMPLE_BYTES);
-        let now = Instant::now();
-        // Fast link: no level beyond the first is measured.
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
-        segment(&mut p, rate(1e9), 2, now);
         p.sample(&data);
-        assert!(p.level_samples.iter().all(Option::is_none));
         // A link too slow for any CPU to matter: every level is measured.
-        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
-        segment(&mut p, rate(1.0), 2, now);
-        assert!(p.wants_sample(), "a slow link, first seen, asks for a sample at once");
-        p.sample(&data);
+        p.sample_levels(&data, 1.0);
         assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
-        segment(&mut p, rate(1.0), 2, now);
-        // (at 1 byte/s only the output counts: the smallest sample wins)
-        let smallest = (0..STREAM_LEVELS.len())
-            .min_by(|&a, &b| p.level_samples[a].unwrap().ratio.total_cmp(&p.level_samples[b].unwrap().ratio))
-            .unwrap();
-        assert_eq!(p.stream_level(), STREAM_LEVELS[smallest]);
         // A link just slow enough for the model: stops at the first level
         // whose CPU alone exceeds the best link time (for 1 MiB of text at
         // level 19, far more than 1 ns a byte).
-        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
-        segment(&mut p, rate(29e6), 2, now);
-        p.sample(&data);
+        p.sample_levels(&data, 29e6);
         let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
         assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
     }
 
-    /// A short copy on a slow link: the first blocked writes decide at
-    /// once (not at the end of a 16 MiB segment), the levels are measured
-    /// on the next sample, and the stream's level follows that sample
-    /// without waiting for another decision.
-    #[test]
-    fn on_a_short_copy_the_level_rises_as_soon_as_the_link_is_known() {
-        let data = text(SAMPLE_BYTES);
-        let now = Instant::now();
-        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
-        p.sample(&data);
-        assert_eq!(p.choose(LinkView { drain_rate: None, written: 1 << 20 }, 2, 4096, now), Route::Stream);
-        assert_eq!(p.segment, 0);
-        // 300 KB blocked at 250 kB/s, one run later: decided now.
-        assert_eq!(p.choose(rate(250e3), 2, 4096, now), Route::Stream);
-        assert_eq!(p.segment, 1);
-        assert_eq!(p.stream_level(), STREAM_LEVELS[0]);
-        assert!(p.wants_sample());
-        p.sample(&data);
-        assert!(p.stream_level() > STREAM_LEVELS[0], "level {}", p.stream_level());
+    const SLOW: f64 = 250e3;
+
+    /// What the link shows at one call: its drain rate, the running spell
+    /// (seconds, bytes per second) and the writer's busy seconds so far.
+    fn view(drain: Option<f64>, spell: Option<(f64, f64)>, busy: f64) -> LinkView {
+        LinkView {
+            drain_rate: drain,
+            written: 1 << 30,
+            spell: spell.map(|(secs, rate)| Spell { secs, bytes: (secs * rate) as u64 }),
+            busy,
+        }
     }
 
-    /// At a level whose CPU turned out slower than the link (writes stop
-    /// blocking), the stream falls back to its first level at once, and
-    /// the next decisions choose only among lower levels.
-    #[test]
-    fn when_writes_stop_blocking_the_level_falls_back_and_stays_lower() {
+    /// A policy that routes through the stream, on a link known slow by
+    /// its first reading, with a sample of text kept.
+    fn slow_policy(at: Instant) -> AutoPolicy {
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
-        measured_samples(&mut p);
-        let measured =
-            [(0.29, 6e-9), (0.28, 1.3e-8), (0.268, 2.3e-8), (0.263, 5.8e-8), (0.261, 1.7e-7), (0.237, 5.3e-7)];
-        for (j, (ratio, cpu)) in measured.iter().enumerate() {
-            p.level_samples[j] = Some(Sample { ratio: *ratio, cpu_per_byte: *cpu });
+        p.sample(&text(SAMPLE_BYTES));
+        assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, at), Route::Stream);
+        assert!(p.slow_link);
+        p
+    }
+
+    /// Feed `calls` calls `every` apart from `at`: the drain rate, and a
+    /// spell (rate) that began at `at` (None: no spell), with the writer
+    /// busy `share` of the time (`busy`: its seconds so far, carried from
+    /// call to call). Returns the levels seen and the time after.
+    #[allow(clippy::too_many_arguments)]
+    fn feed(
+        p: &mut AutoPolicy,
+        at: Instant,
+        calls: usize,
+        every: Duration,
+        drain: Option<f64>,
+        spell: Option<f64>,
+        busy: &mut f64,
+        share: f64,
+    ) -> (Vec<i32>, Instant) {
+        let mut levels = Vec::new();
+        let mut t = at;
+        for i in 1..=calls {
+            t = at + every * i as u32;
+            *busy += share * every.as_secs_f64();
+            let secs = (t - at).as_secs_f64();
+            p.choose(view(drain, spell.map(|r| (secs, r)), *busy), 2, 4096, t);
+            if levels.last() != Some(&p.stream_level()) {
+                levels.push(p.stream_level());
+            }
         }
-        let now = Instant::now();
-        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
-        assert_eq!(p.stream_level(), 19);
-        // A megabyte written without a blocked write: no rate any more.
-        let stale = LinkView { drain_rate: None, written: 1 << 30 };
-        assert_eq!(p.choose(stale, 2, 4096, now), Route::Stream, "the route stays");
-        assert_eq!(p.stream_level(), 3);
-        // Writes block again at 2 Mbit/s: the best level below 19.
-        assert_eq!(segment(&mut p, rate(250e3), 2, now), Route::Stream);
-        assert_eq!(p.stream_level(), 15);
+        (levels, t)
+    }
+
+    /// A slow reading alone raises nothing: the writes must have blocked
+    /// steadily, at that rate, for RAISE_SPELL_SECS in one spell. Then
+    /// the level rises once, to the model's level.
+    #[test]
+    fn the_level_rises_only_after_a_steady_slow_spell() {
+        let t0 = Instant::now();
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let ms = Duration::from_millis(100);
+        // Slow readings, no spell (the writes waited on a busy receiver).
+        let (levels, t) = feed(&mut p, t0, 50, ms, Some(SLOW), None, &mut b, 1.0);
+        assert_eq!(levels, [3]);
+        // A spell, but short: 1.9 s.
+        let (levels, t) = feed(&mut p, t, 19, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [3]);
+        // A long spell, but at a fast link's rate, the drain rate lagging.
+        let (levels, t) = feed(&mut p, t, 50, ms, Some(SLOW), Some(5e6), &mut b, 1.0);
+        assert_eq!(levels, [3]);
+        // A slow spell with the drain rate fast: not slow.
+        let (levels, t) = feed(&mut p, t, 50, ms, Some(2e6), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [3]);
+        // Slow and steady for 2 s: up, once (on text at 250 kB/s the
+        // model's level is above the first).
+        let mut p = slow_policy(t);
+        let (levels, _) = feed(&mut p, t, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels.len(), 2, "{levels:?}");
+        assert!(levels[1] > 3, "{levels:?}");
+        assert!(matches!(p.level_state, Levels::Raised { .. }));
+    }
+
+    /// Without the capability (or with `raise_levels` off: no
+    /// `with_levels`), a slow spell changes nothing.
+    #[test]
+    fn without_levels_a_slow_spell_keeps_the_first_level() {
+        let t0 = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        p.sample(&text(SAMPLE_BYTES));
+        let mut b = 0.0;
+        let (levels, _) = feed(&mut p, t0, 100, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [3]);
+    }
+
+    /// Raised, the level stays while the writer is busy nearly all the
+    /// time; it drops back to the first for good when, over
+    /// DROP_WINDOW_SECS, the writer was in writes less than half of it
+    /// (the compressor set the pace), and never rises again.
+    #[test]
+    fn the_level_drops_once_for_good_when_the_compressor_sets_the_pace() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        let raised = levels[1];
+        // 60 s of the link busy 95% of the time: kept.
+        let (levels, t) = feed(&mut p, t, 600, ms, Some(SLOW), Some(SLOW), &mut b, 0.95);
+        assert_eq!(levels, [raised]);
+        // The writer busy 40% of the time: down within two windows (the
+        // first may still hold busier time).
+        let (levels, t) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
+        assert_eq!(levels, [raised, 3]);
+        assert_eq!(p.level_state, Levels::Dropped);
+        // Slow and steady again, for a minute, a new sample taken: stays 3.
+        p.sample(&text(SAMPLE_BYTES));
+        let (levels, _) = feed(&mut p, t, 600, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [3]);
+    }
+
+    /// Raised, the level drops when the link stops counting as slow: a
+    /// stale drain rate, or one at or above LEVELS_BELOW.
+    #[test]
+    fn the_level_drops_when_the_link_is_no_longer_slow() {
+        let ms = Duration::from_millis(100);
+        for drain in [None, Some(LEVELS_BELOW)] {
+            let t0 = Instant::now();
+            let mut p = slow_policy(t0);
+            let mut b = 0.0;
+            let (_, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+            assert!(p.stream_level() > 3);
+            let (levels, _) = feed(&mut p, t, 1, ms, drain, Some(SLOW), &mut b, 1.0);
+            assert_eq!(levels, [3], "{drain:?}");
+            assert_eq!(p.level_state, Levels::Dropped);
+        }
+    }
+
+    /// Fast links whose receiver is busy at the start, as seen over real
+    /// ssh: slow drain readings for a few seconds, writes waiting in
+    /// stalls (no spell) or spells at a fast rate, then a fast link. The
+    /// level never changes.
+    #[test]
+    fn a_busy_receiver_on_a_fast_link_never_moves_the_level() {
+        let ms = Duration::from_millis(50);
+        for fast in [2.5e6, 12.5e6, 1e9] {
+            let t0 = Instant::now();
+            let mut p = slow_policy(t0);
+            let mut b = 0.0;
+            let (mut all, t) = feed(&mut p, t0, 60, ms, Some(400e3), None, &mut b, 1.0);
+            // Short spells between stalls, each under RAISE_SPELL_SECS.
+            let mut t = t;
+            for _ in 0..5 {
+                let (l, t2) = feed(&mut p, t, 30, ms, Some(400e3), Some(300e3), &mut b, 1.0);
+                all.extend(l);
+                t = t2 + Duration::from_millis(500);
+            }
+            // The stall ends: a long spell at the link's rate, the drain
+            // rate still reading slow for a while.
+            let (l, t) = feed(&mut p, t, 60, ms, Some(400e3), Some(fast), &mut b, 1.0);
+            all.extend(l);
+            let (l, _) = feed(&mut p, t, 400, ms, Some(fast), Some(fast), &mut b, 1.0);
+            all.extend(l);
+            assert!(all.iter().all(|&l| l == 3), "at {fast}: {all:?}");
+        }
     }
 }

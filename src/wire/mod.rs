@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: the frames, the exchange, the versioning rule.
 //! - [`compress`]: codecs and the `auto` policy.
+//! - [`flow`]: how steadily the link drains our writes (spells of blocked writes, busy time).
 //! - [`stream`]: one zstd stream per copy, across runs.
 //! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
 //! - [`sketch`]: a resemblance sketch of a block; DST's blocks indexed by it.
@@ -12,6 +13,7 @@
 //! - [`transport`]: local socket pairs, ssh, byte counting.
 
 pub mod compress;
+pub mod flow;
 pub mod liveness;
 pub mod protocol;
 pub mod rate;

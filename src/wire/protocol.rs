@@ -259,9 +259,14 @@
 //! content before the next begins (each new frame costs the target a copy
 //! of its tail): a closer frame is an error naming the stream. A stream
 //! that began with a shared reference never starts a second frame.
-//! `auto` may raise the level where the link is slow (`wire::compress`;
-//! only with `SourceOptions::raise_levels`, off by default); no
-//! frame or field is added, and without the bit the stream is one frame.
+//! `auto` raises the level at most once per copy where the link is
+//! steadily slow, and drops it back at most once (`wire::compress`,
+//! `wire::flow`; `SourceOptions::raise_levels`, on by default); no frame
+//! or field is added, and without the bit the stream is one frame. Above
+//! level 12 the source's new frame uses only the last 4 MiB of those bytes
+//! as its prefix (cheaper to index); the target still gives it all of
+//! them, which holds every match the source can find, at the same
+//! distance.
 //!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use super::flow::{self, Flow, Spell};
 use super::throttle::Throttle;
 
 /// Where a spawned peer's stderr lines go (already sanitized). The library
@@ -104,6 +105,11 @@ pub struct LinkStats {
     recent: Mutex<RecentRates>,
     /// Bytes written when the last blocked write ended.
     last_blocked_at: AtomicU64,
+    /// The writes' pieces, for [`LinkStats::spell`] and
+    /// [`LinkStats::busy_secs`].
+    flow: Mutex<Flow>,
+    /// The origin of `flow`'s times.
+    origin: std::sync::OnceLock<Instant>,
 }
 
 /// A drain rate is reported only while writes keep blocking: after this
@@ -187,6 +193,36 @@ impl LinkStats {
         recent.lower_quartile()
     }
 
+    /// The spell of steadily blocked writes running now (`wire::flow`),
+    /// if any.
+    pub fn spell(&self, now: Instant) -> Option<Spell> {
+        self.flow.lock().unwrap().spell(self.ns(now))
+    }
+
+    /// Seconds the writer spent in writes so far, the running one included.
+    pub fn busy_secs(&self, now: Instant) -> f64 {
+        self.flow.lock().unwrap().busy_secs(self.ns(now))
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(*self.origin.get_or_init(Instant::now)).as_nanos() as u64
+    }
+
+    fn flow_begin(&self, at: Instant) {
+        let at = self.ns(at);
+        self.flow.lock().unwrap().begin_write(at);
+    }
+
+    fn flow_end(&self, at: Instant) {
+        let at = self.ns(at);
+        self.flow.lock().unwrap().end_write(at);
+    }
+
+    fn flow_piece(&self, start: Instant, end: Instant, bytes: u64) {
+        let (s, e) = (self.ns(start), self.ns(end));
+        self.flow.lock().unwrap().piece(s, e, bytes, write_blocked(bytes, e.saturating_sub(s)));
+    }
+
     /// Count one write of `bytes` that took `nanos`.
     fn count_write(&self, bytes: u64, nanos: u64) {
         let before = self.written.fetch_add(bytes, Ordering::Relaxed);
@@ -222,18 +258,36 @@ struct CountingWriter<W> {
 impl<W: Write> Write for CountingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let t = Instant::now();
+        self.stats.flow_begin(t);
         // Inside the timed span: a limited link looks as slow as it is to
         // `auto`'s drain rate, which then compresses harder.
         let allowed = self.throttle.admit(buf.len());
-        let n = match self.inner.write(&buf[..allowed]) {
-            Ok(n) => n,
-            Err(e) => {
-                self.throttle.refund(allowed);
-                return Err(e);
+        // In pieces, each timed for the link's flow (`wire::flow`); the
+        // drain rate still takes the whole write, as before.
+        let (mut n, mut piece_start) = (0, t);
+        let result = loop {
+            if n == allowed {
+                break Ok(n);
+            }
+            let end = (n + flow::PIECE).min(allowed);
+            match self.inner.write(&buf[n..end]) {
+                Ok(0) => break Ok(n),
+                Ok(k) => {
+                    let now = Instant::now();
+                    self.stats.flow_piece(piece_start, now, k as u64);
+                    piece_start = now;
+                    n += k;
+                }
+                // What went, went: the caller sees the error on its next write.
+                Err(_) if n > 0 => break Ok(n),
+                Err(e) => break Err(e),
             }
         };
         self.throttle.refund(allowed - n);
-        self.stats.count_write(n as u64, t.elapsed().as_nanos() as u64);
+        let done = Instant::now();
+        self.stats.flow_end(done);
+        let n = result?;
+        self.stats.count_write(n as u64, done.duration_since(t).as_nanos() as u64);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
