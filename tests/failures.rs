@@ -52,7 +52,7 @@ fn a_source_that_dies_mid_stream_fails_cleanly_and_a_rerun_resumes() {
     let dying = fake_remote(
         d.path(),
         "dying",
-        &format!("{} \"$@\" | dd iflag=count_bytes count=12000000 bs=65536 status=none", bin().display()),
+        &format!("{} \"$@\" | stdbuf -o0 head -c 12000000", bin().display()),
     );
     let remote = format!("host:{}", s(&a));
     let (err, _) = failed_copy(&["--compress", "none", "-s", "", "--remote-xenmig", &dying, &remote, s(&b)]);
@@ -73,7 +73,7 @@ fn a_target_that_dies_mid_stream_fails_cleanly() {
     let dying = fake_remote(
         d.path(),
         "dying",
-        &format!("dd iflag=count_bytes count=5000000 bs=65536 status=none | {} \"$@\"", bin().display()),
+        &format!("stdbuf -o0 head -c 5000000 | {} \"$@\"", bin().display()),
     );
     let remote = format!("host:{}", s(&b));
     let (err, _) = failed_copy(&["-s", "", "--remote-xenmig", &dying, s(&a), &remote]);

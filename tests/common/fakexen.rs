@@ -254,9 +254,13 @@ if [ "$1" = serve ]; then
       "$(cat "$S/faults/faulty_disk_end")" --exact faulty_disk_end --ignored --nocapture --test-threads=1
   fi
   if f serve_cut; then
-    # The link drops after N bytes from the source.
+    # The link drops after N bytes from the source. (head, not dd: dd's
+    # count_bytes counts reads, and a source writing in small pieces was
+    # cut after a few of them, before any whole frame; with fullblock dd
+    # holds back a partial block the target waits for, and so does head's
+    # stdio buffer without stdbuf -o0.)
     # (exec: no shell keeps the source's pipe open behind head.)
-    exec setsid bash -c 'echo $$ >> "$0"; exec "$@"' "$S/serve.pids" @XENMIG@ "$@" < <(dd iflag=count_bytes count="$(cat "$S/faults/serve_cut")" bs=65536 status=none)
+    exec setsid bash -c 'echo $$ >> "$0"; exec "$@"' "$S/serve.pids" @XENMIG@ "$@" < <(stdbuf -o0 head -c "$(cat "$S/faults/serve_cut")")
   fi
   # setsid forks when this shell leads its process group (xenmig's Link::spawn
   # gives the peer a group of its own): the disk end records its own pid.
