@@ -49,11 +49,7 @@ fn a_source_that_dies_mid_stream_fails_cleanly_and_a_rerun_resumes() {
     let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
     sample_image(&a, 11, 8192); // 32 MiB
     let before = digest_of(&a);
-    let dying = fake_remote(
-        d.path(),
-        "dying",
-        &format!("{} \"$@\" | stdbuf -o0 head -c 12000000", bin().display()),
-    );
+    let dying = fake_remote(d.path(), "dying", &format!("{} \"$@\" | stdbuf -o0 head -c 12000000", bin().display()));
     let remote = format!("host:{}", s(&a));
     let (err, _) = failed_copy(&["--compress", "none", "-s", "", "--remote-xenmig", &dying, &remote, s(&b)]);
     assert!(err.contains("closed the connection"), "{err}");
@@ -70,11 +66,7 @@ fn a_target_that_dies_mid_stream_fails_cleanly() {
     let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
     sample_image(&a, 12, 8192);
     let before = digest_of(&a);
-    let dying = fake_remote(
-        d.path(),
-        "dying",
-        &format!("stdbuf -o0 head -c 5000000 | {} \"$@\"", bin().display()),
-    );
+    let dying = fake_remote(d.path(), "dying", &format!("stdbuf -o0 head -c 5000000 | {} \"$@\"", bin().display()));
     let remote = format!("host:{}", s(&b));
     let (err, _) = failed_copy(&["-s", "", "--remote-xenmig", &dying, s(&a), &remote]);
     assert!(!err.is_empty());
