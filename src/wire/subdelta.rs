@@ -186,17 +186,23 @@ mod tests {
         assert!(apply(&old, &[0, 9]).is_err());
     }
 
+    /// `old` with each `(at, v)` written at `at` modulo its length.
+    fn edited(old: &[u8], edits: Vec<(usize, u8)>) -> Vec<u8> {
+        let mut new = old.to_vec();
+        for (at, v) in edits {
+            let i = at % new.len();
+            new[i] = v;
+        }
+        new
+    }
+
     proptest! {
         #[test]
         fn encode_then_apply_rebuilds_the_block(
             old in proptest::collection::vec(any::<u8>(), 1..5000),
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
         ) {
-            let mut new = old.clone();
-            for (at, v) in edits {
-                let i = at % new.len();
-                new[i] = v;
-            }
+            let new = edited(&old, edits);
             let body = encode(&new, &signature(&old)).unwrap();
             prop_assert!(body.len() <= max_body(new.len()));
             prop_assert_eq!(apply(&old, &body).unwrap(), new);
@@ -207,11 +213,7 @@ mod tests {
             old in proptest::collection::vec(any::<u8>(), 1..5000),
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
         ) {
-            let mut new = old.clone();
-            for (at, v) in edits {
-                let i = at % new.len();
-                new[i] = v;
-            }
+            let new = edited(&old, edits);
             let sig = short_signature(&signature(&old));
             prop_assert_eq!(sig.len(), sub_count(old.len()) * SHORT_HASH_LEN);
             let body = encode_short(&new, &sig).unwrap();

@@ -506,6 +506,16 @@ mod tests {
         assert!(matches!(check_differ(40, 3, &[0b1000]), Err(SubGroupError::BitsPast { .. })));
     }
 
+    /// `old` with each `(at, v)` written at `at` modulo its length.
+    fn edited(old: &[u8], edits: Vec<(usize, u8)>) -> Vec<u8> {
+        let mut new = old.to_vec();
+        for (at, v) in edits {
+            let i = at % new.len();
+            new[i] = v;
+        }
+        new
+    }
+
     proptest! {
         /// The two-step answer (sub-groups that differ, then keys of the
         /// blocks whose hint differs) with what DST holds gives every block
@@ -516,11 +526,7 @@ mod tests {
             old in proptest::collection::vec(0u8..4, 1..300),
             edits in proptest::collection::vec((any::<usize>(), 0u8..4), 0..6),
         ) {
-            let mut new = old.clone();
-            for (at, v) in edits {
-                let i = at % new.len();
-                new[i] = v;
-            }
+            let new = edited(&old, edits);
             let (o, n) = (digests(&old), digests(&new));
             let subs = sub_count(o.len());
             let sig = signature(A, &o, zero_of(&o));
@@ -562,11 +568,7 @@ mod tests {
             old in proptest::collection::vec(0u8..4, 1..300),
             edits in proptest::collection::vec((any::<usize>(), 0u8..4), 0..6),
         ) {
-            let mut new = old.clone();
-            for (at, v) in edits {
-                let i = at % new.len();
-                new[i] = v;
-            }
+            let new = edited(&old, edits);
             let (o, n) = (digests(&old), digests(&new));
             let subs = sub_count(o.len());
             let sig = signature(A, &o, zero_of(&o));
