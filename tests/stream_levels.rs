@@ -13,11 +13,11 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use relay::{copy_with, hide, keep, Edit};
+use relay::{chain, copy_with, hide, keep, Edit};
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::SourceOptions;
 use xenmig::copy::Report;
-use xenmig::wire::protocol::CAP_STREAM_LEVELS;
+use xenmig::wire::protocol::{Message, CAP_RECEIPTS, CAP_STREAM_LEVELS};
 use xenmig::wire::rate::Rate;
 
 /// Text-like data: words drawn pseudo-randomly from a vocabulary, which
@@ -113,4 +113,87 @@ fn without_the_capability_or_with_a_fixed_level_the_stream_keeps_its_level() {
         assert_eq!(rep.stream_levels, [3], "{name}");
         assert_eq!(trep.stream_frames, 1, "{name}");
     }
+}
+
+/// A link of `rate` bytes a second behind the relay's buffers: each frame
+/// towards the target waits its time on the link before it goes on.
+fn paced(rate: f64) -> Edit {
+    Box::new(move |m: Message| {
+        std::thread::sleep(Duration::from_secs_f64(m.encode().len() as f64 / rate));
+        m
+    })
+}
+
+/// Receipts (`CAP_RECEIPTS`): a copy short enough that its whole stream
+/// crosses this link in well under the writer's 2 s spell (3 MiB of text,
+/// about a second and a half at 300 kB/s). The target's receipts show the
+/// link's pace within half a second and the stream is held about a second
+/// ahead of it, so the level rises mid-copy; with the capability hidden
+/// both ways (a peer of the previous release) it cannot, and the stream
+/// keeps level 3.
+#[test]
+fn receipts_raise_the_level_on_a_copy_shorter_than_a_writers_spell() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let data = text(3 << 20, 3);
+    fs::write(&a, &data).unwrap();
+    let (rep, trep) = copy(&a, &b, "auto", 0, paced(300e3), keep());
+    check(&data, &b, &rep, &trep);
+    eprintln!("with receipts: {:?}, {} receipts, {} bytes", rep.stream_levels, rep.receipts, rep.bytes_wire);
+    assert!(rep.receipts > 0);
+    assert_eq!(rep.stream_levels.first(), Some(&3), "{:?}", rep.stream_levels);
+    assert!(rep.stream_levels.iter().any(|&l| l > 3), "the level never rose: {:?}", rep.stream_levels);
+    let _ = fs::remove_file(&b);
+    let (rep, trep) = copy(&a, &b, "auto", 0, chain(hide(CAP_RECEIPTS), paced(300e3)), hide(CAP_RECEIPTS));
+    check(&data, &b, &rep, &trep);
+    eprintln!("without: {:?}, {} bytes", rep.stream_levels, rep.bytes_wire);
+    assert_eq!(rep.receipts, 0);
+    assert_eq!(rep.stream_levels, [3]);
+}
+
+/// Receipts are trusted for pacing only: a target that claims more than
+/// was written, or the same count over and over, makes no wrong block and
+/// no stalled copy (the gate stops waiting after GATE_GIVE_UP without
+/// progress).
+#[test]
+fn lying_receipts_pace_nothing_wrong() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let data = text(2 << 20, 4);
+    fs::write(&a, &data).unwrap();
+    for (name, lie) in [("far ahead", u64::MAX), ("stuck", 0)] {
+        let _ = fs::remove_file(&b);
+        let edit: Edit = Box::new(move |m| match m {
+            Message::Received { .. } => Message::Received { bytes: lie },
+            m => m,
+        });
+        let t = std::time::Instant::now();
+        let (rep, trep) = copy(&a, &b, "auto", 0, paced(2e6), edit);
+        check(&data, &b, &rep, &trep);
+        assert!(rep.receipts > 0, "{name}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{name}: {:?}", t.elapsed());
+    }
+}
+
+/// A target that sends receipts the source never agreed to (its Hello
+/// offered none, as the relay makes it look here) is refused, the frame
+/// named; nothing is reported verified.
+#[test]
+fn a_receipt_without_the_capability_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let data = text(2 << 20, 5);
+    fs::write(&a, &data).unwrap();
+    let opts = SourceOptions {
+        block_size: 4096,
+        align: Align::Flat,
+        compress: "auto".parse().unwrap(),
+        idle_timeout: Some(Duration::from_secs(60)),
+        raise_levels: true,
+        ..SourceOptions::default()
+    };
+    let o = copy_with(&a, &b, &opts, paced(1e6), hide(CAP_RECEIPTS));
+    let e = o.source.expect_err("the source took a receipt it never agreed to");
+    assert!(format!("{e}").contains("Received"), "{e}");
+    assert!(o.target.is_err());
 }

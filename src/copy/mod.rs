@@ -207,6 +207,11 @@ pub struct Report {
     /// source used (0: no stream).
     #[serde(skip_serializing_if = "is_zero")]
     pub stream_frames: u64,
+    /// Receipts of what it read that the target sent and the source took
+    /// (`CAP_RECEIPTS`, with `auto`; absent: none, or the source was the
+    /// remote end).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub receipts: u64,
     /// `--bwlimit`: bytes per second the source end could write (absent:
     /// no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,6 +240,7 @@ impl Default for Report {
             shared_reference: None,
             stream_levels: Vec::new(),
             stream_frames: 0,
+            receipts: 0,
             blocks_zero: 0,
             blocks_reused: 0,
             blocks_fetched: 0,

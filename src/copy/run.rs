@@ -162,7 +162,9 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
             // source hang up: then the source's own error says why.
             match (result, source_result) {
                 // (the levels are the source's to tell)
-                (Ok(report), Ok(from_source)) => Report { stream_levels: from_source.stream_levels, ..report },
+                (Ok(report), Ok(from_source)) => {
+                    Report { stream_levels: from_source.stream_levels, receipts: from_source.receipts, ..report }
+                }
                 (_, Err(e @ EngineError::Interrupted { .. })) => return Err(e),
                 (Err(EngineError::Protocol(ProtocolError::Eof(_) | ProtocolError::Io(_))), Err(e)) => return Err(e),
                 (Err(e), _) | (Ok(_), Err(e)) => return Err(e),

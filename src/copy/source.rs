@@ -38,11 +38,12 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
     CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
     MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
+use crate::wire::receipts::Receipts;
 use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
 use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
@@ -197,6 +198,9 @@ struct Shared {
     /// The levels the stream compressed at, in order (for the report).
     stream_levels: Mutex<Vec<i32>>,
     stats: Arc<LinkStats>,
+    /// The target's receipts (`CAP_RECEIPTS` agreed): `auto` measures the
+    /// link by them, and the stream waits at their gate.
+    receipts: Option<Arc<Receipts>>,
     workers: usize,
 }
 
@@ -325,7 +329,10 @@ impl SourceSession {
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
             | CAP_BLOCK_HINTS
-            | CAP_SHORT_SUB_HASHES;
+            | CAP_SHORT_SUB_HASHES
+            // Receipts serve `auto` only, and its levels: without them
+            // (`raise_levels` off) the copy stays the way to compare.
+            | if opts.compress == Choice::Auto && opts.raise_levels { CAP_RECEIPTS } else { 0 };
         let (mut link, agreed) = handshake_within(link, Role::Source, caps, opts.idle_timeout)?;
         if agreed.caps & live_cap != live_cap {
             return Err(EngineError::NoLiveSupport);
@@ -371,6 +378,7 @@ impl SourceSession {
             stream_level: AtomicI32::new(stream_level.unwrap_or(zstream::AUTO_LEVEL)),
             stream_levels: Mutex::new(Vec::new()),
             stats: link.stats.clone(),
+            receipts: (agreed.caps & CAP_RECEIPTS != 0).then(|| Arc::new(Receipts::new(link.stats.clone()))),
             workers,
         });
 
@@ -413,6 +421,7 @@ impl SourceSession {
             hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
             short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
         };
+        let reader_receipts = shared.receipts.clone();
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
         let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
@@ -428,7 +437,9 @@ impl SourceSession {
             None if shared_agreed => Some(None),
             None => None,
         };
-        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer));
+        thread::spawn(move || {
+            read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer, reader_receipts)
+        });
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -728,6 +739,7 @@ impl SourceSession {
         };
         // (every piece was decoded by now: the stream's thread is idle)
         report.stream_levels = self.shared.stream_levels.lock().unwrap().clone();
+        report.receipts = self.shared.receipts.as_ref().map_or(0, |r| r.count());
         let algo = self.opts.algo;
         let own = hex(&image_digest(algo, &self.shared.layout, &self.groups)[..algo.width()]);
         if !report.verified || report.digest != own {
@@ -1040,6 +1052,8 @@ fn read_loop(
     // Some(None): the capability was agreed but no stream can use a
     // reference, so the answer is none.
     mut offer: Option<Option<Offer>>,
+    // `CAP_RECEIPTS` agreed: where receipts go.
+    receipts: Option<Arc<Receipts>>,
 ) {
     let result = (|| loop {
         waiting.set(true);
@@ -1092,6 +1106,9 @@ fn read_loop(
             }
             Message::PassDone { pass, stale_groups } => {
                 let _ = events.send(Ok(Event::PassDone { pass, stale: stale_groups }));
+            }
+            Message::Received { bytes } if receipts.is_some() => {
+                receipts.as_ref().expect("checked").on_receipt(bytes);
             }
             Message::Done { report } => {
                 let report: Report = serde_json::from_str(&report)
@@ -1186,7 +1203,14 @@ fn stream_loop(
         },
     };
     let mut used = None;
+    // Only a stream that may change level waits for receipts: what it
+    // compresses after `auto` measured the link is at the level chosen
+    // then, not megabytes compressed ahead into buffers.
+    let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
     for run in rx {
+        if let Some(g) = gate {
+            g.wait_for_room();
+        }
         let want = sh.stream_level.load(Ordering::Relaxed);
         if enc.can_change_level() && want != enc.level() {
             enc.set_level(want)?;
@@ -1436,12 +1460,28 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
                 p.sample(&raw);
             }
             let now = Instant::now();
-            let link = LinkView {
+            let mut link = LinkView {
                 drain_rate: sh.stats.drain_rate(),
                 written: sh.stats.written(),
                 spell: sh.stats.spell(now),
                 busy: sh.stats.busy_secs(now),
+                receipts: false,
             };
+            if let Some(r) = &sh.receipts {
+                // The receipts' view wherever it has evidence: behind ssh's
+                // and the kernel's buffers the gate keeps the stream from
+                // ever blocking a write. The writes' view where it has
+                // none: `--bwlimit` holds bytes before they count as
+                // written, so receipts see no backlog there. Busy time
+                // adds up, so that the level drops only when neither
+                // shows the link busy.
+                let (drain_rate, spell, busy) = r.view(now);
+                if spell.is_some() {
+                    (link.spell, link.receipts) = (spell, true);
+                }
+                link.drain_rate = drain_rate.or(link.drain_rate);
+                link.busy += busy;
+            }
             let route = p.choose(link, sh.workers, raw.len() as u64, now);
             sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
             route

@@ -45,10 +45,11 @@ use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_SHARED_REF,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
     CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
     MAX_RUN_BYTES, WINDOW,
 };
+use crate::wire::receipts::ReceiptSender;
 use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
@@ -396,7 +397,8 @@ pub fn run_with(
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
             | CAP_BLOCK_HINTS
-            | CAP_SHORT_SUB_HASHES,
+            | CAP_SHORT_SUB_HASHES
+            | CAP_RECEIPTS,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -408,6 +410,8 @@ pub fn run_with(
     let idle = opts.idle_timeout.filter(|_| v2);
     // Keep-alives from now on: hashing DST and the references can take long.
     let keepalive = idle.map(|i| KeepAlive::start(out.clone(), stats.clone(), keepalive_interval(i)));
+    // Receipts of what arrived, for the source's `auto` (`wire::receipts`).
+    let receipts = (agreed.caps & CAP_RECEIPTS != 0).then(|| ReceiptSender::start(out.clone(), stats.clone()));
     // A reader thread keeps the link drained while we hash and write, so
     // the source never stalls on a full pipe while we are busy.
     let (tx, rx) = bounded::<Result<Message, ProtocolError>>(64);
@@ -451,7 +455,7 @@ pub fn run_with(
         t.progress.phase("copying", t.layout.size);
         t.main_loop(&rx)
     })();
-    drop((watchdog, keepalive));
+    drop((watchdog, keepalive, receipts));
     if let Err(e) = &result {
         if let Ok(mut w) = out.lock() {
             let _ = write_message(&mut *w, &Message::Error { message: format!("target: {e}") });

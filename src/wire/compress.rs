@@ -299,6 +299,15 @@ const RAISE_SPELL_SECS: f64 = 2.0;
 /// ... and carried at least this much in that spell: the link moved data,
 /// at its own pace.
 const RAISE_SPELL_BYTES: u64 = 256 << 10;
+/// With receipts (`wire::receipts`) a spell is the link's own pace behind
+/// every buffer, seen within a receipt's time, and the stream is held
+/// about a second ahead of it: half a second and 64 KiB of it decide.
+/// (A busy receiver still breaks a spell: it acknowledges late, then all
+/// at once, as `wire::flow`'s rules tell.) Two seconds here would leave a
+/// return migration at 2 Mbit/s, 6 s in all, a third of its stream at the
+/// first level.
+const RECEIPT_SPELL_SECS: f64 = 0.5;
+const RECEIPT_SPELL_BYTES: u64 = 64 << 10;
 /// At a raised level, the share of wall time the writer spends in writes
 /// is checked over windows of this length...
 const DROP_WINDOW_SECS: f64 = 2.0;
@@ -326,6 +335,11 @@ pub struct LinkView {
     pub spell: Option<Spell>,
     /// Seconds the writer has spent in writes so far.
     pub busy: f64,
+    /// The spell comes from the target's receipts (`wire::receipts`): the
+    /// intervals between receipts in which the link had a backlog. (With
+    /// receipts the drain rate is theirs too when they have one, and
+    /// `busy` adds the seconds the link had a backlog.)
+    pub receipts: bool,
 }
 
 /// Where the stream's level is in its one rise and one fall per copy.
@@ -525,6 +539,12 @@ impl AutoPolicy {
                 cpu_per_byte: cpu / data.len() as f64,
             };
             self.level_samples[j] = Some(s);
+            log::debug!(
+                "auto: level {level} sampled {:.3} at {:.1} MB/s (link {:.0} kB/s)",
+                s.ratio,
+                1e-6 / s.cpu_per_byte.max(1e-12),
+                rate / 1e3
+            );
             best_link = best_link.min(s.ratio / rate);
             if s.cpu_per_byte * LEVEL_CPU_MARGIN >= best_link {
                 break;
@@ -630,9 +650,14 @@ impl AutoPolicy {
                     self.noted = Some(now);
                 }
                 let (Some(rate), Some(spell)) = (link.drain_rate, link.spell) else { return };
+                let (secs, bytes) = if link.receipts {
+                    (RECEIPT_SPELL_SECS, RECEIPT_SPELL_BYTES)
+                } else {
+                    (RAISE_SPELL_SECS, RAISE_SPELL_BYTES)
+                };
                 if !slow
-                    || spell.secs < RAISE_SPELL_SECS
-                    || spell.bytes < RAISE_SPELL_BYTES
+                    || spell.secs < secs
+                    || spell.bytes < bytes
                     || spell.rate() >= LEVELS_BELOW
                     || self.last_sample.is_empty()
                 {
@@ -1170,6 +1195,7 @@ mod tests {
             written: 1 << 30,
             spell: spell.map(|(secs, rate)| Spell { secs, bytes: (secs * rate) as u64 }),
             busy,
+            receipts: false,
         }
     }
 
@@ -1240,6 +1266,35 @@ mod tests {
         assert_eq!(levels.len(), 2, "{levels:?}");
         assert!(levels[1] > 3, "{levels:?}");
         assert!(matches!(p.level_state, Levels::Raised { .. }));
+    }
+
+    /// With receipts (`wire::receipts`) the spell is the link's own pace
+    /// behind every buffer: half a second of it decides, where the
+    /// writer's spell needs two.
+    #[test]
+    fn with_receipts_half_a_second_of_slow_spell_raises_the_level() {
+        let t0 = Instant::now();
+        let mut p = slow_policy(t0);
+        let mut levels = vec![p.stream_level()];
+        for i in 1..=7u32 {
+            let t = t0 + Duration::from_millis(100) * i;
+            let secs = (t - t0).as_secs_f64();
+            let link = LinkView { receipts: true, ..view(Some(SLOW), Some((secs, SLOW)), secs) };
+            p.choose(link, 2, 4096, t);
+            if i == 4 {
+                assert_eq!(p.stream_level(), 3, "0.4 s is not enough");
+            }
+            if levels.last() != Some(&p.stream_level()) {
+                levels.push(p.stream_level());
+            }
+        }
+        assert_eq!(levels.len(), 2, "{levels:?}");
+        assert!(levels[1] > 3, "{levels:?}");
+        // The same half second from the writer's spell: nothing yet.
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, _) = feed(&mut p, t0, 7, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [3]);
     }
 
     /// Without the capability (or with `raise_levels` off: no

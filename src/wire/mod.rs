@@ -8,6 +8,7 @@
 //! - [`sketch`]: a resemblance sketch of a block; DST's blocks indexed by it.
 //! - [`subgroup`]: a group's keys only where its sub-groups differ from DST's.
 //! - [`liveness`]: idle timeouts and keep-alives.
+//! - [`receipts`]: the target's receipts of what it read; the source's gate and link clock from them.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
 //! - [`throttle`]: the token bucket of `--bwlimit`, in front of a link's writer.
 //! - [`transport`]: local socket pairs, ssh, byte counting.
@@ -17,6 +18,7 @@ pub mod flow;
 pub mod liveness;
 pub mod protocol;
 pub mod rate;
+pub mod receipts;
 pub mod sketch;
 pub mod stream;
 pub mod subdelta;

@@ -268,6 +268,32 @@
 //! them, which holds every match the source can find, at the same
 //! distance.
 //!
+//! Receipts (capability [`CAP_RECEIPTS`]): when both ends set it, the
+//! target sends `Received(bytes)` now and then: how many bytes it has read
+//! from the link so far, counted from the link's first byte (the source's
+//! Hello included), after at least
+//! [`RECEIPT_EVERY`](crate::wire::receipts::RECEIPT_EVERY) more bytes and
+//! [`RECEIPT_GAP`](crate::wire::receipts::RECEIPT_GAP) after the last one.
+//! They are the link's clock as the target sees it, behind every buffer
+//! between the ends (ssh's, the kernel's): the source's `auto` measures the
+//! link by them, and keeps its zstd stream at most about a second of the
+//! link ahead of what arrived, so that a level chosen on that measurement
+//! applies to the rest of the copy, not after megabytes compressed ahead
+//! into buffers (`wire::receipts`). Receipts may come between any two
+//! frames after the handshake, and are never answered. Nothing in them is
+//! trusted beyond pacing: a count above what the source wrote is taken as
+//! what it wrote, one below an earlier count is ignored, and a target that
+//! acknowledges nothing more is no longer waited for after
+//! [`GATE_GIVE_UP`](crate::wire::receipts::GATE_GIVE_UP). A `Received`
+//! without the capability agreed, or of another length than 8 bytes, is an
+//! error naming the frame.
+//!
+//! ```text
+//!    | -- Blocks(...) -----------------------------------> |
+//!    | <------------------------------ Received(bytes) --- |  every 32 KiB read,
+//!    | -- Blocks(...) -----------------------------------> |  20 ms apart at most
+//! ```
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -363,6 +389,11 @@ pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
 /// Without it (a peer of the previous release) the target sends
 /// `FetchDelta`.
 pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
+/// Capability: the target sends `Received(bytes)` receipts of what it read
+/// (`wire::receipts`); the source's `auto` paces and measures its stream by
+/// them. Without it (a peer of the previous release) `auto` measures the
+/// link by its own blocked writes, as before.
+pub const CAP_RECEIPTS: u32 = 1 << 9;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -412,6 +443,8 @@ pub enum Kind {
     WantChangedSubs = 26,
     /// Capability [`CAP_SHORT_SUB_HASHES`]: `FetchDelta` with short hashes.
     FetchDeltaShort = 27,
+    /// Capability [`CAP_RECEIPTS`]: bytes the target has read so far.
+    Received = 28,
 }
 
 impl Kind {
@@ -445,6 +478,7 @@ impl Kind {
             HintedKeys,
             WantChangedSubs,
             FetchDeltaShort,
+            Received,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -514,6 +548,10 @@ pub enum Message {
         message: String,
     },
     KeepAlive,
+    /// Bytes the target has read from the link so far ([`CAP_RECEIPTS`]).
+    Received {
+        bytes: u64,
+    },
     /// Block `block`, whose old version has signature `sig`
     /// ([`HASH_LEN`](crate::wire::subdelta::HASH_LEN) bytes per sub-block).
     FetchDelta {
@@ -674,6 +712,7 @@ impl Message {
             Message::FetchDeltaShort { .. } => Kind::FetchDeltaShort,
             Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
             Message::HintedKeys { .. } => Kind::HintedKeys,
+            Message::Received { .. } => Kind::Received,
         }
     }
 
@@ -755,6 +794,7 @@ impl Message {
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
             Message::KeepAlive => {}
+            Message::Received { bytes } => put_u64(&mut b, *bytes),
             Message::FetchDelta { block, sig } | Message::FetchDeltaShort { block, sig } => {
                 put_u64(&mut b, *block);
                 b.extend_from_slice(sig);
@@ -926,6 +966,10 @@ impl Message {
             Kind::KeepAlive => {
                 exact(0)?;
                 Message::KeepAlive
+            }
+            Kind::Received => {
+                exact(8)?;
+                Message::Received { bytes: u64_at(0) }
             }
             Kind::FetchDelta => {
                 if p.len() < 8 || (p.len() - 8) % HASH_LEN != 0 {
@@ -1276,6 +1320,7 @@ mod tests {
             Message::PassBegin { pass: 2, final_pass: true, changed_blocks: 77 },
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
             Message::KeepAlive,
+            Message::Received { bytes: 1 << 40 },
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
             Message::FetchDeltaShort { block: 5, sig: vec![1, 2, 3, 4, 5, 6] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },

@@ -246,6 +246,11 @@ impl StreamEncoder {
         self
     }
 
+    /// Whether the target follows level changes (`follow_levels`).
+    pub fn follows_levels(&self) -> bool {
+        self.tail.is_some()
+    }
+
     /// Whether [`set_level`](Self::set_level) may be called now: the
     /// target follows, and the running frame carried [`LEVEL_FRAME_MIN`].
     pub fn can_change_level(&self) -> bool {

@@ -131,23 +131,32 @@ const RATE_WRITES: usize = 8;
 /// costs CPU at worst. An average over the whole copy would also let the
 /// start of a copy weigh on its end.
 #[derive(Debug, Default)]
-struct RecentRates {
+pub(crate) struct RecentRates {
     rates: [f64; 15],
     len: usize,
     next: usize,
 }
 
 impl RecentRates {
-    fn push(&mut self, rate: f64) {
+    pub(crate) fn push(&mut self, rate: f64) {
         self.rates[self.next] = rate;
         self.next = (self.next + 1) % self.rates.len();
         self.len = (self.len + 1).min(self.rates.len());
     }
 
-    fn lower_quartile(&self) -> Option<f64> {
+    pub(crate) fn lower_quartile(&self) -> Option<f64> {
         let mut r = self.rates[..self.len].to_vec();
         r.sort_by(f64::total_cmp);
         r.get(r.len() / 4).copied()
+    }
+
+    /// The fastest of them.
+    pub(crate) fn max(&self) -> Option<f64> {
+        self.rates[..self.len].iter().copied().reduce(f64::max)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -175,6 +184,13 @@ impl LinkStats {
 
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+
+    /// Count `bytes` as written, without writing (tests of what reads the
+    /// counters).
+    #[cfg(test)]
+    pub(crate) fn count_written_for_tests(&self, bytes: u64) {
+        self.written.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Bytes per second the link drained while our writes were blocked;
