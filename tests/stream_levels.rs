@@ -164,7 +164,7 @@ fn lying_receipts_pace_nothing_wrong() {
     for (name, lie) in [("far ahead", u64::MAX), ("stuck", 0)] {
         let _ = fs::remove_file(&b);
         let edit: Edit = Box::new(move |m| match m {
-            Message::Received { .. } => Message::Received { bytes: lie },
+            Message::Received { waited_ns, .. } => Message::Received { bytes: lie, waited_ns },
             m => m,
         });
         let t = std::time::Instant::now();

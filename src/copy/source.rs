@@ -420,8 +420,8 @@ impl SourceSession {
             sketches: agreed.caps & CAP_SIMILAR != 0,
             hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
             short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
+            receipts: shared.receipts.clone(),
         };
-        let reader_receipts = shared.receipts.clone();
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
         let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
@@ -437,9 +437,7 @@ impl SourceSession {
             None if shared_agreed => Some(None),
             None => None,
         };
-        thread::spawn(move || {
-            read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer, reader_receipts)
-        });
+        thread::spawn(move || read_loop(reader, work_tx, reader_frames, event_tx, reader_waiting, optional, offer));
         let watchdog = match opts.idle_timeout {
             Some(idle) if agreed.keepalive() => {
                 let fail = fail_tx.clone();
@@ -1026,8 +1024,8 @@ fn write_loop(mut w: Writer, rx: Receiver<Message>, keepalive: Option<Duration>)
     }
 }
 
-/// Optional requests the target may make (capabilities both ends set).
-#[derive(Clone, Copy)]
+/// Optional requests the target may make, and frames it may send
+/// (capabilities both ends set).
 struct Optional {
     /// `FetchDelta` (`CAP_SUB_DELTA`).
     deltas: bool,
@@ -1039,6 +1037,8 @@ struct Optional {
     hints: bool,
     /// `FetchDeltaShort` (`CAP_SHORT_SUB_HASHES` with `CAP_SUB_DELTA`).
     short_hashes: bool,
+    /// `Received` (`CAP_RECEIPTS`): where receipts go.
+    receipts: Option<Arc<Receipts>>,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1052,8 +1052,6 @@ fn read_loop(
     // Some(None): the capability was agreed but no stream can use a
     // reference, so the answer is none.
     mut offer: Option<Option<Offer>>,
-    // `CAP_RECEIPTS` agreed: where receipts go.
-    receipts: Option<Arc<Receipts>>,
 ) {
     let result = (|| loop {
         waiting.set(true);
@@ -1107,8 +1105,8 @@ fn read_loop(
             Message::PassDone { pass, stale_groups } => {
                 let _ = events.send(Ok(Event::PassDone { pass, stale: stale_groups }));
             }
-            Message::Received { bytes } if receipts.is_some() => {
-                receipts.as_ref().expect("checked").on_receipt(bytes);
+            Message::Received { bytes, waited_ns } if optional.receipts.is_some() => {
+                optional.receipts.as_ref().expect("checked").on_receipt(bytes, waited_ns);
             }
             Message::Done { report } => {
                 let report: Report = serde_json::from_str(&report)
@@ -1207,9 +1205,21 @@ fn stream_loop(
     // compresses after `auto` measured the link is at the level chosen
     // then, not megabytes compressed ahead into buffers.
     let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
+    let (mut held, mut holds) = (Duration::ZERO, 0u32);
     for run in rx {
         if let Some(g) = gate {
+            let t = Instant::now();
             g.wait_for_room();
+            let waited = t.elapsed();
+            if waited > Duration::from_millis(1) {
+                (held, holds) = (held + waited, holds + 1);
+                // The level is decided when runs are routed; while this
+                // thread waited the workers, whose runs it holds, could
+                // route none. Decide now, on what the wait showed.
+                let mut p = sh.auto.lock().unwrap();
+                p.levels_tick(link_view(sh, Instant::now()), Instant::now());
+                sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+            }
         }
         let want = sh.stream_level.load(Ordering::Relaxed);
         if enc.can_change_level() && want != enc.level() {
@@ -1231,6 +1241,9 @@ fn stream_loop(
         if frames.send(m).is_err() {
             break; // the writer is gone: the copy is failing already
         }
+    }
+    if gate.is_some() {
+        log::debug!("stream: held {:.2} s at the receipts' gate ({holds} times)", held.as_secs_f64());
     }
     Ok(())
 }
@@ -1449,6 +1462,32 @@ enum Routed {
 /// Pick how `raw` (a run, or a delta body) travels: through the copy's
 /// zstd stream (`streaming`: the target takes one) when the user chose
 /// zstd or `auto` routes it there, else compressed on its own (or raw).
+/// What `auto` knows of the link at `now`.
+fn link_view(sh: &Shared, now: Instant) -> LinkView {
+    let mut link = LinkView {
+        drain_rate: sh.stats.drain_rate(),
+        written: sh.stats.written(),
+        spell: sh.stats.spell(now),
+        busy: sh.stats.busy_secs(now),
+        receipts: false,
+    };
+    if let Some(r) = &sh.receipts {
+        // The receipts' view wherever it has evidence: behind ssh's and the
+        // kernel's buffers the gate keeps the stream from ever blocking a
+        // write. The writes' view where it has none: `--bwlimit` holds
+        // bytes before they count as written, so receipts see no backlog
+        // there. Busy time adds up, so that the level drops only when
+        // neither shows the link busy.
+        let (drain_rate, spell, busy) = r.view(now);
+        if spell.is_some() {
+            (link.spell, link.receipts) = (spell, true);
+        }
+        link.drain_rate = drain_rate.or(link.drain_rate);
+        link.busy += busy;
+    }
+    link
+}
+
 fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
     let raw_len = raw.len() as u32;
     let route = match sh.compress {
@@ -1460,28 +1499,7 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
                 p.sample(&raw);
             }
             let now = Instant::now();
-            let mut link = LinkView {
-                drain_rate: sh.stats.drain_rate(),
-                written: sh.stats.written(),
-                spell: sh.stats.spell(now),
-                busy: sh.stats.busy_secs(now),
-                receipts: false,
-            };
-            if let Some(r) = &sh.receipts {
-                // The receipts' view wherever it has evidence: behind ssh's
-                // and the kernel's buffers the gate keeps the stream from
-                // ever blocking a write. The writes' view where it has
-                // none: `--bwlimit` holds bytes before they count as
-                // written, so receipts see no backlog there. Busy time
-                // adds up, so that the level drops only when neither
-                // shows the link busy.
-                let (drain_rate, spell, busy) = r.view(now);
-                if spell.is_some() {
-                    (link.spell, link.receipts) = (spell, true);
-                }
-                link.drain_rate = drain_rate.or(link.drain_rate);
-                link.busy += busy;
-            }
+            let link = link_view(sh, now);
             let route = p.choose(link, sh.workers, raw.len() as u64, now);
             sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
             route

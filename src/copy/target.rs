@@ -49,7 +49,7 @@ use crate::wire::protocol::{
     CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
     MAX_RUN_BYTES, WINDOW,
 };
-use crate::wire::receipts::ReceiptSender;
+use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
@@ -411,7 +411,9 @@ pub fn run_with(
     // Keep-alives from now on: hashing DST and the references can take long.
     let keepalive = idle.map(|i| KeepAlive::start(out.clone(), stats.clone(), keepalive_interval(i)));
     // Receipts of what arrived, for the source's `auto` (`wire::receipts`).
-    let receipts = (agreed.caps & CAP_RECEIPTS != 0).then(|| ReceiptSender::start(out.clone(), stats.clone()));
+    let read_wait = Arc::new(ReadWait::default());
+    let receipts =
+        (agreed.caps & CAP_RECEIPTS != 0).then(|| ReceiptSender::start(out.clone(), stats.clone(), read_wait.clone()));
     // A reader thread keeps the link drained while we hash and write, so
     // the source never stalls on a full pipe while we are busy.
     let (tx, rx) = bounded::<Result<Message, ProtocolError>>(64);
@@ -420,7 +422,9 @@ pub fn run_with(
     let reader_tx = tx.clone();
     let reader_thread = thread::spawn(move || loop {
         reader_waiting.set(true);
+        read_wait.begin();
         let m = read_message(&mut reader, "before the copy was complete");
+        read_wait.end();
         reader_waiting.set(false);
         let stop = matches!(m, Err(_) | Ok(Message::Bye { .. }));
         if reader_tx.send(m).is_err() || stop {

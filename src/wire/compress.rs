@@ -596,17 +596,26 @@ impl AutoPolicy {
         route
     }
 
+    /// The stream's level decided at `now` without routing anything (the
+    /// stream's thread, after it waited for the link).
+    pub fn levels_tick(&mut self, link: LinkView, now: Instant) {
+        self.levels_step(link, now);
+    }
+
     /// The stream's level: it rises at most once per copy, and falls at
     /// most once, back to the first level, for good.
     ///
     /// - It rises only while the stream is the route on a slow link
     ///   (below [`LEVELS_BELOW`]) whose writes blocked steadily for
-    ///   [`RAISE_SPELL_SECS`] in one spell at that rate, to the level the
-    ///   model finds fastest on the last sample (measured then).
+    ///   [`RAISE_SPELL_SECS`] in one spell at that rate (with receipts:
+    ///   whose receipts showed a backlog for [`RECEIPT_SPELL_SECS`]), to
+    ///   the level the model finds fastest on the last sample (the levels
+    ///   measured on it as soon as the link reads slow).
     /// - It falls when the route leaves the stream or the link stops
     ///   counting as slow, or when over [`DROP_WINDOW_SECS`] the writer
-    ///   was in writes less than [`DROP_BUSY`] of the time: the
-    ///   compressor, not the link, set the pace.
+    ///   was in writes (or, with receipts, the link had a backlog) less
+    ///   than [`DROP_BUSY`] of the time: the compressor, not the link, set
+    ///   the pace.
     fn levels_step(&mut self, link: LinkView, now: Instant) {
         if !self.levels {
             return;
@@ -649,7 +658,18 @@ impl AutoPolicy {
                     );
                     self.noted = Some(now);
                 }
-                let (Some(rate), Some(spell)) = (link.drain_rate, link.spell) else { return };
+                let Some(rate) = link.drain_rate else { return };
+                let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
+                // The levels are measured on the last sample as soon as the
+                // link reads slow, before the spell that decides: the
+                // measurement (level 19 alone takes about half a second)
+                // then overlaps the wait for that evidence instead of
+                // delaying the change by as much.
+                if slow && self.level_samples[0].is_none() && !self.last_sample.is_empty() {
+                    let data = std::mem::take(&mut self.last_sample);
+                    self.sample_levels(&data, rate);
+                }
+                let Some(spell) = link.spell else { return };
                 let (secs, bytes) = if link.receipts {
                     (RECEIPT_SPELL_SECS, RECEIPT_SPELL_BYTES)
                 } else {
@@ -659,16 +679,13 @@ impl AutoPolicy {
                     || spell.secs < secs
                     || spell.bytes < bytes
                     || spell.rate() >= LEVELS_BELOW
-                    || self.last_sample.is_empty()
+                    || self.level_samples[0].is_none()
                 {
                     return;
                 }
-                let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
                 // The slower of the two readings: either may still be
                 // catching up with the other.
                 let rate = rate.max(spell.rate());
-                let data = std::mem::take(&mut self.last_sample);
-                self.sample_levels(&data, rate);
                 let level = self.stream_cost(base, rate).1;
                 if level == self.stream_level {
                     // Not worth a new frame: measured again on the next sample.

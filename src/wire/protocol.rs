@@ -269,14 +269,18 @@
 //! distance.
 //!
 //! Receipts (capability [`CAP_RECEIPTS`]): when both ends set it, the
-//! target sends `Received(bytes)` now and then: how many bytes it has read
-//! from the link so far, counted from the link's first byte (the source's
-//! Hello included), after at least
+//! target sends `Received(bytes, waited)` now and then: how many bytes it
+//! has read from the link so far, counted from the link's first byte (the
+//! source's Hello included), and how many nanoseconds its reader has spent
+//! waiting for them (rather than handing frames to a busy target), after
+//! at least
 //! [`RECEIPT_EVERY`](crate::wire::receipts::RECEIPT_EVERY) more bytes and
 //! [`RECEIPT_GAP`](crate::wire::receipts::RECEIPT_GAP) after the last one.
 //! They are the link's clock as the target sees it, behind every buffer
 //! between the ends (ssh's, the kernel's): the source's `auto` measures the
-//! link by them, and keeps its zstd stream at most about a second of the
+//! link by them (an interval in which the reader mostly waited is the
+//! link's pace; one in which it mostly handed frames on is the target's),
+//! and keeps its zstd stream at most about a second of the
 //! link ahead of what arrived, so that a level chosen on that measurement
 //! applies to the rest of the copy, not after megabytes compressed ahead
 //! into buffers (`wire::receipts`). Receipts may come between any two
@@ -285,12 +289,12 @@
 //! what it wrote, one below an earlier count is ignored, and a target that
 //! acknowledges nothing more is no longer waited for after
 //! [`GATE_GIVE_UP`](crate::wire::receipts::GATE_GIVE_UP). A `Received`
-//! without the capability agreed, or of another length than 8 bytes, is an
-//! error naming the frame.
+//! without the capability agreed, or of another length than 16 bytes, is
+//! an error naming the frame.
 //!
 //! ```text
 //!    | -- Blocks(...) -----------------------------------> |
-//!    | <------------------------------ Received(bytes) --- |  every 32 KiB read,
+//!    | <---------------------- Received(bytes, waited) --- |  every 32 KiB read,
 //!    | -- Blocks(...) -----------------------------------> |  20 ms apart at most
 //! ```
 //!
@@ -389,7 +393,7 @@ pub const CAP_BLOCK_HINTS: u32 = 1 << 7;
 /// Without it (a peer of the previous release) the target sends
 /// `FetchDelta`.
 pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
-/// Capability: the target sends `Received(bytes)` receipts of what it read
+/// Capability: the target sends `Received(bytes, waited)` receipts of what it read
 /// (`wire::receipts`); the source's `auto` paces and measures its stream by
 /// them. Without it (a peer of the previous release) `auto` measures the
 /// link by its own blocked writes, as before.
@@ -548,9 +552,11 @@ pub enum Message {
         message: String,
     },
     KeepAlive,
-    /// Bytes the target has read from the link so far ([`CAP_RECEIPTS`]).
+    /// Bytes the target has read from the link so far, and nanoseconds
+    /// its reader spent waiting for them ([`CAP_RECEIPTS`]).
     Received {
         bytes: u64,
+        waited_ns: u64,
     },
     /// Block `block`, whose old version has signature `sig`
     /// ([`HASH_LEN`](crate::wire::subdelta::HASH_LEN) bytes per sub-block).
@@ -794,7 +800,10 @@ impl Message {
             }
             Message::Error { message } => b.extend_from_slice(message.as_bytes()),
             Message::KeepAlive => {}
-            Message::Received { bytes } => put_u64(&mut b, *bytes),
+            Message::Received { bytes, waited_ns } => {
+                put_u64(&mut b, *bytes);
+                put_u64(&mut b, *waited_ns);
+            }
             Message::FetchDelta { block, sig } | Message::FetchDeltaShort { block, sig } => {
                 put_u64(&mut b, *block);
                 b.extend_from_slice(sig);
@@ -968,8 +977,8 @@ impl Message {
                 Message::KeepAlive
             }
             Kind::Received => {
-                exact(8)?;
-                Message::Received { bytes: u64_at(0) }
+                exact(16)?;
+                Message::Received { bytes: u64_at(0), waited_ns: u64_at(8) }
             }
             Kind::FetchDelta => {
                 if p.len() < 8 || (p.len() - 8) % HASH_LEN != 0 {
@@ -1320,7 +1329,7 @@ mod tests {
             Message::PassBegin { pass: 2, final_pass: true, changed_blocks: 77 },
             Message::PassDone { pass: 1, stale_groups: vec![3, 9] },
             Message::KeepAlive,
-            Message::Received { bytes: 1 << 40 },
+            Message::Received { bytes: 1 << 40, waited_ns: 7 },
             Message::FetchDelta { block: 5, sig: vec![1, 2, 3, 4, 5, 6, 7, 8] },
             Message::FetchDeltaShort { block: 5, sig: vec![1, 2, 3, 4, 5, 6] },
             Message::Delta { block: 5, codec: 4, raw_len: 513, payload: vec![9; 20] },

@@ -22,11 +22,17 @@
 //!   blocked writes: a drain rate, a spell (`wire::flow`) and the time the
 //!   link was busy. An interval between two receipts says how fast the
 //!   link drained only when the target did not catch up with what was
-//!   already outstanding at its start (*backlogged*); otherwise it says how
-//!   fast this end produced.
+//!   already outstanding at its start (*backlogged*; otherwise it says how
+//!   fast this end produced), and its reader spent at least
+//!   [`LINK_WAIT_SHARE`] of it waiting for bytes ([`ReadWait`]; otherwise
+//!   the target, busy with what it had, set the pace: over real ssh at
+//!   100 Mbit/s, a target busy with sub-block deltas acknowledged below
+//!   1 MB/s for half a second and raised the level of a copy the link
+//!   would have carried at level 3, 8.7 s instead of 6.5).
 //! - The source's stream waits at the [`Receipts::wait_for_room`] gate while
 //!   more than [`Clock::window`] bytes are unacknowledged: at least
-//!   [`GATE_MIN`], else a second of the fastest delivery seen, so a fast
+//!   [`GATE_MIN`], else a second of the link's drain rate (of the
+//!   deliveries seen while that is unknown), so a fast
 //!   link is not held and a slow one has about a second of stream in
 //!   flight.
 //!
@@ -39,6 +45,7 @@
 //! tested with made-up sequences, without sleeping.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -58,7 +65,7 @@ pub const RECEIPT_GAP: Duration = Duration::from_millis(20);
 /// 2 Mbit/s link, a few milliseconds of a fast one until its first
 /// receipts show it fast.
 pub const GATE_MIN: u64 = 256 << 10;
-/// Seconds of the fastest delivery seen that the stream may run ahead.
+/// Seconds of the link that the stream may run ahead.
 const GATE_SECS: f64 = 1.0;
 /// A gate that has had no receipt acknowledging more for this long stops
 /// waiting for good: a target that stopped sending them, or sends the same
@@ -69,6 +76,9 @@ pub const GATE_GIVE_UP: Duration = Duration::from_secs(5);
 /// Unacknowledged bytes at which the link counts as busy between two
 /// receipts (two receipts' worth).
 const BUSY_BACKLOG: u64 = 2 * RECEIPT_EVERY;
+/// An interval is the link's pace only if the target's reader spent at
+/// least this share of it waiting for bytes.
+const LINK_WAIT_SHARE: f64 = 0.5;
 /// Backlogged bytes and intervals before [`Clock::drain_rate`] answers:
 /// a quarter of a second at 2 Mbit/s.
 const RATE_EVIDENCE: u64 = 64 << 10;
@@ -82,8 +92,9 @@ const RATE_STALE: u64 = 8 << 20;
 pub struct Clock {
     /// Bytes acknowledged, as far as believed (never above what was written).
     acked: u64,
-    /// Time of the last receipt and bytes written then.
-    last: Option<(u64, u64)>,
+    /// Time of the last receipt, bytes written then, and the target's
+    /// reader's waiting time it reported.
+    last: Option<(u64, u64, u64)>,
     /// Intervals as pieces: backlogged ones are "blocked", the time spent
     /// waiting for a receipt with [`BUSY_BACKLOG`] outstanding is "in a
     /// write".
@@ -100,17 +111,23 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// A receipt of `claimed` bytes arrived at `now`, this end having
-    /// written `written` bytes by then.
-    pub fn on_receipt(&mut self, now: u64, claimed: u64, written: u64) {
+    /// A receipt of `claimed` bytes arrived at `now`, the target's reader
+    /// having waited `waited` ns for bytes in all, this end having written
+    /// `written` bytes by then.
+    pub fn on_receipt(&mut self, now: u64, claimed: u64, waited: u64, written: u64) {
         let acked = claimed.min(written).max(self.acked);
         self.receipts += 1;
-        if let Some((at, written_then)) = self.last {
+        let mut waited_before = 0;
+        if let Some((at, written_then, w)) = self.last {
+            waited_before = w;
             let (delta, took) = (acked - self.acked, now.saturating_sub(at));
             // What was outstanding when the interval began and is still
-            // not all here: the link (or the receiver), not this end, set
-            // the pace throughout.
-            let backlogged = delta > 0 && delta < written_then.saturating_sub(self.acked);
+            // not all here, while the target's reader mostly waited for
+            // bytes: the link, not this end or the target, set the pace.
+            // (Two clocks: the share is approximate, and a claim past the
+            // interval only counts as all of it.)
+            let waiting = waited.saturating_sub(w) as f64 / took.max(1) as f64;
+            let backlogged = delta > 0 && delta < written_then.saturating_sub(self.acked) && waiting >= LINK_WAIT_SHARE;
             self.flow.end_write(now);
             self.flow.piece(at, now, delta, backlogged);
             if took > 0 && delta > 0 {
@@ -124,7 +141,7 @@ impl Clock {
             }
         }
         self.acked = acked;
-        self.last = Some((now, written));
+        self.last = Some((now, written, waited.max(waited_before)));
         if written - acked >= BUSY_BACKLOG {
             self.flow.begin_write(now);
         }
@@ -165,10 +182,16 @@ impl Clock {
         self.flow.busy_secs(now)
     }
 
-    /// Bytes the stream may have unacknowledged.
-    pub fn window(&self) -> u64 {
-        let fastest = self.delivered.max().unwrap_or(0.0);
-        GATE_MIN.max((fastest * GATE_SECS) as u64)
+    /// Bytes the stream may have unacknowledged, `written` having been
+    /// written: a second of the link's drain rate where it is known, else
+    /// of the deliveries seen (the lower quartile of the last intervals: a
+    /// link that kept up with this end), at least [`GATE_MIN`]. (Not the
+    /// fastest: after a pause ssh and TCP deliver what waited in one burst,
+    /// and a window from that let a 2 Mbit/s copy compress most of its
+    /// stream ahead, then hold it for seconds once the rate was known.)
+    pub fn window(&self, written: u64) -> u64 {
+        let rate = self.drain_rate(written).or(self.delivered.lower_quartile()).unwrap_or(0.0);
+        GATE_MIN.max((rate * GATE_SECS) as u64)
     }
 }
 
@@ -205,12 +228,12 @@ impl Receipts {
         t.saturating_duration_since(self.origin).as_nanos() as u64
     }
 
-    /// A `Received(claimed)` frame arrived.
-    pub fn on_receipt(&self, claimed: u64) {
+    /// A `Received(claimed, waited)` frame arrived.
+    pub fn on_receipt(&self, claimed: u64, waited: u64) {
         let now = Instant::now();
         let mut s = self.clock.lock().unwrap();
         let before = s.clock.acked();
-        s.clock.on_receipt(self.ns(now), claimed, self.stats.written());
+        s.clock.on_receipt(self.ns(now), claimed, waited, self.stats.written());
         // Only progress counts: receipts that repeat a count must not hold
         // the gate shut for ever.
         if s.clock.acked() > before {
@@ -234,8 +257,9 @@ impl Receipts {
     pub fn wait_for_room(&self) {
         let mut s = self.clock.lock().unwrap();
         loop {
-            let outstanding = self.stats.written().saturating_sub(s.clock.acked());
-            if s.gave_up || outstanding <= s.clock.window() {
+            let written = self.stats.written();
+            let outstanding = written.saturating_sub(s.clock.acked());
+            if s.gave_up || outstanding <= s.clock.window(written) {
                 return;
             }
             if s.last_at.elapsed() >= GATE_GIVE_UP {
@@ -257,6 +281,50 @@ impl Receipts {
     }
 }
 
+/// The time the target's reader spends waiting for the link: from when it
+/// asks for the next frame to when it has it (its other time goes to
+/// handing frames to the target, which waits while the target is busy).
+#[derive(Debug)]
+pub struct ReadWait {
+    origin: Instant,
+    /// Nanoseconds of finished waits.
+    total: AtomicU64,
+    /// Start of the wait in progress, nanoseconds after `origin` plus one
+    /// (0: none).
+    since: AtomicU64,
+}
+
+impl Default for ReadWait {
+    fn default() -> Self {
+        ReadWait { origin: Instant::now(), total: AtomicU64::new(0), since: AtomicU64::new(0) }
+    }
+}
+
+impl ReadWait {
+    fn ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// The reader asks for the next frame.
+    pub fn begin(&self) {
+        self.since.store(self.ns(), Ordering::Relaxed);
+    }
+
+    /// ... and has it.
+    pub fn end(&self) {
+        let s = self.since.swap(0, Ordering::Relaxed);
+        if s != 0 {
+            self.total.fetch_add(self.ns().saturating_sub(s), Ordering::Relaxed);
+        }
+    }
+
+    /// Nanoseconds waited so far, the wait in progress included.
+    pub fn waited(&self) -> u64 {
+        let s = self.since.load(Ordering::Relaxed);
+        self.total.load(Ordering::Relaxed) + if s != 0 { self.ns().saturating_sub(s) } else { 0 }
+    }
+}
+
 /// The target's side: sends `Received` on the shared writer (see the
 /// module's notes). Stops when dropped.
 pub struct ReceiptSender {
@@ -264,10 +332,10 @@ pub struct ReceiptSender {
 }
 
 impl ReceiptSender {
-    pub fn start(out: Arc<Mutex<Writer>>, stats: Arc<LinkStats>) -> ReceiptSender {
+    pub fn start(out: Arc<Mutex<Writer>>, stats: Arc<LinkStats>, wait: Arc<ReadWait>) -> ReceiptSender {
         let (stop, stopped) = bounded::<()>(0);
         thread::spawn(move || {
-            let (mut sent, mut seen) = (stats.read(), stats.read());
+            let (mut sent, mut seen, mut waited) = (stats.read(), stats.read(), 0);
             loop {
                 match stopped.recv_timeout(RECEIPT_GAP) {
                     Err(RecvTimeoutError::Timeout) => {}
@@ -276,9 +344,11 @@ impl ReceiptSender {
                 let read = stats.read();
                 if read >= sent + RECEIPT_EVERY || (read > sent && read == seen) {
                     let Ok(mut w) = out.lock() else { return };
+                    // (Never going back, whatever the two counters' race.)
+                    waited = wait.waited().max(waited);
+                    let m = Message::Received { bytes: read, waited_ns: waited };
                     // A failed write shows on the copy's own next write.
-                    if write_message(&mut *w, &Message::Received { bytes: read }).and_then(|()| Ok(w.flush()?)).is_err()
-                    {
+                    if write_message(&mut *w, &m).and_then(|()| Ok(w.flush()?)).is_err() {
                         return;
                     }
                     sent = read;
@@ -297,14 +367,25 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     /// A link draining `rate` bytes/s with the source keeping `lead` bytes
-    /// unacknowledged: receipts every `every` ns from `at`, `n` of them.
-    fn drain(c: &mut Clock, at: u64, written0: u64, n: u64, every: u64, rate: f64, lead: u64) -> (u64, u64) {
+    /// unacknowledged: receipts every `every` ns from `at`, `n` of them,
+    /// the target's reader waiting `share` of the time.
+    #[allow(clippy::too_many_arguments)]
+    fn drain(
+        c: &mut Clock,
+        at: u64,
+        written0: u64,
+        n: u64,
+        every: u64,
+        rate: f64,
+        lead: u64,
+        share: f64,
+    ) -> (u64, u64) {
         let (mut t, mut written) = (at, written0);
         for _ in 0..n {
             t += every;
             let acked = c.acked() + (rate * every as f64 / 1e9) as u64;
             written = written.max(acked + lead);
-            c.on_receipt(t, acked, written);
+            c.on_receipt(t, acked, (t as f64 * share) as u64, written);
         }
         (t, written)
     }
@@ -312,56 +393,84 @@ mod tests {
     #[test]
     fn a_backlogged_slow_link_gives_its_rate_a_spell_and_busy_time() {
         let mut c = Clock::default();
-        c.on_receipt(0, 0, GATE_MIN);
+        c.on_receipt(0, 0, 0, GATE_MIN);
         assert_eq!(c.drain_rate(GATE_MIN), None, "one receipt is no interval");
-        // 250 kB/s (2 Mbit/s), a receipt every 131 ms, 256 KiB ahead.
-        let (end, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN);
+        // 250 kB/s (2 Mbit/s), a receipt every 131 ms, 256 KiB ahead, the
+        // target's reader waiting for bytes 90% of the time.
+        let (end, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN, 0.9);
         let rate = c.drain_rate(written).expect("8 intervals, 260 kB");
         assert!((rate - 250e3).abs() < 2e3, "{rate}");
         let s = c.spell(end + MS).expect("a spell");
         assert!((s.secs - 8.0 * 0.131).abs() < 0.01, "{s:?}");
         assert!((s.rate() - 250e3).abs() < 2e3);
         assert!((c.busy_secs(end) - 8.0 * 0.131).abs() < 0.01);
-        // The window: a second of the fastest delivery, at least GATE_MIN.
-        assert_eq!(c.window(), GATE_MIN);
+        // The window: a second of the drain rate, at least GATE_MIN.
+        assert_eq!(c.window(written), GATE_MIN);
     }
 
     #[test]
     fn a_target_that_keeps_up_shows_no_drain_rate_and_a_fast_window() {
         let mut c = Clock::default();
-        c.on_receipt(0, 0, 40_000);
+        c.on_receipt(0, 0, 0, 40_000);
         // Everything written arrives by each receipt: this end sets the
         // pace (its compressor), not the link.
         let mut written = 40_000;
         for i in 1..=50u64 {
             let acked = written;
             written += 40_000;
-            c.on_receipt(i * 20 * MS, acked, written);
+            c.on_receipt(i * 20 * MS, acked, i * 20 * MS, written);
         }
         assert_eq!(c.drain_rate(written), None);
         assert_eq!(c.spell(50 * 20 * MS), None);
         // 40 kB each 20 ms: 2 MB/s delivered, a window of 2 MB.
-        assert_eq!(c.window(), 2_000_000);
+        assert_eq!(c.window(written), 2_000_000);
     }
 
     #[test]
     fn lies_count_as_nothing_beyond_what_was_written() {
         let mut c = Clock::default();
-        c.on_receipt(0, u64::MAX, 1000);
+        c.on_receipt(0, u64::MAX, u64::MAX, 1000);
         assert_eq!(c.acked(), 1000, "capped at what was written");
-        c.on_receipt(MS, 10, 5000);
+        c.on_receipt(MS, 10, 0, 5000);
         assert_eq!(c.acked(), 1000, "a count going back is ignored");
-        c.on_receipt(2 * MS, 4000, 5000);
+        c.on_receipt(2 * MS, 4000, 0, 5000);
         assert_eq!(c.acked(), 4000);
     }
 
     #[test]
     fn a_rate_goes_stale_once_writes_outrun_the_backlog() {
         let mut c = Clock::default();
-        c.on_receipt(0, 0, GATE_MIN);
-        let (_, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN);
+        c.on_receipt(0, 0, 0, GATE_MIN);
+        let (_, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN, 1.0);
         assert!(c.drain_rate(written + RATE_STALE).is_some());
         assert_eq!(c.drain_rate(written + RATE_STALE + 1), None);
+    }
+
+    /// A target busy with what it has (its reader handing frames on, not
+    /// waiting for bytes) acknowledges slowly with a backlog, as a slow
+    /// link would: that is no evidence of the link.
+    #[test]
+    fn a_busy_target_is_not_a_slow_link() {
+        let mut c = Clock::default();
+        c.on_receipt(0, 0, 0, GATE_MIN);
+        let (end, written) = drain(&mut c, 0, GATE_MIN, 20, 131 * MS, 250e3, GATE_MIN, 0.2);
+        assert_eq!(c.drain_rate(written), None);
+        assert_eq!(c.spell(end), None);
+    }
+
+    #[test]
+    fn the_reader_s_wait_counts_the_wait_in_progress() {
+        let w = ReadWait::default();
+        assert_eq!(w.waited(), 0);
+        w.begin();
+        std::thread::sleep(Duration::from_millis(20));
+        let mid = w.waited();
+        assert!(mid >= 20 * MS, "{mid}");
+        w.end();
+        let done = w.waited();
+        assert!(done >= mid);
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(w.waited(), done, "not waiting: nothing added");
     }
 
     #[test]
@@ -379,12 +488,12 @@ mod tests {
         // Receipts that acknowledge nothing more do not keep it waiting.
         let r = Receipts::new(stats.clone());
         r.clock.lock().unwrap().last_at = Instant::now() - GATE_GIVE_UP;
-        r.on_receipt(0);
+        r.on_receipt(0, 0);
         r.wait_for_room();
         assert!(r.clock.lock().unwrap().gave_up);
         // A receipt of everything opens it too.
         let r = Receipts::new(stats.clone());
-        r.on_receipt(GATE_MIN + 1);
+        r.on_receipt(GATE_MIN + 1, 0);
         r.wait_for_room();
         assert!(!r.clock.lock().unwrap().gave_up);
         assert_eq!(r.count(), 1);

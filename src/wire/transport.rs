@@ -150,11 +150,6 @@ impl RecentRates {
         r.get(r.len() / 4).copied()
     }
 
-    /// The fastest of them.
-    pub(crate) fn max(&self) -> Option<f64> {
-        self.rates[..self.len].iter().copied().reduce(f64::max)
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.len
     }
