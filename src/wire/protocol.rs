@@ -272,10 +272,11 @@
 //! target sends `Received(bytes, waited)` now and then: how many bytes it
 //! has read from the link so far, counted from the link's first byte (the
 //! source's Hello included), and how many nanoseconds its reader has spent
-//! waiting for them (rather than handing frames to a busy target), after
-//! at least
-//! [`RECEIPT_EVERY`](crate::wire::receipts::RECEIPT_EVERY) more bytes and
-//! [`RECEIPT_GAP`](crate::wire::receipts::RECEIPT_GAP) after the last one.
+//! waiting for them (rather than handing frames to a busy target). It
+//! looks every [`RECEIPT_GAP`](crate::wire::receipts::RECEIPT_GAP) and
+//! sends one when [`RECEIPT_EVERY`](crate::wire::receipts::RECEIPT_EVERY)
+//! more bytes have arrived, or when any have and the link has since gone
+//! quiet.
 //! They are the link's clock as the target sees it, behind every buffer
 //! between the ends (ssh's, the kernel's): the source's `auto` measures the
 //! link by them (an interval in which the reader mostly waited is the
@@ -295,7 +296,7 @@
 //! ```text
 //!    | -- Blocks(...) -----------------------------------> |
 //!    | <---------------------- Received(bytes, waited) --- |  every 32 KiB read,
-//!    | -- Blocks(...) -----------------------------------> |  20 ms apart at most
+//!    | -- Blocks(...) -----------------------------------> |  one per 20 ms at most
 //! ```
 //!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
