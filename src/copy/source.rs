@@ -1058,6 +1058,13 @@ fn read_loop(
         let m = read_message(&mut r, "before the target said Done");
         waiting.set(false);
         let m = m?;
+        // Receipts may come before anything else, the offer included: the
+        // target sends them from the handshake on, while it loads its
+        // references.
+        if let (Message::Received { bytes, waited_ns }, Some(r)) = (&m, &optional.receipts) {
+            r.on_receipt(*bytes, *waited_ns);
+            continue;
+        }
         if let Some(o) = offer.take() {
             // CAP_SHARED_REF: the target's offer comes before anything else.
             let Message::RefOffer { refs } = m else {
@@ -1104,9 +1111,6 @@ fn read_loop(
             }
             Message::PassDone { pass, stale_groups } => {
                 let _ = events.send(Ok(Event::PassDone { pass, stale: stale_groups }));
-            }
-            Message::Received { bytes, waited_ns } if optional.receipts.is_some() => {
-                optional.receipts.as_ref().expect("checked").on_receipt(bytes, waited_ns);
             }
             Message::Done { report } => {
                 let report: Report = serde_json::from_str(&report)
