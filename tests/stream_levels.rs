@@ -47,7 +47,13 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
 /// Copy `src` onto `dst` with `compress` through a relay editing each
 /// direction, the source writing at most `bwlimit` bytes a second.
 fn copy(src: &Path, dst: &Path, compress: &str, bwlimit: u64, to_target: Edit, to_source: Edit) -> (Report, Report) {
-    let opts = SourceOptions {
+    let o = copy_with(src, dst, &options(compress, bwlimit), to_target, to_source);
+    (o.source.unwrap(), o.target.unwrap())
+}
+
+/// The source's options of every copy here.
+fn options(compress: &str, bwlimit: u64) -> SourceOptions {
+    SourceOptions {
         block_size: 4096,
         align: Align::Flat,
         compress: compress.parse().unwrap(),
@@ -55,9 +61,7 @@ fn copy(src: &Path, dst: &Path, compress: &str, bwlimit: u64, to_target: Edit, t
         bwlimit: Rate(bwlimit),
         raise_levels: true,
         ..SourceOptions::default()
-    };
-    let o = copy_with(src, dst, &opts, to_target, to_source);
-    (o.source.unwrap(), o.target.unwrap())
+    }
 }
 
 /// What every copy here must show: DST is the source, verified, the
@@ -184,15 +188,7 @@ fn a_receipt_without_the_capability_is_refused() {
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     let data = text(2 << 20, 5);
     fs::write(&a, &data).unwrap();
-    let opts = SourceOptions {
-        block_size: 4096,
-        align: Align::Flat,
-        compress: "auto".parse().unwrap(),
-        idle_timeout: Some(Duration::from_secs(60)),
-        raise_levels: true,
-        ..SourceOptions::default()
-    };
-    let o = copy_with(&a, &b, &opts, paced(1e6), hide(CAP_RECEIPTS));
+    let o = copy_with(&a, &b, &options("auto", 0), paced(1e6), hide(CAP_RECEIPTS));
     let e = o.source.expect_err("the source took a receipt it never agreed to");
     assert!(format!("{e}").contains("Received"), "{e}");
     assert!(o.target.is_err());
