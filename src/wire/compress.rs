@@ -220,6 +220,16 @@ const STREAM_HISTORY: f64 = 0.85;
 /// for long stretches of text after it, and CPU is cheap on a slow link.
 const RESAMPLE_BYTES: u64 = 64 << 20;
 const RESAMPLE_BYTES_SLOW_LINK: u64 = 16 << 20;
+/// ... and every 2 MiB while the stream's level may still rise on a link
+/// slow enough for the levels ([`LEVELS_BELOW`]): the data changes along a
+/// copy, and a level chosen on its first megabyte can be far off. On the
+/// return copy the first megabytes of changed blocks lose 11-16% of their
+/// bytes at level 19 against level 3, the last four 44-46%
+/// (docs/experiments.md, "Receipts"); one sample taken at the start chose
+/// 15 where 19 sent a fifth less. A sample's levels cost up to about half a
+/// second of one core (level 19); 2 MiB of input is several seconds of
+/// such a link.
+const RESAMPLE_BYTES_LEVELS: u64 = 2 << 20;
 /// A measurement runs on this much of the data being sent (consecutive
 /// payloads): one run alone can be a single block, on which zstd's set-up
 /// dominates its CPU time and no codec finds what it would on more.
@@ -342,7 +352,8 @@ pub struct LinkView {
     pub receipts: bool,
 }
 
-/// Where the stream's level is in its one rise and one fall per copy.
+/// Where the stream's level is: at the first level, raised (it may rise
+/// further), or dropped back for good.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Levels {
     /// At the first level, and may rise.
@@ -407,7 +418,7 @@ pub struct AutoPolicy {
     stream_level: i32,
     /// The link's drain rate at the last decision.
     rate: f64,
-    /// The level's one rise and one fall.
+    /// The level's rises and its one fall.
     level_state: Levels,
     /// The last sample's data, kept (with levels) to measure the levels on
     /// once the link shows a slow spell.
@@ -477,7 +488,26 @@ impl AutoPolicy {
     /// Whether the next payload should go into a measurement of the
     /// candidates ([`AutoPolicy::sample`]).
     pub fn wants_sample(&self) -> bool {
-        self.since_sample >= if self.slow_link { RESAMPLE_BYTES_SLOW_LINK } else { RESAMPLE_BYTES }
+        let every = if self.may_rise() {
+            RESAMPLE_BYTES_LEVELS
+        } else if self.slow_link {
+            RESAMPLE_BYTES_SLOW_LINK
+        } else {
+            RESAMPLE_BYTES
+        };
+        self.since_sample >= every
+    }
+
+    /// Whether the stream's level may still rise: it is the route on a
+    /// link that read slower than [`LEVELS_BELOW`], below the highest
+    /// level, and has not dropped back for good.
+    fn may_rise(&self) -> bool {
+        self.levels
+            && self.slow_link
+            && self.current == Route::Stream
+            && self.rate < LEVELS_BELOW
+            && self.level_state != Levels::Dropped
+            && self.stream_level < STREAM_LEVELS[STREAM_LEVELS.len() - 1]
     }
 
     /// Add `data` (a payload about to be sent) to the next measurement, and
@@ -515,7 +545,7 @@ impl AutoPolicy {
         // The levels are measured when the link shows a slow spell
         // ([`AutoPolicy::levels_step`]), on the last sample.
         self.level_samples = [None; STREAM_LEVELS.len()];
-        if self.levels && self.level_state == Levels::First {
+        if self.levels && self.level_state != Levels::Dropped {
             self.last_sample = data;
         }
     }
@@ -525,12 +555,19 @@ impl AutoPolicy {
     /// CPU time alone exceeds the best link time so far cannot, and every
     /// level above it costs more CPU still. (Level 19 takes about half a
     /// second on a sample: measured only where the link is that slow.)
-    fn sample_levels(&mut self, data: &[u8], rate: f64) {
+    ///
+    /// Levels below `from` are not measured: raised, the level only rises
+    /// further (the first level's sample is always there: it is the
+    /// route's).
+    fn sample_levels(&mut self, data: &[u8], rate: f64, from: i32) {
         self.level_samples = [None; STREAM_LEVELS.len()];
         let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
         self.level_samples[0] = Some(base);
         let mut best_link = base.ratio / rate;
         for (j, &level) in STREAM_LEVELS.iter().enumerate().skip(1) {
+            if level < from {
+                continue;
+            }
             let t = thread_cpu_time();
             let out = Codec::Zstd(level).compress(data);
             let cpu = thread_cpu_time() - t;
@@ -602,15 +639,18 @@ impl AutoPolicy {
         self.levels_step(link, now);
     }
 
-    /// The stream's level: it rises at most once per copy, and falls at
-    /// most once, back to the first level, for good.
+    /// The stream's level: it only rises, until it falls once, back to the
+    /// first level, for good.
     ///
-    /// - It rises only while the stream is the route on a slow link
+    /// - It first rises only while the stream is the route on a slow link
     ///   (below [`LEVELS_BELOW`]) whose writes blocked steadily for
     ///   [`RAISE_SPELL_SECS`] in one spell at that rate (with receipts:
     ///   whose receipts showed a backlog for [`RECEIPT_SPELL_SECS`]), to
     ///   the level the model finds fastest on the last sample (the levels
     ///   measured on it as soon as the link reads slow).
+    /// - Raised, it rises again when a later sample (every
+    ///   [`RESAMPLE_BYTES_LEVELS`] there) shows a higher level faster by
+    ///   the model; a sample never lowers it.
     /// - It falls when the route leaves the stream or the link stops
     ///   counting as slow, or when over [`DROP_WINDOW_SECS`] the writer
     ///   was in writes (or, with receipts, the link had a backlog) less
@@ -641,7 +681,32 @@ impl AutoPolicy {
                     );
                     self.stream_level = STREAM_LEVELS[0];
                     self.level_state = Levels::Dropped;
+                    return;
                 } else if share.is_some() {
+                    self.level_state = Levels::Raised { since: now, busy: link.busy };
+                }
+                // A newer sample may show a higher level paying: measure
+                // the levels from the current one up on it, and rise if
+                // one is faster by the model. (Never down: the drop above
+                // is what a level too costly for the link meets.)
+                let (Some(rate), Some(base)) =
+                    (link.drain_rate, self.index(Route::Stream).and_then(|i| self.samples[i]))
+                else {
+                    return;
+                };
+                if self.level_samples[0].is_some() || self.last_sample.is_empty() {
+                    return;
+                }
+                let data = std::mem::take(&mut self.last_sample);
+                self.sample_levels(&data, rate, self.stream_level);
+                let level = self.stream_cost(base, rate).1;
+                if level > self.stream_level {
+                    log::debug!(
+                        "auto: stream level {level} from now on (was {}): a new sample at a link of {:.0} kB/s",
+                        self.stream_level,
+                        rate / 1e3
+                    );
+                    self.stream_level = level;
                     self.level_state = Levels::Raised { since: now, busy: link.busy };
                 }
             }
@@ -667,7 +732,7 @@ impl AutoPolicy {
                 // delaying the change by as much.
                 if slow && self.level_samples[0].is_none() && !self.last_sample.is_empty() {
                     let data = std::mem::take(&mut self.last_sample);
-                    self.sample_levels(&data, rate);
+                    self.sample_levels(&data, rate, STREAM_LEVELS[0]);
                 }
                 let Some(spell) = link.spell else { return };
                 let (secs, bytes) = if link.receipts {
@@ -1192,12 +1257,12 @@ mod tests {
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
         p.sample(&data);
         // A link too slow for any CPU to matter: every level is measured.
-        p.sample_levels(&data, 1.0);
+        p.sample_levels(&data, 1.0, 3);
         assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
         // A link just slow enough for the model: stops at the first level
         // whose CPU alone exceeds the best link time (for 1 MiB of text at
         // level 19, far more than 1 ns a byte).
-        p.sample_levels(&data, 29e6);
+        p.sample_levels(&data, 29e6, 3);
         let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
         assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
     }
@@ -1350,6 +1415,76 @@ mod tests {
         p.sample(&text(SAMPLE_BYTES));
         let (levels, _) = feed(&mut p, t, 600, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [3]);
+    }
+
+    /// Raised below the highest level on a slow link, `auto` samples every
+    /// RESAMPLE_BYTES_LEVELS (instead of every RESAMPLE_BYTES_SLOW_LINK),
+    /// and a new sample whose levels show a higher one paying raises the
+    /// level again; the drop rule still holds after it.
+    #[test]
+    fn a_later_sample_raises_the_level_again() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert!(levels[1] > STREAM_LEVELS[1], "text at 250 kB/s: {levels:?}");
+        // As if the first rise had been taken on a sample that promised
+        // less (the return copy's first megabyte): a lower raised level.
+        p.stream_level = STREAM_LEVELS[1];
+        // No new sample yet: it stays, however long the link is slow.
+        let (levels, t) = feed(&mut p, t, 50, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [STREAM_LEVELS[1]]);
+        // The sample comes after 2 MiB of input here, not 16.
+        p.since_sample = 0;
+        p.choose(view(Some(SLOW), Some((1.0, SLOW)), b), 2, RESAMPLE_BYTES_LEVELS - 1, t);
+        assert!(!p.wants_sample());
+        p.choose(view(Some(SLOW), Some((1.0, SLOW)), b), 2, 1, t);
+        assert!(p.wants_sample());
+        // The new sample (text again) raises it back to the model's level,
+        // once.
+        p.sample(&text(SAMPLE_BYTES));
+        // (The model's level from measured CPU times: 15 or 19 by the
+        // host's speed, so not compared with the first one's.)
+        let (levels, t) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels.len(), 1, "{levels:?}");
+        assert!(levels[0] > STREAM_LEVELS[1], "{levels:?}");
+        assert!(matches!(p.level_state, Levels::Raised { .. }));
+        // At the highest level the samples are 16 MiB apart again.
+        p.stream_level = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
+        p.since_sample = RESAMPLE_BYTES_LEVELS;
+        assert!(!p.wants_sample());
+        // The compressor setting the pace still drops it for good.
+        let (levels, _) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
+        assert_eq!(levels.last(), Some(&3));
+        assert_eq!(p.level_state, Levels::Dropped);
+        p.since_sample = RESAMPLE_BYTES_LEVELS;
+        assert!(!p.wants_sample(), "dropped: no more level samples");
+    }
+
+    /// A new sample never lowers a raised level: one where no level pays
+    /// (incompressible data) leaves it where it is.
+    #[test]
+    fn a_later_sample_never_lowers_the_level() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        let raised = levels[1];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..SAMPLE_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        p.sample(&noise);
+        let (levels, _) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [raised]);
+        assert!(p.last_sample.is_empty(), "the new sample's levels were measured");
     }
 
     /// Raised, the level drops when the link stops counting as slow: a

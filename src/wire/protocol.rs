@@ -259,10 +259,13 @@
 //! content before the next begins (each new frame costs the target a copy
 //! of its tail): a closer frame is an error naming the stream. A stream
 //! that began with a shared reference never starts a second frame.
-//! `auto` raises the level at most once per copy where the link is
-//! steadily slow, and drops it back at most once (`wire::compress`,
-//! `wire::flow`; `SourceOptions::raise_levels`, on by default); no frame
-//! or field is added, and without the bit the stream is one frame. Above
+//! `auto` raises the level where the link is steadily slow, and again
+//! when a later sample shows a higher level paying (never down), and drops
+//! it back at most once (`wire::compress`, `wire::flow`;
+//! `SourceOptions::raise_levels`, on by default): so at most six frames.
+//! The target relies on none of that: it follows any number of frames,
+//! each bounded as above. No frame or field is added, and without the bit
+//! the stream is one frame. Above
 //! level 12 the source's new frame uses only the last 4 MiB of those bytes
 //! as its prefix (cheaper to index); the target still gives it all of
 //! them, which holds every match the source can find, at the same
