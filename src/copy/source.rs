@@ -1504,6 +1504,7 @@ fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
             if p.wants_sample() {
                 p.sample(&raw);
             }
+            p.observe(&raw);
             let now = Instant::now();
             let link = link_view(sh, now);
             let route = p.choose(link, sh.workers, raw.len() as u64, now);

@@ -17,6 +17,7 @@
 //! ([`AutoPolicy::choose`]). A copy starts on the smallest output until
 //! the link is known: a slow link's first megabytes cost the most.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -220,15 +221,17 @@ const STREAM_HISTORY: f64 = 0.85;
 /// for long stretches of text after it, and CPU is cheap on a slow link.
 const RESAMPLE_BYTES: u64 = 64 << 20;
 const RESAMPLE_BYTES_SLOW_LINK: u64 = 16 << 20;
-/// ... and every 2 MiB while the stream's level may still rise on a link
-/// slow enough for the levels ([`LEVELS_BELOW`]): the data changes along a
-/// copy, and a level chosen on its first megabyte can be far off. On the
-/// return copy the first megabytes of changed blocks lose 11-16% of their
-/// bytes at level 19 against level 3, the last four 44-46%
-/// (docs/experiments.md, "Receipts"); one sample taken at the start chose
-/// 15 where 19 sent a fifth less. A sample's levels cost up to about half a
-/// second of one core (level 19); 2 MiB of input is several seconds of
-/// such a link.
+/// The stream's levels are measured on the last [`SAMPLE_BYTES`] routed
+/// (what the stream is about to compress: the receipts' gate holds it
+/// about a second behind the routing), when the link first reads slow and
+/// again after every this many bytes routed, while the level may still
+/// rise. The data changes along a copy: on the return copy the first
+/// megabytes of changed blocks lose 11-16% of their bytes at level 19
+/// against level 3, the last four 44-46% (docs/experiments.md,
+/// "Receipts"), and levels measured on the first megabyte alone chose 15
+/// where 19 sent a fifth less. A measurement costs up to about half a
+/// second of one core (level 19); 2 MiB of input is seconds of a link
+/// slow enough for the levels.
 const RESAMPLE_BYTES_LEVELS: u64 = 2 << 20;
 /// A measurement runs on this much of the data being sent (consecutive
 /// payloads): one run alone can be a single block, on which zstd's set-up
@@ -420,9 +423,11 @@ pub struct AutoPolicy {
     rate: f64,
     /// The level's rises and its one fall.
     level_state: Levels,
-    /// The last sample's data, kept (with levels) to measure the levels on
-    /// once the link shows a slow spell.
-    last_sample: Vec<u8>,
+    /// The last [`SAMPLE_BYTES`] routed, kept while the level may still
+    /// rise ([`AutoPolicy::observe`]), to measure the levels on.
+    recent: VecDeque<u8>,
+    /// Bytes routed since the levels were last measured.
+    since_levels: u64,
     /// When the level's state on a slow link was last logged.
     noted: Option<Instant>,
 }
@@ -464,7 +469,8 @@ impl AutoPolicy {
             stream_level: super::stream::AUTO_LEVEL,
             rate: f64::INFINITY,
             level_state: Levels::First,
-            last_sample: Vec::new(),
+            recent: VecDeque::new(),
+            since_levels: 0,
             noted: None,
         }
     }
@@ -488,26 +494,38 @@ impl AutoPolicy {
     /// Whether the next payload should go into a measurement of the
     /// candidates ([`AutoPolicy::sample`]).
     pub fn wants_sample(&self) -> bool {
-        let every = if self.may_rise() {
-            RESAMPLE_BYTES_LEVELS
-        } else if self.slow_link {
-            RESAMPLE_BYTES_SLOW_LINK
-        } else {
-            RESAMPLE_BYTES
-        };
-        self.since_sample >= every
+        self.since_sample >= if self.slow_link { RESAMPLE_BYTES_SLOW_LINK } else { RESAMPLE_BYTES }
     }
 
-    /// Whether the stream's level may still rise: it is the route on a
-    /// link that read slower than [`LEVELS_BELOW`], below the highest
-    /// level, and has not dropped back for good.
+    /// Whether the stream's level may still rise: it is the route, below
+    /// the highest level, has not dropped back for good, and the link is
+    /// not known to be faster than [`LEVELS_BELOW`].
     fn may_rise(&self) -> bool {
         self.levels
-            && self.slow_link
             && self.current == Route::Stream
-            && self.rate < LEVELS_BELOW
             && self.level_state != Levels::Dropped
             && self.stream_level < STREAM_LEVELS[STREAM_LEVELS.len() - 1]
+            && (self.unknown || (self.slow_link && self.rate < LEVELS_BELOW))
+    }
+
+    /// Keep `data` (a payload about to be routed) among the last
+    /// [`SAMPLE_BYTES`] routed while the stream's level may still rise
+    /// (otherwise nothing is kept: a fast link pays no copy), and ask for
+    /// the levels to be measured again every [`RESAMPLE_BYTES_LEVELS`].
+    pub fn observe(&mut self, data: &[u8]) {
+        if !self.may_rise() {
+            self.recent = VecDeque::new();
+            return;
+        }
+        let keep = data.len().min(SAMPLE_BYTES);
+        self.recent.extend(&data[data.len() - keep..]);
+        let over = self.recent.len().saturating_sub(SAMPLE_BYTES);
+        self.recent.drain(..over);
+        self.since_levels += data.len() as u64;
+        if self.since_levels >= RESAMPLE_BYTES_LEVELS && self.level_samples[0].is_some() {
+            self.level_samples = [None; STREAM_LEVELS.len()];
+            self.since_levels = 0;
+        }
     }
 
     /// Add `data` (a payload about to be sent) to the next measurement, and
@@ -542,30 +560,23 @@ impl AutoPolicy {
                 .collect();
             log::debug!("auto: sampled {}", seen.join(", "));
         }
-        // The levels are measured when the link shows a slow spell
-        // ([`AutoPolicy::levels_step`]), on the last sample.
-        self.level_samples = [None; STREAM_LEVELS.len()];
-        if self.levels && self.level_state != Levels::Dropped {
-            self.last_sample = data;
-        }
     }
 
-    /// On a slow link, measure the stream's higher levels on the same
-    /// sample, lowest first, as long as one could still win: a level whose
-    /// CPU time alone exceeds the best link time so far cannot, and every
-    /// level above it costs more CPU still. (Level 19 takes about half a
-    /// second on a sample: measured only where the link is that slow.)
+    /// On a slow link, measure the stream's levels on `data` (the last
+    /// payloads routed), lowest first, as long as one could still win: a
+    /// level whose CPU time alone exceeds the best link time so far cannot,
+    /// and every level above it costs more CPU still. (Level 19 takes about
+    /// half a second on a megabyte: measured only where the link is that
+    /// slow.)
     ///
-    /// Levels below `from` are not measured: raised, the level only rises
-    /// further (the first level's sample is always there: it is the
-    /// route's).
+    /// Levels below `from` are not measured, except the first, against
+    /// which the others are compared: raised, the level only rises
+    /// further.
     fn sample_levels(&mut self, data: &[u8], rate: f64, from: i32) {
         self.level_samples = [None; STREAM_LEVELS.len()];
-        let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
-        self.level_samples[0] = Some(base);
-        let mut best_link = base.ratio / rate;
-        for (j, &level) in STREAM_LEVELS.iter().enumerate().skip(1) {
-            if level < from {
+        let mut best_link = f64::INFINITY;
+        for (j, &level) in STREAM_LEVELS.iter().enumerate() {
+            if j > 0 && level < from {
                 continue;
             }
             let t = thread_cpu_time();
@@ -576,6 +587,10 @@ impl AutoPolicy {
                 cpu_per_byte: cpu / data.len() as f64,
             };
             self.level_samples[j] = Some(s);
+            if j == 0 {
+                best_link = s.ratio / rate;
+                continue;
+            }
             log::debug!(
                 "auto: level {level} sampled {:.3} at {:.1} MB/s (link {:.0} kB/s)",
                 s.ratio,
@@ -694,11 +709,10 @@ impl AutoPolicy {
                 else {
                     return;
                 };
-                if self.level_samples[0].is_some() || self.last_sample.is_empty() {
+                if !slow || self.level_samples[0].is_some() || self.recent.is_empty() {
                     return;
                 }
-                let data = std::mem::take(&mut self.last_sample);
-                self.sample_levels(&data, rate, self.stream_level);
+                self.measure_recent(rate, self.stream_level);
                 let level = self.stream_cost(base, rate).1;
                 if level > self.stream_level {
                     log::debug!(
@@ -730,9 +744,8 @@ impl AutoPolicy {
                 // measurement (level 19 alone takes about half a second)
                 // then overlaps the wait for that evidence instead of
                 // delaying the change by as much.
-                if slow && self.level_samples[0].is_none() && !self.last_sample.is_empty() {
-                    let data = std::mem::take(&mut self.last_sample);
-                    self.sample_levels(&data, rate, STREAM_LEVELS[0]);
+                if slow && self.level_samples[0].is_none() && !self.recent.is_empty() {
+                    self.measure_recent(rate, STREAM_LEVELS[0]);
                 }
                 let Some(spell) = link.spell else { return };
                 let (secs, bytes) = if link.receipts {
@@ -765,6 +778,14 @@ impl AutoPolicy {
                 self.level_state = Levels::Raised { since: now, busy: link.busy };
             }
         }
+    }
+
+    /// [`AutoPolicy::sample_levels`] on the last payloads routed.
+    fn measure_recent(&mut self, rate: f64, from: i32) {
+        let mut recent = std::mem::take(&mut self.recent);
+        self.sample_levels(recent.make_contiguous(), rate, from);
+        self.recent = recent;
+        self.since_levels = 0;
     }
 
     fn choose_route(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
@@ -1249,8 +1270,8 @@ mod tests {
         assert_eq!(policy(false, 3).stream_cost(base, 250e3).1, 3);
     }
 
-    /// The levels are measured on the kept sample, lowest first, only as
-    /// far as one could still win.
+    /// The levels are measured lowest first, only as far as one could
+    /// still win.
     #[test]
     fn auto_measures_the_levels_only_as_far_as_they_can_win() {
         let data = text(SAMPLE_BYTES);
@@ -1286,6 +1307,7 @@ mod tests {
     fn slow_policy(at: Instant) -> AutoPolicy {
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
         p.sample(&text(SAMPLE_BYTES));
+        p.observe(&text(SAMPLE_BYTES));
         assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, at), Route::Stream);
         assert!(p.slow_link);
         p
@@ -1386,6 +1408,8 @@ mod tests {
         let t0 = Instant::now();
         let mut p = AutoPolicy::new(true, 1 << 30);
         p.sample(&text(SAMPLE_BYTES));
+        p.observe(&text(SAMPLE_BYTES));
+        assert!(p.recent.is_empty());
         let mut b = 0.0;
         let (levels, _) = feed(&mut p, t0, 100, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [3]);
@@ -1411,80 +1435,109 @@ mod tests {
         let (levels, t) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
         assert_eq!(levels, [raised, 3]);
         assert_eq!(p.level_state, Levels::Dropped);
-        // Slow and steady again, for a minute, a new sample taken: stays 3.
+        // Slow and steady again, for a minute, new payloads and a new
+        // sample: stays 3.
         p.sample(&text(SAMPLE_BYTES));
+        p.observe(&text(RESAMPLE_BYTES_LEVELS as usize));
         let (levels, _) = feed(&mut p, t, 600, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [3]);
     }
 
-    /// Raised below the highest level on a slow link, `auto` samples every
-    /// RESAMPLE_BYTES_LEVELS (instead of every RESAMPLE_BYTES_SLOW_LINK),
-    /// and a new sample whose levels show a higher one paying raises the
-    /// level again; the drop rule still holds after it.
-    #[test]
-    fn a_later_sample_raises_the_level_again() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis(100);
-        let mut p = slow_policy(t0);
-        let mut b = 0.0;
-        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        assert!(levels[1] > STREAM_LEVELS[1], "text at 250 kB/s: {levels:?}");
-        // As if the first rise had been taken on a sample that promised
-        // less (the return copy's first megabyte): a lower raised level.
-        p.stream_level = STREAM_LEVELS[1];
-        // No new sample yet: it stays, however long the link is slow.
-        let (levels, t) = feed(&mut p, t, 50, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        assert_eq!(levels, [STREAM_LEVELS[1]]);
-        // The sample comes after 2 MiB of input here, not 16.
-        p.since_sample = 0;
-        p.choose(view(Some(SLOW), Some((1.0, SLOW)), b), 2, RESAMPLE_BYTES_LEVELS - 1, t);
-        assert!(!p.wants_sample());
-        p.choose(view(Some(SLOW), Some((1.0, SLOW)), b), 2, 1, t);
-        assert!(p.wants_sample());
-        // The new sample (text again) raises it back to the model's level,
-        // once.
-        p.sample(&text(SAMPLE_BYTES));
-        // (The model's level from measured CPU times: 15 or 19 by the
-        // host's speed, so not compared with the first one's.)
-        let (levels, t) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        assert_eq!(levels.len(), 1, "{levels:?}");
-        assert!(levels[0] > STREAM_LEVELS[1], "{levels:?}");
-        assert!(matches!(p.level_state, Levels::Raised { .. }));
-        // At the highest level the samples are 16 MiB apart again.
-        p.stream_level = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
-        p.since_sample = RESAMPLE_BYTES_LEVELS;
-        assert!(!p.wants_sample());
-        // The compressor setting the pace still drops it for good.
-        let (levels, _) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
-        assert_eq!(levels.last(), Some(&3));
-        assert_eq!(p.level_state, Levels::Dropped);
-        p.since_sample = RESAMPLE_BYTES_LEVELS;
-        assert!(!p.wants_sample(), "dropped: no more level samples");
-    }
-
-    /// A new sample never lowers a raised level: one where no level pays
-    /// (incompressible data) leaves it where it is.
-    #[test]
-    fn a_later_sample_never_lowers_the_level() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis(100);
-        let mut p = slow_policy(t0);
-        let mut b = 0.0;
-        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        let raised = levels[1];
+    /// Incompressible bytes: every level sends them alike.
+    fn noise(len: usize) -> Vec<u8> {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..SAMPLE_BYTES)
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
-        p.sample(&noise);
+            .collect()
+    }
+
+    /// The levels are measured on the last payloads routed (what the
+    /// stream compresses next), not on the candidates' sample: text after
+    /// noise raises the level, noise after text does not.
+    #[test]
+    fn the_levels_are_measured_on_the_last_payloads_routed() {
+        let ms = Duration::from_millis(100);
+        for (first, last, rises) in
+            [(noise(SAMPLE_BYTES), text(SAMPLE_BYTES), true), (text(SAMPLE_BYTES), noise(SAMPLE_BYTES), false)]
+        {
+            let t0 = Instant::now();
+            let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+            p.sample(&first);
+            p.observe(&first);
+            p.observe(&last);
+            assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, t0), Route::Stream);
+            let mut b = 0.0;
+            let (levels, _) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+            assert_eq!(levels.len() == 2 && levels[1] > 3, rises, "{levels:?}");
+        }
+    }
+
+    /// Raised below the highest level on a slow link, the levels are
+    /// measured again after every RESAMPLE_BYTES_LEVELS routed, and a
+    /// higher one paying raises the level again; the drop rule still holds
+    /// after it, and then nothing is kept.
+    #[test]
+    fn a_later_measurement_raises_the_level_again() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert!(levels[1] > STREAM_LEVELS[1], "text at 250 kB/s: {levels:?}");
+        // As if the first rise had been taken on data that promised less
+        // (the return copy's first megabytes): a lower raised level.
+        p.stream_level = STREAM_LEVELS[1];
+        // Nothing new routed: it stays, however long the link is slow.
+        let (levels, t) = feed(&mut p, t, 50, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels, [STREAM_LEVELS[1]]);
+        // Less than RESAMPLE_BYTES_LEVELS routed: still measured.
+        let chunk = text(SAMPLE_BYTES);
+        p.observe(&chunk[..SAMPLE_BYTES / 2]);
+        assert!(p.level_samples[0].is_some());
+        // Then enough: measured again on the next call, and raised back to
+        // the model's level, once. (The model's level comes from measured
+        // CPU times, 15 or 19 by the host's speed: not compared with the
+        // first rise's.)
+        p.observe(&chunk);
+        p.observe(&chunk[SAMPLE_BYTES / 2..]);
+        assert!(p.level_samples[0].is_none());
+        let (levels, t) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        assert_eq!(levels.len(), 1, "{levels:?}");
+        assert!(levels[0] > STREAM_LEVELS[1], "{levels:?}");
+        assert!(matches!(p.level_state, Levels::Raised { .. }));
+        // At the highest level nothing is kept any more.
+        p.stream_level = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
+        p.observe(&chunk);
+        assert!(p.recent.is_empty());
+        // The compressor setting the pace still drops it for good.
+        p.stream_level = STREAM_LEVELS[1];
+        let (levels, _) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
+        assert_eq!(levels.last(), Some(&3));
+        assert_eq!(p.level_state, Levels::Dropped);
+        p.observe(&chunk);
+        assert!(p.recent.is_empty(), "dropped: nothing kept");
+    }
+
+    /// A later measurement never lowers a raised level: on data where no
+    /// level pays (incompressible) it stays where it is.
+    #[test]
+    fn a_later_measurement_never_lowers_the_level() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+        let raised = levels[1];
+        p.observe(&noise(RESAMPLE_BYTES_LEVELS as usize));
+        assert!(p.level_samples[0].is_none());
         let (levels, _) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [raised]);
-        assert!(p.last_sample.is_empty(), "the new sample's levels were measured");
+        assert!(p.level_samples[0].is_some(), "measured again");
     }
 
     /// Raised, the level drops when the link stops counting as slow: a
