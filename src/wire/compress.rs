@@ -362,8 +362,10 @@ enum Levels {
     /// At the first level, and may rise.
     First,
     /// Raised; the writer's busy time is checked from the instant and busy
-    /// seconds given.
-    Raised { since: Instant, busy: f64 },
+    /// seconds given. A level too costly goes back to `below` (the level it
+    /// rose from, or the first: then for good); `rises`: it may still rise
+    /// (not once a rise was undone).
+    Raised { since: Instant, busy: f64, below: i32, rises: bool },
     /// Back at the first level for the rest of the copy.
     Dropped,
 }
@@ -498,14 +500,18 @@ impl AutoPolicy {
     }
 
     /// Whether the stream's level may still rise: it is the route, below
-    /// the highest level, has not dropped back for good, and the link is
-    /// not known to be faster than [`LEVELS_BELOW`].
+    /// the highest level, may rise (not dropped, no rise undone), and the
+    /// link is not known to be fast ([`PROBE_RATE`]). (Not the drain rate
+    /// of the last route decision against [`LEVELS_BELOW`]: the first
+    /// blocked writes often read fast while buffers fill, and until the
+    /// segment's end the release copy at 2 Mbit/s then kept nothing to
+    /// measure the levels on, for 23 s.)
     fn may_rise(&self) -> bool {
         self.levels
             && self.current == Route::Stream
-            && self.level_state != Levels::Dropped
+            && matches!(self.level_state, Levels::First | Levels::Raised { rises: true, .. })
             && self.stream_level < STREAM_LEVELS[STREAM_LEVELS.len() - 1]
-            && (self.unknown || (self.slow_link && self.rate < LEVELS_BELOW))
+            && (self.unknown || self.slow_link)
     }
 
     /// Keep `data` (a payload about to be routed) among the last
@@ -608,10 +614,7 @@ impl AutoPolicy {
     /// gives it: the current level unless another measured one is faster
     /// by more than [`LEVEL_GAIN`].
     fn stream_cost(&self, base: Sample, rate: f64) -> (f64, i32) {
-        let cost = |s: Sample, l: i32| {
-            let margin = if l == STREAM_LEVELS[0] { 1.0 } else { LEVEL_CPU_MARGIN };
-            (s.cpu_per_byte * margin).max(s.ratio / rate)
-        };
+        let cost = |s: Sample, l: i32| Self::level_cost(s, l, rate);
         let measured = STREAM_LEVELS.iter().zip(&self.level_samples).filter_map(|(l, s)| s.map(|s| (cost(s, *l), *l)));
         let best = measured.clone().min_by(|a, b| a.0.total_cmp(&b.0));
         let current = measured.clone().find(|(_, l)| *l == self.stream_level);
@@ -620,6 +623,33 @@ impl AutoPolicy {
             (_, Some(c)) => c,
             (Some(b), None) => b,
             (None, None) => (cost(base, STREAM_LEVELS[0]), STREAM_LEVELS[0]),
+        }
+    }
+
+    /// One level's cost per input byte at `rate`: the larger of its CPU
+    /// time (above the first level with [`LEVEL_CPU_MARGIN`]) and its
+    /// output's time on the link.
+    fn level_cost(s: Sample, level: i32, rate: f64) -> f64 {
+        let margin = if level == STREAM_LEVELS[0] { 1.0 } else { LEVEL_CPU_MARGIN };
+        (s.cpu_per_byte * margin).max(s.ratio / rate)
+    }
+
+    /// The stream's cost as a route, comparable with the other candidates'
+    /// (measured on the candidates' sample, `base` the stream's): the
+    /// levels were measured on other data (the last payloads routed), so
+    /// the model's level counts with its ratio relative to the first
+    /// level's on that data, applied to `base`. Compared as measured, a
+    /// stretch of incompressible payloads made level 19 look dearer than
+    /// per-run zstd on a compressible sample, the route left the stream,
+    /// and the level fell back to 3 for good (release at 2 Mbit/s).
+    fn stream_route_cost(&self, base: Sample, rate: f64) -> f64 {
+        let (cost, level) = self.stream_cost(base, rate);
+        let at = STREAM_LEVELS.iter().position(|l| *l == level).and_then(|j| self.level_samples[j]);
+        match (at, self.level_samples[0]) {
+            (Some(s), Some(first)) if first.ratio > 0.0 => {
+                Self::level_cost(Sample { ratio: base.ratio * s.ratio / first.ratio, ..s }, level, rate)
+            }
+            _ => cost,
         }
     }
 
@@ -666,11 +696,13 @@ impl AutoPolicy {
     /// - Raised, it rises again when a later sample (every
     ///   [`RESAMPLE_BYTES_LEVELS`] there) shows a higher level faster by
     ///   the model; a sample never lowers it.
-    /// - It falls when the route leaves the stream or the link stops
-    ///   counting as slow, or when over [`DROP_WINDOW_SECS`] the writer
-    ///   was in writes (or, with receipts, the link had a backlog) less
-    ///   than [`DROP_BUSY`] of the time: the compressor, not the link, set
-    ///   the pace.
+    /// - It falls back to the first level, for good, when the route leaves
+    ///   the stream or the link stops counting as slow, or when over
+    ///   [`DROP_WINDOW_SECS`] the writer was in writes (or, with receipts,
+    ///   the link had a backlog) less than [`DROP_BUSY`] of the time: the
+    ///   compressor, not the link, set the pace. After a further rise that
+    ///   last one goes back to the level it rose from instead, and the
+    ///   level rises no more.
     fn levels_step(&mut self, link: LinkView, now: Instant) {
         if !self.levels {
             return;
@@ -678,17 +710,15 @@ impl AutoPolicy {
         let slow = self.current == Route::Stream && self.slow_link && link.drain_rate.is_some_and(|r| r < LEVELS_BELOW);
         match self.level_state {
             Levels::Dropped => {}
-            Levels::Raised { since, busy } => {
+            Levels::Raised { since, busy, below, rises } => {
                 let secs = now.saturating_duration_since(since).as_secs_f64();
                 let share = if secs >= DROP_WINDOW_SECS { Some((link.busy - busy) / secs) } else { None };
-                let why = if !slow {
-                    Some("the link no longer counts as slow".to_string())
-                } else {
-                    share
-                        .filter(|s| *s < DROP_BUSY)
-                        .map(|s| format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0))
-                };
-                if let Some(why) = why {
+                let costly = share.filter(|s| *s < DROP_BUSY);
+                if !slow || (costly.is_some() && below == STREAM_LEVELS[0]) {
+                    let why = match costly {
+                        Some(s) if slow => format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0),
+                        _ => "the link no longer counts as slow".to_string(),
+                    };
                     log::debug!(
                         "auto: stream level {} back to {} for good: {why}",
                         self.stream_level,
@@ -697,8 +727,25 @@ impl AutoPolicy {
                     self.stream_level = STREAM_LEVELS[0];
                     self.level_state = Levels::Dropped;
                     return;
-                } else if share.is_some() {
-                    self.level_state = Levels::Raised { since: now, busy: link.busy };
+                }
+                if let Some(s) = costly {
+                    // A further rise that left the link idle: back to the
+                    // level that kept it busy, and no more rises.
+                    log::debug!(
+                        "auto: stream level {} back to {below}, no more rises: the writer was busy {:.0}% of {secs:.1} s",
+                        self.stream_level,
+                        s * 100.0
+                    );
+                    self.stream_level = below;
+                    self.level_state =
+                        Levels::Raised { since: now, busy: link.busy, below: STREAM_LEVELS[0], rises: false };
+                    return;
+                }
+                if share.is_some() {
+                    self.level_state = Levels::Raised { since: now, busy: link.busy, below, rises };
+                }
+                if !rises {
+                    return;
                 }
                 // A newer sample may show a higher level paying: measure
                 // the levels from the current one up on it, and rise if
@@ -720,8 +767,9 @@ impl AutoPolicy {
                         self.stream_level,
                         rate / 1e3
                     );
+                    self.level_state =
+                        Levels::Raised { since: now, busy: link.busy, below: self.stream_level, rises: true };
                     self.stream_level = level;
-                    self.level_state = Levels::Raised { since: now, busy: link.busy };
                 }
             }
             Levels::First => {
@@ -775,7 +823,7 @@ impl AutoPolicy {
                     spell.secs
                 );
                 self.stream_level = level;
-                self.level_state = Levels::Raised { since: now, busy: link.busy };
+                self.level_state = Levels::Raised { since: now, busy: link.busy, below: STREAM_LEVELS[0], rises: true };
             }
         }
     }
@@ -883,7 +931,7 @@ impl AutoPolicy {
         for (i, r) in self.candidates.iter().enumerate() {
             if let Some(s) = self.samples[i] {
                 let cost = match r {
-                    Route::Stream => self.stream_cost(s, rate).0,
+                    Route::Stream => self.stream_route_cost(s, rate),
                     _ => (s.cpu_per_byte / Self::threads(*r, workers)).max(s.ratio / rate),
                 };
                 // The cheaper codec on a near tie (2%): any wider margin is
@@ -1477,6 +1525,22 @@ mod tests {
         }
     }
 
+    /// The levels measured on other data than the candidates' sample (here
+    /// incompressible payloads after a sample of text) do not turn the
+    /// route away from the stream: it counts with its levels' ratios
+    /// relative to each other, applied to its own sample.
+    #[test]
+    fn levels_measured_on_other_data_keep_the_stream_the_route() {
+        let t0 = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        p.sample(&text(SAMPLE_BYTES));
+        p.observe(&noise(SAMPLE_BYTES));
+        assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, t0), Route::Stream);
+        p.measure_recent(SLOW, STREAM_LEVELS[0]);
+        assert!(p.level_samples[0].is_some_and(|s| s.ratio > 0.8), "{:?}", p.level_samples[0]);
+        assert_eq!(p.modelled(SLOW, 2), Route::Stream);
+    }
+
     /// Raised below the highest level on a slow link, the levels are
     /// measured again after every RESAMPLE_BYTES_LEVELS routed, and a
     /// higher one paying raises the level again; the drop rule still holds
@@ -1510,17 +1574,24 @@ mod tests {
         assert_eq!(levels.len(), 1, "{levels:?}");
         assert!(levels[0] > STREAM_LEVELS[1], "{levels:?}");
         assert!(matches!(p.level_state, Levels::Raised { .. }));
+        let second = levels[0];
         // At the highest level nothing is kept any more.
+        let at = p.stream_level;
         p.stream_level = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
         p.observe(&chunk);
         assert!(p.recent.is_empty());
-        // The compressor setting the pace still drops it for good.
-        p.stream_level = STREAM_LEVELS[1];
-        let (levels, _) = feed(&mut p, t, 45, ms, Some(SLOW), None, &mut b, 0.4);
-        assert_eq!(levels.last(), Some(&3));
-        assert_eq!(p.level_state, Levels::Dropped);
+        p.stream_level = at;
+        // The compressor setting the pace undoes the second rise first:
+        // back to the level it rose from, which may rise no more...
+        let (levels, t) = feed(&mut p, t, 21, ms, Some(SLOW), None, &mut b, 0.4);
+        assert_eq!(levels, [second, STREAM_LEVELS[1]]);
+        assert!(matches!(p.level_state, Levels::Raised { rises: false, .. }));
         p.observe(&chunk);
-        assert!(p.recent.is_empty(), "dropped: nothing kept");
+        assert!(p.recent.is_empty(), "no more rises: nothing kept");
+        // ...and then, still so, the first: for good.
+        let (levels, _) = feed(&mut p, t, 21, ms, Some(SLOW), None, &mut b, 0.4);
+        assert_eq!(levels, [STREAM_LEVELS[1], 3]);
+        assert_eq!(p.level_state, Levels::Dropped);
     }
 
     /// A later measurement never lowers a raised level: on data where no
