@@ -1213,16 +1213,26 @@ fn stream_loop(
     for run in rx {
         if let Some(g) = gate {
             let t = Instant::now();
-            g.wait_for_room();
+            // The route and the level are decided when runs are routed;
+            // while this thread waits the workers, whose runs it holds,
+            // route none. So decide here, on what the wait shows, every
+            // tenth of a second of it and at its end: the link's first
+            // slow reading otherwise waited out the hold (0.5-1 s of the
+            // return copy at 2 Mbit/s compressed at level 3).
+            loop {
+                let room = g.wait_for_room_at_most(Duration::from_millis(100));
+                if t.elapsed() > Duration::from_millis(1) {
+                    let mut p = sh.auto.lock().unwrap();
+                    p.levels_tick(link_view(sh, Instant::now()), sh.workers, Instant::now());
+                    sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+                }
+                if room {
+                    break;
+                }
+            }
             let waited = t.elapsed();
             if waited > Duration::from_millis(1) {
                 (held, holds) = (held + waited, holds + 1);
-                // The level is decided when runs are routed; while this
-                // thread waited the workers, whose runs it holds, could
-                // route none. Decide now, on what the wait showed.
-                let mut p = sh.auto.lock().unwrap();
-                p.levels_tick(link_view(sh, Instant::now()), Instant::now());
-                sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
             }
         }
         let want = sh.stream_level.load(Ordering::Relaxed);

@@ -678,10 +678,11 @@ impl AutoPolicy {
         route
     }
 
-    /// The stream's level decided at `now` without routing anything (the
-    /// stream's thread, after it waited for the link).
-    pub fn levels_tick(&mut self, link: LinkView, now: Instant) {
-        self.levels_step(link, now);
+    /// What [`AutoPolicy::choose`] decides at `now` without routing
+    /// anything (the stream's thread, while it waits for the link): the
+    /// route, if the link just became known, and the stream's level.
+    pub fn levels_tick(&mut self, link: LinkView, workers: usize, now: Instant) {
+        self.choose(link, workers, 0, now);
     }
 
     /// The stream's level: it only rises, until it falls once, back to the

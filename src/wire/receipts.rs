@@ -257,12 +257,23 @@ impl Receipts {
     /// that acknowledged more,
     /// and from then on for the rest of the copy.
     pub fn wait_for_room(&self) {
+        while !self.wait_for_room_at_most(Duration::from_secs(3600)) {}
+    }
+
+    /// [`Receipts::wait_for_room`], for at most about `max`: whether there
+    /// is room (false: still none after `max`, so that the caller can look
+    /// at the link meanwhile).
+    pub fn wait_for_room_at_most(&self, max: Duration) -> bool {
+        let start = Instant::now();
         let mut s = self.clock.lock().unwrap();
         loop {
             let written = self.stats.written();
             let outstanding = written.saturating_sub(s.clock.acked());
             if s.gave_up || outstanding <= s.clock.window(written) {
-                return;
+                return true;
+            }
+            if start.elapsed() >= max {
+                return false;
             }
             if s.last_at.elapsed() >= GATE_GIVE_UP {
                 log::warn!(
@@ -271,9 +282,9 @@ impl Receipts {
                     GATE_GIVE_UP.as_secs()
                 );
                 s.gave_up = true;
-                return;
+                return true;
             }
-            s = self.arrived.wait_timeout(s, Duration::from_millis(100)).unwrap().0;
+            s = self.arrived.wait_timeout(s, Duration::from_millis(100).min(max)).unwrap().0;
         }
     }
 
@@ -500,5 +511,19 @@ mod tests {
         r.wait_for_room();
         assert!(!r.clock.lock().unwrap().gave_up);
         assert_eq!(r.count(), 1);
+    }
+
+    /// The bounded wait returns after its time with no room, and at once
+    /// with room.
+    #[test]
+    fn the_bounded_wait_says_whether_there_is_room() {
+        let stats = Arc::new(LinkStats::default());
+        stats.count_written_for_tests(GATE_MIN + 1);
+        let r = Receipts::new(stats.clone());
+        let t = Instant::now();
+        assert!(!r.wait_for_room_at_most(Duration::from_millis(30)));
+        assert!(t.elapsed() >= Duration::from_millis(30) && t.elapsed() < Duration::from_secs(1));
+        r.on_receipt(GATE_MIN + 1, 0);
+        assert!(r.wait_for_room_at_most(Duration::from_millis(30)));
     }
 }
