@@ -232,7 +232,7 @@ const RESAMPLE_BYTES_SLOW_LINK: u64 = 16 << 20;
 /// where 19 sent a fifth less. A measurement costs up to about half a
 /// second of one core (level 19); 2 MiB of input is seconds of a link
 /// slow enough for the levels.
-const RESAMPLE_BYTES_LEVELS: u64 = 2 << 20;
+const RESAMPLE_BYTES_LEVELS: u64 = 1 << 20;
 /// A measurement runs on this much of the data being sent (consecutive
 /// payloads): one run alone can be a single block, on which zstd's set-up
 /// dominates its CPU time and no codec finds what it would on more.
@@ -430,6 +430,8 @@ pub struct AutoPolicy {
     recent: VecDeque<u8>,
     /// Bytes routed since the levels were last measured.
     since_levels: u64,
+    /// The measurement of the levels running on its own thread, if any.
+    measuring: Option<std::thread::JoinHandle<[Option<Sample>; STREAM_LEVELS.len()]>>,
     /// When the level's state on a slow link was last logged.
     noted: Option<Instant>,
 }
@@ -473,6 +475,7 @@ impl AutoPolicy {
             level_state: Levels::First,
             recent: VecDeque::new(),
             since_levels: 0,
+            measuring: None,
             noted: None,
         }
     }
@@ -528,10 +531,11 @@ impl AutoPolicy {
         let over = self.recent.len().saturating_sub(SAMPLE_BYTES);
         self.recent.drain(..over);
         self.since_levels += data.len() as u64;
-        if self.since_levels >= RESAMPLE_BYTES_LEVELS && self.level_samples[0].is_some() {
-            self.level_samples = [None; STREAM_LEVELS.len()];
-            self.since_levels = 0;
-        }
+    }
+
+    /// Whether the levels are due to be measured (again).
+    fn levels_due(&self) -> bool {
+        self.level_samples[0].is_none() || self.since_levels >= RESAMPLE_BYTES_LEVELS
     }
 
     /// Add `data` (a payload about to be sent) to the next measurement, and
@@ -579,35 +583,7 @@ impl AutoPolicy {
     /// which the others are compared: raised, the level only rises
     /// further.
     fn sample_levels(&mut self, data: &[u8], rate: f64, from: i32) {
-        self.level_samples = [None; STREAM_LEVELS.len()];
-        let mut best_link = f64::INFINITY;
-        for (j, &level) in STREAM_LEVELS.iter().enumerate() {
-            if j > 0 && level < from {
-                continue;
-            }
-            let t = thread_cpu_time();
-            let out = Codec::Zstd(level).compress(data);
-            let cpu = thread_cpu_time() - t;
-            let s = Sample {
-                ratio: out.len() as f64 / data.len() as f64 * STREAM_HISTORY,
-                cpu_per_byte: cpu / data.len() as f64,
-            };
-            self.level_samples[j] = Some(s);
-            if j == 0 {
-                best_link = s.ratio / rate;
-                continue;
-            }
-            log::debug!(
-                "auto: level {level} sampled {:.3} at {:.1} MB/s (link {:.0} kB/s)",
-                s.ratio,
-                1e-6 / s.cpu_per_byte.max(1e-12),
-                rate / 1e3
-            );
-            best_link = best_link.min(s.ratio / rate);
-            if s.cpu_per_byte * LEVEL_CPU_MARGIN >= best_link {
-                break;
-            }
-        }
+        self.level_samples = measure_levels(data, rate, from);
     }
 
     /// The stream's cost per input byte at `rate`, and the level that
@@ -757,10 +733,12 @@ impl AutoPolicy {
                 else {
                     return;
                 };
-                if !slow || self.level_samples[0].is_some() || self.recent.is_empty() {
+                if slow && self.levels_due() && !self.recent.is_empty() {
+                    self.measure_recent(rate, self.stream_level);
+                }
+                if !self.collect_levels(false) || !slow {
                     return;
                 }
-                self.measure_recent(rate, self.stream_level);
                 let level = self.stream_cost(base, rate).1;
                 if level > self.stream_level {
                     log::debug!(
@@ -793,9 +771,10 @@ impl AutoPolicy {
                 // measurement (level 19 alone takes about half a second)
                 // then overlaps the wait for that evidence instead of
                 // delaying the change by as much.
-                if slow && self.level_samples[0].is_none() && !self.recent.is_empty() {
+                if slow && self.levels_due() && !self.recent.is_empty() {
                     self.measure_recent(rate, STREAM_LEVELS[0]);
                 }
+                self.collect_levels(false);
                 let Some(spell) = link.spell else { return };
                 let (secs, bytes) = if link.receipts {
                     (RECEIPT_SPELL_SECS, RECEIPT_SPELL_BYTES)
@@ -830,11 +809,46 @@ impl AutoPolicy {
     }
 
     /// [`AutoPolicy::sample_levels`] on the last payloads routed.
+    ///
+    /// It runs on a thread of its own: level 19 alone takes about a third
+    /// of a second on a megabyte, and measured on the thread that asked
+    /// (the stream's, or a worker holding this policy's lock) it stalled
+    /// the stream for as long. The results count once collected
+    /// ([`AutoPolicy::collect_levels`]); one measurement runs at a time.
     fn measure_recent(&mut self, rate: f64, from: i32) {
-        let mut recent = std::mem::take(&mut self.recent);
-        self.sample_levels(recent.make_contiguous(), rate, from);
-        self.recent = recent;
+        if self.measuring.is_some() {
+            return;
+        }
+        let data: Vec<u8> = self.recent.iter().copied().collect();
         self.since_levels = 0;
+        let run = std::thread::Builder::new().name("xenmig-levels".into());
+        match run.spawn(move || measure_levels(&data, rate, from)) {
+            Ok(h) => self.measuring = Some(h),
+            // (no thread to be had: measured here instead)
+            Err(_) => {
+                let mut recent = std::mem::take(&mut self.recent);
+                self.sample_levels(recent.make_contiguous(), rate, from);
+                self.recent = recent;
+            }
+        }
+    }
+
+    /// Take a finished measurement of the levels (or, with `wait`, wait
+    /// for the one running); whether new levels came in. (Unit tests
+    /// always wait: their clocks are not the measurement's.)
+    fn collect_levels(&mut self, wait: bool) -> bool {
+        let done = self.measuring.as_ref().is_some_and(|h| wait || cfg!(test) || h.is_finished());
+        if !done {
+            return false;
+        }
+        match self.measuring.take().map(|h| h.join()) {
+            Some(Ok(measured)) => {
+                self.level_samples = measured;
+                true
+            }
+            // (a measurement that panicked leaves the levels as they were)
+            _ => false,
+        }
     }
 
     fn choose_route(&mut self, link: LinkView, workers: usize, bytes: u64, now: Instant) -> Route {
@@ -983,6 +997,41 @@ impl AutoPolicy {
     fn cpu(&self, i: usize, workers: usize) -> Option<f64> {
         self.samples[i].map(|s| s.cpu_per_byte / Self::threads(self.candidates[i], workers))
     }
+}
+
+/// [`AutoPolicy::sample_levels`]'s measurement, on the thread that runs
+/// it (its CPU time is this thread's).
+fn measure_levels(data: &[u8], rate: f64, from: i32) -> [Option<Sample>; STREAM_LEVELS.len()] {
+    let mut measured = [None; STREAM_LEVELS.len()];
+    let mut best_link = f64::INFINITY;
+    for (j, &level) in STREAM_LEVELS.iter().enumerate() {
+        if j > 0 && level < from {
+            continue;
+        }
+        let t = thread_cpu_time();
+        let out = Codec::Zstd(level).compress(data);
+        let cpu = thread_cpu_time() - t;
+        let s = Sample {
+            ratio: out.len() as f64 / data.len() as f64 * STREAM_HISTORY,
+            cpu_per_byte: cpu / data.len() as f64,
+        };
+        measured[j] = Some(s);
+        if j == 0 {
+            best_link = s.ratio / rate;
+            continue;
+        }
+        log::debug!(
+            "auto: level {level} sampled {:.3} at {:.1} MB/s (link {:.0} kB/s)",
+            s.ratio,
+            1e-6 / s.cpu_per_byte.max(1e-12),
+            rate / 1e3
+        );
+        best_link = best_link.min(s.ratio / rate);
+        if s.cpu_per_byte * LEVEL_CPU_MARGIN >= best_link {
+            break;
+        }
+    }
+    measured
 }
 
 /// CPU seconds this thread has used.
@@ -1538,6 +1587,7 @@ mod tests {
         p.observe(&noise(SAMPLE_BYTES));
         assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, t0), Route::Stream);
         p.measure_recent(SLOW, STREAM_LEVELS[0]);
+        assert!(p.collect_levels(true));
         assert!(p.level_samples[0].is_some_and(|s| s.ratio > 0.8), "{:?}", p.level_samples[0]);
         assert_eq!(p.modelled(SLOW, 2), Route::Stream);
     }
@@ -1563,14 +1613,14 @@ mod tests {
         // Less than RESAMPLE_BYTES_LEVELS routed: still measured.
         let chunk = text(SAMPLE_BYTES);
         p.observe(&chunk[..SAMPLE_BYTES / 2]);
-        assert!(p.level_samples[0].is_some());
+        assert!(!p.levels_due());
         // Then enough: measured again on the next call, and raised back to
         // the model's level, once. (The model's level comes from measured
         // CPU times, 15 or 19 by the host's speed: not compared with the
         // first rise's.)
         p.observe(&chunk);
         p.observe(&chunk[SAMPLE_BYTES / 2..]);
-        assert!(p.level_samples[0].is_none());
+        assert!(p.levels_due());
         let (levels, t) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels.len(), 1, "{levels:?}");
         assert!(levels[0] > STREAM_LEVELS[1], "{levels:?}");
@@ -1606,10 +1656,10 @@ mod tests {
         let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         let raised = levels[1];
         p.observe(&noise(RESAMPLE_BYTES_LEVELS as usize));
-        assert!(p.level_samples[0].is_none());
+        assert!(p.levels_due());
         let (levels, _) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
         assert_eq!(levels, [raised]);
-        assert!(p.level_samples[0].is_some(), "measured again");
+        assert!(!p.levels_due(), "measured again");
     }
 
     /// Raised, the level drops when the link stops counting as slow: a
