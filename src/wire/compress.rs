@@ -229,9 +229,11 @@ const RESAMPLE_BYTES_SLOW_LINK: u64 = 16 << 20;
 /// megabytes of changed blocks lose 11-16% of their bytes at level 19
 /// against level 3, the last four 44-46% (docs/experiments.md,
 /// "Receipts"), and levels measured on the first megabyte alone chose 15
-/// where 19 sent a fifth less. A measurement costs up to about half a
-/// second of one core (level 19); 2 MiB of input is seconds of a link
-/// slow enough for the levels.
+/// where 19 sent a fifth less. A measurement costs up to about a third of
+/// a second of one core (level 19), on a thread of its own; a megabyte of
+/// input is about a second of a link slow enough for the levels (at the
+/// return copy's ratios). Every 2 MiB, one return copy in three at
+/// 2 Mbit/s never measured again after rising to 15, and stayed there.
 const RESAMPLE_BYTES_LEVELS: u64 = 1 << 20;
 /// A measurement runs on this much of the data being sent (consecutive
 /// payloads): one run alone can be a single block, on which zstd's set-up
@@ -668,11 +670,11 @@ impl AutoPolicy {
     ///   (below [`LEVELS_BELOW`]) whose writes blocked steadily for
     ///   [`RAISE_SPELL_SECS`] in one spell at that rate (with receipts:
     ///   whose receipts showed a backlog for [`RECEIPT_SPELL_SECS`]), to
-    ///   the level the model finds fastest on the last sample (the levels
-    ///   measured on it as soon as the link reads slow).
-    /// - Raised, it rises again when a later sample (every
-    ///   [`RESAMPLE_BYTES_LEVELS`] there) shows a higher level faster by
-    ///   the model; a sample never lowers it.
+    ///   the level the model finds fastest on the last payloads routed
+    ///   (the levels measured on them as soon as the link reads slow).
+    /// - Raised, it rises again when the levels, measured again on the
+    ///   last payloads after every [`RESAMPLE_BYTES_LEVELS`] routed, show
+    ///   a higher one faster by the model; a measurement never lowers it.
     /// - It falls back to the first level, for good, when the route leaves
     ///   the stream or the link stops counting as slow, or when over
     ///   [`DROP_WINDOW_SECS`] the writer was in writes (or, with receipts,
@@ -766,11 +768,11 @@ impl AutoPolicy {
                 }
                 let Some(rate) = link.drain_rate else { return };
                 let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
-                // The levels are measured on the last sample as soon as the
-                // link reads slow, before the spell that decides: the
-                // measurement (level 19 alone takes about half a second)
-                // then overlaps the wait for that evidence instead of
-                // delaying the change by as much.
+                // The levels are measured on the last payloads as soon as
+                // the link reads slow, before the spell that decides: the
+                // measurement (level 19 alone takes about a third of a
+                // second) then overlaps the wait for that evidence instead
+                // of delaying the change by as much.
                 if slow && self.levels_due() && !self.recent.is_empty() {
                     self.measure_recent(rate, STREAM_LEVELS[0]);
                 }
