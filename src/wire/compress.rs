@@ -578,8 +578,8 @@ impl AutoPolicy {
     /// payloads routed), lowest first, as long as one could still win: a
     /// level whose CPU time alone exceeds the best link time so far cannot,
     /// and every level above it costs more CPU still. (Level 19 takes about
-    /// half a second on a megabyte: measured only where the link is that
-    /// slow.)
+    /// a third of a second on a megabyte: measured only where the link is
+    /// that slow.)
     ///
     /// Levels below `from` are not measured, except the first, against
     /// which the others are compared: raised, the level only rises
@@ -663,8 +663,9 @@ impl AutoPolicy {
         self.choose(link, workers, 0, now);
     }
 
-    /// The stream's level: it only rises, until it falls once, back to the
-    /// first level, for good.
+    /// The stream's level: a measurement only ever raises it; a further
+    /// rise that proves too costly is undone, once; and it falls back to
+    /// the first level at most once, for good.
     ///
     /// - It first rises only while the stream is the route on a slow link
     ///   (below [`LEVELS_BELOW`]) whose writes blocked steadily for
