@@ -260,9 +260,11 @@
 //! of its tail): a closer frame is an error naming the stream. A stream
 //! that began with a shared reference never starts a second frame.
 //! `auto` raises the level where the link is steadily slow, and again
-//! when a later sample shows a higher level paying (never down), and drops
-//! it back at most once (`wire::compress`, `wire::flow`;
-//! `SourceOptions::raise_levels`, on by default): so at most six frames.
+//! when a later measurement shows a higher level paying (at most five
+//! rises, one per level), undoes a further rise that proved too costly
+//! once, and drops it back to the first level at most once
+//! (`wire::compress`, `wire::flow`; `SourceOptions::raise_levels`, on by
+//! default): so at most eight frames.
 //! The target relies on none of that: it follows any number of frames,
 //! each bounded as above. No frame or field is added, and without the bit
 //! the stream is one frame. Above
