@@ -28,3 +28,6 @@ pub mod migrate;
 pub mod storage;
 pub mod wire;
 pub mod xen;
+
+#[cfg(test)]
+mod test_data;

@@ -246,15 +246,7 @@ mod tests {
     use crate::wire::transport::Link;
 
     fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::test_data::Noise::new(seed | 1).bytes(len)
     }
 
     /// The two ends agree on a digest but hold different bytes (the

@@ -1546,15 +1546,7 @@ mod tests {
 
     /// Incompressible bytes: every level sends them alike.
     fn noise(len: usize) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::test_data::Noise::new(0x9E37_79B9_7F4A_7C15).bytes(len)
     }
 
     /// The levels are measured on the last payloads routed (what the

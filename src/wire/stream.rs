@@ -496,17 +496,8 @@ mod tests {
     /// Runs that repeat data from earlier runs: the stream finds it, runs
     /// compressed one by one do not.
     fn runs() -> Vec<Vec<u8>> {
-        let mut x = 7u64;
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        let mut rng = crate::test_data::Noise::new(7);
+        let mut noise = |n: usize| rng.bytes(n);
         let a = noise(256 << 10);
         let b = noise(64 << 10);
         vec![a.clone(), b.clone(), [b.clone(), a[1000..90_000].to_vec()].concat(), a.clone(), vec![5; 4096]]
@@ -690,17 +681,8 @@ mod tests {
     fn a_high_levels_shorter_prefix_decodes_against_the_whole_tail() {
         // 20 MiB of runs, each 1 MiB of pseudo-random bytes (nothing to
         // compress but what repeats).
-        let noise = |seed: u64| -> Vec<u8> {
-            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            (0..1 << 20)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        let noise =
+            |seed: u64| crate::test_data::Noise::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(1 << 20);
         let rs: Vec<Vec<u8>> = (0..20).map(noise).collect();
         let mut enc = StreamEncoder::new(3, window_log_for(1 << 30)).unwrap().follow_levels();
         let mut dec = StreamDecoder::new().unwrap().follow_levels();
