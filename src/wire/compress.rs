@@ -1414,6 +1414,17 @@ mod tests {
         p
     }
 
+    /// A policy raised by 2.5 s of steady slow spell from now (calls
+    /// 100 ms apart, the writer always busy), the instant after, and the
+    /// writer's busy seconds so far.
+    fn raised_policy() -> (AutoPolicy, Instant, f64) {
+        let t0 = Instant::now();
+        let mut p = slow_policy(t0);
+        let mut b = 0.0;
+        let (_, t) = feed(&mut p, t0, 25, Duration::from_millis(100), Some(SLOW), Some(SLOW), &mut b, 1.0);
+        (p, t, b)
+    }
+
     /// Feed `calls` calls `every` apart from `at`: the drain rate, and a
     /// spell (rate) that began at `at` (None: no spell), with the writer
     /// busy `share` of the time (`busy`: its seconds so far, carried from
@@ -1522,12 +1533,9 @@ mod tests {
     /// (the compressor set the pace), and never rises again.
     #[test]
     fn the_level_drops_once_for_good_when_the_compressor_sets_the_pace() {
-        let t0 = Instant::now();
         let ms = Duration::from_millis(100);
-        let mut p = slow_policy(t0);
-        let mut b = 0.0;
-        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        let raised = levels[1];
+        let (mut p, t, mut b) = raised_policy();
+        let raised = p.stream_level();
         // 60 s of the link busy 95% of the time: kept.
         let (levels, t) = feed(&mut p, t, 600, ms, Some(SLOW), Some(SLOW), &mut b, 0.95);
         assert_eq!(levels, [raised]);
@@ -1593,12 +1601,9 @@ mod tests {
     /// after it, and then nothing is kept.
     #[test]
     fn a_later_measurement_raises_the_level_again() {
-        let t0 = Instant::now();
         let ms = Duration::from_millis(100);
-        let mut p = slow_policy(t0);
-        let mut b = 0.0;
-        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        assert!(levels[1] > STREAM_LEVELS[1], "text at 250 kB/s: {levels:?}");
+        let (mut p, t, mut b) = raised_policy();
+        assert!(p.stream_level() > STREAM_LEVELS[1], "text at 250 kB/s: {}", p.stream_level());
         // As if the first rise had been taken on data that promised less
         // (the return copy's first megabytes): a lower raised level.
         p.stream_level = STREAM_LEVELS[1];
@@ -1644,12 +1649,9 @@ mod tests {
     /// level pays (incompressible) it stays where it is.
     #[test]
     fn a_later_measurement_never_lowers_the_level() {
-        let t0 = Instant::now();
         let ms = Duration::from_millis(100);
-        let mut p = slow_policy(t0);
-        let mut b = 0.0;
-        let (levels, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
-        let raised = levels[1];
+        let (mut p, t, mut b) = raised_policy();
+        let raised = p.stream_level();
         p.observe(&noise(RESAMPLE_BYTES_LEVELS as usize));
         assert!(p.levels_due());
         let (levels, _) = feed(&mut p, t, 20, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
@@ -1663,10 +1665,7 @@ mod tests {
     fn the_level_drops_when_the_link_is_no_longer_slow() {
         let ms = Duration::from_millis(100);
         for drain in [None, Some(LEVELS_BELOW)] {
-            let t0 = Instant::now();
-            let mut p = slow_policy(t0);
-            let mut b = 0.0;
-            let (_, t) = feed(&mut p, t0, 25, ms, Some(SLOW), Some(SLOW), &mut b, 1.0);
+            let (mut p, t, mut b) = raised_policy();
             assert!(p.stream_level() > 3);
             let (levels, _) = feed(&mut p, t, 1, ms, drain, Some(SLOW), &mut b, 1.0);
             assert_eq!(levels, [3], "{drain:?}");
