@@ -574,20 +574,6 @@ impl AutoPolicy {
         }
     }
 
-    /// On a slow link, measure the stream's levels on `data` (the last
-    /// payloads routed), lowest first, as long as one could still win: a
-    /// level whose CPU time alone exceeds the best link time so far cannot,
-    /// and every level above it costs more CPU still. (Level 19 takes about
-    /// a third of a second on a megabyte: measured only where the link is
-    /// that slow.)
-    ///
-    /// Levels below `from` are not measured, except the first, against
-    /// which the others are compared: raised, the level only rises
-    /// further.
-    fn sample_levels(&mut self, data: &[u8], rate: f64, from: i32) {
-        self.level_samples = measure_levels(data, rate, from);
-    }
-
     /// The stream's cost per input byte at `rate`, and the level that
     /// gives it: the current level unless another measured one is faster
     /// by more than [`LEVEL_GAIN`].
@@ -811,7 +797,7 @@ impl AutoPolicy {
         }
     }
 
-    /// [`AutoPolicy::sample_levels`] on the last payloads routed.
+    /// [`measure_levels`] on the last payloads routed.
     ///
     /// It runs on a thread of its own: level 19 alone takes about a third
     /// of a second on a megabyte, and measured on the thread that asked
@@ -829,9 +815,8 @@ impl AutoPolicy {
             Ok(h) => self.measuring = Some(h),
             // (no thread to be had: measured here instead)
             Err(_) => {
-                let mut recent = std::mem::take(&mut self.recent);
-                self.sample_levels(recent.make_contiguous(), rate, from);
-                self.recent = recent;
+                let data: Vec<u8> = self.recent.iter().copied().collect();
+                self.level_samples = measure_levels(&data, rate, from);
             }
         }
     }
@@ -1002,8 +987,18 @@ impl AutoPolicy {
     }
 }
 
-/// [`AutoPolicy::sample_levels`]'s measurement, on the thread that runs
-/// it (its CPU time is this thread's).
+/// On a slow link, measure the stream's levels on `data` (the last
+/// payloads routed), lowest first, as long as one could still win: a
+/// level whose CPU time alone exceeds the best link time so far cannot,
+/// and every level above it costs more CPU still. (Level 19 takes about
+/// a third of a second on a megabyte: measured only where the link is
+/// that slow.)
+///
+/// Levels below `from` are not measured, except the first, against
+/// which the others are compared: raised, the level only rises
+/// further.
+///
+/// CPU time is counted on the thread that runs it.
 fn measure_levels(data: &[u8], rate: f64, from: i32) -> [Option<Sample>; STREAM_LEVELS.len()] {
     let mut measured = [None; STREAM_LEVELS.len()];
     let mut best_link = f64::INFINITY;
@@ -1379,12 +1374,12 @@ mod tests {
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
         p.sample(&data);
         // A link too slow for any CPU to matter: every level is measured.
-        p.sample_levels(&data, 1.0, 3);
+        p.level_samples = measure_levels(&data, 1.0, 3);
         assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
         // A link just slow enough for the model: stops at the first level
         // whose CPU alone exceeds the best link time (for 1 MiB of text at
         // level 19, far more than 1 ns a byte).
-        p.sample_levels(&data, 29e6, 3);
+        p.level_samples = measure_levels(&data, 29e6, 3);
         let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
         assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
     }

@@ -29,8 +29,9 @@
 //!   100 Mbit/s, a target busy with sub-block deltas acknowledged below
 //!   1 MB/s for half a second and raised the level of a copy the link
 //!   would have carried at level 3, 8.7 s instead of 6.5).
-//! - The source's stream waits at the [`Receipts::wait_for_room`] gate while
-//!   more than [`Clock::window`] bytes are unacknowledged: at least
+//! - The source's stream waits at the gate
+//!   ([`Receipts::wait_for_room_at_most`]) while more than
+//!   [`Clock::window`] bytes are unacknowledged: at least
 //!   [`GATE_MIN`], else a second of the link's drain rate (twice what
 //!   arrived while that is unknown), so a fast link is not held and a
 //!   slow one has about a second of stream in flight.
@@ -253,16 +254,11 @@ impl Receipts {
     }
 
     /// Wait while more than the window is unacknowledged (see the module's
-    /// notes); returns at once after [`GATE_GIVE_UP`] without a receipt
-    /// that acknowledged more,
-    /// and from then on for the rest of the copy.
-    pub fn wait_for_room(&self) {
-        while !self.wait_for_room_at_most(Duration::from_secs(3600)) {}
-    }
-
-    /// [`Receipts::wait_for_room`], for at most about `max`: whether there
-    /// is room (false: still none after `max`, so that the caller can look
-    /// at the link meanwhile).
+    /// notes), for at most about `max`: whether there is room (false: still
+    /// none after `max`, so that the caller can look at the link
+    /// meanwhile). Returns true at once after [`GATE_GIVE_UP`] without a
+    /// receipt that acknowledged more, and from then on for the rest of
+    /// the copy.
     pub fn wait_for_room_at_most(&self, max: Duration) -> bool {
         let start = Instant::now();
         let mut s = self.clock.lock().unwrap();
@@ -496,19 +492,19 @@ mod tests {
         // until GATE_GIVE_UP passes without a receipt.
         r.clock.lock().unwrap().last_at = Instant::now() - GATE_GIVE_UP;
         let t = Instant::now();
-        r.wait_for_room();
+        r.wait_for_room_at_most(Duration::from_secs(10));
         assert!(t.elapsed() < Duration::from_secs(1));
         assert!(r.clock.lock().unwrap().gave_up);
         // Receipts that acknowledge nothing more do not keep it waiting.
         let r = Receipts::new(stats.clone());
         r.clock.lock().unwrap().last_at = Instant::now() - GATE_GIVE_UP;
         r.on_receipt(0, 0);
-        r.wait_for_room();
+        r.wait_for_room_at_most(Duration::from_secs(10));
         assert!(r.clock.lock().unwrap().gave_up);
         // A receipt of everything opens it too.
         let r = Receipts::new(stats.clone());
         r.on_receipt(GATE_MIN + 1, 0);
-        r.wait_for_room();
+        r.wait_for_room_at_most(Duration::from_secs(10));
         assert!(!r.clock.lock().unwrap().gave_up);
         assert_eq!(r.count(), 1);
     }
