@@ -423,8 +423,6 @@ pub struct AutoPolicy {
     level_samples: [Option<Sample>; STREAM_LEVELS.len()],
     /// The level the stream should compress at.
     stream_level: i32,
-    /// The link's drain rate at the last decision.
-    rate: f64,
     /// The level's rises and its one fall.
     level_state: Levels,
     /// The last [`SAMPLE_BYTES`] routed, kept while the level may still
@@ -473,7 +471,6 @@ impl AutoPolicy {
             levels: false,
             level_samples: [None; STREAM_LEVELS.len()],
             stream_level: super::stream::AUTO_LEVEL,
-            rate: f64::INFINITY,
             level_state: Levels::First,
             recent: VecDeque::new(),
             since_levels: 0,
@@ -907,7 +904,6 @@ impl AutoPolicy {
         self.unknown = false;
         self.slow_link = rate < slow_below;
         self.probation = !self.slow_link && !was_fast;
-        self.rate = rate;
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
         if next != self.current {
             log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
