@@ -425,3 +425,140 @@ fn a_misshapen_short_signature_is_refused() {
     assert!(e.contains("unexpected FetchDeltaShort frame"), "{e}");
     assert_eq!(fs::read(&b).unwrap(), old);
 }
+
+/// Copy `src` into a new `dst` (flat layout, `codec`), the target given
+/// `refs`, through a relay editing each direction (short sub-block hashes
+/// hidden, as in [`copy_through`]).
+fn copy_with_refs(src: &Path, dst: &Path, refs: &[&Path], codec: &str, to_source: Edit) -> Outcome {
+    use std::time::Duration;
+    use xenmig::blocks::layout::Align;
+    use xenmig::copy::source::SourceOptions;
+    use xenmig::copy::target::TargetOptions;
+    use xenmig::wire::compress::Choice;
+    let opts = SourceOptions {
+        block_size: BS as u32,
+        align: Align::Flat,
+        compress: codec.parse::<Choice>().unwrap(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        ..SourceOptions::default()
+    };
+    let topts = TargetOptions {
+        references: refs.iter().map(|r| r.to_path_buf()).collect(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        ..TargetOptions::default()
+    };
+    let hidden = hide(CAP_SHORT_SUB_HASHES);
+    relay::copy_onto(src, dst, &opts, topts, hidden, chain(hide(CAP_SHORT_SUB_HASHES), to_source))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// A new DST, the old copy given as a reference of the same size: the
+    /// reference is DST's old copy (the base), and every changed block
+    /// with an old version goes as a delta, as it does in place.
+    #[test]
+    fn a_reference_laid_out_alike_is_a_new_dst_s_old_copy(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..48),
+        tail in prop_oneof![Just(0usize), 1usize..BS],
+        codec in prop_oneof![Just("none"), Just("zstd:1"), Just("auto")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
+        let (old, new, deltas) = images(seed, &changes, tail);
+        fs::write(&a, &new).unwrap();
+        fs::write(&r, &old).unwrap();
+        let o = copy_with_refs(&a, &b, &[&r], codec, keep());
+        let rep = o.target.unwrap();
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        prop_assert_eq!(fs::read(&r).unwrap(), old, "the reference is only read");
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.deltas_failed, 0);
+        prop_assert_eq!(rep.blocks_in_place, 0);
+        prop_assert_eq!(rep.blocks_delta, deltas, "{:?}", rep);
+    }
+}
+
+/// Old and new images of `groups` groups of 256 blocks, the new one with
+/// small edits in the first 8 blocks of each group; and how many blocks
+/// were edited.
+fn edited_images(groups: usize) -> (Vec<u8>, Vec<u8>, u64) {
+    let old = common::noise(5, groups * 256 * BS);
+    let mut new = old.clone();
+    let mut edited = 0;
+    for g in 0..groups {
+        for k in 0..8 {
+            let at = (g * 256 + k) * BS + 100 * k;
+            new[at..at + 24].fill(0xA5);
+            edited += 1;
+        }
+    }
+    (old, new, edited)
+}
+
+/// The base only where it is laid out exactly as the source's image: the
+/// same old copy one block longer is still a reference (its blocks are
+/// found by key), but no old copy: the edited blocks come whole, with every
+/// key of their groups, where with the base they come as deltas with the
+/// keys of the changed sub-groups only.
+#[test]
+fn only_a_reference_of_the_same_layout_is_the_base() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, r, longer) = (d.path().join("a"), d.path().join("r"), d.path().join("longer"));
+    let (old, new, edited) = edited_images(4);
+    fs::write(&a, &new).unwrap();
+    fs::write(&r, &old).unwrap();
+    let mut l = old.clone();
+    l.extend(common::noise(6, BS));
+    fs::write(&longer, &l).unwrap();
+    let run = |refs: &[&Path], name: &str| {
+        let b = d.path().join(name);
+        let rep = copy_with_refs(&a, &b, refs, "none", keep()).target.unwrap();
+        assert!(fs::read(&b).unwrap() == new, "{name}: the copy differs");
+        assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+        rep
+    };
+    let based = run(&[&longer, &r], "based");
+    let other = run(&[&longer], "other");
+    assert_eq!((based.blocks_delta, based.deltas_failed), (edited, 0), "{based:?}");
+    assert!(based.blocks_keyless > 0, "{based:?}");
+    assert_eq!((other.blocks_delta, other.blocks_keyless, other.blocks_fetched), (0, 0, edited), "{other:?}");
+    assert!(
+        based.bytes_wire * 3 < other.bytes_wire,
+        "with the base {} bytes, without {}",
+        based.bytes_wire,
+        other.bytes_wire
+    );
+}
+
+/// The base rewritten after the target hashed it (at its first request):
+/// blocks kept keyless from it fail their group's digest and the group is
+/// asked for again with every key, deltas against it fail and are fetched
+/// whole. The copy is byte-identical all the same.
+#[test]
+fn a_base_changed_under_the_copy_costs_refetches_never_a_wrong_block() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
+    let (old, new, _) = edited_images(4);
+    fs::write(&a, &new).unwrap();
+    fs::write(&r, &old).unwrap();
+    let (path, len) = (r.clone(), old.len());
+    let mut done = false;
+    let rewrite: Edit = Box::new(move |m| {
+        let request = !matches!(m, Message::Hello { .. } | Message::KeepAlive | Message::Received { .. });
+        if request && !done {
+            // In place: the target reads the reference through its open file.
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&common::noise(7, len), 0).unwrap();
+            done = true;
+        }
+        m
+    });
+    let rep = copy_with_refs(&a, &b, &[&r], "none", rewrite).target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert!(rep.verified);
+    assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+    assert!(rep.groups_rekeyed > 0, "{rep:?}");
+}

@@ -81,7 +81,7 @@ pub fn similarity_cmd(
     progress.phase("hashing", layout.size);
     let map = BlockMap::compute(&img, layout, hash.algo, |_, _| {}, &|n| progress.inc(n))?;
     let references = xenmig::copy::refglob::expand(&references, Some(&image))?;
-    let refs = ReferenceSet::load(&references, hash.algo, hash.block_size)?;
+    let refs = ReferenceSet::load(&references, hash.algo, hash.block_size, None)?;
     progress.finish();
     let sim = similarity(&map, &refs);
     let (total, zero, found) = (sim.blocks_total, sim.blocks_zero, sim.blocks_found);

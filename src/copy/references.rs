@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
-use crate::blocks::digest::{Algorithm, Key};
+use crate::blocks::digest::{Algorithm, Digest, Key};
 use crate::blocks::layout::{Align, Layout};
 use crate::formats::index::{self, Index};
 use crate::storage::disk::Disk;
@@ -29,6 +29,21 @@ pub struct ReferenceSet {
     /// The target's own earlier content, indexed compactly (looked up after
     /// `index`, as an image added last would be).
     own: Option<CompactIndex>,
+    /// The first reference image laid out exactly as the image being
+    /// copied, with its block digests (see [`SameLayout`]).
+    same_layout: Option<SameLayout>,
+}
+
+/// A reference image with the very layout of the image being copied (same
+/// size, block size and partitions), and the digest of each of its blocks:
+/// what a DST that holds nothing yet can take as its old copy
+/// (`copy::target`'s base), block `i` of the one standing for block `i` of
+/// the other. Its blocks are read again when used, and checked like every
+/// block taken from a reference.
+pub struct SameLayout {
+    /// Index into [`ReferenceSet::images`].
+    pub image: u32,
+    pub digests: Vec<Digest>,
 }
 
 /// Where the blocks of one large image are, by the first 8 bytes of their
@@ -133,11 +148,18 @@ pub fn layout_of(img: &dyn Disk, block_size: u32, align: Align) -> Result<Layout
 
 impl ReferenceSet {
     pub fn empty(algo: Algorithm, block_size: u32) -> Self {
-        ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size), own: None }
+        ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size), own: None, same_layout: None }
     }
 
     /// Open every reference: index files as they are, images hashed now.
-    pub fn load(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Self, EngineError> {
+    /// With `like`, the digests of the first image laid out exactly so are
+    /// kept ([`take_same_layout`](Self::take_same_layout)).
+    pub fn load(
+        paths: &[PathBuf],
+        algo: Algorithm,
+        block_size: u32,
+        like: Option<&Layout>,
+    ) -> Result<Self, EngineError> {
         let mut set = Self::empty(algo, block_size);
         for path in paths {
             if is_index_file(path) {
@@ -154,6 +176,10 @@ impl ReferenceSet {
                 let layout = layout_of(&image, block_size, Align::Partitions)?;
                 let map = BlockMap::of_image(&image, layout, algo)?;
                 set.add_image(path.clone(), image, &map);
+                if set.same_layout.is_none() && like == Some(&map.layout) {
+                    let image = set.images.len() as u32 - 1;
+                    set.same_layout = Some(SameLayout { image, digests: map.digests });
+                }
             }
         }
         Ok(set)
@@ -236,6 +262,12 @@ impl ReferenceSet {
         groups.sort_unstable();
         self.own = Some(CompactIndex { image: self.images.len() as u32, blocks, groups });
         self.images.push(RefImage { image, layout: layout.clone() });
+    }
+
+    /// The first reference image laid out like the image being copied, if
+    /// [`load`](Self::load) was asked to keep it; it is not kept after.
+    pub fn take_same_layout(&mut self) -> Option<SameLayout> {
+        self.same_layout.take()
     }
 
     /// A reference block with `key`: (image, block number).

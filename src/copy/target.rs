@@ -11,8 +11,17 @@
 //!    zero, in place, from a reference (re-read and checked), or fetched in
 //!    runs, pipelined. Fetched blocks are checked before they are written.
 //!    With `CAP_SUB_GROUPS` only the keys of the sub-groups that differ
-//!    from DST's come (`wire::subgroup`); the other sub-groups' blocks stay
-//!    in place, keyless.
+//!    from the old copy's come (`wire::subgroup`); the other sub-groups'
+//!    blocks are kept as the old copy holds them, keyless. With
+//!    `CAP_SUB_DELTA` a missing block may come as a delta against its old
+//!    version, or against a similar old block (`CAP_SIMILAR`).
+//!
+//! The old copy is what DST held when the copy began. A DST that held
+//! nothing takes instead a reference laid out exactly as the source's image
+//! (the first such `-r`, the *base*): a return migration to a new volume,
+//! with the guest's earlier image as reference, then costs what it costs
+//! in place. Where DST has written a block since (an earlier live pass),
+//! that block is its old version.
 //!
 //! A settled group is verified by recomputing its digest from the full
 //! digests of exactly what was written; a group that fails (a key collision,
@@ -57,7 +66,7 @@ use crate::wire::subgroup;
 use crate::wire::transport::{Link, Writer};
 
 use super::readback::{self, Written};
-use super::references::ReferenceSet;
+use super::references::{ReferenceSet, SameLayout};
 use super::shared_ref;
 use super::similar;
 use super::{EngineError, PassReport, Progress, Report};
@@ -207,11 +216,28 @@ enum State {
     InPlace,
     Reused,
     Fetched,
-    /// Fetched as a delta against DST's old version of it (`wire::subdelta`).
+    /// Fetched as a delta against its old version (`wire::subdelta`).
     Delta,
-    /// Fetched as a delta against a similar block elsewhere in DST
-    /// (`wire::sketch`).
+    /// Fetched as a delta against a similar block elsewhere in the old
+    /// copy (`wire::sketch`).
     Similar,
+}
+
+/// Where an old block is read from: DST, or the base (a reference laid out
+/// as the source's image, for a DST that held nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OldIn {
+    Dst,
+    Base,
+}
+
+impl OldIn {
+    fn name(self) -> &'static str {
+        match self {
+            OldIn::Dst => "DST",
+            OldIn::Base => "the base reference",
+        }
+    }
 }
 
 /// The receiver's states, as `protocol` draws them. A plain copy starts
@@ -315,17 +341,21 @@ pub(super) struct Target<'a> {
     /// asked for as deltas.
     deltas: bool,
     /// Blocks asked for with `FetchDelta` and not answered yet, each with
-    /// the block of DST its signature was made of (itself, or a similar
-    /// block elsewhere); at most the request window: the old bytes are read
-    /// again from DST when the answer comes.
-    delta_asked: HashMap<u64, u64>,
+    /// the old block its signature was made of (itself, or a similar block
+    /// elsewhere); at most the request window: the old bytes are read again
+    /// when the answer comes.
+    delta_asked: HashMap<u64, (OldIn, u64)>,
     /// `CAP_SIMILAR` (and `CAP_SUB_DELTA`) agreed: blocks without an old
     /// version at the same place may be asked for as deltas against a
-    /// similar block of DST, found by sketch.
+    /// similar block of the old copy, found by sketch.
     similar: bool,
-    /// DST's blocks by sketch: None until first needed, Some(None) when DST
-    /// holds nothing to index (`copy::similar`).
+    /// The old copy's blocks by sketch: None until first needed, Some(None)
+    /// when it holds nothing to index (`copy::similar`). It indexes the
+    /// base when there is one, else DST.
     sim_index: Option<Option<sketch::Index>>,
+    /// A DST that held nothing takes this reference as its old copy (see
+    /// the module's summary); None in place, or without such a reference.
+    base: Option<SameLayout>,
     /// `WantSketches` awaiting their answer: first block, count.
     sketch_asked: HashMap<u64, u32>,
     /// Deltas that did not rebuild their block, each then fetched whole.
@@ -527,7 +557,7 @@ impl<'a> Target<'a> {
         // References first: a bad one stops the copy before DST is touched.
         // Patterns are expanded now, on this host (never to DST itself).
         let references = super::refglob::expand(&opts.references, Some(dst))?;
-        let mut refs = ReferenceSet::load(&references, algo, layout.block_size)?;
+        let mut refs = ReferenceSet::load(&references, algo, layout.block_size, Some(&layout))?;
         check_lv_not_open(dst, opts.allow_open_by.as_deref())?;
         let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let dst_img: Arc<dyn Disk> = Arc::from(wrap(dst_img));
@@ -560,6 +590,11 @@ impl<'a> Target<'a> {
         } else {
             (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
         };
+        // (Taken only now: in place DST itself is the old copy.)
+        let base = refs.take_same_layout().filter(|_| !had_data);
+        if let Some(b) = &base {
+            log::debug!("DST holds nothing: the base reference is image {} of the references", b.image);
+        }
         let n = layout.block_count() as usize;
         let g = layout.group_count() as usize;
         Ok(Target {
@@ -599,6 +634,7 @@ impl<'a> Target<'a> {
             out: link.map(|l| l.out),
             delta_asked: HashMap::new(),
             sim_index: None,
+            base,
             sketch_asked: HashMap::new(),
             deltas_failed: 0,
             delta_share: DeltaShare::default(),
@@ -1194,19 +1230,20 @@ impl Target<'_> {
         self.settle_keys(g, keys.into_iter().map(Some).collect())
     }
 
-    /// Ask for the keys of group `g` that differ from what DST holds there
-    /// (`CAP_SUB_GROUPS`).
+    /// Ask for the keys of group `g` that differ from what the old copy
+    /// holds there (`CAP_SUB_GROUPS`).
     fn want_changed_keys(&mut self, g: u64) -> Result<(), EngineError> {
         let (a, b) = self.layout.group_range(g);
-        let have = &self.have[a as usize..b as usize];
-        let sig = subgroup::signature(self.algo, have, |k| {
-            self.zeros.is_zero_digest(&have[k], self.layout.extent(a + k as u64).1)
+        let old = self.old_digests(a, b);
+        let sig = subgroup::signature(self.algo, &old, |k| {
+            self.zeros.is_zero_digest(&old[k], self.layout.extent(a + k as u64).1)
         });
         let subs = subgroup::sub_count((b - a) as usize) as u16;
         self.sub_asked.insert(g);
-        // Hints pay only where DST holds something in the group: where it
-        // is all zeros (a new DST) the two more frames would cost bytes and
-        // save none, so such a group is asked the previous way.
+        // Hints pay only where the old copy holds something in the group:
+        // where it is all zeros (a new DST without a base) the two more
+        // frames would cost bytes and save none, so such a group is asked
+        // the previous way.
         if self.hints && !sig.keys.is_empty() {
             let keys = sig.keys.iter().map(subgroup::short).collect();
             return self.request(Message::WantChangedSubs { group: g, subs, zero: sig.zero, keys });
@@ -1259,9 +1296,9 @@ impl Target<'_> {
             // digest decides, as after ChangedKeys.)
             return self.settle_keys(g, vec![None; (b - a) as usize]);
         }
-        let have = &self.have[a as usize..b as usize];
+        let old = self.old_digests(a, b);
         let (zero, hints) =
-            subgroup::hints(have, &differ, |k| self.zeros.is_zero_digest(&have[k], self.layout.extent(a + k as u64).1));
+            subgroup::hints(&old, &differ, |k| self.zeros.is_zero_digest(&old[k], self.layout.extent(a + k as u64).1));
         self.hint_asked.insert(g, differ.clone());
         self.request(Message::WantHintedKeys { group: g, subs, differ, zero, hints })
     }
@@ -1283,7 +1320,7 @@ impl Target<'_> {
 
     /// Settle each block of group `g` by its key: zero, in place, from a
     /// reference, or asked for. A block given no key (`None`: its
-    /// sub-group matched DST's) is kept as DST holds it.
+    /// sub-group matched the old copy's) is kept as the old copy holds it.
     fn settle_keys(&mut self, g: u64, given: Vec<Option<Key>>) -> Result<(), EngineError> {
         let (a, b) = self.layout.group_range(g);
         let mut missing = Vec::new();
@@ -1292,10 +1329,9 @@ impl Target<'_> {
             let len = self.layout.extent(i).1;
             let Some(key) = given[k] else {
                 // The key it would have had: nothing is asked for it, so
-                // no reply can be checked against it.
-                keys.push(key_of(&self.have[i as usize]));
-                self.state[i as usize] =
-                    if self.zeros.is_zero_digest(&self.have[i as usize], len) { State::Zero } else { State::InPlace };
+                // no reply can be checked against it. The group's digest
+                // checks it (`group_done`).
+                keys.push(self.keep_old(i)?);
                 self.grp[g as usize].keyless += 1;
                 self.blocks_keyless += 1;
                 continue;
@@ -1320,6 +1356,63 @@ impl Target<'_> {
         Ok(())
     }
 
+    /// Keep block `i` as the old copy holds it: in place, or copied from
+    /// the base. Its key as kept (that of the base's block as read now,
+    /// which the group's digest checks).
+    fn keep_old(&mut self, i: u64) -> Result<Key, EngineError> {
+        let len = self.layout.extent(i).1;
+        let (at, old) = self.old(i);
+        let old = *old;
+        if self.zeros.is_zero_digest(&old, len) || at == OldIn::Dst {
+            self.state[i as usize] = if self.zeros.is_zero_digest(&old, len) { State::Zero } else { State::InPlace };
+            return Ok(key_of(&old));
+        }
+        match self.read_old(at, i)? {
+            Some(data) => {
+                let d = self.algo.digest(&data);
+                self.write_block(i, &data, d, State::Reused)?;
+                Ok(key_of(&d))
+            }
+            // (DST keeps its zeros there; the group's digest then fails
+            // and the group is asked for again with every key.)
+            None => {
+                self.state[i as usize] = State::Zero;
+                Ok(key_of(&old))
+            }
+        }
+    }
+
+    /// Where block `i`'s old version is, and its digest: what DST holds
+    /// there; where that is zeros and there is a base, the base's block.
+    fn old(&self, i: u64) -> (OldIn, &Digest) {
+        let have = &self.have[i as usize];
+        match &self.base {
+            Some(base) if self.zeros.is_zero_digest(have, self.layout.extent(i).1) => {
+                (OldIn::Base, &base.digests[i as usize])
+            }
+            _ => (OldIn::Dst, have),
+        }
+    }
+
+    /// The old versions' digests of blocks `a..b`.
+    fn old_digests(&self, a: u64, b: u64) -> Vec<Digest> {
+        (a..b).map(|i| *self.old(i).1).collect()
+    }
+
+    /// Read old block `j` from DST or the base; None where the base no
+    /// longer holds it (then the block is fetched whole).
+    fn read_old(&self, at: OldIn, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
+        let (off, len) = self.layout.extent(j);
+        match (at, &self.base) {
+            (OldIn::Base, Some(base)) => Ok(self.refs.read_block(base.image, j, len)),
+            _ => {
+                let mut old = vec![0u8; len];
+                self.dst.read_at(&mut old, off)?;
+                Ok(Some(old))
+            }
+        }
+    }
+
     /// Copy block `i` from a reference if one holds data with `key`.
     fn reuse_block(&mut self, i: u64, key: &Key) -> Result<bool, EngineError> {
         let Some((image, pos)) = self.refs.find_block(key) else {
@@ -1339,10 +1432,10 @@ impl Target<'_> {
     }
 
     /// Ask for missing `blocks` (ascending): as a delta each one whose old
-    /// version DST holds at the same place (non-zero; it differs, or the
-    /// block would not be missing), the others in runs, or (`CAP_SIMILAR`,
-    /// DST holding something) first their sketches, to look for a similar
-    /// block in DST.
+    /// version the old copy holds at the same place (non-zero; it differs,
+    /// or the block would not be missing), the others in runs, or
+    /// (`CAP_SIMILAR`, the old copy holding something) first their
+    /// sketches, to look for a similar block in the old copy.
     fn request_missing(&mut self, blocks: &[u64]) -> Result<(), EngineError> {
         if !self.deltas {
             return self.request_runs(blocks);
@@ -1350,12 +1443,13 @@ impl Target<'_> {
         let mut whole = Vec::with_capacity(blocks.len());
         let mut far = Vec::new();
         for &i in blocks {
-            let (off, len) = self.layout.extent(i);
+            let len = self.layout.extent(i).1;
             if !subdelta::worth_it(len) {
                 whole.push(i);
                 continue;
             }
-            if self.zeros.is_zero_digest(&self.have[i as usize], len) {
+            let (at, old) = self.old(i);
+            if self.zeros.is_zero_digest(old, len) {
                 if self.similar && self.similar_index()? {
                     far.push(i);
                 } else {
@@ -1367,9 +1461,11 @@ impl Target<'_> {
                 whole.push(i);
                 continue;
             }
-            let mut old = vec![0u8; len];
-            self.dst.read_at(&mut old, off)?;
-            self.delta_asked.insert(i, i);
+            let Some(old) = self.read_old(at, i)? else {
+                whole.push(i);
+                continue;
+            };
+            self.delta_asked.insert(i, (at, i));
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
         self.request_runs(&whole)?;
@@ -1397,20 +1493,45 @@ impl Target<'_> {
         }
     }
 
-    /// The index of DST's blocks by sketch, built at the first call
-    /// (`copy::similar`); false when DST holds nothing to index.
+    /// Where the similar blocks are looked for: the base if there is one
+    /// (then DST held nothing), else DST.
+    fn similar_in(&self) -> OldIn {
+        if self.base.is_some() {
+            OldIn::Base
+        } else {
+            OldIn::Dst
+        }
+    }
+
+    /// Whether old block `j` may be a similar block's base: the base's
+    /// blocks always (a changed one fails its key check), DST's while they
+    /// hold what DST held ([`still_old`](Self::still_old)).
+    fn similar_usable(&self, j: u64) -> bool {
+        self.similar_in() == OldIn::Base || self.still_old(j)
+    }
+
+    /// The index of the old copy's blocks by sketch, built at the first
+    /// call (`copy::similar`); false when it holds nothing to index.
     fn similar_index(&mut self) -> Result<bool, EngineError> {
         if self.sim_index.is_none() {
             let started = Instant::now();
-            let index = similar::build(
-                &*self.dst,
-                &self.layout,
-                |j| {
-                    let len = self.layout.extent(j).1;
-                    self.still_old(j) && !self.zeros.is_zero_digest(&self.have[j as usize], len)
-                },
-                similar::MAX_ENTRIES,
-            )?;
+            let index = match &self.base {
+                Some(base) => similar::build(
+                    &self.refs.images[base.image as usize].image,
+                    &self.layout,
+                    |j| !self.zeros.is_zero_digest(&base.digests[j as usize], self.layout.extent(j).1),
+                    similar::MAX_ENTRIES,
+                )?,
+                None => similar::build(
+                    &*self.dst,
+                    &self.layout,
+                    |j| {
+                        let len = self.layout.extent(j).1;
+                        self.still_old(j) && !self.zeros.is_zero_digest(&self.have[j as usize], len)
+                    },
+                    similar::MAX_ENTRIES,
+                )?,
+            };
             log::debug!("similar blocks: index built in {:.2} s", started.elapsed().as_secs_f64());
             self.sim_index = Some(index);
         }
@@ -1444,18 +1565,21 @@ impl Target<'_> {
             let found = match &self.sim_index {
                 // (All zeros: the source's block has no features.)
                 Some(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
-                    j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.still_old(j)
+                    j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.similar_usable(j)
                 }),
                 _ => None,
             };
-            match found {
-                Some((j, _)) if self.delta_share.ask() => {
-                    let mut old = vec![0u8; len];
-                    self.dst.read_at(&mut old, self.layout.extent(j).0)?;
-                    self.delta_asked.insert(i, j);
+            let at = self.similar_in();
+            let old = match found {
+                Some((j, _)) if self.delta_share.ask() => self.read_old(at, j)?.map(|old| (j, old)),
+                _ => None,
+            };
+            match old {
+                Some((j, old)) => {
+                    self.delta_asked.insert(i, (at, j));
                     self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
                 }
-                _ => whole.push(i),
+                None => whole.push(i),
             }
         }
         self.request_runs(&whole)
@@ -1578,7 +1702,7 @@ impl Target<'_> {
         .map_err(|source| EngineError::Codec { block, source })
     }
 
-    /// A delta for block `i`: rebuilt from DST's old version and written
+    /// A delta for block `i`: rebuilt from its old version and written
     /// only if it matches the block's key; otherwise the block is fetched
     /// whole (a sub-block hash collision, an old block that changed, a
     /// damaged body). Frames that do not fit what was asked fail the copy.
@@ -1595,7 +1719,7 @@ impl Target<'_> {
                 self.at.pass()
             )));
         }
-        let base = self.delta_asked.remove(&i).expect("checked above");
+        let (at, base) = self.delta_asked.remove(&i).expect("checked above");
         self.replied(&format!("a delta for block {i}"))?;
         let len = self.layout.extent(i).1;
         if raw_len as usize > subdelta::max_body(len) {
@@ -1607,10 +1731,9 @@ impl Target<'_> {
         let payload_len = payload.len() as u64;
         self.delta_share.answered(raw_len as usize, len);
         let body = self.decode(i, codec, payload, raw_len)?;
-        let mut old = vec![0u8; len];
-        self.dst.read_at(&mut old, self.layout.extent(base).0)?;
         let want = self.keys[&g][(i - g * gb) as usize];
-        let rebuilt = subdelta::apply(&old, &body).map_err(|e| e.to_string()).and_then(|new| {
+        let old = self.read_old(at, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
+        let rebuilt = old.and_then(|old| subdelta::apply(&old, &body).map_err(|e| e.to_string())).and_then(|new| {
             let d = self.algo.digest(&new);
             if key_of(&d) == want {
                 Ok((new, d))
@@ -1624,7 +1747,10 @@ impl Target<'_> {
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
-                log::warn!("block {i}: the delta against DST's block {base} failed ({why}); fetching it whole");
+                log::warn!(
+                    "block {i}: the delta against {}'s block {base} failed ({why}); fetching it whole",
+                    at.name()
+                );
                 self.deltas_failed += 1;
                 return self.request_runs(&[i]);
             }

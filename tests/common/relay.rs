@@ -75,15 +75,25 @@ pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edi
 /// Copy `src` onto `dst` with the source's `opts` through a relay editing
 /// each direction.
 pub fn copy_with(src: &Path, dst: &Path, opts: &SourceOptions, to_target: Edit, to_source: Edit) -> Outcome {
+    let topts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
+    copy_onto(src, dst, opts, topts, to_target, to_source)
+}
+
+/// [`copy_with`], the target's options given too (its references).
+pub fn copy_onto(
+    src: &Path,
+    dst: &Path,
+    opts: &SourceOptions,
+    topts: TargetOptions,
+    to_target: Edit,
+    to_source: Edit,
+) -> Outcome {
     let (src_link, relay_s) = Link::pair().unwrap();
     let (relay_t, tgt_link) = Link::pair().unwrap();
     let r1 = relay(relay_s.reader, relay_t.writer, to_target);
     let r2 = relay(relay_t.reader, relay_s.writer, to_source);
     let dst_path = dst.to_path_buf();
-    let target = thread::spawn(move || {
-        let opts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
-        target::run(&dst_path, &opts, tgt_link, &Progress::hidden())
-    });
+    let target = thread::spawn(move || target::run(&dst_path, &topts, tgt_link, &Progress::hidden()));
     let source = SourceSession::start(src, opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
         Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
         Err(e) => {
