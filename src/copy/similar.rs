@@ -65,6 +65,6 @@ pub(super) fn build(
             indexed += 1;
         }
     }
-    log::debug!("similar blocks: {indexed} blocks of DST indexed ({} entries)", index.len());
+    log::debug!("similar blocks: {indexed} blocks of the old copy indexed ({} entries)", index.len());
     Ok((!index.is_empty()).then_some(index))
 }
