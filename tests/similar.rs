@@ -13,10 +13,15 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use relay::{chain, hide, keep, Edit, Outcome};
+use xenmig::blocks::layout::Align;
+use xenmig::copy::source::SourceOptions;
+use xenmig::copy::target::TargetOptions;
 use xenmig::copy::Report;
+use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{Message, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_SUB_DELTA};
 use xenmig::wire::sketch::{self, Index};
 use xenmig::wire::subdelta;
@@ -27,10 +32,31 @@ const BS: usize = 4096;
 /// hidden both ways, the exchange a peer of the previous release gets): a
 /// 4-byte hash matches by chance once in 2^32 sub-blocks, so every failed
 /// delta here is one the test caused.
+///
+/// The index is built whatever the link: in-process links are fast, and a
+/// fast link builds none (`a_fast_link_builds_no_index`).
 fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    copy_judged(src, dst, codec, true, to_target, to_source)
+}
+
+/// [`copy_through`], the index built `always`, or only where the link is
+/// judged slow.
+fn copy_judged(src: &Path, dst: &Path, codec: &str, always: bool, to_target: Edit, to_source: Edit) -> Outcome {
     let (to_target, to_source) =
         (chain(hide(CAP_SHORT_SUB_HASHES), to_target), chain(hide(CAP_SHORT_SUB_HASHES), to_source));
-    relay::copy_through(src, dst, BS as u32, codec, to_target, to_source)
+    let opts = SourceOptions {
+        block_size: BS as u32,
+        align: Align::Flat,
+        compress: codec.parse::<Choice>().unwrap(),
+        idle_timeout: Some(Duration::from_secs(30)),
+        ..SourceOptions::default()
+    };
+    let topts = TargetOptions {
+        idle_timeout: Some(Duration::from_secs(30)),
+        always_index_similar: always,
+        ..TargetOptions::default()
+    };
+    relay::copy_onto(src, dst, &opts, topts, to_target, to_source)
 }
 
 /// What a block of the new image's second half (zeros in the old copy) is.
@@ -251,5 +277,55 @@ fn sketches_not_asked_for_are_refused() {
     let got = fs::read(&b).unwrap();
     for (i, blk) in got.chunks(BS).enumerate() {
         assert!(blk == &new[i * BS..(i + 1) * BS] || blk == &old[i * BS..(i + 1) * BS], "block {i}");
+    }
+}
+
+/// Moved blocks (similar to old ones) where the old copy had zeros, then
+/// `tail` blocks with their first KiB changed: the moved blocks wait for
+/// the index while the tail's deltas (a KiB each) are on their way.
+fn moved_then_tail(tail: usize) -> (Vec<u8>, Vec<u8>) {
+    let fars: Vec<Far> = (0..32).map(|n| Far::Moved { n, at: 100 + 97 * n, len: 20 }).collect();
+    let (mut old, mut new, similar) = images(7, 224, &fars);
+    assert_eq!(similar, 32);
+    let t = common::noise(8, tail * BS);
+    let mut changed = t.clone();
+    for b in changed.chunks_mut(BS) {
+        b[..1024].iter_mut().for_each(|x| *x ^= 0x3c);
+    }
+    old.extend(t);
+    new.extend(changed);
+    (old, new)
+}
+
+/// Hold each block-carrying frame as long as `rate` bytes a second take.
+fn throttle(rate: f64) -> Edit {
+    Box::new(move |m| {
+        let len = match &m {
+            Message::Blocks { payload, .. } | Message::Delta { payload, .. } => payload.len(),
+            _ => 0,
+        };
+        std::thread::sleep(Duration::from_secs_f64(len as f64 / rate));
+        m
+    })
+}
+
+/// Judged by the link (the default): on a fast link the moved blocks are
+/// fetched whole and nothing is indexed; on a slow one (400 kB/s, the
+/// tail's deltas take most of a second) the index is built while the
+/// tail's answers arrive, and they go as deltas against their old copies.
+#[test]
+fn the_index_is_built_only_where_the_link_is_slow() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new) = moved_then_tail(384);
+    fs::write(&a, &new).unwrap();
+    for (slow, similar) in [(false, 0), (true, 32)] {
+        fs::write(&b, &old).unwrap();
+        let to_target = if slow { throttle(400e3) } else { keep() };
+        let rep = copy_judged(&a, &b, "none", false, to_target, keep()).target.unwrap();
+        assert!(fs::read(&b).unwrap() == new, "the copy differs (slow: {slow})");
+        assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+        assert_eq!((rep.blocks_similar, rep.deltas_failed), (similar, 0), "slow: {slow}: {rep:?}");
+        assert_eq!(rep.blocks_delta, 384 + similar, "slow: {slow}: {rep:?}");
     }
 }

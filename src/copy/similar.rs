@@ -1,19 +1,34 @@
-//! The target's index of DST's own blocks by resemblance sketch
+//! The target's index of its old copy's blocks by resemblance sketch
 //! (`wire::sketch`, capability `CAP_SIMILAR`): where a block the target
 //! lacks and has no old version of at the same place may find a similar
-//! block to be sent as a delta against.
+//! block to be sent as a delta against. The old copy is DST as it was, or
+//! the base reference of a new DST (`copy::target`).
 //!
-//! Built only when the first such block is missing (a copy that never
-//! needs it never reads DST for it), from the blocks that still hold what
-//! DST held (`usable`), at most [`MAX_ENTRIES`] entries: a disk with more
+//! Only where the link is slow. Indexing costs about a quarter of a second
+//! of both cores on the quick images (450 MB old copy), and saves about a
+//! tenth of the bytes of the blocks it serves (0.15 of 1.6 MB on the
+//! return cell): half a second at 2 Mbit/s, 15 ms at 100 Mbit/s, where
+//! the quarter of a second was most of what a return copy took beyond
+//! rsync's (docs/experiments.md). So the first blocks that would need it
+//! wait, and the link is judged by what arrives meanwhile ([`verdict`]):
+//! fast, they are fetched whole and nothing is indexed; slow, the index
+//! is built on a thread of its own while the rest of the copy goes on,
+//! and the waiting blocks then ask for their sketches.
+//!
+//! The index holds the blocks marked usable (non-zero, still as the old
+//! copy held them), at most [`MAX_ENTRIES`] entries: a disk with more
 //! non-zero blocks than that is indexed in part, its later blocks are not
-//! candidates. A DST with nothing usable (a new one) gives no index, and
-//! the copy fetches such blocks whole without asking for sketches.
+//! candidates. An old copy with nothing usable gives no index, and the
+//! copy fetches such blocks whole without asking for sketches.
+
+use std::sync::Arc;
+use std::thread;
+
+use rayon::prelude::*;
 
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::ImageError;
-use rayon::prelude::*;
 
 use crate::wire::sketch::{self, Index, Sketch, SFS};
 
@@ -21,20 +36,66 @@ use crate::wire::sketch::{self, Index, Sketch, SFS};
 /// super-feature of each block: 2^19 blocks, 2 GiB of 4 KiB blocks.
 pub(super) const MAX_ENTRIES: usize = SFS << 19;
 
+/// Bytes that, arriving at least at [`SLOW_RATE`], show the link fast.
+pub(super) const PROBE_BYTES: u64 = 256 << 10;
+/// Below this rate (bytes a second) the link is slow: about 8 Mbit/s,
+/// where the index's quarter of a second of CPU saves about as much link
+/// time (0.15 MB).
+pub(super) const SLOW_RATE: f64 = 1e6;
+
+/// What to do about the index while blocks wait for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Not known yet: the blocks go on waiting.
+    Wait,
+    /// The link is slow: build the index.
+    Build,
+    /// The link is fast, or nothing else is coming to judge it by: fetch
+    /// the waiting blocks whole, build nothing.
+    Skip,
+}
+
+/// The verdict on the link, `read` bytes having arrived in `elapsed`
+/// since the first block began to wait; `idle`: no other reply is
+/// awaited, so nothing more will arrive to judge by (and the copy would
+/// only wait).
+pub(super) fn verdict(read: u64, elapsed: std::time::Duration, idle: bool) -> Verdict {
+    let secs = elapsed.as_secs_f64();
+    if read >= PROBE_BYTES {
+        return if read as f64 >= SLOW_RATE * secs { Verdict::Skip } else { Verdict::Build };
+    }
+    // (Less than PROBE_BYTES in this long is less than SLOW_RATE.)
+    if secs >= PROBE_BYTES as f64 / SLOW_RATE {
+        return Verdict::Build;
+    }
+    if idle {
+        Verdict::Skip
+    } else {
+        Verdict::Wait
+    }
+}
+
+/// An index being built on a thread of its own.
+pub(super) type Building = thread::JoinHandle<Result<Option<Index>, ImageError>>;
+
 /// Groups sketched in parallel between insertions (the sketches are put in
 /// the index in block order, so the first block with a value keeps it).
 const BATCH: u64 = 64;
 
-/// Index the blocks of `dst` for which `usable(block)` holds (non-zero,
-/// still as DST held them), reading one group per task on all cores
-/// (rayon). None when no block was indexed.
-pub(super) fn build(
-    dst: &dyn Disk,
-    layout: &Layout,
-    usable: impl Fn(u64) -> bool,
-    cap: usize,
-) -> Result<Option<Index>, ImageError> {
-    let wanted: Vec<bool> = (0..layout.block_count()).map(usable).collect();
+/// Index the blocks of `old` marked in `wanted` (non-zero, still as the
+/// old copy held them) on a thread of its own, reading one group per task
+/// on all cores (rayon): the copy asks for nothing meanwhile that needs
+/// it. None when no block was indexed.
+pub(super) fn spawn(old: Arc<dyn Disk>, layout: Layout, wanted: Vec<bool>, cap: usize) -> Building {
+    thread::Builder::new()
+        .name("xenmig-similar".into())
+        .spawn(move || build(&*old, &layout, &wanted, cap))
+        .expect("spawning a thread")
+}
+
+/// [`spawn`]'s work, in the calling thread.
+pub(super) fn build(old: &dyn Disk, layout: &Layout, wanted: &[bool], cap: usize) -> Result<Option<Index>, ImageError> {
+    let started = std::time::Instant::now();
     let sketch_group = |g: u64| -> Result<Vec<(u64, Sketch)>, ImageError> {
         let (a, b) = layout.group_range(g);
         let blocks: Vec<u64> = (a..b).filter(|&i| wanted[i as usize]).collect();
@@ -42,7 +103,7 @@ pub(super) fn build(
         let (start, _) = layout.extent(first);
         let (end_off, end_len) = layout.extent(last);
         let mut buf = vec![0u8; (end_off + end_len as u64 - start) as usize];
-        dst.read_at(&mut buf, start)?;
+        old.read_at(&mut buf, start)?;
         Ok(blocks
             .into_iter()
             .filter_map(|i| {
@@ -65,6 +126,32 @@ pub(super) fn build(
             indexed += 1;
         }
     }
-    log::debug!("similar blocks: {indexed} blocks of the old copy indexed ({} entries)", index.len());
+    log::debug!(
+        "similar blocks: {indexed} blocks of the old copy indexed ({} entries) in {:.2} s",
+        index.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok((!index.is_empty()).then_some(index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_link_is_judged_by_what_arrives_while_blocks_wait() {
+        let ms = Duration::from_millis;
+        // 100 Mbit/s: 256 KiB within 21 ms.
+        assert_eq!(verdict(PROBE_BYTES, ms(21), false), Verdict::Skip);
+        // 2 Mbit/s: 64 KiB in 262 ms, then the time is up.
+        assert_eq!(verdict(64 << 10, ms(200), false), Verdict::Wait);
+        assert_eq!(verdict(64 << 10, ms(263), false), Verdict::Build);
+        // Enough bytes, but slowly (a burst held in buffers counts too).
+        assert_eq!(verdict(PROBE_BYTES + 1, ms(400), false), Verdict::Build);
+        // Nothing else awaited: no reason to wait, nothing to judge by.
+        assert_eq!(verdict(10, ms(5), true), Verdict::Skip);
+        // Idle but already known slow.
+        assert_eq!(verdict(10, ms(300), true), Verdict::Build);
+    }
 }

@@ -63,7 +63,7 @@ use crate::wire::sketch::{self, SKETCH_LEN};
 use crate::wire::stream::{StreamDecoder, STREAM_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
-use crate::wire::transport::{Link, Writer};
+use crate::wire::transport::{Link, LinkStats, Writer};
 
 use super::readback::{self, Written};
 use super::references::{ReferenceSet, SameLayout};
@@ -94,6 +94,10 @@ pub struct TargetOptions {
     /// cold copy it costs a third to a half of the copy's time again
     /// (docs/benchmarks.md, "Read-back"); `migrate` always sets it.
     pub readback: bool,
+    /// Build the index of similar blocks without judging the link first
+    /// (`copy::similar`): for callers that know the link is slow, and for
+    /// tests, whose in-process links are fast. Not a flag of the CLI.
+    pub always_index_similar: bool,
 }
 
 /// Refuse a block-device DST that is a logical volume lvm reports open (a
@@ -135,6 +139,7 @@ impl Default for TargetOptions {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_image_size: None,
             readback: false,
+            always_index_similar: false,
         }
     }
 }
@@ -221,6 +226,21 @@ enum State {
     /// Fetched as a delta against a similar block elsewhere in the old
     /// copy (`wire::sketch`).
     Similar,
+}
+
+/// The old copy's index of blocks by sketch, through its life
+/// (`copy::similar`).
+enum SimIndex {
+    /// Not needed yet.
+    NotYet,
+    /// Blocks wait for it while the link is judged by what arrives:
+    /// since when, and the link's bytes read then.
+    Judging { since: Instant, read: u64 },
+    /// Being built on its own thread.
+    Building(similar::Building),
+    /// Built; None where the old copy held nothing to index, or the link
+    /// was judged fast (then nothing was built).
+    Ready(Option<sketch::Index>),
 }
 
 /// Where an old block is read from: DST, or the base (a reference laid out
@@ -349,13 +369,19 @@ pub(super) struct Target<'a> {
     /// version at the same place may be asked for as deltas against a
     /// similar block of the old copy, found by sketch.
     similar: bool,
-    /// The old copy's blocks by sketch: None until first needed, Some(None)
-    /// when it holds nothing to index (`copy::similar`). It indexes the
-    /// base when there is one, else DST.
-    sim_index: Option<Option<sketch::Index>>,
+    /// The old copy's blocks by sketch (`copy::similar`): the base's when
+    /// there is one, else DST's.
+    sim_index: SimIndex,
+    /// Blocks that wait for the index to be built before their sketches
+    /// are asked for.
+    far_waiting: Vec<u64>,
     /// A DST that held nothing takes this reference as its old copy (see
     /// the module's summary); None in place, or without such a reference.
     base: Option<SameLayout>,
+    /// The link's counters (None: a direct local copy).
+    stats: Option<Arc<LinkStats>>,
+    /// [`TargetOptions::always_index_similar`].
+    always_index_similar: bool,
     /// `WantSketches` awaiting their answer: first block, count.
     sketch_asked: HashMap<u64, u32>,
     /// Deltas that did not rebuild their block, each then fetched whole.
@@ -473,6 +499,7 @@ pub fn run_with(
         };
         let link = LinkSide {
             out: out.clone(),
+            stats: stats.clone(),
             windowed: v2,
             stream: agreed.caps & CAP_ZSTD_STREAM != 0,
             deltas: agreed.caps & CAP_SUB_DELTA != 0,
@@ -516,6 +543,8 @@ pub fn run_with(
 /// has none: `copy::direct`).
 pub(super) struct LinkSide {
     out: Arc<Mutex<Writer>>,
+    /// What was read from it, to judge the link by (`copy::similar`).
+    stats: Arc<LinkStats>,
     /// Version 2: requests are windowed.
     windowed: bool,
     /// `CAP_ZSTD_STREAM` agreed.
@@ -595,6 +624,7 @@ impl<'a> Target<'a> {
         if let Some(b) = &base {
             log::debug!("DST holds nothing: the base reference is image {} of the references", b.image);
         }
+        let stats = link.as_ref().map(|l| l.stats.clone());
         let n = layout.block_count() as usize;
         let g = layout.group_count() as usize;
         Ok(Target {
@@ -633,8 +663,11 @@ impl<'a> Target<'a> {
             levels: link.as_ref().is_some_and(|l| l.levels),
             out: link.map(|l| l.out),
             delta_asked: HashMap::new(),
-            sim_index: None,
+            sim_index: SimIndex::NotYet,
+            far_waiting: Vec::new(),
             base,
+            stats,
+            always_index_similar: opts.always_index_similar,
             sketch_asked: HashMap::new(),
             deltas_failed: 0,
             delta_share: DeltaShare::default(),
@@ -739,7 +772,10 @@ impl Target<'_> {
         loop {
             let m = loop {
                 super::interrupt::check()?;
-                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                self.poll_similar()?;
+                // (Sooner while the index is built: blocks wait for it.)
+                let tick = if self.far_waiting.is_empty() { 100 } else { 5 };
+                match rx.recv_timeout(std::time::Duration::from_millis(tick)) {
                     Ok(m) => break m,
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -1469,6 +1505,15 @@ impl Target<'_> {
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
         self.request_runs(&whole)?;
+        if matches!(self.sim_index, SimIndex::Judging { .. } | SimIndex::Building(_)) {
+            self.far_waiting.extend(far);
+            return Ok(());
+        }
+        self.ask_sketches(far)
+    }
+
+    /// Ask for the sketches of `far` (ascending) in runs.
+    fn ask_sketches(&mut self, far: Vec<u64>) -> Result<(), EngineError> {
         let max = (MAX_RUN_BYTES / self.layout.block_size as u64).max(1) as u32;
         for (f, c) in runs(far, max) {
             if self.sketch_asked.contains_key(&f) {
@@ -1510,32 +1555,100 @@ impl Target<'_> {
         self.similar_in() == OldIn::Base || self.still_old(j)
     }
 
-    /// The index of the old copy's blocks by sketch, built at the first
-    /// call (`copy::similar`); false when it holds nothing to index.
+    /// Whether the index of the old copy's blocks by sketch is (or may
+    /// soon be) there to look in; the first call starts judging the link
+    /// (`copy::similar`). False once it is known that there is none.
     fn similar_index(&mut self) -> Result<bool, EngineError> {
-        if self.sim_index.is_none() {
-            let started = Instant::now();
-            let index = match &self.base {
-                Some(base) => similar::build(
-                    &self.refs.images[base.image as usize].image,
-                    &self.layout,
-                    |j| !self.zeros.is_zero_digest(&base.digests[j as usize], self.layout.extent(j).1),
-                    similar::MAX_ENTRIES,
-                )?,
-                None => similar::build(
-                    &*self.dst,
-                    &self.layout,
-                    |j| {
-                        let len = self.layout.extent(j).1;
-                        self.still_old(j) && !self.zeros.is_zero_digest(&self.have[j as usize], len)
-                    },
-                    similar::MAX_ENTRIES,
-                )?,
+        if matches!(self.sim_index, SimIndex::NotYet) {
+            self.sim_index = if self.always_index_similar {
+                self.build_similar()?
+            } else {
+                SimIndex::Judging { since: Instant::now(), read: self.stats.as_ref().map_or(0, |s| s.read()) }
             };
-            log::debug!("similar blocks: index built in {:.2} s", started.elapsed().as_secs_f64());
-            self.sim_index = Some(index);
         }
-        Ok(matches!(self.sim_index, Some(Some(_))))
+        Ok(!matches!(self.sim_index, SimIndex::Ready(None)))
+    }
+
+    /// Start building the index on a thread of its own; None at once where
+    /// the old copy holds nothing to index.
+    fn build_similar(&self) -> Result<SimIndex, EngineError> {
+        let zero = |d: &Digest, j: u64| self.zeros.is_zero_digest(d, self.layout.extent(j).1);
+        let (old, wanted): (Arc<dyn Disk>, Vec<bool>) = match &self.base {
+            Some(base) => (
+                Arc::new(self.refs.images[base.image as usize].image.try_clone()?),
+                (0..self.layout.block_count()).map(|j| !zero(&base.digests[j as usize], j)).collect(),
+            ),
+            None => (
+                self.dst.clone(),
+                (0..self.layout.block_count()).map(|j| self.still_old(j) && !zero(&self.have[j as usize], j)).collect(),
+            ),
+        };
+        if !wanted.contains(&true) {
+            return Ok(SimIndex::Ready(None));
+        }
+        Ok(SimIndex::Building(similar::spawn(old, self.layout.clone(), wanted, similar::MAX_ENTRIES)))
+    }
+
+    /// Judge the link while blocks wait for the index (`similar::verdict`),
+    /// and take the index once its thread is done; then ask for the
+    /// sketches of the blocks that waited (those still missing), or for
+    /// the blocks whole where there is no index.
+    fn poll_similar(&mut self) -> Result<(), EngineError> {
+        match &self.sim_index {
+            SimIndex::Judging { since, read } => {
+                let now = self.stats.as_ref().map_or(0, |s| s.read());
+                let idle = self.outstanding == 0 && self.held.is_empty();
+                match similar::verdict(now.saturating_sub(*read), since.elapsed(), idle) {
+                    similar::Verdict::Wait => return Ok(()),
+                    similar::Verdict::Skip => {
+                        log::debug!(
+                            "similar blocks: the link is fast ({} bytes in {:.3} s): no index, blocks fetched whole",
+                            now.saturating_sub(*read),
+                            since.elapsed().as_secs_f64()
+                        );
+                        self.sim_index = SimIndex::Ready(None);
+                    }
+                    similar::Verdict::Build => {
+                        log::debug!(
+                            "similar blocks: the link is slow ({} bytes in {:.3} s): indexing the old copy",
+                            now.saturating_sub(*read),
+                            since.elapsed().as_secs_f64()
+                        );
+                        self.sim_index = self.build_similar()?;
+                        if matches!(self.sim_index, SimIndex::Building(_)) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            SimIndex::Building(h) if h.is_finished() => {
+                let SimIndex::Building(h) = std::mem::replace(&mut self.sim_index, SimIndex::NotYet) else {
+                    unreachable!()
+                };
+                let index = h
+                    .join()
+                    .map_err(|_| EngineError::Aborted("the similar blocks' index thread panicked".into()))??;
+                self.sim_index = SimIndex::Ready(index);
+            }
+            _ => return Ok(()),
+        }
+        let found = matches!(self.sim_index, SimIndex::Ready(Some(_)));
+        if self.far_waiting.is_empty() {
+            return Ok(());
+        }
+        let gb = self.layout.group_blocks();
+        let mut far = std::mem::take(&mut self.far_waiting);
+        // (A group forgotten meanwhile asks for its blocks again.)
+        far.retain(|&i| self.state[i as usize] == State::Pending && self.keys.contains_key(&(i / gb)));
+        far.sort_unstable();
+        far.dedup();
+        if found {
+            self.ask_sketches(far)?;
+        } else {
+            self.request_runs(&far)?;
+        }
+        // (Called between frames: nothing else flushes these requests.)
+        self.flush()
     }
 
     /// Sketches of the run at `first`: each block still awaited is asked
@@ -1564,7 +1677,7 @@ impl Target<'_> {
             let len = self.layout.extent(i).1;
             let found = match &self.sim_index {
                 // (All zeros: the source's block has no features.)
-                Some(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
+                SimIndex::Ready(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
                     j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.similar_usable(j)
                 }),
                 _ => None,

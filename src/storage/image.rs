@@ -231,6 +231,13 @@ impl Image {
         Ok((img, had_data))
     }
 
+    /// The same open file again (its own handle), for a reader on another
+    /// thread.
+    pub fn try_clone(&self) -> Result<Image, ImageError> {
+        let file = self.file.try_clone().map_err(|source| ImageError::Open { path: self.path.clone(), source })?;
+        Ok(Image { file, path: self.path.clone(), size: self.size, is_block_device: self.is_block_device })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
