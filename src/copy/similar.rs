@@ -12,8 +12,9 @@
 //! rsync's (docs/experiments.md). So the first blocks that would need it
 //! wait, and the link is judged by what arrives meanwhile ([`verdict`]):
 //! fast, they are fetched whole and nothing is indexed; slow, the index
-//! is built on a thread of its own while the rest of the copy goes on,
-//! and the waiting blocks then ask for their sketches.
+//! is built on a thread of its own, on one core at a lower priority,
+//! while the rest of the copy goes on, and the waiting blocks then ask for
+//! their sketches.
 //!
 //! The index holds the blocks marked usable (non-zero, still as the old
 //! copy held them), at most [`MAX_ENTRIES`] entries: a disk with more
@@ -21,16 +22,17 @@
 //! candidates. An old copy with nothing usable gives no index, and the
 //! copy fetches such blocks whole without asking for sketches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-
-use rayon::prelude::*;
 
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::ImageError;
 
-use crate::wire::sketch::{self, Index, Sketch, SFS};
+use super::EngineError;
+
+use crate::wire::sketch::{self, Index, SFS};
 
 /// Entries the index holds at most (about 40 bytes each: ~60 MB), one per
 /// super-feature of each block: 2^19 blocks, 2 GiB of 4 KiB blocks.
@@ -75,53 +77,90 @@ pub(super) fn verdict(read: u64, elapsed: std::time::Duration, idle: bool) -> Ve
     }
 }
 
-/// An index being built on a thread of its own.
-pub(super) type Building = thread::JoinHandle<Result<Option<Index>, ImageError>>;
+/// How much lower than the copy's threads the index's runs (nice).
+const NICE: i32 = 10;
 
-/// Groups sketched in parallel between insertions (the sketches are put in
-/// the index in block order, so the first block with a value keeps it).
-const BATCH: u64 = 64;
-
-/// Index the blocks of `old` marked in `wanted` (non-zero, still as the
-/// old copy held them) on a thread of its own, reading one group per task
-/// on all cores (rayon): the copy asks for nothing meanwhile that needs
-/// it. None when no block was indexed.
-pub(super) fn spawn(old: Arc<dyn Disk>, layout: Layout, wanted: Vec<bool>, cap: usize) -> Building {
-    thread::Builder::new()
-        .name("xenmig-similar".into())
-        .spawn(move || build(&*old, &layout, &wanted, cap))
-        .expect("spawning a thread")
+/// An index being built on a thread of its own. Dropped (the copy ended,
+/// or the link was judged fast), it tells the thread to stop.
+pub(super) struct Building {
+    handle: Option<thread::JoinHandle<Result<Option<Index>, ImageError>>>,
+    stop: Arc<AtomicBool>,
 }
 
-/// [`spawn`]'s work, in the calling thread.
-pub(super) fn build(old: &dyn Disk, layout: &Layout, wanted: &[bool], cap: usize) -> Result<Option<Index>, ImageError> {
-    let started = std::time::Instant::now();
-    let sketch_group = |g: u64| -> Result<Vec<(u64, Sketch)>, ImageError> {
-        let (a, b) = layout.group_range(g);
-        let blocks: Vec<u64> = (a..b).filter(|&i| wanted[i as usize]).collect();
-        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else { return Ok(Vec::new()) };
-        let (start, _) = layout.extent(first);
-        let (end_off, end_len) = layout.extent(last);
-        let mut buf = vec![0u8; (end_off + end_len as u64 - start) as usize];
-        old.read_at(&mut buf, start)?;
-        Ok(blocks
-            .into_iter()
-            .filter_map(|i| {
-                let (off, len) = layout.extent(i);
-                let at = (off - start) as usize;
-                sketch::sketch(&buf[at..at + len]).map(|s| (i, s))
+impl Building {
+    /// Index the blocks of `old` marked in `wanted` (non-zero, still as
+    /// the old copy held them) on a thread of its own, at a lower
+    /// priority, reading one group at a time. One core, and only what the
+    /// copy leaves: built on both cores it delayed the source's judgement
+    /// of a slow link (both ends on one 2-core host: the stream's level 19
+    /// came after 1.6 s of slow drain instead of 0.6 s).
+    pub(super) fn spawn(old: Arc<dyn Disk>, layout: Layout, wanted: Vec<bool>, cap: usize) -> Building {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = thread::Builder::new()
+            .name("xenmig-similar".into())
+            .spawn(move || {
+                // SAFETY: a plain syscall on this thread's own id; a
+                // failure leaves the priority as it was, which is only
+                // slower for the copy.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE);
+                }
+                build(&*old, &layout, &wanted, cap, &stopped)
             })
-            .collect())
-    };
+            .expect("spawning a thread");
+        Building { handle: Some(handle), stop }
+    }
+
+    /// The index once built (None inside where nothing was indexed); None
+    /// while the thread still works.
+    pub(super) fn take(&mut self) -> Result<Option<Option<Index>>, EngineError> {
+        if !self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+            return Ok(None);
+        }
+        let handle = self.handle.take().expect("checked above");
+        let index =
+            handle.join().map_err(|_| EngineError::Aborted("the similar blocks' index thread panicked".into()))??;
+        Ok(Some(index))
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// [`Building::spawn`]'s work, in the calling thread, until `stop`.
+fn build(
+    old: &dyn Disk,
+    layout: &Layout,
+    wanted: &[bool],
+    cap: usize,
+    stop: &AtomicBool,
+) -> Result<Option<Index>, ImageError> {
+    let started = std::time::Instant::now();
     let mut index = Index::new(cap);
     let mut indexed = 0u64;
-    let groups = layout.group_count();
-    'batches: for first in (0..groups).step_by(BATCH as usize) {
-        let batch: Vec<Vec<(u64, Sketch)>> =
-            (first..(first + BATCH).min(groups)).into_par_iter().map(sketch_group).collect::<Result<_, _>>()?;
-        for (i, s) in batch.into_iter().flatten() {
+    let mut buf = Vec::new();
+    'groups: for g in 0..layout.group_count() {
+        if stop.load(Ordering::Relaxed) {
+            log::debug!("similar blocks: indexing stopped after {indexed} blocks");
+            return Ok(None);
+        }
+        let (a, b) = layout.group_range(g);
+        let blocks: Vec<u64> = (a..b).filter(|&i| wanted[i as usize]).collect();
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else { continue };
+        let (start, _) = layout.extent(first);
+        let (end_off, end_len) = layout.extent(last);
+        buf.resize((end_off + end_len as u64 - start) as usize, 0);
+        old.read_at(&mut buf, start)?;
+        for i in blocks {
+            let (off, len) = layout.extent(i);
+            let at = (off - start) as usize;
+            let Some(s) = sketch::sketch(&buf[at..at + len]) else { continue };
             if !index.insert(i, &s) {
-                break 'batches;
+                break 'groups;
             }
             indexed += 1;
         }

@@ -233,13 +233,12 @@ enum State {
 enum SimIndex {
     /// Not needed yet.
     NotYet,
-    /// Blocks wait for it while the link is judged by what arrives:
-    /// since when, and the link's bytes read then.
-    Judging { since: Instant, read: u64 },
-    /// Being built on its own thread.
-    Building(similar::Building),
+    /// Being built on a thread of its own while the link is judged by what
+    /// arrives (since when, and the link's bytes read then; None once
+    /// judged slow, or when the caller asked for it whatever the link).
+    Pending { build: similar::Building, judging: Option<(Instant, u64)> },
     /// Built; None where the old copy held nothing to index, or the link
-    /// was judged fast (then nothing was built).
+    /// was judged fast (then the build was given up).
     Ready(Option<sketch::Index>),
 }
 
@@ -372,9 +371,8 @@ pub(super) struct Target<'a> {
     /// The old copy's blocks by sketch (`copy::similar`): the base's when
     /// there is one, else DST's.
     sim_index: SimIndex,
-    /// Blocks that wait for the index to be built before their sketches
-    /// are asked for.
-    far_waiting: Vec<u64>,
+    /// Blocks whose sketches came while the index was pending, with them.
+    far_waiting: Vec<(u64, [u8; SKETCH_LEN])>,
     /// A DST that held nothing takes this reference as its old copy (see
     /// the module's summary); None in place, or without such a reference.
     base: Option<SameLayout>,
@@ -774,7 +772,7 @@ impl Target<'_> {
                 super::interrupt::check()?;
                 self.poll_similar()?;
                 // (Sooner while the index is built: blocks wait for it.)
-                let tick = if self.far_waiting.is_empty() { 100 } else { 5 };
+                let tick = if matches!(self.sim_index, SimIndex::Pending { .. }) { 5 } else { 100 };
                 match rx.recv_timeout(std::time::Duration::from_millis(tick)) {
                     Ok(m) => break m,
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -1505,10 +1503,6 @@ impl Target<'_> {
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
         self.request_runs(&whole)?;
-        if matches!(self.sim_index, SimIndex::Judging { .. } | SimIndex::Building(_)) {
-            self.far_waiting.extend(far);
-            return Ok(());
-        }
         self.ask_sketches(far)
     }
 
@@ -1555,23 +1549,25 @@ impl Target<'_> {
         self.similar_in() == OldIn::Base || self.still_old(j)
     }
 
-    /// Whether the index of the old copy's blocks by sketch is (or may
-    /// soon be) there to look in; the first call starts judging the link
-    /// (`copy::similar`). False once it is known that there is none.
+    /// Whether there may be an index of the old copy's blocks by sketch
+    /// to look in. The first call starts building it on a thread of its
+    /// own and judging the link (`copy::similar`); false once it is known
+    /// that there is none.
     fn similar_index(&mut self) -> Result<bool, EngineError> {
         if matches!(self.sim_index, SimIndex::NotYet) {
-            self.sim_index = if self.always_index_similar {
-                self.build_similar()?
-            } else {
-                SimIndex::Judging { since: Instant::now(), read: self.stats.as_ref().map_or(0, |s| s.read()) }
+            let judging =
+                (!self.always_index_similar).then(|| (Instant::now(), self.stats.as_ref().map_or(0, |s| s.read())));
+            self.sim_index = match self.build_similar()? {
+                Some(build) => SimIndex::Pending { build, judging },
+                None => SimIndex::Ready(None),
             };
         }
         Ok(!matches!(self.sim_index, SimIndex::Ready(None)))
     }
 
-    /// Start building the index on a thread of its own; None at once where
-    /// the old copy holds nothing to index.
-    fn build_similar(&self) -> Result<SimIndex, EngineError> {
+    /// Start building the index on a thread of its own; None where the old
+    /// copy holds nothing to index.
+    fn build_similar(&self) -> Result<Option<similar::Building>, EngineError> {
         let zero = |d: &Digest, j: u64| self.zeros.is_zero_digest(d, self.layout.extent(j).1);
         let (old, wanted): (Arc<dyn Disk>, Vec<bool>) = match &self.base {
             Some(base) => (
@@ -1584,92 +1580,69 @@ impl Target<'_> {
             ),
         };
         if !wanted.contains(&true) {
-            return Ok(SimIndex::Ready(None));
+            return Ok(None);
         }
-        Ok(SimIndex::Building(similar::spawn(old, self.layout.clone(), wanted, similar::MAX_ENTRIES)))
+        Ok(Some(similar::Building::spawn(old, self.layout.clone(), wanted, similar::MAX_ENTRIES)))
     }
 
-    /// Judge the link while blocks wait for the index (`similar::verdict`),
-    /// and take the index once its thread is done; then ask for the
-    /// sketches of the blocks that waited (those still missing), or for
-    /// the blocks whole where there is no index.
+    /// While the index is pending: judge the link (`similar::verdict`),
+    /// and, judged slow, take the index once it is built. Fast: the index
+    /// is given up (its thread stops) and the blocks whose sketches came
+    /// meanwhile are asked for whole; built: each is asked for against its
+    /// similar block, or whole.
     fn poll_similar(&mut self) -> Result<(), EngineError> {
-        match &self.sim_index {
-            SimIndex::Judging { since, read } => {
-                let now = self.stats.as_ref().map_or(0, |s| s.read());
-                let idle = self.outstanding == 0 && self.held.is_empty();
-                match similar::verdict(now.saturating_sub(*read), since.elapsed(), idle) {
-                    similar::Verdict::Wait => return Ok(()),
-                    similar::Verdict::Skip => {
-                        log::debug!(
-                            "similar blocks: the link is fast ({} bytes in {:.3} s): no index, blocks fetched whole",
-                            now.saturating_sub(*read),
-                            since.elapsed().as_secs_f64()
-                        );
-                        self.sim_index = SimIndex::Ready(None);
-                    }
-                    similar::Verdict::Build => {
-                        log::debug!(
-                            "similar blocks: the link is slow ({} bytes in {:.3} s): indexing the old copy",
-                            now.saturating_sub(*read),
-                            since.elapsed().as_secs_f64()
-                        );
-                        self.sim_index = self.build_similar()?;
-                        if matches!(self.sim_index, SimIndex::Building(_)) {
-                            return Ok(());
-                        }
-                    }
+        let SimIndex::Pending { judging, .. } = &mut self.sim_index else { return Ok(()) };
+        if let Some((since, read)) = *judging {
+            let now = self.stats.as_ref().map_or(0, |s| s.read());
+            let idle = self.outstanding == 0 && self.held.is_empty();
+            let (got, took) = (now.saturating_sub(read), since.elapsed());
+            match similar::verdict(got, took, idle) {
+                similar::Verdict::Wait => {}
+                similar::Verdict::Build => {
+                    log::debug!("similar blocks: the link is slow ({got} bytes in {:.3} s)", took.as_secs_f64());
+                    *judging = None;
+                }
+                similar::Verdict::Skip => {
+                    log::debug!(
+                        "similar blocks: the link is fast ({got} bytes in {:.3} s): no index, blocks fetched whole",
+                        took.as_secs_f64()
+                    );
+                    self.sim_index = SimIndex::Ready(None);
                 }
             }
-            SimIndex::Building(h) if h.is_finished() => {
-                let SimIndex::Building(h) = std::mem::replace(&mut self.sim_index, SimIndex::NotYet) else {
-                    unreachable!()
-                };
-                let index = h
-                    .join()
-                    .map_err(|_| EngineError::Aborted("the similar blocks' index thread panicked".into()))??;
-                self.sim_index = SimIndex::Ready(index);
-            }
-            _ => return Ok(()),
         }
-        let found = matches!(self.sim_index, SimIndex::Ready(Some(_)));
-        if self.far_waiting.is_empty() {
+        // (The index is used only once the link is judged slow: on a fast
+        // one the blocks are fetched whole even where it happens to be
+        // built already, so that what a copy does does not depend on
+        // which of the two came first.)
+        if let SimIndex::Pending { build, judging: None } = &mut self.sim_index {
+            match build.take()? {
+                Some(index) => self.sim_index = SimIndex::Ready(index),
+                None => return Ok(()),
+            }
+        }
+        let parked = std::mem::take(&mut self.far_waiting);
+        if parked.is_empty() {
             return Ok(());
         }
-        let gb = self.layout.group_blocks();
-        let mut far = std::mem::take(&mut self.far_waiting);
-        // (A group forgotten meanwhile asks for its blocks again.)
-        far.retain(|&i| self.state[i as usize] == State::Pending && self.keys.contains_key(&(i / gb)));
-        far.sort_unstable();
-        far.dedup();
-        if found {
-            self.ask_sketches(far)?;
-        } else {
-            self.request_runs(&far)?;
-        }
+        let whole = self.resolve_far(parked)?;
+        self.request_runs(&whole)?;
         // (Called between frames: nothing else flushes these requests.)
         self.flush()
     }
 
-    /// Sketches of the run at `first`: each block still awaited is asked
-    /// for as a delta against the most similar block of DST, or whole
-    /// where there is none.
-    fn on_sketches(&mut self, first: u64, sketches: Vec<[u8; SKETCH_LEN]>) -> Result<(), EngineError> {
-        match self.sketch_asked.remove(&first) {
-            Some(n) if n as usize == sketches.len() => {}
-            _ => {
-                return Err(EngineError::BadReply(format!(
-                    "sketches of blocks {first}+{}, which were not asked for in pass {}",
-                    sketches.len(),
-                    self.at.pass()
-                )))
-            }
+    /// Ask for each block of `far` (with its sketch) still awaited as a
+    /// delta against the most similar block of the old copy; the blocks
+    /// with none, to be asked for whole. While the index is pending the
+    /// blocks wait for it.
+    fn resolve_far(&mut self, far: Vec<(u64, [u8; SKETCH_LEN])>) -> Result<Vec<u64>, EngineError> {
+        if matches!(self.sim_index, SimIndex::Pending { .. }) {
+            self.far_waiting.extend(far);
+            return Ok(Vec::new());
         }
-        self.replied(&format!("sketches of blocks {first}+{}", sketches.len()))?;
         let gb = self.layout.group_blocks();
         let mut whole = Vec::new();
-        for (k, s) in sketches.iter().enumerate() {
-            let i = first + k as u64;
+        for (i, s) in far {
             // (A group forgotten meanwhile asks for its blocks again.)
             if self.state[i as usize] != State::Pending || !self.keys.contains_key(&(i / gb)) {
                 continue;
@@ -1677,7 +1650,7 @@ impl Target<'_> {
             let len = self.layout.extent(i).1;
             let found = match &self.sim_index {
                 // (All zeros: the source's block has no features.)
-                SimIndex::Ready(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(s), |j| {
+                SimIndex::Ready(Some(index)) if s.iter().any(|&x| x != 0) => index.best(&sketch::from_bytes(&s), |j| {
                     j != i && j < self.layout.block_count() && self.layout.extent(j).1 == len && self.similar_usable(j)
                 }),
                 _ => None,
@@ -1695,6 +1668,27 @@ impl Target<'_> {
                 None => whole.push(i),
             }
         }
+        whole.sort_unstable();
+        Ok(whole)
+    }
+
+    /// Sketches of the run at `first`: each block still awaited is asked
+    /// for as a delta against the most similar block of the old copy, or
+    /// whole where there is none (once the index is there).
+    fn on_sketches(&mut self, first: u64, sketches: Vec<[u8; SKETCH_LEN]>) -> Result<(), EngineError> {
+        match self.sketch_asked.remove(&first) {
+            Some(n) if n as usize == sketches.len() => {}
+            _ => {
+                return Err(EngineError::BadReply(format!(
+                    "sketches of blocks {first}+{}, which were not asked for in pass {}",
+                    sketches.len(),
+                    self.at.pass()
+                )))
+            }
+        }
+        self.replied(&format!("sketches of blocks {first}+{}", sketches.len()))?;
+        let far = sketches.into_iter().enumerate().map(|(k, s)| (first + k as u64, s)).collect();
+        let whole = self.resolve_far(far)?;
         self.request_runs(&whole)
     }
 
