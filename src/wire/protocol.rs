@@ -105,7 +105,10 @@
 //! Changed blocks against their old version (capability
 //! [`CAP_SUB_DELTA`]): when both ends set it, the target may ask for a
 //! missing block whose old version it holds at the same place in DST with
-//! `FetchDelta(block, signature)` instead of `Fetch`; the signature is a
+//! `FetchDelta(block, signature)` instead of `Fetch` (here and below, DST's
+//! blocks are the target's old copy: what DST holds, or for a new DST the
+//! reference it takes as its base, `copy::target`; the source cannot tell
+//! the two apart, and nothing on the wire depends on which); the signature is a
 //! 4-byte hash per 512-byte sub-block of its old block
 //! (`wire::subdelta`). The source answers with one
 //! `Delta(block, codec, raw_len, payload)`: the payload decodes (with the

@@ -1,6 +1,7 @@
-//! A resemblance sketch of a block, and an index of DST's blocks by it:
-//! how a target finds, for a block it lacks, a *similar* block of its own
-//! to ask a sub-block delta against ([`subdelta`](crate::wire::subdelta)).
+//! A resemblance sketch of a block, and an index of the target's old copy's
+//! blocks by it: how a target finds, for a block it lacks, a *similar*
+//! block of its own to ask a sub-block delta against
+//! ([`subdelta`](crate::wire::subdelta)).
 //!
 //! Why: on a return migration a third of the blocks a target fetches have
 //! no old version at the same place (a rewritten file lands in free space),
