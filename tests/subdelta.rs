@@ -532,33 +532,40 @@ fn only_a_reference_of_the_same_layout_is_the_base() {
     );
 }
 
-/// The base rewritten after the target hashed it (at its first request):
-/// blocks kept keyless from it fail their group's digest and the group is
-/// asked for again with every key, deltas against it fail and are fetched
-/// whole. The copy is byte-identical all the same.
+/// The base rewritten, or cut to half its size, after the target hashed
+/// it (at its first request): blocks kept keyless from it fail their
+/// group's digest (or cannot be read) and the group is asked for again with
+/// every key, deltas against it fail and are fetched whole. The copy is
+/// byte-identical all the same.
 #[test]
 fn a_base_changed_under_the_copy_costs_refetches_never_a_wrong_block() {
     use std::os::unix::fs::FileExt;
-    let d = tempfile::tempdir().unwrap();
-    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
-    let (old, new, _) = edited_images(4);
-    fs::write(&a, &new).unwrap();
-    fs::write(&r, &old).unwrap();
-    let (path, len) = (r.clone(), old.len());
-    let mut done = false;
-    let rewrite: Edit = Box::new(move |m| {
-        let request = !matches!(m, Message::Hello { .. } | Message::KeepAlive | Message::Received { .. });
-        if request && !done {
-            // In place: the target reads the reference through its open file.
-            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(&common::noise(7, len), 0).unwrap();
-            done = true;
-        }
-        m
-    });
-    let rep = copy_with_refs(&a, &b, &[&r], "none", rewrite).target.unwrap();
-    assert!(fs::read(&b).unwrap() == new, "the copy differs");
-    assert!(rep.verified);
-    assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
-    assert!(rep.groups_rekeyed > 0, "{rep:?}");
+    for cut in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
+        let (old, new, _) = edited_images(4);
+        fs::write(&a, &new).unwrap();
+        fs::write(&r, &old).unwrap();
+        let (path, len) = (r.clone(), old.len());
+        let mut done = false;
+        let change: Edit = Box::new(move |m| {
+            let request = !matches!(m, Message::Hello { .. } | Message::KeepAlive | Message::Received { .. });
+            if request && !done {
+                // In place: the target reads the reference through its open file.
+                let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                if cut {
+                    f.set_len(len as u64 / 2).unwrap();
+                } else {
+                    f.write_all_at(&common::noise(7, len), 0).unwrap();
+                }
+                done = true;
+            }
+            m
+        });
+        let rep = copy_with_refs(&a, &b, &[&r], "none", change).target.unwrap();
+        assert!(fs::read(&b).unwrap() == new, "the copy differs (cut: {cut})");
+        assert!(rep.verified);
+        assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+        assert!(rep.groups_rekeyed > 0, "cut: {cut}: {rep:?}");
+    }
 }

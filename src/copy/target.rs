@@ -1359,15 +1359,15 @@ impl Target<'_> {
         let (a, b) = self.layout.group_range(g);
         let mut missing = Vec::new();
         let mut keys = Vec::with_capacity(given.len());
+        let mut keyless = Vec::new();
         for (k, i) in (a..b).enumerate() {
             let len = self.layout.extent(i).1;
             let Some(key) = given[k] else {
                 // The key it would have had: nothing is asked for it, so
                 // no reply can be checked against it. The group's digest
-                // checks it (`group_done`).
-                keys.push(self.keep_old(i)?);
-                self.grp[g as usize].keyless += 1;
-                self.blocks_keyless += 1;
+                // checks it (`group_done`). (Filled in below.)
+                keys.push(Key::default());
+                keyless.push(i);
                 continue;
             };
             keys.push(key);
@@ -1379,6 +1379,11 @@ impl Target<'_> {
                 missing.push(i);
             }
         }
+        for (i, key) in keyless.iter().zip(self.keep_old(&keyless)?) {
+            keys[(i - a) as usize] = key;
+        }
+        self.grp[g as usize].keyless += keyless.len() as u32;
+        self.blocks_keyless += keyless.len() as u64;
         let settled = (b - a) as u32 - missing.len() as u32;
         self.grp[g as usize].pending =
             self.grp[g as usize].pending.checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
@@ -1390,30 +1395,69 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// Keep block `i` as the old copy holds it: in place, or copied from
-    /// the base. Its key as kept (that of the base's block as read now,
-    /// which the group's digest checks).
-    fn keep_old(&mut self, i: u64) -> Result<Key, EngineError> {
-        let len = self.layout.extent(i).1;
-        let (at, old) = self.old(i);
-        let old = *old;
-        if self.zeros.is_zero_digest(&old, len) || at == OldIn::Dst {
-            self.state[i as usize] = if self.zeros.is_zero_digest(&old, len) { State::Zero } else { State::InPlace };
-            return Ok(key_of(&old));
-        }
-        match self.read_old(at, i)? {
-            Some(data) => {
-                let d = self.algo.digest(&data);
-                self.write_block(i, &data, d, State::Reused)?;
-                Ok(key_of(&d))
+    /// Keep `blocks` (ascending) as the old copy holds them: in place, or
+    /// copied from the base, a run of consecutive blocks at a time, hashed
+    /// on all cores. Their keys as kept, in order (those of the base's
+    /// blocks as read now, which the group's digest checks).
+    fn keep_old(&mut self, blocks: &[u64]) -> Result<Vec<Key>, EngineError> {
+        let mut keys = Vec::with_capacity(blocks.len());
+        // (Position in `keys`, block), to copy from the base.
+        let mut copy = Vec::new();
+        for &i in blocks {
+            let len = self.layout.extent(i).1;
+            let (at, old) = self.old(i);
+            keys.push(key_of(old));
+            if at == OldIn::Base && !self.zeros.is_zero_digest(old, len) {
+                copy.push((keys.len() - 1, i));
+                continue;
             }
-            // (DST keeps its zeros there; the group's digest then fails
-            // and the group is asked for again with every key.)
-            None => {
-                self.state[i as usize] = State::Zero;
-                Ok(key_of(&old))
+            self.state[i as usize] = if self.zeros.is_zero_digest(old, len) { State::Zero } else { State::InPlace };
+        }
+        for run in self.disk_runs(&copy) {
+            let (first, last) = (run[0].1, run[run.len() - 1].1);
+            let start = self.layout.extent(first).0;
+            let end = self.layout.extent(last).0 + self.layout.extent(last).1 as u64;
+            let base = self.base.as_ref().expect("copied from the base only where there is one");
+            let mut buf = vec![0u8; (end - start) as usize];
+            if let Err(e) = self.refs.images[base.image as usize].image.read_at(&mut buf, start) {
+                // (DST keeps its zeros there; the group's digest then fails
+                // and it is asked for again with every key.)
+                log::warn!("the base reference cannot be read at byte {start}: {e}; fetching its blocks instead");
+                run.iter().for_each(|&(_, i)| self.state[i as usize] = State::Zero);
+                continue;
+            }
+            let digests: Vec<Digest> = run
+                .par_iter()
+                .map(|&(_, i)| {
+                    let (off, len) = self.layout.extent(i);
+                    let at = (off - start) as usize;
+                    self.algo.digest(&buf[at..at + len])
+                })
+                .collect();
+            self.dst.write_at(&buf, start)?;
+            for (&(k, i), d) in run.iter().zip(digests) {
+                self.wrote(i, d, State::Reused);
+                keys[k] = key_of(&d);
             }
         }
+        Ok(keys)
+    }
+
+    /// `blocks` (ascending, each with a tag) cut into runs that lie one
+    /// after the other on the disk.
+    fn disk_runs<T: Copy>(&self, blocks: &[(T, u64)]) -> Vec<Vec<(T, u64)>> {
+        let mut out: Vec<Vec<(T, u64)>> = Vec::new();
+        for &(t, i) in blocks {
+            let follows = out.last().and_then(|r| r.last()).is_some_and(|&(_, p)| {
+                let (off, len) = self.layout.extent(p);
+                p + 1 == i && off + len as u64 == self.layout.extent(i).0
+            });
+            match out.last_mut() {
+                Some(r) if follows => r.push((t, i)),
+                _ => out.push(vec![(t, i)]),
+            }
+        }
+        out
     }
 
     /// Where block `i`'s old version is, and its digest: what DST holds
