@@ -17,7 +17,7 @@ use relay::{chain, copy_with, hide, keep, Edit};
 use xenmig::blocks::layout::Align;
 use xenmig::copy::source::SourceOptions;
 use xenmig::copy::Report;
-use xenmig::wire::protocol::{Message, CAP_EARLY_LEVELS, CAP_RECEIPTS, CAP_STREAM_LEVELS};
+use xenmig::wire::protocol::{Message, CAP_RECEIPTS, CAP_STREAM_LEVELS};
 use xenmig::wire::rate::Rate;
 
 /// Text-like data: words drawn pseudo-randomly from a vocabulary, which
@@ -192,30 +192,4 @@ fn a_receipt_without_the_capability_is_refused() {
     let e = o.source.expect_err("the source took a receipt it never agreed to");
     assert!(format!("{e}").contains("Received"), "{e}");
     assert!(o.target.is_err());
-}
-
-/// Early levels (`CAP_EARLY_LEVELS`, a frame may end before a megabyte):
-/// with both ends, or either without it (a peer of the previous release),
-/// the level rises on the receipts' slow link and every frame decodes, the
-/// source keeping to what the target accepts (a frame shorter than it
-/// accepts fails the copy). When the first frame ends is not asserted
-/// here (it depends on when `auto` decides); the 2 Mbit/s experiment
-/// measures it (docs/experiments.md, session 16).
-#[test]
-fn early_levels_with_either_peer_without_them() {
-    let d = tempfile::tempdir().unwrap();
-    let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let data = text(3 << 20, 4);
-    fs::write(&a, &data).unwrap();
-    for (name, to_target, to_source) in [
-        ("both", paced(300e3), keep()),
-        ("old target", paced(300e3), hide(CAP_EARLY_LEVELS)),
-        ("old source", chain(hide(CAP_EARLY_LEVELS), paced(300e3)), hide(CAP_EARLY_LEVELS)),
-    ] {
-        let _ = fs::remove_file(&b);
-        let (rep, trep) = copy(&a, &b, "auto", 0, to_target, to_source);
-        check(&data, &b, &rep, &trep);
-        eprintln!("{name}: {:?}, {} bytes", rep.stream_levels, trep.bytes_wire);
-        assert!(rep.stream_levels.iter().any(|&l| l > 3), "{name}: the level never rose: {:?}", rep.stream_levels);
-    }
 }

@@ -38,9 +38,9 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_EARLY_LEVELS, CAP_LIVE,
-    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::receipts::Receipts;
@@ -328,7 +328,6 @@ impl SourceSession {
             | CAP_SUB_GROUPS
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
-            | CAP_EARLY_LEVELS
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
             // Receipts serve `auto` only, and its levels: without them
@@ -349,15 +348,14 @@ impl SourceSession {
         // `auto` may change the stream's level where the link is slow
         // when the target follows; `--compress zstd:L` keeps L.
         let levels = agreed.caps & CAP_STREAM_LEVELS != 0 && opts.compress == Choice::Auto && stream_level.is_some();
-        let early = agreed.caps & CAP_EARLY_LEVELS != 0;
         // The encoder is made on the stream's thread: with a shared
         // reference agreed, only once the target's offer is answered.
         let shared_agreed = agreed.caps & CAP_SHARED_REF != 0;
         let encoder = match stream_level {
-            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size, levels, early }),
+            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size, levels }),
             Some(level) => {
                 let enc = StreamEncoder::new(level, zstream::window_log_for(layout.size))?;
-                Some(Pending::Ready(following(enc, levels, early)))
+                Some(Pending::Ready(if levels { enc.follow_levels() } else { enc }))
             }
             None => None,
         };
@@ -1154,22 +1152,9 @@ enum Pending {
     Prefix {
         level: i32,
         image_size: u64,
-        /// Without a reference chosen, the stream may change level
-        /// (`levels`), its frames ending early (`early`).
+        /// Without a reference chosen, the stream may change level.
         levels: bool,
-        early: bool,
     },
-}
-
-/// `enc`, its level changing where the target follows (`CAP_STREAM_LEVELS`
-/// as `levels`), a frame ending before a megabyte where it takes that
-/// too (`CAP_EARLY_LEVELS` as `early`).
-fn following(enc: StreamEncoder, levels: bool, early: bool) -> StreamEncoder {
-    match (levels, early) {
-        (false, _) => enc,
-        (true, false) => enc.follow_levels(),
-        (true, true) => enc.follow_levels().early_levels(),
-    }
 }
 
 /// A run read for the stream's thread to compress.
@@ -1201,14 +1186,21 @@ fn stream_loop(
 ) -> Result<(), EngineError> {
     let mut enc = match enc {
         Pending::Ready(enc) => enc,
-        Pending::Prefix { level, image_size, levels, early } => match prefix.recv() {
+        Pending::Prefix { level, image_size, levels } => match prefix.recv() {
             Ok(Some(r)) => {
                 let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
                 // Index the prefix while the target loads its copy of it.
                 enc.prime()?;
                 enc
             }
-            Ok(None) => following(StreamEncoder::new(level, zstream::window_log_for(image_size))?, levels, early),
+            Ok(None) => {
+                let enc = StreamEncoder::new(level, zstream::window_log_for(image_size))?;
+                if levels {
+                    enc.follow_levels()
+                } else {
+                    enc
+                }
+            }
             Err(_) => return Ok(()), // the reader ended first: the copy is failing already
         },
     };

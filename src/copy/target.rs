@@ -54,9 +54,9 @@ use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_EARLY_LEVELS, CAP_LIVE,
-    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
+    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
+    MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
@@ -393,9 +393,8 @@ pub(super) struct Target<'a> {
     /// DST's sub-groups.
     subgroups: bool,
     /// `CAP_STREAM_LEVELS` agreed: the stream's decoder follows level
-    /// changes (`CAP_EARLY_LEVELS` too: frames may end early).
+    /// changes.
     levels: bool,
-    early_levels: bool,
     /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
     /// not answered yet.
     sub_asked: HashSet<u64>,
@@ -451,7 +450,6 @@ pub fn run_with(
             | CAP_SHARED_REF
             | CAP_SIMILAR
             | CAP_STREAM_LEVELS
-            | CAP_EARLY_LEVELS
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
             | CAP_RECEIPTS,
@@ -508,7 +506,6 @@ pub fn run_with(
             short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
             similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
             levels: agreed.caps & CAP_STREAM_LEVELS != 0,
-            early_levels: agreed.caps & CAP_STREAM_LEVELS != 0 && agreed.caps & CAP_EARLY_LEVELS != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -562,8 +559,6 @@ pub(super) struct LinkSide {
     similar: bool,
     /// `CAP_STREAM_LEVELS` agreed.
     levels: bool,
-    /// `CAP_EARLY_LEVELS` agreed too.
-    early_levels: bool,
 }
 
 impl<'a> Target<'a> {
@@ -664,7 +659,6 @@ impl<'a> Target<'a> {
             hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
-            early_levels: link.as_ref().is_some_and(|l| l.early_levels),
             out: link.map(|l| l.out),
             delta_asked: HashMap::new(),
             sim_index: SimIndex::NotYet,
@@ -1849,9 +1843,6 @@ impl Target<'_> {
             };
             let dec = match slot {
                 Some(d) => d,
-                None if self.levels && self.early_levels => {
-                    slot.insert(StreamDecoder::new()?.follow_levels().early_levels())
-                }
                 None if self.levels => slot.insert(StreamDecoder::new()?.follow_levels()),
                 None => slot.insert(StreamDecoder::new()?),
             };

@@ -260,12 +260,7 @@
 //! and carries at least
 //! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) bytes of
 //! content before the next begins (each new frame costs the target a copy
-//! of its tail): a closer frame is an error naming the stream. With
-//! [`CAP_EARLY_LEVELS`] as well, a frame need carry only a sixteenth of
-//! the tail the next one copies (at most that megabyte, at least a byte;
-//! [`frame_min`](crate::wire::stream::frame_min)): the same bound on the
-//! target's copying, and the first frame may end as soon as `auto` raises
-//! the level. A stream
+//! of its tail): a closer frame is an error naming the stream. A stream
 //! that began with a shared reference never starts a second frame.
 //! `auto` raises the level where the link is steadily slow, and again
 //! when a later measurement shows a higher level paying (at most five
@@ -412,13 +407,6 @@ pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
 /// them. Without it (a peer of the previous release) `auto` measures the
 /// link by its own blocked writes, as before.
 pub const CAP_RECEIPTS: u32 = 1 << 9;
-/// Capability (with [`CAP_STREAM_LEVELS`]): a frame of the zstd stream may
-/// end after a sixteenth of the tail the next one copies
-/// ([`frame_min`](crate::wire::stream::frame_min)) instead of after
-/// [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN): the first
-/// frame after any content. Without it (a peer of the previous release)
-/// every frame carries a megabyte of content first.
-pub const CAP_EARLY_LEVELS: u32 = 1 << 10;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;

@@ -59,10 +59,7 @@
 //! `windowLogMax`. Above [`LEVEL_PREFIX_HIGH_ABOVE`] the source indexes
 //! only the tail's last [`LEVEL_PREFIX_HIGH`] bytes (a new frame at level
 //! 19 would otherwise cost seconds); the target's longer prefix ends with
-//! the same bytes, so the frame decodes the same. Each frame carries some
-//! content before the next may begin ([`frame_min`]: a megabyte, or with
-//! `CAP_EARLY_LEVELS` a sixteenth of the tail it hands on), which bounds
-//! what a source can make the target copy. A stream that began with a shared reference keeps its
+//! the same bytes, so the frame decodes the same. A stream that began with a shared reference keeps its
 //! level (a new frame would lose the reference); so does `--compress
 //! zstd:L`.
 
@@ -121,24 +118,6 @@ pub const LEVEL_PREFIX_HIGH: usize = 4 << 20;
 /// this bounds that copying to 16 bytes per byte decoded, whatever a
 /// source sends. The source waits for it before it changes level.
 pub const LEVEL_FRAME_MIN: u64 = 1 << 20;
-
-/// Content the running frame must carry before the next may begin, the
-/// stream's content then being `total` bytes. Without `early` (a peer
-/// without [`CAP_EARLY_LEVELS`](crate::wire::protocol::CAP_EARLY_LEVELS)),
-/// [`LEVEL_FRAME_MIN`]. With it, a sixteenth of the tail the next frame
-/// copies (at most [`LEVEL_PREFIX`], so at most [`LEVEL_FRAME_MIN`]), and
-/// at least a byte: the same bound on the target's copying, 16 bytes per
-/// byte decoded, but a first frame may end as soon as `auto` knows the
-/// link is slow. Waiting for a whole megabyte of content held the return
-/// copy at 2 Mbit/s at level 3 for 1.8 s after it chose level 19 (most of
-/// its content is sub-block deltas, a few hundred bytes each).
-pub fn frame_min(early: bool, total: u64) -> u64 {
-    if early {
-        (total.min(LEVEL_PREFIX as u64) / 16).max(1)
-    } else {
-        LEVEL_FRAME_MIN
-    }
-}
 
 #[derive(Debug, Error)]
 #[error("zstd stream: {0}")]
@@ -217,11 +196,8 @@ pub struct StreamEncoder {
     /// The content's tail, kept when the level may change
     /// ([`follow_levels`](Self::follow_levels)).
     tail: Option<Tail>,
-    /// Content compressed in the running frame, and in all of them.
+    /// Content compressed in the running frame.
     frame_content: u64,
-    content: u64,
-    /// A frame may end early ([`frame_min`]).
-    early: bool,
 }
 
 impl StreamEncoder {
@@ -257,16 +233,7 @@ impl StreamEncoder {
         // Blocks are verified by their digests; zstd's checksum would only
         // cost bytes (and a streamed frame never ends anyway).
         ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
-        Ok(StreamEncoder {
-            ctx,
-            prefix,
-            primed: Vec::new(),
-            level,
-            tail: None,
-            frame_content: 0,
-            content: 0,
-            early: false,
-        })
+        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None, frame_content: 0 })
     }
 
     /// Allow [`set_level`](Self::set_level): the target follows level
@@ -279,22 +246,15 @@ impl StreamEncoder {
         self
     }
 
-    /// Frames may end before [`LEVEL_FRAME_MIN`] ([`frame_min`]): the
-    /// target agreed to `CAP_EARLY_LEVELS`.
-    pub fn early_levels(mut self) -> StreamEncoder {
-        self.early = true;
-        self
-    }
-
     /// Whether the target follows level changes (`follow_levels`).
     pub fn follows_levels(&self) -> bool {
         self.tail.is_some()
     }
 
     /// Whether [`set_level`](Self::set_level) may be called now: the
-    /// target follows, and the running frame carried [`frame_min`].
+    /// target follows, and the running frame carried [`LEVEL_FRAME_MIN`].
     pub fn can_change_level(&self) -> bool {
-        self.tail.is_some() && self.frame_content >= frame_min(self.early, self.content)
+        self.tail.is_some() && self.frame_content >= LEVEL_FRAME_MIN
     }
 
     /// The level the next piece is compressed at.
@@ -315,10 +275,9 @@ impl StreamEncoder {
         let Some(tail) = &self.tail else {
             return Err(StreamError("the level of a stream the target cannot follow changes in".into()));
         };
-        let min = frame_min(self.early, self.content);
-        if self.frame_content < min {
+        if self.frame_content < LEVEL_FRAME_MIN {
             return Err(StreamError(format!(
-                "a level change after {} bytes of the frame, before the {min} the target asks",
+                "a level change after {} bytes of the frame, before the {LEVEL_FRAME_MIN} the target asks",
                 self.frame_content
             )));
         }
@@ -391,7 +350,6 @@ impl StreamEncoder {
             t.push(data);
         }
         self.frame_content += data.len() as u64;
-        self.content += data.len() as u64;
         Ok(out)
     }
 }
@@ -412,8 +370,6 @@ pub struct StreamDecoder {
     /// frame began in it.
     decoded: u64,
     frame_began: u64,
-    /// Frames may end early ([`frame_min`]).
-    early: bool,
 }
 
 impl StreamDecoder {
@@ -442,23 +398,7 @@ impl StreamDecoder {
         // The memory bound: a frame declaring a larger window is an error,
         // not an allocation. (A parameter: it holds for every frame.)
         ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|c| StreamError(zerr(c)))?;
-        Ok(StreamDecoder {
-            ctx,
-            prefix,
-            tail: None,
-            frame_ended: false,
-            frames: 0,
-            decoded: 0,
-            frame_began: 0,
-            early: false,
-        })
-    }
-
-    /// Accept frames shorter than [`LEVEL_FRAME_MIN`], as [`frame_min`]
-    /// bounds them (`CAP_EARLY_LEVELS` agreed).
-    pub fn early_levels(mut self) -> StreamDecoder {
-        self.early = true;
-        self
+        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0, decoded: 0, frame_began: 0 })
     }
 
     /// Follow the source's level changes (`CAP_STREAM_LEVELS` agreed): a
@@ -486,9 +426,8 @@ impl StreamDecoder {
         self.frame_began = at;
         // Without the capability frames are independent, as zstd decodes them.
         let Some(tail) = &self.tail else { return Ok(()) };
-        let min = frame_min(self.early, at);
-        if carried < min {
-            return Err(format!("a frame of {carried} bytes before the next, less than {min}"));
+        if carried < LEVEL_FRAME_MIN {
+            return Err(format!("a frame of {carried} bytes before the next, less than {LEVEL_FRAME_MIN}"));
         }
         let prefix = tail.freeze();
         // SAFETY: `prefix` goes into `self.prefix`, dropped after `ctx` and
@@ -809,51 +748,5 @@ mod tests {
         let mut dec = StreamDecoder::new().unwrap();
         assert_eq!(dec.decompress_run(&two, 8192).unwrap(), [run.clone(), run].concat());
         assert_eq!(dec.frames(), 2);
-    }
-
-    /// With early levels the first frame may end after any content (its
-    /// tail is no longer than it), and each later one after a sixteenth of
-    /// the tail the next copies; closer frames are still refused.
-    #[test]
-    fn early_levels_bound_frames_by_the_tail_they_copy() {
-        assert_eq!(frame_min(false, 10), LEVEL_FRAME_MIN);
-        assert_eq!(frame_min(true, 0), 1);
-        assert_eq!(frame_min(true, 64 << 10), 4 << 10);
-        assert_eq!(frame_min(true, 1 << 40), LEVEL_FRAME_MIN);
-        let data: Vec<u8> = (0..300 << 10).map(|i| b"guest disk xen lvm "[(i * 7 + i / 4096) % 19]).collect();
-        let (a, b) = data.split_at(200 << 10);
-        // A source changing level after 200 KiB, and then again too soon.
-        let mut enc = StreamEncoder::new(3, 20).unwrap().follow_levels();
-        assert!(!enc.can_change_level(), "without the capability a frame carries LEVEL_FRAME_MIN");
-        let mut enc = enc.early_levels();
-        let p1 = enc.compress_run(a).unwrap();
-        assert!(enc.can_change_level());
-        enc.set_level(19).unwrap();
-        let p2 = enc.compress_run(b).unwrap();
-        let mut dec = StreamDecoder::new().unwrap().follow_levels().early_levels();
-        assert_eq!(dec.decompress_run(&p1, a.len()).unwrap(), a);
-        assert_eq!(dec.decompress_run(&p2, b.len()).unwrap(), b);
-        assert_eq!(dec.frames(), 2);
-        // The same pieces to a target without the capability: refused.
-        let mut old = StreamDecoder::new().unwrap().follow_levels();
-        old.decompress_run(&p1, a.len()).unwrap();
-        let e = old.decompress_run(&p2, b.len()).unwrap_err().to_string();
-        assert!(e.contains("less than"), "{e}");
-        // The source refuses a third frame after 4 KiB, where 304 KiB of
-        // tail ask 19 KiB.
-        let mut enc2 = StreamEncoder::new(3, 20).unwrap().follow_levels().early_levels();
-        enc2.compress_run(&data).unwrap();
-        enc2.set_level(19).unwrap();
-        enc2.compress_run(&data[..4096]).unwrap();
-        assert!(!enc2.can_change_level());
-        assert!(enc2.set_level(6).is_err());
-        // And the target refuses such frames: three whole zstd frames, the
-        // second of 4 KiB.
-        let mut three = zstd::bulk::compress(&data, 3).unwrap();
-        three.extend_from_slice(&zstd::bulk::compress(&data[..4096], 3).unwrap());
-        three.extend_from_slice(&zstd::bulk::compress(&data[..4096], 3).unwrap());
-        let mut dec = StreamDecoder::new().unwrap().follow_levels().early_levels();
-        let e = dec.decompress_run(&three, data.len() + 8192).unwrap_err().to_string();
-        assert!(e.contains("a frame of 4096 bytes before the next, less than 19456"), "{e}");
     }
 }
