@@ -17,11 +17,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use relay::{chain, hide, keep, Edit, Outcome};
-use xenmig::blocks::layout::Align;
-use xenmig::copy::source::SourceOptions;
 use xenmig::copy::target::TargetOptions;
 use xenmig::copy::Report;
-use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{Message, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_SUB_DELTA};
 use xenmig::wire::sketch::{self, Index};
 use xenmig::wire::subdelta;
@@ -44,19 +41,8 @@ fn copy_through(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source:
 fn copy_judged(src: &Path, dst: &Path, codec: &str, always: bool, to_target: Edit, to_source: Edit) -> Outcome {
     let (to_target, to_source) =
         (chain(hide(CAP_SHORT_SUB_HASHES), to_target), chain(hide(CAP_SHORT_SUB_HASHES), to_source));
-    let opts = SourceOptions {
-        block_size: BS as u32,
-        align: Align::Flat,
-        compress: codec.parse::<Choice>().unwrap(),
-        idle_timeout: Some(Duration::from_secs(30)),
-        ..SourceOptions::default()
-    };
-    let topts = TargetOptions {
-        idle_timeout: Some(Duration::from_secs(30)),
-        always_index_similar: always,
-        ..TargetOptions::default()
-    };
-    relay::copy_onto(src, dst, &opts, topts, to_target, to_source)
+    let topts = TargetOptions { always_index_similar: always, ..relay::target_options() };
+    relay::copy_onto(src, dst, &relay::source_options(BS as u32, codec), topts, to_target, to_source)
 }
 
 /// What a block of the new image's second half (zeros in the old copy) is.

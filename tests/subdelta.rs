@@ -430,25 +430,12 @@ fn a_misshapen_short_signature_is_refused() {
 /// `refs`, through a relay editing each direction (short sub-block hashes
 /// hidden, as in [`copy_through`]).
 fn copy_with_refs(src: &Path, dst: &Path, refs: &[&Path], codec: &str, to_source: Edit) -> Outcome {
-    use std::time::Duration;
-    use xenmig::blocks::layout::Align;
-    use xenmig::copy::source::SourceOptions;
-    use xenmig::copy::target::TargetOptions;
-    use xenmig::wire::compress::Choice;
-    let opts = SourceOptions {
-        block_size: BS as u32,
-        align: Align::Flat,
-        compress: codec.parse::<Choice>().unwrap(),
-        idle_timeout: Some(Duration::from_secs(30)),
-        ..SourceOptions::default()
-    };
-    let topts = TargetOptions {
+    let topts = xenmig::copy::target::TargetOptions {
         references: refs.iter().map(|r| r.to_path_buf()).collect(),
-        idle_timeout: Some(Duration::from_secs(30)),
-        ..TargetOptions::default()
+        ..relay::target_options()
     };
-    let hidden = hide(CAP_SHORT_SUB_HASHES);
-    relay::copy_onto(src, dst, &opts, topts, hidden, chain(hide(CAP_SHORT_SUB_HASHES), to_source))
+    let (to_target, to_source) = (hide(CAP_SHORT_SUB_HASHES), chain(hide(CAP_SHORT_SUB_HASHES), to_source));
+    relay::copy_onto(src, dst, &relay::source_options(BS as u32, codec), topts, to_target, to_source)
 }
 
 proptest! {

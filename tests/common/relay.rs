@@ -59,24 +59,33 @@ pub struct Outcome {
     pub target: Result<Report, EngineError>,
 }
 
-/// Copy `src` onto `dst` (flat layout, blocks of `bs` bytes, `codec`)
-/// through a relay editing each direction.
-pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
-    let opts = SourceOptions {
+/// The source's options of these copies: flat layout, blocks of `bs`
+/// bytes, `codec`, a 30 s idle timeout.
+pub fn source_options(bs: u32, codec: &str) -> SourceOptions {
+    SourceOptions {
         block_size: bs,
         align: Align::Flat,
         compress: codec.parse::<Choice>().unwrap(),
         idle_timeout: Some(Duration::from_secs(30)),
         ..SourceOptions::default()
-    };
-    copy_with(src, dst, &opts, to_target, to_source)
+    }
+}
+
+/// The target's options of these copies: a 30 s idle timeout.
+pub fn target_options() -> TargetOptions {
+    TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() }
+}
+
+/// Copy `src` onto `dst` ([`source_options`]) through a relay editing each
+/// direction.
+pub fn copy_through(src: &Path, dst: &Path, bs: u32, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    copy_with(src, dst, &source_options(bs, codec), to_target, to_source)
 }
 
 /// Copy `src` onto `dst` with the source's `opts` through a relay editing
 /// each direction.
 pub fn copy_with(src: &Path, dst: &Path, opts: &SourceOptions, to_target: Edit, to_source: Edit) -> Outcome {
-    let topts = TargetOptions { idle_timeout: Some(Duration::from_secs(30)), ..TargetOptions::default() };
-    copy_onto(src, dst, opts, topts, to_target, to_source)
+    copy_onto(src, dst, opts, target_options(), to_target, to_source)
 }
 
 /// [`copy_with`], the target's options given too (its references).
