@@ -9,12 +9,13 @@
 //! tenth of the bytes of the blocks it serves (0.15 of 1.6 MB on the
 //! return cell): half a second at 2 Mbit/s, 15 ms at 100 Mbit/s, where
 //! the quarter of a second was most of what a return copy took beyond
-//! rsync's (docs/experiments.md). So the first blocks that would need it
-//! wait, and the link is judged by what arrives meanwhile ([`verdict`]):
-//! fast, they are fetched whole and nothing is indexed; slow, the index
-//! is built on a thread of its own, on one core at a lower priority,
-//! while the rest of the copy goes on, and the waiting blocks then ask for
-//! their sketches.
+//! rsync's (docs/experiments.md). So from the first block that would need
+//! it, the index is built on a thread of its own ([`Building`], one core
+//! at a lower priority) while the target judges the link by what arrives
+//! ([`verdict`]); the blocks' sketches are asked for at once and their
+//! answers wait. Fast: the build is given up and the blocks are fetched
+//! whole. Slow: once the index is built, each is asked for as a delta
+//! against its most similar old block, or whole.
 //!
 //! The index holds the blocks marked usable (non-zero, still as the old
 //! copy held them), at most [`MAX_ENTRIES`] entries: a disk with more
@@ -50,10 +51,10 @@ pub(super) const SLOW_RATE: f64 = 1e6;
 pub(super) enum Verdict {
     /// Not known yet: the blocks go on waiting.
     Wait,
-    /// The link is slow: build the index.
+    /// The link is slow: the blocks wait for the index.
     Build,
-    /// The link is fast, or nothing else is coming to judge it by: fetch
-    /// the waiting blocks whole, build nothing.
+    /// The link is fast, or nothing else is coming to judge it by: the
+    /// build is given up and the waiting blocks are fetched whole.
     Skip,
 }
 
