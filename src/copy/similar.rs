@@ -46,6 +46,14 @@ pub(super) const PROBE_BYTES: u64 = 256 << 10;
 /// time (0.15 MB).
 pub(super) const SLOW_RATE: f64 = 1e6;
 
+/// Longest the link may stay idle, nothing else awaited, while blocks wait
+/// for an index still being built: then the build is given up and they
+/// are fetched whole. Half a second of a 2 Mbit/s link carries about
+/// what the index saves on the quick images' return copy (0.15 MB);
+/// waiting longer cannot pay, and a thread starved of CPU (it runs at a
+/// lower priority) must not hold the copy.
+pub(super) const IDLE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What to do about the index while blocks wait for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Verdict {

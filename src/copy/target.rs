@@ -94,7 +94,8 @@ pub struct TargetOptions {
     /// cold copy it costs a third to a half of the copy's time again
     /// (docs/benchmarks.md, "Read-back"); `migrate` always sets it.
     pub readback: bool,
-    /// Build the index of similar blocks without judging the link first
+    /// Build the index of similar blocks without judging the link first,
+    /// and let the blocks wait for it however long it takes
     /// (`copy::similar`): for callers that know the link is slow, and for
     /// tests, whose in-process links are fast. Not a flag of the CLI.
     pub always_index_similar: bool,
@@ -235,8 +236,9 @@ enum SimIndex {
     NotYet,
     /// Being built on a thread of its own while the link is judged by what
     /// arrives (since when, and the link's bytes read then; None once
-    /// judged slow, or when the caller asked for it whatever the link).
-    Pending { build: similar::Building, judging: Option<(Instant, u64)> },
+    /// judged slow, or when the caller asked for it whatever the link);
+    /// `idle`: since when nothing else is awaited.
+    Pending { build: similar::Building, judging: Option<(Instant, u64)>, idle: Option<Instant> },
     /// Built; None where the old copy held nothing to index, or the link
     /// was judged fast (then the build was given up).
     Ready(Option<sketch::Index>),
@@ -1602,7 +1604,7 @@ impl Target<'_> {
             let judging =
                 (!self.always_index_similar).then(|| (Instant::now(), self.stats.as_ref().map_or(0, |s| s.read())));
             self.sim_index = match self.build_similar()? {
-                Some(build) => SimIndex::Pending { build, judging },
+                Some(build) => SimIndex::Pending { build, judging, idle: None },
                 None => SimIndex::Ready(None),
             };
         }
@@ -1635,10 +1637,17 @@ impl Target<'_> {
     /// meanwhile are asked for whole; built: each is asked for against its
     /// similar block, or whole.
     fn poll_similar(&mut self) -> Result<(), EngineError> {
-        let SimIndex::Pending { judging, .. } = &mut self.sim_index else { return Ok(()) };
-        if let Some((since, read)) = *judging {
+        let idle_now = self.outstanding == 0 && self.held.is_empty();
+        let SimIndex::Pending { judging, idle, .. } = &mut self.sim_index else { return Ok(()) };
+        *idle = if idle_now { Some(idle.unwrap_or_else(Instant::now)) } else { None };
+        // (Not when asked for whatever the link: then the blocks wait.)
+        let waited = idle.is_some_and(|t| t.elapsed() >= similar::IDLE_WAIT);
+        if waited && !self.far_waiting.is_empty() && !self.always_index_similar {
+            log::debug!("similar blocks: the link idled waiting for the index; blocks fetched whole");
+            self.sim_index = SimIndex::Ready(None);
+        } else if let Some((since, read)) = *judging {
             let now = self.stats.as_ref().map_or(0, |s| s.read());
-            let idle = self.outstanding == 0 && self.held.is_empty();
+            let idle = idle_now;
             let (got, took) = (now.saturating_sub(read), since.elapsed());
             match similar::verdict(got, took, idle) {
                 similar::Verdict::Wait => {}
@@ -1659,7 +1668,7 @@ impl Target<'_> {
         // one the blocks are fetched whole even where it happens to be
         // built already, so that what a copy does does not depend on
         // which of the two came first.)
-        if let SimIndex::Pending { build, judging: None } = &mut self.sim_index {
+        if let SimIndex::Pending { build, judging: None, .. } = &mut self.sim_index {
             match build.take()? {
                 Some(index) => self.sim_index = SimIndex::Ready(index),
                 None => return Ok(()),
