@@ -1403,63 +1403,48 @@ impl Target<'_> {
     /// blocks as read now, which the group's digest checks).
     fn keep_old(&mut self, blocks: &[u64]) -> Result<Vec<Key>, EngineError> {
         let mut keys = Vec::with_capacity(blocks.len());
-        // (Position in `keys`, block), to copy from the base.
+        // Positions in `blocks` (and `keys`) to copy from the base.
         let mut copy = Vec::new();
-        for &i in blocks {
+        for (k, &i) in blocks.iter().enumerate() {
             let len = self.layout.extent(i).1;
             let (at, old) = self.old(i);
             keys.push(key_of(old));
             if at == OldIn::Base && !self.zeros.is_zero_digest(old, len) {
-                copy.push((keys.len() - 1, i));
+                copy.push(k);
                 continue;
             }
             self.state[i as usize] = if self.zeros.is_zero_digest(old, len) { State::Zero } else { State::InPlace };
         }
-        for run in self.disk_runs(&copy) {
-            let (first, last) = (run[0].1, run[run.len() - 1].1);
-            let start = self.layout.extent(first).0;
-            let end = self.layout.extent(last).0 + self.layout.extent(last).1 as u64;
+        // (Segments tile the image: consecutive blocks are consecutive bytes.)
+        let mut at = copy.iter();
+        for (first, count) in runs(copy.iter().map(|&k| blocks[k]), u32::MAX) {
+            let end = first + count as u64;
+            let run: Vec<usize> = at.by_ref().take(count as usize).copied().collect();
+            let (start, stop) = byte_range(&self.layout, first, end);
             let base = self.base.as_ref().expect("copied from the base only where there is one");
-            let mut buf = vec![0u8; (end - start) as usize];
+            let mut buf = vec![0u8; (stop - start) as usize];
             if let Err(e) = self.refs.images[base.image as usize].image.read_at(&mut buf, start) {
                 // (DST keeps its zeros there; the group's digest then fails
                 // and it is asked for again with every key.)
                 log::warn!("the base reference cannot be read at byte {start}: {e}; fetching its blocks instead");
-                run.iter().for_each(|&(_, i)| self.state[i as usize] = State::Zero);
+                (first..end).for_each(|i| self.state[i as usize] = State::Zero);
                 continue;
             }
-            let digests: Vec<Digest> = run
-                .par_iter()
-                .map(|&(_, i)| {
+            let digests: Vec<Digest> = (first..end)
+                .into_par_iter()
+                .map(|i| {
                     let (off, len) = self.layout.extent(i);
-                    let at = (off - start) as usize;
-                    self.algo.digest(&buf[at..at + len])
+                    let from = (off - start) as usize;
+                    self.algo.digest(&buf[from..from + len])
                 })
                 .collect();
             self.dst.write_at(&buf, start)?;
-            for (&(k, i), d) in run.iter().zip(digests) {
+            for ((i, d), k) in (first..end).zip(digests).zip(run) {
                 self.wrote(i, d, State::Reused);
                 keys[k] = key_of(&d);
             }
         }
         Ok(keys)
-    }
-
-    /// `blocks` (ascending, each with a tag) cut into runs that lie one
-    /// after the other on the disk.
-    fn disk_runs<T: Copy>(&self, blocks: &[(T, u64)]) -> Vec<Vec<(T, u64)>> {
-        let mut out: Vec<Vec<(T, u64)>> = Vec::new();
-        for &(t, i) in blocks {
-            let follows = out.last().and_then(|r| r.last()).is_some_and(|&(_, p)| {
-                let (off, len) = self.layout.extent(p);
-                p + 1 == i && off + len as u64 == self.layout.extent(i).0
-            });
-            match out.last_mut() {
-                Some(r) if follows => r.push((t, i)),
-                _ => out.push(vec![(t, i)]),
-            }
-        }
-        out
     }
 
     /// Where block `i`'s old version is, and its digest: what DST holds
