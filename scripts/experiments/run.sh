@@ -13,8 +13,9 @@
 #   LINKS      link rates in Mbit/s, 0 = unshaped          quick: "100 0 20"   full: "100 0 20 2"
 #   SCENARIOS  release clone return cold                   quick: all four
 #              (and big: a 4 GiB guest's return migration, after images.sh --big)
-#   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto precache rsync rsync-z casync zstd-patch
-#              (and xm-inplace: xenmig --compress auto onto a DST that already is a copy of
+#   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace xm-srcref precache
+#              rsync rsync-z casync zstd-patch
+#              (xm-inplace: xenmig --compress auto onto a DST that already is a copy of
 #              REF, no -r: the same starting point rsync gets; xm-srcref: auto with
 #              --source-reference REF as well, REF on both hosts as zstd-patch needs)
 #   ROUNDS     rounds per cell (methods interleaved within a round)   quick: 1   full: 3
@@ -56,7 +57,7 @@ else
     SKIP_CELLS=${SKIP_CELLS:-}
 fi
 SCENARIOS=${SCENARIOS:-release clone return cold}
-METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace precache rsync rsync-z casync zstd-patch}
+METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace xm-srcref precache rsync rsync-z casync zstd-patch}
 CSV=$OUT/results-$MODE.csv
 JSONDIR=$OUT/raw-$MODE
 mkdir -p "$W/tgt" "$OUT" "$JSONDIR"
