@@ -224,6 +224,79 @@ fn moved_blocks_go_as_deltas_against_their_old_copy() {
     assert!(rep.bytes_fetched <= 32 * (1 + 2 * 512), "{} bytes fetched", rep.bytes_fetched);
 }
 
+/// A file rewritten elsewhere on a guest whose old place then took new
+/// data: the old image (32 blocks, then zeros), the new one (32 fresh
+/// blocks there, then edited copies of the 32 old ones).
+fn rewritten_elsewhere() -> (Vec<u8>, Vec<u8>) {
+    let fars: Vec<Far> = (0..32).map(|n| Far::Moved { n, at: 100 + 97 * n, len: 20 }).collect();
+    let (old, mut new, similar) = images(7, 32, &fars);
+    assert_eq!(similar, 32);
+    new[..32 * BS].copy_from_slice(&common::noise(99, 32 * BS));
+    (old, new)
+}
+
+/// Copy `src` to the new `dst` with `base` as its reference (laid out
+/// alike: DST is filled from it), the index built whatever the link.
+fn copy_from_base(src: &Path, dst: &Path, base: &Path, to_source: Edit) -> Outcome {
+    let topts =
+        TargetOptions { always_index_similar: true, references: vec![base.to_path_buf()], ..relay::target_options() };
+    let (to_target, to_source) = (hide(CAP_SHORT_SUB_HASHES), chain(hide(CAP_SHORT_SUB_HASHES), to_source));
+    relay::copy_onto(src, dst, &relay::source_options(BS as u32, "none"), topts, to_target, to_source)
+}
+
+/// A new DST filled from its base looks for similar blocks in the base,
+/// which keeps every old block: the moved blocks come as deltas against
+/// the old places that DST rewrites in the same group. In place, those
+/// places are about to be rewritten, so no delta may lean on them.
+#[test]
+fn a_new_dst_finds_similar_blocks_in_its_base_where_dst_rewrites_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
+    let (old, new) = rewritten_elsewhere();
+    fs::write(&a, &new).unwrap();
+    fs::write(&r, &old).unwrap();
+    let rep = copy_from_base(&a, &b, &r, keep()).target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert!(fs::read(&r).unwrap() == old, "the base is only read");
+    assert_eq!((rep.blocks_similar, rep.deltas_failed, rep.blocks_in_place), (32, 0, 0), "{rep:?}");
+    let inplace = d.path().join("inplace");
+    fs::write(&inplace, &old).unwrap();
+    let rep = copy_through(&a, &inplace, "none", keep(), keep()).target.unwrap();
+    assert!(fs::read(&inplace).unwrap() == new, "the copy in place differs");
+    assert_eq!(rep.blocks_similar, 0, "{rep:?}");
+}
+
+/// The base rewritten once the target asked its first delta against it
+/// (after it read the old block for the signature):
+/// every delta against the base rebuilds a block that fails its key and
+/// is fetched whole. Never a wrong block, and DST (filled before) is not
+/// touched by the change.
+#[test]
+fn a_base_rewritten_under_its_deltas_costs_refetches_never_a_wrong_block() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
+    let (old, new) = rewritten_elsewhere();
+    fs::write(&a, &new).unwrap();
+    fs::write(&r, &old).unwrap();
+    let path = r.clone();
+    let mut done = false;
+    let rewrite: Edit = Box::new(move |m| {
+        // (Blocks 32 on are the moved ones: deltas against the base.)
+        if matches!(m, Message::FetchDelta { block, .. } if block >= 32) && !done {
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&common::noise(5, 32 * BS), 0).unwrap();
+            done = true;
+        }
+        m
+    });
+    let rep = copy_from_base(&a, &b, &r, rewrite).target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert!(rep.verified);
+    assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+    assert!(rep.deltas_failed > 0 && rep.blocks_similar < 32, "{rep:?}");
+}
+
 /// A new DST (all zeros) holds nothing similar: no sketch is asked for, and
 /// the blocks go whole.
 #[test]

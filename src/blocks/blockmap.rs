@@ -190,6 +190,19 @@ impl BlockMap {
         img: &dyn Disk,
         layout: Layout,
         algo: Algorithm,
+        on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Option<BlockMap>, ImageError> {
+        Self::compute_with(img, layout, algo, Hashing::default(), on_batch, progress)
+    }
+
+    /// [`compute_streaming`](Self::compute_streaming), doing `how` besides
+    /// the strong digests.
+    pub fn compute_with(
+        img: &dyn Disk,
+        layout: Layout,
+        algo: Algorithm,
+        how: Hashing,
         mut on_batch: impl FnMut(u64, &[HashedGroup]) -> bool,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Option<BlockMap>, ImageError> {
@@ -201,7 +214,7 @@ impl BlockMap {
             img,
             &layout,
             algo,
-            Hashing::default(),
+            how,
             |g, batch| {
                 if !on_batch(g, batch) {
                     return false;

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::blocks::blockmap::{image_digest, BlockMap, Hashing, Piece};
 use crate::blocks::digest::Digest;
+use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 
@@ -72,14 +73,8 @@ pub fn copy_with(
     let mut t = Target::open(dst, target, algo, layout.clone(), progress, wrap, None)?;
     progress.phase("copying", layout.size);
     let disk: Arc<dyn Disk> = t.disk();
-    // One writer at a time: concurrent buffered writes to one file spin on
-    // its inode lock in the kernel (measured: up to 2.6 s of system time
-    // for 1 GiB), where a waiter here sleeps.
-    let one_writer = Mutex::new(());
-    let write = |p: Piece| {
-        let _turn = one_writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_nonzero(&*disk, &layout, &p)
-    };
+    let writer = NonZeroWriter::new(&*disk, &layout);
+    let write = |p: Piece| writer.write(&p);
     let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
     let mut failed = None;
     // (Each verified group goes to the device from the target's writeback
@@ -120,10 +115,35 @@ pub fn copy_with(
     Ok(report)
 }
 
-/// Write the non-zero blocks of `p` to `disk`, each run of consecutive
-/// ones with one write; zero blocks are left alone (holes in a new file;
-/// `Target::settle_direct` zeroes any that are not).
-fn write_nonzero(disk: &dyn Disk, layout: &crate::blocks::layout::Layout, p: &Piece) -> Result<(), ImageError> {
+/// Writes the pieces hashing hands on ([`Hashing::with_data`]) to a disk,
+/// from the buffer that was hashed: the bytes written are the bytes
+/// hashed. Also how a new DST is filled from its base reference
+/// (`copy::references`).
+pub(super) struct NonZeroWriter<'a> {
+    disk: &'a dyn Disk,
+    layout: &'a Layout,
+    /// One writer at a time: concurrent buffered writes to one file spin on
+    /// its inode lock in the kernel (measured: up to 2.6 s of system time
+    /// for 1 GiB), where a waiter here sleeps.
+    turn: Mutex<()>,
+}
+
+impl<'a> NonZeroWriter<'a> {
+    pub(super) fn new(disk: &'a dyn Disk, layout: &'a Layout) -> Self {
+        NonZeroWriter { disk, layout, turn: Mutex::new(()) }
+    }
+
+    /// Write the non-zero blocks of `p`, each run of consecutive ones with
+    /// one write; zero blocks are left alone (holes in a new file; the
+    /// target zeroes any that are not).
+    pub(super) fn write(&self, p: &Piece) -> Result<(), ImageError> {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        write_nonzero(self.disk, self.layout, p)
+    }
+}
+
+/// [`NonZeroWriter::write`]'s work.
+fn write_nonzero(disk: &dyn Disk, layout: &Layout, p: &Piece) -> Result<(), ImageError> {
     let n = p.zero.len();
     let mut k = 0;
     while k < n {

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::blocks::blockmap::BlockMap;
-use crate::blocks::digest::{Algorithm, Digest, Key};
+use crate::blocks::digest::{Algorithm, Key};
 use crate::blocks::layout::{Align, Layout};
 use crate::formats::index::{self, Index};
 use crate::storage::disk::Disk;
@@ -30,20 +30,20 @@ pub struct ReferenceSet {
     /// `index`, as an image added last would be).
     own: Option<CompactIndex>,
     /// The first reference image laid out exactly as the image being
-    /// copied, with its block digests (see [`SameLayout`]).
+    /// copied, opened but not hashed yet (see [`SameLayout`]).
     same_layout: Option<SameLayout>,
 }
 
 /// A reference image with the very layout of the image being copied (same
-/// size, block size and partitions), and the digest of each of its blocks:
-/// what a DST that holds nothing yet can take as its old copy
-/// (`copy::target`'s base), block `i` of the one standing for block `i` of
-/// the other. Its blocks are read again when used, and checked like every
-/// block taken from a reference.
+/// size, block size and partitions): what a DST that holds nothing yet
+/// starts from (`copy::target`'s base), block `i` of the one standing for
+/// block `i` of the other. [`ReferenceSet::load`] only opens it and reads
+/// its layout; [`ReferenceSet::add_same_layout`] hashes it, and fills DST
+/// with it while it does.
 pub struct SameLayout {
-    /// Index into [`ReferenceSet::images`].
-    pub image: u32,
-    pub digests: Vec<Digest>,
+    path: PathBuf,
+    image: Image,
+    layout: Layout,
 }
 
 /// Where the blocks of one large image are, by the first 8 bytes of their
@@ -151,9 +151,9 @@ impl ReferenceSet {
         ReferenceSet { images: Vec::new(), index: Index::new(algo, block_size), own: None, same_layout: None }
     }
 
-    /// Open every reference: index files as they are, images hashed now.
-    /// With `like`, the digests of the first image laid out exactly so are
-    /// kept ([`take_same_layout`](Self::take_same_layout)).
+    /// Open every reference: index files as they are, images hashed now,
+    /// except, with `like`, the first image laid out exactly so: it is
+    /// only opened, and hashed by [`add_same_layout`](Self::add_same_layout).
     pub fn load(
         paths: &[PathBuf],
         algo: Algorithm,
@@ -174,12 +174,12 @@ impl ReferenceSet {
             } else {
                 let image = Image::open_read(path)?;
                 let layout = layout_of(&image, block_size, Align::Partitions)?;
+                if set.same_layout.is_none() && like == Some(&layout) {
+                    set.same_layout = Some(SameLayout { path: path.clone(), image, layout });
+                    continue;
+                }
                 let map = BlockMap::of_image(&image, layout, algo)?;
                 set.add_image(path.clone(), image, &map);
-                if set.same_layout.is_none() && like == Some(&map.layout) {
-                    let image = set.images.len() as u32 - 1;
-                    set.same_layout = Some(SameLayout { image, digests: map.digests });
-                }
             }
         }
         Ok(set)
@@ -264,10 +264,37 @@ impl ReferenceSet {
         self.images.push(RefImage { image, layout: layout.clone() });
     }
 
-    /// The first reference image laid out like the image being copied, if
-    /// [`load`](Self::load) was asked to keep it; it is not kept after.
-    pub fn take_same_layout(&mut self) -> Option<SameLayout> {
-        self.same_layout.take()
+    /// Whether [`load`](Self::load) kept a reference laid out like the
+    /// image being copied aside, for [`add_same_layout`](Self::add_same_layout).
+    pub fn has_same_layout(&self) -> bool {
+        self.same_layout.is_some()
+    }
+
+    /// Hash the reference laid out like the image being copied, if
+    /// [`load`](Self::load) kept one aside, and add it as any other. With
+    /// `fill` (a DST that holds nothing yet), write its non-zero blocks
+    /// there from the very buffers hashed, so that DST then holds exactly
+    /// what the returned digests say. Its number among the images, and its
+    /// block map; None without such a reference.
+    pub fn add_same_layout(
+        &mut self,
+        fill: Option<&dyn Disk>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Option<(u32, BlockMap)>, EngineError> {
+        let Some(SameLayout { path, image, layout }) = self.same_layout.take() else { return Ok(None) };
+        let algo = self.index.algo;
+        let map = match fill {
+            Some(dst) => {
+                let writer = super::direct::NonZeroWriter::new(dst, &layout);
+                let write = |p: crate::blocks::blockmap::Piece| writer.write(&p);
+                let how = crate::blocks::blockmap::Hashing { fast: false, with_data: Some(&write) };
+                BlockMap::compute_with(&image, layout.clone(), algo, how, |_, _| true, progress)?
+                    .expect("never stopped early")
+            }
+            None => BlockMap::compute(&image, layout, algo, |_, _| {}, progress)?,
+        };
+        self.add_image(path, image, &map);
+        Ok(Some((self.images.len() as u32 - 1, map)))
     }
 
     /// A reference block with `key`: (image, block number).

@@ -17,11 +17,13 @@
 //!    version, or against a similar old block (`CAP_SIMILAR`).
 //!
 //! The old copy is what DST held when the copy began. A DST that held
-//! nothing takes instead a reference laid out exactly as the source's image
-//! (the first such `-r`, the *base*): a return migration to a new volume,
-//! with the guest's earlier image as reference, then costs what it costs
-//! in place. Where DST has written a block since (an earlier live pass),
-//! that block is its old version.
+//! nothing is first filled from a reference laid out exactly as the
+//! source's image, if there is one (the first such `-r`, the *base*), while
+//! that reference is hashed, from the very buffers hashed: a return
+//! migration to a new volume, with the guest's earlier image as
+//! reference, then costs what it costs in place, plus that one write.
+//! Where DST has written a block since (an earlier live pass), that block
+//! is its old version.
 //!
 //! A settled group is verified by recomputing its digest from the full
 //! digests of exactly what was written; a group that fails (a key collision,
@@ -66,7 +68,7 @@ use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
 
 use super::readback::{self, Written};
-use super::references::{ReferenceSet, SameLayout};
+use super::references::ReferenceSet;
 use super::shared_ref;
 use super::similar;
 use super::{EngineError, PassReport, Progress, Report};
@@ -244,21 +246,20 @@ enum SimIndex {
     Ready(Option<sketch::Index>),
 }
 
-/// Where an old block is read from: DST, or the base (a reference laid out
-/// as the source's image, for a DST that held nothing).
+/// Where an old block a delta is built on is read from: DST, or the base
+/// (for similar blocks, where DST was filled from one: see
+/// [`Target::similar_from`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OldIn {
     Dst,
     Base,
 }
 
-impl OldIn {
-    fn name(self) -> &'static str {
-        match self {
-            OldIn::Dst => "DST",
-            OldIn::Base => "the base reference",
-        }
-    }
+/// The base a DST that held nothing was filled from: the reference, and
+/// which of its blocks are zeros.
+struct Base {
+    image: u32,
+    zero: Vec<bool>,
 }
 
 /// The receiver's states, as `protocol` draws them. A plain copy starts
@@ -370,14 +371,14 @@ pub(super) struct Target<'a> {
     /// version at the same place may be asked for as deltas against a
     /// similar block of the old copy, found by sketch.
     similar: bool,
-    /// The old copy's blocks by sketch (`copy::similar`): the base's when
-    /// there is one, else DST's.
+    /// The old copy's blocks by sketch (`copy::similar`).
     sim_index: SimIndex,
     /// Blocks whose sketches came while the index was pending, with them.
     far_waiting: Vec<(u64, [u8; SKETCH_LEN])>,
-    /// A DST that held nothing takes this reference as its old copy (see
-    /// the module's summary); None in place, or without such a reference.
-    base: Option<SameLayout>,
+    /// DST held nothing and was filled from this base (see the module's
+    /// summary): the blocks it keeps count as reused, none as in place,
+    /// and similar blocks are looked for in the base.
+    base: Option<Base>,
     /// The link's counters (None: a direct local copy).
     stats: Option<Arc<LinkStats>>,
     /// [`TargetOptions::always_index_similar`].
@@ -591,6 +592,7 @@ impl<'a> Target<'a> {
         let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let dst_img: Arc<dyn Disk> = Arc::from(wrap(dst_img));
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
+        let mut base = None;
         let have = if had_data {
             progress.phase("scanning", layout.size);
             // Only the digests are kept (they become `have`); the compact
@@ -615,17 +617,26 @@ impl<'a> Target<'a> {
             // checked, so one overwritten meanwhile is simply fetched.
             let is_zero = |i: usize| zeros.is_zero_digest(&digests[i], layout.extent(i as u64).1);
             refs.add_own_parts(dst.into(), Image::open_read(dst)?, &layout, &digests, is_zero, &groups);
+            // (In place DST itself is the old copy: a reference like any.)
+            refs.add_same_layout(None, &|_| {})?;
             digests
+        } else if refs.has_same_layout() {
+            progress.phase("filling", layout.size);
+            let (image, map) = refs.add_same_layout(Some(&*dst_img), &|n| progress.inc(n))?.expect("checked above");
+            log::info!("DST held nothing: filled from the reference laid out as the source's image");
+            base = Some(Base { image, zero: map.zero });
+            map.digests
         } else {
             (0..layout.block_count()).map(|i| zeros.get(layout.extent(i).1)).collect()
         };
-        // (Taken only now: in place DST itself is the old copy.)
-        let base = refs.take_same_layout().filter(|_| !had_data);
-        if let Some(b) = &base {
-            log::debug!("DST holds nothing: the base reference is image {} of the references", b.image);
-        }
         let stats = link.as_ref().map(|l| l.stats.clone());
         let n = layout.block_count() as usize;
+        let mut written = opts.readback.then(|| Written::new(n as u64));
+        if let (true, Some(w)) = (base.is_some(), written.as_mut()) {
+            // (The fill wrote them: read back like every block written.)
+            let kept = (0..n as u64).filter(|&i| !zeros.is_zero_digest(&have[i as usize], layout.extent(i).1));
+            kept.for_each(|i| w.mark(i));
+        }
         let g = layout.group_count() as usize;
         Ok(Target {
             algo,
@@ -634,7 +645,7 @@ impl<'a> Target<'a> {
             dst: dst_img,
             refs,
             have,
-            written: opts.readback.then(|| Written::new(n as u64)),
+            written,
             grp: vec![Group::default(); g],
             at: Receiving::Announcing { pass: 1, strict: true },
             state: vec![State::Pending; n],
@@ -1027,7 +1038,7 @@ impl Target<'_> {
             blocks_total: self.layout.block_count(),
             blocks_zero: count(State::Zero),
             blocks_reused: count(State::InPlace) + count(State::Reused),
-            blocks_in_place: count(State::InPlace),
+            blocks_in_place: if self.base.is_some() { 0 } else { count(State::InPlace) },
             blocks_fetched: count(State::Fetched) + count(State::Delta) + count(State::Similar),
             blocks_delta: count(State::Delta) + count(State::Similar),
             blocks_similar: count(State::Similar),
@@ -1277,7 +1288,7 @@ impl Target<'_> {
         let subs = subgroup::sub_count((b - a) as usize) as u16;
         self.sub_asked.insert(g);
         // Hints pay only where the old copy holds something in the group:
-        // where it is all zeros (a new DST without a base) the two more
+        // where it is all zeros (say, a new DST without a base) the two more
         // frames would cost bytes and save none, so such a group is asked
         // the previous way.
         if self.hints && !sig.keys.is_empty() {
@@ -1381,7 +1392,7 @@ impl Target<'_> {
                 missing.push(i);
             }
         }
-        for (i, key) in keyless.iter().zip(self.keep_old(&keyless)?) {
+        for (i, key) in keyless.iter().zip(self.keep_old(&keyless)) {
             keys[(i - a) as usize] = key;
         }
         self.grp[g as usize].keyless += keyless.len() as u32;
@@ -1397,85 +1408,30 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// Keep `blocks` (ascending) as the old copy holds them: in place, or
-    /// copied from the base, a run of consecutive blocks at a time, hashed
-    /// on all cores. Their keys as kept, in order (those of the base's
-    /// blocks as read now, which the group's digest checks).
-    fn keep_old(&mut self, blocks: &[u64]) -> Result<Vec<Key>, EngineError> {
-        let mut keys = Vec::with_capacity(blocks.len());
-        // Positions in `blocks` (and `keys`) to copy from the base.
-        let mut copy = Vec::new();
-        for (k, &i) in blocks.iter().enumerate() {
-            let len = self.layout.extent(i).1;
-            let (at, old) = self.old(i);
-            keys.push(key_of(old));
-            if at == OldIn::Base && !self.zeros.is_zero_digest(old, len) {
-                copy.push(k);
-                continue;
-            }
-            self.state[i as usize] = if self.zeros.is_zero_digest(old, len) { State::Zero } else { State::InPlace };
-        }
-        // (Segments tile the image: consecutive blocks are consecutive bytes.)
-        let mut at = copy.iter();
-        for (first, count) in runs(copy.iter().map(|&k| blocks[k]), u32::MAX) {
-            let end = first + count as u64;
-            let run: Vec<usize> = at.by_ref().take(count as usize).copied().collect();
-            let (start, stop) = byte_range(&self.layout, first, end);
-            let base = self.base.as_ref().expect("copied from the base only where there is one");
-            let mut buf = vec![0u8; (stop - start) as usize];
-            if let Err(e) = self.refs.images[base.image as usize].image.read_at(&mut buf, start) {
-                // (DST keeps its zeros there; the group's digest then fails
-                // and it is asked for again with every key.)
-                log::warn!("the base reference cannot be read at byte {start}: {e}; fetching its blocks instead");
-                (first..end).for_each(|i| self.state[i as usize] = State::Zero);
-                continue;
-            }
-            let digests: Vec<Digest> = (first..end)
-                .into_par_iter()
-                .map(|i| {
-                    let (off, len) = self.layout.extent(i);
-                    let from = (off - start) as usize;
-                    self.algo.digest(&buf[from..from + len])
-                })
-                .collect();
-            self.dst.write_at(&buf, start)?;
-            for ((i, d), k) in (first..end).zip(digests).zip(run) {
-                self.wrote(i, d, State::Reused);
-                keys[k] = key_of(&d);
-            }
-        }
-        Ok(keys)
+    /// Keep `blocks` (ascending) as DST holds them. Their keys, in order.
+    fn keep_old(&mut self, blocks: &[u64]) -> Vec<Key> {
+        blocks
+            .iter()
+            .map(|&i| {
+                let (old, len) = (&self.have[i as usize], self.layout.extent(i).1);
+                self.state[i as usize] = if self.zeros.is_zero_digest(old, len) { State::Zero } else { State::InPlace };
+                key_of(old)
+            })
+            .collect()
     }
 
-    /// Where block `i`'s old version is, and its digest: what DST holds
-    /// there; where that is zeros and there is a base, the base's block.
-    fn old(&self, i: u64) -> (OldIn, &Digest) {
-        let have = &self.have[i as usize];
-        match &self.base {
-            Some(base) if self.zeros.is_zero_digest(have, self.layout.extent(i).1) => {
-                (OldIn::Base, &base.digests[i as usize])
-            }
-            _ => (OldIn::Dst, have),
-        }
-    }
-
-    /// The old versions' digests of blocks `a..b`.
+    /// The old versions' digests of blocks `a..b`: what DST held.
     fn old_digests(&self, a: u64, b: u64) -> Vec<Digest> {
-        (a..b).map(|i| *self.old(i).1).collect()
+        self.have[a as usize..b as usize].to_vec()
     }
 
-    /// Read old block `j` from DST or the base; None where the base no
-    /// longer holds it (then the block is fetched whole).
-    fn read_old(&self, at: OldIn, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
+    /// Read old block `j` from DST (where it may since have been
+    /// overwritten: the caller knows, or the rebuilt block fails its key).
+    fn read_old(&self, j: u64) -> Result<Vec<u8>, EngineError> {
         let (off, len) = self.layout.extent(j);
-        match (at, &self.base) {
-            (OldIn::Base, Some(base)) => Ok(self.refs.read_block(base.image, j, len)),
-            _ => {
-                let mut old = vec![0u8; len];
-                self.dst.read_at(&mut old, off)?;
-                Ok(Some(old))
-            }
-        }
+        let mut old = vec![0u8; len];
+        self.dst.read_at(&mut old, off)?;
+        Ok(old)
     }
 
     /// Copy block `i` from a reference if one holds data with `key`.
@@ -1513,8 +1469,7 @@ impl Target<'_> {
                 whole.push(i);
                 continue;
             }
-            let (at, old) = self.old(i);
-            if self.zeros.is_zero_digest(old, len) {
+            if self.zeros.is_zero_digest(&self.have[i as usize], len) {
                 if self.similar && self.similar_index()? {
                     far.push(i);
                 } else {
@@ -1526,11 +1481,8 @@ impl Target<'_> {
                 whole.push(i);
                 continue;
             }
-            let Some(old) = self.read_old(at, i)? else {
-                whole.push(i);
-                continue;
-            };
-            self.delta_asked.insert(i, (at, i));
+            let old = self.read_old(i)?;
+            self.delta_asked.insert(i, (OldIn::Dst, i));
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
         self.request_runs(&whole)?;
@@ -1563,9 +1515,11 @@ impl Target<'_> {
         }
     }
 
-    /// Where the similar blocks are looked for: the base if there is one
-    /// (then DST held nothing), else DST.
-    fn similar_in(&self) -> OldIn {
+    /// Where similar blocks are looked for: in the base, if DST was filled
+    /// from one (the base keeps every old block, where DST's are
+    /// overwritten as the copy goes: on the quick images' return copy,
+    /// 643 similar blocks against 173), else in DST.
+    fn similar_from(&self) -> OldIn {
         if self.base.is_some() {
             OldIn::Base
         } else {
@@ -1577,7 +1531,16 @@ impl Target<'_> {
     /// blocks always (a changed one fails its key check), DST's while they
     /// hold what DST held ([`still_old`](Self::still_old)).
     fn similar_usable(&self, j: u64) -> bool {
-        self.similar_in() == OldIn::Base || self.still_old(j)
+        self.base.is_some() || self.still_old(j)
+    }
+
+    /// Read old block `j` from DST or the base; None where the base no
+    /// longer holds it (then the block is fetched whole).
+    fn read_old_in(&self, from: OldIn, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
+        match (from, &self.base) {
+            (OldIn::Base, Some(base)) => Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1)),
+            _ => self.read_old(j).map(Some),
+        }
     }
 
     /// Whether there may be an index of the old copy's blocks by sketch
@@ -1603,7 +1566,7 @@ impl Target<'_> {
         let (old, wanted): (Arc<dyn Disk>, Vec<bool>) = match &self.base {
             Some(base) => (
                 Arc::new(self.refs.images[base.image as usize].image.try_clone()?),
-                (0..self.layout.block_count()).map(|j| !zero(&base.digests[j as usize], j)).collect(),
+                base.zero.iter().map(|&z| !z).collect(),
             ),
             None => (
                 self.dst.clone(),
@@ -1693,14 +1656,14 @@ impl Target<'_> {
                 }),
                 _ => None,
             };
-            let at = self.similar_in();
+            let from = self.similar_from();
             let old = match found {
-                Some((j, _)) if self.delta_share.ask() => self.read_old(at, j)?.map(|old| (j, old)),
+                Some((j, _)) if self.delta_share.ask() => self.read_old_in(from, j)?.map(|old| (j, old)),
                 _ => None,
             };
             match old {
                 Some((j, old)) => {
-                    self.delta_asked.insert(i, (at, j));
+                    self.delta_asked.insert(i, (from, j));
                     self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
                 }
                 None => whole.push(i),
@@ -1864,7 +1827,7 @@ impl Target<'_> {
                 self.at.pass()
             )));
         }
-        let (at, base) = self.delta_asked.remove(&i).expect("checked above");
+        let (from, base) = self.delta_asked.remove(&i).expect("checked above");
         self.replied(&format!("a delta for block {i}"))?;
         let len = self.layout.extent(i).1;
         if raw_len as usize > subdelta::max_body(len) {
@@ -1877,7 +1840,7 @@ impl Target<'_> {
         self.delta_share.answered(raw_len as usize, len);
         let body = self.decode(i, codec, payload, raw_len)?;
         let want = self.keys[&g][(i - g * gb) as usize];
-        let old = self.read_old(at, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
+        let old = self.read_old_in(from, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
         let rebuilt = old.and_then(|old| subdelta::apply(&old, &body).map_err(|e| e.to_string())).and_then(|new| {
             let d = self.algo.digest(&new);
             if key_of(&d) == want {
@@ -1892,10 +1855,8 @@ impl Target<'_> {
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
-                log::warn!(
-                    "block {i}: the delta against {}'s block {base} failed ({why}); fetching it whole",
-                    at.name()
-                );
+                let what = if from == OldIn::Base { "the base's" } else { "DST's" };
+                log::warn!("block {i}: the delta against {what} block {base} failed ({why}); fetching it whole");
                 self.deltas_failed += 1;
                 return self.request_runs(&[i]);
             }

@@ -106,9 +106,10 @@
 //! [`CAP_SUB_DELTA`]): when both ends set it, the target may ask for a
 //! missing block whose old version it holds at the same place in DST with
 //! `FetchDelta(block, signature)` instead of `Fetch` (here and below, DST's
-//! blocks are the target's old copy: what DST holds, or for a new DST the
-//! reference it takes as its base, `copy::target`; the source cannot tell
-//! the two apart, and nothing on the wire depends on which); the signature is a
+//! blocks are the target's old copy: what DST held, a new DST being first
+//! filled from a reference laid out alike, its base, `copy::target`; similar
+//! blocks may lean on the base's own blocks; the source cannot tell any of
+//! this apart, and nothing on the wire depends on it); the signature is a
 //! 4-byte hash per 512-byte sub-block of its old block
 //! (`wire::subdelta`). The source answers with one
 //! `Delta(block, codec, raw_len, payload)`: the payload decodes (with the
