@@ -252,7 +252,8 @@ mod tests {
     /// The two ends agree on a digest but hold different bytes (the
     /// source's digest forged): blocks decoded with the wrong dictionary
     /// fail their keys, the copy fails naming the shared reference, and
-    /// DST holds no block that is not the source's.
+    /// DST holds no block that is not the source's, or its old copy's (the
+    /// target's reference, laid out as SRC, which a new DST is filled from).
     #[test]
     fn a_dictionary_that_differs_between_the_ends_fails_clearly_never_writes_a_wrong_block() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,8 +298,10 @@ mod tests {
         let got = std::fs::read(&dst).unwrap_or_default();
         for (i, block) in got.chunks(bs).enumerate() {
             assert!(
-                block.iter().all(|&x| x == 0) || block == &image[i * bs..(i + 1) * bs],
-                "DST block {i} holds bytes that are not the source's"
+                block.iter().all(|&x| x == 0)
+                    || block == &image[i * bs..(i + 1) * bs]
+                    || block == &reference[i * bs..(i + 1) * bs],
+                "DST block {i} holds bytes that are neither the source's nor its old copy's"
             );
         }
     }

@@ -53,7 +53,7 @@
 //!  settled and verified)--> Finishing --(Done sent, Bye read)--> Closed
 //!  any state --(Error frame, bad frame, EOF, idle timeout, a frame the
 //!  state does not allow)--> Failed (nothing reported verified; DST holds
-//!  only verified blocks)
+//!  only its old copy's blocks and blocks checked against their keys)
 //! ```
 //!
 //! Frames the state does not allow include: `Blocks` for a block that was
