@@ -19,6 +19,8 @@ use proptest::prelude::*;
 use relay::{chain, hide, keep, Edit, Outcome};
 use xenmig::copy::target::TargetOptions;
 use xenmig::copy::Report;
+use xenmig::storage::disk::Disk;
+use xenmig::storage::image::Image;
 use xenmig::wire::protocol::{Message, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_SUB_DELTA};
 use xenmig::wire::sketch::{self, Index};
 use xenmig::wire::subdelta;
@@ -387,4 +389,74 @@ fn the_index_is_built_only_where_the_link_is_slow() {
         assert_eq!((rep.blocks_similar, rep.deltas_failed), (similar, 0), "slow: {slow}: {rep:?}");
         assert_eq!(rep.blocks_delta, 384 + similar, "slow: {slow}: {rep:?}");
     }
+}
+
+/// DST as a real file whose large reads (the similar blocks' index reads a
+/// group at a time; the scan and the deltas read at most 32 KiB) take
+/// [`SLOW_INDEX_READ`] each: an index thread starved of CPU.
+#[derive(Debug)]
+struct SlowIndexReads(Image);
+
+const SLOW_INDEX_READ: Duration = Duration::from_secs(3);
+
+impl Disk for SlowIndexReads {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn size(&self) -> u64 {
+        Disk::size(&self.0)
+    }
+    fn is_block_device(&self) -> bool {
+        Disk::is_block_device(&self.0)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if buf.len() > 64 << 10 {
+            std::thread::sleep(SLOW_INDEX_READ);
+        }
+        self.0.pread(buf, offset)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        self.0.pwrite(buf, offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.0.punch_hole(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn drop_cache(&self) {
+        Disk::drop_cache(&self.0)
+    }
+    fn evict(&self, offset: u64, len: u64) {
+        self.0.evict(offset, len)
+    }
+}
+
+/// A slow link, and an index that takes seconds to build: once the tail's
+/// deltas are in and nothing else is awaited, the moved blocks wait at
+/// most `similar::IDLE_WAIT` (half a second) of an idle link for it, then
+/// go whole. Had they waited for the index, they would have come as 32
+/// deltas, seconds later.
+#[test]
+fn blocks_wait_for_a_slow_index_only_while_the_link_has_work() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new) = moved_then_tail(384);
+    fs::write(&a, &new).unwrap();
+    fs::write(&b, &old).unwrap();
+    let (to_target, to_source) =
+        (chain(hide(CAP_SHORT_SUB_HASHES), throttle(400e3)), chain(hide(CAP_SHORT_SUB_HASHES), keep()));
+    let o = relay::copy_onto_disk(
+        &a,
+        &b,
+        &relay::source_options(BS as u32, "none"),
+        relay::target_options(),
+        to_target,
+        to_source,
+        |img| Box::new(SlowIndexReads(img)),
+    );
+    let rep = o.target.unwrap();
+    assert!(fs::read(&b).unwrap() == new, "the copy differs");
+    assert_eq!(rep.blocks_total, rep.blocks_zero + rep.blocks_reused + rep.blocks_fetched);
+    assert_eq!((rep.blocks_similar, rep.blocks_delta, rep.deltas_failed), (0, 384, 0), "{rep:?}");
 }

@@ -14,6 +14,8 @@ use xenmig::blocks::layout::Align;
 use xenmig::copy::source::{SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::{EngineError, Progress, Report};
+use xenmig::storage::disk::Disk;
+use xenmig::storage::image::Image;
 use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{read_frame, write_message, Message, ProtocolError};
 use xenmig::wire::transport::{Link, Reader, Writer};
@@ -97,12 +99,27 @@ pub fn copy_onto(
     to_target: Edit,
     to_source: Edit,
 ) -> Outcome {
+    copy_onto_disk(src, dst, opts, topts, to_target, to_source, |img| Box::new(img))
+}
+
+/// [`copy_onto`], the target writing DST through `wrap(DST)`
+/// (`target::run_with`).
+pub fn copy_onto_disk(
+    src: &Path,
+    dst: &Path,
+    opts: &SourceOptions,
+    topts: TargetOptions,
+    to_target: Edit,
+    to_source: Edit,
+    wrap: fn(Image) -> Box<dyn Disk>,
+) -> Outcome {
     let (src_link, relay_s) = Link::pair().unwrap();
     let (relay_t, tgt_link) = Link::pair().unwrap();
     let r1 = relay(relay_s.reader, relay_t.writer, to_target);
     let r2 = relay(relay_t.reader, relay_s.writer, to_source);
     let dst_path = dst.to_path_buf();
-    let target = thread::spawn(move || target::run(&dst_path, &topts, tgt_link, &Progress::hidden()));
+    let target =
+        thread::spawn(move || target::run_with(&dst_path, &topts, tgt_link, &Progress::hidden(), &wrap));
     let source = SourceSession::start(src, opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
         Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
         Err(e) => {
