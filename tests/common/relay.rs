@@ -118,8 +118,7 @@ pub fn copy_onto_disk(
     let r1 = relay(relay_s.reader, relay_t.writer, to_target);
     let r2 = relay(relay_t.reader, relay_s.writer, to_source);
     let dst_path = dst.to_path_buf();
-    let target =
-        thread::spawn(move || target::run_with(&dst_path, &topts, tgt_link, &Progress::hidden(), &wrap));
+    let target = thread::spawn(move || target::run_with(&dst_path, &topts, tgt_link, &Progress::hidden(), &wrap));
     let source = SourceSession::start(src, opts, src_link, Progress::hidden()).and_then(|mut s| match s.final_pass() {
         Ok(rep) => s.finish(Duration::ZERO).map(|_| rep),
         Err(e) => {
