@@ -25,7 +25,6 @@ use crate::blocks::digest::Digest;
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
-use crate::storage::writeback::Writeback;
 
 use super::interrupt;
 use super::references::layout_of;
@@ -123,8 +122,6 @@ pub fn copy_with(
 pub(super) struct NonZeroWriter<'a> {
     disk: &'a dyn Disk,
     layout: &'a Layout,
-    /// Where each range written is handed to be sent to the device at once.
-    writeback: Option<&'a Writeback>,
     /// One writer at a time: concurrent buffered writes to one file spin on
     /// its inode lock in the kernel (measured: up to 2.6 s of system time
     /// for 1 GiB), where a waiter here sleeps.
@@ -133,13 +130,7 @@ pub(super) struct NonZeroWriter<'a> {
 
 impl<'a> NonZeroWriter<'a> {
     pub(super) fn new(disk: &'a dyn Disk, layout: &'a Layout) -> Self {
-        NonZeroWriter { disk, layout, writeback: None, turn: Mutex::new(()) }
-    }
-
-    /// Start the writeback of each piece once it is written (where no
-    /// group's verification will: the fill of a new DST from its base).
-    pub(super) fn with_writeback(self, writeback: &'a Writeback) -> Self {
-        NonZeroWriter { writeback: Some(writeback), ..self }
+        NonZeroWriter { disk, layout, turn: Mutex::new(()) }
     }
 
     /// Write the non-zero blocks of `p`, each run of consecutive ones with
@@ -147,11 +138,7 @@ impl<'a> NonZeroWriter<'a> {
     /// target zeroes any that are not).
     pub(super) fn write(&self, p: &Piece) -> Result<(), ImageError> {
         let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
-        write_nonzero(self.disk, self.layout, p)?;
-        if let Some(w) = self.writeback {
-            w.kick(p.start, p.bytes.len() as u64);
-        }
-        Ok(())
+        write_nonzero(self.disk, self.layout, p)
     }
 }
 

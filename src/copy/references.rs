@@ -15,7 +15,6 @@ use crate::formats::index::{self, Index};
 use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 
-use super::direct::NonZeroWriter;
 use super::EngineError;
 
 /// An open reference image and the layout it was indexed with.
@@ -273,20 +272,20 @@ impl ReferenceSet {
 
     /// Hash the reference laid out like the image being copied, if
     /// [`load`](Self::load) kept one aside, and add it as any other. With
-    /// `fill` (writing to a DST that holds nothing yet, laid out as the
-    /// image), write its non-zero blocks there from the very buffers
-    /// hashed, so that DST then holds exactly what the returned digests
-    /// say. Its number among the images, and its block map; None without
-    /// such a reference.
-    pub(super) fn add_same_layout(
+    /// `fill` (a DST that holds nothing yet), write its non-zero blocks
+    /// there from the very buffers hashed, so that DST then holds exactly
+    /// what the returned digests say. Its number among the images, and its
+    /// block map; None without such a reference.
+    pub fn add_same_layout(
         &mut self,
-        fill: Option<&NonZeroWriter>,
+        fill: Option<&dyn Disk>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Option<(u32, BlockMap)>, EngineError> {
         let Some(SameLayout { path, image, layout }) = self.same_layout.take() else { return Ok(None) };
         let algo = self.index.algo;
         let map = match fill {
-            Some(writer) => {
+            Some(dst) => {
+                let writer = super::direct::NonZeroWriter::new(dst, &layout);
                 let write = |p: crate::blocks::blockmap::Piece| writer.write(&p);
                 let how = crate::blocks::blockmap::Hashing { fast: false, with_data: Some(&write) };
                 BlockMap::compute_with(&image, layout.clone(), algo, how, |_, _| true, progress)?

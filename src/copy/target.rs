@@ -68,7 +68,6 @@ use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
 
 use super::readback::{self, Written};
-use super::direct::NonZeroWriter;
 use super::references::ReferenceSet;
 use super::shared_ref;
 use super::similar;
@@ -593,7 +592,6 @@ impl<'a> Target<'a> {
         let (dst_img, had_data) = Image::open_target_mode(dst, layout.size, opts.create_mode.unwrap_or(0o600))?;
         let dst_img: Arc<dyn Disk> = Arc::from(wrap(dst_img));
         let zeros = ZeroDigests::new(algo, layout.block_size as usize);
-        let writeback = Writeback::start(dst_img.clone());
         let mut base = None;
         let have = if had_data {
             progress.phase("scanning", layout.size);
@@ -624,8 +622,7 @@ impl<'a> Target<'a> {
             digests
         } else if refs.has_same_layout() {
             progress.phase("filling", layout.size);
-            let fill = NonZeroWriter::new(&*dst_img, &layout).with_writeback(&writeback);
-            let (image, map) = refs.add_same_layout(Some(&fill), &|n| progress.inc(n))?.expect("checked above");
+            let (image, map) = refs.add_same_layout(Some(&*dst_img), &|n| progress.inc(n))?.expect("checked above");
             log::info!("DST held nothing: filled from the reference laid out as the source's image");
             base = Some(Base { image, zero: map.zero });
             map.digests
@@ -644,7 +641,7 @@ impl<'a> Target<'a> {
         Ok(Target {
             algo,
             zeros,
-            writeback,
+            writeback: Writeback::start(dst_img.clone()),
             dst: dst_img,
             refs,
             have,
