@@ -153,7 +153,10 @@ impl ReferenceSet {
 
     /// Open every reference: index files as they are, images hashed now,
     /// except, with `like`, the first image laid out exactly so: it is
-    /// only opened, and hashed by [`add_same_layout`](Self::add_same_layout).
+    /// only opened, and its blocks are found only once the caller has
+    /// called [`add_same_layout`](Self::add_same_layout) (with DST open:
+    /// a reference that cannot be opened still stops the copy before DST
+    /// is touched).
     pub fn load(
         paths: &[PathBuf],
         algo: Algorithm,
