@@ -338,7 +338,8 @@ fn paused_on_target_with_p() {
 
 #[test]
 fn preflight_refusals_change_nothing() {
-    let cases: Vec<(&str, Box<dyn Fn(&World, &mut migrate::MigrateOptions)>, &str)> = vec![
+    type Setup = Box<dyn Fn(&World, &mut migrate::MigrateOptions)>;
+    let cases: Vec<(&str, Setup, &str)> = vec![
         ("preflight: domain paused", Box::new(|w, _| w.set_src_state("paused")), "is paused"),
         ("preflight: domain missing", Box::new(|w, _| w.set_src_state("gone")), "no domain g1"),
         (
@@ -1096,7 +1097,8 @@ fn report_lost_renamed_but_still_paused_is_left_for_a_person() {
 #[test]
 fn kill_after_release() {
     // (fault, kill, park until, recover's lines, source, target)
-    let cases: Vec<(&str, &str, Kill, bool, Vec<String>, &str, Vec<(String, String)>)> = vec![
+    type Case = (&'static str, &'static str, Kill, bool, Vec<String>, &'static str, Vec<(String, String)>);
+    let cases: Vec<Case> = vec![
         (
             "xl_sleep_before_go",
             "killed after RELEASE, before GO",

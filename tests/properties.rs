@@ -25,7 +25,7 @@ fn palette() -> Vec<Vec<u8>> {
 fn build(picks: &[u8], tail: usize) -> Vec<u8> {
     let p = palette();
     let mut v: Vec<u8> = picks.iter().flat_map(|&i| p[i as usize % p.len()].clone()).collect();
-    v.extend(std::iter::repeat_n(7u8, tail));
+    v.extend(std::iter::repeat(7u8).take(tail));
     v
 }
 

@@ -206,9 +206,17 @@ struct Shared {
 
 /// What the reader thread hands to the caller.
 enum Event {
-    PassDone { pass: u32, stale: Vec<u64> },
-    Done(Report),
+    PassDone {
+        pass: u32,
+        stale: Vec<u64>,
+    },
+    /// (Boxed: a report is some 400 bytes, every other event a few dozen.)
+    Done(Box<Report>),
 }
+
+/// Changed blocks by group: (group, its changed blocks as (block, strong
+/// digest, XXH3)), groups ascending.
+type ChangedByGroup = Vec<(u64, Vec<(u64, Digest, u64)>)>;
 
 /// When a live copy stops iterating and freezes the source: once a pass
 /// finds at most `converge_blocks` changed blocks, once the changed set stops
@@ -570,8 +578,8 @@ impl SourceSession {
                 }
             }
             crossbeam_channel::select! {
-                recv(self.events) -> r => return r.unwrap_or_else(|_| Err(EngineError::LinkClosed("the source's reader stopped without an answer"))),
-                recv(self.fail_rx) -> e => return Err(e.unwrap_or_else(|_| EngineError::LinkClosed("a source thread failed"))),
+                recv(self.events) -> r => return r.unwrap_or(Err(EngineError::LinkClosed("the source's reader stopped without an answer"))),
+                recv(self.fail_rx) -> e => return Err(e.unwrap_or(EngineError::LinkClosed("a source thread failed"))),
                 default(Duration::from_millis(100)) => {}
             }
         }
@@ -730,7 +738,7 @@ impl SourceSession {
             self.announce_pending(true)?;
         }
         let mut report = match self.next_event(deadline)? {
-            Event::Done(report) => report,
+            Event::Done(report) => *report,
             Event::PassDone { pass, .. } => {
                 return Err(EngineError::BadReply(format!("the end of pass {pass} after the final pass")))
             }
@@ -854,7 +862,7 @@ impl SourceSession {
         let fast_ro: &[u64] = fast;
         let digests_guard = sh.digests.read().unwrap();
         let digests_ro: &[Digest] = &digests_guard;
-        let found: Vec<(u64, Vec<(u64, Digest, u64)>)> = if let Some(only) = only {
+        let found: ChangedByGroup = if let Some(only) = only {
             // Only the blocks the tracker named: read each, keep those whose
             // strong digest moved.
             let list: Vec<u64> = only.iter().copied().collect();
@@ -868,7 +876,7 @@ impl SourceSession {
                     Ok((i, d, xxhash_rust::xxh3::xxh3_64(&data)))
                 })
                 .collect::<Result<_, ImageError>>()?;
-            let mut by_group: Vec<(u64, Vec<(u64, Digest, u64)>)> = Vec::new();
+            let mut by_group: ChangedByGroup = Vec::new();
             for (i, d, x) in checked.into_iter().filter(|(i, d, _)| *d != digests_ro[*i as usize]) {
                 let g = i / layout.group_blocks();
                 match by_group.last_mut() {
@@ -1127,7 +1135,7 @@ fn read_loop(
     })();
     match result {
         Ok(report) => {
-            let _ = events.send(Ok(Event::Done(report)));
+            let _ = events.send(Ok(Event::Done(Box::new(report))));
         }
         Err(e) => {
             let _ = frames.send(Message::Error { message: format!("source: {e}") });

@@ -2052,7 +2052,7 @@ mod tests {
             src
         });
         let r = run(&dst, &TargetOptions::default(), tgt, &Progress::hidden());
-        let e = r.err().expect("a hostile layout is refused").to_string();
+        let e = r.expect_err("a hostile layout is refused").to_string();
         assert!(e.contains("past") || e.contains("tile"), "{e}");
         assert!(!dst.exists(), "DST was created");
         drop(peer.join());

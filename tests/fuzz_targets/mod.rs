@@ -22,9 +22,12 @@ use xenmig::wire::protocol::{
 };
 use xenmig::wire::transport::Link;
 
+/// A fuzz target's body: one input, any bytes.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the directory under fuzz/corpus/ and
 /// fuzz/regressions/) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("frames", frames),
     ("target_end", target_end),
     ("source_end", source_end),
