@@ -321,7 +321,12 @@ pub(crate) struct CopyArgs {
     /// to the source's size; a block device must be at least as large.
     dst: String,
     /// Image or index file on the DST side whose blocks may be reused
-    /// (repeatable).
+    /// (repeatable; a quoted glob pattern is expanded on DST's host).
+    ///
+    /// A new or empty DST file is first filled from the first image given
+    /// of exactly SRC's size and layout (say, the guest's old image on a
+    /// return migration): the copy then costs what it costs onto that
+    /// image itself.
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     references: Vec<PathBuf>,
     /// Image on the SRC side that DST's side may hold too (a template or
