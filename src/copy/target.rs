@@ -22,8 +22,10 @@
 //! that reference is hashed, from the very buffers hashed: a return
 //! migration to a new volume, with the guest's earlier image as
 //! reference, then costs what it costs in place, plus that one write.
-//! Where DST has written a block since (an earlier live pass), that block
-//! is its old version.
+//! Similar blocks are then looked for in the base itself, which keeps
+//! every old block where DST's are overwritten as the copy goes. Where DST
+//! has written a block since (an earlier live pass), that block is its old
+//! version.
 //!
 //! A settled group is verified by recomputing its digest from the full
 //! digests of exactly what was written; a group that fails (a key collision,
