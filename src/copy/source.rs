@@ -204,6 +204,10 @@ struct Shared {
     workers: usize,
 }
 
+/// Longest the stream holds its pieces, in all, for a first rise of its
+/// level whose measurement is running (`AutoPolicy::first_rise_pending`).
+const RISE_HOLD: Duration = Duration::from_millis(500);
+
 /// What the reader thread hands to the caller.
 enum Event {
     PassDone {
@@ -1218,6 +1222,7 @@ fn stream_loop(
     // then, not megabytes compressed ahead into buffers.
     let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
     let (mut held, mut holds) = (Duration::ZERO, 0u32);
+    let mut rise_held = Duration::ZERO;
     for run in rx {
         if let Some(g) = gate {
             let t = Instant::now();
@@ -1242,6 +1247,18 @@ fn stream_loop(
             if waited > Duration::from_millis(1) {
                 (held, holds) = (held + waited, holds + 1);
             }
+            // A first rise of the level moments away: wait for it rather
+            // than compress this piece at the first level (at most
+            // RISE_HOLD in all; on a link that slow the gate's second of
+            // data in flight keeps it busy meanwhile).
+            while rise_held < RISE_HOLD && sh.auto.lock().unwrap().first_rise_pending() {
+                let t = Instant::now();
+                std::thread::sleep(Duration::from_millis(5));
+                let mut p = sh.auto.lock().unwrap();
+                p.levels_tick(link_view(sh, Instant::now()), sh.workers, Instant::now());
+                sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+                rise_held += t.elapsed();
+            }
         }
         let want = sh.stream_level.load(Ordering::Relaxed);
         if enc.can_change_level() && want != enc.level() {
@@ -1265,7 +1282,11 @@ fn stream_loop(
         }
     }
     if gate.is_some() {
-        log::debug!("stream: held {:.2} s at the receipts' gate ({holds} times)", held.as_secs_f64());
+        log::debug!(
+            "stream: held {:.2} s at the receipts' gate ({holds} times), {:.2} s for a rise of its level",
+            held.as_secs_f64(),
+            rise_held.as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -495,6 +495,17 @@ impl AutoPolicy {
         self.stream_level
     }
 
+    /// A first rise of the stream's level may be moments away: the link
+    /// reads slow enough for the levels, and their measurement (a third
+    /// of a second of one core at most) is running. The stream holds its
+    /// next piece meanwhile (`copy::source`): compressed now, it would go
+    /// at the first level, and the gate would then keep the stream waiting
+    /// for it to drain before the new level could apply (seconds, at
+    /// 2 Mbit/s; docs/experiments.md, session 17).
+    pub fn first_rise_pending(&self) -> bool {
+        self.levels && self.level_state == Levels::First && self.measuring.is_some()
+    }
+
     /// Whether the next payload should go into a measurement of the
     /// candidates ([`AutoPolicy::sample`]).
     pub fn wants_sample(&self) -> bool {
@@ -1443,6 +1454,30 @@ mod tests {
             }
         }
         (levels, t)
+    }
+
+    /// A first rise is pending exactly while the levels' measurement runs,
+    /// at the first level, in a copy whose stream may change level: then
+    /// the stream holds its next piece for it.
+    #[test]
+    fn a_first_rise_is_pending_only_while_its_measurement_runs() {
+        let running = || Some(std::thread::spawn(|| [None; STREAM_LEVELS.len()]));
+        let t0 = Instant::now();
+        let mut p = slow_policy(t0);
+        assert!(!p.first_rise_pending(), "nothing is being measured");
+        p.measuring = running();
+        assert!(p.first_rise_pending());
+        // Collected (unit tests collect at once): no longer pending.
+        p.levels_tick(view(Some(SLOW), None, 0.0), 2, t0 + Duration::from_millis(10));
+        assert!(p.measuring.is_none() && !p.first_rise_pending());
+        // Raised already: a later measurement holds nothing.
+        p.level_state = Levels::Raised { since: t0, busy: 0.0, below: STREAM_LEVELS[0], rises: true };
+        p.measuring = running();
+        assert!(!p.first_rise_pending());
+        // A stream that cannot change level never holds.
+        let mut q = AutoPolicy::new(true, 1 << 30);
+        q.measuring = running();
+        assert!(!q.first_rise_pending());
     }
 
     /// A slow reading alone raises nothing: the writes must have blocked
