@@ -10,7 +10,7 @@ mod common;
 mod relay;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,14 +227,18 @@ fn moved_blocks_go_as_deltas_against_their_old_copy() {
 }
 
 /// A file rewritten elsewhere on a guest whose old place then took new
-/// data: the old image (32 blocks, then zeros), the new one (32 fresh
-/// blocks there, then edited copies of the 32 old ones).
-fn rewritten_elsewhere() -> (Vec<u8>, Vec<u8>) {
+/// data, written in `dir`: the new image as `a`, the old one (32 blocks,
+/// then zeros) as `r`; the new one has 32 fresh blocks there, then edited
+/// copies of the 32 old ones. Returns the paths and both images.
+fn rewritten_elsewhere(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
     let fars: Vec<Far> = (0..32).map(|n| Far::Moved { n, at: 100 + 97 * n, len: 20 }).collect();
     let (old, mut new, similar) = images(7, 32, &fars);
     assert_eq!(similar, 32);
     new[..32 * BS].copy_from_slice(&common::noise(99, 32 * BS));
-    (old, new)
+    let (a, r) = (dir.join("a"), dir.join("r"));
+    fs::write(&a, &new).unwrap();
+    fs::write(&r, &old).unwrap();
+    (a, r, old, new)
 }
 
 /// Copy `src` to the new `dst` with `base` as its reference (laid out
@@ -253,10 +257,8 @@ fn copy_from_base(src: &Path, dst: &Path, base: &Path, to_source: Edit) -> Outco
 #[test]
 fn a_new_dst_finds_similar_blocks_in_its_base_where_dst_rewrites_them() {
     let d = tempfile::tempdir().unwrap();
-    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
-    let (old, new) = rewritten_elsewhere();
-    fs::write(&a, &new).unwrap();
-    fs::write(&r, &old).unwrap();
+    let b = d.path().join("b");
+    let (a, r, old, new) = rewritten_elsewhere(d.path());
     let rep = copy_from_base(&a, &b, &r, keep()).target.unwrap();
     assert!(fs::read(&b).unwrap() == new, "the copy differs");
     assert!(fs::read(&r).unwrap() == old, "the base is only read");
@@ -277,10 +279,8 @@ fn a_new_dst_finds_similar_blocks_in_its_base_where_dst_rewrites_them() {
 fn a_base_rewritten_under_its_deltas_costs_refetches_never_a_wrong_block() {
     use std::os::unix::fs::FileExt;
     let d = tempfile::tempdir().unwrap();
-    let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
-    let (old, new) = rewritten_elsewhere();
-    fs::write(&a, &new).unwrap();
-    fs::write(&r, &old).unwrap();
+    let b = d.path().join("b");
+    let (a, r, _, new) = rewritten_elsewhere(d.path());
     let path = r.clone();
     let mut done = false;
     let rewrite: Edit = Box::new(move |m| {

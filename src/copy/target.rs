@@ -248,15 +248,6 @@ enum SimIndex {
     Ready(Option<sketch::Index>),
 }
 
-/// Where an old block a delta is built on is read from: DST, or the base
-/// (for similar blocks, where DST was filled from one: see
-/// [`Target::similar_from`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OldIn {
-    Dst,
-    Base,
-}
-
 /// The base a DST that held nothing was filled from: the reference, and
 /// which of its blocks are zeros.
 struct Base {
@@ -368,7 +359,7 @@ pub(super) struct Target<'a> {
     /// the old block its signature was made of (itself, or a similar block
     /// elsewhere); at most the request window: the old bytes are read again
     /// when the answer comes.
-    delta_asked: HashMap<u64, (OldIn, u64)>,
+    delta_asked: HashMap<u64, u64>,
     /// `CAP_SIMILAR` (and `CAP_SUB_DELTA`) agreed: blocks without an old
     /// version at the same place may be asked for as deltas against a
     /// similar block of the old copy, found by sketch.
@@ -1283,8 +1274,8 @@ impl Target<'_> {
     /// holds there (`CAP_SUB_GROUPS`).
     fn want_changed_keys(&mut self, g: u64) -> Result<(), EngineError> {
         let (a, b) = self.layout.group_range(g);
-        let old = self.old_digests(a, b);
-        let sig = subgroup::signature(self.algo, &old, |k| {
+        let old = &self.have[a as usize..b as usize];
+        let sig = subgroup::signature(self.algo, old, |k| {
             self.zeros.is_zero_digest(&old[k], self.layout.extent(a + k as u64).1)
         });
         let subs = subgroup::sub_count((b - a) as usize) as u16;
@@ -1345,9 +1336,9 @@ impl Target<'_> {
             // digest decides, as after ChangedKeys.)
             return self.settle_keys(g, vec![None; (b - a) as usize]);
         }
-        let old = self.old_digests(a, b);
+        let old = &self.have[a as usize..b as usize];
         let (zero, hints) =
-            subgroup::hints(&old, &differ, |k| self.zeros.is_zero_digest(&old[k], self.layout.extent(a + k as u64).1));
+            subgroup::hints(old, &differ, |k| self.zeros.is_zero_digest(&old[k], self.layout.extent(a + k as u64).1));
         self.hint_asked.insert(g, differ.clone());
         self.request(Message::WantHintedKeys { group: g, subs, differ, zero, hints })
     }
@@ -1422,11 +1413,6 @@ impl Target<'_> {
             .collect()
     }
 
-    /// The old versions' digests of blocks `a..b`: what DST held.
-    fn old_digests(&self, a: u64, b: u64) -> Vec<Digest> {
-        self.have[a as usize..b as usize].to_vec()
-    }
-
     /// Read old block `j` from DST (where it may since have been
     /// overwritten: the caller knows, or the rebuilt block fails its key).
     fn read_old(&self, j: u64) -> Result<Vec<u8>, EngineError> {
@@ -1484,7 +1470,7 @@ impl Target<'_> {
                 continue;
             }
             let old = self.read_old(i)?;
-            self.delta_asked.insert(i, (OldIn::Dst, i));
+            self.delta_asked.insert(i, i);
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
         self.request_runs(&whole)?;
@@ -1517,18 +1503,6 @@ impl Target<'_> {
         }
     }
 
-    /// Where similar blocks are looked for: in the base, if DST was filled
-    /// from one (the base keeps every old block, where DST's are
-    /// overwritten as the copy goes: on the quick images' return copy,
-    /// 643 similar blocks against 173), else in DST.
-    fn similar_from(&self) -> OldIn {
-        if self.base.is_some() {
-            OldIn::Base
-        } else {
-            OldIn::Dst
-        }
-    }
-
     /// Whether old block `j` may be a similar block's base: the base's
     /// blocks always (a changed one fails its key check), DST's while they
     /// hold what DST held ([`still_old`](Self::still_old)).
@@ -1536,11 +1510,16 @@ impl Target<'_> {
         self.base.is_some() || self.still_old(j)
     }
 
-    /// Read old block `j` from DST or the base; None where the base no
-    /// longer holds it (then the block is fetched whole).
-    fn read_old_in(&self, from: OldIn, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
-        match (from, &self.base) {
-            (OldIn::Base, Some(base)) => Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1)),
+    /// Read the old block `j` that block `i` is asked for as a delta
+    /// against: DST's own at the same place (`j == i`), else a similar
+    /// block, looked for in the base if DST was filled from one (the base
+    /// keeps every old block, where DST's are overwritten as the copy
+    /// goes: on the quick images' return copy, 643 similar blocks against
+    /// 173), else in DST. None where the base no longer holds it (then the
+    /// block is fetched whole).
+    fn read_delta_base(&self, i: u64, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
+        match &self.base {
+            Some(base) if j != i => Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1)),
             _ => self.read_old(j).map(Some),
         }
     }
@@ -1658,14 +1637,13 @@ impl Target<'_> {
                 }),
                 _ => None,
             };
-            let from = self.similar_from();
             let old = match found {
-                Some((j, _)) if self.delta_share.ask() => self.read_old_in(from, j)?.map(|old| (j, old)),
+                Some((j, _)) if self.delta_share.ask() => self.read_delta_base(i, j)?.map(|old| (j, old)),
                 _ => None,
             };
             match old {
                 Some((j, old)) => {
-                    self.delta_asked.insert(i, (from, j));
+                    self.delta_asked.insert(i, j);
                     self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
                 }
                 None => whole.push(i),
@@ -1829,7 +1807,7 @@ impl Target<'_> {
                 self.at.pass()
             )));
         }
-        let (from, base) = self.delta_asked.remove(&i).expect("checked above");
+        let base = self.delta_asked.remove(&i).expect("checked above");
         self.replied(&format!("a delta for block {i}"))?;
         let len = self.layout.extent(i).1;
         if raw_len as usize > subdelta::max_body(len) {
@@ -1842,7 +1820,7 @@ impl Target<'_> {
         self.delta_share.answered(raw_len as usize, len);
         let body = self.decode(i, codec, payload, raw_len)?;
         let want = self.keys[&g][(i - g * gb) as usize];
-        let old = self.read_old_in(from, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
+        let old = self.read_delta_base(i, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
         let rebuilt = old.and_then(|old| subdelta::apply(&old, &body).map_err(|e| e.to_string())).and_then(|new| {
             let d = self.algo.digest(&new);
             if key_of(&d) == want {
@@ -1857,7 +1835,7 @@ impl Target<'_> {
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
-                let what = if from == OldIn::Base { "the base's" } else { "DST's" };
+                let what = if base != i && self.base.is_some() { "the base's" } else { "DST's" };
                 log::warn!("block {i}: the delta against {what} block {base} failed ({why}); fetching it whole");
                 self.deltas_failed += 1;
                 return self.request_runs(&[i]);
