@@ -19,7 +19,7 @@
 //! idle_timeout: 120
 //! log_format: json              # --log-format: text or json (stderr)
 //! references: [/dev/vg0/debian12, '/srv/templates/*.xmi']   # patterns: copy::refglob
-//! source_references: [/dev/vg0/debian12]   # copy/migrate --source-reference (paths on SRC's host)
+//! source_references: [/var/lib/xenmig/templates.xmi]   # copy/migrate --source-reference (SRC's host: images, patterns, catalogs)
 //! migrate:
 //!   target_vg: vg0
 //!   max_passes: 6

@@ -289,6 +289,101 @@ fn a_source_reference_above_the_limit_is_not_used() {
     assert_eq!(rep.shared_reference, None);
 }
 
+/// A catalog of images (an index made by `xenmig index`) as the source's
+/// reference: only the image whose digest the target offers is read. The
+/// catalog's other images are gone by the time of the copy (a file that
+/// is opened fails the copy; these are never opened).
+#[test]
+fn a_catalog_reads_only_the_image_the_target_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    fs::write(&a, reference(21, 64)).unwrap();
+    fs::write(&b, reference(22, 32)).unwrap();
+    let catalog = dir.path().join("catalog.xmi");
+    let made = xenmig(None, &["index", "-o", common::s(&catalog), common::s(&a), common::s(&r), common::s(&b)]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    fs::remove_file(&a).unwrap();
+    fs::remove_file(&b).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r.clone()],
+        source_refs: vec![catalog],
+        codec: "zstd",
+        live: None,
+    };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference.as_deref(), Some(common::s(&r)));
+    assert!(rep.bytes_payload_wire * 20 < 64 * BS as u64, "{} bytes: no dictionary?", rep.bytes_payload_wire);
+}
+
+/// A catalog's entry whose file changed since the catalog was made (same
+/// size, other bytes) is read when its listed digest is offered, found to
+/// hash otherwise, and passed over: the copy goes on without a dictionary,
+/// verified.
+#[test]
+fn a_stale_catalog_entry_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    // The source's own copy of the reference, catalogued, then rewritten.
+    let mine = dir.path().join("mine.img");
+    fs::copy(&r, &mine).unwrap();
+    let catalog = dir.path().join("catalog.xmi");
+    let made = xenmig(None, &["index", "-o", common::s(&catalog), common::s(&mine)]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    fs::write(&mine, reference(23, 64)).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup =
+        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![catalog], codec: "zstd", live: None };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+}
+
+/// A catalog made with another block size describes digests no target
+/// offers for this copy: it is left out (said in the log), the copy goes
+/// on without a dictionary.
+#[test]
+fn a_catalog_of_another_block_size_is_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let catalog = dir.path().join("catalog.xmi");
+    let made = xenmig(None, &["index", "--block-size", "8192", "-o", common::s(&catalog), common::s(&r)]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let dst = dir.path().join("dst.img");
+    let setup =
+        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![catalog], codec: "zstd", live: None };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+}
+
+/// A pattern as the source's reference is expanded on the source's host
+/// (SRC itself left out); the target offers two references and the source
+/// holds the second: the target's early read of the first it offered is
+/// dropped, the second read, and used.
+#[test]
+fn a_pattern_finds_the_second_reference_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let other = dir.path().join("other.img");
+    fs::write(&other, reference(24, 64)).unwrap();
+    let pool = tempfile::tempdir().unwrap();
+    fs::copy(&r, pool.path().join("tmpl-1.img")).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![other, r.clone()],
+        source_refs: vec![pool.path().join("tmpl-*.img")],
+        codec: "zstd",
+        live: None,
+    };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference.as_deref(), Some(common::s(&r)));
+    assert!(rep.bytes_payload_wire * 20 < 64 * BS as u64, "{} bytes: no dictionary?", rep.bytes_payload_wire);
+}
+
 /// A source that names a reference the target did not offer is refused,
 /// and nothing is reported verified.
 #[test]
@@ -389,11 +484,21 @@ fn the_cli_takes_it_from_the_flag_the_far_end_and_the_file() {
     let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&missing), ss, ds]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.img"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Digests without the data: refused, naming what it is.
+    let hashes = dir.path().join("ref.xmh");
+    assert!(xenmig(None, &["hash", "-o", common::s(&hashes), rs]).status.success());
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&hashes), ss, ds]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a hash file"), "{err}");
+    // A catalog (an index of images): taken, from the file too.
     let index = dir.path().join("ref.xmi");
     assert!(xenmig(None, &["index", "-o", common::s(&index), rs]).status.success());
-    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&index), ss, ds]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("index or hash file"), "{err}");
+    fs::write(dir.path().join("xenmig.yaml"), format!("source_references: [{}]\n", common::s(&index))).unwrap();
+    let _ = fs::remove_file(&dst);
+    let args = ["-q", "copy", "--json", "--compress", "zstd", "-r", rs, ss, ds];
+    let v = report(&xenmig(Some(&dir.path().join("xenmig.yaml")), &args));
+    assert_eq!(v["shared_reference"].as_str(), Some(rs), "{v}");
+    assert_eq!(fs::read(&dst).unwrap(), image);
 }
 
 /// With `auto` the target sends receipts (`CAP_RECEIPTS`) from the

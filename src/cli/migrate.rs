@@ -70,7 +70,8 @@ pub struct MigrateArgs {
     /// open (templates, other guests' disks, older releases).
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     pub(crate) references: Vec<PathBuf>,
-    /// Image on this host that HOST may hold too (repeatable), as in `copy
+    /// Image on this host that HOST may hold too (repeatable; a glob
+    /// pattern, or a catalog made by `xenmig index`), as in `copy
     /// --source-reference`: when HOST offers a reference with the same
     /// image digest, the fetched blocks of every disk are compressed with
     /// it as the zstd dictionary (a template both hosts keep). Each disk's

@@ -192,8 +192,8 @@ enum Command {
         compress: Choice,
         #[arg(short = 'r', long = "reference")]
         references: Vec<PathBuf>,
-        /// Source: images here the target may hold too (as `copy
-        /// --source-reference`).
+        /// Source: images here (patterns, catalogs) the target may hold too
+        /// (as `copy --source-reference`).
         #[arg(long = "source-reference", value_name = "PATH", requires = "source")]
         source_references: Vec<PathBuf>,
         #[command(flatten)]
@@ -337,7 +337,11 @@ pub(crate) struct CopyArgs {
     /// changed files resemble the reference's, on a slow link
     /// (docs/experiments.md). Costs its size in memory on both hosts (at
     /// most 1 GiB, and half the memory available, is used) and a read and
-    /// hash of it on each; needs `--compress zstd` or auto.
+    /// hash of it on each; needs `--compress zstd` or auto. PATH may be a
+    /// glob pattern (expanded on SRC's host, never to SRC), or a catalog:
+    /// an index file made by `xenmig index` of the host's templates, of
+    /// which only the one the target offers is read (and checked against
+    /// the catalog's digest: a changed image is passed over).
     #[arg(long = "source-reference", value_name = "PATH")]
     pub(crate) source_references: Vec<PathBuf>,
     /// Compression of fetched blocks: auto (from measured link rate and CPU

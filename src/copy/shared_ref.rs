@@ -1,7 +1,13 @@
 //! A reference both hosts hold, as the prefix of the copy's zstd stream
 //! (capability [`CAP_SHARED_REF`](crate::wire::protocol::CAP_SHARED_REF),
 //! `wire::stream`): what the target offers, which of it the source holds
-//! (`--source-reference`), and the reference's bytes in memory.
+//! (`--source-reference`: images, patterns, or catalogs made by `xenmig
+//! index`), and the reference's bytes in memory.
+//!
+//! A catalog is a host's list of templates by image digest: the source
+//! reads none of them until the target offers one's digest, then reads
+//! that one and uses it only if its bytes still hash to the listed digest,
+//! so a catalog of many templates costs one read per copy, not many.
 //!
 //! Why: a template or an older release usually sits on every host of a
 //! pool. A missing block that resembles some part of it (a new version of
@@ -24,6 +30,7 @@ use std::sync::Arc;
 use crate::blocks::blockmap::BlockMap;
 use crate::blocks::digest::{hex, Algorithm, Digest};
 use crate::blocks::layout::{Align, Layout};
+use crate::formats::index::Index;
 use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 
@@ -131,16 +138,21 @@ pub fn load(
 }
 
 /// Refuse, before the copy starts, a `--source-reference` that cannot be
-/// one: missing, unreadable, or digests without the data.
+/// one: missing, unreadable, digests without the data, or a catalog that
+/// is not one. (Patterns are expanded before: `refglob`.)
 pub fn check_source_references(paths: &[PathBuf]) -> Result<(), EngineError> {
     for p in paths {
-        if is_index_file(p) || is_hash_file(p) {
+        if is_hash_file(p) {
             return Err(EngineError::Reference {
                 path: p.clone(),
-                what: "is an index or hash file; --source-reference needs the image itself (its bytes are the \
-                       dictionary)"
+                what: "is a hash file; --source-reference needs the image itself (its bytes are the dictionary), \
+                       or a catalog of images (xenmig index)"
                     .into(),
             });
+        }
+        if is_index_file(p) {
+            Index::read(p).map_err(|e| EngineError::Reference { path: p.clone(), what: e.to_string() })?;
+            continue;
         }
         Image::open_read(p).map_err(|e| EngineError::Reference { path: p.clone(), what: e.to_string() })?;
     }
@@ -174,33 +186,115 @@ pub fn offers(refs: &ReferenceSet, dst: &Path) -> Vec<(Digest, u64, usize)> {
     out
 }
 
-/// The source's references, read into memory and hashed from there, as the
-/// copy starts (on a thread of its own, while the target loads its own
-/// references: the offer then finds them ready). A reference above
-/// [`MAX_SHARED_REF`] is left out, said once in the log.
-pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Vec<SharedRef>, EngineError> {
+/// One of the source's references, as the copy starts.
+pub enum SourceRef {
+    /// An image named itself: read into memory and hashed at once (its
+    /// digest is known only from its bytes).
+    Loaded(SharedRef),
+    /// An image a catalog lists (an index file made by `xenmig index`):
+    /// read and hashed only if the target offers its digest, so that a
+    /// host's catalog of many templates costs one read, of the one used.
+    Listed { path: PathBuf, catalog: PathBuf, digest: Digest, size: u64, layout: Layout, algo: Algorithm },
+}
+
+/// The source's references (`paths`: images and catalogs, patterns
+/// already expanded), as the copy starts (on a thread of its own, while
+/// the target loads its own references: the offer then finds them ready).
+/// Images are read into memory and hashed from there; a catalog's entries
+/// are only listed. A reference above [`MAX_SHARED_REF`], or a catalog
+/// made with another digest or block size, is left out, said once in the
+/// log.
+pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Vec<SourceRef>, EngineError> {
     let mut out = Vec::new();
     for p in paths {
+        if is_index_file(p) {
+            let idx = Index::read(p).map_err(|e| EngineError::Reference { path: p.clone(), what: e.to_string() })?;
+            if idx.algo != algo || idx.block_size != block_size {
+                log::warn!(
+                    "source reference catalog {} was built with {}/{} bytes, this copy uses {algo}/{block_size}: not \
+                     used (xenmig index --hash {algo} --block-size {block_size} makes one that is)",
+                    p.display(),
+                    idx.algo,
+                    idx.block_size
+                );
+                continue;
+            }
+            for im in idx.images {
+                if let Some(why) = too_large(im.layout.size) {
+                    log::info!(
+                        "{} in catalog {} ({why}) is not used as a shared dictionary",
+                        im.path.display(),
+                        p.display()
+                    );
+                    continue;
+                }
+                let size = im.layout.size;
+                out.push(SourceRef::Listed {
+                    path: im.path,
+                    catalog: p.clone(),
+                    digest: im.image_digest,
+                    size,
+                    layout: im.layout,
+                    algo,
+                });
+            }
+            continue;
+        }
         let img = Image::open_read(p)?;
         let size = img.size();
         if let Some(why) = too_large(size) {
             log::warn!("source reference {} ({size} bytes, {why}) is not used as a shared dictionary", p.display());
             continue;
         }
-        out.push(load(p, &img, None, algo, block_size)?);
+        out.push(SourceRef::Loaded(load(p, &img, None, algo, block_size)?));
     }
     Ok(out)
 }
 
 /// The source's choice among the target's `offered` references: the first
-/// of its `loaded` references with an offered digest and size. Each one
-/// left out is said once in the log.
-pub fn choose(loaded: Vec<SharedRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
-    for r in loaded {
+/// of `refs` with an offered digest and size. A catalog's entry is read
+/// and hashed now, and chosen only if its bytes still have the digest the
+/// catalog lists (a catalog entry that cannot be read, or changed since
+/// the catalog was made, is passed over, said in the log: the catalog
+/// only saves reads, the bytes decide). Each reference left out is said
+/// once in the log.
+pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
+    let is_offered = |d: &Digest, s: u64| offered.iter().any(|&(od, os)| od == *d && os == s);
+    for r in refs {
+        let r = match r {
+            SourceRef::Loaded(r) => r,
+            SourceRef::Listed { path, catalog, digest, size, layout, algo } => {
+                if !is_offered(&digest, size) {
+                    continue;
+                }
+                let block_size = layout.block_size;
+                let loaded = Image::open_read(&path)
+                    .map_err(EngineError::from)
+                    .and_then(|img| load(&path, &img, Some(layout), algo, block_size));
+                match loaded {
+                    Ok(r) if r.digest == digest => r,
+                    Ok(r) => {
+                        log::warn!(
+                            "{} is listed in catalog {} with digest {}, its bytes now hash to {}: not used (make \
+                             the catalog again: xenmig index)",
+                            path.display(),
+                            catalog.display(),
+                            hex(&digest),
+                            hex(&r.digest)
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("{} (in catalog {}) is not used: {e}", path.display(), catalog.display());
+                        continue;
+                    }
+                }
+            }
+        };
         #[cfg(test)]
         let r = forged::apply(r, offered);
         let size = r.bytes.len() as u64;
-        if offered.iter().any(|&(d, s)| d == r.digest && s == size) {
+        if is_offered(&r.digest, size) {
             log::info!("shared reference: {} (digest {}) is the stream's dictionary", r.path.display(), hex(&r.digest));
             return Some(r);
         }

@@ -52,7 +52,7 @@ use crate::wire::{sketch, subdelta};
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
-use super::shared_ref::{self, SharedRef};
+use super::shared_ref::{self, SharedRef, SourceRef};
 use super::tracker::{self, Candidates, ChangeTracker, Compare};
 use super::{EngineError, Progress, Report};
 
@@ -324,12 +324,15 @@ impl SourceSession {
         // A shared reference serves only the zstd stream: offer the
         // capability only when runs may go through it.
         let may_stream = matches!(opts.compress, Choice::Auto | Choice::Fixed(Codec::Zstd(_)));
-        let shared_cap = if may_stream && !opts.source_references.is_empty() {
-            shared_ref::check_source_references(&opts.source_references)?;
-            CAP_SHARED_REF
+        // Patterns are expanded on this host, now (never to SRC itself).
+        let source_refs = if may_stream && !opts.source_references.is_empty() {
+            let refs = super::refglob::expand(&opts.source_references, Some(path))?;
+            shared_ref::check_source_references(&refs)?;
+            refs
         } else {
-            0
+            Vec::new()
         };
+        let shared_cap = if source_refs.is_empty() { 0 } else { CAP_SHARED_REF };
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
@@ -441,8 +444,11 @@ impl SourceSession {
         // its own: its offer then finds them ready. (Only if a stream can
         // use them.)
         let offer = (shared_agreed && stream_level.is_some()).then(|| {
-            let (paths, algo, block_size) = (opts.source_references.clone(), opts.algo, opts.block_size);
-            Offer { loading: thread::spawn(move || shared_ref::load_all(&paths, algo, block_size)), prefix: prefix_tx }
+            let (algo, block_size) = (opts.algo, opts.block_size);
+            Offer {
+                loading: thread::spawn(move || shared_ref::load_all(&source_refs, algo, block_size)),
+                prefix: prefix_tx,
+            }
         });
         let offer = match offer {
             Some(o) => Some(Some(o)),
@@ -1150,8 +1156,8 @@ fn read_loop(
 
 /// What the reader needs to answer the target's `RefOffer`.
 struct Offer {
-    /// This end's references, being read and hashed.
-    loading: thread::JoinHandle<Result<Vec<SharedRef>, EngineError>>,
+    /// This end's references, being read and hashed (a catalog's: listed).
+    loading: thread::JoinHandle<Result<Vec<SourceRef>, EngineError>>,
     /// To the stream's thread.
     prefix: Sender<Option<SharedRef>>,
 }

@@ -413,11 +413,19 @@ pub(super) struct Target<'a> {
     ref_offer: Option<Vec<(Digest, u64, usize)>>,
     /// The reference the stream's prefix was made of (chosen and verified).
     shared_used: Option<PathBuf>,
-    /// The chosen reference being read and verified on a thread of its
-    /// own, so that requests go on meanwhile; the first stream piece waits
-    /// for it.
-    shared_loading: Option<(PathBuf, thread::JoinHandle<Result<StreamDecoder, EngineError>>)>,
+    /// The chosen reference (until the choice: the first offered) being
+    /// read and verified on a thread of its own, so that requests go on
+    /// meanwhile; the first stream piece waits for it.
+    shared_loading: Option<SharedLoading>,
     progress: &'a Progress,
+}
+
+/// A shared reference being read into memory and checked against the
+/// digest offered (`Target::load_shared`).
+struct SharedLoading {
+    digest: Digest,
+    path: PathBuf,
+    loading: thread::JoinHandle<Result<StreamDecoder, EngineError>>,
 }
 
 /// Rebuild the source's image into `dst` over `link`.
@@ -877,28 +885,25 @@ impl Target<'_> {
     }
 
     /// `CAP_SHARED_REF`: tell the source which references could serve as
-    /// the stream's dictionary (before any request, as the protocol says).
+    /// the stream's dictionary (before any request, as the protocol says),
+    /// and start reading the first of them at once: the source has
+    /// references of its own (it would not have set the capability
+    /// otherwise), and its choice comes after it has read and hashed them;
+    /// reading ours meanwhile takes that off the first piece's wait.
     fn offer_references(&mut self, dst: &Path) -> Result<(), EngineError> {
         let offer = shared_ref::offers(&self.refs, dst);
         self.send(&Message::RefOffer { refs: offer.iter().map(|&(d, s, _)| (d, s)).collect() })?;
+        if let Some(&(d, _, i)) = offer.first() {
+            self.shared_loading = Some(self.load_shared(d, i));
+        }
         self.ref_offer = Some(offer);
         Ok(())
     }
 
-    /// The source's choice: read the chosen reference into memory, check
-    /// that those bytes still have the digest offered, and start the stream
-    /// with them as its prefix.
-    fn on_ref_chosen(&mut self, chosen: Option<Digest>) -> Result<(), EngineError> {
-        let offer = self.ref_offer.take().unwrap_or_default();
-        let Some(d) = chosen else { return Ok(()) };
-        let Some(&(_, _, i)) = offer.iter().find(|(o, _, _)| *o == d) else {
-            return Err(EngineError::BadReply(format!("a shared reference {} that was not offered", hex(&d))));
-        };
-        if !matches!(self.stream, Some(None)) {
-            return Err(EngineError::BadReply(
-                "a shared reference, but no zstd stream was agreed (or it began)".into(),
-            ));
-        }
+    /// Read reference `i` into memory on a thread of its own, check that
+    /// those bytes still have digest `d` (the one offered), and make the
+    /// stream's decoder with them as its prefix.
+    fn load_shared(&self, d: Digest, i: usize) -> SharedLoading {
         let path = self.refs.index.images[i].path.clone();
         let layout = self.refs.images[i].layout.clone();
         let (algo, block_size, image_size) = (self.algo, self.layout.block_size, self.layout.size);
@@ -916,14 +921,38 @@ impl Target<'_> {
             }
             Ok(StreamDecoder::with_prefix(r.bytes, image_size)?)
         });
-        self.shared_loading = Some((path, loading));
+        SharedLoading { digest: d, path, loading }
+    }
+
+    /// The source's choice: the chosen reference's bytes (already being
+    /// read if it was the first offered; a load of another is dropped
+    /// unread by anyone) become the stream's prefix once checked.
+    fn on_ref_chosen(&mut self, chosen: Option<Digest>) -> Result<(), EngineError> {
+        let offer = self.ref_offer.take().unwrap_or_default();
+        let early = self.shared_loading.take();
+        let Some(d) = chosen else { return Ok(()) };
+        let Some(&(_, _, i)) = offer.iter().find(|(o, _, _)| *o == d) else {
+            return Err(EngineError::BadReply(format!("a shared reference {} that was not offered", hex(&d))));
+        };
+        if !matches!(self.stream, Some(None)) {
+            return Err(EngineError::BadReply(
+                "a shared reference, but no zstd stream was agreed (or it began)".into(),
+            ));
+        }
+        self.shared_loading = Some(match early {
+            Some(l) if l.digest == d => l,
+            _ => self.load_shared(d, i),
+        });
         Ok(())
     }
 
     /// Wait for the chosen reference (if one is loading) and make it the
     /// stream's decoder.
     fn take_shared_decoder(&mut self) -> Result<(), EngineError> {
-        let Some((path, loading)) = self.shared_loading.take() else { return Ok(()) };
+        if self.ref_offer.is_some() {
+            return Ok(()); // not chosen yet: what loads is a guess, no prefix
+        }
+        let Some(SharedLoading { path, loading, .. }) = self.shared_loading.take() else { return Ok(()) };
         let dec =
             loading.join().map_err(|_| EngineError::Aborted("the shared reference's loader panicked".into()))??;
         log::info!("shared reference: {} is the stream's dictionary", path.display());

@@ -214,8 +214,9 @@
 //! reference), the image against the image digest. A source that sends a
 //! reply before `RefChosen`, or chooses a digest that was not offered, is a
 //! protocol error; so is a target whose first frame is not `RefOffer`. A
-//! source sets the bit only when it has a `--source-reference` and may
-//! stream; either end without it sends neither frame.
+//! source sets the bit only when it has a `--source-reference` (an image,
+//! or a catalog of images by digest: `copy::shared_ref`) and may stream;
+//! either end without it sends neither frame.
 //!
 //! ```text
 //!    | -- ImageInfo -------------------------------------> |  loads its refs
