@@ -17,7 +17,9 @@
 #              rsync rsync-z casync zstd-patch
 #              (xm-inplace: xenmig --compress auto onto a DST that already is a copy of
 #              REF, no -r: the same starting point rsync gets; xm-srcref: auto with
-#              --source-reference REF as well, REF on both hosts as zstd-patch needs)
+#              --source-reference REF as well, REF on both hosts as zstd-patch needs;
+#              xm-catalog: xm-auto's command line on a source host whose configuration
+#              lists a catalog of every image here, `xenmig index` made before, untimed)
 #   ROUNDS     rounds per cell (methods interleaved within a round)   quick: 1   full: 3
 #   SKIP_CELLS scenario:link cells left out                 quick: "cold:20"   full: none
 #
@@ -181,6 +183,11 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
             # both ends start the stream with REF as its dictionary
             ip netns exec $NS_S "$BIN" copy -q --json --compress auto "${refarg[@]}" --source-reference "$R" -s "$SSH" \
                 --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
+        xm-catalog)
+            # the default command line; the source host's configuration names
+            # its catalog (source_references), which holds REF among others
+            XENMIG_CONFIG=$W/catalog.yaml ip netns exec $NS_S "$BIN" copy -q --json --compress auto "${refarg[@]}" \
+                -s "$SSH" --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
         xm-*|precache)
             local c=${m#xm-}; [ "$m" = precache ] && c=auto
             ip netns exec $NS_S "$BIN" copy -q --json --compress "$c" "${refarg[@]}" -s "$SSH" \
@@ -202,6 +209,13 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
         *) echo "unknown method $m" >&2; return 2 ;;
     esac
 }
+
+if [[ " $METHODS " == *" xm-catalog "* ]]; then
+    # The source host's catalog of its images (untimed, as a pool's hosts
+    # would keep one), named by a configuration only xm-catalog reads.
+    "$BIN" index -q -o "$W/catalog.xmi" "$IMG"/*.img >/dev/null
+    (umask 077; echo "source_references: [$W/catalog.xmi]" > "$W/catalog.yaml")
+fi
 
 for link in $LINKS; do
     shape "$link"

@@ -120,7 +120,9 @@ enum Command {
         json: bool,
     },
     /// Build an index of reference images, for `copy -r`: hashed once, used
-    /// by every later copy.
+    /// by every later copy. On a source's host the same file is a catalog
+    /// for `--source-reference` (each image's digest: only the one a
+    /// target offers is read).
     Index {
         /// Where to write the index.
         #[arg(short, long)]
