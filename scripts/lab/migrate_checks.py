@@ -180,15 +180,19 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
             f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
 
 
-def check_xm_target_vg(g, dst, vg, want_created, template=None):
+def check_xm_target_vg(g, dst, vg, want_created, template=None, catalog=False):
     """A live migrate into volume group VG on DST, without -C. TEMPLATE: an
     LV both hosts hold byte for byte, given as -r (DST's) and as
-    --source-reference (this host's); the report must name it as the
-    stream's dictionary of every disk's copy."""
+    --source-reference (this host's: the LV itself, or with CATALOG an
+    index of it made by `xenmig index` here, the host's catalog); the
+    report must name it as the stream's dictionary of every disk's copy."""
     extra = f"--target-vg {vg}"
-    if template:
-        extra += f" -r {template} --source-reference {template}"
     src = g.host
+    if template and catalog:
+        src.sh(f"xenmig -q index -o /var/tmp/xm-templates.xmi {template} >/dev/null", 120)
+        extra += f" -r {template} --source-reference /var/tmp/xm-templates.xmi"
+    elif template:
+        extra += f" -r {template} --source-reference {template}"
     summary, figures = check_xm_migrate(g, dst, want_created, None, extra)
     attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
     if f"/dev/{vg}/g1" not in attached:
@@ -200,7 +204,7 @@ def check_xm_target_vg(g, dst, vg, want_created, template=None):
         if not used or any(u != template for u in used):
             raise LabError(f"the disks' copies did not use {template} as their dictionary: {used}")
         figures["shared_reference"] = used
-        summary += f"; dictionary {template} on both hosts"
+        summary += f"; dictionary {template} on both hosts" + (" (the source's from its catalog)" if catalog else "")
     return f"{summary}; attached: {attached}", figures
 
 
@@ -573,8 +577,12 @@ def run_xenmig_migrate_checks(checks, hosts):
                        + ": the counter continues, the guest runs from /dev/vg1/g1",
                        lambda: check_xm_target_vg(g, other(), "vg1", True, template[0] if template else None)):
         return
-    if not checks.step("xenmig migrate --target-vg vg0 g1 back (vg1 -> vg0, its tagged LV reused)",
-                       lambda: check_xm_target_vg(g, other(), "vg0", False)):
+    # On the way back the source names the template through a catalog (an
+    # index of its templates, session 18): only the offered one is read.
+    if not checks.step("xenmig migrate --target-vg vg0 g1 back (vg1 -> vg0, its tagged LV reused)"
+                       + (", the template through the source's catalog" if template else ""),
+                       lambda: check_xm_target_vg(g, other(), "vg0", False, template[0] if template else None,
+                                                  catalog=True)):
         return
     checks.step(f"the xend hook ({HOOK}, from the .deb) driven step by step around a "
                 "pause of g1: its disk copied live and verified on the other host",
