@@ -194,7 +194,7 @@ pub enum SourceRef {
     /// An image a catalog lists (an index file made by `xenmig index`):
     /// read and hashed only if the target offers its digest, so that a
     /// host's catalog of many templates costs one read, of the one used.
-    Listed { path: PathBuf, catalog: PathBuf, digest: Digest, size: u64, layout: Layout, algo: Algorithm },
+    Listed { path: PathBuf, catalog: PathBuf, digest: Digest, layout: Layout, algo: Algorithm },
 }
 
 /// The source's references (`paths`: images and catalogs, patterns
@@ -228,12 +228,10 @@ pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<V
                     );
                     continue;
                 }
-                let size = im.layout.size;
                 out.push(SourceRef::Listed {
                     path: im.path,
                     catalog: p.clone(),
                     digest: im.image_digest,
-                    size,
                     layout: im.layout,
                     algo,
                 });
@@ -263,8 +261,8 @@ pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedR
     for r in refs {
         let r = match r {
             SourceRef::Loaded(r) => r,
-            SourceRef::Listed { path, catalog, digest, size, layout, algo } => {
-                if !is_offered(&digest, size) {
+            SourceRef::Listed { path, catalog, digest, layout, algo } => {
+                if !is_offered(&digest, layout.size) {
                     continue;
                 }
                 let block_size = layout.block_size;
