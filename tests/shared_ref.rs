@@ -289,6 +289,33 @@ fn a_source_reference_above_the_limit_is_not_used() {
     assert_eq!(rep.shared_reference, None);
 }
 
+/// `xenmig index` of `images` (with `extra` arguments) into
+/// DIR/catalog.xmi: a source host's catalog.
+fn make_catalog(dir: &Path, extra: &[&str], images: &[&Path]) -> PathBuf {
+    let catalog = dir.join("catalog.xmi");
+    let mut args = vec!["index", "-o", common::s(&catalog)];
+    args.extend(extra);
+    args.extend(images.iter().map(|p| common::s(p)));
+    let made = xenmig(None, &args);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    catalog
+}
+
+/// A zstd copy of SRC into DST with these references on either side,
+/// checked to be `want`, verified and counted right; the target's report.
+fn copy_checked(src: &Path, dst: &Path, target_refs: Vec<PathBuf>, source_refs: Vec<PathBuf>, want: &[u8]) -> Report {
+    let setup = Setup { src, dst, target_refs, source_refs, codec: "zstd", live: None };
+    check(&copy_through(&setup, keep(), keep()), want, dst)
+}
+
+/// The report names `r` as the dictionary, and the 64 changed blocks of
+/// noise cost under a twentieth of their size (they would cost all of it
+/// without one).
+fn assert_dictionary(rep: &Report, r: &Path) {
+    assert_eq!(rep.shared_reference.as_deref(), Some(common::s(r)));
+    assert!(rep.bytes_payload_wire * 20 < 64 * BS as u64, "{} bytes: no dictionary?", rep.bytes_payload_wire);
+}
+
 /// A catalog of images (an index made by `xenmig index`) as the source's
 /// reference: only the image whose digest the target offers is read. The
 /// catalog's other images are gone by the time of the copy (a file that
@@ -300,23 +327,12 @@ fn a_catalog_reads_only_the_image_the_target_offers() {
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     fs::write(&a, reference(21, 64)).unwrap();
     fs::write(&b, reference(22, 32)).unwrap();
-    let catalog = dir.path().join("catalog.xmi");
-    let made = xenmig(None, &["index", "-o", common::s(&catalog), common::s(&a), common::s(&r), common::s(&b)]);
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let catalog = make_catalog(dir.path(), &[], &[&a, &r, &b]);
     fs::remove_file(&a).unwrap();
     fs::remove_file(&b).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup = Setup {
-        src: &src,
-        dst: &dst,
-        target_refs: vec![r.clone()],
-        source_refs: vec![catalog],
-        codec: "zstd",
-        live: None,
-    };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
-    assert_eq!(rep.shared_reference.as_deref(), Some(common::s(&r)));
-    assert!(rep.bytes_payload_wire * 20 < 64 * BS as u64, "{} bytes: no dictionary?", rep.bytes_payload_wire);
+    let rep = copy_checked(&src, &dst, vec![r.clone()], vec![catalog], &image);
+    assert_dictionary(&rep, &r);
 }
 
 /// A catalog's entry whose file changed since the catalog was made (same
@@ -330,14 +346,10 @@ fn a_stale_catalog_entry_is_passed_over() {
     // The source's own copy of the reference, catalogued, then rewritten.
     let mine = dir.path().join("mine.img");
     fs::copy(&r, &mine).unwrap();
-    let catalog = dir.path().join("catalog.xmi");
-    let made = xenmig(None, &["index", "-o", common::s(&catalog), common::s(&mine)]);
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let catalog = make_catalog(dir.path(), &[], &[&mine]);
     fs::write(&mine, reference(23, 64)).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup =
-        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![catalog], codec: "zstd", live: None };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    let rep = copy_checked(&src, &dst, vec![r], vec![catalog], &image);
     assert_eq!(rep.shared_reference, None);
 }
 
@@ -348,13 +360,9 @@ fn a_stale_catalog_entry_is_passed_over() {
 fn a_catalog_of_another_block_size_is_left_out() {
     let dir = tempfile::tempdir().unwrap();
     let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
-    let catalog = dir.path().join("catalog.xmi");
-    let made = xenmig(None, &["index", "--block-size", "8192", "-o", common::s(&catalog), common::s(&r)]);
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let catalog = make_catalog(dir.path(), &["--block-size", "8192"], &[&r]);
     let dst = dir.path().join("dst.img");
-    let setup =
-        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![catalog], codec: "zstd", live: None };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    let rep = copy_checked(&src, &dst, vec![r], vec![catalog], &image);
     assert_eq!(rep.shared_reference, None);
 }
 
@@ -371,17 +379,8 @@ fn a_pattern_finds_the_second_reference_offered() {
     let pool = tempfile::tempdir().unwrap();
     fs::copy(&r, pool.path().join("tmpl-1.img")).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup = Setup {
-        src: &src,
-        dst: &dst,
-        target_refs: vec![other, r.clone()],
-        source_refs: vec![pool.path().join("tmpl-*.img")],
-        codec: "zstd",
-        live: None,
-    };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
-    assert_eq!(rep.shared_reference.as_deref(), Some(common::s(&r)));
-    assert!(rep.bytes_payload_wire * 20 < 64 * BS as u64, "{} bytes: no dictionary?", rep.bytes_payload_wire);
+    let rep = copy_checked(&src, &dst, vec![other, r.clone()], vec![pool.path().join("tmpl-*.img")], &image);
+    assert_dictionary(&rep, &r);
 }
 
 /// A source that names a reference the target did not offer is refused,
