@@ -498,6 +498,14 @@ fn the_cli_takes_it_from_the_flag_the_far_end_and_the_file() {
     let v = report(&xenmig(Some(&dir.path().join("xenmig.yaml")), &args));
     assert_eq!(v["shared_reference"].as_str(), Some(rs), "{v}");
     assert_eq!(fs::read(&dst).unwrap(), image);
+    // A truncated catalog: refused before the copy, naming it; DST untouched.
+    let bytes = fs::read(&index).unwrap();
+    let cut = dir.path().join("cut.xmi");
+    fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = xenmig(None, &["-q", "copy", "-r", rs, "--source-reference", common::s(&cut), ss, ds]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cut.xmi"), "{err}");
+    assert_eq!(fs::read(&dst).unwrap(), image);
 }
 
 /// With `auto` the target sends receipts (`CAP_RECEIPTS`) from the
