@@ -1192,6 +1192,15 @@ enum Reply {
     Stream(RawRun),
 }
 
+/// Let `auto` judge the stream's level on the link as it is now, while the
+/// stream's thread waits (the workers route no run meanwhile), and publish
+/// its choice to the stream.
+fn tick_levels(sh: &Shared) {
+    let mut p = sh.auto.lock().unwrap();
+    p.levels_tick(link_view(sh, Instant::now()), sh.workers, Instant::now());
+    sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+}
+
 /// Own the stream's encoder: compress each run as the next piece of the
 /// stream and pass its frame on at once, so that pieces reach the writer
 /// (and the target's decoder) in the order they were compressed.
@@ -1241,9 +1250,7 @@ fn stream_loop(
             loop {
                 let room = g.wait_for_room_at_most(Duration::from_millis(100));
                 if t.elapsed() > Duration::from_millis(1) {
-                    let mut p = sh.auto.lock().unwrap();
-                    p.levels_tick(link_view(sh, Instant::now()), sh.workers, Instant::now());
-                    sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+                    tick_levels(sh);
                 }
                 if room {
                     break;
@@ -1260,9 +1267,7 @@ fn stream_loop(
             while rise_held < RISE_HOLD && sh.auto.lock().unwrap().first_rise_pending() {
                 let t = Instant::now();
                 std::thread::sleep(Duration::from_millis(5));
-                let mut p = sh.auto.lock().unwrap();
-                p.levels_tick(link_view(sh, Instant::now()), sh.workers, Instant::now());
-                sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
+                tick_levels(sh);
                 rise_held += t.elapsed();
             }
         }

@@ -1548,9 +1548,17 @@ impl Target<'_> {
     /// block is fetched whole).
     fn read_delta_base(&self, i: u64, j: u64) -> Result<Option<Vec<u8>>, EngineError> {
         match &self.base {
-            Some(base) if j != i => Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1)),
+            Some(base) if self.delta_base_in_base(i, j) => {
+                Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1))
+            }
             _ => self.read_old(j).map(Some),
         }
+    }
+
+    /// Whether the old block `j` a delta for block `i` leans on is the
+    /// base's (a similar block of a DST filled from one) rather than DST's.
+    fn delta_base_in_base(&self, i: u64, j: u64) -> bool {
+        self.base.is_some() && j != i
     }
 
     /// Whether there may be an index of the old copy's blocks by sketch
@@ -1864,7 +1872,7 @@ impl Target<'_> {
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {
-                let what = if base != i && self.base.is_some() { "the base's" } else { "DST's" };
+                let what = if self.delta_base_in_base(i, base) { "the base's" } else { "DST's" };
                 log::warn!("block {i}: the delta against {what} block {base} failed ({why}); fetching it whole");
                 self.deltas_failed += 1;
                 return self.request_runs(&[i]);
