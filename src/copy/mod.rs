@@ -198,6 +198,11 @@ pub struct Report {
     /// dictionary (`--source-reference`; absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_reference: Option<String>,
+    /// Stream content (bytes) that went before the shared reference's
+    /// frame began: 0 from the start; more where the source took a large
+    /// reference once the stream had carried that much (`CAP_LATE_REF`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_reference_after: u64,
     /// The zstd levels the source's stream compressed at, in order (`auto`
     /// raises the level where the link is slow; absent: no stream, or the
     /// source was the remote end).
@@ -238,6 +243,7 @@ impl Default for Report {
             blocks_total: 0,
             bwlimit: None,
             shared_reference: None,
+            shared_reference_after: 0,
             stream_levels: Vec::new(),
             stream_frames: 0,
             receipts: 0,

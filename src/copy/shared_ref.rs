@@ -249,46 +249,103 @@ pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<V
     Ok(out)
 }
 
+/// When a chosen reference becomes the stream's dictionary, with
+/// `CAP_LATE_REF` agreed. A dictionary pays only where the bytes it saves
+/// take longer on the link than reading, hashing and indexing it take
+/// (about a second for 316 MB on each end, docs/experiments.md): a large
+/// one is read on a thread of its own once the stream has carried enough
+/// to be worth it, and taken when ready, so that a short copy (a return
+/// migration) never waits for it and a long one (a new release) still
+/// gets it for most of its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatePolicy {
+    /// A reference of at most this many bytes is the prefix from the
+    /// stream's first piece: its cost is small.
+    pub from_start_up_to: u64,
+    /// A larger one is read, hashed and indexed once the stream has
+    /// carried this much content, and taken at the next piece after that.
+    pub after_content: u64,
+}
+
+impl Default for LatePolicy {
+    fn default() -> Self {
+        LatePolicy { from_start_up_to: 64 << 20, after_content: 16 << 20 }
+    }
+}
+
+impl SourceRef {
+    /// The image digest this reference has (a catalog's: as listed).
+    pub fn digest(&self) -> Digest {
+        match self {
+            SourceRef::Loaded(r) => r.digest,
+            SourceRef::Listed { digest, .. } => *digest,
+        }
+    }
+
+    /// Where its bytes are.
+    pub fn path(&self) -> &Path {
+        match self {
+            SourceRef::Loaded(r) => &r.path,
+            SourceRef::Listed { path, .. } => path,
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            SourceRef::Loaded(r) => r.bytes.len() as u64,
+            SourceRef::Listed { layout, .. } => layout.size,
+        }
+    }
+
+    /// Its bytes, verified: a catalog's entry is read and hashed now and
+    /// kept only if its bytes still have the digest the catalog lists (one
+    /// that cannot be read, or changed since the catalog was made, is left
+    /// out, said in the log: the catalog only saves reads, the bytes
+    /// decide).
+    pub fn into_verified(self) -> Option<SharedRef> {
+        let (path, catalog, digest, layout, algo) = match self {
+            SourceRef::Loaded(r) => return Some(r),
+            SourceRef::Listed { path, catalog, digest, layout, algo } => (path, catalog, digest, layout, algo),
+        };
+        let block_size = layout.block_size;
+        let loaded = Image::open_read(&path)
+            .map_err(EngineError::from)
+            .and_then(|img| load(&path, &img, Some(layout), algo, block_size));
+        match loaded {
+            Ok(r) if r.digest == digest => Some(r),
+            Ok(r) => {
+                log::warn!(
+                    "{} is listed in catalog {} with digest {}, its bytes now hash to {}: not used (make the catalog \
+                     again: xenmig index)",
+                    path.display(),
+                    catalog.display(),
+                    hex(&digest),
+                    hex(&r.digest)
+                );
+                None
+            }
+            Err(e) => {
+                log::warn!("{} (in catalog {}) is not used: {e}", path.display(), catalog.display());
+                None
+            }
+        }
+    }
+}
+
 /// The source's choice among the target's `offered` references: the first
-/// of `refs` with an offered digest and size. A catalog's entry is read
-/// and hashed now, and chosen only if its bytes still have the digest the
-/// catalog lists (a catalog entry that cannot be read, or changed since
-/// the catalog was made, is passed over, said in the log: the catalog
-/// only saves reads, the bytes decide). Each reference left out is said
-/// once in the log.
+/// of `refs` with an offered digest and size, verified now
+/// ([`SourceRef::into_verified`]: a catalog entry that fails is passed
+/// over for the next). Each reference left out is said once in the log.
 pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
     let is_offered = |d: &Digest, s: u64| offered.iter().any(|&(od, os)| od == *d && os == s);
     for r in refs {
-        let r = match r {
-            SourceRef::Loaded(r) => r,
-            SourceRef::Listed { path, catalog, digest, layout, algo } => {
-                if !is_offered(&digest, layout.size) {
-                    continue;
-                }
-                let block_size = layout.block_size;
-                let loaded = Image::open_read(&path)
-                    .map_err(EngineError::from)
-                    .and_then(|img| load(&path, &img, Some(layout), algo, block_size));
-                match loaded {
-                    Ok(r) if r.digest == digest => r,
-                    Ok(r) => {
-                        log::warn!(
-                            "{} is listed in catalog {} with digest {}, its bytes now hash to {}: not used (make \
-                             the catalog again: xenmig index)",
-                            path.display(),
-                            catalog.display(),
-                            hex(&digest),
-                            hex(&r.digest)
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("{} (in catalog {}) is not used: {e}", path.display(), catalog.display());
-                        continue;
-                    }
-                }
+        if let SourceRef::Listed { digest, layout, .. } = &r {
+            if !is_offered(digest, layout.size) {
+                continue;
             }
-        };
+        }
+        let Some(r) = r.into_verified() else { continue };
         #[cfg(test)]
         let r = forged::apply(r, offered);
         let size = r.bytes.len() as u64;
@@ -301,6 +358,34 @@ pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedR
             r.path.display(),
             hex(&r.digest)
         );
+    }
+    None
+}
+
+/// The source's choice with `CAP_LATE_REF`: the first of `refs` with an
+/// offered digest and size, not read yet (a catalog's entry is verified
+/// only when the stream takes it; if it fails then, the stream goes on
+/// without a dictionary).
+pub fn pick(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SourceRef> {
+    let is_offered = |d: &Digest, s: u64| offered.iter().any(|&(od, os)| od == *d && os == s);
+    for r in refs {
+        #[cfg(test)]
+        let r = match r {
+            SourceRef::Loaded(r) => SourceRef::Loaded(forged::apply(r, offered)),
+            listed => listed,
+        };
+        if is_offered(&r.digest(), r.size()) {
+            log::info!("shared reference: {} chosen (digest {})", r.path().display(), hex(&r.digest()));
+            return Some(r);
+        }
+        if let SourceRef::Loaded(l) = &r {
+            log::info!(
+                "source reference {} ({} bytes, digest {}) is not one the target holds; not used",
+                l.path.display(),
+                r.size(),
+                hex(&r.digest())
+            );
+        }
     }
     None
 }

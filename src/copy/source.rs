@@ -38,13 +38,13 @@ use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
-    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
-    MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS,
+    CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::receipts::Receipts;
-use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE};
+use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE, STREAM_REF_CODE};
 use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use crate::wire::{sketch, subdelta};
@@ -52,7 +52,7 @@ use crate::wire::{sketch, subdelta};
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
-use super::shared_ref::{self, SharedRef, SourceRef};
+use super::shared_ref::{self, LatePolicy, SharedRef, SourceRef};
 use super::tracker::{self, Candidates, ChangeTracker, Compare};
 use super::{EngineError, Progress, Report};
 
@@ -163,6 +163,9 @@ pub struct SourceOptions {
     /// blocked writes (`wire::compress`, `wire::flow`). On by default; off,
     /// the stream stays at its first level (the way to compare).
     pub raise_levels: bool,
+    /// When a large shared reference becomes the stream's dictionary
+    /// with a target that takes it late (`CAP_LATE_REF`).
+    pub late_reference: shared_ref::LatePolicy,
 }
 
 impl Default for SourceOptions {
@@ -177,6 +180,7 @@ impl Default for SourceOptions {
             bwlimit: Rate(0),
             source_references: Vec::new(),
             raise_levels: true,
+            late_reference: shared_ref::LatePolicy::default(),
         }
     }
 }
@@ -338,6 +342,7 @@ impl SourceSession {
         link.throttle.set(opts.bwlimit);
         let caps = live_cap
             | shared_cap
+            | if shared_cap != 0 { CAP_LATE_REF } else { 0 }
             | CAP_ZSTD_STREAM
             | CAP_SUB_DELTA
             | CAP_SUB_GROUPS
@@ -366,8 +371,12 @@ impl SourceSession {
         // The encoder is made on the stream's thread: with a shared
         // reference agreed, only once the target's offer is answered.
         let shared_agreed = agreed.caps & CAP_SHARED_REF != 0;
+        // The target takes the reference at a piece that says so, so a
+        // large one need not hold up the stream's start.
+        let late = (agreed.caps & (CAP_LATE_REF | CAP_STREAM_LEVELS) == CAP_LATE_REF | CAP_STREAM_LEVELS)
+            .then_some(opts.late_reference);
         let encoder = match stream_level {
-            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size, levels }),
+            Some(level) if shared_agreed => Some(Pending::Prefix { level, image_size: layout.size, levels, late }),
             Some(level) => {
                 let enc = StreamEncoder::new(level, zstream::window_log_for(layout.size))?;
                 Some(Pending::Ready(if levels { enc.follow_levels() } else { enc }))
@@ -439,7 +448,7 @@ impl SourceSession {
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
-        let (prefix_tx, prefix_rx) = bounded::<Option<SharedRef>>(1);
+        let (prefix_tx, prefix_rx) = bounded::<Dictionary>(1);
         // Read and hash this end's references now, while the target loads
         // its own: its offer then finds them ready. (Only if a stream can
         // use them.)
@@ -448,6 +457,7 @@ impl SourceSession {
             Offer {
                 loading: thread::spawn(move || shared_ref::load_all(&source_refs, algo, block_size)),
                 prefix: prefix_tx,
+                late: late.is_some(),
             }
         });
         let offer = match offer {
@@ -1093,15 +1103,20 @@ fn read_loop(
             };
             let (chosen, prefix) = match o {
                 // (Nothing offered: the loader's work is simply dropped.)
-                Some(o) if refs.is_empty() => (None, Some(o.prefix)),
+                Some(o) if refs.is_empty() => (Dictionary::None, Some(o.prefix)),
                 Some(o) => match o.loading.join() {
-                    Ok(loaded) => (shared_ref::choose(loaded?, &refs), Some(o.prefix)),
+                    Ok(loaded) if o.late => {
+                        (shared_ref::pick(loaded?, &refs).map_or(Dictionary::None, Dictionary::Later), Some(o.prefix))
+                    }
+                    Ok(loaded) => {
+                        (shared_ref::choose(loaded?, &refs).map_or(Dictionary::None, Dictionary::Now), Some(o.prefix))
+                    }
                     Err(_) => return Err(EngineError::Aborted("the source references' loader panicked".into())),
                 },
-                None => (None, None),
+                None => (Dictionary::None, None),
             };
             // Before any reply: the stream's first piece follows it.
-            let _ = frames.send(Message::RefChosen { chosen: chosen.as_ref().map(|r| r.digest) });
+            let _ = frames.send(Message::RefChosen { chosen: chosen.digest() });
             if let Some(tx) = prefix {
                 let _ = tx.send(chosen);
             }
@@ -1159,7 +1174,28 @@ struct Offer {
     /// This end's references, being read and hashed (a catalog's: listed).
     loading: thread::JoinHandle<Result<Vec<SourceRef>, EngineError>>,
     /// To the stream's thread.
-    prefix: Sender<Option<SharedRef>>,
+    prefix: Sender<Dictionary>,
+    /// `CAP_LATE_REF` agreed: choose without reading a catalog's entry.
+    late: bool,
+}
+
+/// The reader's answer to the offer, for the stream's thread.
+enum Dictionary {
+    None,
+    /// The stream begins with it (a target without `CAP_LATE_REF`).
+    Now(SharedRef),
+    /// The stream takes it when the policy says (`CAP_LATE_REF`).
+    Later(SourceRef),
+}
+
+impl Dictionary {
+    fn digest(&self) -> Option<Digest> {
+        match self {
+            Dictionary::None => None,
+            Dictionary::Now(r) => Some(r.digest),
+            Dictionary::Later(r) => Some(r.digest()),
+        }
+    }
 }
 
 /// The stream's encoder, or what it waits for to make one.
@@ -1172,7 +1208,47 @@ enum Pending {
         image_size: u64,
         /// Without a reference chosen, the stream may change level.
         levels: bool,
+        /// `CAP_LATE_REF` agreed: when the reference is taken.
+        late: Option<LatePolicy>,
     },
+}
+
+/// A large reference the stream takes late (`CAP_LATE_REF`).
+struct Late {
+    policy: LatePolicy,
+    level: i32,
+    image_size: u64,
+    /// Until its read starts.
+    source: Option<SourceRef>,
+    /// Read, verified and indexed on a thread of its own: the encoder to
+    /// continue as (None: its bytes did not verify), and its path.
+    ready: Option<thread::JoinHandle<Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>>>,
+}
+
+impl Late {
+    /// Start reading and indexing once the stream carried enough.
+    fn start_if_due(&mut self, content: u64) {
+        if content < self.policy.after_content {
+            return;
+        }
+        let Some(source) = self.source.take() else { return };
+        let (level, image_size) = (self.level, self.image_size);
+        self.ready = Some(thread::spawn(move || {
+            let Some(r) = source.into_verified() else { return Ok(None) };
+            let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
+            enc.prime()?;
+            Ok(Some((enc, r.path)))
+        }));
+    }
+
+    /// The encoder to continue as, once ready.
+    fn take_ready(&mut self) -> Option<Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>> {
+        if !self.ready.as_ref().is_some_and(|h| h.is_finished()) {
+            return None;
+        }
+        let h = self.ready.take().expect("checked above");
+        Some(h.join().unwrap_or_else(|_| Err(EngineError::Aborted("the shared reference's indexer panicked".into()))))
+    }
 }
 
 /// A run read for the stream's thread to compress.
@@ -1206,30 +1282,50 @@ fn tick_levels(sh: &Shared) {
 /// (and the target's decoder) in the order they were compressed.
 fn stream_loop(
     enc: Pending,
-    prefix: Receiver<Option<SharedRef>>,
+    prefix: Receiver<Dictionary>,
     rx: Receiver<RawRun>,
     frames: &Sender<Message>,
     sh: &Shared,
 ) -> Result<(), EngineError> {
+    // The codec of the next piece: STREAM_REF_CODE where the reference's
+    // frame begins in it.
+    let mut code = STREAM_CODE;
+    let mut late = None;
     let mut enc = match enc {
         Pending::Ready(enc) => enc,
-        Pending::Prefix { level, image_size, levels } => match prefix.recv() {
-            Ok(Some(r)) => {
+        Pending::Prefix { level, image_size, levels, late: policy } => {
+            let plain = || -> Result<StreamEncoder, EngineError> {
+                let enc = StreamEncoder::new(level, zstream::window_log_for(image_size))?;
+                // With CAP_LATE_REF the target ends frames as with levels.
+                Ok(if levels || policy.is_some() { enc.follow_levels() } else { enc })
+            };
+            let with = |r: SharedRef| -> Result<StreamEncoder, EngineError> {
                 let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
                 // Index the prefix while the target loads its copy of it.
                 enc.prime()?;
-                enc
-            }
-            Ok(None) => {
-                let enc = StreamEncoder::new(level, zstream::window_log_for(image_size))?;
-                if levels {
-                    enc.follow_levels()
-                } else {
-                    enc
+                Ok(enc)
+            };
+            match prefix.recv() {
+                Ok(Dictionary::Now(r)) => with(r)?,
+                Ok(Dictionary::None) => plain()?,
+                Ok(Dictionary::Later(r)) => {
+                    let policy = policy.expect("a late choice only with CAP_LATE_REF");
+                    if r.size() <= policy.from_start_up_to {
+                        match r.into_verified() {
+                            Some(r) => {
+                                code = STREAM_REF_CODE;
+                                with(r)?
+                            }
+                            None => plain()?,
+                        }
+                    } else {
+                        late = Some(Late { policy, level, image_size, source: Some(r), ready: None });
+                        plain()?
+                    }
                 }
+                Err(_) => return Ok(()), // the reader ended first: the copy is failing already
             }
-            Err(_) => return Ok(()), // the reader ended first: the copy is failing already
-        },
+        }
     };
     let mut used = None;
     // Only a stream that may change level waits for receipts: what it
@@ -1271,6 +1367,29 @@ fn stream_loop(
                 rise_held += t.elapsed();
             }
         }
+        if let Some(l) = &mut late {
+            l.start_if_due(enc.content());
+            if enc.can_change_level() {
+                match l.take_ready() {
+                    Some(Ok(Some((next, path)))) => {
+                        log::info!(
+                            "stream: {} is the dictionary from {} bytes of content on",
+                            path.display(),
+                            enc.content()
+                        );
+                        enc.begin_reference_frame(next)?;
+                        code = STREAM_REF_CODE;
+                        late = None;
+                    }
+                    Some(Ok(None)) => late = None, // (said in the log)
+                    Some(Err(e)) => {
+                        log::warn!("the shared reference is not used: {e}");
+                        late = None;
+                    }
+                    None => {}
+                }
+            }
+        }
         let want = sh.stream_level.load(Ordering::Relaxed);
         if enc.can_change_level() && want != enc.level() {
             enc.set_level(want)?;
@@ -1283,10 +1402,11 @@ fn stream_loop(
         }
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;
+        let codec = std::mem::replace(&mut code, STREAM_CODE);
         let m = if run.delta {
-            Message::Delta { block: run.first_block, codec: STREAM_CODE, raw_len, payload }
+            Message::Delta { block: run.first_block, codec, raw_len, payload }
         } else {
-            Message::Blocks { first_block: run.first_block, count: run.count, codec: STREAM_CODE, raw_len, payload }
+            Message::Blocks { first_block: run.first_block, count: run.count, codec, raw_len, payload }
         };
         if frames.send(m).is_err() {
             break; // the writer is gone: the copy is failing already

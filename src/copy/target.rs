@@ -58,13 +58,13 @@ use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF,
-    CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM,
-    MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS,
+    CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
-use crate::wire::stream::{StreamDecoder, STREAM_CODE};
+use crate::wire::stream::{StreamDecoder, STREAM_CODE, STREAM_REF_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
@@ -391,6 +391,15 @@ pub(super) struct Target<'a> {
     /// `CAP_STREAM_LEVELS` agreed: the stream's decoder follows level
     /// changes.
     levels: bool,
+    /// `CAP_LATE_REF` agreed (with `CAP_SHARED_REF` and
+    /// `CAP_STREAM_LEVELS`): a chosen reference becomes the stream's
+    /// prefix at a piece of [`STREAM_REF_CODE`], not from the start.
+    late_ref: bool,
+    /// With `late_ref`: the reference chosen (digest, index into
+    /// `refs.images`), until its frame begins.
+    late_chosen: Option<(Digest, usize)>,
+    /// Stream content decoded before the reference's frame began.
+    shared_after: u64,
     /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
     /// not answered yet.
     sub_asked: HashSet<u64>,
@@ -425,7 +434,7 @@ pub(super) struct Target<'a> {
 struct SharedLoading {
     digest: Digest,
     path: PathBuf,
-    loading: thread::JoinHandle<Result<StreamDecoder, EngineError>>,
+    loading: thread::JoinHandle<Result<Arc<[u8]>, EngineError>>,
 }
 
 /// Rebuild the source's image into `dst` over `link`.
@@ -456,7 +465,8 @@ pub fn run_with(
             | CAP_STREAM_LEVELS
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
-            | CAP_RECEIPTS,
+            | CAP_RECEIPTS
+            | CAP_LATE_REF,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -510,6 +520,8 @@ pub fn run_with(
             short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
             similar: agreed.caps & CAP_SIMILAR != 0 && agreed.caps & CAP_SUB_DELTA != 0,
             levels: agreed.caps & CAP_STREAM_LEVELS != 0,
+            late_ref: agreed.caps & (CAP_LATE_REF | CAP_SHARED_REF | CAP_STREAM_LEVELS)
+                == CAP_LATE_REF | CAP_SHARED_REF | CAP_STREAM_LEVELS,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -563,6 +575,8 @@ pub(super) struct LinkSide {
     similar: bool,
     /// `CAP_STREAM_LEVELS` agreed.
     levels: bool,
+    /// `CAP_LATE_REF`, `CAP_SHARED_REF` and `CAP_STREAM_LEVELS` agreed.
+    late_ref: bool,
 }
 
 impl<'a> Target<'a> {
@@ -673,6 +687,9 @@ impl<'a> Target<'a> {
             hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
+            late_ref: link.as_ref().is_some_and(|l| l.late_ref),
+            late_chosen: None,
+            shared_after: 0,
             out: link.map(|l| l.out),
             delta_asked: HashMap::new(),
             sim_index: SimIndex::NotYet,
@@ -893,20 +910,28 @@ impl Target<'_> {
     fn offer_references(&mut self, dst: &Path) -> Result<(), EngineError> {
         let offer = shared_ref::offers(&self.refs, dst);
         self.send(&Message::RefOffer { refs: offer.iter().map(|&(d, s, _)| (d, s)).collect() })?;
-        if let Some(&(d, _, i)) = offer.first() {
+        // (With CAP_LATE_REF a large reference is read only once the
+        // stream has carried enough for the source to take it.)
+        if let Some(&(d, _, i)) = offer.first().filter(|&&(_, size, _)| self.read_early(size)) {
             self.shared_loading = Some(self.load_shared(d, i));
         }
         self.ref_offer = Some(offer);
         Ok(())
     }
 
-    /// Read reference `i` into memory on a thread of its own, check that
-    /// those bytes still have digest `d` (the one offered), and make the
-    /// stream's decoder with them as its prefix.
+    /// Whether a reference of `size` bytes is read as soon as it is offered
+    /// or chosen: always, unless `CAP_LATE_REF` lets the source take a
+    /// large one late (`shared_ref::LatePolicy`).
+    fn read_early(&self, size: u64) -> bool {
+        !self.late_ref || size <= shared_ref::LatePolicy::default().from_start_up_to
+    }
+
+    /// Read reference `i` into memory on a thread of its own and check that
+    /// those bytes still have digest `d` (the one offered).
     fn load_shared(&self, d: Digest, i: usize) -> SharedLoading {
         let path = self.refs.index.images[i].path.clone();
         let layout = self.refs.images[i].layout.clone();
-        let (algo, block_size, image_size) = (self.algo, self.layout.block_size, self.layout.size);
+        let (algo, block_size) = (self.algo, self.layout.block_size);
         let p = path.clone();
         let loading = thread::spawn(move || {
             let img = Image::open_read(&p)?;
@@ -919,7 +944,7 @@ impl Target<'_> {
                         .into(),
                 });
             }
-            Ok(StreamDecoder::with_prefix(r.bytes, image_size)?)
+            Ok(r.bytes)
         });
         SharedLoading { digest: d, path, loading }
     }
@@ -939,11 +964,52 @@ impl Target<'_> {
                 "a shared reference, but no zstd stream was agreed (or it began)".into(),
             ));
         }
-        self.shared_loading = Some(match early {
-            Some(l) if l.digest == d => l,
-            _ => self.load_shared(d, i),
-        });
+        let size = offer.iter().find(|(o, _, _)| *o == d).map_or(0, |o| o.1);
+        self.shared_loading = match early {
+            Some(l) if l.digest == d => Some(l),
+            _ if self.read_early(size) => Some(self.load_shared(d, i)),
+            _ => None,
+        };
+        if self.late_ref {
+            self.late_chosen = Some((d, i));
+        }
         Ok(())
+    }
+
+    /// `CAP_LATE_REF`: start reading the chosen reference once the stream
+    /// has carried [`LatePolicy::after_content`](shared_ref::LatePolicy),
+    /// the earliest the source takes a large one.
+    fn read_late_reference(&mut self) {
+        let Some((d, i)) = self.late_chosen else { return };
+        let decoded = match &self.stream {
+            Some(Some(dec)) => dec.decoded(),
+            _ => return,
+        };
+        if self.shared_loading.is_none() && decoded >= shared_ref::LatePolicy::default().after_content {
+            self.shared_loading = Some(self.load_shared(d, i));
+        }
+    }
+
+    /// The chosen reference's bytes, for a piece of [`STREAM_REF_CODE`]
+    /// (read now if no read was started).
+    fn late_reference(&mut self) -> Result<Arc<[u8]>, EngineError> {
+        let Some((d, i)) = self.late_chosen.take() else {
+            return Err(EngineError::BadReply(
+                "a zstd stream piece beginning a shared reference's frame, with no reference chosen (or a second \
+                 one)"
+                    .into(),
+            ));
+        };
+        let loading = match self.shared_loading.take() {
+            Some(l) => l,
+            None => self.load_shared(d, i),
+        };
+        let SharedLoading { path, loading, .. } = loading;
+        let bytes =
+            loading.join().map_err(|_| EngineError::Aborted("the shared reference's loader panicked".into()))??;
+        log::info!("shared reference: {} is the stream's dictionary from here on", path.display());
+        self.shared_used = Some(path);
+        Ok(bytes)
     }
 
     /// Wait for the chosen reference (if one is loading) and make it the
@@ -952,12 +1018,15 @@ impl Target<'_> {
         if self.ref_offer.is_some() {
             return Ok(()); // not chosen yet: what loads is a guess, no prefix
         }
+        if self.late_ref {
+            return Ok(()); // the reference's frame begins at a piece that says so
+        }
         let Some(SharedLoading { path, loading, .. }) = self.shared_loading.take() else { return Ok(()) };
-        let dec =
+        let bytes =
             loading.join().map_err(|_| EngineError::Aborted("the shared reference's loader panicked".into()))??;
         log::info!("shared reference: {} is the stream's dictionary", path.display());
         if let Some(slot) = self.stream.as_mut() {
-            *slot = Some(dec);
+            *slot = Some(StreamDecoder::with_prefix(bytes, self.layout.size)?);
         }
         self.shared_used = Some(path);
         Ok(())
@@ -1036,6 +1105,9 @@ impl Target<'_> {
         if let Err(e) = self.take_shared_decoder() {
             log::warn!("{e} (no block was decoded with it)");
         }
+        // (A late reference never taken is not waited for: its read ends
+        // on its own thread.)
+        drop(self.shared_loading.take());
         if let Some(g) = self.grp.iter().position(|g| !g.verified) {
             return Err(EngineError::BadReply(format!("the final pass ended with group {g} never verified")));
         }
@@ -1078,6 +1150,7 @@ impl Target<'_> {
             digest: hex(&want[..self.algo.width()]),
             passes: std::mem::take(&mut self.passes),
             shared_reference: self.shared_used.as_ref().map(|p| p.display().to_string()),
+            shared_reference_after: self.shared_after,
             stream_frames: self.stream.as_ref().and_then(|s| s.as_ref()).map_or(0, |d| d.frames()),
             ..Report::default()
         })
@@ -1770,7 +1843,7 @@ impl Target<'_> {
                     let offset = self.layout.extent(i).0;
                     return Err(match &self.shared_used {
                         // Name the likelier cause: the two ends' dictionaries.
-                        Some(path) if codec == STREAM_CODE => {
+                        Some(path) if codec == STREAM_CODE || codec == STREAM_REF_CODE => {
                             EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
                         }
                         _ => EngineError::BadBlock { block: i, offset },
@@ -1808,19 +1881,40 @@ impl Target<'_> {
     /// `raw_len` bytes: a stream piece in arrival order (frames arrive in
     /// the order the source compressed them), anything else on its own.
     fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
-        if codec == STREAM_CODE {
+        if codec == STREAM_CODE || codec == STREAM_REF_CODE {
             self.take_shared_decoder()?;
+            let reference = if codec == STREAM_REF_CODE { Some(self.late_reference()?) } else { None };
+            let image_size = self.layout.size;
             let Some(slot) = self.stream.as_mut() else {
                 return Err(EngineError::BadReply(format!(
                     "a zstd stream piece for block {block}, but no stream was agreed"
                 )));
             };
-            let dec = match slot {
-                Some(d) => d,
-                None if self.levels => slot.insert(StreamDecoder::new()?.follow_levels()),
-                None => slot.insert(StreamDecoder::new()?),
+            let began = slot.is_some();
+            let dec = match (slot, reference) {
+                (Some(d), Some(r)) => {
+                    self.shared_after = d.decoded();
+                    d.reference_next_frame(r, image_size)
+                        .map_err(|detail| crate::wire::compress::CodecError::Corrupt { codec: "zstd-stream", detail })
+                        .map_err(|source| EngineError::Codec { block, source })?;
+                    d
+                }
+                // The stream's first frame begins with the reference.
+                (slot @ None, Some(r)) => slot.insert(StreamDecoder::with_prefix(r, image_size)?),
+                (Some(d), None) => d,
+                (slot @ None, None) if self.levels => slot.insert(StreamDecoder::new()?.follow_levels()),
+                (slot @ None, None) => slot.insert(StreamDecoder::new()?),
             };
-            dec.decompress_run(&payload, raw_len as usize)
+            let out = dec.decompress_run(&payload, raw_len as usize);
+            if out.is_ok() && began && dec.reference_pending() {
+                return Err(EngineError::BadReply(format!(
+                    "the zstd stream piece for block {block} was to begin the shared reference's frame and began none"
+                )));
+            }
+            if out.is_ok() {
+                self.read_late_reference();
+            }
+            out
         } else {
             Codec::decompress(codec, payload, raw_len as usize)
         }

@@ -90,7 +90,7 @@ impl Codec {
             1 => "lz4",
             2 => "zstd",
             3 => "zlib",
-            super::stream::STREAM_CODE => "zstd-stream",
+            super::stream::STREAM_CODE | super::stream::STREAM_REF_CODE => "zstd-stream",
             _ => "unknown",
         }
     }

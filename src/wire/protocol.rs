@@ -409,6 +409,14 @@ pub const CAP_SHORT_SUB_HASHES: u32 = 1 << 8;
 /// them. Without it (a peer of the previous release) `auto` measures the
 /// link by its own blocked writes, as before.
 pub const CAP_RECEIPTS: u32 = 1 << 9;
+/// Capability (used only with [`CAP_SHARED_REF`] and [`CAP_STREAM_LEVELS`]
+/// agreed too): with a reference chosen, the stream does not begin with it;
+/// the source sends one piece of codec
+/// [`STREAM_REF_CODE`](crate::wire::stream::STREAM_REF_CODE) when it is
+/// ready, whose new frame has the reference as its prefix (`wire::stream`),
+/// possibly the first piece, possibly none. Without it (a peer of the
+/// previous release) the stream begins with the reference, as before.
+pub const CAP_LATE_REF: u32 = 1 << 10;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;

@@ -81,6 +81,13 @@ pub const STREAM_CODE: u8 = 4;
 /// much for the window (plus a run).
 pub const WINDOW_LOG_MAX: u32 = 27;
 
+/// The codec code of a stream piece in which the running frame ends and
+/// the next begins with the agreed shared reference as its prefix
+/// (capability [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF));
+/// otherwise a piece as [`STREAM_CODE`]. As the first piece, the stream's
+/// first frame has that prefix.
+pub const STREAM_REF_CODE: u8 = 5;
+
 /// Largest window with a shared reference as prefix: zstd's bound on
 /// 64-bit hosts (2 GiB). A reference and image larger than that together
 /// still work; the oldest of the reference slides out of reach.
@@ -196,8 +203,9 @@ pub struct StreamEncoder {
     /// The content's tail, kept when the level may change
     /// ([`follow_levels`](Self::follow_levels)).
     tail: Option<Tail>,
-    /// Content compressed in the running frame.
+    /// Content compressed in the running frame, and in all.
     frame_content: u64,
+    content: u64,
 }
 
 impl StreamEncoder {
@@ -233,7 +241,7 @@ impl StreamEncoder {
         // Blocks are verified by their digests; zstd's checksum would only
         // cost bytes (and a streamed frame never ends anyway).
         ctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(e)?;
-        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None, frame_content: 0 })
+        Ok(StreamEncoder { ctx, prefix, primed: Vec::new(), level, tail: None, frame_content: 0, content: 0 })
     }
 
     /// Allow [`set_level`](Self::set_level): the target follows level
@@ -257,6 +265,11 @@ impl StreamEncoder {
         self.tail.is_some() && self.frame_content >= LEVEL_FRAME_MIN
     }
 
+    /// Content compressed so far, all frames.
+    pub fn content(&self) -> u64 {
+        self.content
+    }
+
     /// The level the next piece is compressed at.
     pub fn level(&self) -> i32 {
         self.level
@@ -272,9 +285,9 @@ impl StreamEncoder {
         if level == self.level {
             return Ok(());
         }
-        let Some(tail) = &self.tail else {
+        if self.tail.is_none() {
             return Err(StreamError("the level of a stream the target cannot follow changes in".into()));
-        };
+        }
         if self.frame_content < LEVEL_FRAME_MIN {
             return Err(StreamError(format!(
                 "a level change after {} bytes of the frame, before the {LEVEL_FRAME_MIN} the target asks",
@@ -282,16 +295,8 @@ impl StreamEncoder {
             )));
         }
         let e = |c: usize| StreamError(zerr(c));
-        let mut out = std::mem::take(&mut self.primed);
-        loop {
-            out.reserve(1 << 10);
-            let pos = out.len();
-            let mut o = OutBuffer::around_pos(&mut out, pos);
-            if self.ctx.end_stream(&mut o).map_err(e)? == 0 {
-                break;
-            }
-        }
-        self.primed = out;
+        self.end_frame()?;
+        let tail = self.tail.as_ref().expect("checked above");
         let prefix = tail.freeze_last(if level > LEVEL_PREFIX_HIGH_ABOVE { LEVEL_PREFIX_HIGH } else { LEVEL_PREFIX });
         self.ctx.reset(ResetDirective::SessionOnly).map_err(e)?;
         self.ctx.set_parameter(CParameter::CompressionLevel(level)).map_err(e)?;
@@ -303,6 +308,48 @@ impl StreamEncoder {
         self.prefix = Some(prefix);
         self.level = level;
         self.frame_content = 0;
+        Ok(())
+    }
+
+    /// End the running frame; its last bytes ride with the next piece.
+    fn end_frame(&mut self) -> Result<(), StreamError> {
+        let mut out = std::mem::take(&mut self.primed);
+        loop {
+            out.reserve(1 << 10);
+            let pos = out.len();
+            let mut o = OutBuffer::around_pos(&mut out, pos);
+            if self.ctx.end_stream(&mut o).map_err(|c| StreamError(zerr(c)))? == 0 {
+                break;
+            }
+        }
+        self.primed = out;
+        Ok(())
+    }
+
+    /// Continue as `next`, a stream made by [`with_prefix`](Self::with_prefix)
+    /// (and [`prime`](Self::prime)d: its prefix indexed on another thread
+    /// while this one kept compressing): the running frame ends, its last
+    /// bytes riding with the next piece, which the source sends as
+    /// [`STREAM_REF_CODE`]; the next frame is `next`'s, with the shared
+    /// reference as its prefix, and the last one the stream begins (its
+    /// level stays). Allowed where a level change is
+    /// ([`can_change_level`](Self::can_change_level)).
+    pub fn begin_reference_frame(&mut self, next: StreamEncoder) -> Result<(), StreamError> {
+        if !self.can_change_level() {
+            return Err(StreamError(format!(
+                "a reference's frame after {} bytes of a frame the target cannot end (or before the {LEVEL_FRAME_MIN} \
+                 it asks)",
+                self.frame_content
+            )));
+        }
+        self.end_frame()?;
+        let end = std::mem::take(&mut self.primed);
+        let content = self.content;
+        // The old context goes before the prefix it borrowed (field order).
+        *self = next;
+        self.primed = [end, std::mem::take(&mut self.primed)].concat();
+        self.tail = None;
+        self.content += content;
         Ok(())
     }
 
@@ -350,6 +397,7 @@ impl StreamEncoder {
             t.push(data);
         }
         self.frame_content += data.len() as u64;
+        self.content += data.len() as u64;
         Ok(out)
     }
 }
@@ -364,6 +412,9 @@ pub struct StreamDecoder {
     tail: Option<Tail>,
     /// A frame ended: the next one starts with the tail as its prefix.
     frame_ended: bool,
+    /// The next frame's prefix is this shared reference, within this
+    /// window, instead of the tail (a piece of [`STREAM_REF_CODE`]).
+    reference_next: Option<(Arc<[u8]>, u32)>,
     /// Frames begun (0 until a piece is decoded).
     frames: u64,
     /// Content decoded before the running piece, and where the running
@@ -398,7 +449,16 @@ impl StreamDecoder {
         // The memory bound: a frame declaring a larger window is an error,
         // not an allocation. (A parameter: it holds for every frame.)
         ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(|c| StreamError(zerr(c)))?;
-        Ok(StreamDecoder { ctx, prefix, tail: None, frame_ended: false, frames: 0, decoded: 0, frame_began: 0 })
+        Ok(StreamDecoder {
+            ctx,
+            prefix,
+            tail: None,
+            reference_next: None,
+            frame_ended: false,
+            frames: 0,
+            decoded: 0,
+            frame_began: 0,
+        })
     }
 
     /// Follow the source's level changes (`CAP_STREAM_LEVELS` agreed): a
@@ -417,19 +477,58 @@ impl StreamDecoder {
         self.frames
     }
 
+    /// Content decoded so far.
+    pub fn decoded(&self) -> u64 {
+        self.decoded
+    }
+
+    /// The frame that begins next (in the next piece, a
+    /// [`STREAM_REF_CODE`] one) has `reference` as its prefix, bounded by
+    /// [`window_log_with_prefix`]`(reference, image_size)` instead of the
+    /// first frame's window; it is the last frame the decoder follows
+    /// (no tail is kept after it). Only while following levels: the
+    /// reference's frame begins where a level change's would.
+    pub fn reference_next_frame(&mut self, reference: Arc<[u8]>, image_size: u64) -> Result<(), String> {
+        if self.tail.is_none() {
+            return Err("a frame with the shared reference, in a stream that begins no frame".into());
+        }
+        let window_log = window_log_with_prefix(reference.len() as u64, image_size);
+        self.reference_next = Some((reference, window_log));
+        Ok(())
+    }
+
+    /// Whether [`reference_next_frame`](Self::reference_next_frame)'s
+    /// frame is still to begin.
+    pub fn reference_pending(&self) -> bool {
+        self.reference_next.is_some()
+    }
+
     /// Give the next frame, beginning after `at` bytes of content, its
-    /// prefix: the tail, which holds everything decoded before it.
+    /// prefix: the tail, which holds everything decoded before it (or the
+    /// shared reference, once, if a piece said so).
     fn next_frame(&mut self, at: u64) -> Result<(), String> {
         self.frame_ended = false;
         self.frames += 1;
         let carried = at - self.frame_began;
         self.frame_began = at;
         // Without the capability frames are independent, as zstd decodes them.
-        let Some(tail) = &self.tail else { return Ok(()) };
+        let Some(tail) = self.tail.take() else { return Ok(()) };
         if carried < LEVEL_FRAME_MIN {
             return Err(format!("a frame of {carried} bytes before the next, less than {LEVEL_FRAME_MIN}"));
         }
-        let prefix = tail.freeze();
+        let prefix = match self.reference_next.take() {
+            Some((reference, window_log)) => {
+                // Between frames, as refPrefix: the reference's window bound
+                // holds from this frame on, and no tail is kept after it.
+                self.ctx.set_parameter(DParameter::WindowLogMax(window_log)).map_err(zerr)?;
+                reference
+            }
+            None => {
+                let prefix = tail.freeze();
+                self.tail = Some(tail);
+                prefix
+            }
+        };
         // SAFETY: `prefix` goes into `self.prefix`, dropped after `ctx` and
         // replaced only at the next frame's start, once this one ended.
         let slice = unsafe { extend(&prefix) };
