@@ -20,11 +20,14 @@ use proptest::prelude::*;
 use relay::Outcome;
 use relay::{hide, keep, relay, Edit};
 use xenmig::blocks::layout::Align;
+use xenmig::copy::shared_ref::LatePolicy;
 use xenmig::copy::source::{LiveOptions, SourceOptions, SourceSession};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::{Progress, Report};
 use xenmig::wire::compress::Choice;
-use xenmig::wire::protocol::{Message, CAP_SHARED_REF};
+use xenmig::wire::protocol::{Message, CAP_LATE_REF, CAP_SHARED_REF};
+use xenmig::wire::rate::Rate;
+use xenmig::wire::stream::{STREAM_CODE, STREAM_REF_CODE};
 use xenmig::wire::transport::Link;
 
 const BS: usize = 4096;
@@ -44,6 +47,10 @@ struct Setup<'a> {
     codec: &'a str,
     /// A live copy: change blocks of SRC between its passes with this.
     live: Option<&'a dyn Fn(u32)>,
+    /// When the source takes a large reference (None: the default); with
+    /// one, the source writes at most 16 MB/s, so that the stream's
+    /// progress does not outrun the reference's reading on a busy machine.
+    late: Option<LatePolicy>,
 }
 
 /// Copy in-process through a relay editing each direction.
@@ -65,6 +72,8 @@ fn copy_through(s: &Setup<'_>, to_target: Edit, to_source: Edit) -> Outcome {
         idle_timeout: Some(Duration::from_secs(30)),
         source_references: s.source_refs.clone(),
         live: s.live.map(|_| LiveOptions { max_passes: 3, converge_blocks: 0, ..LiveOptions::default() }),
+        late_reference: s.late.unwrap_or_default(),
+        bwlimit: Rate(if s.late.is_some() { 16_000_000 } else { 0 }),
         ..SourceOptions::default()
     };
     let source = SourceSession::start(s.src, &opts, src_link, Progress::hidden()).and_then(|mut session| {
@@ -167,6 +176,7 @@ proptest! {
         on_target in any::<bool>(),
         on_source in any::<bool>(),
         codec in prop_oneof![Just("zstd"), Just("auto"), Just("lz4")],
+        late in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let (r, src, dst) = (dir.path().join("ref.img"), dir.path().join("src.img"), dir.path().join("dst.img"));
@@ -185,11 +195,20 @@ proptest! {
             source_refs: if on_source { vec![r_src.clone()] } else { vec![] },
             codec,
             live: None,
+            // Every reference taken late: these images are too short for
+            // its frame (a frame carries 1 MiB before the next), so the
+            // copy ends without it (a_large_reference_is_taken_late).
+            late: late.then_some(LatePolicy { from_start_up_to: 0, after_content: 0 }),
         };
         let o = copy_through(&setup, keep(), keep());
         let rep = check(&o, &image, &dst);
         let streams = codec != "lz4";
-        prop_assert_eq!(rep.shared_reference.is_some(), on_target && on_source && streams, "{:?}", rep.shared_reference);
+        prop_assert_eq!(
+            rep.shared_reference.is_some(),
+            on_target && on_source && streams && !late,
+            "{:?}",
+            rep.shared_reference
+        );
     }
 }
 
@@ -215,8 +234,15 @@ fn the_reference_pays_when_both_ends_hold_it() {
     let mut payload = Vec::new();
     for source_refs in [vec![], vec![r.clone()]] {
         let _ = fs::remove_file(&dst);
-        let setup =
-            Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None };
+        let setup = Setup {
+            src: &src,
+            dst: &dst,
+            target_refs: vec![r.clone()],
+            source_refs,
+            codec: "zstd",
+            live: None,
+            late: None,
+        };
         let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
         assert_eq!(rep.blocks_fetched, 256);
         payload.push(rep.bytes_payload_wire);
@@ -237,8 +263,15 @@ fn a_peer_without_the_capability_gets_todays_exchange() {
     let dst = dir.path().join("dst.img");
     for (hide, source_refs) in [(true, vec![r.clone()]), (false, vec![])] {
         let _ = fs::remove_file(&dst);
-        let setup =
-            Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None };
+        let setup = Setup {
+            src: &src,
+            dst: &dst,
+            target_refs: vec![r.clone()],
+            source_refs,
+            codec: "zstd",
+            live: None,
+            late: None,
+        };
         let seen = Arc::new(AtomicBool::new(false));
         let watch = |seen: Arc<AtomicBool>| -> Edit {
             let mut hide_it = hide_shared();
@@ -269,8 +302,15 @@ fn a_source_reference_with_another_digest_is_not_used() {
     let other = dir.path().join("other.img");
     fs::write(&other, reference(12, 64)).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup =
-        Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![other], codec: "zstd", live: None };
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r],
+        source_refs: vec![other],
+        codec: "zstd",
+        live: None,
+        late: None,
+    };
     let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
     assert_eq!(rep.shared_reference, None);
 }
@@ -284,7 +324,15 @@ fn a_source_reference_above_the_limit_is_not_used() {
     let big = dir.path().join("big.img");
     fs::File::create(&big).unwrap().set_len(xenmig::copy::shared_ref::MAX_SHARED_REF + BS as u64).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup = Setup { src: &src, dst: &dst, target_refs: vec![r], source_refs: vec![big], codec: "zstd", live: None };
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r],
+        source_refs: vec![big],
+        codec: "zstd",
+        live: None,
+        late: None,
+    };
     let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
     assert_eq!(rep.shared_reference, None);
 }
@@ -304,7 +352,7 @@ fn make_catalog(dir: &Path, extra: &[&str], images: &[&Path]) -> PathBuf {
 /// A zstd copy of SRC into DST with these references on either side,
 /// checked to be `want`, verified and counted right; the target's report.
 fn copy_checked(src: &Path, dst: &Path, target_refs: Vec<PathBuf>, source_refs: Vec<PathBuf>, want: &[u8]) -> Report {
-    let setup = Setup { src, dst, target_refs, source_refs, codec: "zstd", live: None };
+    let setup = Setup { src, dst, target_refs, source_refs, codec: "zstd", live: None, late: None };
     check(&copy_through(&setup, keep(), keep()), want, dst)
 }
 
@@ -390,8 +438,15 @@ fn a_choice_that_was_not_offered_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (r, src, _) = one_byte_per_block_changed(dir.path(), 64);
     let dst = dir.path().join("dst.img");
-    let setup =
-        Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs: vec![r], codec: "zstd", live: None };
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r.clone()],
+        source_refs: vec![r],
+        codec: "zstd",
+        live: None,
+        late: None,
+    };
     let lie: Edit = Box::new(|m| match m {
         Message::RefChosen { chosen: Some(_) } => Message::RefChosen { chosen: Some([0xAB; 32]) },
         m => m,
@@ -426,6 +481,7 @@ fn a_live_copy_keeps_the_dictionary_across_passes() {
         source_refs: vec![r],
         codec: "zstd",
         live: Some(&change),
+        late: None,
     };
     let o = copy_through(&setup, keep(), keep());
     let image = fs::read(&src).unwrap();
@@ -539,8 +595,139 @@ fn receipts_before_the_offer_are_taken() {
         source_refs: vec![r.clone()],
         codec: "auto",
         live: None,
+        late: None,
     };
     let rep = check(&copy_through(&setup, keep(), watch), &image, &dst);
     assert!(rep.shared_reference.is_some(), "{rep:?}");
     eprintln!("a receipt came before the offer: {}", receipt_first.load(Ordering::Relaxed));
+}
+
+/// Every reference counts as large: read, verified and indexed on the
+/// source's thread from the first piece, taken once ready.
+const ALL_LATE: LatePolicy = LatePolicy { from_start_up_to: 0, after_content: 0 };
+
+/// 8 MiB: a reference's frame begins after 1 MiB at least.
+const LATE_BLOCKS: usize = 2048;
+
+/// An image of [`LATE_BLOCKS`] each one byte off the reference's block, and
+/// a reference of another size: DST is not filled from it first, so no
+/// block is asked as a delta against it; each goes through the stream.
+fn streamed_whole(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (r, src, image) = one_byte_per_block_changed(dir, LATE_BLOCKS);
+    fs::write(&r, [fs::read(&r).unwrap(), reference(12, 64)].concat()).unwrap();
+    (r, src, image)
+}
+
+/// A large reference (`CAP_LATE_REF`): the stream begins without it and
+/// takes it at a later piece, once read, verified and indexed on a thread
+/// of its own; the copy is exact, the report says from which byte of the
+/// stream's content on, and the blocks after it cost a few bytes each.
+/// With the default policy the same (small) reference is taken from the
+/// first piece.
+#[test]
+fn a_large_reference_is_taken_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = streamed_whole(dir.path());
+    let blocks = LATE_BLOCKS;
+    let dst = dir.path().join("dst.img");
+    let mut runs = Vec::new();
+    for (source_refs, late) in [(vec![], None), (vec![r.clone()], Some(ALL_LATE)), (vec![r.clone()], None)] {
+        let _ = fs::remove_file(&dst);
+        let setup =
+            Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None, late };
+        runs.push(check(&copy_through(&setup, keep(), keep()), &image, &dst));
+    }
+    let (none, late, start) = (&runs[0], &runs[1], &runs[2]);
+    assert_eq!(late.shared_reference.as_deref(), Some(common::s(&r)));
+    let whole = (blocks * BS) as u64;
+    assert!((1 << 20..whole).contains(&late.shared_reference_after), "taken after {}", late.shared_reference_after);
+    assert_eq!(none.blocks_fetched, blocks as u64);
+    // Noise costs its size before the reference's frame, and far less
+    // after it, wherever it began.
+    let after = late.shared_reference_after;
+    assert!(
+        late.bytes_payload_wire < after + (whole - after) / 2,
+        "{} bytes, the reference taken after {after} of {whole}",
+        late.bytes_payload_wire
+    );
+    assert_eq!(start.shared_reference.as_deref(), Some(common::s(&r)));
+    assert_eq!(start.shared_reference_after, 0);
+}
+
+/// A target of the previous release (no `CAP_LATE_REF`) gets the
+/// reference from the stream's first piece, as before, whatever its size.
+#[test]
+fn a_target_without_late_references_gets_it_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r.clone()],
+        source_refs: vec![r.clone()],
+        codec: "zstd",
+        live: None,
+        late: Some(ALL_LATE),
+    };
+    let rep = check(&copy_through(&setup, hide(CAP_LATE_REF), hide(CAP_LATE_REF)), &image, &dst);
+    assert_dictionary(&rep, &r);
+    assert_eq!(rep.shared_reference_after, 0);
+}
+
+/// A catalog entry that changed since the catalog was made, chosen by its
+/// listed digest and found to hash otherwise only when the stream comes
+/// to take it: the stream goes on without it, the copy verified.
+#[test]
+fn a_stale_catalog_entry_taken_late_is_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = streamed_whole(dir.path());
+    let mine = dir.path().join("mine.img");
+    fs::copy(&r, &mine).unwrap();
+    let catalog = make_catalog(dir.path(), &[], &[&mine]);
+    fs::write(&mine, reference(23, LATE_BLOCKS + 64)).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r],
+        source_refs: vec![catalog],
+        codec: "zstd",
+        live: None,
+        late: Some(ALL_LATE),
+    };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+    assert_eq!(rep.blocks_fetched, LATE_BLOCKS as u64);
+}
+
+/// A piece that says it begins the reference's frame where no reference
+/// was chosen fails the copy, naming it; DST keeps only verified blocks.
+#[test]
+fn a_reference_frame_nobody_chose_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, _) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r],
+        source_refs: vec![],
+        codec: "zstd",
+        live: None,
+        late: None,
+    };
+    let forge: Edit = Box::new(|m| match m {
+        Message::Blocks { first_block, count, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Blocks { first_block, count, codec: STREAM_REF_CODE, raw_len, payload }
+        }
+        Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Delta { block, codec: STREAM_REF_CODE, raw_len, payload }
+        }
+        m => m,
+    });
+    let o = copy_through(&setup, forge, keep());
+    let e = o.target.expect_err("an unchosen reference's frame must fail the copy").to_string();
+    assert!(e.contains("no reference chosen"), "{e}");
+    assert!(o.source.is_err());
 }

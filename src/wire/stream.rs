@@ -848,4 +848,77 @@ mod tests {
         assert_eq!(dec.decompress_run(&two, 8192).unwrap(), [run.clone(), run].concat());
         assert_eq!(dec.frames(), 2);
     }
+
+    /// A stream that takes a shared reference late (`CAP_LATE_REF`): the
+    /// source ends its frame and continues as a stream prefixed with the
+    /// reference (indexed ahead, as on its own thread); the target, told
+    /// by the piece's code, gives that frame the same reference. The
+    /// content round-trips, the reference pays from there on, and the
+    /// stream begins no frame after it.
+    #[test]
+    fn a_reference_frame_begins_late_and_pays() {
+        let mut rng = crate::test_data::Noise::new(9);
+        let reference: Arc<[u8]> = rng.bytes(1 << 20).into();
+        let before: Vec<Vec<u8>> = (0..5).map(|_| rng.bytes(256 << 10)).collect();
+        let after: Vec<Vec<u8>> = (0..4)
+            .map(|k| {
+                let mut run = reference[k << 18..(k + 1) << 18].to_vec();
+                for i in (0..run.len()).step_by(4096) {
+                    run[i] ^= 0x55;
+                }
+                run
+            })
+            .collect();
+        let image = 8 << 20;
+        let prepared = || {
+            let mut next = StreamEncoder::with_prefix(3, reference.clone(), image).unwrap();
+            next.prime().unwrap();
+            next
+        };
+        let mut enc = StreamEncoder::new(3, window_log_for(image)).unwrap().follow_levels();
+        let mut dec = StreamDecoder::new().unwrap().follow_levels();
+        for (k, run) in before.iter().enumerate() {
+            if k == 1 {
+                // Before the frame carried LEVEL_FRAME_MIN: refused.
+                assert!(enc.begin_reference_frame(prepared()).is_err());
+            }
+            let p = enc.compress_run(run).unwrap();
+            assert_eq!(&dec.decompress_run(&p, run.len()).unwrap(), run);
+        }
+        enc.begin_reference_frame(prepared()).unwrap();
+        assert_eq!(enc.content(), 5 * (256 << 10));
+        dec.reference_next_frame(reference.clone(), image).unwrap();
+        let mut sent = 0;
+        for run in &after {
+            let p = enc.compress_run(run).unwrap();
+            sent += p.len();
+            assert_eq!(&dec.decompress_run(&p, run.len()).unwrap(), run);
+            assert!(!dec.reference_pending());
+        }
+        assert!(sent * 20 < 1 << 20, "{sent} bytes for 1 MiB of edited reference");
+        assert_eq!(dec.frames(), 2);
+        // The reference's frame is the last: no level change after it.
+        assert!(!enc.can_change_level());
+        assert!(enc.set_level(5).is_err());
+    }
+
+    /// A decoder told that the next frame has the reference, given a piece
+    /// in which no frame ends, still waits for that frame (the target
+    /// fails the copy on it); a decoder that begins no frames cannot take
+    /// a reference late at all.
+    #[test]
+    fn a_reference_frame_that_does_not_begin_is_seen() {
+        let reference: Arc<[u8]> = vec![3u8; 1 << 16].into();
+        let runs = runs();
+        let mut enc = StreamEncoder::new(3, 22).unwrap().follow_levels();
+        let mut dec = StreamDecoder::new().unwrap().follow_levels();
+        let p0 = enc.compress_run(&runs[0]).unwrap();
+        let p1 = enc.compress_run(&runs[1]).unwrap();
+        dec.decompress_run(&p0, runs[0].len()).unwrap();
+        dec.reference_next_frame(reference.clone(), 1 << 20).unwrap();
+        assert_eq!(dec.decompress_run(&p1, runs[1].len()).unwrap(), runs[1]);
+        assert!(dec.reference_pending());
+        let mut fixed = StreamDecoder::new().unwrap();
+        assert!(fixed.reference_next_frame(reference, 1 << 20).is_err());
+    }
 }
