@@ -564,6 +564,41 @@ fn the_cli_takes_it_from_the_flag_the_far_end_and_the_file() {
     assert_eq!(fs::read(&dst).unwrap(), image);
 }
 
+/// To a remote DST (here `-s ""`: the far end runs on this host), `-r`'s
+/// paths are looked for on the source's host too: with no
+/// `--source-reference` and no configuration, the reference at the same
+/// path serves as the dictionary. A local copy does not look.
+#[test]
+fn the_cli_finds_the_reference_at_the_same_path_on_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let (rs, ss, ds) = (common::s(&r), common::s(&src), common::s(&dst));
+    let bin = common::bin();
+    let remote_dst = format!("h:{ds}");
+    for (to, want) in [(remote_dst.as_str(), Some(rs)), (ds, None)] {
+        let _ = fs::remove_file(&dst);
+        let args = [
+            "-q",
+            "copy",
+            "--json",
+            "--compress",
+            "zstd",
+            "-s",
+            "",
+            "--remote-xenmig",
+            common::s(&bin),
+            "-r",
+            rs,
+            ss,
+            to,
+        ];
+        let v = report(&xenmig(None, &args));
+        assert_eq!(v["shared_reference"].as_str(), want, "{args:?}: {v}");
+        assert_eq!(fs::read(&dst).unwrap(), image);
+    }
+}
+
 /// With `auto` the target sends receipts (`CAP_RECEIPTS`) from the
 /// handshake on, while it loads its references: one may come before its
 /// `RefOffer`, and the source takes it. (The lab's migration with a 32 MiB
@@ -730,4 +765,47 @@ fn a_reference_frame_nobody_chose_is_refused() {
     let e = o.target.expect_err("an unchosen reference's frame must fail the copy").to_string();
     assert!(e.contains("no reference chosen"), "{e}");
     assert!(o.source.is_err());
+}
+
+/// The target's reference at the same path on the source's host
+/// (`SourceOptions::same_path_references`, which `copy` to a host and
+/// `migrate` set from `-r`): used when its bytes have the digest offered;
+/// other bytes of the same size there are read, found to differ and left
+/// out; a target without `CAP_LATE_REF` never has it read. Every copy is
+/// exact.
+#[test]
+fn a_reference_at_the_same_path_serves_when_its_bytes_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
+    let dst = dir.path().join("dst.img");
+    let copy = |same: &Path, hidden: bool| {
+        let _ = fs::remove_file(&dst);
+        let (src_link, relay_s) = Link::pair().unwrap();
+        let (relay_t, tgt_link) = Link::pair().unwrap();
+        let edit = || if hidden { hide(CAP_LATE_REF) } else { keep() };
+        let r1 = relay(relay_s.reader, relay_t.writer, edit());
+        let r2 = relay(relay_t.reader, relay_s.writer, edit());
+        let (d, references) = (dst.clone(), vec![r.clone()]);
+        let target = thread::spawn(move || {
+            let opts = TargetOptions { references, ..TargetOptions::default() };
+            target::run(&d, &opts, tgt_link, &Progress::hidden())
+        });
+        let opts = SourceOptions {
+            block_size: BS as u32,
+            align: Align::Flat,
+            compress: "zstd".parse::<Choice>().unwrap(),
+            same_path_references: vec![same.to_path_buf()],
+            ..SourceOptions::default()
+        };
+        let source = xenmig::copy::source::run(&src, &opts, src_link, &Progress::hidden());
+        let target = target.join().unwrap();
+        let _ = (r1.join(), r2.join());
+        check(&Outcome { source, target }, &image, &dst)
+    };
+    assert_dictionary(&copy(&r, false), &r);
+    assert_eq!(copy(&r, true).shared_reference, None);
+    // The same size, other bytes, at a path the source looks at.
+    let other = dir.path().join("other.img");
+    fs::write(&other, reference(31, 64)).unwrap();
+    assert_eq!(copy(&other, false).shared_reference, None);
 }

@@ -182,17 +182,18 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
 
 def check_xm_target_vg(g, dst, vg, want_created, template=None, catalog=False):
     """A live migrate into volume group VG on DST, without -C. TEMPLATE: an
-    LV both hosts hold byte for byte, given as -r (DST's) and as
-    --source-reference (this host's: the LV itself, or with CATALOG an
-    index of it made by `xenmig index` here, the host's catalog); the
-    report must name it as the stream's dictionary of every disk's copy."""
+    LV both hosts hold byte for byte at the same path, given as -r (DST's);
+    this host finds its own at that path (session 19), or with CATALOG
+    through --source-reference of an index of it made by `xenmig index`
+    here, the host's catalog; the report must name it as the stream's
+    dictionary of every disk's copy."""
     extra = f"--target-vg {vg}"
     src = g.host
     if template and catalog:
         src.sh(f"xenmig -q index -o /var/tmp/xm-templates.xmi {template} >/dev/null", 120)
         extra += f" -r {template} --source-reference /var/tmp/xm-templates.xmi"
     elif template:
-        extra += f" -r {template} --source-reference {template}"
+        extra += f" -r {template}"
     summary, figures = check_xm_migrate(g, dst, want_created, None, extra)
     attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
     if f"/dev/{vg}/g1" not in attached:
@@ -204,7 +205,8 @@ def check_xm_target_vg(g, dst, vg, want_created, template=None, catalog=False):
         if not used or any(u != template for u in used):
             raise LabError(f"the disks' copies did not use {template} as their dictionary: {used}")
         figures["shared_reference"] = used
-        summary += f"; dictionary {template} on both hosts" + (" (the source's from its catalog)" if catalog else "")
+        summary += f"; dictionary {template} on both hosts" + (
+            " (the source's from its catalog)" if catalog else " (the source's found at -r's path)")
     return f"{summary}; attached: {attached}", figures
 
 
@@ -565,15 +567,16 @@ def run_xenmig_migrate_checks(checks, hosts):
     vg1_host.sh("test -e /dev/vg1 || { truncate -s 96M /var/tmp/vg1.img && "
                 "pvcreate -q $(losetup -f --show /var/tmp/vg1.img) && "
                 "vgcreate -q vg1 $(losetup -j /var/tmp/vg1.img | cut -d: -f1); }", 120)
-    # A template both hosts hold (session 13): the vg1 migration gets it as
-    # -r on the target and --source-reference here, and its fetched blocks
-    # go through the zstd stream with it as the dictionary (CAP_SHARED_REF).
+    # A template both hosts hold (session 13) at the same path: the vg1
+    # migration gets it as -r on the target, this host finds its own at that
+    # path (session 19), and the fetched blocks go through the zstd stream
+    # with it as the dictionary (CAP_SHARED_REF).
     template = []
     checks.step(f"a 32 MiB template LV, the same bytes on {g.host.name} and {vg1_host.name}",
                 lambda: (template.append(make_template(g.host, vg1_host)), "vg0/tmpl on both")[1])
     if not checks.step(f"xenmig migrate --target-vg vg1 g1 {g.host.name} -> {vg1_host.name} (no -C: "
                        "the relay rewrites the disk path in xl's config)"
-                       + (" with -r and --source-reference of the template" if template else "")
+                       + (" with -r of the template, found at the same path on the source" if template else "")
                        + ": the counter continues, the guest runs from /dev/vg1/g1",
                        lambda: check_xm_target_vg(g, other(), "vg1", True, template[0] if template else None)):
         return

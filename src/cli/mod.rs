@@ -329,6 +329,12 @@ pub(crate) struct CopyArgs {
     /// of exactly SRC's size and layout (say, the guest's old image on a
     /// return migration): the copy then costs what it costs onto that
     /// image itself.
+    ///
+    /// To a remote DST, SRC's host looks for the same paths too (a pool's
+    /// hosts often hold their templates at the same paths): one whose bytes
+    /// have the digest of a reference DST's side offers serves as a
+    /// --source-reference would, read late and only if the copy is long
+    /// enough for it to pay.
     #[arg(short = 'r', long = "reference", value_name = "PATH")]
     references: Vec<PathBuf>,
     /// Image on the SRC side that DST's side may hold too (a template or
@@ -339,7 +345,9 @@ pub(crate) struct CopyArgs {
     /// changed files resemble the reference's, on a slow link
     /// (docs/experiments.md). Costs its size in memory on both hosts (at
     /// most 1 GiB, and half the memory available, is used) and a read and
-    /// hash of it on each; needs `--compress zstd` or auto. PATH may be a
+    /// hash of it on each; needs `--compress zstd` or auto. One above 64 MiB
+    /// is read on a thread of its own once 16 MiB have been streamed, and
+    /// used from then on: a short copy never waits for it. PATH may be a
     /// glob pattern (expanded on SRC's host, never to SRC), or a catalog:
     /// an index file made by `xenmig index` of the host's templates, of
     /// which only the one the target offers is read (and checked against

@@ -173,7 +173,9 @@ pub fn copy(src: &Location, dst: &Location, opts: &CopyOptions, progress: &Progr
         (Location::Local(s), Location::Remote { host, path }) => {
             let (link, peer) = Link::spawn(&opts.ssh, host, &serve_target_args(opts, path))?;
             let stats = link.stats.clone();
-            let r = source::run(s, &opts.source, link, progress);
+            // The far host's references may be at the same paths here.
+            let sopts = SourceOptions { same_path_references: opts.target.references.clone(), ..opts.source.clone() };
+            let r = source::run(s, &sopts, link, progress);
             let mut report = finish_remote(r, peer)?;
             report.bytes_wire = stats.total();
             report

@@ -195,16 +195,66 @@ pub enum SourceRef {
     /// read and hashed only if the target offers its digest, so that a
     /// host's catalog of many templates costs one read, of the one used.
     Listed { path: PathBuf, catalog: PathBuf, digest: Digest, layout: Layout, algo: Algorithm },
+    /// A path the target named as one of its references (`-r`), found on
+    /// this host too ([`same_path_candidates`]): its digest is unknown
+    /// until it is read, so it is chosen by its size (the first offered of
+    /// that size: `expect`) and used only if its bytes then hash to that
+    /// digest. Only with `CAP_LATE_REF`, where that read is late and on a
+    /// thread of its own.
+    SamePath { path: PathBuf, size: u64, algo: Algorithm, block_size: u32, expect: Option<Digest> },
+}
+
+/// The target's references (`entries`, as given to `-r`: paths and
+/// patterns) that exist on this host too, SRC (`src`) and index files
+/// left out: hosts of a pool often hold the same templates at the same
+/// paths, and one whose bytes match what the target offers serves as the
+/// stream's dictionary as a `--source-reference` would. Nothing is read
+/// here; what does not exist is left out, said at debug level.
+pub fn same_path_candidates(entries: &[PathBuf], src: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let id = |p: &Path| {
+        std::fs::metadata(p).ok().and_then(|m| match m.file_type() {
+            t if t.is_block_device() => Some((0, m.rdev())),
+            t if t.is_file() => Some((m.dev(), m.ino())),
+            _ => None,
+        })
+    };
+    let own = id(src);
+    let mut out: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let found = match super::refglob::expand_entry(entry, Some(src)) {
+            Ok(found) => found,
+            Err(e) => {
+                log::debug!("reference {} is not looked for on this host: {e}", entry.display());
+                continue;
+            }
+        };
+        for p in found {
+            match id(&p) {
+                None => log::debug!("reference {} is not on this host (or not an image)", p.display()),
+                Some(i) if Some(i) == own || is_index_file(&p) => {}
+                Some(_) if !out.contains(&p) => out.push(p),
+                Some(_) => {}
+            }
+        }
+    }
+    out
 }
 
 /// The source's references (`paths`: images and catalogs, patterns
 /// already expanded), as the copy starts (on a thread of its own, while
 /// the target loads its own references: the offer then finds them ready).
 /// Images are read into memory and hashed from there; a catalog's entries
-/// are only listed. A reference above [`MAX_SHARED_REF`], or a catalog
+/// are only listed; `same_path` (the target's `-r` paths found on this
+/// host, [`same_path_candidates`]) are only sized, and come last. A reference above [`MAX_SHARED_REF`], or a catalog
 /// made with another digest or block size, is left out, said once in the
 /// log.
-pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<Vec<SourceRef>, EngineError> {
+pub fn load_all(
+    paths: &[PathBuf],
+    same_path: &[PathBuf],
+    algo: Algorithm,
+    block_size: u32,
+) -> Result<Vec<SourceRef>, EngineError> {
     let mut out = Vec::new();
     for p in paths {
         if is_index_file(p) {
@@ -246,6 +296,22 @@ pub fn load_all(paths: &[PathBuf], algo: Algorithm, block_size: u32) -> Result<V
         }
         out.push(SourceRef::Loaded(load(p, &img, None, algo, block_size)?));
     }
+    // Last: a path the target named, found here too (only sized now).
+    for p in same_path {
+        if paths.contains(p) {
+            continue;
+        }
+        let size = match Image::open_read(p) {
+            Ok(img) => img.size(),
+            Err(e) => {
+                log::debug!("reference {} on this host is left out: {e}", p.display());
+                continue;
+            }
+        };
+        if too_large(size).is_none() {
+            out.push(SourceRef::SamePath { path: p.clone(), size, algo, block_size, expect: None });
+        }
+    }
     Ok(out)
 }
 
@@ -274,11 +340,13 @@ impl Default for LatePolicy {
 }
 
 impl SourceRef {
-    /// The image digest this reference has (a catalog's: as listed).
-    pub fn digest(&self) -> Digest {
+    /// The image digest this reference has (a catalog's: as listed; one
+    /// found by path: the one it was chosen for, if it was).
+    pub fn digest(&self) -> Option<Digest> {
         match self {
-            SourceRef::Loaded(r) => r.digest,
-            SourceRef::Listed { digest, .. } => *digest,
+            SourceRef::Loaded(r) => Some(r.digest),
+            SourceRef::Listed { digest, .. } => Some(*digest),
+            SourceRef::SamePath { expect, .. } => *expect,
         }
     }
 
@@ -286,7 +354,7 @@ impl SourceRef {
     pub fn path(&self) -> &Path {
         match self {
             SourceRef::Loaded(r) => &r.path,
-            SourceRef::Listed { path, .. } => path,
+            SourceRef::Listed { path, .. } | SourceRef::SamePath { path, .. } => path,
         }
     }
 
@@ -295,6 +363,7 @@ impl SourceRef {
         match self {
             SourceRef::Loaded(r) => r.bytes.len() as u64,
             SourceRef::Listed { layout, .. } => layout.size,
+            SourceRef::SamePath { size, .. } => *size,
         }
     }
 
@@ -307,6 +376,29 @@ impl SourceRef {
         let (path, catalog, digest, layout, algo) = match self {
             SourceRef::Loaded(r) => return Some(r),
             SourceRef::Listed { path, catalog, digest, layout, algo } => (path, catalog, digest, layout, algo),
+            SourceRef::SamePath { path, algo, block_size, expect, .. } => {
+                let expect = expect?;
+                let loaded = Image::open_read(&path)
+                    .map_err(EngineError::from)
+                    .and_then(|img| load(&path, &img, None, algo, block_size));
+                return match loaded {
+                    Ok(r) if r.digest == expect => Some(r),
+                    Ok(r) => {
+                        log::info!(
+                            "{} on this host is not the target's reference {} of its size (its bytes hash to {}): not \
+                             used",
+                            path.display(),
+                            hex(&expect),
+                            hex(&r.digest)
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        log::info!("{} on this host is not used as the stream's dictionary: {e}", path.display());
+                        None
+                    }
+                };
+            }
         };
         let block_size = layout.block_size;
         let loaded = Image::open_read(&path)
@@ -340,10 +432,11 @@ impl SourceRef {
 pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedRef> {
     let is_offered = |d: &Digest, s: u64| offered.iter().any(|&(od, os)| od == *d && os == s);
     for r in refs {
-        if let SourceRef::Listed { digest, layout, .. } = &r {
-            if !is_offered(digest, layout.size) {
-                continue;
-            }
+        match &r {
+            SourceRef::Listed { digest, layout, .. } if !is_offered(digest, layout.size) => continue,
+            // (Read and hashed before the copy could start: not worth it.)
+            SourceRef::SamePath { .. } => continue,
+            _ => {}
         }
         let Some(r) = r.into_verified() else { continue };
         #[cfg(test)]
@@ -363,9 +456,10 @@ pub fn choose(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SharedR
 }
 
 /// The source's choice with `CAP_LATE_REF`: the first of `refs` with an
-/// offered digest and size, not read yet (a catalog's entry is verified
-/// only when the stream takes it; if it fails then, the stream goes on
-/// without a dictionary).
+/// offered digest and size, not read yet (a catalog's entry, or one found
+/// at a `-r` path by its size, is verified only when the stream takes it;
+/// if it fails then, the stream goes on without a dictionary: no other is
+/// tried, the choice having been said).
 pub fn pick(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SourceRef> {
     let is_offered = |d: &Digest, s: u64| offered.iter().any(|&(od, os)| od == *d && os == s);
     for r in refs {
@@ -374,8 +468,17 @@ pub fn pick(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SourceRef
             SourceRef::Loaded(r) => SourceRef::Loaded(forged::apply(r, offered)),
             listed => listed,
         };
-        if is_offered(&r.digest(), r.size()) {
-            log::info!("shared reference: {} chosen (digest {})", r.path().display(), hex(&r.digest()));
+        let r = match r {
+            // The first offered of its size is the one its bytes may be.
+            SourceRef::SamePath { path, size, algo, block_size, .. } => {
+                let expect = offered.iter().find(|o| o.1 == size).map(|o| o.0);
+                SourceRef::SamePath { path, size, algo, block_size, expect }
+            }
+            r => r,
+        };
+        let Some(digest) = r.digest() else { continue };
+        if is_offered(&digest, r.size()) {
+            log::info!("shared reference: {} chosen (digest {})", r.path().display(), hex(&digest));
             return Some(r);
         }
         if let SourceRef::Loaded(l) = &r {
@@ -383,7 +486,7 @@ pub fn pick(refs: Vec<SourceRef>, offered: &[(Digest, u64)]) -> Option<SourceRef
                 "source reference {} ({} bytes, digest {}) is not one the target holds; not used",
                 l.path.display(),
                 r.size(),
-                hex(&r.digest())
+                hex(&digest)
             );
         }
     }
@@ -421,6 +524,25 @@ mod tests {
     use crate::copy::target::{self, TargetOptions};
     use crate::copy::Progress;
     use crate::wire::transport::Link;
+
+    /// What `-r` names is looked for on the source's host: existing images
+    /// and pattern matches, in order, once each; never SRC itself (by
+    /// another name too), an index file, a directory or a missing path.
+    #[test]
+    fn same_path_candidates_leave_out_src_and_what_is_not_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        for n in ["a.img", "b.img", "src.img"] {
+            std::fs::write(p(n), [1u8; 4096]).unwrap();
+        }
+        std::os::unix::fs::symlink(p("src.img"), p("alias.img")).unwrap();
+        std::fs::write(p("cat.xmi"), [&crate::formats::index::MAGIC[..], &[0u8; 64]].concat()).unwrap();
+        std::fs::create_dir(p("d.img")).unwrap();
+        let entries =
+            [p("b.img"), p("missing.img"), dir.path().join("*.img"), p("alias.img"), p("src.img"), p("cat.xmi")];
+        let got = same_path_candidates(&entries, &p("src.img"));
+        assert_eq!(got, vec![p("b.img"), p("a.img")]);
+    }
 
     fn noise(seed: u64, len: usize) -> Vec<u8> {
         crate::test_data::Noise::new(seed | 1).bytes(len)

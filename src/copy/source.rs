@@ -166,6 +166,14 @@ pub struct SourceOptions {
     /// When a large shared reference becomes the stream's dictionary
     /// with a target that takes it late (`CAP_LATE_REF`).
     pub late_reference: shared_ref::LatePolicy,
+    /// The target's references (`-r`) as the target was given them, looked
+    /// for at the same paths on this host: one whose bytes have the digest
+    /// of one the target offers serves as a `--source-reference` would
+    /// (`shared_ref::same_path_candidates`; only with a target that takes
+    /// references late, `CAP_LATE_REF`). Set where the target is remote
+    /// (`copy` to a host, `migrate`): a local copy's references are this
+    /// host's already, and its fast link gains nothing from a dictionary.
+    pub same_path_references: Vec<std::path::PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -181,6 +189,7 @@ impl Default for SourceOptions {
             source_references: Vec::new(),
             raise_levels: true,
             late_reference: shared_ref::LatePolicy::default(),
+            same_path_references: Vec::new(),
         }
     }
 }
@@ -336,7 +345,9 @@ impl SourceSession {
         } else {
             Vec::new()
         };
-        let shared_cap = if source_refs.is_empty() { 0 } else { CAP_SHARED_REF };
+        let same_path =
+            if may_stream { shared_ref::same_path_candidates(&opts.same_path_references, path) } else { Vec::new() };
+        let shared_cap = if source_refs.is_empty() && same_path.is_empty() { 0 } else { CAP_SHARED_REF };
         // Every frame this end writes from here on, keep-alives included,
         // goes through the link's bucket.
         link.throttle.set(opts.bwlimit);
@@ -455,7 +466,7 @@ impl SourceSession {
         let offer = (shared_agreed && stream_level.is_some()).then(|| {
             let (algo, block_size) = (opts.algo, opts.block_size);
             Offer {
-                loading: thread::spawn(move || shared_ref::load_all(&source_refs, algo, block_size)),
+                loading: thread::spawn(move || shared_ref::load_all(&source_refs, &same_path, algo, block_size)),
                 prefix: prefix_tx,
                 late: late.is_some(),
             }
@@ -1193,7 +1204,7 @@ impl Dictionary {
         match self {
             Dictionary::None => None,
             Dictionary::Now(r) => Some(r.digest),
-            Dictionary::Later(r) => Some(r.digest()),
+            Dictionary::Later(r) => r.digest(),
         }
     }
 }

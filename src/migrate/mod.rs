@@ -774,6 +774,11 @@ fn precopy(
     progress: &Progress,
 ) -> Result<(), MigrateError> {
     let live = opts.source.live.clone().unwrap_or_default();
+    // The target's references may be at the same paths on this host.
+    let source_opts = crate::copy::source::SourceOptions {
+        same_path_references: references.iter().map(std::path::PathBuf::from).collect(),
+        ..opts.source.clone()
+    };
     for (d, r) in dom.disks.iter().zip(requests) {
         let mut args = vec![opts.remote_xenmig.clone(), "serve".into(), "--target".into(), r.path()];
         // The final delta lands while our own paused incoming domain holds the LV.
@@ -790,7 +795,7 @@ fn precopy(
         let err = |source: EngineError| MigrateError::PreCopy { disk: d.path(), source };
         let (link, peer) = Link::spawn(&opts.ssh, &opts.host, &args).map_err(|e| err(e.into()))?;
         progress.message(format!("{}: pass 1", d.vdev));
-        let session = match SourceSession::start(Path::new(&d.path()), &opts.source, link, progress.clone()) {
+        let session = match SourceSession::start(Path::new(&d.path()), &source_opts, link, progress.clone()) {
             Ok(s) => s,
             // The far end's own words when it failed first (a busy LV, say).
             Err(e) => return Err(err(crate::copy::run::remote_cause(e, peer))),

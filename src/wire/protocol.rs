@@ -215,8 +215,9 @@
 //! reply before `RefChosen`, or chooses a digest that was not offered, is a
 //! protocol error; so is a target whose first frame is not `RefOffer`. A
 //! source sets the bit only when it has a `--source-reference` (an image,
-//! or a catalog of images by digest: `copy::shared_ref`) and may stream;
-//! either end without it sends neither frame.
+//! or a catalog of images by digest: `copy::shared_ref`) or finds one of
+//! the target's `-r` paths on its own host, and may stream; either end
+//! without it sends neither frame.
 //!
 //! ```text
 //!    | -- ImageInfo -------------------------------------> |  loads its refs
@@ -226,6 +227,41 @@
 //!    | -- RefChosen(digest | none) ----------------------> |  before any reply;
 //!    |   (Groups, requests and replies as above; stream    |  target loads and
 //!    |    pieces decode with the reference as prefix)      |  verifies its bytes
+//! ```
+//!
+//! A reference taken late (capability [`CAP_LATE_REF`], used only with
+//! [`CAP_SHARED_REF`] and [`CAP_STREAM_LEVELS`] agreed too): when both
+//! ends set it, a chosen reference is *not* the stream's prefix from its
+//! start. The stream begins as without one (its frames as
+//! `CAP_STREAM_LEVELS` says), and the source sends at most one piece of
+//! codec [`STREAM_REF_CODE`](crate::wire::stream::STREAM_REF_CODE): a
+//! stream piece in which the running frame ends and the next begins with
+//! the chosen reference as its prefix, within the window computed from the
+//! two sizes, as above; that frame is the stream's last (no level change
+//! follows). As the first piece, it begins the stream's first frame with
+//! the reference. The source's choice (`RefChosen`) may then name a
+//! reference it has not read yet (a catalog's entry, or one of the
+//! target's `-r` paths found on its host, chosen by size): if its bytes do
+//! not verify when it comes to take it, no such piece is sent. The source
+//! takes a reference of at most 64 MiB with its first piece, a larger one
+//! once it has read, verified and indexed it on a thread of its own,
+//! started when the stream has carried 16 MiB (`shared_ref::LatePolicy`);
+//! the target reads its copy then too, so that a short copy costs neither
+//! end a read. The target relies on none of that timing: a
+//! `STREAM_REF_CODE` piece with no reference chosen, a second one, one
+//! without the capability agreed, or one in which no frame begins, is an
+//! error naming the piece; the reference's frame carries the same checks as
+//! a level change's (at least
+//! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) of content
+//! in the frame before). No frame is added.
+//!
+//! ```text
+//!    | -- RefChosen(digest) -----------------------------> |  nothing read yet
+//!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  stream without it
+//!    |   (16 MiB streamed: read, verify, index  |          |  (16 MiB decoded:
+//!    |    the reference on its own thread)      |          |   read and verify)
+//!    | -- Blocks(.., STREAM_REF_CODE, ..) ---------------> |  frame ends; next
+//!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  has it as prefix
 //! ```
 //!
 //! Similar blocks elsewhere in DST (capability [`CAP_SIMILAR`], used only

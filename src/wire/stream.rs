@@ -62,6 +62,22 @@
 //! the same bytes, so the frame decodes the same. A stream that began with a shared reference keeps its
 //! level (a new frame would lose the reference); so does `--compress
 //! zstd:L`.
+//!
+//! A shared reference taken late (capability
+//! [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF)): reading,
+//! hashing and indexing a reference costs about a second for 316 MB on
+//! each end, which a return migration of 2 MB or a template clone whose
+//! new blocks the reference lacks never earns back. So the stream may
+//! begin without it and take it at a frame boundary, as a level change
+//! does: the source makes the new frame's encoder
+//! ([`StreamEncoder::with_prefix`], primed) on a thread of its own while
+//! the running one goes on, then swaps it in
+//! ([`StreamEncoder::begin_reference_frame`]) and marks the piece
+//! [`STREAM_REF_CODE`]; the target gives the frame that begins in that
+//! piece the reference instead of the tail
+//! ([`StreamDecoder::reference_next_frame`]), with the reference's window
+//! bound. The stream's history before it is not in that frame's window
+//! (the reference is); it is the last frame.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
