@@ -198,7 +198,7 @@ proptest! {
             // Every reference taken late: these images are too short for
             // its frame (a frame carries 1 MiB before the next), so the
             // copy ends without it (a_large_reference_is_taken_late).
-            late: late.then_some(LatePolicy { from_start_up_to: 0, after_content: 0 }),
+            late: late.then_some(ALL_LATE),
         };
         let o = copy_through(&setup, keep(), keep());
         let rep = check(&o, &image, &dst);
@@ -638,8 +638,13 @@ fn receipts_before_the_offer_are_taken() {
 }
 
 /// Every reference counts as large: read, verified and indexed on the
-/// source's thread from the first piece, taken once ready.
-const ALL_LATE: LatePolicy = LatePolicy { from_start_up_to: 0, after_content: 0 };
+/// source's thread from the first piece (no content yet to judge its
+/// resemblance by), taken once ready.
+const ALL_LATE: LatePolicy = LatePolicy { from_start_up_to: 0, after_content: 0, min_resemblance: 0.05 };
+
+/// The same after 2 MiB of content, taken only if that content resembles
+/// the reference (the default's share).
+const JUDGED: LatePolicy = LatePolicy { after_content: 2 << 20, ..ALL_LATE };
 
 /// 8 MiB: a reference's frame begins after 1 MiB at least.
 const LATE_BLOCKS: usize = 2048;
@@ -666,7 +671,7 @@ fn a_large_reference_is_taken_late() {
     let blocks = LATE_BLOCKS;
     let dst = dir.path().join("dst.img");
     let mut runs = Vec::new();
-    for (source_refs, late) in [(vec![], None), (vec![r.clone()], Some(ALL_LATE)), (vec![r.clone()], None)] {
+    for (source_refs, late) in [(vec![], None), (vec![r.clone()], Some(JUDGED)), (vec![r.clone()], None)] {
         let _ = fs::remove_file(&dst);
         let setup =
             Setup { src: &src, dst: &dst, target_refs: vec![r.clone()], source_refs, codec: "zstd", live: None, late };
@@ -675,7 +680,7 @@ fn a_large_reference_is_taken_late() {
     let (none, late, start) = (&runs[0], &runs[1], &runs[2]);
     assert_eq!(late.shared_reference.as_deref(), Some(common::s(&r)));
     let whole = (blocks * BS) as u64;
-    assert!((1 << 20..whole).contains(&late.shared_reference_after), "taken after {}", late.shared_reference_after);
+    assert!((2 << 20..whole).contains(&late.shared_reference_after), "taken after {}", late.shared_reference_after);
     assert_eq!(none.blocks_fetched, blocks as u64);
     // Noise costs its size before the reference's frame, and far less
     // after it, wherever it began.
@@ -687,6 +692,31 @@ fn a_large_reference_is_taken_late() {
     );
     assert_eq!(start.shared_reference.as_deref(), Some(common::s(&r)));
     assert_eq!(start.shared_reference_after, 0);
+}
+
+/// A large reference the stream's content does not resemble (a template
+/// whose clone's new files are not in it) is read and judged, and not
+/// taken: the stream keeps its history. The copy is exact.
+#[test]
+fn a_reference_the_content_does_not_resemble_is_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, src, image) = streamed_whole(dir.path());
+    // The target's reference (what it offers) and the source's are the
+    // same bytes: noise unrelated to the image.
+    fs::write(&r, reference(41, LATE_BLOCKS + 64)).unwrap();
+    let dst = dir.path().join("dst.img");
+    let setup = Setup {
+        src: &src,
+        dst: &dst,
+        target_refs: vec![r.clone()],
+        source_refs: vec![r],
+        codec: "zstd",
+        live: None,
+        late: Some(JUDGED),
+    };
+    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    assert_eq!(rep.shared_reference, None);
+    assert_eq!(rep.blocks_fetched, LATE_BLOCKS as u64);
 }
 
 /// A target of the previous release (no `CAP_LATE_REF`) gets the

@@ -1237,15 +1237,27 @@ struct Late {
 }
 
 impl Late {
-    /// Start reading and indexing once the stream carried enough.
-    fn start_if_due(&mut self, content: u64) {
-        if content < self.policy.after_content {
+    /// Start reading and indexing once the stream carried enough; it is
+    /// taken only if `enc`'s recent content resembles it.
+    fn start_if_due(&mut self, enc: &StreamEncoder) {
+        if enc.content() < self.policy.after_content {
             return;
         }
         let Some(source) = self.source.take() else { return };
-        let (level, image_size) = (self.level, self.image_size);
+        let (level, image_size, min) = (self.level, self.image_size, self.policy.min_resemblance);
+        let recent = enc.recent();
         self.ready = Some(thread::spawn(move || {
             let Some(r) = source.into_verified() else { return Ok(None) };
+            let share = recent.and_then(|s| shared_ref::resemblance(&r.bytes, &s));
+            if let Some(share) = share {
+                let what =
+                    format!("{} resembles {:.1}% of the stream's recent content", r.path.display(), share * 100.0);
+                if share < min {
+                    log::info!("stream: {what}, less than {:.1}%: not taken", min * 100.0);
+                    return Ok(None);
+                }
+                log::debug!("stream: {what}");
+            }
             let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
             enc.prime()?;
             Ok(Some((enc, r.path)))
@@ -1379,7 +1391,7 @@ fn stream_loop(
             }
         }
         if let Some(l) = &mut late {
-            l.start_if_due(enc.content());
+            l.start_if_due(&enc);
             if enc.can_change_level() {
                 match l.take_ready() {
                     Some(Ok(Some((next, path)))) => {

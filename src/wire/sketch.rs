@@ -129,6 +129,29 @@ pub fn sketch(block: &[u8]) -> Option<Sketch> {
     Some(out)
 }
 
+/// Windows of `data` where the gear hash (as [`sketch`]'s) has its top
+/// `bits` bits zero, one in 2^`bits` on average wherever the content is,
+/// each as the 64-bit hash of its [`WINDOW`] bytes: content-defined
+/// anchors, which two buffers sharing content share wherever in each it
+/// lies (`copy::shared_ref::resemblance`). Not on the wire.
+pub fn anchors(data: &[u8], bits: u32) -> Vec<u64> {
+    let mut out = Vec::new();
+    if data.len() < WINDOW {
+        return out;
+    }
+    let mut h = 0u32;
+    for &b in &data[..WINDOW - 1] {
+        h = (h << 1).wrapping_add(GEAR[b as usize]);
+    }
+    for (i, &b) in data[WINDOW - 1..].iter().enumerate() {
+        h = (h << 1).wrapping_add(GEAR[b as usize]);
+        if h >> (32 - bits) == 0 {
+            out.push(xxhash_rust::xxh3::xxh3_64(&data[i..i + WINDOW]));
+        }
+    }
+    out
+}
+
 /// A sketch as it travels.
 pub fn to_bytes(s: &Sketch) -> [u8; SKETCH_LEN] {
     let mut out = [0u8; SKETCH_LEN];

@@ -281,6 +281,12 @@ impl StreamEncoder {
         self.tail.is_some() && self.frame_content >= LEVEL_FRAME_MIN
     }
 
+    /// A copy of the stream's recent content (the last
+    /// [`LEVEL_PREFIX`] bytes), kept where the target follows frames.
+    pub fn recent(&self) -> Option<Arc<[u8]>> {
+        self.tail.as_ref().map(Tail::freeze)
+    }
+
     /// Content compressed so far, all frames.
     pub fn content(&self) -> u64 {
         self.content
