@@ -646,8 +646,9 @@ const ALL_LATE: LatePolicy = LatePolicy { from_start_up_to: 0, after_content: 0,
 /// the reference (the default's share).
 const JUDGED: LatePolicy = LatePolicy { after_content: 2 << 20, ..ALL_LATE };
 
-/// 8 MiB: a reference's frame begins after 1 MiB at least.
-const LATE_BLOCKS: usize = 2048;
+/// 32 MiB: at 16 MB/s (see `Setup::late`) two seconds of stream, time
+/// enough for the source to read, judge and index an equal reference.
+const LATE_BLOCKS: usize = 8192;
 
 /// An image of [`LATE_BLOCKS`] each one byte off the reference's block, and
 /// a reference of another size: DST is not filled from it first, so no

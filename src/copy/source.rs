@@ -1224,6 +1224,10 @@ enum Pending {
     },
 }
 
+/// What the reference's thread made: the encoder to continue as, with the
+/// reference's path (None: not taken, said in the log).
+type Prepared = Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>;
+
 /// A large reference the stream takes late (`CAP_LATE_REF`).
 struct Late {
     policy: LatePolicy,
@@ -1233,7 +1237,7 @@ struct Late {
     source: Option<SourceRef>,
     /// Read, verified and indexed on a thread of its own: the encoder to
     /// continue as (None: its bytes did not verify), and its path.
-    ready: Option<thread::JoinHandle<Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>>>,
+    ready: Option<thread::JoinHandle<Prepared>>,
 }
 
 impl Late {
@@ -1265,7 +1269,7 @@ impl Late {
     }
 
     /// The encoder to continue as, once ready.
-    fn take_ready(&mut self) -> Option<Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>> {
+    fn take_ready(&mut self) -> Option<Prepared> {
         if !self.ready.as_ref().is_some_and(|h| h.is_finished()) {
             return None;
         }
