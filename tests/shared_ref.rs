@@ -640,7 +640,8 @@ fn receipts_before_the_offer_are_taken() {
 /// Every reference counts as large: read, verified and indexed on the
 /// source's thread from the first piece (no content yet to judge its
 /// resemblance by), taken once ready.
-const ALL_LATE: LatePolicy = LatePolicy { from_start_up_to: 0, after_content: 0, min_resemblance: 0.05 };
+const ALL_LATE: LatePolicy =
+    LatePolicy { from_start_up_to: 0, after_content: 0, max_link_rate: None, min_resemblance: 0.05 };
 
 /// The same after 2 MiB of content, taken only if that content resembles
 /// the reference (the default's share).

@@ -22,7 +22,7 @@ out = os.path.normpath(os.path.join(here, "../../docs/experiments"))
 csv_path = os.path.join(out, f"results-{mode}.csv")
 sim_path = os.path.join(out, f"similarity-{mode}.jsonl")
 
-XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-inplace", "xm-srcref", "precache"]
+XM = ["xm-none", "xm-zlib", "xm-lz4", "xm-zstd", "xm-auto", "xm-alone", "xm-inplace", "xm-srcref", "precache"]
 PEERS = ["simple", "rsync", "rsync-z", "casync", "zstd-patch"]
 ORDER = ["simple"] + XM + PEERS[1:]
 SCEN = ["release", "clone", "return", "cold", "big"]

@@ -13,13 +13,20 @@
 #   LINKS      link rates in Mbit/s, 0 = unshaped          quick: "100 0 20"   full: "100 0 20 2"
 #   SCENARIOS  release clone return cold                   quick: all four
 #              (and big: a 4 GiB guest's return migration, after images.sh --big)
-#   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace xm-srcref precache
+#   METHODS    simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-alone xm-inplace xm-srcref precache
 #              rsync rsync-z casync zstd-patch
 #              (xm-inplace: xenmig --compress auto onto a DST that already is a copy of
 #              REF, no -r: the same starting point rsync gets; xm-srcref: auto with
 #              --source-reference REF as well, REF on both hosts as zstd-patch needs;
 #              xm-catalog: xm-auto's command line on a source host whose configuration
-#              lists a catalog of every image here, `xenmig index` made before, untimed)
+#              lists a catalog of every image here, `xenmig index` made before, untimed;
+#              xm-alone: xm-auto's command line with REF on the target's host only)
+#              Both namespaces share this host's files, so -r REF's path is on the
+#              source's side too, and since session 19 xenmig looks for -r's paths
+#              there (a pool's hosts keep templates at the same paths): every xm-*
+#              method with a zstd stream may take REF as its dictionary. xm-alone
+#              names REF by a path only the target's sshd sees (a bind mount in its
+#              own mount namespace), as on a source host without the template.
 #   ROUNDS     rounds per cell (methods interleaved within a round)   quick: 1   full: 3
 #   SKIP_CELLS scenario:link cells left out                 quick: "cold:20"   full: none
 #
@@ -59,7 +66,7 @@ else
     SKIP_CELLS=${SKIP_CELLS:-}
 fi
 SCENARIOS=${SCENARIOS:-release clone return cold}
-METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-inplace xm-srcref precache rsync rsync-z casync zstd-patch}
+METHODS=${METHODS:-simple xm-none xm-zlib xm-lz4 xm-zstd xm-auto xm-alone xm-inplace xm-srcref precache rsync rsync-z casync zstd-patch}
 CSV=$OUT/results-$MODE.csv
 JSONDIR=$OUT/raw-$MODE
 mkdir -p "$W/tgt" "$OUT" "$JSONDIR"
@@ -120,7 +127,11 @@ StrictModes no
 X11Forwarding no
 UseDNS no
 CONF
-ip netns exec $NS_D /usr/sbin/sshd -f "$W/sshd_config"
+# The target's sshd (and every command it runs) sees the images at a path of
+# its own too, which the source's side does not have (xm-alone).
+mkdir -p "$W/tgt-only"
+ip netns exec $NS_D unshare --mount --propagation private \
+    sh -c "mount --bind '$IMG' '$W/tgt-only' && exec /usr/sbin/sshd -f '$W/sshd_config'"
 SSH="ssh -p $PORT -i $W/client_key -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 for _ in $(seq 50); do ip netns exec $NS_S $SSH root@$DST_IP true 2>/dev/null && break; sleep 0.1; done
 ip netns exec $NS_S $SSH root@$DST_IP true
@@ -183,6 +194,10 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
             # both ends start the stream with REF as its dictionary
             ip netns exec $NS_S "$BIN" copy -q --json --compress auto "${refarg[@]}" --source-reference "$R" -s "$SSH" \
                 --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
+        xm-alone)
+            # the default command line, REF on the target's host only
+            ip netns exec $NS_S "$BIN" copy -q --json --compress auto -r "$W/tgt-only/${R##*/}" -s "$SSH" \
+                --remote-xenmig "$BIN" "$S" "root@$DST_IP:$OUTF" > "$J" ;;
         xm-catalog)
             # the default command line; the source host's configuration names
             # its catalog (source_references), which holds REF among others
@@ -229,7 +244,7 @@ for link in $LINKS; do
         for round in $(seq "$ROUNDS"); do
             for m in $METHODS; do
                 # cold: nothing on the target, so precache does not apply
-                [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ] || [ "$m" = xm-srcref ]; } && continue
+                [ "$scen" = cold ] && { [ "$m" = precache ] || [ "$m" = xm-inplace ] || [ "$m" = xm-srcref ] || [ "$m" = xm-alone ]; } && continue
                 prepare "$m" "$S" "$R"
                 started=$(date -u +%FT%TZ)
                 # (named by start time too: a later pass must not overwrite it)

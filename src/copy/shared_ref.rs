@@ -331,6 +331,12 @@ pub struct LatePolicy {
     /// A larger one is read, hashed and indexed once the stream has
     /// carried this much content, and taken at the next piece after that.
     pub after_content: u64,
+    /// ... while the link drains below this many bytes a second (None:
+    /// whatever the link): on a faster one the copy is bound by the CPUs,
+    /// which the reading, judging and indexing would take from it, and
+    /// the bytes it saves take little time. The same bound as `auto`'s
+    /// (`wire::compress`: below it the link decides).
+    pub max_link_rate: Option<f64>,
     /// ... if at least this share of the stream's recent content resembles
     /// it ([`resemblance`]): taking one the content does not resemble
     /// costs the stream its history for nothing (a template clone's new
@@ -341,9 +347,18 @@ pub struct LatePolicy {
 
 impl Default for LatePolicy {
     fn default() -> Self {
-        LatePolicy { from_start_up_to: 64 << 20, after_content: 16 << 20, min_resemblance: 0.05 }
+        LatePolicy {
+            from_start_up_to: 64 << 20,
+            after_content: 16 << 20,
+            max_link_rate: Some(SLOW_LINK),
+            min_resemblance: 0.05,
+        }
     }
 }
+
+/// Bytes a second below which a link, not the CPUs, bounds a copy (as
+/// `auto`'s probe rate, 30 MB/s).
+pub const SLOW_LINK: f64 = 30e6;
 
 /// One anchor in 2^12 bytes: about 4000 in the 16 MiB a stream keeps of
 /// its recent content, 80000 in a 316 MB reference.

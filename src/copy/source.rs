@@ -1241,12 +1241,18 @@ struct Late {
 }
 
 impl Late {
-    /// Start reading and indexing once the stream carried enough; it is
-    /// taken only if `enc`'s recent content resembles it.
-    fn start_if_due(&mut self, enc: &StreamEncoder) {
-        if enc.content() < self.policy.after_content {
-            return;
-        }
+    /// Whether to start reading and indexing: the stream carried enough,
+    /// and the link is slow enough (`link_rate`, bytes a second, as `auto`
+    /// measures it; nothing yet: not known to be).
+    fn due(&self, enc: &StreamEncoder, link_rate: impl FnOnce() -> Option<f64>) -> bool {
+        self.source.is_some()
+            && enc.content() >= self.policy.after_content
+            && self.policy.max_link_rate.is_none_or(|max| link_rate().is_some_and(|r| r < max))
+    }
+
+    /// Start reading and indexing; it is taken only if `enc`'s recent
+    /// content resembles it.
+    fn start(&mut self, enc: &StreamEncoder) {
         let Some(source) = self.source.take() else { return };
         let (level, image_size, min) = (self.level, self.image_size, self.policy.min_resemblance);
         let recent = enc.recent();
@@ -1395,7 +1401,9 @@ fn stream_loop(
             }
         }
         if let Some(l) = &mut late {
-            l.start_if_due(&enc);
+            if l.due(&enc, || link_view(sh, Instant::now()).drain_rate) {
+                l.start(&enc);
+            }
             if enc.can_change_level() {
                 match l.take_ready() {
                     Some(Ok(Some((next, path)))) => {

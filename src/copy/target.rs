@@ -400,6 +400,9 @@ pub(super) struct Target<'a> {
     late_chosen: Option<(Digest, usize)>,
     /// Stream content decoded before the reference's frame began.
     shared_after: u64,
+    /// When the copy began here (the link's rate so far, for a late
+    /// reference's read).
+    opened: Instant,
     /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
     /// not answered yet.
     sub_asked: HashSet<u64>,
@@ -674,6 +677,7 @@ impl<'a> Target<'a> {
             codecs: Default::default(),
             pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
             pass_started: Instant::now(),
+            opened: Instant::now(),
             passes: Vec::new(),
             layout: layout.clone(),
             outstanding: 0,
@@ -978,14 +982,22 @@ impl Target<'_> {
 
     /// `CAP_LATE_REF`: start reading the chosen reference once the stream
     /// has carried [`LatePolicy::after_content`](shared_ref::LatePolicy),
-    /// the earliest the source takes a large one.
+    /// the earliest the source takes a large one by default, if the link
+    /// has been slow so far (below [`SLOW_LINK`](shared_ref::SLOW_LINK),
+    /// where the source takes it by default); otherwise only when the
+    /// piece beginning its frame comes.
     fn read_late_reference(&mut self) {
         let Some((d, i)) = self.late_chosen else { return };
         let decoded = match &self.stream {
             Some(Some(dec)) => dec.decoded(),
             _ => return,
         };
-        if self.shared_loading.is_none() && decoded >= shared_ref::LatePolicy::default().after_content {
+        let secs = self.opened.elapsed().as_secs_f64();
+        let rate = self.stats.as_ref().map_or(0.0, |s| s.total() as f64 / secs.max(1e-3));
+        if self.shared_loading.is_none()
+            && decoded >= shared_ref::LatePolicy::default().after_content
+            && rate < shared_ref::SLOW_LINK
+        {
             self.shared_loading = Some(self.load_shared(d, i));
         }
     }
