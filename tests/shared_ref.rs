@@ -27,7 +27,7 @@ use xenmig::copy::{Progress, Report};
 use xenmig::wire::compress::Choice;
 use xenmig::wire::protocol::{Message, CAP_LATE_REF, CAP_SHARED_REF};
 use xenmig::wire::rate::Rate;
-use xenmig::wire::stream::{STREAM_CODE, STREAM_REF_CODE};
+use xenmig::wire::stream::{STREAM_CODE, STREAM_REF_CODE, STREAM_REF_SOON_CODE};
 use xenmig::wire::transport::Link;
 
 const BS: usize = 4096;
@@ -797,6 +797,20 @@ fn a_reference_frame_nobody_chose_is_refused() {
     let e = o.target.expect_err("an unchosen reference's frame must fail the copy").to_string();
     assert!(e.contains("no reference chosen"), "{e}");
     assert!(o.source.is_err());
+    // Nor may a piece announce one without the capability agreed.
+    let _ = fs::remove_file(&dst);
+    let forge: Edit = Box::new(|m| match m {
+        Message::Blocks { first_block, count, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Blocks { first_block, count, codec: STREAM_REF_SOON_CODE, raw_len, payload }
+        }
+        Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Delta { block, codec: STREAM_REF_SOON_CODE, raw_len, payload }
+        }
+        m => m,
+    });
+    let o = copy_through(&setup, forge, keep());
+    let e = o.target.expect_err("an announcement without CAP_LATE_REF must fail the copy").to_string();
+    assert!(e.contains("without CAP_LATE_REF"), "{e}");
 }
 
 /// The target's reference at the same path on the source's host

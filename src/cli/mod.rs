@@ -346,10 +346,11 @@ pub(crate) struct CopyArgs {
     /// (docs/experiments.md). Costs its size in memory on both hosts (at
     /// most 1 GiB, and half the memory available, is used) and a read and
     /// hash of it on each; needs `--compress zstd` or auto. One above 64 MiB
-    /// is read on a thread of its own once 16 MiB have been streamed, and
-    /// used from then on: a short copy never waits for it. PATH may be a
-    /// glob pattern (expanded on SRC's host, never to SRC), or a catalog:
-    /// an index file made by `xenmig index` of the host's templates, of
+    /// is read on a thread of its own once 16 MiB have been streamed over a
+    /// link below 30 MB/s, and used from then on if the stream's content
+    /// resembles it: a short copy or a fast link never waits for it. PATH
+    /// may be a glob pattern (expanded on SRC's host, never to SRC), or a
+    /// catalog: an index file made by `xenmig index` of the host's templates, of
     /// which only the one the target offers is read (and checked against
     /// the catalog's digest: a changed image is passed over).
     #[arg(long = "source-reference", value_name = "PATH")]

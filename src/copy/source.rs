@@ -44,7 +44,7 @@ use crate::wire::protocol::{
 };
 use crate::wire::rate::Rate;
 use crate::wire::receipts::Receipts;
-use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE, STREAM_REF_CODE};
+use crate::wire::stream::{self as zstream, StreamEncoder, STREAM_CODE, STREAM_REF_CODE, STREAM_REF_SOON_CODE};
 use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use crate::wire::{sketch, subdelta};
@@ -1247,7 +1247,10 @@ impl Late {
     fn due(&self, enc: &StreamEncoder, link_rate: impl FnOnce() -> Option<f64>) -> bool {
         self.source.is_some()
             && enc.content() >= self.policy.after_content
-            && self.policy.max_link_rate.is_none_or(|max| link_rate().is_some_and(|r| r < max))
+            && match self.policy.max_link_rate {
+                None => true,
+                Some(max) => link_rate().is_some_and(|r| r < max),
+            }
     }
 
     /// Start reading and indexing; it is taken only if `enc`'s recent
@@ -1403,6 +1406,8 @@ fn stream_loop(
         if let Some(l) = &mut late {
             if l.due(&enc, || link_view(sh, Instant::now()).drain_rate) {
                 l.start(&enc);
+                // The target reads its copy meanwhile.
+                code = STREAM_REF_SOON_CODE;
             }
             if enc.can_change_level() {
                 match l.take_ready() {

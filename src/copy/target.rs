@@ -64,7 +64,7 @@ use crate::wire::protocol::{
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
-use crate::wire::stream::{StreamDecoder, STREAM_CODE, STREAM_REF_CODE};
+use crate::wire::stream::{StreamDecoder, STREAM_CODE, STREAM_REF_CODE, STREAM_REF_SOON_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
@@ -400,9 +400,6 @@ pub(super) struct Target<'a> {
     late_chosen: Option<(Digest, usize)>,
     /// Stream content decoded before the reference's frame began.
     shared_after: u64,
-    /// When the copy began here (the link's rate so far, for a late
-    /// reference's read).
-    opened: Instant,
     /// Groups asked for with `WantChangedKeys` (or `WantChangedSubs`) and
     /// not answered yet.
     sub_asked: HashSet<u64>,
@@ -677,7 +674,6 @@ impl<'a> Target<'a> {
             codecs: Default::default(),
             pass_report: PassReport { pass: 1, final_pass: true, changed_blocks: n as u64, ..Default::default() },
             pass_started: Instant::now(),
-            opened: Instant::now(),
             passes: Vec::new(),
             layout: layout.clone(),
             outstanding: 0,
@@ -980,26 +976,18 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// `CAP_LATE_REF`: start reading the chosen reference once the stream
-    /// has carried [`LatePolicy::after_content`](shared_ref::LatePolicy),
-    /// the earliest the source takes a large one by default, if the link
-    /// has been slow so far (below [`SLOW_LINK`](shared_ref::SLOW_LINK),
-    /// where the source takes it by default); otherwise only when the
-    /// piece beginning its frame comes.
-    fn read_late_reference(&mut self) {
-        let Some((d, i)) = self.late_chosen else { return };
-        let decoded = match &self.stream {
-            Some(Some(dec)) => dec.decoded(),
-            _ => return,
-        };
-        let secs = self.opened.elapsed().as_secs_f64();
-        let rate = self.stats.as_ref().map_or(0.0, |s| s.total() as f64 / secs.max(1e-3));
-        if self.shared_loading.is_none()
-            && decoded >= shared_ref::LatePolicy::default().after_content
-            && rate < shared_ref::SLOW_LINK
-        {
+    /// A piece of [`STREAM_REF_SOON_CODE`]: the source has begun reading
+    /// the chosen reference; read ours too (once).
+    fn read_late_reference(&mut self, block: u64) -> Result<(), EngineError> {
+        if !self.late_ref {
+            return Err(EngineError::BadReply(format!(
+                "a zstd stream piece for block {block} announcing a shared reference, without CAP_LATE_REF agreed"
+            )));
+        }
+        if let (Some((d, i)), None) = (self.late_chosen, &self.shared_loading) {
             self.shared_loading = Some(self.load_shared(d, i));
         }
+        Ok(())
     }
 
     /// The chosen reference's bytes, for a piece of [`STREAM_REF_CODE`]
@@ -1855,7 +1843,9 @@ impl Target<'_> {
                     let offset = self.layout.extent(i).0;
                     return Err(match &self.shared_used {
                         // Name the likelier cause: the two ends' dictionaries.
-                        Some(path) if codec == STREAM_CODE || codec == STREAM_REF_CODE => {
+                        Some(path)
+                            if codec == STREAM_CODE || codec == STREAM_REF_CODE || codec == STREAM_REF_SOON_CODE =>
+                        {
                             EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
                         }
                         _ => EngineError::BadBlock { block: i, offset },
@@ -1893,8 +1883,11 @@ impl Target<'_> {
     /// `raw_len` bytes: a stream piece in arrival order (frames arrive in
     /// the order the source compressed them), anything else on its own.
     fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
-        if codec == STREAM_CODE || codec == STREAM_REF_CODE {
+        if codec == STREAM_CODE || codec == STREAM_REF_CODE || codec == STREAM_REF_SOON_CODE {
             self.take_shared_decoder()?;
+            if codec == STREAM_REF_SOON_CODE {
+                self.read_late_reference(block)?;
+            }
             let reference = if codec == STREAM_REF_CODE { Some(self.late_reference()?) } else { None };
             let image_size = self.layout.size;
             let Some(slot) = self.stream.as_mut() else {
@@ -1922,9 +1915,6 @@ impl Target<'_> {
                 return Err(EngineError::BadReply(format!(
                     "the zstd stream piece for block {block} was to begin the shared reference's frame and began none"
                 )));
-            }
-            if out.is_ok() {
-                self.read_late_reference();
             }
             out
         } else {

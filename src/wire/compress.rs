@@ -90,7 +90,9 @@ impl Codec {
             1 => "lz4",
             2 => "zstd",
             3 => "zlib",
-            super::stream::STREAM_CODE | super::stream::STREAM_REF_CODE => "zstd-stream",
+            super::stream::STREAM_CODE | super::stream::STREAM_REF_CODE | super::stream::STREAM_REF_SOON_CODE => {
+                "zstd-stream"
+            }
             _ => "unknown",
         }
     }

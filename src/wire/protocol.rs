@@ -245,12 +245,19 @@
 //! not verify when it comes to take it, no such piece is sent. The source
 //! takes a reference of at most 64 MiB with its first piece, a larger one
 //! once it has read, verified and indexed it on a thread of its own,
-//! started when the stream has carried 16 MiB (`shared_ref::LatePolicy`);
-//! the target reads its copy then too, so that a short copy costs neither
-//! end a read. The target relies on none of that timing: a
+//! started when the stream has carried 16 MiB while the link drains below
+//! 30 MB/s, and only if the stream's recent content resembles it
+//! (`shared_ref::LatePolicy`, `shared_ref::resemblance`). The piece after
+//! it starts reading goes as codec
+//! [`STREAM_REF_SOON_CODE`](crate::wire::stream::STREAM_REF_SOON_CODE)
+//! (otherwise a piece as `STREAM_CODE`), and the target starts reading its
+//! copy then (or, without that hint, when the reference's piece comes), so
+//! that a short copy, a fast link or a reference not taken costs the
+//! target no read. The target relies on none of that timing: a
 //! `STREAM_REF_CODE` piece with no reference chosen, a second one, one
 //! without the capability agreed, or one in which no frame begins, is an
-//! error naming the piece; the reference's frame carries the same checks as
+//! error naming the piece, as is a `STREAM_REF_SOON_CODE` piece without the
+//! capability agreed; the reference's frame carries the same checks as
 //! a level change's (at least
 //! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) of content
 //! in the frame before). No frame is added.
@@ -258,8 +265,10 @@
 //! ```text
 //!    | -- RefChosen(digest) -----------------------------> |  nothing read yet
 //!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  stream without it
-//!    |   (16 MiB streamed: read, verify, index  |          |  (16 MiB decoded:
-//!    |    the reference on its own thread)      |          |   read and verify)
+//!    |   (16 MiB streamed, link slow: read, verify, judge, |
+//!    |    index the reference on a thread of its own)      |
+//!    | -- Blocks(.., STREAM_REF_SOON_CODE, ..) ----------> |  reads and verifies
+//!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  its copy meanwhile
 //!    | -- Blocks(.., STREAM_REF_CODE, ..) ---------------> |  frame ends; next
 //!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  has it as prefix
 //! ```

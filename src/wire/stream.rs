@@ -104,6 +104,14 @@ pub const WINDOW_LOG_MAX: u32 = 27;
 /// first frame has that prefix.
 pub const STREAM_REF_CODE: u8 = 5;
 
+/// The codec code of a stream piece as [`STREAM_CODE`] that also says
+/// the source has begun reading the chosen reference to take it late
+/// (capability [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF)):
+/// the target starts reading its copy, so that both are ready about
+/// together. Only a hint: a [`STREAM_REF_CODE`] piece may come without it
+/// (the target then reads its copy when that comes) or never after it.
+pub const STREAM_REF_SOON_CODE: u8 = 6;
+
 /// Largest window with a shared reference as prefix: zstd's bound on
 /// 64-bit hosts (2 GiB). A reference and image larger than that together
 /// still work; the oldest of the reference slides out of reach.
