@@ -1231,12 +1231,11 @@ type Prepared = Result<Option<(StreamEncoder, std::path::PathBuf)>, EngineError>
 /// A large reference the stream takes late (`CAP_LATE_REF`).
 struct Late {
     policy: LatePolicy,
-    level: i32,
     image_size: u64,
     /// Until its read starts.
     source: Option<SourceRef>,
-    /// Read, verified and indexed on a thread of its own: the encoder to
-    /// continue as (None: its bytes did not verify), and its path.
+    /// Read, verified, judged and indexed on a thread of its own (at the
+    /// stream's level then, which the reference's frame keeps).
     ready: Option<thread::JoinHandle<Prepared>>,
 }
 
@@ -1257,7 +1256,7 @@ impl Late {
     /// content resembles it.
     fn start(&mut self, enc: &StreamEncoder) {
         let Some(source) = self.source.take() else { return };
-        let (level, image_size, min) = (self.level, self.image_size, self.policy.min_resemblance);
+        let (level, image_size, min) = (enc.level(), self.image_size, self.policy.min_resemblance);
         let recent = enc.recent();
         self.ready = Some(thread::spawn(move || {
             let Some(r) = source.into_verified() else { return Ok(None) };
@@ -1355,7 +1354,7 @@ fn stream_loop(
                             None => plain()?,
                         }
                     } else {
-                        late = Some(Late { policy, level, image_size, source: Some(r), ready: None });
+                        late = Some(Late { policy, image_size, source: Some(r), ready: None });
                         plain()?
                     }
                 }

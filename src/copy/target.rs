@@ -64,7 +64,7 @@ use crate::wire::protocol::{
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
-use crate::wire::stream::{StreamDecoder, STREAM_CODE, STREAM_REF_CODE, STREAM_REF_SOON_CODE};
+use crate::wire::stream::{is_stream_code, StreamDecoder, STREAM_REF_CODE, STREAM_REF_SOON_CODE};
 use crate::wire::subdelta;
 use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
@@ -910,8 +910,8 @@ impl Target<'_> {
     fn offer_references(&mut self, dst: &Path) -> Result<(), EngineError> {
         let offer = shared_ref::offers(&self.refs, dst);
         self.send(&Message::RefOffer { refs: offer.iter().map(|&(d, s, _)| (d, s)).collect() })?;
-        // (With CAP_LATE_REF a large reference is read only once the
-        // stream has carried enough for the source to take it.)
+        // (With CAP_LATE_REF a large reference is read only when the
+        // source says it reads its own, or takes it.)
         if let Some(&(d, _, i)) = offer.first().filter(|&&(_, size, _)| self.read_early(size)) {
             self.shared_loading = Some(self.load_shared(d, i));
         }
@@ -1843,9 +1843,7 @@ impl Target<'_> {
                     let offset = self.layout.extent(i).0;
                     return Err(match &self.shared_used {
                         // Name the likelier cause: the two ends' dictionaries.
-                        Some(path)
-                            if codec == STREAM_CODE || codec == STREAM_REF_CODE || codec == STREAM_REF_SOON_CODE =>
-                        {
+                        Some(path) if is_stream_code(codec) => {
                             EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
                         }
                         _ => EngineError::BadBlock { block: i, offset },
@@ -1883,7 +1881,7 @@ impl Target<'_> {
     /// `raw_len` bytes: a stream piece in arrival order (frames arrive in
     /// the order the source compressed them), anything else on its own.
     fn decode(&mut self, block: u64, codec: u8, payload: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, EngineError> {
-        if codec == STREAM_CODE || codec == STREAM_REF_CODE || codec == STREAM_REF_SOON_CODE {
+        if is_stream_code(codec) {
             self.take_shared_decoder()?;
             if codec == STREAM_REF_SOON_CODE {
                 self.read_late_reference(block)?;

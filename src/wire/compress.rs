@@ -90,9 +90,7 @@ impl Codec {
             1 => "lz4",
             2 => "zstd",
             3 => "zlib",
-            super::stream::STREAM_CODE | super::stream::STREAM_REF_CODE | super::stream::STREAM_REF_SOON_CODE => {
-                "zstd-stream"
-            }
+            c if super::stream::is_stream_code(c) => "zstd-stream",
             _ => "unknown",
         }
     }

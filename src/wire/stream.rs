@@ -112,6 +112,12 @@ pub const STREAM_REF_CODE: u8 = 5;
 /// (the target then reads its copy when that comes) or never after it.
 pub const STREAM_REF_SOON_CODE: u8 = 6;
 
+/// Whether a payload of codec `code` is a piece of the copy's stream
+/// ([`STREAM_CODE`], [`STREAM_REF_CODE`] or [`STREAM_REF_SOON_CODE`]).
+pub fn is_stream_code(code: u8) -> bool {
+    matches!(code, STREAM_CODE | STREAM_REF_CODE | STREAM_REF_SOON_CODE)
+}
+
 /// Largest window with a shared reference as prefix: zstd's bound on
 /// 64-bit hosts (2 GiB). A reference and image larger than that together
 /// still work; the oldest of the reference slides out of reach.
