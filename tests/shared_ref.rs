@@ -356,6 +356,13 @@ fn copy_checked(src: &Path, dst: &Path, target_refs: Vec<PathBuf>, source_refs: 
     check(&copy_through(&setup, keep(), keep()), want, dst)
 }
 
+/// [`copy_checked`] with the source taking large references by `late`.
+fn copy_late(src: &Path, dst: &Path, refs: (Vec<PathBuf>, Vec<PathBuf>), late: LatePolicy, want: &[u8]) -> Report {
+    let (target_refs, source_refs) = refs;
+    let setup = Setup { src, dst, target_refs, source_refs, codec: "zstd", live: None, late: Some(late) };
+    check(&copy_through(&setup, keep(), keep()), want, dst)
+}
+
 /// The report names `r` as the dictionary, and the 64 changed blocks of
 /// noise cost under a twentieth of their size (they would cost all of it
 /// without one).
@@ -707,16 +714,7 @@ fn a_reference_the_content_does_not_resemble_is_not_taken() {
     // same bytes: noise unrelated to the image.
     fs::write(&r, reference(41, LATE_BLOCKS + 64)).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup = Setup {
-        src: &src,
-        dst: &dst,
-        target_refs: vec![r.clone()],
-        source_refs: vec![r],
-        codec: "zstd",
-        live: None,
-        late: Some(JUDGED),
-    };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    let rep = copy_late(&src, &dst, (vec![r.clone()], vec![r]), JUDGED, &image);
     assert_eq!(rep.shared_reference, None);
     assert_eq!(rep.blocks_fetched, LATE_BLOCKS as u64);
 }
@@ -754,18 +752,22 @@ fn a_stale_catalog_entry_taken_late_is_left_out() {
     let catalog = make_catalog(dir.path(), &[], &[&mine]);
     fs::write(&mine, reference(23, LATE_BLOCKS + 64)).unwrap();
     let dst = dir.path().join("dst.img");
-    let setup = Setup {
-        src: &src,
-        dst: &dst,
-        target_refs: vec![r],
-        source_refs: vec![catalog],
-        codec: "zstd",
-        live: None,
-        late: Some(ALL_LATE),
-    };
-    let rep = check(&copy_through(&setup, keep(), keep()), &image, &dst);
+    let rep = copy_late(&src, &dst, (vec![r], vec![catalog]), ALL_LATE, &image);
     assert_eq!(rep.shared_reference, None);
     assert_eq!(rep.blocks_fetched, LATE_BLOCKS as u64);
+}
+
+/// Every stream piece the source sends relabelled as codec `code`.
+fn recode(code: u8) -> Edit {
+    Box::new(move |m| match m {
+        Message::Blocks { first_block, count, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Blocks { first_block, count, codec: code, raw_len, payload }
+        }
+        Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
+            Message::Delta { block, codec: code, raw_len, payload }
+        }
+        m => m,
+    })
 }
 
 /// A piece that says it begins the reference's frame where no reference
@@ -784,31 +786,13 @@ fn a_reference_frame_nobody_chose_is_refused() {
         live: None,
         late: None,
     };
-    let forge: Edit = Box::new(|m| match m {
-        Message::Blocks { first_block, count, codec: STREAM_CODE, raw_len, payload } => {
-            Message::Blocks { first_block, count, codec: STREAM_REF_CODE, raw_len, payload }
-        }
-        Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
-            Message::Delta { block, codec: STREAM_REF_CODE, raw_len, payload }
-        }
-        m => m,
-    });
-    let o = copy_through(&setup, forge, keep());
+    let o = copy_through(&setup, recode(STREAM_REF_CODE), keep());
     let e = o.target.expect_err("an unchosen reference's frame must fail the copy").to_string();
     assert!(e.contains("no reference chosen"), "{e}");
     assert!(o.source.is_err());
     // Nor may a piece announce one without the capability agreed.
     let _ = fs::remove_file(&dst);
-    let forge: Edit = Box::new(|m| match m {
-        Message::Blocks { first_block, count, codec: STREAM_CODE, raw_len, payload } => {
-            Message::Blocks { first_block, count, codec: STREAM_REF_SOON_CODE, raw_len, payload }
-        }
-        Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
-            Message::Delta { block, codec: STREAM_REF_SOON_CODE, raw_len, payload }
-        }
-        m => m,
-    });
-    let o = copy_through(&setup, forge, keep());
+    let o = copy_through(&setup, recode(STREAM_REF_SOON_CODE), keep());
     let e = o.target.expect_err("an announcement without CAP_LATE_REF must fail the copy").to_string();
     assert!(e.contains("without CAP_LATE_REF"), "{e}");
 }

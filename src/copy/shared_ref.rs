@@ -246,9 +246,9 @@ pub fn same_path_candidates(entries: &[PathBuf], src: &Path) -> Vec<PathBuf> {
 /// the target loads its own references: the offer then finds them ready).
 /// Images are read into memory and hashed from there; a catalog's entries
 /// are only listed; `same_path` (the target's `-r` paths found on this
-/// host, [`same_path_candidates`]) are only sized, and come last. A reference above [`MAX_SHARED_REF`], or a catalog
-/// made with another digest or block size, is left out, said once in the
-/// log.
+/// host, [`same_path_candidates`]) are only sized, and come last. A
+/// reference above [`MAX_SHARED_REF`], or a catalog made with another
+/// digest or block size, is left out, said once in the log.
 pub fn load_all(
     paths: &[PathBuf],
     same_path: &[PathBuf],
@@ -356,9 +356,9 @@ impl Default for LatePolicy {
     }
 }
 
-/// Bytes a second below which a link, not the CPUs, bounds a copy (as
-/// `auto`'s probe rate, 30 MB/s).
-pub const SLOW_LINK: f64 = 30e6;
+/// Bytes a second below which a link, not the CPUs, bounds a copy:
+/// `auto`'s probe rate (30 MB/s).
+pub const SLOW_LINK: f64 = crate::wire::compress::PROBE_RATE;
 
 /// One anchor in 2^12 bytes: about 4000 in the 16 MiB a stream keeps of
 /// its recent content, 80000 in a 316 MB reference.

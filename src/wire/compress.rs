@@ -269,7 +269,7 @@ const FAST_LINK_ROUTE: Route = Route::Run(Codec::Lz4);
 /// host, for CPU we share), which the link model cannot see. There `auto`
 /// times each candidate on a segment and keeps the fastest. Below it the
 /// link decides, and trying a lighter codec would only cost bytes.
-const PROBE_RATE: f64 = 30e6;
+pub const PROBE_RATE: f64 = 30e6;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
 /// Timings within this fraction of the fastest count as a tie.
