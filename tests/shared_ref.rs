@@ -13,6 +13,8 @@ mod relay;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -258,8 +260,6 @@ fn the_reference_pays_when_both_ends_hold_it() {
 /// source without `--source-reference` does not set it either.
 #[test]
 fn a_peer_without_the_capability_gets_todays_exchange() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (r, src, image) = one_byte_per_block_changed(dir.path(), 64);
     let dst = dir.path().join("dst.img");
@@ -577,8 +577,6 @@ fn the_cli_finds_the_reference_at_the_same_path_on_the_source() {
 /// source's fix undone this test failed 3 runs of 3, naming the frame).
 #[test]
 fn receipts_before_the_offer_are_taken() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (r, src, image) = one_byte_per_block_changed(dir.path(), 8192);
     let dst = dir.path().join("dst.img");
@@ -665,8 +663,10 @@ fn a_large_reference_is_taken_late() {
 }
 
 /// A large reference the stream's content does not resemble (a template
-/// whose clone's new files are not in it) is read and judged, and not
-/// taken: the stream keeps its history. The copy is exact.
+/// whose clone's new files are not in it) is read and judged by the
+/// source, and not taken: the stream keeps its history, and the target is
+/// never told to read its copy (no `STREAM_REF_SOON_CODE` piece), which
+/// it would otherwise hold in memory to the copy's end. The copy is exact.
 #[test]
 fn a_reference_the_content_does_not_resemble_is_not_taken() {
     let dir = tempfile::tempdir().unwrap();
@@ -675,9 +675,25 @@ fn a_reference_the_content_does_not_resemble_is_not_taken() {
     // same bytes: noise unrelated to the image.
     fs::write(&r, reference(41, LATE_BLOCKS + 64)).unwrap();
     let dst = dir.path().join("dst.img");
-    let rep = copy_late(&src, &dst, (vec![r.clone()], vec![r]), JUDGED, &image);
+    let setup = Setup { late: Some(JUDGED), ..Setup::zstd(&src, &dst, vec![r.clone()], vec![r]) };
+    let (hints, edit) = count_pieces(STREAM_REF_SOON_CODE);
+    let rep = check(&copy_through(&setup, edit, keep()), &image, &dst);
     assert_eq!(rep.shared_reference, None);
     assert_eq!(rep.blocks_fetched, LATE_BLOCKS as u64);
+    assert_eq!(hints.load(Ordering::Relaxed), 0, "the target was told to read a reference not taken");
+}
+
+/// Pass every frame on, counting the stream pieces of codec `code`.
+fn count_pieces(code: u8) -> (Arc<AtomicU32>, Edit) {
+    let n = Arc::new(AtomicU32::new(0));
+    let seen = n.clone();
+    let edit: Edit = Box::new(move |m| {
+        if matches!(m, Message::Blocks { codec, .. } | Message::Delta { codec, .. } if codec == code) {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+        m
+    });
+    (n, edit)
 }
 
 /// A target of the previous release (no `CAP_LATE_REF`) gets the

@@ -1237,6 +1237,13 @@ struct Late {
     /// Read, verified, judged and indexed on a thread of its own (at the
     /// stream's level then, which the reference's frame keeps).
     ready: Option<thread::JoinHandle<Prepared>>,
+    /// Set by that thread once the reference is read, verified and judged
+    /// worth taking, before it indexes it: only then is the target told to
+    /// read its copy (`STREAM_REF_SOON_CODE`), so that a reference not
+    /// taken costs the target no read and no memory.
+    judged: Arc<AtomicBool>,
+    /// The target has been told.
+    hinted: bool,
 }
 
 impl Late {
@@ -1258,6 +1265,7 @@ impl Late {
         let Some(source) = self.source.take() else { return };
         let (level, image_size, min) = (enc.level(), self.image_size, self.policy.min_resemblance);
         let recent = enc.recent();
+        let judged = self.judged.clone();
         self.ready = Some(thread::spawn(move || {
             let Some(r) = source.into_verified() else { return Ok(None) };
             let share = recent.and_then(|s| shared_ref::resemblance(&r.bytes, &s));
@@ -1270,10 +1278,19 @@ impl Late {
                 }
                 log::debug!("stream: {what}");
             }
+            judged.store(true, Ordering::Release);
             let mut enc = StreamEncoder::with_prefix(level, r.bytes, image_size)?;
             enc.prime()?;
             Ok(Some((enc, r.path)))
         }));
+    }
+
+    /// Whether to tell the target now to read its copy: the reference is
+    /// judged worth taking and the target has not been told.
+    fn hint_due(&mut self) -> bool {
+        let due = !self.hinted && self.judged.load(Ordering::Acquire);
+        self.hinted |= due;
+        due
     }
 
     /// The encoder to continue as, once ready.
@@ -1354,7 +1371,14 @@ fn stream_loop(
                             None => plain()?,
                         }
                     } else {
-                        late = Some(Late { policy, image_size, source: Some(r), ready: None });
+                        late = Some(Late {
+                            policy,
+                            image_size,
+                            source: Some(r),
+                            ready: None,
+                            judged: Arc::new(AtomicBool::new(false)),
+                            hinted: false,
+                        });
                         plain()?
                     }
                 }
@@ -1405,7 +1429,9 @@ fn stream_loop(
         if let Some(l) = &mut late {
             if l.due(&enc, || link_view(sh, Instant::now()).drain_rate) {
                 l.start(&enc);
-                // The target reads its copy meanwhile.
+            }
+            if l.hint_due() {
+                // The target reads its copy while this end indexes its own.
                 code = STREAM_REF_SOON_CODE;
             }
             if enc.can_change_level() {

@@ -976,8 +976,8 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// A piece of [`STREAM_REF_SOON_CODE`]: the source has begun reading
-    /// the chosen reference; read ours too (once).
+    /// A piece of [`STREAM_REF_SOON_CODE`]: the source has read the chosen
+    /// reference and is indexing it; read ours too (once).
     fn read_late_reference(&mut self, block: u64) -> Result<(), EngineError> {
         if !self.late_ref {
             return Err(EngineError::BadReply(format!(

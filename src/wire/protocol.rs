@@ -248,12 +248,14 @@
 //! started when the stream has carried 16 MiB while the link drains below
 //! 30 MB/s, and only if the stream's recent content resembles it
 //! (`shared_ref::LatePolicy`, `shared_ref::resemblance`). The piece after
-//! it starts reading goes as codec
+//! it has read, verified and judged it worth taking (before it indexes
+//! it) goes as codec
 //! [`STREAM_REF_SOON_CODE`](crate::wire::stream::STREAM_REF_SOON_CODE)
 //! (otherwise a piece as `STREAM_CODE`), and the target starts reading its
 //! copy then (or, without that hint, when the reference's piece comes), so
 //! that a short copy, a fast link or a reference not taken costs the
-//! target no read. The target relies on none of that timing: a
+//! target no read. (Session 19's source sent the hint when it began
+//! reading; the target cannot tell the two apart and needs not.) The target relies on none of that timing: a
 //! `STREAM_REF_CODE` piece with no reference chosen, a second one, one
 //! without the capability agreed, or one in which no frame begins, is an
 //! error naming the piece, as is a `STREAM_REF_SOON_CODE` piece without the
@@ -265,10 +267,11 @@
 //! ```text
 //!    | -- RefChosen(digest) -----------------------------> |  nothing read yet
 //!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  stream without it
-//!    |   (16 MiB streamed, link slow: read, verify, judge, |
-//!    |    index the reference on a thread of its own)      |
+//!    |   (16 MiB streamed, link slow: read, verify, judge  |
+//!    |    the reference on a thread of its own; if taken:) |
 //!    | -- Blocks(.., STREAM_REF_SOON_CODE, ..) ----------> |  reads and verifies
-//!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  its copy meanwhile
+//!    |   (index it)                                        |  its copy meanwhile
+//!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |
 //!    | -- Blocks(.., STREAM_REF_CODE, ..) ---------------> |  frame ends; next
 //!    | -- Blocks(.., STREAM_CODE, ..) -------------------> |  has it as prefix
 //! ```

@@ -105,10 +105,10 @@ pub const WINDOW_LOG_MAX: u32 = 27;
 pub const STREAM_REF_CODE: u8 = 5;
 
 /// The codec code of a stream piece as [`STREAM_CODE`] that also says
-/// the source has begun reading the chosen reference to take it late
-/// (capability [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF)):
-/// the target starts reading its copy, so that both are ready about
-/// together. Only a hint: a [`STREAM_REF_CODE`] piece may come without it
+/// the source has read the chosen reference and will take it late once
+/// indexed (capability
+/// [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF)): the target
+/// starts reading its copy, so that both are ready about together. Only a hint: a [`STREAM_REF_CODE`] piece may come without it
 /// (the target then reads its copy when that comes) or never after it.
 pub const STREAM_REF_SOON_CODE: u8 = 6;
 
