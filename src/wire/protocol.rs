@@ -255,12 +255,12 @@
 //! copy then (or, without that hint, when the reference's piece comes), so
 //! that a short copy, a fast link or a reference not taken costs the
 //! target no read. (Session 19's source sent the hint when it began
-//! reading; the target cannot tell the two apart and needs not.) The target relies on none of that timing: a
-//! `STREAM_REF_CODE` piece with no reference chosen, a second one, one
-//! without the capability agreed, or one in which no frame begins, is an
-//! error naming the piece, as is a `STREAM_REF_SOON_CODE` piece without the
-//! capability agreed; the reference's frame carries the same checks as
-//! a level change's (at least
+//! reading; the target cannot tell the two apart and need not.) The
+//! target relies on none of that timing: a `STREAM_REF_CODE` piece with
+//! no reference chosen, a second one, one without the capability agreed,
+//! or one in which no frame begins, is an error naming the piece, as is a
+//! `STREAM_REF_SOON_CODE` piece without the capability agreed; the
+//! reference's frame carries the same checks as a level change's (at least
 //! [`LEVEL_FRAME_MIN`](crate::wire::stream::LEVEL_FRAME_MIN) of content
 //! in the frame before). No frame is added.
 //!

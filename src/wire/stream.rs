@@ -108,8 +108,9 @@ pub const STREAM_REF_CODE: u8 = 5;
 /// the source has read the chosen reference and will take it late once
 /// indexed (capability
 /// [`CAP_LATE_REF`](crate::wire::protocol::CAP_LATE_REF)): the target
-/// starts reading its copy, so that both are ready about together. Only a hint: a [`STREAM_REF_CODE`] piece may come without it
-/// (the target then reads its copy when that comes) or never after it.
+/// starts reading its copy, so that both are ready about together. Only
+/// a hint: a [`STREAM_REF_CODE`] piece may come without it (the target
+/// then reads its copy when that comes) or never after it.
 pub const STREAM_REF_SOON_CODE: u8 = 6;
 
 /// Whether a payload of codec `code` is a piece of the copy's stream
