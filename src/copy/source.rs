@@ -1238,12 +1238,10 @@ struct Late {
     /// stream's level then, which the reference's frame keeps).
     ready: Option<thread::JoinHandle<Prepared>>,
     /// Set by that thread once the reference is read, verified and judged
-    /// worth taking, before it indexes it: only then is the target told to
-    /// read its copy (`STREAM_REF_SOON_CODE`), so that a reference not
-    /// taken costs the target no read and no memory.
+    /// worth taking, before it indexes it, and cleared when the target is
+    /// told to read its copy (`STREAM_REF_SOON_CODE`): only then, so that a
+    /// reference not taken costs the target no read and no memory.
     judged: Arc<AtomicBool>,
-    /// The target has been told.
-    hinted: bool,
 }
 
 impl Late {
@@ -1285,12 +1283,11 @@ impl Late {
         }));
     }
 
-    /// Whether to tell the target now to read its copy: the reference is
-    /// judged worth taking and the target has not been told.
-    fn hint_due(&mut self) -> bool {
-        let due = !self.hinted && self.judged.load(Ordering::Acquire);
-        self.hinted |= due;
-        due
+    /// Whether to tell the target now to read its copy: the reference was
+    /// judged worth taking since the last call (the thread sets the flag
+    /// once).
+    fn hint_due(&self) -> bool {
+        self.judged.swap(false, Ordering::AcqRel)
     }
 
     /// The encoder to continue as, once ready.
@@ -1377,7 +1374,6 @@ fn stream_loop(
                             source: Some(r),
                             ready: None,
                             judged: Arc::new(AtomicBool::new(false)),
-                            hinted: false,
                         });
                         plain()?
                     }
