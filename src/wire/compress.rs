@@ -270,6 +270,15 @@ const FAST_LINK_ROUTE: Route = Route::Run(Codec::Lz4);
 /// times each candidate on a segment and keeps the fastest. Below it the
 /// link decides, and trying a lighter codec would only cost bytes.
 pub const PROBE_RATE: f64 = 30e6;
+/// A link seen fast counts as slow again only once it drained this end's
+/// writes (or, with receipts, reached the target) slowly for this long in
+/// one spell (`wire::flow`). With both ends and both ssh processes on one
+/// 2-core host, ssh left without a core for a tenth of a second reads like
+/// a 15 MB/s link: on the unshaped clone, four receipts in 90 ms read
+/// 10-35 MB/s between readings of 120-400 MB/s, and the stream they chose
+/// made the copy 1.66 s against 1.22 s. At 100 Mbit/s a link on lz4 forms
+/// such a spell within this time, in a fraction of a megabyte more.
+const SLOW_AGAIN_SPELL_SECS: f64 = 0.25;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
 /// Timings within this fraction of the fastest count as a tie.
@@ -323,6 +332,17 @@ const RAISE_SPELL_BYTES: u64 = 256 << 10;
 /// first level.
 const RECEIPT_SPELL_SECS: f64 = 0.5;
 const RECEIPT_SPELL_BYTES: u64 = 64 << 10;
+/// A drain rate below [`LEVELS_BELOW`] with a spell running at this rate
+/// or faster is no reason to measure the levels: the reading came from a
+/// few writes that waited for something else than the link. At the start
+/// of an unshaped copy the target loads its references and the source
+/// hashes its image on the same two cores; writes of a few hundred bytes
+/// then took milliseconds, the rate read 0.3-0.8 MB/s beside a spell at
+/// 19 MB/s, and the stream held its pieces half a second for a rise that
+/// never came (docs/experiments.md, session 21). A rise needs a spell
+/// below [`LEVELS_BELOW`] anyway; at 2 Mbit/s a spell, which begins with
+/// a blocked piece, reads the link's rate.
+const SPELL_NOT_SLOW: f64 = 4.0 * LEVELS_BELOW;
 /// At a raised level, the share of wall time the writer spends in writes
 /// is checked over windows of this length...
 const DROP_WINDOW_SECS: f64 = 2.0;
@@ -767,8 +787,10 @@ impl AutoPolicy {
                 // the link reads slow, before the spell that decides: the
                 // measurement (level 19 alone takes about a third of a
                 // second) then overlaps the wait for that evidence instead
-                // of delaying the change by as much.
-                if slow && self.levels_due() && !self.recent.is_empty() {
+                // of delaying the change by as much. Not while the spell
+                // running now reads far faster ([`SPELL_NOT_SLOW`]).
+                let contradicted = link.spell.is_some_and(|s| s.rate() >= SPELL_NOT_SLOW);
+                if slow && !contradicted && self.levels_due() && !self.recent.is_empty() {
                     self.measure_recent(rate, STREAM_LEVELS[0]);
                 }
                 self.collect_levels(false);
@@ -862,9 +884,14 @@ impl AutoPolicy {
         // have found ssh's and the kernel's buffers partly empty (at
         // 100 Mbit/s, deciding on it sent the first 16 MiB of 2 copies in 3
         // through lz4).
+        // (A slow reading of a link seen fast decides only on a spell:
+        // SLOW_AGAIN_SPELL_SECS.)
+        let steady = link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS);
         let learnt = match link.drain_rate {
             Some(rate) => {
-                self.blind || (self.unknown && rate < PROBE_RATE) || (self.probation && rate < PROBE_RATE / 2.0)
+                self.blind
+                    || (self.unknown && rate < PROBE_RATE)
+                    || (self.probation && rate < PROBE_RATE / 2.0 && steady)
             }
             None => self.unknown && link.written >= NO_BLOCK_EVIDENCE,
         };
@@ -912,9 +939,16 @@ impl AutoPolicy {
         // slowest route there. A slow link reads far below that.
         let slow_below = if self.slow_link || self.unknown { PROBE_RATE } else { PROBE_RATE / 2.0 };
         let was_fast = !self.unknown && !self.slow_link;
+        // A slow reading without a spell of it: a dip, not (yet) the link.
+        // The verdict stays fast, on probation, so that the spell, if it
+        // comes, decides at once.
+        let dip = was_fast && rate < slow_below && !steady;
+        if dip {
+            log::debug!("auto: the link read {:.1} MB/s, but not steadily: still fast", rate / 1e6);
+        }
         self.unknown = false;
-        self.slow_link = rate < slow_below;
-        self.probation = !self.slow_link && !was_fast;
+        self.slow_link = rate < slow_below && !dip;
+        self.probation = !self.slow_link && (!was_fast || dip);
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
         if next != self.current {
             log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
@@ -1093,7 +1127,15 @@ mod tests {
         assert!("lzo".parse::<Choice>().is_err());
     }
 
+    /// A link draining `r` bytes a second steadily: the reading comes
+    /// with a spell of it.
     fn rate(r: f64) -> LinkView {
+        let spell = Some(Spell { secs: 10.0, bytes: (r * 10.0) as u64 });
+        LinkView { drain_rate: Some(r), written: 1 << 30, spell, ..LinkView::default() }
+    }
+
+    /// A reading of `r` bytes a second without a spell: a dip.
+    fn dip(r: f64) -> LinkView {
         LinkView { drain_rate: Some(r), written: 1 << 30, ..LinkView::default() }
     }
 
@@ -1207,7 +1249,7 @@ mod tests {
     /// link draining `drain` bytes/s while writes block.
     fn run(p: &mut AutoPolicy, drain: f64, n: usize, speed: impl Fn(Route) -> f64) -> Vec<Route> {
         let mut at = Instant::now();
-        let link = LinkView { drain_rate: Some(drain), written: 1 << 30, ..LinkView::default() };
+        let link = rate(drain);
         let per_segment = (SEGMENT_BYTES >> 20) as usize;
         let mut routes = Vec::new();
         for i in 0..n * per_segment {
@@ -1310,6 +1352,29 @@ mod tests {
         assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
         assert_eq!(p.choose(rate(12e6), 2, 1 << 20, now), FAST_LINK_ROUTE);
         assert_eq!(p.choose(rate(12e6), 2, SEGMENT_BYTES, now), Route::Stream);
+    }
+
+    /// A slow reading of a link seen fast, without a spell of it (or with
+    /// one shorter than SLOW_AGAIN_SPELL_SECS), is a dip: ssh or the
+    /// target without a core for a moment. The route stays fast and on
+    /// probation, so that a spell, when it comes, decides at once.
+    #[test]
+    fn a_dip_without_a_spell_leaves_a_fast_link_fast() {
+        let now = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        measured_samples(&mut p);
+        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        let short = LinkView { spell: Some(Spell { secs: SLOW_AGAIN_SPELL_SECS / 2.0, bytes: 1 << 20 }), ..dip(12e6) };
+        let at = p.segment;
+        for link in [dip(12e6), short] {
+            assert_eq!(p.choose(link, 2, 1 << 20, now), FAST_LINK_ROUTE);
+        }
+        assert_eq!(p.segment, at, "a dip decided within the segment");
+        // Nor at the segment's end: still fast, and still on probation.
+        assert_eq!(p.choose(dip(12e6), 2, SEGMENT_BYTES, now), FAST_LINK_ROUTE);
+        let at = p.segment;
+        assert_eq!(p.choose(rate(12e6), 2, 1 << 20, now), Route::Stream);
+        assert_eq!(p.segment, at + 1, "the spell waited for the segment's end");
     }
 
     /// Where the link is slow, lighter codecs are not tried: they would only
@@ -1478,6 +1543,23 @@ mod tests {
         let mut q = AutoPolicy::new(true, 1 << 30);
         q.measuring = running();
         assert!(!q.first_rise_pending());
+    }
+
+    /// A slow reading beside a spell running far faster (a few writes that
+    /// waited for the CPUs at the start of a copy) measures no levels, and
+    /// so holds no piece for a rise; one beside a slow spell does, at once.
+    #[test]
+    fn a_slow_reading_beside_a_fast_spell_measures_no_levels() {
+        let t0 = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        p.sample(&text(SAMPLE_BYTES));
+        p.observe(&text(SAMPLE_BYTES));
+        let busy_start = view(Some(437e3), Some((0.1, 19e6)), 0.0);
+        assert_eq!(p.choose(busy_start, 2, 4096, t0), Route::Stream);
+        assert!(p.slow_link);
+        assert!(p.level_samples.iter().all(Option::is_none) && !p.first_rise_pending(), "levels measured");
+        p.choose(view(Some(SLOW), Some((0.1, SLOW)), 0.0), 2, 4096, t0 + Duration::from_millis(100));
+        assert!(p.level_samples[0].is_some(), "a slow spell measured no levels");
     }
 
     /// A slow reading alone raises nothing: the writes must have blocked

@@ -131,6 +131,16 @@ impl Clock {
             if took > 0 && delta > 0 {
                 let rate = delta as f64 / (took as f64 / 1e9);
                 if backlogged {
+                    if self.backlogged.len() > 0 && written.saturating_sub(self.backlogged_at) > RATE_STALE {
+                        // The rate went stale (see `drain_rate`): its
+                        // intervals are no evidence now either. Kept, one
+                        // new backlogged interval made their old rate
+                        // current again (an unshaped copy read 14.6 MB/s
+                        // of a dip 0.2 s and 10 MB earlier, and went back
+                        // to the stream).
+                        self.backlogged.clear();
+                        self.backlogged_bytes = 0;
+                    }
                     self.backlogged.push(rate);
                     self.backlogged_bytes += delta;
                     self.backlogged_at = written;
@@ -451,9 +461,17 @@ mod tests {
     fn a_rate_goes_stale_once_writes_outrun_the_backlog() {
         let mut c = Clock::default();
         c.on_receipt(0, 0, 0, GATE_MIN);
-        let (_, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN, 1.0);
+        let (end, written) = drain(&mut c, 0, GATE_MIN, 8, 131 * MS, 250e3, GATE_MIN, 1.0);
         assert!(c.drain_rate(written + RATE_STALE).is_some());
         assert_eq!(c.drain_rate(written + RATE_STALE + 1), None);
+        // Nor is the stale rate made current again by one new backlogged
+        // interval: it starts over, from new intervals only.
+        let later = written + RATE_STALE + 1;
+        let (end, written) = drain(&mut c, end, later, 1, 131 * MS, 1e6, GATE_MIN, 1.0);
+        assert_eq!(c.drain_rate(written), None, "the stale intervals made a rate of one new one");
+        let (_, written) = drain(&mut c, end, written, 3, 131 * MS, 1e6, GATE_MIN, 1.0);
+        let r = c.drain_rate(written).expect("4 new backlogged intervals");
+        assert!((r - 1e6).abs() < 1e4, "rate {r}: the stale intervals counted");
     }
 
     /// A target busy with what it has (its reader handing frames on, not

@@ -153,6 +153,10 @@ impl RecentRates {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    pub(crate) fn clear(&mut self) {
+        (self.len, self.next) = (0, 0);
+    }
 }
 
 /// Whether a write of `bytes` that took `nanos` waited for the link rather
@@ -238,10 +242,19 @@ impl LinkStats {
     fn count_write(&self, bytes: u64, nanos: u64) {
         let before = self.written.fetch_add(bytes, Ordering::Relaxed);
         if write_blocked(bytes, nanos) {
-            if self.blocked_bytes.fetch_add(bytes, Ordering::Relaxed) == 0 {
+            let mut recent = self.recent.lock().unwrap();
+            let last = self.last_blocked_at.load(Ordering::Relaxed);
+            if last == 0 {
                 log::debug!("link: the first write to block came after {before} bytes");
+            } else if before.saturating_sub(last) > RATE_STALE {
+                // The rate went stale: its writes say nothing of the link
+                // now either, and kept they would make it again of one new
+                // blocked write (a dip of a fast link read as the link).
+                recent.clear();
+                self.blocked_bytes.store(0, Ordering::Relaxed);
             }
-            self.recent.lock().unwrap().push(bytes as f64 / (nanos as f64 / 1e9));
+            self.blocked_bytes.fetch_add(bytes, Ordering::Relaxed);
+            recent.push(bytes as f64 / (nanos as f64 / 1e9));
             self.last_blocked_at.store(before + bytes, Ordering::Relaxed);
         }
     }
@@ -557,9 +570,15 @@ mod tests {
         assert!(s.drain_rate().is_some(), "exactly 8 MiB is not past it");
         s.count_write(64 << 10, 20_000);
         assert_eq!(s.drain_rate(), None, "a stale rate");
-        // ...until one blocks again.
+        // ...nor made current again by one write that blocks: the rate
+        // starts over, from new writes only.
         s.count_write(64 << 10, 100_000_000);
-        assert!(s.drain_rate().is_some());
+        assert_eq!(s.drain_rate(), None, "the stale writes made a rate of one new one");
+        for _ in 0..7 {
+            s.count_write(64 << 10, 20_000_000);
+        }
+        let r = s.drain_rate().expect("8 new blocked writes, 512 KiB");
+        assert!((r - (64 << 10) as f64 / 0.02).abs() < 1.0, "rate {r}: the stale writes counted");
     }
     use super::*;
 
