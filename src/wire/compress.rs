@@ -276,8 +276,9 @@ pub const PROBE_RATE: f64 = 30e6;
 /// 2-core host, ssh left without a core for a tenth of a second reads like
 /// a 15 MB/s link: on the unshaped clone, four receipts in 90 ms read
 /// 10-35 MB/s between readings of 120-400 MB/s, and the stream they chose
-/// made the copy 1.66 s against 1.22 s. At 100 Mbit/s a link on lz4 forms
-/// such a spell within this time, in a fraction of a megabyte more.
+/// made the copy 1.66 s against 1.22 s. A link that is slow forms such a
+/// spell within this time: the 100 and 20 Mbit/s cells measured no slower
+/// (docs/experiments.md, session 21).
 const SLOW_AGAIN_SPELL_SECS: f64 = 0.25;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
