@@ -1423,7 +1423,7 @@ fn stream_loop(
             }
         }
         if let Some(l) = &mut late {
-            if l.due(&enc, || link_view(sh, Instant::now()).drain_rate) {
+            if l.due(&enc, || late_link_rate(sh)) {
                 l.start(&enc);
             }
             if l.hint_due() {
@@ -1698,6 +1698,20 @@ enum Routed {
 /// zstd stream (`streaming`: the target takes one) when the user chose
 /// zstd or `auto` routes it there, else compressed on its own (or raw).
 /// What `auto` knows of the link at `now`.
+/// The link's drain rate as the late reference's policy sees it: with
+/// `auto`, only once `auto` has judged the link slow. A reading alone
+/// may be a moment of a fast link: unshaped, with both ends on one 2-core
+/// host, about one copy in ten started reading and hashing a 316 MB
+/// reference on a dip while the link was still unknown, on the cores the
+/// copy needed (docs/experiments.md, session 21).
+fn late_link_rate(sh: &Shared) -> Option<f64> {
+    let rate = link_view(sh, Instant::now()).drain_rate;
+    match sh.compress {
+        Choice::Auto => rate.filter(|_| sh.auto.lock().unwrap().link_is_slow()),
+        _ => rate,
+    }
+}
+
 fn link_view(sh: &Shared, now: Instant) -> LinkView {
     let mut link = LinkView {
         drain_rate: sh.stats.drain_rate(),

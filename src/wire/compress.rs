@@ -512,6 +512,13 @@ impl AutoPolicy {
     /// level until the link is known to be slow, then the level the model
     /// finds fastest (the larger of one thread's CPU time and the output's
     /// link time), back to the first on a fast link.
+    /// Whether the last decision took the link as slow (below
+    /// [`PROBE_RATE`]): neither still unknown nor fast, whatever a
+    /// reading says now.
+    pub fn link_is_slow(&self) -> bool {
+        self.slow_link
+    }
+
     pub fn stream_level(&self) -> i32 {
         self.stream_level
     }
