@@ -271,8 +271,10 @@ const FAST_LINK_ROUTE: Route = Route::Run(Codec::Lz4);
 /// link decides, and trying a lighter codec would only cost bytes.
 pub const PROBE_RATE: f64 = 30e6;
 /// A link seen fast counts as slow again only once it drained this end's
-/// writes (or, with receipts, reached the target) slowly for this long in
-/// one spell (`wire::flow`). With both ends and both ssh processes on one
+/// writes (or, with receipts, reached the target) slowly (below half of
+/// [`PROBE_RATE`]) for this long in one spell (`wire::flow`): a reading
+/// alone, or beside a spell that ran faster (11.5 MB/s beside 0.25 s at
+/// 35.9 MB/s, unshaped), is a dip. With both ends and both ssh processes on one
 /// 2-core host, ssh left without a core for a tenth of a second reads like
 /// a 15 MB/s link: on the unshaped clone, four receipts in 90 ms read
 /// 10-35 MB/s between readings of 120-400 MB/s, and the stream they chose
@@ -894,7 +896,7 @@ impl AutoPolicy {
         // through lz4).
         // (A slow reading of a link seen fast decides only on a spell:
         // SLOW_AGAIN_SPELL_SECS.)
-        let steady = link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS);
+        let steady = link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS && s.rate() < PROBE_RATE / 2.0);
         let learnt = match link.drain_rate {
             Some(rate) => {
                 self.blind
@@ -959,7 +961,14 @@ impl AutoPolicy {
         self.probation = !self.slow_link && (!was_fast || dip);
         let next = if self.slow_link { self.modelled(rate, workers) } else { self.timed(workers) };
         if next != self.current {
-            log::debug!("auto: {next} from now on at a link of {:.1} MB/s", rate / 1e6);
+            let spell = link
+                .spell
+                .map_or("no spell".into(), |s| format!("a spell of {:.2} s at {:.1} MB/s", s.secs, s.rate() / 1e6));
+            log::debug!(
+                "auto: {next} from now on at a link of {:.1} MB/s ({spell}{})",
+                rate / 1e6,
+                if link.receipts { ", receipts" } else { "" }
+            );
         }
         self.current = next;
         self.current
@@ -1363,7 +1372,7 @@ mod tests {
     }
 
     /// A slow reading of a link seen fast, without a spell of it (or with
-    /// one shorter than SLOW_AGAIN_SPELL_SECS), is a dip: ssh or the
+    /// one shorter than SLOW_AGAIN_SPELL_SECS, or faster), is a dip: ssh or the
     /// target without a core for a moment. The route stays fast and on
     /// probation, so that a spell, when it comes, decides at once.
     #[test]
@@ -1373,8 +1382,9 @@ mod tests {
         measured_samples(&mut p);
         assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
         let short = LinkView { spell: Some(Spell { secs: SLOW_AGAIN_SPELL_SECS / 2.0, bytes: 1 << 20 }), ..dip(12e6) };
+        let fast_spell = LinkView { spell: Some(Spell { secs: SLOW_AGAIN_SPELL_SECS, bytes: 9 << 20 }), ..dip(11.5e6) };
         let at = p.segment;
-        for link in [dip(12e6), short] {
+        for link in [dip(12e6), short, fast_spell] {
             assert_eq!(p.choose(link, 2, 1 << 20, now), FAST_LINK_ROUTE);
         }
         assert_eq!(p.segment, at, "a dip decided within the segment");
