@@ -893,14 +893,21 @@ impl AutoPolicy {
         // reading waits for the segment's end: the first blocked writes may
         // have found ssh's and the kernel's buffers partly empty (at
         // 100 Mbit/s, deciding on it sent the first 16 MiB of 2 copies in 3
-        // through lz4).
+        // through lz4). Past the first segment, a fast first reading
+        // decides at once unless the spell running now is slow: a second
+        // segment on the first route, waiting for it, made an unshaped copy
+        // 0.2-0.3 s slower in 3 of 8, while at 100 Mbit/s the first
+        // readings after a segment still read 40-99 MB/s on the cold copy
+        // and deciding on them cost it 1.5 MB; its spell (the receipts')
+        // reads the link's 12 MB/s there, an unshaped one 29-50 MB/s.
         // (A slow reading of a link seen fast decides only on a spell:
         // SLOW_AGAIN_SPELL_SECS.)
-        let steady = link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS && s.rate() < PROBE_RATE / 2.0);
+        let slow_spell = link.spell.is_some_and(|s| s.rate() < PROBE_RATE / 2.0);
+        let steady = slow_spell && link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS);
         let learnt = match link.drain_rate {
             Some(rate) => {
                 self.blind
-                    || (self.unknown && rate < PROBE_RATE)
+                    || (self.unknown && (rate < PROBE_RATE || (self.segment > 0 && !slow_spell)))
                     || (self.probation && rate < PROBE_RATE / 2.0 && steady)
             }
             None => self.unknown && link.written >= NO_BLOCK_EVIDENCE,
@@ -1200,6 +1207,17 @@ mod tests {
             assert_eq!(q.segment, 0);
             assert_eq!(q.choose(rate(1e6), 2, 4096, now), strongest);
             assert_eq!(q.segment, 1);
+            // Past a first segment that ended with the link unknown, a fast
+            // first reading decides at once too.
+            let mut u = AutoPolicy::new(streamed, 1 << 30);
+            u.sample(&data);
+            assert_eq!(segment(&mut u, buffers_filling, 2, now), strongest);
+            assert_eq!(u.segment, 1);
+            let beside_a_slow_spell = LinkView { spell: Some(Spell { secs: 0.2, bytes: 2_400_000 }), ..dip(100e6) };
+            assert_eq!(u.choose(beside_a_slow_spell, 2, 4096, now), strongest);
+            assert_eq!(u.segment, 1, "a fast reading beside a slow spell decided");
+            assert_eq!(u.choose(rate(100e6), 2, 4096, now), FAST_LINK_ROUTE);
+            assert_eq!(u.segment, 2, "the fast reading waited for the second segment's end");
             // Raw data blocked and measured a slow link: strong again at
             // once, not at the end of the segment.
             assert_eq!(p.choose(rate(1e6), 2, 4096, now), strongest);
