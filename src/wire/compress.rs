@@ -274,13 +274,13 @@ pub const PROBE_RATE: f64 = 30e6;
 /// writes (or, with receipts, reached the target) slowly (below half of
 /// [`PROBE_RATE`]) for this long in one spell (`wire::flow`): a reading
 /// alone, or beside a spell that ran faster (11.5 MB/s beside 0.25 s at
-/// 35.9 MB/s, unshaped), is a dip. With both ends and both ssh processes on one
-/// 2-core host, ssh left without a core for a tenth of a second reads like
-/// a 15 MB/s link: on the unshaped clone, four receipts in 90 ms read
-/// 10-35 MB/s between readings of 120-400 MB/s, and the stream they chose
-/// made the copy 1.66 s against 1.22 s. A link that is slow forms such a
-/// spell within this time: the 100 and 20 Mbit/s cells measured no slower
-/// (docs/experiments.md, session 21).
+/// 35.9 MB/s, unshaped), is a dip. With both ends and both ssh processes
+/// on one 2-core host, ssh left without a core for a tenth of a second
+/// reads like a 15 MB/s link: on the unshaped clone, four receipts in
+/// 90 ms read 10-35 MB/s between readings of 120-400 MB/s, and the stream
+/// they chose made the copy 1.66 s against 1.22 s. A link that is slow
+/// forms such a spell within this time: the 100 and 20 Mbit/s cells
+/// measured no slower (docs/experiments.md, session 21).
 const SLOW_AGAIN_SPELL_SECS: f64 = 0.25;
 /// A candidate's timing is trusted for this many segments, then re-taken.
 const TIMING_SEGMENTS: u64 = 12;
@@ -510,10 +510,6 @@ impl AutoPolicy {
         self
     }
 
-    /// The level the stream should compress at from now on: its first
-    /// level until the link is known to be slow, then the level the model
-    /// finds fastest (the larger of one thread's CPU time and the output's
-    /// link time), back to the first on a fast link.
     /// Whether the last decision took the link as slow (below
     /// [`PROBE_RATE`]): neither still unknown nor fast, whatever a
     /// reading says now.
@@ -521,6 +517,10 @@ impl AutoPolicy {
         self.slow_link
     }
 
+    /// The level the stream should compress at from now on: its first
+    /// level until the link is known to be slow, then the level the model
+    /// finds fastest (the larger of one thread's CPU time and the output's
+    /// link time), back to the first on a fast link.
     pub fn stream_level(&self) -> i32 {
         self.stream_level
     }

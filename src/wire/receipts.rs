@@ -135,8 +135,8 @@ impl Clock {
                         // The rate went stale (see `drain_rate`): its
                         // intervals are no evidence now either. Kept, one
                         // new backlogged interval made their old rate
-                        // current again (an unshaped copy read 14.6 MB/s
-                        // of a dip 0.2 s and 10 MB earlier, and went back
+                        // current again (an unshaped copy read the
+                        // 14.6 MB/s of a dip 0.24 s earlier, and went back
                         // to the stream).
                         self.backlogged.clear();
                         self.backlogged_bytes = 0;

@@ -248,8 +248,9 @@ impl LinkStats {
                 log::debug!("link: the first write to block came after {before} bytes");
             } else if before.saturating_sub(last) > RATE_STALE {
                 // The rate went stale: its writes say nothing of the link
-                // now either, and kept they would make it again of one new
-                // blocked write (a dip of a fast link read as the link).
+                // now either. Kept, one new blocked write would make their
+                // old rate current again (a dip of a fast link read as the
+                // link).
                 recent.clear();
                 self.blocked_bytes.store(0, Ordering::Relaxed);
             }
