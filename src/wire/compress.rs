@@ -1390,9 +1390,9 @@ mod tests {
     }
 
     /// A slow reading of a link seen fast, without a spell of it (or with
-    /// one shorter than SLOW_AGAIN_SPELL_SECS, or faster), is a dip: ssh or the
-    /// target without a core for a moment. The route stays fast and on
-    /// probation, so that a spell, when it comes, decides at once.
+    /// one shorter than SLOW_AGAIN_SPELL_SECS, or faster), is a dip: ssh
+    /// or the target without a core for a moment. The route stays fast and
+    /// on probation, so that a spell, when it comes, decides at once.
     #[test]
     fn a_dip_without_a_spell_leaves_a_fast_link_fast() {
         let now = Instant::now();
