@@ -1694,10 +1694,6 @@ enum Routed {
     Coded { code: u8, raw_len: u32, payload: Vec<u8> },
 }
 
-/// Pick how `raw` (a run, or a delta body) travels: through the copy's
-/// zstd stream (`streaming`: the target takes one) when the user chose
-/// zstd or `auto` routes it there, else compressed on its own (or raw).
-/// What `auto` knows of the link at `now`.
 /// The link's drain rate as the late reference's policy sees it: with
 /// `auto`, only once `auto` has judged the link slow. A reading alone
 /// may be a moment of a fast link: unshaped, with both ends on one 2-core
@@ -1712,6 +1708,7 @@ fn late_link_rate(sh: &Shared) -> Option<f64> {
     }
 }
 
+/// What `auto` knows of the link at `now`.
 fn link_view(sh: &Shared, now: Instant) -> LinkView {
     let mut link = LinkView {
         drain_rate: sh.stats.drain_rate(),
@@ -1739,6 +1736,9 @@ fn link_view(sh: &Shared, now: Instant) -> LinkView {
     link
 }
 
+/// Pick how `raw` (a run, or a delta body) travels: through the copy's
+/// zstd stream (`streaming`: the target takes one) when the user chose
+/// zstd or `auto` routes it there, else compressed on its own (or raw).
 fn route(sh: &Shared, raw: Vec<u8>, streaming: bool) -> Routed {
     let raw_len = raw.len() as u32;
     let route = match sh.compress {

@@ -902,8 +902,8 @@ impl AutoPolicy {
         // reads the link's 12 MB/s there, an unshaped one 29-50 MB/s.
         // (A slow reading of a link seen fast decides only on a spell:
         // SLOW_AGAIN_SPELL_SECS.)
-        let slow_spell = link.spell.is_some_and(|s| s.rate() < PROBE_RATE / 2.0);
-        let steady = slow_spell && link.spell.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS);
+        let slow = link.spell.filter(|s| s.rate() < PROBE_RATE / 2.0);
+        let (slow_spell, steady) = (slow.is_some(), slow.is_some_and(|s| s.secs >= SLOW_AGAIN_SPELL_SECS));
         let learnt = match link.drain_rate {
             Some(rate) => {
                 self.blind
@@ -1368,15 +1368,22 @@ mod tests {
         assert_eq!(run(&mut p, 200e6, 2, |_| 300e6).last(), Some(&FAST_LINK_ROUTE));
     }
 
+    /// A streamed copy's policy with measured samples, whose first segment
+    /// found the link fast (on probation).
+    fn seen_fast(now: Instant) -> AutoPolicy {
+        let mut p = AutoPolicy::new(true, 1 << 30);
+        measured_samples(&mut p);
+        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        p
+    }
+
     /// The first fast verdict is on probation for its segment: a slow
     /// reading then decides at once (the shaper's queue was still filling
     /// when the link looked fast). A later dip waits for the segment's end.
     #[test]
     fn a_first_fast_reading_gives_way_to_a_slow_one_at_once() {
         let now = Instant::now();
-        let mut p = AutoPolicy::new(true, 1 << 30);
-        measured_samples(&mut p);
-        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        let mut p = seen_fast(now);
         assert_eq!(p.choose(rate(60e6), 2, 1 << 20, now), FAST_LINK_ROUTE);
         let at = p.segment;
         assert_eq!(p.choose(rate(12e6), 2, 1 << 20, now), Route::Stream);
@@ -1396,9 +1403,7 @@ mod tests {
     #[test]
     fn a_dip_without_a_spell_leaves_a_fast_link_fast() {
         let now = Instant::now();
-        let mut p = AutoPolicy::new(true, 1 << 30);
-        measured_samples(&mut p);
-        assert_eq!(segment(&mut p, rate(116e6), 2, now), FAST_LINK_ROUTE);
+        let mut p = seen_fast(now);
         let short = LinkView { spell: Some(Spell { secs: SLOW_AGAIN_SPELL_SECS / 2.0, bytes: 1 << 20 }), ..dip(12e6) };
         let fast_spell = LinkView { spell: Some(Spell { secs: SLOW_AGAIN_SPELL_SECS, bytes: 9 << 20 }), ..dip(11.5e6) };
         let at = p.segment;
