@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::byte_range;
+use crate::blocks::blockmap::{byte_range, digest_range};
 use crate::blocks::digest::{Algorithm, Digest};
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
@@ -117,13 +117,8 @@ pub fn check(
                 let (start, stop) = byte_range(layout, first, end);
                 let mut buf = vec![0u8; (stop - start) as usize];
                 disk.read_at(&mut buf, start)?;
-                for i in first..end {
-                    let (off, len) = layout.extent(i);
-                    let at = (off - start) as usize;
-                    if algo.digest(&buf[at..at + len]) != want[i as usize] {
-                        bad.push(i);
-                    }
-                }
+                let got = digest_range(algo, layout, &buf, start, first, end, false);
+                bad.extend((first..end).zip(got).filter(|(i, d)| *d != want[*i as usize]).map(|(i, _)| i));
                 progress.inc(stop - start);
             }
             Ok(bad)

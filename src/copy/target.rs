@@ -48,8 +48,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing};
+use crate::blocks::blockmap::{byte_range, digest_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
+use crate::blocks::lanes::LANES;
 use crate::blocks::layout::Layout;
 use crate::blocks::runs::{checked_end, runs};
 use crate::storage::disk::Disk;
@@ -1253,7 +1254,12 @@ impl Target<'_> {
                         None => return Ok(false),
                     }
                 }
-                let digests: Vec<Digest> = blocks.par_iter().map(|d| self.algo.digest(d)).collect();
+                let slices: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+                let mut digests = vec![[0u8; 32]; slices.len()];
+                slices
+                    .par_chunks(LANES)
+                    .zip(digests.par_chunks_mut(LANES))
+                    .for_each(|(b, d)| self.algo.digest_each(b, d));
                 if group_digest(self.algo, &digests) == *want {
                     for (k, i) in (a..b).enumerate() {
                         if crate::blocks::digest::is_zero(&blocks[k]) {
@@ -1826,15 +1832,7 @@ impl Target<'_> {
         }
         let payload_len = payload.len() as u64;
         let raw = self.decode(first, codec, payload, raw_len)?;
-        let layout = &self.layout;
-        let algo = self.algo;
-        let digests: Vec<Digest> = (first..end)
-            .into_par_iter()
-            .map(|i| {
-                let (off, len) = layout.extent(i);
-                algo.digest(&raw[(off - start) as usize..(off - start) as usize + len])
-            })
-            .collect();
+        let digests = digest_range(self.algo, &self.layout, &raw, start, first, end, true);
         for (k, i) in (first..end).enumerate() {
             let g = i / gb;
             let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
