@@ -77,10 +77,10 @@ pub fn hash_equal(blocks: &[&[u8]], len: usize, out: &mut [Digest]) {
     }
 }
 
-/// At most [`LANES`] blocks of `len` bytes.
-/// (`platform`: the kernel this CPU runs best, or, in the tests, each one
-/// it can run: a host without AVX-512, or the Xen lab's emulated CPU,
-/// takes another code path of the crate.)
+/// BLAKE3 of at most [`LANES`] blocks of `len` bytes with `platform`'s
+/// kernel: the one this CPU runs best, or in the tests each one it can
+/// run (a host without AVX-512, or the Xen lab's emulated CPU, takes
+/// another code path of the crate).
 fn hash_batch(platform: Platform, blocks: &[&[u8]], len: usize, out: &mut [Digest]) {
     let n = blocks.len();
     let chunks = len / CHUNK_LEN;

@@ -224,8 +224,10 @@ const RESAMPLE_BYTES_SLOW_LINK: u64 = 16 << 20;
 /// Where the link is known fast, CPU is what the copy waits for, and a
 /// measurement (all candidates on a megabyte, the stream's zstd among
 /// them: about 12 ms of a core, under the policy's lock) is paid by the
-/// copy itself. At 64 MiB, the unshaped cold copy's samples cost `auto`
-/// 0.15 CPU seconds more than lz4 alone, 6-8% of its time (session 22).
+/// copy itself. At 64 MiB, `auto` used 0.15 CPU seconds more than lz4
+/// alone on the unshaped cold copy (the host's busy time, 3 pairs), and
+/// in a profile the samples' zstd was most of what it spent besides lz4
+/// (session 22).
 /// On a fast link the samples only say which routes are worth timing,
 /// and an image too small to time routes on ([`TIMING_MIN_IMAGE`]) takes
 /// no sample there at all: its route is [`FAST_LINK_ROUTE`]. (Should the
