@@ -131,7 +131,7 @@ impl Clock {
             if took > 0 && delta > 0 {
                 let rate = delta as f64 / (took as f64 / 1e9);
                 if backlogged {
-                    if self.backlogged.len() > 0 && written.saturating_sub(self.backlogged_at) > RATE_STALE {
+                    if self.backlogged.len() > 0 && self.stale(written) {
                         // The rate went stale (see `drain_rate`): its
                         // intervals are no evidence now either. Kept, one
                         // new backlogged interval made their old rate
@@ -172,10 +172,16 @@ impl Clock {
         if self.backlogged_bytes < RATE_EVIDENCE || self.backlogged.len() < RATE_INTERVALS {
             return None;
         }
-        if written.saturating_sub(self.backlogged_at) > RATE_STALE {
+        if self.stale(written) {
             return None;
         }
         self.backlogged.lower_quartile()
+    }
+
+    /// Whether [`RATE_STALE`] bytes were written, up to `written`, since
+    /// the last backlogged interval.
+    fn stale(&self, written: u64) -> bool {
+        written.saturating_sub(self.backlogged_at) > RATE_STALE
     }
 
     /// The spell of backlogged intervals running at `now` (`wire::flow`).

@@ -201,11 +201,16 @@ impl LinkStats {
         if self.blocked_bytes.load(Ordering::Relaxed) < RATE_EVIDENCE || recent.len < RATE_WRITES {
             return None;
         }
-        let since = self.written.load(Ordering::Relaxed) - self.last_blocked_at.load(Ordering::Relaxed);
-        if since > RATE_STALE {
+        if self.stale(self.written.load(Ordering::Relaxed)) {
             return None;
         }
         recent.lower_quartile()
+    }
+
+    /// Whether [`RATE_STALE`] bytes were written, up to `written`, since
+    /// the last blocked write ended.
+    fn stale(&self, written: u64) -> bool {
+        written.saturating_sub(self.last_blocked_at.load(Ordering::Relaxed)) > RATE_STALE
     }
 
     /// The spell of steadily blocked writes running now (`wire::flow`),
@@ -246,7 +251,7 @@ impl LinkStats {
             let last = self.last_blocked_at.load(Ordering::Relaxed);
             if last == 0 {
                 log::debug!("link: the first write to block came after {before} bytes");
-            } else if before.saturating_sub(last) > RATE_STALE {
+            } else if self.stale(before) {
                 // The rate went stale: its writes say nothing of the link
                 // now either. Kept, one new blocked write would make their
                 // old rate current again (a dip of a fast link read as the
