@@ -60,10 +60,7 @@ pub fn byte_range(layout: &Layout, first: u64, end: u64) -> (u64, u64) {
 }
 
 /// Digests of blocks `[first, end)`, whose bytes `buf` holds from image
-/// offset `start` (a run as received, or as read back): hashed
-/// [`LANES`] blocks side by side, and the batches spread over the rayon
-/// pool when `parallel` (a caller already on the pool per group passes
-/// false).
+/// offset `start` (a run as received, or as read back), by [`digest_all`].
 pub fn digest_range(
     algo: Algorithm,
     layout: &Layout,
@@ -79,11 +76,18 @@ pub fn digest_range(
             &buf[(off - start) as usize..(off - start) as usize + len]
         })
         .collect();
+    digest_all(algo, &blocks, parallel)
+}
+
+/// Digests of `blocks`, hashed [`LANES`] side by side, the batches spread
+/// over the rayon pool when `parallel` (a caller already on the pool per
+/// group passes false).
+pub fn digest_all(algo: Algorithm, blocks: &[&[u8]], parallel: bool) -> Vec<Digest> {
     let mut out = vec![[0u8; DIGEST_LEN]; blocks.len()];
     if parallel {
         blocks.par_chunks(LANES).zip(out.par_chunks_mut(LANES)).for_each(|(b, o)| algo.digest_each(b, o));
     } else {
-        algo.digest_each(&blocks, &mut out);
+        algo.digest_each(blocks, &mut out);
     }
     out
 }

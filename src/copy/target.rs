@@ -46,11 +46,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
-use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, digest_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing};
+use crate::blocks::blockmap::{
+    byte_range, digest_all, digest_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing,
+};
 use crate::blocks::digest::{hex, key_of, Algorithm, Digest, Key, ZeroDigests};
-use crate::blocks::lanes::LANES;
 use crate::blocks::layout::Layout;
 use crate::blocks::runs::{checked_end, runs};
 use crate::storage::disk::Disk;
@@ -1255,11 +1255,7 @@ impl Target<'_> {
                     }
                 }
                 let slices: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
-                let mut digests = vec![[0u8; 32]; slices.len()];
-                slices
-                    .par_chunks(LANES)
-                    .zip(digests.par_chunks_mut(LANES))
-                    .for_each(|(b, d)| self.algo.digest_each(b, d));
+                let digests = digest_all(self.algo, &slices, true);
                 if group_digest(self.algo, &digests) == *want {
                     for (k, i) in (a..b).enumerate() {
                         if crate::blocks::digest::is_zero(&blocks[k]) {
