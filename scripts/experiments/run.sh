@@ -20,7 +20,9 @@
 #              --source-reference REF as well, REF on both hosts as zstd-patch needs;
 #              xm-catalog: xm-auto's command line on a source host whose configuration
 #              lists a catalog of every image here, `xenmig index` made before, untimed;
-#              xm-alone: xm-auto's command line with REF on the target's host only)
+#              xm-alone: xm-auto's command line with REF on the target's host only;
+#              simple-aes, not in the defaults: simple with ssh -c aes128-gcm, the
+#              cipher xenmig itself asks for on a CPU with AES instructions)
 #              Both namespaces share this host's files, so -r REF's path is on the
 #              source's side too, and since session 19 xenmig looks for -r's paths
 #              there (a pool's hosts keep templates at the same paths): every xm-*
@@ -184,6 +186,10 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
     case $m in
         simple)
             ip netns exec $NS_S sh -c "cat '$S' | $SSH root@$DST_IP 'cat > $OUTF'" ;;
+        simple-aes)
+            # Simple with the cipher xenmig asks ssh for on a CPU with AES
+            # instructions (src/wire/ssh_cipher.rs): the same ssh cost per byte
+            ip netns exec $NS_S sh -c "cat '$S' | $SSH -c aes128-gcm@openssh.com root@$DST_IP 'cat > $OUTF'" ;;
         xm-inplace)
             # like rsync: DST already holds a copy of REF, xenmig gets no -r
             # (DST's own content is its reference) and rewrites it in place

@@ -49,6 +49,10 @@ pub struct MigrateArgs {
     #[arg(required_unless_present = "recover")]
     pub(crate) host: Option<String>,
     /// Command that reaches HOST instead of `ssh` (as `xl migrate -s`).
+    /// OpenSSH's `ssh` left at its default cipher list is asked for
+    /// AES-GCM first where the CPU has AES instructions, for the disks
+    /// and xl's memory stream; a `-c` here or a `Ciphers` line in
+    /// ssh_config wins.
     #[arg(short = 's', long = "ssh", default_value = "ssh", value_name = "SSHCOMMAND")]
     pub(crate) ssh: String,
     /// xl config to use on the target instead of the running one (as `xl

@@ -843,17 +843,17 @@ pub(crate) fn abort_copies(copies: Vec<DiskCopy>, why: &MigrateError) {
     }
 }
 
-/// The relay's command line, as xl's `-s` (xl appends `HOST xl migrate-receive ...`).
-/// Without `-C`, disks whose target path differs are renamed by the relay
-/// in the config xl sends.
-fn relay_command(opts: &MigrateOptions, socket: &Path, renames: &[(String, String)]) -> String {
+/// The relay's command line, as xl's `-s` (xl appends `HOST xl migrate-receive ...`),
+/// with `ssh` the transport the relay starts. Without `-C`, disks whose
+/// target path differs are renamed by the relay in the config xl sends.
+fn relay_command(opts: &MigrateOptions, ssh: &str, socket: &Path, renames: &[(String, String)]) -> String {
     let mut words = vec![
         opts.self_exe.display().to_string(),
         "migrate-relay".into(),
         "--control".into(),
         socket.display().to_string(),
         "--ssh".into(),
-        opts.ssh.clone(),
+        ssh.to_string(),
     ];
     if opts.config.is_none() {
         for (old, new) in renames {
@@ -1037,7 +1037,10 @@ fn memory_and_commit(p: Commit) -> Result<(), MigrateError> {
         .filter(|c| c.disk.path() != c.target_path)
         .map(|c| (c.disk.path(), c.target_path.clone()))
         .collect();
-    xl.arg("-s").arg(relay_command(opts, &socket, &renames)).arg(&dom.name).arg(&opts.host);
+    // xl's memory stream goes through ssh as the disks' links do: the
+    // same cipher choice (a link's is made in `Link::spawn`).
+    let ssh = crate::wire::ssh_cipher::prefer_aes_gcm(&opts.ssh, &opts.host);
+    xl.arg("-s").arg(relay_command(opts, &ssh, &socket, &renames)).arg(&dom.name).arg(&opts.host);
     // xl's chatter goes to our stderr: stdout may carry the JSON report.
     let stderr_fd = std::io::stderr().lock();
     let out = std::os::fd::AsFd::as_fd(&stderr_fd).try_clone_to_owned().map(Stdio::from).unwrap_or(Stdio::null());
@@ -1560,7 +1563,7 @@ mod tests {
         o.self_exe = PathBuf::from("/usr/bin/xenmig");
         o.ssh = "ssh -o BatchMode=yes".into();
         let renames = vec![("/dev/vg0/g1".to_string(), "/dev/vg1/g1".to_string())];
-        let c = relay_command(&o, Path::new("/run/xenmig/relay-1.sock"), &renames);
+        let c = relay_command(&o, &o.ssh, Path::new("/run/xenmig/relay-1.sock"), &renames);
         assert_eq!(
             shell_words::split(&c).unwrap(),
             vec![
@@ -1577,7 +1580,7 @@ mod tests {
         );
         // With -C the operator's config names the paths: nothing is rewritten.
         o.config = Some(PathBuf::from("/etc/xen/g1.cfg"));
-        let c = relay_command(&o, Path::new("/s"), &renames);
+        let c = relay_command(&o, &o.ssh, Path::new("/s"), &renames);
         assert!(!c.contains("--rewrite-disk"), "{c}");
     }
 }

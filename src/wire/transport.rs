@@ -406,6 +406,7 @@ impl Link {
         let command = if ssh_cmd.trim().is_empty() {
             remote
         } else {
+            let ssh_cmd = super::ssh_cipher::prefer_aes_gcm(ssh_cmd, host);
             format!("{ssh_cmd} {} {}", shell_words::quote(host), shell_words::quote(&remote))
         };
         let mut cmd = Command::new("sh");
