@@ -193,8 +193,8 @@ mod tests {
         }
     }
 
-    /// With the installed OpenSSH, where there is one: what is added is an
-    /// option it takes, and it puts AES-GCM first.
+    /// With the installed OpenSSH (scripts/test.sh installs it): what is
+    /// added is an option it takes, and it puts AES-GCM first.
     #[test]
     fn the_installed_ssh_takes_the_option() {
         let out = Command::new("ssh").arg("-V").stderr(Stdio::piped()).output();
