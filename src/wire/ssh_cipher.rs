@@ -5,11 +5,13 @@
 //! choice on a CPU without AES instructions, where it is faster and
 //! constant-time in software. On a dom0 with them (every x86 server CPU of
 //! the last decade), AES-GCM runs in hardware, constant-time, at a fraction
-//! of the CPU per byte: ssh's client took 0.32-0.39 user CPU-s for 1 GiB
-//! with aes128-gcm against 0.74-0.82 with chacha20-poly1305 (loopback,
-//! session 23), and sshd at the other end the same again. A copy on a fast
-//! link is bound by the CPU that ssh shares with both ends' hashing and
-//! compression, so the cipher is a real part of its time.
+//! of the CPU per byte: the sending side (ssh's client) took 0.32-0.39
+//! user CPU-s for 1 GiB with aes128-gcm against 0.74-0.82 with
+//! chacha20-poly1305 (loopback, session 23), and sshd decrypts the same
+//! bytes at the far end. A copy on a fast link is bound by the CPU that
+//! ssh shares with both ends' hashing and compression: a cold copy over
+//! loopback took 10% less CPU with it (docs/experiments.md, "ssh's
+//! cipher").
 //!
 //! The operator's choice wins. Nothing is added when the ssh command is
 //! not OpenSSH's `ssh` (its program's name), or when `ssh -G HOST` shows a
