@@ -5,7 +5,7 @@
 #   - local xenmig copy, no references, verified, vs cp (+ sync: xenmig
 #     fsyncs its target, so the durable baseline is cp followed by sync)
 #   - bytes on the wire for precache and for a copy with 1% of blocks changed
-# Prints a Markdown table of medians and ratios. Needs b3sum (apt-get install
+# Prints a Markdown table of medians and ratios, then every round's seconds. Needs b3sum (apt-get install
 # b3sum) and python3 (for the medians). XENMIG=PATH measures that binary
 # instead of the one built here (e.g. an older build, for a before/after).
 # Run it on a quiet machine: not while the Xen lab's QEMU runs
@@ -90,3 +90,7 @@ $(uname -srm); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //
 | precache (target identical) | $(field "$pre" bytes_wire) | $(python3 -c "print('%.4f' % (100 * $(field "$pre" bytes_wire) / ($MIB << 20)))") | $(printf %.3f "$(field "$pre" seconds)") | $(field "$pre" blocks_fetched) |
 | 1% of blocks changed | $(field "$chg" bytes_wire) | $(python3 -c "print('%.4f' % (100 * $(field "$chg" bytes_wire) / ($MIB << 20)))") | $(printf %.3f "$(field "$chg" seconds)") | $(field "$chg" blocks_fetched) |
 TABLE
+# Every round, so that a median's spread can be judged (this host's runs
+# moved the hash ratio between 1.02 and 1.15: docs/benchmarks.md).
+echo
+echo "Rounds (s): b3sum ${T[b3sum]}| hash ${T[hash]}| cp ${T[cp]}| cp+sync ${T[cpsync]}| copy ${T[copy]}"
