@@ -31,3 +31,6 @@ pub mod xen;
 
 #[cfg(test)]
 mod test_data;
+#[cfg(test)]
+#[path = "../tests/common/script.rs"]
+mod test_script;

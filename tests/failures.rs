@@ -2,10 +2,12 @@
 //! exit, no `verified`, and an untouched source.
 
 mod common;
+#[path = "common/script.rs"]
+mod script;
 
 use common::*;
+use script::write_executable;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -16,8 +18,7 @@ fn digest_of(p: &Path) -> blake3::Hash {
 /// A stand-in for the remote xenmig: a shell script run with `-s ""`.
 fn fake_remote(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
-    fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    write_executable(&p, &format!("#!/bin/sh\n{body}\n"));
     p.to_str().unwrap().to_string()
 }
 

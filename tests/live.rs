@@ -1,10 +1,12 @@
 //! `xenmig copy --live`: copying while a writer keeps changing the source.
 
 mod common;
+#[path = "common/script.rs"]
+mod script;
 
 use common::*;
+use script::write_executable;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command};
 
@@ -143,8 +145,7 @@ fn a_target_lost_while_frozen_thaws_the_source() {
         (d.path().join("a.img"), d.path().join("b.img"), d.path().join("thawed"), d.path().join("pid"));
     let data = sample_image(&a, 33, 2000);
     let remote = d.path().join("remote-xenmig");
-    fs::write(&remote, format!("#!/bin/sh\necho $$ > {}\nexec {} \"$@\"\n", s(&pidfile), bin().display())).unwrap();
-    fs::set_permissions(&remote, fs::Permissions::from_mode(0o755)).unwrap();
+    write_executable(&remote, &format!("#!/bin/sh\necho $$ > {}\nexec {} \"$@\"\n", s(&pidfile), bin().display()));
     // Freezing kills the target: the final pass can never complete.
     let freeze = format!("kill -9 $(cat {})", s(&pidfile));
     let thaw = format!("touch {}", s(&thawed));

@@ -17,6 +17,8 @@
 mod common;
 #[path = "common/fakexen.rs"]
 mod fakexen;
+#[path = "common/script.rs"]
+mod script;
 
 use std::fs;
 use std::process::{Child, Command};

@@ -4,11 +4,14 @@
 //! call finds every write since the current snapshot, and no snapshot is
 //! left behind, also the one whose taking was abandoned.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "common/script.rs"]
+mod script;
+use script::write_executable;
 
 use xenmig::blocks::layout::Layout;
 use xenmig::copy::tracker::{Candidates, ChangeTracker, SnapTracker};
@@ -80,9 +83,7 @@ echo "remove $name" >> {d}/log
         ),
     ];
     for (name, text) in scripts {
-        let p = dir.join("bin").join(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_executable(&dir.join("bin").join(name), &text);
     }
 }
 

@@ -2,8 +2,11 @@
 //! out of order (protocol version 2).
 
 mod common;
+#[path = "common/script.rs"]
+mod script;
 
 use common::*;
+use script::write_executable;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,12 +92,10 @@ fn the_cli_times_out_a_silent_remote_source_with_a_clear_error() {
     let b = d.path().join("b.img");
     // A "remote xenmig" that says a version-2 Hello as a source and hangs.
     let fake = d.path().join("silent");
-    std::fs::write(
+    write_executable(
         &fake,
         "#!/bin/sh\nprintf '\\001\\015\\000\\000\\000XENMIG\\002\\000\\001\\000\\000\\000\\000'\nexec sleep 30 2>/dev/null\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let t = Instant::now();
     let out = run(&["copy", "--json", "--idle-timeout", "2", "-s", "", "--remote-xenmig", s(&fake), "h:/x.img", s(&b)]);
     let took = t.elapsed();

@@ -161,16 +161,13 @@ mod tests {
     /// A stand-in `ssh` that answers `-G` as OpenSSH would: its default
     /// list, or the list given with `-c`.
     fn fake_ssh(dir: &std::path::Path) -> String {
-        use std::os::unix::fs::PermissionsExt;
         let p = dir.join("ssh");
-        std::fs::write(
+        crate::test_script::write_executable(
             &p,
-            format!(
+            &format!(
                 "#!/bin/sh\nc={DEFAULT}\nwhile [ $# -gt 0 ]; do [ \"$1\" = -c ] && c=$2; shift; done\necho \"user root\"\necho \"ciphers $c\"\n"
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         p.to_str().unwrap().to_string()
     }
 

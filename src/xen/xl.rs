@@ -104,7 +104,6 @@ pub fn run(program: &Path, args: &[OsString]) -> Result<(), XlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn args_follow_xl() {
@@ -125,12 +124,10 @@ mod tests {
     fn failure_carries_xl_stderr_and_command() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("xl");
-        std::fs::write(
+        crate::test_script::write_executable(
             &fake,
             "#!/bin/sh\necho \"Saving to $3 new xl format (info 0x3/0x0/1246)\" >&2\necho \"libxl: error: domain $2 not found\" >&2\nexit 3\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         let e = run(&fake, &save_args("g1", Path::new("/tmp/g1.save"), false)).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("save g1 /tmp/g1.save"), "{msg}");

@@ -15,11 +15,11 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::script::write_executable;
 use xenmig::migrate::{DiskInfo, DomState, DomainInfo, MigrateError, MigrateOptions, SourceHost};
 
 pub const DOMAIN: &str = "g1";
@@ -292,11 +292,6 @@ pub struct World {
     pub src_before: Vec<u8>,
 }
 
-fn write_exec(p: &Path, text: &str) {
-    fs::write(p, text).unwrap();
-    fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 impl World {
     /// A world where the source runs DOMAIN on one 2 MiB disk and the
     /// target has a VG of `tgt_vg_bytes` with nothing in it.
@@ -322,13 +317,13 @@ impl World {
                 .replace("@ID@", &DOMID.to_string())
                 .replace("@XENMIG@", crate::common::bin().to_str().unwrap())
         };
-        write_exec(&dir.join("bin/xl"), &fill(XL));
-        write_exec(&dir.join("bin/lvm"), &fill(LVM));
+        write_executable(&dir.join("bin/xl"), &fill(XL));
+        write_executable(&dir.join("bin/lvm"), &fill(LVM));
         for c in ["lvs", "vgs", "lvcreate", "lvchange"] {
             std::os::unix::fs::symlink("lvm", dir.join("bin").join(c)).unwrap();
         }
-        write_exec(&dir.join("remote-xenmig"), &fill(REMOTE));
-        write_exec(&dir.join("no-ssh"), NO_SSH);
+        write_executable(&dir.join("remote-xenmig"), &fill(REMOTE));
+        write_executable(&dir.join("no-ssh"), NO_SSH);
         fs::write(s.join("vg").join(&tgt_vg), tgt_vg_bytes.to_string()).unwrap();
         fs::create_dir_all(format!("/dev/{src_vg}")).unwrap();
         fs::create_dir_all(format!("/dev/{tgt_vg}")).unwrap();
