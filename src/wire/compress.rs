@@ -665,15 +665,23 @@ impl AutoPolicy {
     /// stretch of incompressible payloads made level 19 look dearer than
     /// per-run zstd on a compressible sample, the route left the stream,
     /// and the level fell back to 3 for good (release at 2 Mbit/s).
+    ///
+    /// No dearer than the stream at its first level on that sample: the
+    /// stream can go back to it, while leaving the stream drops its level
+    /// back for good anyway. Counted at a raised level alone, level 19's
+    /// CPU on a very compressible sample once lost the route to per-run
+    /// zstd:1, which the first level beat; the stream came back at level 3
+    /// for good (release at 2 Mbit/s, 28% more bytes, session 24).
     fn stream_route_cost(&self, base: Sample, rate: f64) -> f64 {
         let (cost, level) = self.stream_cost(base, rate);
         let at = STREAM_LEVELS.iter().position(|l| *l == level).and_then(|j| self.level_samples[j]);
-        match (at, self.level_samples[0]) {
+        let cost = match (at, self.level_samples[0]) {
             (Some(s), Some(first)) if first.ratio > 0.0 => {
                 Self::level_cost(Sample { ratio: base.ratio * s.ratio / first.ratio, ..s }, level, rate)
             }
             _ => cost,
-        }
+        };
+        cost.min(Self::level_cost(base, STREAM_LEVELS[0], rate))
     }
 
     /// The route for the next `bytes` of input, sent at `now`. Decided once
@@ -1787,6 +1795,31 @@ mod tests {
         assert!(p.collect_levels(true));
         assert!(p.level_samples[0].is_some_and(|s| s.ratio > 0.8), "{:?}", p.level_samples[0]);
         assert_eq!(p.modelled(SLOW, 2), Route::Stream);
+    }
+
+    /// A raised level whose CPU the candidates' sample makes look slow
+    /// does not turn the route away from the stream where the stream at
+    /// its first level is still the cheapest route: the stream can go back
+    /// to that level, while leaving it drops the level for good. The
+    /// samples are those of a release copy at 2 Mbit/s that left the
+    /// stream for per-run zstd:1 at level 19 and came back at level 3 for
+    /// good, 28% more bytes (docs/experiments.md, session 24).
+    #[test]
+    fn a_costly_raised_level_keeps_the_stream_the_route_where_its_first_level_wins() {
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        let at = |ratio: f64, mb_s: f64| Some(Sample { ratio, cpu_per_byte: 1e-6 / mb_s });
+        // none, lz4, the stream (level 3), zstd:1: very compressible data.
+        p.samples = [at(1.0, f64::INFINITY), at(0.108, 952.0), at(0.050, 511.0), at(0.057, 787.0)];
+        // The levels, measured on later payloads that compress less.
+        p.level_samples = [None; STREAM_LEVELS.len()];
+        p.level_samples[0] = at(0.22, 150.0);
+        p.level_samples[STREAM_LEVELS.len() - 1] = at(0.197, 3.1);
+        p.stream_level = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
+        p.current = Route::Stream;
+        assert_eq!(p.modelled(181e3, 2), Route::Stream);
+        // Where per-run zstd:1 beats even the first level, it is taken.
+        p.samples[3] = at(0.040, 787.0);
+        assert_eq!(p.modelled(181e3, 2), Route::Run(Codec::Zstd(1)));
     }
 
     /// Raised below the highest level on a slow link, the levels are
