@@ -666,9 +666,9 @@ impl AutoPolicy {
     /// per-run zstd on a compressible sample, the route left the stream,
     /// and the level fell back to 3 for good (release at 2 Mbit/s).
     ///
-    /// No dearer than the stream at its first level on that sample: the
-    /// stream can go back to it, while leaving the stream drops its level
-    /// back for good anyway. Counted at a raised level alone, level 19's
+    /// It is never counted dearer than the stream at its first level on
+    /// that sample: the stream can go back to that level, while leaving
+    /// the stream drops its level back for good anyway. Counted at a raised level alone, level 19's
     /// CPU on a very compressible sample once lost the route to per-run
     /// zstd:1, which the first level beat; the stream came back at level 3
     /// for good (release at 2 Mbit/s, 28% more bytes, session 24).
