@@ -668,10 +668,11 @@ impl AutoPolicy {
     ///
     /// It is never counted dearer than the stream at its first level on
     /// that sample: the stream can go back to that level, while leaving
-    /// the stream drops its level back for good anyway. Counted at a raised level alone, level 19's
-    /// CPU on a very compressible sample once lost the route to per-run
-    /// zstd:1, which the first level beat; the stream came back at level 3
-    /// for good (release at 2 Mbit/s, 28% more bytes, session 24).
+    /// the stream drops its level back for good anyway. Counted at a
+    /// raised level alone, level 19's CPU on a very compressible sample
+    /// once lost the route to per-run zstd:1, which the first level beat;
+    /// the stream came back at level 3 for good (release at 2 Mbit/s, 28%
+    /// more bytes, session 24).
     fn stream_route_cost(&self, base: Sample, rate: f64) -> f64 {
         let (cost, level) = self.stream_cost(base, rate);
         let at = STREAM_LEVELS.iter().position(|l| *l == level).and_then(|j| self.level_samples[j]);
