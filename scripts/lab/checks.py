@@ -303,8 +303,13 @@ class HeartbeatGap:
 
     def measure(self):
         """(gap seconds, error bound, last n on src, first n on dst) or None."""
+        # tail first: each stamper then reads what is still in its pipe and
+        # ends by itself (killed at once, those lines were lost); then
+        # whatever is left after 10 s
         for h in (self.src, self.dst):
-            h.run("pkill -f hbstamp; pkill -f 'tail -n0 -F /var/log/xen/console'")
+            h.run("pkill -f 'tail -n0 -F /var/log/xen/console'; for i in $(seq 50); do "
+                  "pgrep -f /opt/xenmig/lab/hbstamp >/dev/null || break; sleep 0.2; done; "
+                  "pkill -f hbstamp")
 
         def read(h, path):
             rows = []
