@@ -56,6 +56,8 @@ pub enum EngineError {
     Stream(#[from] StreamError),
     #[error("block {block} (offset {offset}) from the source does not match its digest: the source changed during the copy, or the link corrupted data")]
     BadBlock { block: u64, offset: u64 },
+    #[error("blocks {first}..{end} (offset {offset}), sent without their keys, do not match their run's key: the source changed during the copy, or the link corrupted data")]
+    BadRun { first: u64, end: u64, offset: u64 },
     #[error("group {group} (blocks {first}..{end}) still differs from the source's digest after refetching it")]
     GroupMismatch { group: u64, first: u64, end: u64 },
     #[error("the peer's request is out of range: {0}")]
@@ -156,9 +158,13 @@ pub struct Report {
     /// (`wire::subgroup`), the whole group checked against its digest.
     /// Summed over the passes of a live copy.
     pub blocks_keyless: u64,
-    /// Groups that kept blocks keyless but failed their group digest, then
-    /// asked for again with every key.
+    /// Groups that kept blocks keyless (or fetched some unkeyed) but failed
+    /// their group digest, then asked for again with every key.
     pub groups_rekeyed: u64,
+    /// Of the fetched blocks, those asked for without their key travelling:
+    /// a new DST's host held no block with it (`wire::held`), the whole
+    /// group checked against its digest. Summed over passes.
+    pub blocks_unkeyed: u64,
     /// Of the reused blocks, those already in place in the target.
     pub blocks_in_place: u64,
     /// Groups settled by their group digest alone (no per-block keys sent).
@@ -255,6 +261,7 @@ impl Default for Report {
             deltas_failed: 0,
             blocks_keyless: 0,
             groups_rekeyed: 0,
+            blocks_unkeyed: 0,
             blocks_in_place: 0,
             groups_matched: 0,
             groups_total: 0,

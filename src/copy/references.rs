@@ -300,6 +300,16 @@ impl ReferenceSet {
         Ok(Some((self.images.len() as u32 - 1, map)))
     }
 
+    /// The first 8 bytes of the key of every non-zero block indexed
+    /// (duplicates included): what the held set codes (`wire::held`).
+    pub fn key_prefixes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.index.blocks.iter().map(|e| crate::wire::held::prefix(&e.key)).collect();
+        if let Some(own) = &self.own {
+            v.extend(own.blocks.iter().map(|e| crate::wire::held::prefix(e)));
+        }
+        v
+    }
+
     /// A reference block with `key`: (image, block number).
     pub fn find_block(&self, key: &Key) -> Option<(u32, u64)> {
         if let Some(e) = self.index.find_block(key) {

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,11 @@ use crate::blocks::runs::checked_end;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
 use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
+use crate::wire::held::{self, HeldSet};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS,
-    CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_HELD_KEYS, CAP_LATE_REF, CAP_LIVE,
+    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
     CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
@@ -214,6 +215,9 @@ struct Shared {
     /// The target's receipts (`CAP_RECEIPTS` agreed): `auto` measures the
     /// link by them, and the stream waits at their gate.
     receipts: Option<Arc<Receipts>>,
+    /// The keys the target holds (`CAP_HELD_KEYS`, once its `Holds`
+    /// came): `WantChangedKeys` is then answered with `HeldKeys`.
+    held: Arc<OnceLock<HeldSet>>,
     workers: usize,
 }
 
@@ -361,6 +365,7 @@ impl SourceSession {
             | CAP_STREAM_LEVELS
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
+            | CAP_HELD_KEYS
             // Receipts serve `auto` only, and its levels: without them
             // (`raise_levels` off) the copy stays the way to compare.
             | if opts.compress == Choice::Auto && opts.raise_levels { CAP_RECEIPTS } else { 0 };
@@ -414,6 +419,7 @@ impl SourceSession {
             stream_levels: Mutex::new(Vec::new()),
             stats: link.stats.clone(),
             receipts: (agreed.caps & CAP_RECEIPTS != 0).then(|| Arc::new(Receipts::new(link.stats.clone()))),
+            held: Arc::new(OnceLock::new()),
             workers,
         });
 
@@ -456,6 +462,8 @@ impl SourceSession {
             hints: agreed.caps & CAP_SUB_GROUPS != 0 && agreed.caps & CAP_BLOCK_HINTS != 0,
             short_hashes: agreed.caps & CAP_SUB_DELTA != 0 && agreed.caps & CAP_SHORT_SUB_HASHES != 0,
             receipts: shared.receipts.clone(),
+            held: (agreed.caps & CAP_HELD_KEYS != 0 && agreed.caps & CAP_SUB_GROUPS != 0)
+                .then(|| (shared.held.clone(), held::max_count(layout.block_count()))),
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
@@ -1078,6 +1086,9 @@ struct Optional {
     short_hashes: bool,
     /// `Received` (`CAP_RECEIPTS`): where receipts go.
     receipts: Option<Arc<Receipts>>,
+    /// `Holds` (`CAP_HELD_KEYS` with `CAP_SUB_GROUPS`): where the set goes,
+    /// and the most keys it may hold.
+    held: Option<(Arc<OnceLock<HeldSet>>, u64)>,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1092,6 +1103,8 @@ fn read_loop(
     // reference, so the answer is none.
     mut offer: Option<Option<Offer>>,
 ) {
+    // Whether a request came yet: the target's held set comes before any.
+    let mut asked = false;
     let result = (|| loop {
         waiting.set(true);
         let m = read_message(&mut r, "before the target said Done");
@@ -1133,6 +1146,18 @@ fn read_loop(
             }
             continue;
         }
+        let m = match (m, &optional.held) {
+            (Message::Holds { range, k, count, bits }, Some((slot, max))) => {
+                let set = HeldSet::decode(&held::Encoded { range, k, count, bits }, *max)
+                    .map_err(|e| EngineError::BadRequest(format!("the target's held keys: {e}")))?;
+                if asked || slot.set(set).is_err() {
+                    return Err(EngineError::BadRequest("held keys after the target's first request, or twice".into()));
+                }
+                continue;
+            }
+            (m, _) => m,
+        };
+        asked |= !matches!(m, Message::PassDone { .. } | Message::Done { .. });
         match m {
             m @ (Message::WantDigests { .. } | Message::Fetch { .. }) => {
                 // Blocks while the queue is full: back-pressure.
@@ -1551,7 +1576,16 @@ fn want_digests(sh: &Shared, first: u64, count: u32, tx: &Sender<Message>) -> Re
 
 /// Answer a `WantChangedKeys`: which sub-groups of group `g` differ from
 /// the target's signature `sig` of `subs` sub-groups, and their keys.
+/// With the target's held set (`CAP_HELD_KEYS`), only the keys of zero
+/// blocks and of blocks the set may hold go, as `HeldKeys`.
 fn changed_keys(sh: &Shared, g: u64, subs: u16, sig: Signature) -> Result<Message, EngineError> {
+    if let Some(set) = sh.held.get() {
+        let a = with_group(sh, g, "changed keys", |own, is_zero| {
+            held::held_keys(sh.algo, own, is_zero, subs as usize, &sig, set)
+        })?;
+        let held::HeldAnswer { differ, count, keyed, keys, run_keys } = a;
+        return Ok(Message::HeldKeys { group: g, subs, differ, count, keyed, keys, run_keys });
+    }
     let (differ, keys) = with_group(sh, g, "changed keys", |own, is_zero| {
         subgroup::differing(sh.algo, own, is_zero, subs as usize, &sig)
     })?;

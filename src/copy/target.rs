@@ -57,11 +57,12 @@ use crate::storage::disk::Disk;
 use crate::storage::image::Image;
 use crate::storage::writeback::Writeback;
 use crate::wire::compress::Codec;
+use crate::wire::held::{self, Given};
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS,
-    CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_HELD_KEYS, CAP_LATE_REF, CAP_LIVE,
+    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, MAX_FRAME, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
@@ -308,6 +309,9 @@ struct Group {
     /// Blocks kept in place in this pass without their key (their
     /// sub-group matched DST's, `CAP_SUB_GROUPS`).
     keyless: u32,
+    /// Blocks asked for in this pass without their key (not in the held
+    /// set, `CAP_HELD_KEYS`).
+    unkeyed: u32,
 }
 
 pub(super) struct Target<'a> {
@@ -418,6 +422,16 @@ pub(super) struct Target<'a> {
     /// keyless but failed their digest, then asked for with every key.
     blocks_keyless: u64,
     groups_rekeyed: u64,
+    /// `CAP_HELD_KEYS` agreed (with `CAP_SUB_GROUPS` and
+    /// `CAP_BLOCK_HINTS`): a DST that holds nothing may send its held set.
+    held_keys: bool,
+    /// The held set was sent: `WantChangedKeys` is answered with `HeldKeys`.
+    holds_sent: bool,
+    /// Runs of blocks asked for without their keys and not answered yet,
+    /// by first block: length, and the run's key that checks them.
+    unkeyed_runs: HashMap<u64, (u32, Key)>,
+    /// Blocks fetched without a key (summed over passes).
+    blocks_unkeyed: u64,
     /// `CAP_SHARED_REF`: the references offered, until the source's
     /// `RefChosen` (digest, size, index into `refs.images`).
     ref_offer: Option<Vec<(Digest, u64, usize)>>,
@@ -467,7 +481,8 @@ pub fn run_with(
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
             | CAP_RECEIPTS
-            | CAP_LATE_REF,
+            | CAP_LATE_REF
+            | CAP_HELD_KEYS,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -523,11 +538,14 @@ pub fn run_with(
             levels: agreed.caps & CAP_STREAM_LEVELS != 0,
             late_ref: agreed.caps & (CAP_LATE_REF | CAP_SHARED_REF | CAP_STREAM_LEVELS)
                 == CAP_LATE_REF | CAP_SHARED_REF | CAP_STREAM_LEVELS,
+            held_keys: agreed.caps & (CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS)
+                == CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
             t.offer_references(dst)?;
         }
+        t.send_holds()?;
         t.progress.phase("copying", t.layout.size);
         t.main_loop(&rx)
     })();
@@ -578,6 +596,8 @@ pub(super) struct LinkSide {
     levels: bool,
     /// `CAP_LATE_REF`, `CAP_SHARED_REF` and `CAP_STREAM_LEVELS` agreed.
     late_ref: bool,
+    /// `CAP_HELD_KEYS`, `CAP_SUB_GROUPS` and `CAP_BLOCK_HINTS` agreed.
+    held_keys: bool,
 }
 
 impl<'a> Target<'a> {
@@ -689,6 +709,7 @@ impl<'a> Target<'a> {
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
             late_ref: link.as_ref().is_some_and(|l| l.late_ref),
+            held_keys: link.as_ref().is_some_and(|l| l.held_keys),
             late_chosen: None,
             shared_after: 0,
             out: link.map(|l| l.out),
@@ -705,6 +726,9 @@ impl<'a> Target<'a> {
             sub_asked: HashSet::new(),
             blocks_keyless: 0,
             groups_rekeyed: 0,
+            holds_sent: false,
+            unkeyed_runs: HashMap::new(),
+            blocks_unkeyed: 0,
             ref_offer: None,
             shared_used: None,
             shared_loading: None,
@@ -831,6 +855,7 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::HeldKeys { .. }
                 | Message::ChangedSubs { .. }
                 | Message::HintedKeys { .. }
                 | Message::Sketches { .. }
@@ -845,6 +870,7 @@ impl Target<'_> {
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
                 | Message::ChangedKeys { .. }
+                | Message::HeldKeys { .. }
                 | Message::ChangedSubs { .. }
                 | Message::HintedKeys { .. }
                 | Message::Sketches { .. }
@@ -865,8 +891,11 @@ impl Target<'_> {
                 }
                 // (With CAP_BLOCK_HINTS too: the answer to a group asked the
                 // previous way.)
-                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups => {
+                Message::ChangedKeys { group, subs, differ, keys } if self.subgroups && !self.holds_sent => {
                     self.on_changed_keys(group, subs, differ, keys)?
+                }
+                Message::HeldKeys { group, subs, differ, count, keyed, keys, run_keys } if self.holds_sent => {
+                    self.on_held_keys(group, subs, held::HeldAnswer { differ, count, keyed, keys, run_keys })?
                 }
                 Message::ChangedSubs { group, subs, differ } if self.hints => {
                     self.on_changed_subs(group, subs, differ)?
@@ -900,6 +929,34 @@ impl Target<'_> {
                 self.flush()?;
             }
         }
+    }
+
+    /// `CAP_HELD_KEYS`: onto a DST that holds nothing (no old copy, no
+    /// base), tell the source which keys the references hold, before any
+    /// request, so that it keys only blocks that may be found here
+    /// (`wire::held`). Not sent where it would cost more than the keys it
+    /// saves (more keys held than [`held::max_count`] allows) or not fit a
+    /// frame; the source then keys every block, as before.
+    fn send_holds(&mut self) -> Result<(), EngineError> {
+        let holds_nothing =
+            || self.have.iter().enumerate().all(|(i, d)| self.zeros.is_zero_digest(d, self.layout.extent(i as u64).1));
+        if !self.held_keys || self.base.is_some() || !holds_nothing() {
+            return Ok(());
+        }
+        let blocks = self.layout.block_count();
+        let prefixes = self.refs.key_prefixes();
+        if prefixes.len() as u64 > held::max_count(blocks) {
+            log::debug!("held keys not sent: {} keys held for an image of {blocks} blocks", prefixes.len());
+            return Ok(());
+        }
+        let e = held::encode(prefixes, blocks);
+        if e.bits.len() + 13 > MAX_FRAME {
+            return Ok(());
+        }
+        log::debug!("held keys: {} in {} bytes (k = {})", e.count, e.bits.len(), e.k);
+        self.send(&Message::Holds { range: e.range, k: e.k, count: e.count, bits: e.bits })?;
+        self.holds_sent = true;
+        Ok(())
     }
 
     /// `CAP_SHARED_REF`: tell the source which references could serve as
@@ -1139,6 +1196,7 @@ impl Target<'_> {
             blocks_similar: count(State::Similar),
             deltas_failed: self.deltas_failed,
             blocks_keyless: self.blocks_keyless,
+            blocks_unkeyed: self.blocks_unkeyed,
             groups_rekeyed: self.groups_rekeyed,
             groups_matched: self.groups_matched,
             groups_total: self.layout.group_count(),
@@ -1212,6 +1270,10 @@ impl Target<'_> {
         self.keys.remove(&g);
         self.grp[g as usize].tainted = false;
         self.grp[g as usize].keyless = 0;
+        self.grp[g as usize].unkeyed = 0;
+        if !self.unkeyed_runs.is_empty() {
+            (a..b).for_each(|i| _ = self.unkeyed_runs.remove(&i));
+        }
         self.grp[g as usize].digest = Some(d);
         self.grp[g as usize].announced_in = self.at.pass();
         self.open_groups += 1;
@@ -1371,7 +1433,7 @@ impl Target<'_> {
             )));
         }
         self.replied(&format!("block digests for group {g}"))?;
-        self.settle_keys(g, keys.into_iter().map(Some).collect())
+        self.settle_keys(g, keys.into_iter().map(Given::Key).collect())
     }
 
     /// Ask for the keys of group `g` that differ from what the old copy
@@ -1411,6 +1473,24 @@ impl Target<'_> {
         let given = subgroup::keys_given((b - a) as usize, subs as usize, &differ, keys)
             .map_err(|e| EngineError::BadReply(format!("changed keys for group {g}: {e}")))?;
         self.replied(&format!("changed keys for group {g}"))?;
+        self.settle_keys(g, given.into_iter().map(Given::from).collect())
+    }
+
+    /// The answer to a `WantChangedKeys` once the held set was sent
+    /// (`CAP_HELD_KEYS`): as `ChangedKeys`, but the blocks the set cannot
+    /// hold come without a key and are fetched whole, checked with their
+    /// group.
+    fn on_held_keys(&mut self, g: u64, subs: u16, answer: held::HeldAnswer) -> Result<(), EngineError> {
+        if !self.open_for_keys(g) || !self.sub_asked.remove(&g) {
+            return Err(EngineError::BadReply(format!("held keys for group {g}, which were not asked for")));
+        }
+        let (a, b) = self.layout.group_range(g);
+        let (given, runs) = held::held_given((b - a) as usize, subs as usize, answer)
+            .map_err(|e| EngineError::BadReply(format!("held keys for group {g}: {e}")))?;
+        self.replied(&format!("held keys for group {g}"))?;
+        for (first, len, key) in runs {
+            self.unkeyed_runs.insert(a + first as u64, (len as u32, key));
+        }
         self.settle_keys(g, given)
     }
 
@@ -1438,7 +1518,7 @@ impl Target<'_> {
         if differ.iter().all(|&x| x == 0) {
             // (A sub-group key collided, or the source lies: the group
             // digest decides, as after ChangedKeys.)
-            return self.settle_keys(g, vec![None; (b - a) as usize]);
+            return self.settle_keys(g, vec![Given::Kept; (b - a) as usize]);
         }
         let old = &self.have[a as usize..b as usize];
         let (zero, hints) =
@@ -1459,26 +1539,38 @@ impl Target<'_> {
         let given = subgroup::hinted_given((b - a) as usize, &differ, count as usize, &changed, keys)
             .map_err(|e| EngineError::BadReply(format!("hinted keys for group {g}: {e}")))?;
         self.replied(&format!("hinted keys for group {g}"))?;
-        self.settle_keys(g, given)
+        self.settle_keys(g, given.into_iter().map(Given::from).collect())
     }
 
     /// Settle each block of group `g` by its key: zero, in place, from a
-    /// reference, or asked for. A block given no key (`None`: its
-    /// sub-group matched the old copy's) is kept as the old copy holds it.
-    fn settle_keys(&mut self, g: u64, given: Vec<Option<Key>>) -> Result<(), EngineError> {
+    /// reference, or asked for. A block kept without a key (its sub-group
+    /// matched the old copy's) is kept as the old copy holds it; one
+    /// unkeyed (not in the held set) is fetched whole.
+    fn settle_keys(&mut self, g: u64, given: Vec<Given>) -> Result<(), EngineError> {
         let (a, b) = self.layout.group_range(g);
         let mut missing = Vec::new();
+        let mut unkeyed = Vec::new();
         let mut keys = Vec::with_capacity(given.len());
         let mut keyless = Vec::new();
         for (k, i) in (a..b).enumerate() {
             let len = self.layout.extent(i).1;
-            let Some(key) = given[k] else {
+            let key = match given[k] {
+                Given::Key(key) => key,
                 // The key it would have had: nothing is asked for it, so
                 // no reply can be checked against it. The group's digest
                 // checks it (`group_done`). (Filled in below.)
-                keys.push(Key::default());
-                keyless.push(i);
-                continue;
+                Given::Kept => {
+                    keys.push(Key::default());
+                    keyless.push(i);
+                    continue;
+                }
+                // No key to check its reply against: the group's digest
+                // checks it (`group_done`).
+                Given::Unkeyed => {
+                    keys.push(Key::default());
+                    unkeyed.push(i);
+                    continue;
+                }
             };
             keys.push(key);
             if self.zeros.is_zero_key(&key, len) {
@@ -1494,11 +1586,13 @@ impl Target<'_> {
         }
         self.grp[g as usize].keyless += keyless.len() as u32;
         self.blocks_keyless += keyless.len() as u64;
-        let settled = (b - a) as u32 - missing.len() as u32;
+        self.grp[g as usize].unkeyed += unkeyed.len() as u32;
+        self.blocks_unkeyed += unkeyed.len() as u64;
+        let settled = (b - a) as u32 - missing.len() as u32 - unkeyed.len() as u32;
         self.grp[g as usize].pending =
             self.grp[g as usize].pending.checked_sub(settled).ok_or_else(|| underflow("blocks pending", g))?;
         self.keys.insert(g, keys);
-        self.request_missing(&missing)?;
+        self.request_missing(&missing, &unkeyed)?;
         if self.grp[g as usize].pending == 0 {
             self.group_done(g, false)?;
         }
@@ -1549,11 +1643,13 @@ impl Target<'_> {
     /// or the block would not be missing), the others in runs, or
     /// (`CAP_SIMILAR`, the old copy holding something) first their
     /// sketches, to look for a similar block in the old copy.
-    fn request_missing(&mut self, blocks: &[u64]) -> Result<(), EngineError> {
+    /// Blocks `unkeyed` (ascending) are fetched whole in the same runs: no
+    /// key would check a rebuilt one.
+    fn request_missing(&mut self, blocks: &[u64], unkeyed: &[u64]) -> Result<(), EngineError> {
         if !self.deltas {
-            return self.request_runs(blocks);
+            return self.request_runs(&merged(blocks, unkeyed));
         }
-        let mut whole = Vec::with_capacity(blocks.len());
+        let mut whole = Vec::with_capacity(blocks.len() + unkeyed.len());
         let mut far = Vec::new();
         for &i in blocks {
             let len = self.layout.extent(i).1;
@@ -1577,7 +1673,7 @@ impl Target<'_> {
             self.delta_asked.insert(i, i);
             self.request(Message::FetchDelta { block: i, sig: subdelta::signature(&old) })?;
         }
-        self.request_runs(&whole)?;
+        self.request_runs(&merged(&whole, unkeyed))?;
         self.ask_sketches(far)
     }
 
@@ -1829,10 +1925,26 @@ impl Target<'_> {
         let payload_len = payload.len() as u64;
         let raw = self.decode(first, codec, payload, raw_len)?;
         let digests = digest_range(self.algo, &self.layout, &raw, start, first, end, true);
+        // Blocks up to here lie in a run asked for without keys, checked
+        // whole by its run key (`CAP_HELD_KEYS`).
+        let mut in_run = first;
         for (k, i) in (first..end).enumerate() {
             let g = i / gb;
-            let want = self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]);
-            if want != Some(key_of(&digests[k])) {
+            let run = self.unkeyed_runs.remove(&i);
+            let matched = if let Some((len, key)) = run {
+                in_run = i + len as u64;
+                if in_run > end {
+                    return Err(EngineError::BadReply(format!(
+                        "blocks {first}+{count} end inside the run of {len} blocks from block {i}, asked for whole"
+                    )));
+                }
+                held::run_key(self.algo, &digests[k..k + len as usize]) == key
+            } else if i < in_run {
+                continue;
+            } else {
+                self.keys.get(&g).map(|keys| keys[(i - g * gb) as usize]) == Some(key_of(&digests[k]))
+            };
+            if !matched {
                 if self.at.strict() {
                     let offset = self.layout.extent(i).0;
                     return Err(match &self.shared_used {
@@ -1840,6 +1952,7 @@ impl Target<'_> {
                         Some(path) if is_stream_code(codec) => {
                             EngineError::SharedRefMismatch { block: i, offset, path: path.clone() }
                         }
+                        _ if run.is_some() => EngineError::BadRun { first: i, end: in_run, offset },
                         _ => EngineError::BadBlock { block: i, offset },
                     });
                 }
@@ -1990,12 +2103,17 @@ impl Target<'_> {
             self.progress.inc(self.group_bytes(g));
             return Ok(false);
         }
-        if !matches && self.grp[g as usize].keyless > 0 {
-            // A sub-group key collided, or the source said a sub-group was
-            // the same when it was not: ask again, with every key.
-            log::warn!("group {g} did not match its digest with blocks kept by sub-group; asking for all its keys");
+        if !matches && self.grp[g as usize].keyless + self.grp[g as usize].unkeyed > 0 {
+            // A sub-group key collided, the source said a sub-group was
+            // the same when it was not, or sent a block asked for without
+            // its key that is not the one its group holds: ask again, with
+            // every key.
+            log::warn!(
+                "group {g} did not match its digest with blocks settled without their keys; asking for all its keys"
+            );
             let (keyless, (a, b)) = (self.grp[g as usize].keyless, self.layout.group_range(g));
             self.grp[g as usize].keyless = 0;
+            self.grp[g as usize].unkeyed = 0;
             self.blocks_keyless -= keyless as u64;
             self.groups_rekeyed += 1;
             self.keys.remove(&g);
@@ -2029,6 +2147,16 @@ impl Target<'_> {
         self.progress.inc(self.group_bytes(g));
         Ok(true)
     }
+}
+
+/// Two ascending lists of blocks as one.
+fn merged(a: &[u64], b: &[u64]) -> Vec<u64> {
+    if b.is_empty() {
+        return a.to_vec();
+    }
+    let mut all = [a, b].concat();
+    all.sort_unstable();
+    all
 }
 
 /// Groups asked for in one WantDigests at most.

@@ -7,6 +7,7 @@
 //! - [`subdelta`]: a changed block as the sub-blocks that differ from its old version.
 //! - [`sketch`]: a resemblance sketch of a block; DST's blocks indexed by it.
 //! - [`subgroup`]: a group's keys only where its sub-groups differ from DST's.
+//! - [`held`]: the keys a new DST's host holds, so that the source keys only blocks it may find.
 //! - [`liveness`]: idle timeouts and keep-alives.
 //! - [`receipts`]: the target's receipts of what it read; the source's gate and link clock from them.
 //! - [`rate`]: a bandwidth limit as written (`10M`).
@@ -16,6 +17,7 @@
 
 pub mod compress;
 pub mod flow;
+pub mod held;
 pub mod liveness;
 pub mod protocol;
 pub mod rate;

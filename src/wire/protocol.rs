@@ -357,6 +357,41 @@
 //!    | -- Blocks(...) -----------------------------------> |  one per 20 ms at most
 //! ```
 //!
+//! Keys only where the target may hold the block (capability
+//! [`CAP_HELD_KEYS`], used only with [`CAP_SUB_GROUPS`] and
+//! [`CAP_BLOCK_HINTS`] agreed too): when both ends set it, a target whose
+//! DST holds nothing (no old copy, no base to fill it from) may send one
+//! `Holds(range, k, count, bits)` after its `RefOffer` (if any) and before
+//! any request: the keys its references hold, as a Golomb-Rice coded set
+//! (`wire::held`). The source then answers each `WantChangedKeys` with
+//! `HeldKeys(group, subs, differ, count, keyed, keys, run keys)` instead
+//! of `ChangedKeys`: `differ` as `ChangedKeys` has it; over the `count`
+//! blocks of the differing sub-groups a bit per block that is keyed (a
+//! zero block, or one the set may hold), the keys of exactly those, then
+//! a run key (`wire::held::run_key`) for each run of consecutive blocks
+//! left unkeyed. The target settles keyed blocks as after `ChangedKeys`
+//! and fetches each unkeyed run whole (`Fetch`, never a delta), checking
+//! the run against its run key before writing any of it, as it checks a
+//! block against its key; the group digest checks the group after, as
+//! always, and a group that fails it is asked for again with every key
+//! (`WantDigests`). A set that holds too little costs bytes (those blocks
+//! are fetched), one that holds too much costs keys; neither a wrong
+//! block. A `Holds` after a request, a second one, one without the
+//! capability agreed, one holding more keys than
+//! [`max_count`](crate::wire::held::max_count) allows for the image, or
+//! one whose bits do not decode to exactly `count` values below `range`
+//! is an error naming the set; so is a `HeldKeys` without a `Holds` sent,
+//! or whose bitmaps, keys or run keys do not fit the group, and a
+//! `ChangedKeys` after a `Holds` was sent.
+//!
+//! ```text
+//!    | <---------------- Holds(range, k, count, bits) ---- |  DST holds nothing
+//!    | <--------- WantChangedKeys(g, subs, DST's sig) ---- |
+//!    | -- HeldKeys(g, differ, keyed, keys, run keys) ----> |  keys where held
+//!    | <-------------------- Fetch(unkeyed run) ---------- |  checked by its
+//!    | -- Blocks(...) -----------------------------------> |  run key
+//! ```
+//!
 //! Versioning: [`VERSION`] changes whenever a frame's meaning changes or a
 //! frame is added. An end accepts a peer one version older
 //! ([`MIN_VERSION`]) and then speaks the older version: both ends agree on
@@ -465,6 +500,12 @@ pub const CAP_RECEIPTS: u32 = 1 << 9;
 /// possibly the first piece, possibly none. Without it (a peer of the
 /// previous release) the stream begins with the reference, as before.
 pub const CAP_LATE_REF: u32 = 1 << 10;
+/// Capability: a target whose DST holds nothing yet may send the set of
+/// keys its references hold (`Holds`, `wire::held`) before its first
+/// request; the source then answers each `WantChangedKeys` with
+/// `HeldKeys`: keys only for zero blocks and blocks the set may hold.
+/// Without it (a peer of the previous release) every key is sent.
+pub const CAP_HELD_KEYS: u32 = 1 << 11;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -516,6 +557,10 @@ pub enum Kind {
     FetchDeltaShort = 27,
     /// Capability [`CAP_RECEIPTS`]: bytes the target has read so far.
     Received = 28,
+    /// Capability [`CAP_HELD_KEYS`]: the keys a new DST's host holds, and
+    /// `ChangedKeys` with keys only where the target may hold the block.
+    Holds = 29,
+    HeldKeys = 30,
 }
 
 impl Kind {
@@ -550,6 +595,8 @@ impl Kind {
             WantChangedSubs,
             FetchDeltaShort,
             Received,
+            Holds,
+            HeldKeys,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -721,6 +768,29 @@ pub enum Message {
         changed: Vec<u8>,
         keys: Vec<Key>,
     },
+    /// The keys the target's references hold, as a Golomb-Rice coded set
+    /// (`wire::held::Encoded`): `count` values in `[0, range)`, parameter
+    /// `k`.
+    Holds {
+        range: u64,
+        k: u8,
+        count: u32,
+        bits: Vec<u8>,
+    },
+    /// The answer to a `WantChangedKeys` once the target sent `Holds`:
+    /// bit k of `differ` set where sub-group k differs; over the `count`
+    /// blocks of those sub-groups, bit n of `keyed` set where the n-th is
+    /// zero or may be held, the keys of exactly those, then a run key
+    /// (`wire::held::run_key`) per run of consecutive blocks not keyed.
+    HeldKeys {
+        group: u64,
+        subs: u16,
+        differ: Vec<u8>,
+        count: u32,
+        keyed: Vec<u8>,
+        keys: Vec<Key>,
+        run_keys: Vec<Key>,
+    },
 }
 
 /// Bytes of one `RefOffer` entry (digest, size).
@@ -786,6 +856,8 @@ impl Message {
             Message::WantHintedKeys { .. } => Kind::WantHintedKeys,
             Message::HintedKeys { .. } => Kind::HintedKeys,
             Message::Received { .. } => Kind::Received,
+            Message::Holds { .. } => Kind::Holds,
+            Message::HeldKeys { .. } => Kind::HeldKeys,
         }
     }
 
@@ -926,6 +998,22 @@ impl Message {
                 put_u32(&mut b, *count);
                 b.extend_from_slice(changed);
                 for k in keys {
+                    b.extend_from_slice(k);
+                }
+            }
+            Message::Holds { range, k, count, bits } => {
+                put_u64(&mut b, *range);
+                b.push(*k);
+                put_u32(&mut b, *count);
+                b.extend_from_slice(bits);
+            }
+            Message::HeldKeys { group, subs, differ, count, keyed, keys, run_keys } => {
+                put_u64(&mut b, *group);
+                b.extend_from_slice(&subs.to_le_bytes());
+                b.extend_from_slice(differ);
+                put_u32(&mut b, *count);
+                b.extend_from_slice(keyed);
+                for k in keys.iter().chain(run_keys) {
                     b.extend_from_slice(k);
                 }
             }
@@ -1179,6 +1267,49 @@ impl Message {
                 let keys = p[keys_at..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap()).collect();
                 Message::HintedKeys { group: u64_at(0), count, changed: p[12..keys_at].to_vec(), keys }
             }
+            Kind::Holds => {
+                if p.len() < 13 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                Message::Holds { range: u64_at(0), k: p[8], count: u32_at(9), bits: p[13..].to_vec() }
+            }
+            Kind::HeldKeys => {
+                // group, sub-group count, a bit per sub-group, blocks
+                // covered, a bit per block covered, a key per bit set, run
+                // keys.
+                if p.len() < 10 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let subs = u16::from_le_bytes([p[8], p[9]]);
+                let count_at = 10 + bitmap_len(subs as usize);
+                if p.len() < count_at + 4 {
+                    return Err(bad(format!("{} bytes, shorter than its bitmap of {subs} sub-groups", p.len())));
+                }
+                let count = u32_at(count_at);
+                let keys_at = (count_at + 4).saturating_add((count as usize).div_ceil(8));
+                if p.len() < keys_at || (p.len() - keys_at) % KEY_LEN != 0 {
+                    return Err(bad(format!(
+                        "{} bytes is not 10 + a bitmap of {subs} sub-groups + 4 + a bitmap of {count} blocks + n x {KEY_LEN}",
+                        p.len()
+                    )));
+                }
+                let keyed = p[count_at + 4..keys_at].to_vec();
+                let nkeys = keyed.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+                let mut all = p[keys_at..].chunks_exact(KEY_LEN).map(|c| c.try_into().unwrap());
+                if all.len() < nkeys {
+                    return Err(bad(format!("{} keys, where its bitmap marks {nkeys}", all.len())));
+                }
+                let keys = all.by_ref().take(nkeys).collect();
+                Message::HeldKeys {
+                    group: u64_at(0),
+                    subs,
+                    differ: p[10..count_at].to_vec(),
+                    count,
+                    keyed,
+                    keys,
+                    run_keys: all.collect(),
+                }
+            }
         })
     }
 }
@@ -1416,6 +1547,26 @@ mod tests {
             Message::WantHintedKeys { group: 4, subs: 9, differ: vec![3, 1], zero: vec![2, 0], hints: vec![7; 34] },
             Message::HintedKeys { group: 4, count: 33, changed: vec![1, 0, 0, 0, 1], keys: vec![[6; KEY_LEN]; 2] },
             Message::HintedKeys { group: 1, count: 0, changed: vec![], keys: vec![] },
+            Message::Holds { range: 640, k: 6, count: 10, bits: vec![0xa5; 9] },
+            Message::Holds { range: 0, k: 0, count: 0, bits: vec![] },
+            Message::HeldKeys {
+                group: 3,
+                subs: 9,
+                differ: vec![1, 1],
+                count: 17,
+                keyed: vec![0b11, 0, 1],
+                keys: vec![[5; KEY_LEN]; 3],
+                run_keys: vec![[6; KEY_LEN]; 2],
+            },
+            Message::HeldKeys {
+                group: 0,
+                subs: 0,
+                differ: vec![],
+                count: 0,
+                keyed: vec![],
+                keys: vec![],
+                run_keys: vec![],
+            },
         ]
     }
 
@@ -1537,6 +1688,17 @@ mod tests {
         h.extend_from_slice(&9u32.to_le_bytes());
         let e = frame(Kind::HintedKeys, &[&h[..], &[1, 0], &[5; KEY_LEN - 1]].concat());
         assert!(e.contains("malformed HintedKeys frame"), "{e}");
+        // HeldKeys: cut inside its sub-group bitmap, a count whose bitmap
+        // the frame cannot hold, keys that are not whole.
+        let e = frame(Kind::HeldKeys, &[&p[..], &[0]].concat());
+        assert!(e.contains("malformed HeldKeys frame"), "{e}");
+        let e = frame(Kind::HeldKeys, &[&p[..], &[0, 0], &u32::MAX.to_le_bytes()].concat());
+        assert!(e.contains("malformed HeldKeys frame"), "{e}");
+        let e = frame(Kind::HeldKeys, &[&p[..], &[0, 0], &9u32.to_le_bytes(), &[1, 0], &[5; 3]].concat());
+        assert!(e.contains("malformed HeldKeys frame"), "{e}");
+        // Holds: shorter than its header.
+        let e = frame(Kind::Holds, &[0; 12]);
+        assert!(e.contains("malformed Holds frame"), "{e}");
     }
 
     #[test]

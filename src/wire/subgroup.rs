@@ -263,8 +263,13 @@ pub fn hint(d: &Digest) -> [u8; HINT_LEN] {
 }
 
 /// Blocks of the sub-groups marked in `bits`, in a group of `blocks` blocks.
-fn marked_blocks(blocks: usize, bits: &[u8]) -> usize {
-    (0..blocks).filter(|i| bit(bits, i / SUB_BLOCKS)).count()
+pub fn marked_blocks(blocks: usize, bits: &[u8]) -> usize {
+    (0..blocks).filter(|&i| is_marked(bits, i)).count()
+}
+
+/// Whether block `i` of a group lies in a sub-group marked in `bits`.
+pub fn is_marked(bits: &[u8], i: usize) -> bool {
+    bit(bits, i / SUB_BLOCKS)
 }
 
 /// Check the source's `ChangedSubs`: exactly `subs` sub-groups for a
