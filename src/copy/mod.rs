@@ -162,8 +162,9 @@ pub struct Report {
     /// their group digest, then asked for again with every key.
     pub groups_rekeyed: u64,
     /// Of the fetched blocks, those asked for without their key travelling:
-    /// a new DST's host held no block with it (`wire::held`), the whole
-    /// group checked against its digest. Summed over passes.
+    /// a new DST's host held no block with it (`wire::held`); each run of
+    /// them checked against one run key, the whole group against its
+    /// digest. Summed over passes.
     pub blocks_unkeyed: u64,
     /// Of the reused blocks, those already in place in the target.
     pub blocks_in_place: u64,

@@ -1478,8 +1478,8 @@ impl Target<'_> {
 
     /// The answer to a `WantChangedKeys` once the held set was sent
     /// (`CAP_HELD_KEYS`): as `ChangedKeys`, but the blocks the set cannot
-    /// hold come without a key and are fetched whole, checked with their
-    /// group.
+    /// hold come without a key and are fetched whole, each run of them
+    /// checked against its run key.
     fn on_held_keys(&mut self, g: u64, subs: u16, answer: held::HeldAnswer) -> Result<(), EngineError> {
         if !self.open_for_keys(g) || !self.sub_asked.remove(&g) {
             return Err(EngineError::BadReply(format!("held keys for group {g}, which were not asked for")));
@@ -1564,8 +1564,8 @@ impl Target<'_> {
                     keyless.push(i);
                     continue;
                 }
-                // No key to check its reply against: the group's digest
-                // checks it (`group_done`).
+                // No key of its own: its run's key checks the reply
+                // (`on_blocks`), the group's digest the group.
                 Given::Unkeyed => {
                     keys.push(Key::default());
                     unkeyed.push(i);
@@ -1644,7 +1644,9 @@ impl Target<'_> {
     /// (`CAP_SIMILAR`, the old copy holding something) first their
     /// sketches, to look for a similar block in the old copy.
     /// Blocks `unkeyed` (ascending) are fetched whole in the same runs: no
-    /// key would check a rebuilt one.
+    /// key would check a rebuilt one. (All of them lie in one group, which
+    /// fits one run: each unkeyed run is asked for in one `Fetch`, as
+    /// `on_blocks` requires to check it.)
     fn request_missing(&mut self, blocks: &[u64], unkeyed: &[u64]) -> Result<(), EngineError> {
         if !self.deltas {
             return self.request_runs(&merged(blocks, unkeyed));
@@ -2148,6 +2150,9 @@ impl Target<'_> {
         Ok(true)
     }
 }
+
+// A group's blocks always fit one `Fetch` (see `request_missing`).
+const _: () = assert!(crate::blocks::layout::GROUP_BYTES <= MAX_RUN_BYTES);
 
 /// Two ascending lists of blocks as one.
 fn merged(a: &[u64], b: &[u64]) -> Vec<u64> {
