@@ -113,7 +113,8 @@ pub fn encode(prefixes: impl IntoIterator<Item = u64>, asked: u64) -> Encoded {
         return Encoded { range: 0, k: 0, count: 0, bits: Vec::new() };
     }
     let k = choose_k(n, asked);
-    let range = n << k;
+    // (Saturated only past 2^40 keys: values then crowd a little more.)
+    let range = n.saturating_mul(1 << k);
     let mut values: Vec<u64> = prefixes.iter().map(|&p| scaled(p, range)).collect();
     values.sort_unstable();
     values.dedup();
