@@ -1932,7 +1932,8 @@ impl Target<'_> {
         let mut in_run = first;
         for (k, i) in (first..end).enumerate() {
             let g = i / gb;
-            let run = self.unkeyed_runs.remove(&i);
+            // (No lookup per block when no run is awaited: the usual case.)
+            let run = if self.unkeyed_runs.is_empty() { None } else { self.unkeyed_runs.remove(&i) };
             let matched = if let Some((len, key)) = run {
                 in_run = i + len as u64;
                 if in_run > end {

@@ -310,6 +310,8 @@ pub fn held_keys(
 ) -> Result<HeldAnswer, SubGroupError> {
     let (differ, all) = subgroup::differing(algo, own, is_zero, subs, sig)?;
     let marked = (0..own.len()).filter(|&i| subgroup::is_marked(&differ, i));
+    // (`differing` gives a key per block of the differing sub-groups.)
+    let count = all.len() as u32;
     let mut keyed = vec![0u8; all.len().div_ceil(8)];
     let mut keys = Vec::new();
     let mut given = vec![Given::Kept; own.len()];
@@ -323,7 +325,6 @@ pub fn held_keys(
         }
     }
     let run_keys = unkeyed_runs(&given).into_iter().map(|(a, n)| run_key(algo, &own[a..a + n])).collect();
-    let count = subgroup::marked_blocks(own.len(), &differ) as u32;
     Ok(HeldAnswer { differ, count, keyed, keys, run_keys })
 }
 
