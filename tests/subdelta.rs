@@ -14,7 +14,7 @@ use std::path::Path;
 use proptest::prelude::*;
 use relay::{chain, hide, keep, Edit, Outcome};
 use xenmig::copy::Report;
-use xenmig::wire::protocol::{Message, CAP_SHORT_SUB_HASHES, CAP_SUB_DELTA};
+use xenmig::wire::protocol::{Message, CAP_DELTA_BATCH, CAP_SHORT_SUB_HASHES, CAP_SUB_DELTA};
 use xenmig::wire::subdelta;
 
 const BS: usize = 4096;
@@ -339,7 +339,7 @@ proptest! {
         });
         let (to_target, to_source) =
             if hidden { (hide(CAP_SHORT_SUB_HASHES), chain(hide(CAP_SHORT_SUB_HASHES), count)) } else { (keep(), count) };
-        let o = relay::copy_through(&a, &b, BS as u32, codec, to_target, to_source);
+        let o = unbatched(&a, &b, codec, to_target, to_source);
         let rep = o.source.unwrap();
         prop_assert!(o.target.unwrap().verified);
         prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
@@ -377,13 +377,21 @@ proptest! {
             }
             m => m,
         });
-        let o = relay::copy_through(&a, &b, BS as u32, codec, keep(), lie);
+        let o = unbatched(&a, &b, codec, keep(), lie);
         let rep = o.source.unwrap();
         prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
         counted(&rep, new.len())?;
         prop_assert_eq!(rep.blocks_delta, 0);
         prop_assert_eq!(rep.deltas_failed, deltas);
     }
+}
+
+/// Copy through the relay with short sub-block hashes and without batches
+/// of deltas (`CAP_DELTA_BATCH` hidden both ways): one `FetchDeltaShort`
+/// and one `Delta` a block, the exchange of the previous release.
+fn unbatched(src: &Path, dst: &Path, codec: &str, to_target: Edit, to_source: Edit) -> Outcome {
+    let (to_target, to_source) = (chain(hide(CAP_DELTA_BATCH), to_target), chain(hide(CAP_DELTA_BATCH), to_source));
+    relay::copy_through(src, dst, BS as u32, codec, to_target, to_source)
 }
 
 /// A short signature of the wrong length, or a `FetchDeltaShort` from a
@@ -403,7 +411,7 @@ fn a_misshapen_short_signature_is_refused() {
         m => m,
     });
     fs::write(&b, &old).unwrap();
-    let o = relay::copy_through(&a, &b, BS as u32, "none", keep(), cut);
+    let o = unbatched(&a, &b, "none", keep(), cut);
     let e = o.source.unwrap_err().to_string();
     assert!(e.contains("a signature of 14 bytes for a block of 4096 bytes, which needs 16"), "{e}");
     assert!(o.target.is_err());
@@ -413,14 +421,7 @@ fn a_misshapen_short_signature_is_refused() {
         Message::FetchDelta { block, sig } => Message::FetchDeltaShort { block, sig: subdelta::short_signature(&sig) },
         m => m,
     });
-    let o = relay::copy_through(
-        &a,
-        &b,
-        BS as u32,
-        "none",
-        hide(CAP_SHORT_SUB_HASHES),
-        chain(hide(CAP_SHORT_SUB_HASHES), long_to_short),
-    );
+    let o = unbatched(&a, &b, "none", hide(CAP_SHORT_SUB_HASHES), chain(hide(CAP_SHORT_SUB_HASHES), long_to_short));
     let e = o.source.unwrap_err().to_string();
     assert!(e.contains("unexpected FetchDeltaShort frame"), "{e}");
     assert_eq!(fs::read(&b).unwrap(), old);
@@ -557,4 +558,230 @@ fn a_base_changed_after_the_fill_changes_nothing() {
         assert_eq!((rep.groups_rekeyed, rep.groups_refetched, rep.deltas_failed), (0, 0, 0), "cut: {cut}: {rep:?}");
         assert!(rep.blocks_delta > 0 && rep.blocks_keyless > 0, "cut: {cut}: {rep:?}");
     }
+}
+
+// Deltas in batches (`CAP_DELTA_BATCH`, with short sub-block hashes): the
+// default exchange between two ends of this release.
+
+/// Frames of deltas the relay saw going to the source: blocks asked in
+/// `FetchDeltas` frames, those frames, and `FetchDeltaShort` frames.
+#[derive(Default)]
+struct Asked {
+    batched_blocks: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+    single: std::sync::atomic::AtomicU64,
+}
+
+fn count_asked(asked: std::sync::Arc<Asked>) -> Edit {
+    use std::sync::atomic::Ordering::SeqCst;
+    Box::new(move |m| {
+        match &m {
+            Message::FetchDeltas { blocks, .. } => {
+                asked.batched_blocks.fetch_add(blocks.len() as u64, SeqCst);
+                asked.batches.fetch_add(1, SeqCst);
+            }
+            Message::FetchDeltaShort { .. } | Message::FetchDelta { .. } => {
+                asked.single.fetch_add(1, SeqCst);
+            }
+            _ => {}
+        }
+        m
+    })
+}
+
+/// Each batch's signatures replaced by the source's own blocks' (as if
+/// every short hash matched by chance).
+fn lying_batches(src: Vec<u8>) -> Edit {
+    Box::new(move |m| match m {
+        Message::FetchDeltas { blocks, .. } => {
+            let sigs = blocks
+                .iter()
+                .flat_map(|&block| {
+                    let at = block as usize * BS;
+                    subdelta::short_signature(&subdelta::signature(&src[at..(at + BS).min(src.len())]))
+                })
+                .collect();
+            Message::FetchDeltas { blocks, sigs }
+        }
+        m => m,
+    })
+}
+
+/// Flip one byte of every batch's payload, `at` (modulo its length) bytes in.
+fn damage_batches(at: usize) -> Edit {
+    Box::new(move |m| match m {
+        Message::Deltas { codec, raw_len, blocks, mut payload } => {
+            if !payload.is_empty() {
+                let i = at % payload.len();
+                payload[i] ^= 0x5a;
+            }
+            Message::Deltas { codec, raw_len, blocks, payload }
+        }
+        m => m,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// With batches on both ends, hidden from the target's view, or hidden
+    /// both ways: byte-identical, counted, every changed block with an old
+    /// version asked as a delta once, in batches exactly when both ends
+    /// agreed them, and a delta fails only where a short hash matched by
+    /// chance.
+    #[test]
+    fn batched_deltas_rebuild_the_image_and_are_counted(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..64),
+        tail in prop_oneof![Just(0usize), 1usize..BS],
+        codec in prop_oneof![Just("none"), Just("zstd:1"), Just("lz4"), Just("auto")],
+        hidden in 0u8..3,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, deltas) = images(seed, &changes, tail);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let asked = std::sync::Arc::new(Asked::default());
+        let (to_target, to_source) = match hidden {
+            0 => (keep(), count_asked(asked.clone())),
+            // A source without it: the target never batches.
+            1 => (hide(CAP_DELTA_BATCH), count_asked(asked.clone())),
+            _ => (hide(CAP_DELTA_BATCH), chain(hide(CAP_DELTA_BATCH), count_asked(asked.clone()))),
+        };
+        let o = relay::copy_through(&a, &b, BS as u32, codec, to_target, to_source);
+        let rep = o.source.unwrap();
+        prop_assert!(o.target.unwrap().verified);
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.blocks_delta + rep.deltas_failed, deltas, "{:?}", rep);
+        prop_assert!(rep.deltas_failed <= chance_matches(&old, &new));
+        let (batched, batches, single) =
+            (asked.batched_blocks.load(SeqCst), asked.batches.load(SeqCst), asked.single.load(SeqCst));
+        if hidden == 0 {
+            prop_assert_eq!((batched, single), (deltas, 0));
+            prop_assert!(batches <= deltas);
+        } else {
+            prop_assert_eq!((batched, batches, single), (0, 0, deltas));
+        }
+    }
+
+    /// A batch whose signatures lie: every rebuilt block misses its key and
+    /// is fetched whole; the copy is still byte-identical.
+    #[test]
+    fn a_lying_batch_costs_a_refetch_never_a_wrong_block(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..32),
+        codec in prop_oneof![Just("none"), Just("zstd:1")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, deltas) = images(seed, &changes, 0);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let o = relay::copy_through(&a, &b, BS as u32, codec, keep(), lying_batches(new.clone()));
+        let rep = o.source.unwrap();
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.blocks_delta, 0);
+        prop_assert_eq!(rep.deltas_failed, deltas);
+    }
+
+    /// Damaged batches: sent raw, their bodies split wrong, fail to
+    /// rebuild or miss their keys, and the blocks are fetched whole
+    /// (byte-identical copy); through the stream, the stream breaks and
+    /// the copy fails with an error saying so. Either way every block in
+    /// DST is the new one or the old one.
+    #[test]
+    fn a_damaged_batch_is_refetched_or_fails_clearly(
+        seed in any::<u64>(),
+        changes in proptest::collection::vec(change(), 1..32),
+        at in any::<usize>(),
+        codec in prop_oneof![Just("none"), Just("zstd:1")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, new, deltas) = images(seed, &changes, 0);
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let o = relay::copy_through(&a, &b, BS as u32, codec, damage_batches(at), keep());
+        let got = fs::read(&b).unwrap();
+        for (i, blk) in got.chunks(BS).enumerate() {
+            prop_assert!(blk == &new[i * BS..i * BS + blk.len()] || blk == &old[i * BS..i * BS + blk.len()], "block {i}");
+        }
+        match o.target {
+            Ok(trep) => {
+                prop_assert_eq!(got, new.clone());
+                counted(&trep, new.len())?;
+                prop_assert_eq!(trep.deltas_failed + trep.blocks_delta, deltas);
+            }
+            Err(e) => {
+                prop_assert!(codec != "none", "{e}");
+                let msg = e.to_string();
+                prop_assert!(msg.contains("zstd") || msg.contains("does not match its digest"), "{msg}");
+            }
+        }
+    }
+}
+
+/// A batch whose signatures are cut short or run past its last block, or
+/// one sent to a source that did not agree to batches, fails the copy
+/// with an error naming it; so does a batch of answers naming a block
+/// that was not asked. DST keeps its old blocks.
+#[test]
+fn a_misshapen_batch_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let (old, new, _) = images(9, &[Change::Edit(100, 1); 4], 0);
+    fs::write(&a, &new).unwrap();
+    let edit_sigs = |f: fn(&mut Vec<u8>)| -> Edit {
+        Box::new(move |m| match m {
+            Message::FetchDeltas { blocks, mut sigs } => {
+                f(&mut sigs);
+                Message::FetchDeltas { blocks, sigs }
+            }
+            m => m,
+        })
+    };
+    for (edit, want) in [
+        (edit_sigs(|s| s.truncate(s.len() - 2)), "its signatures end before block 3's"),
+        (edit_sigs(|s| s.extend_from_slice(&[1, 2])), "2 bytes of signatures past its last block's"),
+    ] {
+        fs::write(&b, &old).unwrap();
+        let o = relay::copy_through(&a, &b, BS as u32, "none", keep(), edit);
+        let e = o.source.unwrap_err().to_string();
+        assert!(e.contains("a batch of 4 deltas") && e.contains(want), "{e}");
+        assert!(o.target.is_err());
+        assert_eq!(fs::read(&b).unwrap(), old);
+    }
+    // A source without the bit: a FetchDeltas is not a request it takes.
+    let singles_to_batch: Edit = Box::new(|m| match m {
+        Message::FetchDeltaShort { block, sig } => Message::FetchDeltas { blocks: vec![block], sigs: sig },
+        m => m,
+    });
+    fs::write(&b, &old).unwrap();
+    let o = relay::copy_through(
+        &a,
+        &b,
+        BS as u32,
+        "none",
+        hide(CAP_DELTA_BATCH),
+        chain(hide(CAP_DELTA_BATCH), singles_to_batch),
+    );
+    let e = o.source.unwrap_err().to_string();
+    assert!(e.contains("unexpected FetchDeltas frame"), "{e}");
+    assert_eq!(fs::read(&b).unwrap(), old);
+    // Answers for a block not asked (the batch's blocks moved by one).
+    let shifted: Edit = Box::new(|m| match m {
+        Message::Deltas { codec, raw_len, blocks, payload } => {
+            Message::Deltas { codec, raw_len, blocks: blocks.iter().map(|b| b + 1).collect(), payload }
+        }
+        m => m,
+    });
+    fs::write(&b, &old).unwrap();
+    let o = relay::copy_through(&a, &b, BS as u32, "none", shifted, keep());
+    let e = o.target.unwrap_err().to_string();
+    assert!(e.contains("a delta for block 4, which was not asked for"), "{e}");
+    assert_eq!(fs::read(&b).unwrap(), old);
 }

@@ -39,9 +39,9 @@ use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::held::{self, HeldSet};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_HELD_KEYS, CAP_LATE_REF, CAP_LIVE,
-    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_DELTA_BATCH, CAP_HELD_KEYS,
+    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS,
+    CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::receipts::Receipts;
@@ -366,6 +366,7 @@ impl SourceSession {
             | CAP_BLOCK_HINTS
             | CAP_SHORT_SUB_HASHES
             | CAP_HELD_KEYS
+            | CAP_DELTA_BATCH
             // Receipts serve `auto` only, and its levels: without them
             // (`raise_levels` off) the copy stays the way to compare.
             | if opts.compress == Choice::Auto && opts.raise_levels { CAP_RECEIPTS } else { 0 };
@@ -464,6 +465,7 @@ impl SourceSession {
             receipts: shared.receipts.clone(),
             held: (agreed.caps & CAP_HELD_KEYS != 0 && agreed.caps & CAP_SUB_GROUPS != 0)
                 .then(|| (shared.held.clone(), held::max_count(layout.block_count()))),
+            batches: agreed.delta_batch(),
         };
         // The reader answers the target's offer and hands the chosen
         // reference to the stream's thread (None: start empty).
@@ -1089,6 +1091,8 @@ struct Optional {
     /// `Holds` (`CAP_HELD_KEYS` with `CAP_SUB_GROUPS`): where the set goes,
     /// and the most keys it may hold.
     held: Option<(Arc<OnceLock<HeldSet>>, u64)>,
+    /// `FetchDeltas` (`CAP_DELTA_BATCH`).
+    batches: bool,
 }
 
 /// Take requests off the link and pass events on, until Done.
@@ -1167,6 +1171,10 @@ fn read_loop(
                 let _ = work.send(m);
             }
             m @ Message::FetchDeltaShort { .. } if optional.short_hashes => {
+                let _ = work.send(m);
+            }
+            // (One work item: its answer is one piece, one `Deltas`.)
+            m @ Message::FetchDeltas { .. } if optional.batches => {
                 let _ = work.send(m);
             }
             m @ Message::WantChangedKeys { .. } if optional.subgroups => {
@@ -1330,8 +1338,19 @@ struct RawRun {
     first_block: u64,
     count: u32,
     raw: Vec<u8>,
-    /// `raw` is a delta body for block `first_block`, sent as `Delta`.
-    delta: bool,
+    /// What `raw` holds, and so the frame it goes in.
+    what: RunOf,
+}
+
+/// What a [`RawRun`] holds.
+enum RunOf {
+    /// `count` blocks from `first_block`: a `Blocks` frame.
+    Blocks,
+    /// The delta body of block `first_block`: a `Delta` frame.
+    Delta,
+    /// The delta bodies of these blocks, one after another: a `Deltas`
+    /// frame (`CAP_DELTA_BATCH`).
+    Deltas(Vec<u64>),
 }
 
 /// What a worker made of a Fetch.
@@ -1489,10 +1508,12 @@ fn stream_loop(
         let payload = enc.compress_run(&run.raw)?;
         let raw_len = run.raw.len() as u32;
         let codec = std::mem::replace(&mut code, STREAM_CODE);
-        let m = if run.delta {
-            Message::Delta { block: run.first_block, codec, raw_len, payload }
-        } else {
-            Message::Blocks { first_block: run.first_block, count: run.count, codec, raw_len, payload }
+        let m = match run.what {
+            RunOf::Blocks => {
+                Message::Blocks { first_block: run.first_block, count: run.count, codec, raw_len, payload }
+            }
+            RunOf::Delta => Message::Delta { block: run.first_block, codec, raw_len, payload },
+            RunOf::Deltas(blocks) => Message::Deltas { codec, raw_len, blocks, payload },
         };
         if frames.send(m).is_err() {
             break; // the writer is gone: the copy is failing already
@@ -1520,6 +1541,7 @@ fn work_loop(
             Message::Fetch { first_block, count } => fetch(sh, first_block, count, stream.is_some()),
             Message::FetchDelta { block, sig } => fetch_delta(sh, block, &sig, false, stream.is_some()),
             Message::FetchDeltaShort { block, sig } => fetch_delta(sh, block, &sig, true, stream.is_some()),
+            Message::FetchDeltas { blocks, sigs } => fetch_deltas(sh, blocks, &sigs, stream.is_some()),
             Message::WantChangedKeys { group, subs, zero, keys } => {
                 changed_keys(sh, group, subs, Signature { zero, keys }).map(|m| Some(Reply::Frame(m)))
             }
@@ -1653,7 +1675,7 @@ fn fetch(sh: &Shared, first: u64, count: u32, streaming: bool) -> Result<Option<
     let mut raw = vec![0u8; (stop - start) as usize];
     sh.img.read_at(&mut raw, start)?;
     Ok(Some(match route(sh, raw, streaming) {
-        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: first, count, raw, delta: false }),
+        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: first, count, raw, what: RunOf::Blocks }),
         Routed::Coded { code, raw_len, payload } => {
             Reply::Frame(Message::Blocks { first_block: first, count, codec: code, raw_len, payload })
         }
@@ -1690,6 +1712,66 @@ fn sketches(sh: &Shared, first: u64, count: u32) -> Result<Message, EngineError>
     Ok(Message::Sketches { first_block: first, sketches })
 }
 
+/// Answer a `FetchDeltas` (`CAP_DELTA_BATCH`): the delta body of each
+/// block against its short signature, cut from `sigs` at its length for
+/// the block's sub-blocks, the bodies one after another in one payload,
+/// routed like any run. Blocks past the image, signatures that do not add
+/// up, or a batch whose bodies could pass
+/// [`MAX_BATCH_BODY`](subdelta::MAX_BATCH_BODY) are an error.
+fn fetch_deltas(sh: &Shared, blocks: Vec<u64>, sigs: &[u8], streaming: bool) -> Result<Option<Reply>, EngineError> {
+    let layout = &sh.layout;
+    let mut rest = sigs;
+    let mut raw = Vec::new();
+    let mut most = 0u64;
+    for &block in &blocks {
+        if block >= layout.block_count() {
+            return Err(EngineError::BadRequest(format!(
+                "a batch of deltas asks block {block}, image has {}",
+                layout.block_count()
+            )));
+        }
+        let want = subdelta::sub_count(layout.extent(block).1) * subdelta::SHORT_HASH_LEN;
+        if rest.len() < want {
+            return Err(EngineError::BadRequest(format!(
+                "a batch of {} deltas: its signatures end before block {block}'s",
+                blocks.len()
+            )));
+        }
+        let len = layout.extent(block).1;
+        most += subdelta::max_body(len) as u64;
+        if most > subdelta::MAX_BATCH_BODY {
+            return Err(EngineError::BadRequest(format!(
+                "a batch of {} deltas, whose bodies may pass the {} bytes of a run",
+                blocks.len(),
+                subdelta::MAX_BATCH_BODY
+            )));
+        }
+        let (sig, tail) = rest.split_at(want);
+        rest = tail;
+        let mut new = vec![0u8; len];
+        sh.img.read_at(&mut new, layout.extent(block).0)?;
+        let body =
+            subdelta::encode_short(&new, sig).map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
+        raw.extend_from_slice(&body);
+    }
+    if !rest.is_empty() {
+        return Err(EngineError::BadRequest(format!(
+            "a batch of {} deltas: {} bytes of signatures past its last block's",
+            blocks.len(),
+            rest.len()
+        )));
+    }
+    let first_block = blocks[0];
+    Ok(Some(match route(sh, raw, streaming) {
+        Routed::Stream(raw) => {
+            Reply::Stream(RawRun { first_block, count: blocks.len() as u32, raw, what: RunOf::Deltas(blocks) })
+        }
+        Routed::Coded { code, raw_len, payload } => {
+            Reply::Frame(Message::Deltas { codec: code, raw_len, blocks, payload })
+        }
+    }))
+}
+
 /// Answer a `FetchDelta`: block `block` as the sub-blocks that differ from
 /// the target's old version, whose signature is `sig` (its length checked
 /// against the block's here), through the stream or a codec like any run.
@@ -1713,7 +1795,7 @@ fn fetch_delta(
     let body = if short { subdelta::encode_short(&raw, sig) } else { subdelta::encode(&raw, sig) };
     let body = body.map_err(|e| EngineError::BadRequest(format!("block {block}: {e}")))?;
     Ok(Some(match route(sh, body, streaming) {
-        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: block, count: 1, raw, delta: true }),
+        Routed::Stream(raw) => Reply::Stream(RawRun { first_block: block, count: 1, raw, what: RunOf::Delta }),
         Routed::Coded { code, raw_len, payload } => {
             Reply::Frame(Message::Delta { block, codec: code, raw_len, payload })
         }

@@ -60,9 +60,9 @@ use crate::wire::compress::Codec;
 use crate::wire::held::{self, Given};
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
-    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_HELD_KEYS, CAP_LATE_REF, CAP_LIVE,
-    CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS,
-    CAP_ZSTD_STREAM, MAX_FRAME, MAX_RUN_BYTES, WINDOW,
+    read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_DELTA_BATCH, CAP_HELD_KEYS,
+    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS,
+    CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_FRAME, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
@@ -411,6 +411,10 @@ pub(super) struct Target<'a> {
     /// `CAP_SHORT_SUB_HASHES` agreed (with `CAP_SUB_DELTA`): deltas are
     /// asked with `FetchDeltaShort`.
     short_hashes: bool,
+    /// `CAP_DELTA_BATCH` agreed: the deltas asked since the last flush
+    /// wait here, each block with its short signature, and go in one
+    /// `FetchDeltas` ([`subdelta::Batch`]).
+    batch: Option<subdelta::Batch>,
     /// `CAP_BLOCK_HINTS` agreed (with `CAP_SUB_GROUPS`): the sub-groups
     /// that differ come first (`ChangedSubs`), their blocks' keys after
     /// `WantHintedKeys`.
@@ -482,7 +486,8 @@ pub fn run_with(
             | CAP_SHORT_SUB_HASHES
             | CAP_RECEIPTS
             | CAP_LATE_REF
-            | CAP_HELD_KEYS,
+            | CAP_HELD_KEYS
+            | CAP_DELTA_BATCH,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -540,6 +545,7 @@ pub fn run_with(
                 == CAP_LATE_REF | CAP_SHARED_REF | CAP_STREAM_LEVELS,
             held_keys: agreed.caps & (CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS)
                 == CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS,
+            batch: agreed.delta_batch(),
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -598,6 +604,9 @@ pub(super) struct LinkSide {
     late_ref: bool,
     /// `CAP_HELD_KEYS`, `CAP_SUB_GROUPS` and `CAP_BLOCK_HINTS` agreed.
     held_keys: bool,
+    /// `CAP_DELTA_BATCH` agreed (with `CAP_SUB_DELTA` and
+    /// `CAP_SHORT_SUB_HASHES`).
+    batch: bool,
 }
 
 impl<'a> Target<'a> {
@@ -705,6 +714,7 @@ impl<'a> Target<'a> {
             subgroups: link.as_ref().is_some_and(|l| l.subgroups),
             hints: link.as_ref().is_some_and(|l| l.hints),
             short_hashes: link.as_ref().is_some_and(|l| l.short_hashes),
+            batch: link.as_ref().is_some_and(|l| l.batch).then(|| subdelta::Batch::new(layout.block_size as usize)),
             hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
@@ -756,7 +766,9 @@ impl Target<'_> {
         Ok(())
     }
 
-    fn flush(&self) -> Result<(), EngineError> {
+    /// Send what is batched and push every frame written out.
+    fn flush(&mut self) -> Result<(), EngineError> {
+        self.send_batch()?;
         self.link()?.lock().expect("writer lock").flush().map_err(ProtocolError::Io)?;
         Ok(())
     }
@@ -773,7 +785,31 @@ impl Target<'_> {
             return Ok(());
         }
         self.outstanding += units;
-        self.send(&m)
+        self.send_request(m)
+    }
+
+    /// Send a request the window allows: a delta into the batch where
+    /// batches were agreed (sent when full and at the next flush), anything
+    /// else at once.
+    fn send_request(&mut self, m: Message) -> Result<(), EngineError> {
+        match (m, self.batch.as_mut()) {
+            (Message::FetchDelta { block, sig }, Some(batch)) => {
+                let full = batch.add(block, subdelta::short_signature(&sig), self.layout.extent(block).1);
+                if full {
+                    self.send_batch()?;
+                }
+                Ok(())
+            }
+            (m, _) => self.send(&m),
+        }
+    }
+
+    /// Send the deltas batched so far, if any, in one `FetchDeltas`.
+    fn send_batch(&mut self) -> Result<(), EngineError> {
+        match self.batch.as_mut().and_then(subdelta::Batch::take) {
+            Some((blocks, sigs)) => self.send(&Message::FetchDeltas { blocks, sigs }),
+            None => Ok(()),
+        }
     }
 
     /// A reply arrived: one fewer awaited; send what the window now allows.
@@ -794,7 +830,7 @@ impl Target<'_> {
                 }
             }
             self.outstanding += units;
-            self.send(&m)?;
+            self.send_request(m)?;
         }
         Ok(())
     }
@@ -854,6 +890,7 @@ impl Target<'_> {
                 Message::BlockDigests { .. }
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
+                | Message::Deltas { .. }
                 | Message::ChangedKeys { .. }
                 | Message::HeldKeys { .. }
                 | Message::ChangedSubs { .. }
@@ -869,6 +906,7 @@ impl Target<'_> {
                 Message::BlockDigests { .. }
                 | Message::Blocks { .. }
                 | Message::Delta { .. }
+                | Message::Deltas { .. }
                 | Message::ChangedKeys { .. }
                 | Message::HeldKeys { .. }
                 | Message::ChangedSubs { .. }
@@ -888,6 +926,9 @@ impl Target<'_> {
                 }
                 Message::Delta { block, codec, raw_len, payload } if self.deltas => {
                     self.on_delta(block, codec, raw_len, payload)?
+                }
+                Message::Deltas { codec, raw_len, blocks, payload } if self.batch.is_some() => {
+                    self.on_deltas(codec, raw_len, blocks, payload)?
                 }
                 // (With CAP_BLOCK_HINTS too: the answer to a group asked the
                 // previous way.)
@@ -2036,8 +2077,71 @@ impl Target<'_> {
     /// whole (a sub-block hash collision, an old block that changed, a
     /// damaged body). Frames that do not fit what was asked fail the copy.
     fn on_delta(&mut self, i: u64, codec: u8, raw_len: u32, payload: Vec<u8>) -> Result<(), EngineError> {
-        let gb = self.layout.group_blocks();
-        let g = i / gb;
+        self.check_delta_asked(i)?;
+        let len = self.layout.extent(i).1;
+        if raw_len as usize > subdelta::max_body(len) {
+            return Err(EngineError::BadReply(format!(
+                "a delta of {raw_len} bytes for block {i} of {len} bytes (at most {})",
+                subdelta::max_body(len)
+            )));
+        }
+        self.bytes_payload += payload.len() as u64;
+        self.bytes_fetched += raw_len as u64;
+        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
+        let body = self.decode(i, codec, payload, raw_len)?;
+        self.settle_delta(i, Ok(body))
+    }
+
+    /// Several deltas in one piece (`CAP_DELTA_BATCH`): every block must
+    /// have been asked as a delta, and the bodies, split by their bitmaps,
+    /// must fill the piece exactly. Each is then settled as a `Delta`
+    /// would be. Bodies that do not split (a damaged piece) fetch their
+    /// blocks whole, as a body that does not rebuild its block does.
+    fn on_deltas(&mut self, codec: u8, raw_len: u32, blocks: Vec<u64>, payload: Vec<u8>) -> Result<(), EngineError> {
+        let mut most = 0u64;
+        for &i in &blocks {
+            self.check_delta_asked(i)?;
+            most += subdelta::max_body(self.layout.extent(i).1) as u64;
+        }
+        if raw_len as u64 > most {
+            return Err(EngineError::BadReply(format!(
+                "{raw_len} bytes of deltas for {} blocks from block {} (at most {most})",
+                blocks.len(),
+                blocks[0]
+            )));
+        }
+        self.bytes_payload += payload.len() as u64;
+        self.bytes_fetched += raw_len as u64;
+        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
+        let piece = self.decode(blocks[0], codec, payload, raw_len)?;
+        let mut bodies = Vec::with_capacity(blocks.len());
+        let mut rest = &piece[..];
+        for &i in &blocks {
+            let body = subdelta::body_len(self.layout.extent(i).1, rest).map(|n| {
+                let (body, tail) = rest.split_at(n);
+                rest = tail;
+                body.to_vec()
+            });
+            bodies.push(body.map_err(|e| e.to_string()));
+        }
+        if !rest.is_empty() && bodies.iter().all(Result::is_ok) {
+            let why = format!("the batch's piece holds {} bytes past its last body", rest.len());
+            bodies.iter_mut().for_each(|b| *b = Err(why.clone()));
+        }
+        // (Past the first body that does not split, none can be trusted.)
+        if let Some(k) = bodies.iter().position(Result::is_err) {
+            let why = bodies[k].clone().unwrap_err();
+            bodies[k..].iter_mut().for_each(|b| *b = Err(why.clone()));
+        }
+        for (i, body) in blocks.into_iter().zip(bodies) {
+            self.settle_delta(i, body)?;
+        }
+        Ok(())
+    }
+
+    /// Fail the copy unless a delta for block `i` is awaited now.
+    fn check_delta_asked(&self, i: u64) -> Result<(), EngineError> {
+        let g = i / self.layout.group_blocks();
         if checked_end(i, 1, self.layout.block_count()).is_none()
             || self.state[i as usize] != State::Pending
             || !self.keys.contains_key(&g)
@@ -2048,31 +2152,34 @@ impl Target<'_> {
                 self.at.pass()
             )));
         }
-        let base = self.delta_asked.remove(&i).expect("checked above");
+        Ok(())
+    }
+
+    /// The delta body for block `i` came (checked by
+    /// [`check_delta_asked`](Self::check_delta_asked)), or could not be
+    /// read (`Err`, why): write the rebuilt block if it matches its key,
+    /// else ask for it whole.
+    fn settle_delta(&mut self, i: u64, body: Result<Vec<u8>, String>) -> Result<(), EngineError> {
+        let gb = self.layout.group_blocks();
+        let g = i / gb;
+        let base = self.delta_asked.remove(&i).expect("checked by check_delta_asked");
         self.replied(&format!("a delta for block {i}"))?;
         let len = self.layout.extent(i).1;
-        if raw_len as usize > subdelta::max_body(len) {
-            return Err(EngineError::BadReply(format!(
-                "a delta of {raw_len} bytes for block {i} of {len} bytes (at most {})",
-                subdelta::max_body(len)
-            )));
-        }
-        let payload_len = payload.len() as u64;
-        self.delta_share.answered(raw_len as usize, len);
-        let body = self.decode(i, codec, payload, raw_len)?;
+        // (A body that could not be read helps no more than a whole block.)
+        self.delta_share.answered(body.as_ref().map_or(len, Vec::len), len);
         let want = self.keys[&g][(i - g * gb) as usize];
         let old = self.read_delta_base(i, base)?.ok_or_else(|| "the old block cannot be read any more".to_string());
-        let rebuilt = old.and_then(|old| subdelta::apply(&old, &body).map_err(|e| e.to_string())).and_then(|new| {
-            let d = self.algo.digest(&new);
-            if key_of(&d) == want {
-                Ok((new, d))
-            } else {
-                Err("the rebuilt block does not match its key".to_string())
-            }
-        });
-        self.bytes_fetched += raw_len as u64;
-        self.bytes_payload += payload_len;
-        *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
+        let rebuilt = body
+            .and_then(|body| old.map(|old| (old, body)))
+            .and_then(|(old, body)| subdelta::apply(&old, &body).map_err(|e| e.to_string()))
+            .and_then(|new| {
+                let d = self.algo.digest(&new);
+                if key_of(&d) == want {
+                    Ok((new, d))
+                } else {
+                    Err("the rebuilt block does not match its key".to_string())
+                }
+            });
         let (new, d) = match rebuilt {
             Ok(r) => r,
             Err(why) => {

@@ -418,6 +418,7 @@
 
 use std::io::{self, Read, Write};
 
+use integer_encoding::VarInt;
 use thiserror::Error;
 
 use crate::blocks::digest::{Algorithm, Digest, Key, KEY_LEN};
@@ -506,6 +507,13 @@ pub const CAP_LATE_REF: u32 = 1 << 10;
 /// `HeldKeys`: keys only for zero blocks and blocks the set may hold.
 /// Without it (a peer of the previous release) every key is sent.
 pub const CAP_HELD_KEYS: u32 = 1 << 11;
+/// Capability (used only with [`CAP_SUB_DELTA`] and
+/// [`CAP_SHORT_SUB_HASHES`] agreed too): the target may ask several deltas
+/// in one `FetchDeltas` frame, and the source may answer several in one
+/// `Deltas` frame, their bodies one piece. Without it (a peer of the
+/// previous release) each delta is asked and answered in a frame of its
+/// own.
+pub const CAP_DELTA_BATCH: u32 = 1 << 12;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
@@ -561,6 +569,10 @@ pub enum Kind {
     /// `ChangedKeys` with keys only where the target may hold the block.
     Holds = 29,
     HeldKeys = 30,
+    /// Capability [`CAP_DELTA_BATCH`]: several `FetchDeltaShort` in one
+    /// frame, and several `Delta` answers as one piece.
+    FetchDeltas = 31,
+    Deltas = 32,
 }
 
 impl Kind {
@@ -597,6 +609,8 @@ impl Kind {
             Received,
             Holds,
             HeldKeys,
+            FetchDeltas,
+            Deltas,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -691,6 +705,24 @@ pub enum Message {
         block: u64,
         codec: u8,
         raw_len: u32,
+        payload: Vec<u8>,
+    },
+    /// Several `FetchDeltaShort` ([`CAP_DELTA_BATCH`]): `blocks` strictly
+    /// ascending, `sigs` their short signatures one after another, each as
+    /// long as its block's sub-blocks call for (the source splits them by
+    /// the image's layout, which this frame does not carry).
+    FetchDeltas {
+        blocks: Vec<u64>,
+        sigs: Vec<u8>,
+    },
+    /// Several `Delta` answers as one piece ([`CAP_DELTA_BATCH`]):
+    /// `payload` decodes with `codec` to `raw_len` bytes, the delta bodies
+    /// of `blocks` (strictly ascending) one after another, each as long as
+    /// its bitmap says (`wire::subdelta::body_len`).
+    Deltas {
+        codec: u8,
+        raw_len: u32,
+        blocks: Vec<u64>,
         payload: Vec<u8>,
     },
     /// The keys of group `group` that differ from what DST holds there:
@@ -825,6 +857,55 @@ fn put_u64(b: &mut Vec<u8>, v: u64) {
     b.extend_from_slice(&v.to_le_bytes());
 }
 
+/// A strictly ascending list of blocks ([`CAP_DELTA_BATCH`]'s frames): its
+/// length, the first block, then each gap to the next, as LEB128 varints
+/// (a batch's blocks lie close together: one or two bytes a block, where a
+/// frame of its own cost 13 bytes of header and number).
+fn put_blocks(b: &mut Vec<u8>, blocks: &[u64]) {
+    debug_assert!(blocks.windows(2).all(|w| w[0] < w[1]), "blocks ascending");
+    b.extend_from_slice(&(blocks.len() as u64).encode_var_vec());
+    let mut prev = None;
+    for &i in blocks {
+        let v = match prev {
+            None => i,
+            Some(p) => i - p,
+        };
+        b.extend_from_slice(&v.encode_var_vec());
+        prev = Some(i);
+    }
+}
+
+/// Read what [`put_blocks`] wrote at the start of `p`: the blocks and the
+/// bytes they took. Every count is checked against the bytes present
+/// before anything is allocated; a gap of 0 (not ascending) or a block
+/// past 2^64 is an error.
+fn get_blocks(p: &[u8]) -> Result<(Vec<u64>, usize), String> {
+    let var = |at: usize, what: &str| {
+        u64::decode_var(p.get(at..).unwrap_or_default())
+            .ok_or_else(|| format!("{what} at byte {at} is cut short or overlong"))
+    };
+    let (n, mut at) = var(0, "the count of blocks")?;
+    if n == 0 {
+        return Err("no blocks".into());
+    }
+    // (Each block takes at least one byte.)
+    if n > (p.len() - at) as u64 {
+        return Err(format!("claims {n} blocks in {} bytes", p.len() - at));
+    }
+    let mut blocks: Vec<u64> = Vec::with_capacity(n as usize);
+    for k in 0..n {
+        let (v, used) = var(at, "a block number")?;
+        at += used;
+        let block = match blocks.last() {
+            None => v,
+            Some(&prev) if v == 0 => return Err(format!("block {prev} twice (block {k} of {n}): not ascending")),
+            Some(&prev) => prev.checked_add(v).ok_or_else(|| format!("block {k} of {n} lies past 2^64"))?,
+        };
+        blocks.push(block);
+    }
+    Ok((blocks, at))
+}
+
 impl Message {
     pub fn kind(&self) -> Kind {
         match self {
@@ -858,6 +939,8 @@ impl Message {
             Message::Received { .. } => Kind::Received,
             Message::Holds { .. } => Kind::Holds,
             Message::HeldKeys { .. } => Kind::HeldKeys,
+            Message::FetchDeltas { .. } => Kind::FetchDeltas,
+            Message::Deltas { .. } => Kind::Deltas,
         }
     }
 
@@ -951,6 +1034,16 @@ impl Message {
                 put_u64(&mut b, *block);
                 b.push(*codec);
                 put_u32(&mut b, *raw_len);
+                tail = payload;
+            }
+            Message::FetchDeltas { blocks, sigs } => {
+                put_blocks(&mut b, blocks);
+                b.extend_from_slice(sigs);
+            }
+            Message::Deltas { codec, raw_len, blocks, payload } => {
+                b.push(*codec);
+                put_u32(&mut b, *raw_len);
+                put_blocks(&mut b, blocks);
                 tail = payload;
             }
             Message::WantChangedKeys { group, subs, zero: bits, keys }
@@ -1156,6 +1249,24 @@ impl Message {
                     return Err(bad(format!("claims {raw_len} raw bytes, more than a block may hold")));
                 }
                 Message::Delta { block: u64_at(0), codec: p[8], raw_len, payload: p[13..].to_vec() }
+            }
+            Kind::FetchDeltas => {
+                let (blocks, at) = get_blocks(p).map_err(bad)?;
+                if (p.len() - at) % SHORT_HASH_LEN != 0 {
+                    return Err(bad(format!("{} bytes of signatures is not n x {SHORT_HASH_LEN}", p.len() - at)));
+                }
+                Message::FetchDeltas { blocks, sigs: p[at..].to_vec() }
+            }
+            Kind::Deltas => {
+                if p.len() < 5 {
+                    return Err(bad(format!("{} bytes, shorter than its header", p.len())));
+                }
+                let raw_len = u32_at(1);
+                if raw_len as u64 > MAX_RUN_BYTES {
+                    return Err(bad(format!("claims {raw_len} raw bytes, more than a run may hold")));
+                }
+                let (blocks, at) = get_blocks(&p[5..]).map_err(bad)?;
+                Message::Deltas { codec: p[0], raw_len, blocks, payload: p[5 + at..].to_vec() }
             }
             Kind::WantChangedKeys | Kind::ChangedKeys => {
                 // group, sub-group count, a bit per sub-group, then keys.
@@ -1378,7 +1489,7 @@ pub mod tally {
 
     use super::Kind;
 
-    const KINDS: usize = 32;
+    const KINDS: usize = 64;
     static FRAMES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
     static BYTES: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
     /// Bytes of the bulk payload (Blocks and Delta data) within `BYTES`.
@@ -1433,6 +1544,13 @@ impl Agreed {
     /// Whether keep-alives, idle timeouts and the request window are on.
     pub fn keepalive(&self) -> bool {
         self.version >= V_KEEPALIVE
+    }
+
+    /// Whether deltas are asked and answered in batches
+    /// ([`CAP_DELTA_BATCH`], with the capabilities it builds on).
+    pub fn delta_batch(&self) -> bool {
+        let needs = CAP_DELTA_BATCH | CAP_SUB_DELTA | CAP_SHORT_SUB_HASHES;
+        self.caps & needs == needs
     }
 }
 
@@ -1567,6 +1685,10 @@ mod tests {
                 keys: vec![],
                 run_keys: vec![],
             },
+            Message::FetchDeltas { blocks: vec![3, 4, 300, 1 << 40, u64::MAX], sigs: vec![9; 80] },
+            Message::FetchDeltas { blocks: vec![0], sigs: vec![] },
+            Message::Deltas { codec: 3, raw_len: 7, blocks: vec![8, 9, 127, 128, 16_511], payload: vec![1, 2, 3] },
+            Message::Deltas { codec: 0, raw_len: 0, blocks: vec![u64::MAX], payload: vec![] },
         ]
     }
 
@@ -1699,6 +1821,44 @@ mod tests {
         // Holds: shorter than its header.
         let e = frame(Kind::Holds, &[0; 12]);
         assert!(e.contains("malformed Holds frame"), "{e}");
+    }
+
+    #[test]
+    fn batches_of_the_wrong_shape_are_malformed() {
+        let frame = |kind: Kind, p: &[u8]| {
+            let mut f = vec![kind as u8];
+            f.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            f.extend_from_slice(p);
+            read_message(&mut &f[..], "t").unwrap_err().to_string()
+        };
+        let cases: [(&[u8], &str); 6] = [
+            (&[], "the count of blocks at byte 0 is cut short"),
+            (&[0], "no blocks"),
+            // A count the frame cannot hold, before anything is allocated.
+            (&[0xff, 0xff, 0xff, 0xff, 0x0f, 1], "claims 4294967295 blocks in 1 bytes"),
+            // The same block twice: not ascending.
+            (&[2, 5, 0], "block 5 twice"),
+            // Past 2^64.
+            (&[2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 1], "lies past 2^64"),
+            // A varint of eleven bytes.
+            (&[1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00], "overlong"),
+        ];
+        for (p, want) in cases {
+            let e = frame(Kind::FetchDeltas, p);
+            assert!(e.contains("malformed FetchDeltas frame") && e.contains(want), "{p:?}: {e}");
+        }
+        // Signatures that are not whole short hashes.
+        let e = frame(Kind::FetchDeltas, &[1, 4, 7, 7, 7]);
+        assert!(e.contains("3 bytes of signatures is not n x 2"), "{e}");
+        // Deltas: shorter than its header, more raw bytes than a run holds,
+        // then its blocks as above.
+        let e = frame(Kind::Deltas, &[0; 4]);
+        assert!(e.contains("malformed Deltas frame"), "{e}");
+        let big = (MAX_RUN_BYTES as u32 + 1).to_le_bytes();
+        let e = frame(Kind::Deltas, &[&[0][..], &big, &[1, 4]].concat());
+        assert!(e.contains("more than a run may hold"), "{e}");
+        let e = frame(Kind::Deltas, &[0, 1, 0, 0, 0, 0]);
+        assert!(e.contains("malformed Deltas frame: no blocks"), "{e}");
     }
 
     #[test]

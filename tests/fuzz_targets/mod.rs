@@ -18,7 +18,8 @@ use xenmig::copy::source::{self, LiveOptions, SourceOptions};
 use xenmig::copy::target::{self, TargetOptions};
 use xenmig::copy::Progress;
 use xenmig::wire::protocol::{
-    read_message, Message, Role, CAP_LIVE, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, VERSION,
+    read_message, Message, Role, CAP_DELTA_BATCH, CAP_LIVE, CAP_SHORT_SUB_HASHES, CAP_SUB_DELTA, CAP_SUB_GROUPS,
+    CAP_ZSTD_STREAM, VERSION,
 };
 use xenmig::wire::transport::Link;
 
@@ -192,7 +193,7 @@ pub fn source_end(data: &[u8]) {
     let path = dir.path().join("src.img");
     let img = source_image();
     std::fs::write(&path, &img).unwrap();
-    let caps = CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS;
+    let caps = CAP_LIVE | CAP_ZSTD_STREAM | CAP_SUB_DELTA | CAP_SUB_GROUPS | CAP_SHORT_SUB_HASHES | CAP_DELTA_BATCH;
     let link = Link::new(input_reader(hello(Role::Target, caps), rest), Discard);
     let _ = source::run(&path, &source_options(flags), link, &Progress::hidden());
     assert!(std::fs::read(&path).unwrap() == img, "the source changed its image");
