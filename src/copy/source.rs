@@ -1498,7 +1498,11 @@ fn stream_loop(
         let want = sh.stream_level.load(Ordering::Relaxed);
         if enc.can_change_level() && want != enc.level() {
             enc.set_level(want)?;
-            log::debug!("stream: level {want} from now on");
+            log::debug!(
+                "stream: level {want} from now on, after {} bytes of content ({} bytes written to the link)",
+                enc.content(),
+                sh.stats.written()
+            );
             used = None;
         }
         if used != Some(enc.level()) {

@@ -137,6 +137,33 @@
 //! `FetchDeltaShort` without the capability agreed, or with a signature of
 //! another length than the block's sub-blocks call for, is an error.
 //!
+//! Deltas in batches (capability [`CAP_DELTA_BATCH`], used only with
+//! [`CAP_SUB_DELTA`] and [`CAP_SHORT_SUB_HASHES`] agreed too): when both
+//! ends set it, the target asks the deltas it has decided on since its last
+//! flush with one `FetchDeltas(blocks, sigs)` instead of a
+//! `FetchDeltaShort` each: the blocks strictly ascending, as a count, the
+//! first block and each gap to the next (LEB128 varints), then their short
+//! signatures one after another, each as long as its block's sub-blocks
+//! call for. Its blocks' largest bodies
+//! ([`max_body`](crate::wire::subdelta::max_body)) add up to at most
+//! [`MAX_BATCH_BODY`](crate::wire::subdelta::MAX_BATCH_BODY). The source
+//! answers with one `Deltas(codec, raw_len, blocks, payload)`: the same
+//! blocks, and a payload that decodes (as a `Delta`'s does, the stream
+//! included) to their bodies one after another, each as long as its bitmap
+//! says. Each block counts as one reply, as a `Delta` does, and is rebuilt
+//! and checked against its key as above. Bodies that do not split the
+//! piece exactly (a damaged piece) fetch the blocks from the first that
+//! does not split on whole; a `Delta` for a single block stays valid. A
+//! `FetchDeltas` or `Deltas` without the capability agreed, with no
+//! blocks, blocks not ascending, signatures that do not add up, a batch
+//! past that bound, or an answer naming a block not asked is an error
+//! naming the frame or the block.
+//!
+//! ```text
+//!    | <----------------- FetchDeltas(blocks, sigs) ------ |  instead of one
+//!    | -- Deltas(codec, blocks, bodies as one piece) ----> |  frame per delta
+//! ```
+//!
 //! Groups that mostly match DST (capability [`CAP_SUB_GROUPS`]): when both
 //! ends set it, the target asks for the keys of a group it could not
 //! settle (of at least two sub-groups) with `WantChangedKeys(group, subs,
