@@ -239,8 +239,9 @@ fn starts(phase: Phase, down: bool, m: &Message, seen: &Seen) -> bool {
         // a group failed its digest.
         (Phase::Digests, true, Message::BlockDigests { .. } | Message::ChangedKeys { .. }) => true,
         // Every block pass 1 fetches here has an old version in DST: with
-        // CAP_SUB_DELTA they all come as Delta.
-        (Phase::Fetch, true, Message::Blocks { .. } | Message::Delta { .. }) => seen.pass <= 1,
+        // CAP_SUB_DELTA they all come as Delta (as Deltas, in batches, with
+        // CAP_DELTA_BATCH).
+        (Phase::Fetch, true, Message::Blocks { .. } | Message::Delta { .. } | Message::Deltas { .. }) => seen.pass <= 1,
         (Phase::LivePass, true, Message::Blocks { .. }) => seen.pass >= 2 && !seen.final_pass,
         (Phase::FinalPass, true, Message::Blocks { .. }) => seen.final_pass,
         (Phase::Verification, true, Message::GroupsEnd { .. }) => seen.final_pass,

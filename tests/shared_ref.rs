@@ -690,7 +690,8 @@ fn count_pieces(code: u8) -> (Arc<AtomicU32>, Edit) {
     let n = Arc::new(AtomicU32::new(0));
     let seen = n.clone();
     let edit: Edit = Box::new(move |m| {
-        if matches!(m, Message::Blocks { codec, .. } | Message::Delta { codec, .. } if codec == code) {
+        if matches!(m, Message::Blocks { codec, .. } | Message::Delta { codec, .. } | Message::Deltas { codec, .. } if codec == code)
+        {
             seen.fetch_add(1, Ordering::Relaxed);
         }
         m
@@ -736,6 +737,9 @@ fn recode(code: u8) -> Edit {
         }
         Message::Delta { block, codec: STREAM_CODE, raw_len, payload } => {
             Message::Delta { block, codec: code, raw_len, payload }
+        }
+        Message::Deltas { codec: STREAM_CODE, raw_len, blocks, payload } => {
+            Message::Deltas { codec: code, raw_len, blocks, payload }
         }
         m => m,
     })

@@ -362,7 +362,9 @@ fn moved_then_tail(tail: usize) -> (Vec<u8>, Vec<u8>) {
 fn throttle(rate: f64) -> Edit {
     Box::new(move |m| {
         let len = match &m {
-            Message::Blocks { payload, .. } | Message::Delta { payload, .. } => payload.len(),
+            Message::Blocks { payload, .. } | Message::Delta { payload, .. } | Message::Deltas { payload, .. } => {
+                payload.len()
+            }
             _ => 0,
         };
         std::thread::sleep(Duration::from_secs_f64(len as f64 / rate));

@@ -334,7 +334,9 @@ fn an_unasked_answer_is_refused() {
                 again = Some(m.clone());
                 m
             }
-            Message::Blocks { .. } | Message::Delta { .. } if again.is_some() => again.take().unwrap(),
+            Message::Blocks { .. } | Message::Delta { .. } | Message::Deltas { .. } if again.is_some() => {
+                again.take().unwrap()
+            }
             m => m,
         })
     };

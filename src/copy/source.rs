@@ -18,7 +18,7 @@
 //! grows with the disk; what lands on the target is verified with the strong
 //! digest as always.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -35,13 +35,13 @@ use crate::blocks::layout::{Align, Layout};
 use crate::blocks::runs::checked_end;
 use crate::storage::disk::Disk;
 use crate::storage::image::{Image, ImageError};
-use crate::wire::compress::{AutoPolicy, Choice, Codec, LinkView, Route};
+use crate::wire::compress::{piece_limit, AutoPolicy, Choice, Codec, LinkView, Route};
 use crate::wire::held::{self, HeldSet};
 use crate::wire::liveness::{handshake_within, keepalive_interval, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_DELTA_BATCH, CAP_HELD_KEYS,
-    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS,
-    CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
+    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_SPLIT_RUNS,
+    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::rate::Rate;
 use crate::wire::receipts::Receipts;
@@ -218,6 +218,9 @@ struct Shared {
     /// The keys the target holds (`CAP_HELD_KEYS`, once its `Holds`
     /// came): `WantChangedKeys` is then answered with `HeldKeys`.
     held: Arc<OnceLock<HeldSet>>,
+    /// `CAP_SPLIT_RUNS` agreed: a run of blocks may go in several `Blocks`
+    /// frames (`cut_run`).
+    split_runs: bool,
     workers: usize,
 }
 
@@ -367,6 +370,7 @@ impl SourceSession {
             | CAP_SHORT_SUB_HASHES
             | CAP_HELD_KEYS
             | CAP_DELTA_BATCH
+            | CAP_SPLIT_RUNS
             // Receipts serve `auto` only, and its levels: without them
             // (`raise_levels` off) the copy stays the way to compare.
             | if opts.compress == Choice::Auto && opts.raise_levels { CAP_RECEIPTS } else { 0 };
@@ -421,6 +425,7 @@ impl SourceSession {
             stats: link.stats.clone(),
             receipts: (agreed.caps & CAP_RECEIPTS != 0).then(|| Arc::new(Receipts::new(link.stats.clone()))),
             held: Arc::new(OnceLock::new()),
+            split_runs: agreed.caps & CAP_SPLIT_RUNS != 0,
             workers,
         });
 
@@ -1353,6 +1358,76 @@ enum RunOf {
     Deltas(Vec<u64>),
 }
 
+/// `run` as pieces of about `limit` raw bytes, in order, where the target
+/// takes them apart: a `Deltas` batch between its bodies; a run of blocks
+/// between blocks where `CAP_SPLIT_RUNS` was agreed, and only at group
+/// boundaries where the target may have asked for unkeyed runs (each lies
+/// in one group, and is checked whole: `CAP_HELD_KEYS`). A run that cannot
+/// be cut stays whole.
+fn cut_run(sh: &Shared, run: RawRun, limit: usize) -> VecDeque<RawRun> {
+    let layout = &sh.layout;
+    let mut out = VecDeque::new();
+    match run.what {
+        RunOf::Deltas(blocks) => {
+            let (mut at, mut from) = (0, 0);
+            let mut batch = Vec::new();
+            for &b in &blocks {
+                // (The bodies are this end's own: they split.)
+                let n = subdelta::body_len(layout.extent(b).1, &run.raw[at..]).expect("this end's own body");
+                if !batch.is_empty() && at + n - from > limit {
+                    let raw = run.raw[from..at].to_vec();
+                    let first_block = batch[0];
+                    out.push_back(RawRun {
+                        first_block,
+                        count: batch.len() as u32,
+                        raw,
+                        what: RunOf::Deltas(std::mem::take(&mut batch)),
+                    });
+                    from = at;
+                }
+                batch.push(b);
+                at += n;
+            }
+            let first_block = batch[0];
+            out.push_back(RawRun {
+                first_block,
+                count: batch.len() as u32,
+                raw: run.raw[from..].to_vec(),
+                what: RunOf::Deltas(batch),
+            });
+        }
+        RunOf::Blocks if sh.split_runs && run.count > 1 => {
+            let end = run.first_block + run.count as u64;
+            let gb = layout.group_blocks();
+            let whole_groups = sh.held.get().is_some();
+            let base = byte_range(layout, run.first_block, run.first_block + 1).0;
+            let mut first = run.first_block;
+            while first < end {
+                // The piece's end: blocks up to the limit (one at least), then
+                // back to a group boundary if unkeyed runs may lie here.
+                let (mut stop, mut bytes) = (first, 0);
+                while stop < end {
+                    let len = layout.extent(stop).1;
+                    if stop > first && bytes + len > limit {
+                        break;
+                    }
+                    (stop, bytes) = (stop + 1, bytes + len);
+                }
+                if whole_groups && stop < end {
+                    let boundary = stop / gb * gb;
+                    stop = if boundary > first { boundary } else { ((first / gb + 1) * gb).min(end) };
+                }
+                let (s, e) = byte_range(layout, first, stop);
+                let raw = run.raw[(s - base) as usize..(e - base) as usize].to_vec();
+                out.push_back(RawRun { first_block: first, count: (stop - first) as u32, raw, what: RunOf::Blocks });
+                first = stop;
+            }
+        }
+        what => out.push_back(RawRun { what, ..run }),
+    }
+    out
+}
+
 /// What a worker made of a Fetch.
 enum Reply {
     /// A finished frame for the writer.
@@ -1433,7 +1508,16 @@ fn stream_loop(
     let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
     let (mut held, mut holds) = (Duration::ZERO, 0u32);
     let mut rise_held = Duration::ZERO;
-    for run in rx {
+    // Pieces cut from a run taken, still to go.
+    let mut cut = VecDeque::new();
+    loop {
+        let run = match cut.pop_front() {
+            Some(run) => run,
+            None => match rx.recv() {
+                Ok(run) => run,
+                Err(_) => break,
+            },
+        };
         if let Some(g) = gate {
             let t = Instant::now();
             // The route and the level are decided when runs are routed;
@@ -1466,6 +1550,24 @@ fn stream_loop(
                 rise_held += t.elapsed();
             }
         }
+        // A slow link gets small pieces: the gate and a raised level act
+        // between pieces (`compress::piece_limit`). Decided here, after the
+        // gate, when the most is known of the link.
+        let limit = gate.and_then(|g| {
+            let (rate, spell, _) = g.view(Instant::now());
+            piece_limit(rate, spell)
+        });
+        let run = match limit {
+            Some(limit) if run.raw.len() > limit => {
+                let mut pieces = cut_run(sh, run, limit);
+                let first = pieces.pop_front().expect("a run cuts into one piece at least");
+                while let Some(p) = pieces.pop_back() {
+                    cut.push_front(p);
+                }
+                first
+            }
+            _ => run,
+        };
         if let Some(l) = &mut late {
             if l.due(&enc, || late_link_rate(sh)) {
                 l.start(&enc);

@@ -61,8 +61,8 @@ use crate::wire::held::{self, Given};
 use crate::wire::liveness::{handshake_within, keepalive_interval, KeepAlive, Waiting, Watchdog, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::protocol::{
     read_message, write_message, Message, ProtocolError, Role, CAP_BLOCK_HINTS, CAP_DELTA_BATCH, CAP_HELD_KEYS,
-    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_STREAM_LEVELS,
-    CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_FRAME, MAX_RUN_BYTES, WINDOW,
+    CAP_LATE_REF, CAP_LIVE, CAP_RECEIPTS, CAP_SHARED_REF, CAP_SHORT_SUB_HASHES, CAP_SIMILAR, CAP_SPLIT_RUNS,
+    CAP_STREAM_LEVELS, CAP_SUB_DELTA, CAP_SUB_GROUPS, CAP_ZSTD_STREAM, MAX_FRAME, MAX_RUN_BYTES, WINDOW,
 };
 use crate::wire::receipts::{ReadWait, ReceiptSender};
 use crate::wire::sketch::{self, SKETCH_LEN};
@@ -415,6 +415,11 @@ pub(super) struct Target<'a> {
     /// wait here, each block with its short signature, and go in one
     /// `FetchDeltas` ([`subdelta::Batch`]).
     batch: Option<subdelta::Batch>,
+    /// `CAP_SPLIT_RUNS` agreed: each `Fetch` sent and not wholly answered
+    /// yet, by the next block its answer must begin with, to the end of
+    /// the run asked (a run may come in several `Blocks` frames). None:
+    /// one `Blocks` frame answers a `Fetch`.
+    fetch_open: Option<HashMap<u64, u64>>,
     /// `CAP_BLOCK_HINTS` agreed (with `CAP_SUB_GROUPS`): the sub-groups
     /// that differ come first (`ChangedSubs`), their blocks' keys after
     /// `WantHintedKeys`.
@@ -487,7 +492,8 @@ pub fn run_with(
             | CAP_RECEIPTS
             | CAP_LATE_REF
             | CAP_HELD_KEYS
-            | CAP_DELTA_BATCH,
+            | CAP_DELTA_BATCH
+            | CAP_SPLIT_RUNS,
         opts.idle_timeout,
     )?;
     let Link { mut reader, writer, stats, .. } = link;
@@ -546,6 +552,7 @@ pub fn run_with(
             held_keys: agreed.caps & (CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS)
                 == CAP_HELD_KEYS | CAP_SUB_GROUPS | CAP_BLOCK_HINTS,
             batch: agreed.delta_batch(),
+            split_runs: agreed.caps & CAP_SPLIT_RUNS != 0,
         };
         let mut t = Target::open(dst, opts, algo, layout, progress, wrap, Some(link))?;
         if agreed.caps & CAP_SHARED_REF != 0 {
@@ -607,6 +614,8 @@ pub(super) struct LinkSide {
     /// `CAP_DELTA_BATCH` agreed (with `CAP_SUB_DELTA` and
     /// `CAP_SHORT_SUB_HASHES`).
     batch: bool,
+    /// `CAP_SPLIT_RUNS` agreed.
+    split_runs: bool,
 }
 
 impl<'a> Target<'a> {
@@ -715,6 +724,7 @@ impl<'a> Target<'a> {
             hints: link.as_ref().is_some_and(|l| l.hints),
             short_hashes: link.as_ref().is_some_and(|l| l.short_hashes),
             batch: link.as_ref().is_some_and(|l| l.batch).then(|| subdelta::Batch::new(layout.block_size as usize)),
+            fetch_open: link.as_ref().is_some_and(|l| l.split_runs).then(HashMap::new),
             hint_asked: HashMap::new(),
             similar: link.as_ref().is_some_and(|l| l.similar),
             levels: link.as_ref().is_some_and(|l| l.levels),
@@ -800,7 +810,12 @@ impl Target<'_> {
                 }
                 Ok(())
             }
-            (m, _) => self.send(&m),
+            (m, _) => {
+                if let (Message::Fetch { first_block, count }, Some(open)) = (&m, self.fetch_open.as_mut()) {
+                    open.insert(*first_block, *first_block + *count as u64);
+                }
+                self.send(&m)
+            }
         }
     }
 
@@ -1957,7 +1972,29 @@ impl Target<'_> {
                 self.at.pass()
             )));
         }
-        self.replied(&format!("blocks {first}+{count}"))?;
+        // (A run may come in pieces: CAP_SPLIT_RUNS.)
+        let answered = match self.fetch_open.as_mut() {
+            None => true,
+            Some(open) => match open.remove(&first) {
+                Some(run_end) if end < run_end => {
+                    open.insert(end, run_end);
+                    false
+                }
+                Some(run_end) if end == run_end => true,
+                other => {
+                    return Err(EngineError::BadReply(format!(
+                        "blocks {first}+{count}, {}",
+                        match other {
+                            Some(run_end) => format!("past the end of the run asked for, block {run_end}"),
+                            None => "which do not begin a run asked for or its rest".to_string(),
+                        }
+                    )))
+                }
+            },
+        };
+        if answered {
+            self.replied(&format!("blocks {first}+{count}"))?;
+        }
         let (start, stop) = byte_range(&self.layout, first, end);
         if stop - start != raw_len as u64 {
             return Err(EngineError::BadReply(format!(

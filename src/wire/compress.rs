@@ -358,6 +358,33 @@ const RECEIPT_SPELL_BYTES: u64 = 64 << 10;
 /// below [`LEVELS_BELOW`] anyway; at 2 Mbit/s a spell, which begins with
 /// a blocked piece, reads the link's rate.
 const SPELL_NOT_SLOW: f64 = 4.0 * LEVELS_BELOW;
+/// Raw bytes a piece of the stream carries at most where the link drains
+/// below [`LEVELS_BELOW`] ([`piece_limit`]).
+pub const SLOW_PIECE: usize = 128 << 10;
+
+/// The most raw bytes one piece of the stream should carry on a link whose
+/// receipts (`wire::receipts`) read `drain_rate` and `spell`:
+/// [`SLOW_PIECE`] until it is known to drain at [`LEVELS_BELOW`] or
+/// faster (or a spell runs at [`SPELL_NOT_SLOW`]), else no limit.
+///
+/// Why: a raised level applies from the next piece, and the receipts'
+/// gate holds the stream between pieces, not within one. On the quick
+/// images' return migration at 2 Mbit/s one run of 684 whole blocks
+/// (2.8 MB) was one piece: compressed at level 3 the moment the gate
+/// opened, 617 KB, two and a half seconds of the link, while the level
+/// rose to 15 and 19 a tenth of a second later. Half the stream's bytes
+/// went at level 3 (docs/experiments.md, session 27). The same run, taken
+/// in another copy a tenth of a second before the link's rate was known,
+/// went whole: so the limit holds while the link is unknown too. (The
+/// receipts' view, not the writes': writes into ssh's buffers read a fast
+/// spell at the start of a slow copy, and a third run went whole so.) At
+/// 128 KiB a piece at level 3 is about a tenth of a second of a 2 Mbit/s
+/// link; on a link known to be fast pieces stay whole, as the levels do
+/// not move there.
+pub fn piece_limit(drain_rate: Option<f64>, spell: Option<Spell>) -> Option<usize> {
+    let fast = drain_rate.is_some_and(|r| r >= LEVELS_BELOW) || spell.is_some_and(|s| s.rate() >= SPELL_NOT_SLOW);
+    (!fast).then_some(SLOW_PIECE)
+}
 /// At a raised level, the share of wall time the writer spends in writes
 /// is checked over windows of this length...
 const DROP_WINDOW_SECS: f64 = 2.0;

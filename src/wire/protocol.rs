@@ -541,6 +541,13 @@ pub const CAP_HELD_KEYS: u32 = 1 << 11;
 /// previous release) each delta is asked and answered in a frame of its
 /// own.
 pub const CAP_DELTA_BATCH: u32 = 1 << 12;
+/// Capability: the source may answer a `Fetch` of several blocks with
+/// several `Blocks` frames, consecutive runs from its first block on that
+/// together cover it, in order (the target counts the request answered
+/// with the last). Each run the target asked for unkeyed
+/// ([`CAP_HELD_KEYS`]) lies whole in one of them. Without it (a peer of the
+/// previous release) a `Fetch` is answered by one `Blocks` frame.
+pub const CAP_SPLIT_RUNS: u32 = 1 << 13;
 /// In a source's Hello: besides the version announced, it speaks the next
 /// one too (see the versioning rule above). Never part of the agreed caps.
 pub const CAP_NEXT_VERSION: u32 = 1 << 31;
