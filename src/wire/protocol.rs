@@ -164,6 +164,28 @@
 //!    | -- Deltas(codec, blocks, bodies as one piece) ----> |  frame per delta
 //! ```
 //!
+//! A run in pieces (capability [`CAP_SPLIT_RUNS`]): when both ends set it,
+//! the source may answer a `Fetch(first, count)` with several `Blocks`
+//! frames: consecutive runs, the first beginning at `first`, each next
+//! one where the last ended, the last ending at `first + count`. The
+//! target counts the request answered (one reply, for the window) with the
+//! piece that ends it. A run the target asked for unkeyed
+//! ([`CAP_HELD_KEYS`]) lies whole in one piece: the source cuts only at
+//! group boundaries once the target sent `Holds`. Why: the stream's level
+//! changes and its gate holds between pieces, and on a slow link a run of
+//! a thousand blocks is seconds of it (`compress::piece_limit`). A piece
+//! that does not begin a run asked for or the rest of one, or that ends
+//! past its run, is an error naming its blocks. (A `Deltas` batch may be
+//! answered in several `Deltas` frames without it: each block there is a
+//! reply of its own.)
+//!
+//! ```text
+//!    | <--------------------- Fetch(f, 1024) ------------- |
+//!    | -- Blocks(f, 32, piece) --------------------------> |  the rest of the
+//!    | -- Blocks(f + 32, 32, piece) ---------------------> |  run still awaited
+//!    | -- ... Blocks(f + 992, 32, piece) ----------------> |  answered
+//! ```
+//!
 //! Groups that mostly match DST (capability [`CAP_SUB_GROUPS`]): when both
 //! ends set it, the target asks for the keys of a group it could not
 //! settle (of at least two sub-groups) with `WantChangedKeys(group, subs,
