@@ -931,10 +931,16 @@ fn put_blocks(b: &mut Vec<u8>, blocks: &[u64]) {
     }
 }
 
+/// Most blocks one `FetchDeltas` or `Deltas` names: a batch's bodies fit
+/// one run ([`MAX_RUN_BYTES`]), at least a bitmap byte and a sub-block
+/// each, so 8,176 for the smallest blocks; this bound keeps what a peer's
+/// frame makes this end allocate for its block list to half a megabyte.
+pub const MAX_BATCH_BLOCKS: u64 = 1 << 16;
+
 /// Read what [`put_blocks`] wrote at the start of `p`: the blocks and the
-/// bytes they took. Every count is checked against the bytes present
-/// before anything is allocated; a gap of 0 (not ascending) or a block
-/// past 2^64 is an error.
+/// bytes they took. Every count is checked against the bytes present and
+/// [`MAX_BATCH_BLOCKS`] before anything is allocated; a gap of 0 (not
+/// ascending) or a block past 2^64 is an error.
 fn get_blocks(p: &[u8]) -> Result<(Vec<u64>, usize), String> {
     let var = |at: usize, what: &str| {
         u64::decode_var(p.get(at..).unwrap_or_default())
@@ -943,6 +949,9 @@ fn get_blocks(p: &[u8]) -> Result<(Vec<u64>, usize), String> {
     let (n, mut at) = var(0, "the count of blocks")?;
     if n == 0 {
         return Err("no blocks".into());
+    }
+    if n > MAX_BATCH_BLOCKS {
+        return Err(format!("claims {n} blocks, more than the {MAX_BATCH_BLOCKS} a batch may hold"));
     }
     // (Each block takes at least one byte.)
     if n > (p.len() - at) as u64 {
@@ -1887,11 +1896,13 @@ mod tests {
             f.extend_from_slice(p);
             read_message(&mut &f[..], "t").unwrap_err().to_string()
         };
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
             (&[], "the count of blocks at byte 0 is cut short"),
             (&[0], "no blocks"),
-            // A count the frame cannot hold, before anything is allocated.
-            (&[0xff, 0xff, 0xff, 0xff, 0x0f, 1], "claims 4294967295 blocks in 1 bytes"),
+            // A count the frame cannot hold, or past the bound, before
+            // anything is allocated.
+            (&[0xff, 0xff, 0xff, 0xff, 0x0f, 1], "more than the 65536 a batch may hold"),
+            (&[0x80, 0x80, 0x04, 1], "claims 65536 blocks in 1 bytes"),
             // The same block twice: not ascending.
             (&[2, 5, 0], "block 5 twice"),
             // Past 2^64.
