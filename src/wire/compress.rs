@@ -358,8 +358,8 @@ const RECEIPT_SPELL_BYTES: u64 = 64 << 10;
 /// below [`LEVELS_BELOW`] anyway; at 2 Mbit/s a spell, which begins with
 /// a blocked piece, reads the link's rate.
 const SPELL_NOT_SLOW: f64 = 4.0 * LEVELS_BELOW;
-/// Raw bytes a piece of the stream carries at most where the link drains
-/// below [`LEVELS_BELOW`] ([`piece_limit`]).
+/// Raw bytes a piece of the stream carries at most until the link is
+/// known to be fast ([`piece_limit`]).
 pub const SLOW_PIECE: usize = 128 << 10;
 
 /// The most raw bytes one piece of the stream should carry on a link whose

@@ -155,9 +155,9 @@
 //! piece exactly (a damaged piece) fetch the blocks from the first that
 //! does not split on whole; a `Delta` for a single block stays valid. A
 //! `FetchDeltas` or `Deltas` without the capability agreed, with no
-//! blocks, blocks not ascending, signatures that do not add up, a batch
-//! past that bound, or an answer naming a block not asked is an error
-//! naming the frame or the block.
+//! blocks or more than [`MAX_BATCH_BLOCKS`], blocks not ascending,
+//! signatures that do not add up, a batch past that bound, or an answer
+//! naming a block not asked is an error naming the frame or the block.
 //!
 //! ```text
 //!    | <----------------- FetchDeltas(blocks, sigs) ------ |  instead of one
