@@ -26,23 +26,6 @@ use xenmig::wire::protocol::{Message, CAP_HELD_KEYS, CAP_SPLIT_RUNS};
 
 const BS: usize = 4096;
 
-/// Text-like data that every zstd level compresses, no zero blocks: the
-/// target asks for it in runs of 1024 blocks.
-fn text(len: usize, seed: u32) -> Vec<u8> {
-    let words = ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "dom0 ", "link "];
-    let mut x = seed;
-    let mut data = Vec::with_capacity(len + 16);
-    while data.len() < len {
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        data.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
-        if x % 5 == 0 {
-            data.extend_from_slice(format!("{} ", x % 100_000).as_bytes());
-        }
-    }
-    data.truncate(len);
-    data
-}
-
 fn options() -> SourceOptions {
     SourceOptions {
         block_size: BS as u32,
@@ -128,6 +111,18 @@ fn no_held_keys(e: Edit) -> Edit {
     chain(hide(CAP_HELD_KEYS), e)
 }
 
+/// Copy `src` onto `dst` over a 400 kB/s link without held keys, the
+/// relays editing each way and `seen` watching the runs and their pieces.
+fn paced_copy(src: &Path, dst: &Path, seen: &Arc<Seen>, to_target: Edit, to_source: Edit) -> Outcome {
+    copy_with(
+        src,
+        dst,
+        &options(),
+        no_held_keys(chain(to_target, chain(watch_pieces(seen.clone()), paced(400e3)))),
+        no_held_keys(chain(to_source, watch_requests(seen.clone()))),
+    )
+}
+
 /// A slow link (400 kB/s): runs of 1024 blocks come in pieces of at most
 /// `SLOW_PIECE` raw bytes, each run covered exactly, the copy
 /// byte-identical. With the capability hidden (a peer of the previous
@@ -136,17 +131,10 @@ fn no_held_keys(e: Edit) -> Edit {
 fn a_slow_link_gets_its_runs_in_pieces() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let data = text(6 << 20, 1);
+    let data = common::words(6 << 20, 1);
     fs::write(&a, &data).unwrap();
     let seen = Arc::new(Seen::default());
-    let o = copy_with(
-        &a,
-        &b,
-        &options(),
-        no_held_keys(chain(watch_pieces(seen.clone()), paced(400e3))),
-        no_held_keys(watch_requests(seen.clone())),
-    );
-    check(&data, &b, o);
+    check(&data, &b, paced_copy(&a, &b, &seen, keep(), keep()));
     assert!(seen.runs_in_pieces() > 0, "no run came in pieces");
     let pieces = seen.pieces.lock().unwrap();
     assert!(pieces.len() > 6, "{} pieces", pieces.len());
@@ -159,17 +147,10 @@ fn a_slow_link_gets_its_runs_in_pieces() {
         [("old target", keep(), hide(CAP_SPLIT_RUNS)), ("old source", hide(CAP_SPLIT_RUNS), hide(CAP_SPLIT_RUNS))]
     {
         let _ = fs::remove_file(&b);
-        let data = text(3 << 20, 2);
+        let data = common::words(3 << 20, 2);
         fs::write(&a, &data).unwrap();
         let seen = Arc::new(Seen::default());
-        let o = copy_with(
-            &a,
-            &b,
-            &options(),
-            no_held_keys(chain(to_target, chain(watch_pieces(seen.clone()), paced(400e3)))),
-            no_held_keys(chain(to_source, watch_requests(seen.clone()))),
-        );
-        check(&data, &b, o);
+        check(&data, &b, paced_copy(&a, &b, &seen, to_target, to_source));
         assert_eq!(seen.runs_in_pieces(), 0, "{name}");
         assert_eq!(seen.pieces.lock().unwrap().len(), seen.asked.lock().unwrap().len(), "{name}");
     }
@@ -183,10 +164,10 @@ fn a_slow_link_gets_its_runs_in_pieces() {
 fn pieces_keep_unkeyed_runs_whole() {
     let d = tempfile::tempdir().unwrap();
     let (a, b, r) = (d.path().join("a"), d.path().join("b"), d.path().join("r"));
-    let mut data = text(4 << 20, 3);
+    let mut data = common::words(4 << 20, 3);
     let reference = data[..1 << 20].to_vec();
     // New text after the reference's megabyte: unkeyed runs.
-    data[1 << 20..].copy_from_slice(&text(3 << 20, 4));
+    data[1 << 20..].copy_from_slice(&common::words(3 << 20, 4));
     fs::write(&a, &data).unwrap();
     fs::write(&r, &reference).unwrap();
     let seen = Arc::new(Seen::default());
@@ -220,7 +201,7 @@ fn pieces_keep_unkeyed_runs_whole() {
 fn a_piece_that_does_not_continue_its_run_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let data = text(6 << 20, 5);
+    let data = common::words(6 << 20, 5);
     fs::write(&a, &data).unwrap();
     let firsts = Arc::new(Mutex::new(HashSet::new()));
     let f2 = firsts.clone();

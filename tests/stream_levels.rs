@@ -20,21 +20,9 @@ use xenmig::copy::Report;
 use xenmig::wire::protocol::{Message, CAP_RECEIPTS, CAP_STREAM_LEVELS};
 use xenmig::wire::rate::Rate;
 
-/// Text-like data: words drawn pseudo-randomly from a vocabulary, which
-/// every zstd level compresses, the higher ones clearly better.
+/// [`common::words`] with every 16th block zero.
 fn text(len: usize, seed: u32) -> Vec<u8> {
-    let words =
-        ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero ", "dom0 ", "link "];
-    let mut x = seed;
-    let mut data = Vec::with_capacity(len + 16);
-    while data.len() < len {
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        data.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
-        if x % 7 == 0 {
-            data.extend_from_slice(format!("{} ", x % 1000).as_bytes());
-        }
-    }
-    data.truncate(len);
+    let mut data = common::words(len, seed);
     // Every 16th block zero: the target asks for runs of 15 blocks, so
     // `auto` routes them one by one as the link takes them (one run of
     // the whole image would be routed before the link is known).

@@ -24,14 +24,18 @@ fn hide_delta() -> Edit {
     hide(CAP_SUB_DELTA)
 }
 
-/// A target that lies: its signature is that of the source's own block, so
-/// the source sends nothing and the target rebuilds its old block.
+/// The signature of the source's own block `block` of `src`: what a lying
+/// target sends, so that the source sends nothing and the target rebuilds
+/// its old block.
+fn own_signature(src: &[u8], block: u64) -> Vec<u8> {
+    let at = block as usize * BS;
+    subdelta::signature(&src[at..(at + BS).min(src.len())])
+}
+
+/// A target that lies in every `FetchDelta` ([`own_signature`]).
 fn lying_signatures(src: Vec<u8>) -> Edit {
     Box::new(move |m| match m {
-        Message::FetchDelta { block, .. } => {
-            let at = block as usize * BS;
-            Message::FetchDelta { block, sig: subdelta::signature(&src[at..(at + BS).min(src.len())]) }
-        }
+        Message::FetchDelta { block, .. } => Message::FetchDelta { block, sig: own_signature(&src, block) },
         m => m,
     })
 }
@@ -386,9 +390,7 @@ proptest! {
         let src = new.clone();
         let lie: Edit = Box::new(move |m| match m {
             Message::FetchDeltaShort { block, .. } => {
-                let at = block as usize * BS;
-                let sig = subdelta::short_signature(&subdelta::signature(&src[at..(at + BS).min(src.len())]));
-                Message::FetchDeltaShort { block, sig }
+                Message::FetchDeltaShort { block, sig: subdelta::short_signature(&own_signature(&src, block)) }
             }
             m => m,
         });
@@ -609,13 +611,8 @@ fn count_asked(asked: std::sync::Arc<Asked>) -> Edit {
 fn lying_batches(src: Vec<u8>) -> Edit {
     Box::new(move |m| match m {
         Message::FetchDeltas { blocks, .. } => {
-            let sigs = blocks
-                .iter()
-                .flat_map(|&block| {
-                    let at = block as usize * BS;
-                    subdelta::short_signature(&subdelta::signature(&src[at..(at + BS).min(src.len())]))
-                })
-                .collect();
+            let sigs =
+                blocks.iter().flat_map(|&block| subdelta::short_signature(&own_signature(&src, block))).collect();
             Message::FetchDeltas { blocks, sigs }
         }
         m => m,

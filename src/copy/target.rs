@@ -2151,25 +2151,29 @@ impl Target<'_> {
         self.bytes_fetched += raw_len as u64;
         *self.codecs.entry(Codec::name_of(codec).to_string()).or_default() += raw_len as u64;
         let piece = self.decode(blocks[0], codec, payload, raw_len)?;
+        // The bodies up to the first that does not split; past it none can
+        // be trusted, and bytes left over after the last spoil them all.
         let mut bodies = Vec::with_capacity(blocks.len());
         let mut rest = &piece[..];
+        let mut why = None;
         for &i in &blocks {
-            let body = subdelta::body_len(self.layout.extent(i).1, rest).map(|n| {
-                let (body, tail) = rest.split_at(n);
-                rest = tail;
-                body.to_vec()
-            });
-            bodies.push(body.map_err(|e| e.to_string()));
+            match subdelta::body_len(self.layout.extent(i).1, rest) {
+                Ok(n) => {
+                    let (body, tail) = rest.split_at(n);
+                    bodies.push(body.to_vec());
+                    rest = tail;
+                }
+                Err(e) => {
+                    why = Some(e.to_string());
+                    break;
+                }
+            }
         }
-        if !rest.is_empty() && bodies.iter().all(Result::is_ok) {
-            let why = format!("the batch's piece holds {} bytes past its last body", rest.len());
-            bodies.iter_mut().for_each(|b| *b = Err(why.clone()));
+        if why.is_none() && !rest.is_empty() {
+            why = Some(format!("the batch's piece holds {} bytes past its last body", rest.len()));
+            bodies.clear();
         }
-        // (Past the first body that does not split, none can be trusted.)
-        if let Some(k) = bodies.iter().position(Result::is_err) {
-            let why = bodies[k].clone().unwrap_err();
-            bodies[k..].iter_mut().for_each(|b| *b = Err(why.clone()));
-        }
+        let bodies = bodies.into_iter().map(Ok).chain(std::iter::repeat_with(|| Err(why.clone().unwrap_or_default())));
         for (i, body) in blocks.into_iter().zip(bodies) {
             self.settle_delta(i, body)?;
         }

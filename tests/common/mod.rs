@@ -80,3 +80,22 @@ pub fn is_root() -> bool {
 pub fn require_root(what: &str) {
     assert!(is_root(), "this test needs root for {what}; run the suite as root (scripts/test.sh, as CI does)");
 }
+
+/// Text-like data: words drawn pseudo-randomly from a vocabulary, which
+/// every zstd level compresses, the higher ones clearly better; no zero
+/// blocks.
+pub fn words(len: usize, seed: u32) -> Vec<u8> {
+    let words =
+        ["block ", "digest ", "xen ", "guest ", "disk ", "migrate ", "lvm ", "hash ", "zero ", "dom0 ", "link "];
+    let mut x = seed;
+    let mut data = Vec::with_capacity(len + 16);
+    while data.len() < len {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        data.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
+        if x % 7 == 0 {
+            data.extend_from_slice(format!("{} ", x % 1000).as_bytes());
+        }
+    }
+    data.truncate(len);
+    data
+}
