@@ -21,12 +21,12 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use rayon::prelude::*;
 
 use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, Hashing};
@@ -211,6 +211,9 @@ struct Shared {
     stream_level: AtomicI32,
     /// The levels the stream compressed at, in order (for the report).
     stream_levels: Mutex<Vec<i32>>,
+    /// Nanoseconds the stream's thread spent compressing so far (`auto`
+    /// drops a raised level only where the compressor set the pace).
+    stream_compressing: AtomicU64,
     stats: Arc<LinkStats>,
     /// The target's receipts (`CAP_RECEIPTS` agreed): `auto` measures the
     /// link by them, and the stream waits at their gate.
@@ -422,6 +425,7 @@ impl SourceSession {
             }),
             stream_level: AtomicI32::new(stream_level.unwrap_or(zstream::AUTO_LEVEL)),
             stream_levels: Mutex::new(Vec::new()),
+            stream_compressing: AtomicU64::new(0),
             stats: link.stats.clone(),
             receipts: (agreed.caps & CAP_RECEIPTS != 0).then(|| Arc::new(Receipts::new(link.stats.clone()))),
             held: Arc::new(OnceLock::new()),
@@ -1445,6 +1449,26 @@ fn tick_levels(sh: &Shared) {
     sh.stream_level.store(p.stream_level(), Ordering::Relaxed);
 }
 
+/// The next run for the stream, None once the workers are done. With
+/// `ticking` (a stream whose level may change, at the receipts' gate),
+/// `auto` judges the link every tenth of a second while none comes: the
+/// workers route no run while they wait for the target's signatures, and
+/// only routing and the gate's waits decided. A return copy at 2 Mbit/s
+/// learnt its link's rate half a second after the receipts showed it, at
+/// its next routed run, and that run then went at the first level.
+fn next_run(rx: &Receiver<RawRun>, ticking: bool, sh: &Shared) -> Option<RawRun> {
+    if !ticking {
+        return rx.recv().ok();
+    }
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(run) => return Some(run),
+            Err(RecvTimeoutError::Timeout) => tick_levels(sh),
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
 /// Own the stream's encoder: compress each run as the next piece of the
 /// stream and pass its frame on at once, so that pieces reach the writer
 /// (and the target's decoder) in the order they were compressed.
@@ -1508,15 +1532,21 @@ fn stream_loop(
     let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
     let (mut held, mut holds) = (Duration::ZERO, 0u32);
     let mut rise_held = Duration::ZERO;
+    let (mut compressing, mut idle) = (Duration::ZERO, Duration::ZERO);
     // Pieces cut from a run taken, still to go.
     let mut cut = VecDeque::new();
     loop {
         let run = match cut.pop_front() {
             Some(run) => run,
-            None => match rx.recv() {
-                Ok(run) => run,
-                Err(_) => break,
-            },
+            None => {
+                let t = Instant::now();
+                let next = next_run(&rx, gate.is_some(), sh);
+                idle += t.elapsed();
+                match next {
+                    Some(run) => run,
+                    None => break,
+                }
+            }
         };
         if let Some(g) = gate {
             let t = Instant::now();
@@ -1611,7 +1641,11 @@ fn stream_loop(
             used = Some(enc.level());
             sh.stream_levels.lock().unwrap().push(enc.level());
         }
+        let t = Instant::now();
         let payload = enc.compress_run(&run.raw)?;
+        let took = t.elapsed();
+        compressing += took;
+        sh.stream_compressing.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         let raw_len = run.raw.len() as u32;
         let codec = std::mem::replace(&mut code, STREAM_CODE);
         let m = match run.what {
@@ -1627,9 +1661,12 @@ fn stream_loop(
     }
     if gate.is_some() {
         log::debug!(
-            "stream: held {:.2} s at the receipts' gate ({holds} times), {:.2} s for a rise of its level",
+            "stream: held {:.2} s at the receipts' gate ({holds} times), {:.2} s for a rise of its level; \
+             compressed for {:.2} s, waited {:.2} s for runs",
             held.as_secs_f64(),
-            rise_held.as_secs_f64()
+            rise_held.as_secs_f64(),
+            compressing.as_secs_f64(),
+            idle.as_secs_f64()
         );
     }
     Ok(())
@@ -1938,6 +1975,7 @@ fn link_view(sh: &Shared, now: Instant) -> LinkView {
         spell: sh.stats.spell(now),
         busy: sh.stats.busy_secs(now),
         receipts: false,
+        compressing: Some(sh.stream_compressing.load(Ordering::Relaxed) as f64 / 1e9),
     };
     if let Some(r) = &sh.receipts {
         // The receipts' view wherever it has evidence: behind ssh's and the

@@ -251,6 +251,15 @@ const RESAMPLE_BYTES_LEVELS: u64 = 1 << 20;
 /// payloads): one run alone can be a single block, on which zstd's set-up
 /// dominates its CPU time and no codec finds what it would on more.
 const SAMPLE_BYTES: usize = 1 << 20;
+/// The levels' first measurement runs on the last this many bytes routed,
+/// as soon as the link reads slow and this much was routed. Where it
+/// waited for [`SAMPLE_BYTES`], and took as long again to measure level
+/// 19 on them, the return copy at 2 Mbit/s decided its first rise 1.7 s
+/// after its first blocked write: by then the stream had sent 3.5 MB of
+/// content, half its bytes, at level 3 (session 28). A quarter of that
+/// measures level 19 in about a tenth of a second; the measurements after
+/// it (every [`RESAMPLE_BYTES_LEVELS`]) take the whole [`SAMPLE_BYTES`].
+const FIRST_LEVELS_BYTES: usize = 256 << 10;
 /// Bytes written without one blocked write after which the link counts as
 /// faster than anything we send. Below it, ssh's and the kernel's buffers
 /// (a few MB) may still be taking what a slow link cannot carry yet.
@@ -393,6 +402,15 @@ const DROP_WINDOW_SECS: f64 = 2.0;
 /// compressor (or the receiver) does. On a slow link that the raised level
 /// keeps busy the writer is in writes nearly all the time.
 const DROP_BUSY: f64 = 0.5;
+/// ... and where the stream's compressing time is counted, only when the
+/// stream's thread spent at least this share of the window compressing:
+/// a link idle while the compressor is idle too waits for the runs (the
+/// target's signatures, its requests), and the first level would only
+/// send more bytes when they come. A return copy at 2 Mbit/s whose
+/// stream compressed for 2.6 s of 3.5 s dropped level 19 for good with
+/// the link busy 39% of a window, and sent 9% more than its siblings
+/// (session 28).
+const DROP_COMPRESSING: f64 = 0.5;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -417,6 +435,10 @@ pub struct LinkView {
     /// receipts the drain rate is theirs too when they have one, and
     /// `busy` adds the seconds the link had a backlog.)
     pub receipts: bool,
+    /// Seconds the stream's thread has spent compressing so far (None:
+    /// not counted; the link's busy time alone then tells whether a raised
+    /// level set the pace).
+    pub compressing: Option<f64>,
 }
 
 /// Where the stream's level is: at the first level, raised (it may rise
@@ -425,11 +447,11 @@ pub struct LinkView {
 enum Levels {
     /// At the first level, and may rise.
     First,
-    /// Raised; the writer's busy time is checked from the instant and busy
-    /// seconds given. A level too costly goes back to `below` (the level it
-    /// rose from, or the first: then for good); `rises`: it may still rise
-    /// (not once a rise was undone).
-    Raised { since: Instant, busy: f64, below: i32, rises: bool },
+    /// Raised; the writer's busy time (and the stream's compressing time)
+    /// is checked from the instant and seconds given. A level too costly
+    /// goes back to `below` (the level it rose from, or the first: then
+    /// for good); `rises`: it may still rise (not once a rise was undone).
+    Raised { since: Instant, busy: f64, compressing: f64, below: i32, rises: bool },
     /// Back at the first level for the rest of the copy.
     Dropped,
 }
@@ -492,8 +514,14 @@ pub struct AutoPolicy {
     recent: VecDeque<u8>,
     /// Bytes routed since the levels were last measured.
     since_levels: u64,
+    /// The levels were last measured on fewer than [`SAMPLE_BYTES`].
+    levels_partial: bool,
     /// The measurement of the levels running on its own thread, if any.
     measuring: Option<std::thread::JoinHandle<[Option<Sample>; STREAM_LEVELS.len()]>>,
+    /// At the first level, the levels measured show a higher one paying on
+    /// the slow link read now, and only the spell that decides is still
+    /// short ([`AutoPolicy::first_rise_pending`]).
+    rise_waits: bool,
     /// When the level's state on a slow link was last logged.
     noted: Option<Instant>,
 }
@@ -536,7 +564,9 @@ impl AutoPolicy {
             level_state: Levels::First,
             recent: VecDeque::new(),
             since_levels: 0,
+            levels_partial: false,
             measuring: None,
+            rise_waits: false,
             noted: None,
         }
     }
@@ -565,14 +595,17 @@ impl AutoPolicy {
     }
 
     /// A first rise of the stream's level may be moments away: the link
-    /// reads slow enough for the levels, and their measurement (a third
-    /// of a second of one core at most) is running. The stream holds its
-    /// next piece meanwhile (`copy::source`): compressed now, it would go
-    /// at the first level, and the gate would then keep the stream waiting
-    /// for it to drain before the new level could apply (seconds, at
-    /// 2 Mbit/s; docs/experiments.md, session 17).
+    /// reads slow enough for the levels, and their measurement (a tenth
+    /// of a second of one core at most, [`FIRST_LEVELS_BYTES`]) is
+    /// running, or it showed a higher level paying and only the spell
+    /// that decides is still short. The stream holds its next piece
+    /// meanwhile (`copy::source`): compressed now, it would go at the
+    /// first level, and the gate would then keep the stream waiting for it
+    /// to drain before the new level could apply (seconds, at 2 Mbit/s;
+    /// docs/experiments.md, session 17). On a link that slow the gate's
+    /// second of stream in flight keeps it busy meanwhile.
     pub fn first_rise_pending(&self) -> bool {
-        self.levels && self.level_state == Levels::First && self.measuring.is_some()
+        self.levels && self.level_state == Levels::First && (self.measuring.is_some() || self.rise_waits)
     }
 
     /// Whether the next payload should go into a measurement of the
@@ -621,9 +654,18 @@ impl AutoPolicy {
         self.since_levels += data.len() as u64;
     }
 
-    /// Whether the levels are due to be measured (again).
+    /// Whether the levels are due to be measured (again): never measured,
+    /// or [`RESAMPLE_BYTES_LEVELS`] routed since, or measured on fewer
+    /// than [`SAMPLE_BYTES`] (the first time) with that much routed now.
+    /// (Routing runs ahead of the stream, a run up to megabytes: a return
+    /// copy at 2 Mbit/s had routed all but a megabyte when its first
+    /// measurement chose 15 over 19, which sampled 0.097 and 0.099 on the
+    /// quarter megabyte, and then compressed 3.6 MB at 15, never measured
+    /// again: 25% more bytes than its siblings at 19 (session 28).)
     fn levels_due(&self) -> bool {
-        self.level_samples[0].is_none() || self.since_levels >= RESAMPLE_BYTES_LEVELS
+        self.level_samples[0].is_none()
+            || self.since_levels >= RESAMPLE_BYTES_LEVELS
+            || (self.levels_partial && self.recent.len() >= SAMPLE_BYTES)
     }
 
     /// Add `data` (a payload about to be sent) to the next measurement, and
@@ -768,13 +810,22 @@ impl AutoPolicy {
         if !self.levels {
             return;
         }
+        // Raised (again) at `now`: the windows' counts start there.
+        let raised = |below: i32, rises: bool| Levels::Raised {
+            since: now,
+            busy: link.busy,
+            compressing: link.compressing.unwrap_or(0.0),
+            below,
+            rises,
+        };
         let slow = self.current == Route::Stream && self.slow_link && link.drain_rate.is_some_and(|r| r < LEVELS_BELOW);
         match self.level_state {
             Levels::Dropped => {}
-            Levels::Raised { since, busy, below, rises } => {
+            Levels::Raised { since, busy, compressing, below, rises } => {
                 let secs = now.saturating_duration_since(since).as_secs_f64();
                 let share = if secs >= DROP_WINDOW_SECS { Some((link.busy - busy) / secs) } else { None };
-                let costly = share.filter(|s| *s < DROP_BUSY);
+                let compressor_busy = link.compressing.map_or(true, |c| (c - compressing) / secs >= DROP_COMPRESSING);
+                let costly = share.filter(|s| *s < DROP_BUSY && compressor_busy);
                 if !slow || (costly.is_some() && below == STREAM_LEVELS[0]) {
                     let why = match costly {
                         Some(s) if slow => format!("the writer was busy {:.0}% of {secs:.1} s", s * 100.0),
@@ -798,12 +849,11 @@ impl AutoPolicy {
                         s * 100.0
                     );
                     self.stream_level = below;
-                    self.level_state =
-                        Levels::Raised { since: now, busy: link.busy, below: STREAM_LEVELS[0], rises: false };
+                    self.level_state = raised(STREAM_LEVELS[0], false);
                     return;
                 }
                 if share.is_some() {
-                    self.level_state = Levels::Raised { since: now, busy: link.busy, below, rises };
+                    self.level_state = raised(below, rises);
                 }
                 if !rises {
                     return;
@@ -818,7 +868,7 @@ impl AutoPolicy {
                     return;
                 };
                 if slow && self.levels_due() && !self.recent.is_empty() {
-                    self.measure_recent(rate, self.stream_level);
+                    self.measure_recent(rate, self.stream_level, SAMPLE_BYTES);
                 }
                 if !self.collect_levels(false) || !slow {
                     return;
@@ -830,8 +880,7 @@ impl AutoPolicy {
                         self.stream_level,
                         rate / 1e3
                     );
-                    self.level_state =
-                        Levels::Raised { since: now, busy: link.busy, below: self.stream_level, rises: true };
+                    self.level_state = raised(self.stream_level, true);
                     self.stream_level = level;
                 }
             }
@@ -848,48 +897,51 @@ impl AutoPolicy {
                     );
                     self.noted = Some(now);
                 }
+                self.rise_waits = false;
                 let Some(rate) = link.drain_rate else { return };
-                let Some(base) = self.index(Route::Stream).and_then(|i| self.samples[i]) else { return };
                 // The levels are measured on the last payloads as soon as
                 // the link reads slow, before the spell that decides: the
-                // measurement (level 19 alone takes about a third of a
-                // second) then overlaps the wait for that evidence instead
-                // of delaying the change by as much. Not while the spell
-                // running now reads far faster ([`SPELL_NOT_SLOW`]).
+                // measurement then overlaps the wait for that evidence
+                // instead of delaying the change by as much. Not while the
+                // spell running now reads far faster ([`SPELL_NOT_SLOW`]).
+                // (Not waiting for the candidates' sample either: the
+                // levels' own first one decides the level.)
                 let contradicted = link.spell.is_some_and(|s| s.rate() >= SPELL_NOT_SLOW);
-                if slow && !contradicted && self.levels_due() && !self.recent.is_empty() {
-                    self.measure_recent(rate, STREAM_LEVELS[0]);
+                let first = self.level_samples[0].is_none();
+                let enough = if first { FIRST_LEVELS_BYTES } else { 1 };
+                if slow && !contradicted && self.levels_due() && self.recent.len() >= enough {
+                    self.measure_recent(rate, STREAM_LEVELS[0], if first { FIRST_LEVELS_BYTES } else { SAMPLE_BYTES });
                 }
                 self.collect_levels(false);
-                let Some(spell) = link.spell else { return };
+                let Some(first_level) = self.level_samples[0] else { return };
+                if !slow || contradicted {
+                    return;
+                }
+                // The slower of the two readings: either may still be
+                // catching up with the other.
+                let rate = link.spell.map_or(rate, |s| rate.max(s.rate()));
+                let level = self.stream_cost(first_level, rate).1;
+                if level == self.stream_level {
+                    // Not worth a new frame: measured again on the next sample.
+                    return;
+                }
                 let (secs, bytes) = if link.receipts {
                     (RECEIPT_SPELL_SECS, RECEIPT_SPELL_BYTES)
                 } else {
                     (RAISE_SPELL_SECS, RAISE_SPELL_BYTES)
                 };
-                if !slow
-                    || spell.secs < secs
-                    || spell.bytes < bytes
-                    || spell.rate() >= LEVELS_BELOW
-                    || self.level_samples[0].is_none()
-                {
+                let Some(spell) = link.spell.filter(|s| s.secs >= secs && s.bytes >= bytes && s.rate() < LEVELS_BELOW)
+                else {
+                    self.rise_waits = true;
                     return;
-                }
-                // The slower of the two readings: either may still be
-                // catching up with the other.
-                let rate = rate.max(spell.rate());
-                let level = self.stream_cost(base, rate).1;
-                if level == self.stream_level {
-                    // Not worth a new frame: measured again on the next sample.
-                    return;
-                }
+                };
                 log::debug!(
                     "auto: stream level {level} from now on: the link drained {:.1} MB/s steadily for {:.1} s",
                     rate / 1e6,
                     spell.secs
                 );
                 self.stream_level = level;
-                self.level_state = Levels::Raised { since: now, busy: link.busy, below: STREAM_LEVELS[0], rises: true };
+                self.level_state = raised(STREAM_LEVELS[0], true);
             }
         }
     }
@@ -901,20 +953,21 @@ impl AutoPolicy {
     /// (the stream's, or a worker holding this policy's lock) it stalled
     /// the stream for as long. The results count once collected
     /// ([`AutoPolicy::collect_levels`]); one measurement runs at a time.
-    fn measure_recent(&mut self, rate: f64, from: i32) {
+    fn measure_recent(&mut self, rate: f64, from: i32, at_most: usize) {
         if self.measuring.is_some() {
             return;
         }
-        let data: Vec<u8> = self.recent.iter().copied().collect();
+        let skip = self.recent.len().saturating_sub(at_most);
+        let last = || -> Vec<u8> { self.recent.iter().skip(skip).copied().collect() };
+        let data = last();
+        log::debug!("auto: measuring the levels from {from} up on the last {} bytes routed", data.len());
         self.since_levels = 0;
+        self.levels_partial = data.len() < SAMPLE_BYTES;
         let run = std::thread::Builder::new().name("xenmig-levels".into());
         match run.spawn(move || measure_levels(&data, rate, from)) {
             Ok(h) => self.measuring = Some(h),
             // (no thread to be had: measured here instead)
-            Err(_) => {
-                let data: Vec<u8> = self.recent.iter().copied().collect();
-                self.level_samples = measure_levels(&data, rate, from);
-            }
+            Err(_) => self.level_samples = measure_levels(&last(), rate, from),
         }
     }
 
@@ -1019,6 +1072,14 @@ impl AutoPolicy {
         let dip = was_fast && rate < slow_below && !steady;
         if dip {
             log::debug!("auto: the link read {:.1} MB/s, but not steadily: still fast", rate / 1e6);
+        }
+        if self.unknown {
+            log::debug!(
+                "auto: the link is known, {:.1} MB/s, after {} bytes written{}",
+                rate / 1e6,
+                link.written,
+                if link.receipts { " (receipts)" } else { "" }
+            );
         }
         self.unknown = false;
         self.slow_link = rate < slow_below && !dip;
@@ -1228,6 +1289,7 @@ mod tests {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
             data.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
         }
+        data.truncate(len);
         data
     }
 
@@ -1589,6 +1651,7 @@ mod tests {
             spell: spell.map(|(secs, rate)| Spell { secs, bytes: (secs * rate) as u64 }),
             busy,
             receipts: false,
+            compressing: None,
         }
     }
 
@@ -1643,14 +1706,87 @@ mod tests {
         (levels, t)
     }
 
-    /// A first rise is pending exactly while the levels' measurement runs,
-    /// at the first level, in a copy whose stream may change level: then
-    /// the stream holds its next piece for it.
+    /// The levels' first measurement starts as soon as the link reads
+    /// slow and FIRST_LEVELS_BYTES were routed, without waiting for the
+    /// candidates' sample, on the last FIRST_LEVELS_BYTES only; with
+    /// receipts, half a second of slow spell then raises the level.
+    #[test]
+    fn the_first_levels_are_measured_on_a_quarter_megabyte_at_once() {
+        let t0 = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        let slow = |secs: f64| LinkView { receipts: true, ..view(Some(SLOW), Some((secs, SLOW)), secs) };
+        p.observe(&text(FIRST_LEVELS_BYTES - 1));
+        p.choose(slow(0.1), 2, 4096, t0);
+        assert!(p.slow_link, "the link is known");
+        assert!(p.level_samples[0].is_none(), "measured on less than FIRST_LEVELS_BYTES");
+        // Noise, then a quarter megabyte of text: measured on the text alone.
+        p.observe(&noise(SAMPLE_BYTES / 2));
+        p.observe(&text(FIRST_LEVELS_BYTES));
+        p.choose(slow(0.2), 2, 4096, t0 + Duration::from_millis(100));
+        assert!(p.samples.iter().all(Option::is_none), "no candidates' sample was taken");
+        let first = p.level_samples[0].expect("levels measured");
+        assert!(first.ratio < 0.5, "measured on the noise too: {first:?}");
+        assert_eq!(p.stream_level(), 3, "0.2 s of spell is not enough");
+        p.choose(slow(0.5), 2, 4096, t0 + Duration::from_millis(400));
+        assert!(p.stream_level() > 3, "no rise after half a second of slow spell");
+    }
+
+    /// A first measurement on fewer than SAMPLE_BYTES is followed by one
+    /// on SAMPLE_BYTES as soon as that much was routed, not
+    /// RESAMPLE_BYTES_LEVELS later.
+    #[test]
+    fn a_partial_first_measurement_is_followed_by_a_whole_one() {
+        let t0 = Instant::now();
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        let slow = |secs: f64| LinkView { receipts: true, ..view(Some(SLOW), Some((secs, SLOW)), secs) };
+        p.observe(&text(FIRST_LEVELS_BYTES));
+        p.choose(slow(0.1), 2, 4096, t0);
+        assert!(p.level_samples[0].is_some() && p.levels_partial);
+        assert!(!p.levels_due(), "nothing routed since");
+        p.observe(&text(SAMPLE_BYTES - FIRST_LEVELS_BYTES - 1));
+        assert!(!p.levels_due(), "less than SAMPLE_BYTES kept");
+        p.observe(&text(1));
+        assert!(p.levels_due(), "SAMPLE_BYTES kept");
+        p.choose(slow(0.2), 2, 4096, t0 + Duration::from_millis(100));
+        assert!(!p.levels_partial && !p.levels_due(), "measured again on the whole");
+    }
+
+    /// A first rise is pending while the levels' measurement runs, and
+    /// while it shows a higher level paying with the spell that decides
+    /// still short, at the first level, in a copy whose stream may change
+    /// level: then the stream holds its next piece for it.
+    #[test]
+    fn a_first_rise_is_pending_while_measured_or_waiting_for_its_spell() {
+        let t0 = Instant::now();
+        let mut p = slow_policy(t0);
+        let ms = Duration::from_millis(100);
+        let link = |secs: f64, rate: f64| LinkView { receipts: true, ..view(Some(SLOW), Some((secs, rate)), secs) };
+        // Measured (unit tests collect at once), text on a slow link: a
+        // higher level pays, the spell is short.
+        p.choose(link(0.1, SLOW), 2, 4096, t0 + ms);
+        assert!(p.level_samples[0].is_some() && p.measuring.is_none());
+        assert!(p.first_rise_pending(), "waiting for the spell holds nothing");
+        // A spell far faster: no rise waits.
+        p.choose(link(0.2, SPELL_NOT_SLOW), 2, 4096, t0 + ms * 2);
+        assert!(!p.first_rise_pending());
+        // Slow again, and the spell long enough: raised, nothing pending.
+        p.choose(link(0.3, SLOW), 2, 4096, t0 + ms * 3);
+        assert!(p.first_rise_pending());
+        p.choose(link(0.6, SLOW), 2, 4096, t0 + ms * 6);
+        assert!(p.stream_level() > 3 && !p.first_rise_pending());
+    }
+
+    /// A first rise is pending exactly while the levels' measurement runs
+    /// (where no level shows paying), at the first level, in a copy whose
+    /// stream may change level.
     #[test]
     fn a_first_rise_is_pending_only_while_its_measurement_runs() {
         let running = || Some(std::thread::spawn(|| [None; STREAM_LEVELS.len()]));
         let t0 = Instant::now();
-        let mut p = slow_policy(t0);
+        // Slow, with nothing routed to measure.
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        p.choose(view(Some(SLOW), None, 0.0), 2, 4096, t0);
+        assert!(p.slow_link);
         assert!(!p.first_rise_pending(), "nothing is being measured");
         p.measuring = running();
         assert!(p.first_rise_pending());
@@ -1658,7 +1794,7 @@ mod tests {
         p.levels_tick(view(Some(SLOW), None, 0.0), 2, t0 + Duration::from_millis(10));
         assert!(p.measuring.is_none() && !p.first_rise_pending());
         // Raised already: a later measurement holds nothing.
-        p.level_state = Levels::Raised { since: t0, busy: 0.0, below: STREAM_LEVELS[0], rises: true };
+        p.level_state = Levels::Raised { since: t0, busy: 0.0, compressing: 0.0, below: STREAM_LEVELS[0], rises: true };
         p.measuring = running();
         assert!(!p.first_rise_pending());
         // A stream that cannot change level never holds.
@@ -1782,6 +1918,28 @@ mod tests {
         assert_eq!(levels, [3]);
     }
 
+    /// Raised, the level stays when the link idled while the stream's
+    /// compressor idled too (the runs came slowly: the target's
+    /// signatures, its requests); it drops where the compressor was busy
+    /// while the link idled.
+    #[test]
+    fn a_raised_level_drops_only_where_the_compressor_kept_the_link_idle() {
+        let ms = Duration::from_millis(100);
+        for (compressor_share, drops) in [(0.3, false), (0.8, true)] {
+            let (mut p, t0, mut busy) = raised_policy();
+            let raised = p.stream_level();
+            let mut compressing = 0.0;
+            for i in 1..=45u32 {
+                busy += 0.4 * 0.1;
+                compressing += compressor_share * 0.1;
+                let link = LinkView { compressing: Some(compressing), ..view(Some(SLOW), Some((0.1, SLOW)), busy) };
+                p.choose(link, 2, 4096, t0 + ms * i);
+            }
+            let level = p.stream_level();
+            assert_eq!(level == 3, drops, "compressor busy {compressor_share}: level {level} (raised {raised})");
+        }
+    }
+
     /// Incompressible bytes: every level sends them alike.
     fn noise(len: usize) -> Vec<u8> {
         crate::test_data::Noise::new(0x9E37_79B9_7F4A_7C15).bytes(len)
@@ -1819,7 +1977,7 @@ mod tests {
         p.sample(&text(SAMPLE_BYTES));
         p.observe(&noise(SAMPLE_BYTES));
         assert_eq!(p.choose(view(Some(SLOW), None, 0.0), 2, 4096, t0), Route::Stream);
-        p.measure_recent(SLOW, STREAM_LEVELS[0]);
+        p.measure_recent(SLOW, STREAM_LEVELS[0], SAMPLE_BYTES);
         assert!(p.collect_levels(true));
         assert!(p.level_samples[0].is_some_and(|s| s.ratio > 0.8), "{:?}", p.level_samples[0]);
         assert_eq!(p.modelled(SLOW, 2), Route::Stream);

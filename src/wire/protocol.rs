@@ -402,7 +402,7 @@
 //!
 //! ```text
 //!    | -- Blocks(...) -----------------------------------> |
-//!    | <---------------------- Received(bytes, waited) --- |  every 32 KiB read,
+//!    | <---------------------- Received(bytes, waited) --- |  every 16 KiB read,
 //!    | -- Blocks(...) -----------------------------------> |  one per 20 ms at most
 //! ```
 //!
