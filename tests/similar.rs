@@ -182,6 +182,39 @@ proptest! {
         prop_assert_eq!(rep.blocks_similar, if hidden == 0 { similar } else { 0 }, "{:?}", rep);
     }
 
+    /// In place, old places that the copy rewrites (small edits, as
+    /// deltas against themselves) still serve the far blocks as bases:
+    /// their old bytes are kept aside before the first write, so every far
+    /// block with a similar block in the old copy goes as a delta against
+    /// it, whichever places were rewritten and in whatever order.
+    #[test]
+    fn old_places_rewritten_in_the_copy_still_serve_as_bases(
+        seed in any::<u64>(),
+        half in 1usize..40,
+        fars in proptest::collection::vec(far(), 1..40),
+        edits in proptest::collection::vec(proptest::option::of((any::<u16>(), 1u16..64)), 40),
+        codec in prop_oneof![Just("none"), Just("zstd"), Just("auto")],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let (old, mut new, similar) = images(seed, half, &fars);
+        for (i, e) in edits.iter().take(half).enumerate() {
+            if let Some((at, len)) = *e {
+                let at = i * BS + at as usize % BS;
+                for x in &mut new[at..(at + len as usize).min((i + 1) * BS)] {
+                    *x ^= 0x5a;
+                }
+            }
+        }
+        fs::write(&a, &new).unwrap();
+        fs::write(&b, &old).unwrap();
+        let rep = copy_through(&a, &b, codec, keep(), keep()).target.unwrap();
+        prop_assert_eq!(fs::read(&b).unwrap(), new.clone());
+        counted(&rep, new.len())?;
+        prop_assert_eq!(rep.deltas_failed, 0);
+        prop_assert_eq!(rep.blocks_similar, similar, "{:?}", rep);
+    }
+
     /// Signatures that do not fit the candidate (a lying target, or a
     /// candidate rewritten after it was signed): every rebuilt block misses
     /// its key and is fetched whole; the copy is still byte-identical.
@@ -252,10 +285,12 @@ fn copy_from_base(src: &Path, dst: &Path, base: &Path, to_source: Edit) -> Outco
 
 /// A new DST filled from its base looks for similar blocks in the base,
 /// which keeps every old block: the moved blocks come as deltas against
-/// the old places that DST rewrites in the same group. In place, those
-/// places are about to be rewritten, so no delta may lean on them.
+/// the old places that DST rewrites in the same group. In place, the
+/// target keeps those places' old bytes aside before it rewrites them
+/// (`copy::kept`), and the moved blocks lean on them just the same, even
+/// where a place is rewritten before the index or the delta reads it.
 #[test]
-fn a_new_dst_finds_similar_blocks_in_its_base_where_dst_rewrites_them() {
+fn similar_blocks_lean_on_old_places_that_dst_rewrites() {
     let d = tempfile::tempdir().unwrap();
     let b = d.path().join("b");
     let (a, r, old, new) = rewritten_elsewhere(d.path());
@@ -267,7 +302,7 @@ fn a_new_dst_finds_similar_blocks_in_its_base_where_dst_rewrites_them() {
     fs::write(&inplace, &old).unwrap();
     let rep = copy_through(&a, &inplace, "none", keep(), keep()).target.unwrap();
     assert!(fs::read(&inplace).unwrap() == new, "the copy in place differs");
-    assert_eq!(rep.blocks_similar, 0, "{rep:?}");
+    assert_eq!((rep.blocks_similar, rep.deltas_failed), (32, 0), "{rep:?}");
 }
 
 /// The base rewritten once the target asked its first delta against it

@@ -14,6 +14,7 @@
 
 pub mod direct;
 pub mod interrupt;
+mod kept;
 pub mod progress;
 pub mod quiesce;
 pub mod readback;

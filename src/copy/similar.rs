@@ -24,13 +24,14 @@
 //! copy fetches such blocks whole without asking for sketches.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crate::blocks::layout::Layout;
 use crate::storage::disk::Disk;
 use crate::storage::image::ImageError;
 
+use super::kept::{Kept, Old};
 use super::EngineError;
 
 use crate::wire::sketch::{self, Index, SFS};
@@ -103,7 +104,16 @@ impl Building {
     /// copy leaves: built on both cores it delayed the source's judgement
     /// of a slow link (both ends on one 2-core host: the stream's level 19
     /// came after 1.6 s of slow drain instead of 0.6 s).
-    pub(super) fn spawn(old: Arc<dyn Disk>, layout: Layout, wanted: Vec<bool>, cap: usize) -> Building {
+    /// `kept`: in place, where DST's old blocks go before their first
+    /// write (`copy::kept`): a block rewritten while indexed is indexed as
+    /// it was kept, or not at all.
+    pub(super) fn spawn(
+        old: Arc<dyn Disk>,
+        kept: Option<Arc<Mutex<Kept>>>,
+        layout: Layout,
+        wanted: Vec<bool>,
+        cap: usize,
+    ) -> Building {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let handle = thread::Builder::new()
@@ -115,7 +125,7 @@ impl Building {
                 unsafe {
                     libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE);
                 }
-                build(&*old, &layout, &wanted, cap, &stopped)
+                build(&*old, kept.as_deref(), &layout, &wanted, cap, &stopped)
             })
             .expect("spawning a thread");
         Building { handle: Some(handle), stop }
@@ -143,6 +153,7 @@ impl Drop for Building {
 /// [`Building::spawn`]'s work, in the calling thread, until `stop`.
 fn build(
     old: &dyn Disk,
+    kept: Option<&Mutex<Kept>>,
     layout: &Layout,
     wanted: &[bool],
     cap: usize,
@@ -167,7 +178,16 @@ fn build(
         for i in blocks {
             let (off, len) = layout.extent(i);
             let at = (off - start) as usize;
-            let Some(s) = sketch::sketch(&buf[at..at + len]) else { continue };
+            // Read first, then asked where the old bytes are: the target
+            // marks a block before it writes it (`copy::kept`).
+            let kept = kept.map(|k| k.lock().expect("the kept blocks' lock"));
+            let s = match kept.as_ref().map(|k| k.old(i)) {
+                None | Some(Old::InDst) => sketch::sketch(&buf[at..at + len]),
+                Some(Old::Kept(b)) => sketch::sketch(b),
+                Some(Old::Gone) => None,
+            };
+            drop(kept);
+            let Some(s) = s else { continue };
             if !index.insert(i, &s) {
                 break 'groups;
             }

@@ -71,6 +71,7 @@ use crate::wire::subdelta;
 use crate::wire::subgroup;
 use crate::wire::transport::{Link, LinkStats, Writer};
 
+use super::kept::{kept_limit, Kept, Old};
 use super::readback::{self, Written};
 use super::references::ReferenceSet;
 use super::shared_ref;
@@ -377,6 +378,10 @@ pub(super) struct Target<'a> {
     /// summary): the blocks it keeps count as reused, none as in place,
     /// and similar blocks are looked for in the base.
     base: Option<Base>,
+    /// In place, with similar blocks agreed: DST's old blocks kept aside
+    /// before their first write, as bases for similar blocks
+    /// (`copy::kept`).
+    kept: Option<Arc<Mutex<Kept>>>,
     /// The link's counters (None: a direct local copy).
     stats: Option<Arc<LinkStats>>,
     /// [`TargetOptions::always_index_similar`].
@@ -692,6 +697,8 @@ impl<'a> Target<'a> {
             kept.for_each(|i| w.mark(i));
         }
         let g = layout.group_count() as usize;
+        let kept = (had_data && base.is_none() && link.as_ref().is_some_and(|l| l.similar))
+            .then(|| Arc::new(Mutex::new(Kept::new(n as u64, kept_limit(mem_available())))));
         Ok(Target {
             algo,
             zeros,
@@ -736,6 +743,7 @@ impl<'a> Target<'a> {
             delta_asked: HashMap::new(),
             sim_index: SimIndex::NotYet,
             far_waiting: Vec::new(),
+            kept,
             base,
             stats,
             always_index_similar: opts.always_index_similar,
@@ -1237,6 +1245,12 @@ impl Target<'_> {
         self.dst.drop_cache();
         self.close_pass_report();
         self.progress.finish();
+        if let Some(k) = &self.kept {
+            log::debug!(
+                "in place: {} bytes of old blocks kept aside as bases",
+                k.lock().expect("the kept blocks' lock").bytes()
+            );
+        }
         let count = |s: State| self.state.iter().filter(|&&x| x == s).count() as u64;
         Ok(Report {
             target: self.dst.path().display().to_string(),
@@ -1406,8 +1420,27 @@ impl Target<'_> {
     }
 
     fn write_block(&mut self, i: u64, data: &[u8], digest: Digest, state: State) -> Result<(), EngineError> {
+        self.keep_aside(i, i + 1)?;
         self.dst.write_at(data, self.layout.extent(i).0)?;
         self.wrote(i, digest, state);
+        Ok(())
+    }
+
+    /// Blocks `first..end` of DST are about to be written: keep the old
+    /// bytes of those written for the first time, where they may serve a
+    /// similar block as its base and there is room (`copy::kept`).
+    fn keep_aside(&mut self, first: u64, end: u64) -> Result<(), EngineError> {
+        let Some(kept) = &self.kept else { return Ok(()) };
+        // (Held across the writes' marks: the indexer reads them.)
+        let mut kept = kept.lock().expect("the kept blocks' lock");
+        for j in first..end {
+            let len = self.layout.extent(j).1;
+            let worth = kept.wants(j, len)
+                && self.state[j as usize] == State::Pending
+                && !self.zeros.is_zero_digest(&self.have[j as usize], len);
+            let old = if worth { Some(self.read_old(j)?) } else { None };
+            kept.overwritten(j, old);
+        }
         Ok(())
     }
 
@@ -1462,6 +1495,7 @@ impl Target<'_> {
     fn set_zero(&mut self, i: u64) -> Result<(), EngineError> {
         let (off, len) = self.layout.extent(i);
         if !self.zeros.is_zero_digest(&self.have[i as usize], len) {
+            self.keep_aside(i, i + 1)?;
             self.dst.zero_range(off, len)?;
             self.mark_written(i, i + 1);
             self.have[i as usize] = self.zeros.get(len);
@@ -1762,10 +1796,19 @@ impl Target<'_> {
     }
 
     /// Whether old block `j` may be a similar block's base: the base's
-    /// blocks always (a changed one fails its key check), DST's while they
-    /// hold what DST held ([`still_old`](Self::still_old)).
+    /// blocks always (a changed one fails its key check); in place, DST's
+    /// until their first write and after it where they were kept aside
+    /// (`copy::kept`), else while they hold what DST held
+    /// ([`still_old`](Self::still_old)).
     fn similar_usable(&self, j: u64) -> bool {
-        self.base.is_some() || self.still_old(j)
+        let kept = self.kept.as_ref().map(|k| k.lock().expect("the kept blocks' lock"));
+        self.base.is_some() || self.old_usable(kept.as_deref(), j)
+    }
+
+    /// [`similar_usable`](Self::similar_usable) in place, the kept blocks
+    /// (if any) locked by the caller.
+    fn old_usable(&self, kept: Option<&Kept>, j: u64) -> bool {
+        kept.map_or_else(|| self.still_old(j), |k| k.available(j))
     }
 
     /// Read the old block `j` that block `i` is asked for as a delta
@@ -1780,7 +1823,15 @@ impl Target<'_> {
             Some(base) if self.delta_base_in_base(i, j) => {
                 Ok(self.refs.read_block(base.image, j, self.layout.extent(j).1))
             }
-            _ => self.read_old(j).map(Some),
+            _ => {
+                if let Some(k) = self.kept.as_ref().filter(|_| j != i) {
+                    // (Rewritten since it was indexed: its old bytes, kept.)
+                    if let Old::Kept(old) = k.lock().expect("the kept blocks' lock").old(j) {
+                        return Ok(Some(old.to_vec()));
+                    }
+                }
+                self.read_old(j).map(Some)
+            }
         }
     }
 
@@ -1815,15 +1866,16 @@ impl Target<'_> {
                 Arc::new(self.refs.images[base.image as usize].image.try_clone()?),
                 base.zero.iter().map(|&z| !z).collect(),
             ),
-            None => (
-                self.dst.clone(),
-                (0..self.layout.block_count()).map(|j| self.still_old(j) && !zero(&self.have[j as usize], j)).collect(),
-            ),
+            None => {
+                let kept = self.kept.as_ref().map(|k| k.lock().expect("the kept blocks' lock"));
+                let usable = |j: u64| self.old_usable(kept.as_deref(), j) && !zero(&self.have[j as usize], j);
+                (self.dst.clone(), (0..self.layout.block_count()).map(usable).collect())
+            }
         };
         if !wanted.contains(&true) {
             return Ok(None);
         }
-        Ok(Some(similar::Building::spawn(old, self.layout.clone(), wanted, similar::MAX_ENTRIES)))
+        Ok(Some(similar::Building::spawn(old, self.kept.clone(), self.layout.clone(), wanted, similar::MAX_ENTRIES)))
     }
 
     /// While the index is pending: judge the link (`similar::verdict`),
@@ -2042,6 +2094,7 @@ impl Target<'_> {
                 self.grp[g as usize].tainted = true;
             }
         }
+        self.keep_aside(first, end)?;
         self.dst.write_at(&raw, start)?;
         self.mark_written(first, end);
         self.bytes_fetched += raw_len as u64;
