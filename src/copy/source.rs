@@ -1451,11 +1451,12 @@ fn tick_levels(sh: &Shared) {
 
 /// The next run for the stream, None once the workers are done. With
 /// `ticking` (a stream whose level may change, at the receipts' gate),
-/// `auto` judges the link every tenth of a second while none comes: the
-/// workers route no run while they wait for the target's signatures, and
-/// only routing and the gate's waits decided. A return copy at 2 Mbit/s
-/// learnt its link's rate half a second after the receipts showed it, at
-/// its next routed run, and that run then went at the first level.
+/// `auto` judges the link every tenth of a second while none comes: only
+/// routing and the gate's waits decided, and while the workers route
+/// nothing (waiting for the target's signatures, at the start of a return
+/// copy) and the stream waits for runs rather than at the gate, a rate
+/// the receipts already showed, and the levels' measurement with it,
+/// waited for the next run routed.
 fn next_run(rx: &Receiver<RawRun>, ticking: bool, sh: &Shared) -> Option<RawRun> {
     if !ticking {
         return rx.recv().ok();

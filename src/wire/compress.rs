@@ -1765,7 +1765,7 @@ mod tests {
         // higher level pays, the spell is short.
         p.choose(link(0.1, SLOW), 2, 4096, t0 + ms);
         assert!(p.level_samples[0].is_some() && p.measuring.is_none());
-        assert!(p.first_rise_pending(), "waiting for the spell holds nothing");
+        assert!(p.first_rise_pending(), "a rise waiting for its spell is not pending");
         // A spell far faster: no rise waits.
         p.choose(link(0.2, SPELL_NOT_SLOW), 2, 4096, t0 + ms * 2);
         assert!(!p.first_rise_pending());
