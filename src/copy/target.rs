@@ -1430,12 +1430,24 @@ impl Target<'_> {
     /// bytes of those written for the first time, where they may serve a
     /// similar block as its base and there is room (`copy::kept`).
     fn keep_aside(&mut self, first: u64, end: u64) -> Result<(), EngineError> {
+        if matches!(self.sim_index, SimIndex::Ready(None)) {
+            // No index, for good (a fast link, or nothing to index): no
+            // block will ever lean on another; the reads would be waste.
+            self.kept = None;
+        }
         let Some(kept) = &self.kept else { return Ok(()) };
+        // Bytes only once an index is wanted (a block asked for has no old
+        // version at its place): before, the reads may well be waste (an
+        // unshaped release copy in place, which rewrites 100 MB, took 9%
+        // longer keeping 64 MiB of them). Blocks written before are marked
+        // all the same: their old bytes are gone.
+        let keeping = !matches!(self.sim_index, SimIndex::NotYet);
         // (Held across the writes' marks: the indexer reads them.)
         let mut kept = kept.lock().expect("the kept blocks' lock");
         for j in first..end {
             let len = self.layout.extent(j).1;
-            let worth = kept.wants(j, len)
+            let worth = keeping
+                && kept.wants(j, len)
                 && self.state[j as usize] == State::Pending
                 && !self.zeros.is_zero_digest(&self.have[j as usize], len);
             let old = if worth { Some(self.read_old(j)?) } else { None };
