@@ -11,8 +11,10 @@
 //! `zstd --patch-from` (docs/experiments.md, session 28).
 //!
 //! The target reads each old block once, just before its first write in
-//! the copy, while there is room ([`kept_limit`] in all); a block written
-//! without being kept is gone as a base for good. Nothing here is trusted
+//! the copy, while there is room ([`kept_limit`] in all) and once the
+//! index of similar blocks is wanted, never after the link was judged
+//! fast (`Target::keep_aside`); a block written without being kept is
+//! gone as a base for good. Nothing here is trusted
 //! beyond that: a delta rebuilt on a kept block is checked against its
 //! key like every other.
 
