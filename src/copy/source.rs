@@ -1533,7 +1533,7 @@ fn stream_loop(
     let gate = sh.receipts.as_ref().filter(|_| enc.follows_levels());
     let (mut held, mut holds) = (Duration::ZERO, 0u32);
     let mut rise_held = Duration::ZERO;
-    let (mut compressing, mut idle) = (Duration::ZERO, Duration::ZERO);
+    let mut idle = Duration::ZERO;
     // Pieces cut from a run taken, still to go.
     let mut cut = VecDeque::new();
     loop {
@@ -1644,9 +1644,7 @@ fn stream_loop(
         }
         let t = Instant::now();
         let payload = enc.compress_run(&run.raw)?;
-        let took = t.elapsed();
-        compressing += took;
-        sh.stream_compressing.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        sh.stream_compressing.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let raw_len = run.raw.len() as u32;
         let codec = std::mem::replace(&mut code, STREAM_CODE);
         let m = match run.what {
@@ -1666,7 +1664,7 @@ fn stream_loop(
              compressed for {:.2} s, waited {:.2} s for runs",
             held.as_secs_f64(),
             rise_held.as_secs_f64(),
-            compressing.as_secs_f64(),
+            sh.stream_compressing.load(Ordering::Relaxed) as f64 / 1e9,
             idle.as_secs_f64()
         );
     }

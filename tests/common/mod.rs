@@ -73,7 +73,7 @@ pub fn s(p: &Path) -> &str {
 }
 
 pub fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Tests that need root (loop devices, tmpfs) say so instead of passing.
