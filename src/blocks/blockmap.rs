@@ -93,6 +93,7 @@ pub fn digest_all(algo: Algorithm, blocks: &[&[u8]], parallel: bool) -> Vec<Dige
 }
 
 /// One hashed group: block digests, zero flags and the group digest.
+#[derive(Clone)]
 pub struct HashedGroup {
     pub blocks: Vec<Digest>,
     pub zero: Vec<bool>,

@@ -13,6 +13,7 @@
 //! holds what was written.
 
 pub mod direct;
+mod early_hash;
 pub mod interrupt;
 mod kept;
 pub mod progress;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use rayon::prelude::*;
 
-use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, Hashing};
+use crate::blocks::blockmap::{byte_range, group_digest, image_digest, BlockMap, HashedGroup, Hashing};
 use crate::blocks::digest::{hex, is_zero, key_of, Algorithm, Digest, ZeroDigests};
 use crate::blocks::layout::{Align, Layout};
 use crate::blocks::runs::checked_end;
@@ -50,6 +50,7 @@ use crate::wire::subgroup::{self, ShortKey, Signature};
 use crate::wire::transport::{Link, LinkStats, Reader, Writer};
 use crate::wire::{sketch, subdelta};
 
+use super::early_hash::EarlyHash;
 use super::interrupt;
 use super::quiesce::Freeze;
 use super::references::layout_of;
@@ -343,6 +344,14 @@ impl SourceSession {
             Some(l) => Some(tracker::start(l.rescan, path, img.size())?),
             None => None,
         };
+        // A plain copy hashes while ssh connects (`copy::early_hash`).
+        let early = match opts.live {
+            None => {
+                progress.phase("hashing", layout.size);
+                Some(EarlyHash::start(img.try_clone()?, layout.clone(), opts.algo, progress.clone()))
+            }
+            Some(_) => None,
+        };
         let live_cap = if opts.live.is_some() { CAP_LIVE } else { 0 };
         // A shared reference serves only the zstd stream: offer the
         // capability only when runs may go through it.
@@ -547,7 +556,7 @@ impl SourceSession {
             pending_changed: 0,
             finished: false,
         };
-        session.first_pass()?;
+        session.first_pass(early)?;
         Ok(session)
     }
 
@@ -635,47 +644,51 @@ impl SourceSession {
         }
     }
 
-    /// Pass 1: hash everything and announce every group as it is hashed.
-    fn first_pass(&mut self) -> Result<(), EngineError> {
+    /// Pass 1: hash everything and announce every group as it is hashed
+    /// (or, for a plain copy, as `early` hashed it).
+    fn first_pass(&mut self, early: Option<EarlyHash>) -> Result<(), EngineError> {
         let sh = self.shared.clone();
         let layout = &sh.layout;
         let algo = self.opts.algo;
         if self.opts.live.is_some() {
             self.send(Message::PassBegin { pass: 1, final_pass: false, changed_blocks: layout.block_count() })?;
         }
-        self.progress.phase("hashing", layout.size);
+        if early.is_none() {
+            self.progress.phase("hashing", layout.size);
+        }
         // XXH3s only for a live copy, whose later passes compare them.
         let live = self.opts.live.is_some();
         let mut fast: Vec<u64> = Vec::with_capacity(if live { layout.block_count() as usize } else { 0 });
         let mut groups: Vec<Digest> = Vec::with_capacity(layout.group_count() as usize);
         let frames = self.frames().clone();
-        let hashed = BlockMap::stream_with(
-            &sh.img,
-            layout,
-            algo,
-            Hashing { fast: live, with_data: None },
-            |first, batch| {
-                {
-                    let mut d = sh.digests.write().unwrap();
-                    for g in batch {
-                        d.extend_from_slice(&g.blocks);
-                    }
-                }
+        let on_batch = |first, batch: &[HashedGroup]| {
+            {
+                let mut d = sh.digests.write().unwrap();
                 for g in batch {
-                    if live {
-                        fast.extend_from_slice(&g.fast);
-                    }
-                    groups.push(g.digest);
+                    d.extend_from_slice(&g.blocks);
                 }
-                let digests = batch.iter().map(|g| g.digest).collect();
-                // Stop hashing as soon as the link or a worker has failed.
-                send_unless_failed(&frames, &self.fail_rx, Message::Groups { first, digests })
-                    && self.fail_rx.is_empty()
-                    && self.events.is_empty()
-                    && interrupt::pending().is_none()
-            },
-            &|n| self.progress.inc(n),
-        );
+            }
+            for g in batch {
+                if live {
+                    fast.extend_from_slice(&g.fast);
+                }
+                groups.push(g.digest);
+            }
+            let digests = batch.iter().map(|g| g.digest).collect();
+            // Stop hashing as soon as the link or a worker has failed.
+            send_unless_failed(&frames, &self.fail_rx, Message::Groups { first, digests })
+                && self.fail_rx.is_empty()
+                && self.events.is_empty()
+                && interrupt::pending().is_none()
+        };
+        let hashed = match early {
+            Some(early) => early.feed(on_batch),
+            None => {
+                BlockMap::stream_with(&sh.img, layout, algo, Hashing { fast: live, with_data: None }, on_batch, &|n| {
+                    self.progress.inc(n)
+                })
+            }
+        };
         match hashed {
             Ok(true) => {}
             Ok(false) => return Err(self.failure()),
