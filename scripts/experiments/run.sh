@@ -22,7 +22,10 @@
 #              lists a catalog of every image here, `xenmig index` made before, untimed;
 #              xm-alone: xm-auto's command line with REF on the target's host only;
 #              simple-aes, not in the defaults: simple with ssh -c aes128-gcm, the
-#              cipher xenmig itself asks for on a CPU with AES instructions)
+#              cipher xenmig itself asks for on a CPU with AES instructions;
+#              simple-sync, not in the defaults: simple-aes, then `sync DST` on the
+#              target, so that the copy is on the target's disk when it ends, as
+#              xenmig's is (it fsyncs DST before it reports the copy verified))
 #              Both namespaces share this host's files, so -r REF's path is on the
 #              source's side too, and since session 19 xenmig looks for -r's paths
 #              there (a pool's hosts keep templates at the same paths): every xm-*
@@ -190,6 +193,10 @@ method() { # timed: runs method $1 moving $2 to $OUTF on the target, reference $
             # Simple with the cipher xenmig asks ssh for on a CPU with AES
             # instructions (src/wire/ssh_cipher.rs): the same ssh cost per byte
             ip netns exec $NS_S sh -c "cat '$S' | $SSH -c aes128-gcm@openssh.com root@$DST_IP 'cat > $OUTF'" ;;
+        simple-sync)
+            # simple-aes made durable: DST on the disk when the command ends,
+            # as xenmig's DST is (the other peers leave it in the page cache)
+            ip netns exec $NS_S sh -c "cat '$S' | $SSH -c aes128-gcm@openssh.com root@$DST_IP 'cat > $OUTF && sync $OUTF'" ;;
         xm-inplace)
             # like rsync: DST already holds a copy of REF, xenmig gets no -r
             # (DST's own content is its reference) and rewrites it in place

@@ -9,8 +9,11 @@
 //! the first pass then announces the groups already hashed and waits only
 //! for the rest.
 //!
-//! A live copy does not hash early: its change tracking must be in place
-//! before the hashing begins, and its passes keep their order.
+//! A live copy (`--live`, `migrate`) still hashes after the handshake. Its
+//! change tracking starts before the handshake too, so nothing in the
+//! order forbids it; but its first pass also takes each block's XXH3 for
+//! the later passes, and it is what the lab proves on real Xen: moving it
+//! waits for a change the lab measures.
 
 use std::thread::{self, JoinHandle};
 

@@ -344,7 +344,8 @@ impl SourceSession {
             Some(l) => Some(tracker::start(l.rescan, path, img.size())?),
             None => None,
         };
-        // A plain copy hashes while ssh connects (`copy::early_hash`).
+        // A plain copy hashes while ssh connects (`copy::early_hash`; a
+        // live one, as before, once the handshake is done).
         let early = match opts.live {
             None => {
                 progress.phase("hashing", layout.size);
