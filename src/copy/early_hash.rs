@@ -17,7 +17,7 @@
 
 use std::thread::{self, JoinHandle};
 
-use crossbeam_channel::{unbounded, Receiver};
+use crossbeam_channel::{bounded, Receiver};
 
 use crate::blocks::blockmap::{BlockMap, HashedGroup, Hashing};
 use crate::blocks::digest::Algorithm;
@@ -26,6 +26,13 @@ use crate::storage::image::{Image, ImageError};
 
 use super::interrupt;
 use super::Progress;
+
+/// Batches (of 16 groups, 16 MiB of image) hashed ahead of the first pass
+/// at most: 4 GiB, more than hashing covers while ssh connects. A
+/// handshake that waits (ssh asking for a password or a host key) pauses
+/// the hashing there rather than holding a second copy of a large disk's
+/// digests.
+const AHEAD_BATCHES: usize = 256;
 
 enum Hashed {
     /// The groups from `first` on, in order.
@@ -47,7 +54,12 @@ impl EarlyHash {
     /// Start hashing `img` (its own handle on the source image) as laid out
     /// in `layout`, counting the bytes into `progress`.
     pub(super) fn start(img: Image, layout: Layout, algo: Algorithm, progress: Progress) -> EarlyHash {
-        let (tx, rx) = unbounded();
+        Self::start_ahead(img, layout, algo, progress, AHEAD_BATCHES)
+    }
+
+    /// [`start`](Self::start), hashing at most `ahead` batches ahead.
+    fn start_ahead(img: Image, layout: Layout, algo: Algorithm, progress: Progress, ahead: usize) -> EarlyHash {
+        let (tx, rx) = bounded(ahead);
         let thread = thread::spawn(move || {
             let hashed = BlockMap::stream_with(
                 &img,
@@ -102,8 +114,11 @@ impl Drop for EarlyHash {
 mod tests {
     use super::*;
     use crate::blocks::layout::Align;
+    use crate::copy::progress::Meter;
     use crate::copy::references::layout_of;
     use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
     fn image(blocks: usize) -> (tempfile::NamedTempFile, Image) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -165,6 +180,54 @@ mod tests {
         let (_g, img) = image(16);
         let layout = layout_of(&img, 4096, Align::default()).unwrap();
         drop(EarlyHash::start(img, layout, Algorithm::Blake3, Progress::hidden()));
+    }
+
+    /// Counts the bytes hashed.
+    struct Count(AtomicU64);
+    impl Meter for Count {
+        fn phase(&self, _: &str, _: u64) {}
+        fn inc(&self, bytes: u64) {
+            self.0.fetch_add(bytes, Ordering::Relaxed);
+        }
+        fn message(&self, _: &str) {}
+    }
+
+    #[test]
+    fn hashing_waits_for_a_feed_that_starts_late() {
+        // 48 MiB, mostly holes: three batches of 16 groups.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(48 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.as_file().write_all_at(&[7u8; 4096], 20 << 20).unwrap();
+        let img = Image::open_read(f.path()).unwrap();
+        let layout = layout_of(&img, 4096, Align::default()).unwrap();
+        let count = Arc::new(Count(AtomicU64::new(0)));
+        let early = EarlyHash::start_ahead(
+            img.try_clone().unwrap(),
+            layout.clone(),
+            Algorithm::Blake3,
+            Progress::new(count.clone()),
+            1,
+        );
+        // One batch waits in the channel, one in the send: the third is
+        // not hashed while nobody feeds.
+        let hashed = || count.0.load(Ordering::Relaxed);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while hashed() < 32 << 20 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(hashed(), 32 << 20);
+        let mut fed = Vec::new();
+        assert!(early
+            .feed(|first, b| {
+                fed.extend(b.iter().map(|g| (first, g.digest)));
+                true
+            })
+            .unwrap());
+        let direct = BlockMap::of_image(&img, layout, Algorithm::Blake3).unwrap();
+        assert_eq!(fed.len(), 48);
+        assert_eq!(fed.iter().map(|x| x.1).collect::<Vec<_>>(), direct.groups);
     }
 
     #[test]
