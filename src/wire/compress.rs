@@ -313,6 +313,8 @@ const TIMED_TIE: f64 = 0.10;
 /// level"): each step sends fewer bytes for more CPU, 19 about 18% fewer
 /// than 3 on the release cell for 90x its CPU.
 const STREAM_LEVELS: [i32; 6] = [super::stream::AUTO_LEVEL, 6, 9, 12, 15, 19];
+/// The highest of [`STREAM_LEVELS`].
+const MAX_LEVEL: i32 = STREAM_LEVELS[STREAM_LEVELS.len() - 1];
 /// A level above the first counts its CPU time this many times over. Its
 /// sample is a megabyte compressed on its own; the stream compresses with a
 /// 128 MiB window and long-distance matching, and re-indexes 16 MiB at each
@@ -367,6 +369,26 @@ const RECEIPT_SPELL_BYTES: u64 = 64 << 10;
 /// below [`LEVELS_BELOW`] anyway; at 2 Mbit/s a spell, which begins with
 /// a blocked piece, reads the link's rate.
 const SPELL_NOT_SLOW: f64 = 4.0 * LEVELS_BELOW;
+/// Between [`LEVELS_BELOW`] and this rate (40 Mbit/s) a link is
+/// *moderately* slow: the stream's level may rise there once, to at most
+/// [`MODERATE_LEVEL_MAX`], when its receipts showed the link behind for a
+/// spell of [`RECEIPT_SPELL_SECS`] and [`MODERATE_SPELL_BYTES`] read in
+/// that range too, and the levels, measured once on the last megabyte
+/// routed, leave the CPU room at the link's rate.
+///
+/// Why 40 Mbit/s (docs/experiments.md, session 29): fixed levels from the
+/// start sent 1-5% fewer bytes at 100 Mbit/s (6 or 7 against 3) and 3-7%
+/// fewer at 20 Mbit/s (7-12), but a change of level mid-stream keeps only
+/// the last 16 MiB as the new frame's history (`wire::stream`). With this
+/// rule up to 120 Mbit/s the template clone at 100 Mbit/s rose to 6 and
+/// sent 3% more bytes in 9% more time (3 rounds), while the clone at
+/// 20 Mbit/s rose to 9 and took 3.4% less time for 3.5% fewer bytes.
+const MODERATE_BELOW: f64 = 5e6;
+/// The highest level a moderately slow link may take.
+const MODERATE_LEVEL_MAX: i32 = 9;
+/// Bytes the receipts' spell carried at least before a moderately slow
+/// link's level rises.
+const MODERATE_SPELL_BYTES: u64 = 1 << 20;
 /// Raw bytes a piece of the stream carries at most until the link is
 /// known to be fast ([`piece_limit`]).
 pub const SLOW_PIECE: usize = 128 << 10;
@@ -451,7 +473,10 @@ enum Levels {
     /// is checked from the instant and seconds given. A level too costly
     /// goes back to `below` (the level it rose from, or the first: then
     /// for good); `rises`: it may still rise (not once a rise was undone).
-    Raised { since: Instant, busy: f64, compressing: f64, below: i32, rises: bool },
+    /// `ceiling`: the drain rate below which the link still counts as
+    /// slow for it ([`LEVELS_BELOW`], or [`MODERATE_BELOW`] for a
+    /// moderately slow link's one rise).
+    Raised { since: Instant, busy: f64, compressing: f64, below: i32, rises: bool, ceiling: f64 },
     /// Back at the first level for the rest of the copy.
     Dropped,
 }
@@ -522,6 +547,8 @@ pub struct AutoPolicy {
     /// the slow link read now, and only the spell that decides is still
     /// short ([`AutoPolicy::first_rise_pending`]).
     rise_waits: bool,
+    /// A moderately slow link's levels were measured ([`AutoPolicy::moderate_rise`]): once a copy.
+    moderate_measured: bool,
     /// When the level's state on a slow link was last logged.
     noted: Option<Instant>,
 }
@@ -567,6 +594,7 @@ impl AutoPolicy {
             levels_partial: false,
             measuring: None,
             rise_waits: false,
+            moderate_measured: false,
             noted: None,
         }
     }
@@ -811,17 +839,22 @@ impl AutoPolicy {
             return;
         }
         // Raised (again) at `now`: the windows' counts start there.
-        let raised = |below: i32, rises: bool| Levels::Raised {
+        let raised = |below: i32, rises: bool, ceiling: f64| Levels::Raised {
             since: now,
             busy: link.busy,
             compressing: link.compressing.unwrap_or(0.0),
             below,
             rises,
+            ceiling,
         };
-        let slow = self.current == Route::Stream && self.slow_link && link.drain_rate.is_some_and(|r| r < LEVELS_BELOW);
+        let slow_below = |ceiling: f64| {
+            self.current == Route::Stream && self.slow_link && link.drain_rate.is_some_and(|r| r < ceiling)
+        };
+        let slow = slow_below(LEVELS_BELOW);
         match self.level_state {
             Levels::Dropped => {}
-            Levels::Raised { since, busy, compressing, below, rises } => {
+            Levels::Raised { since, busy, compressing, below, rises, ceiling } => {
+                let slow = slow_below(ceiling);
                 let secs = now.saturating_duration_since(since).as_secs_f64();
                 let share = if secs >= DROP_WINDOW_SECS { Some((link.busy - busy) / secs) } else { None };
                 let compressor_busy = link.compressing.map_or(true, |c| (c - compressing) / secs >= DROP_COMPRESSING);
@@ -849,11 +882,11 @@ impl AutoPolicy {
                         s * 100.0
                     );
                     self.stream_level = below;
-                    self.level_state = raised(STREAM_LEVELS[0], false);
+                    self.level_state = raised(STREAM_LEVELS[0], false, ceiling);
                     return;
                 }
                 if share.is_some() {
-                    self.level_state = raised(below, rises);
+                    self.level_state = raised(below, rises, ceiling);
                 }
                 if !rises {
                     return;
@@ -880,7 +913,7 @@ impl AutoPolicy {
                         self.stream_level,
                         rate / 1e3
                     );
-                    self.level_state = raised(self.stream_level, true);
+                    self.level_state = raised(self.stream_level, true, ceiling);
                     self.stream_level = level;
                 }
             }
@@ -899,6 +932,10 @@ impl AutoPolicy {
                 }
                 self.rise_waits = false;
                 let Some(rate) = link.drain_rate else { return };
+                if !slow && self.moderate_rise(link, rate) {
+                    self.level_state = raised(STREAM_LEVELS[0], false, MODERATE_BELOW);
+                    return;
+                }
                 // The levels are measured on the last payloads as soon as
                 // the link reads slow, before the spell that decides: the
                 // measurement then overlaps the wait for that evidence
@@ -941,9 +978,58 @@ impl AutoPolicy {
                     spell.secs
                 );
                 self.stream_level = level;
-                self.level_state = raised(STREAM_LEVELS[0], true);
+                self.level_state = raised(STREAM_LEVELS[0], true, LEVELS_BELOW);
             }
         }
+    }
+
+    /// At the first level on a moderately slow link ([`MODERATE_BELOW`]):
+    /// once its receipts' spell confirms the rate, measure the levels up to
+    /// [`MODERATE_LEVEL_MAX`] once, on the last megabyte routed, and take
+    /// the highest whose CPU time (with [`LEVEL_CPU_MARGIN`]) stays within
+    /// its own output's time on the link: the link stays the bottleneck and
+    /// carries fewer bytes. Whether the level rose (no further rise
+    /// follows; the drop rules of a raised level apply).
+    fn moderate_rise(&mut self, link: LinkView, rate: f64) -> bool {
+        let moderate = |r: f64| (LEVELS_BELOW..MODERATE_BELOW).contains(&r);
+        if self.moderate_measured
+            || self.current != Route::Stream
+            || !self.slow_link
+            || !link.receipts
+            || !moderate(rate)
+            || self.recent.len() < SAMPLE_BYTES
+        {
+            return false;
+        }
+        let Some(spell) = link
+            .spell
+            .filter(|s| s.secs >= RECEIPT_SPELL_SECS && s.bytes >= MODERATE_SPELL_BYTES && moderate(s.rate()))
+        else {
+            return false;
+        };
+        self.moderate_measured = true;
+        // The slower reading: the level must keep up with either.
+        let rate = rate.min(spell.rate());
+        let data: Vec<u8> = self.recent.iter().copied().collect();
+        let measured = measure_levels(&data, rate, STREAM_LEVELS[0], MODERATE_LEVEL_MAX);
+        let Some(first) = measured[0] else { return false };
+        let fits = |s: &Sample| s.cpu_per_byte * LEVEL_CPU_MARGIN <= s.ratio / rate && s.ratio < first.ratio;
+        let level = STREAM_LEVELS.iter().zip(&measured).skip(1).rev().find(|(_, s)| s.is_some_and(|s| fits(&s)));
+        let Some((&level, _)) = level else {
+            log::debug!(
+                "auto: stream level stays {}: no higher level keeps up with {:.1} MB/s",
+                self.stream_level,
+                rate / 1e6
+            );
+            return false;
+        };
+        log::debug!(
+            "auto: stream level {level} from now on: a moderately slow link ({:.1} MB/s, {:.1} s of spell) leaves the CPU room",
+            rate / 1e6,
+            spell.secs
+        );
+        self.stream_level = level;
+        true
     }
 
     /// [`measure_levels`] on the last payloads routed.
@@ -964,10 +1050,10 @@ impl AutoPolicy {
         self.since_levels = 0;
         self.levels_partial = data.len() < SAMPLE_BYTES;
         let run = std::thread::Builder::new().name("xenmig-levels".into());
-        match run.spawn(move || measure_levels(&data, rate, from)) {
+        match run.spawn(move || measure_levels(&data, rate, from, MAX_LEVEL)) {
             Ok(h) => self.measuring = Some(h),
             // (no thread to be had: measured here instead)
-            Err(_) => self.level_samples = measure_levels(&last(), rate, from),
+            Err(_) => self.level_samples = measure_levels(&last(), rate, from, MAX_LEVEL),
         }
     }
 
@@ -1182,12 +1268,15 @@ impl AutoPolicy {
 /// further.
 ///
 /// CPU time is counted on the thread that runs it.
-fn measure_levels(data: &[u8], rate: f64, from: i32) -> [Option<Sample>; STREAM_LEVELS.len()] {
+fn measure_levels(data: &[u8], rate: f64, from: i32, up_to: i32) -> [Option<Sample>; STREAM_LEVELS.len()] {
     let mut measured = [None; STREAM_LEVELS.len()];
     let mut best_link = f64::INFINITY;
     for (j, &level) in STREAM_LEVELS.iter().enumerate() {
         if j > 0 && level < from {
             continue;
+        }
+        if level > up_to {
+            break;
         }
         let t = thread_cpu_time();
         let out = Codec::Zstd(level).compress(data);
@@ -1630,12 +1719,12 @@ mod tests {
         let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
         p.sample(&data);
         // A link too slow for any CPU to matter: every level is measured.
-        p.level_samples = measure_levels(&data, 1.0, 3);
+        p.level_samples = measure_levels(&data, 1.0, 3, MAX_LEVEL);
         assert!(p.level_samples.iter().all(Option::is_some), "{:?}", p.level_samples);
         // A link just slow enough for the model: stops at the first level
         // whose CPU alone exceeds the best link time (for 1 MiB of text at
         // level 19, far more than 1 ns a byte).
-        p.level_samples = measure_levels(&data, 29e6, 3);
+        p.level_samples = measure_levels(&data, 29e6, 3, MAX_LEVEL);
         let measured = p.level_samples.iter().filter(|s| s.is_some()).count();
         assert!(measured < STREAM_LEVELS.len(), "{measured} levels measured at 29 MB/s");
     }
@@ -1776,6 +1865,69 @@ mod tests {
         assert!(p.stream_level() > 3 && !p.first_rise_pending());
     }
 
+    /// A policy on the stream at the first level, on a link that drains
+    /// `rate` (moderately slow: between LEVELS_BELOW and MODERATE_BELOW),
+    /// with a megabyte of text routed.
+    fn moderate_policy(rate: f64, at: Instant) -> AutoPolicy {
+        let mut p = AutoPolicy::new(true, 1 << 30).with_levels();
+        p.sample(&text(SAMPLE_BYTES));
+        p.observe(&text(SAMPLE_BYTES));
+        assert_eq!(p.choose(view(Some(rate), None, 0.0), 2, 4096, at), Route::Stream);
+        assert!(p.slow_link && p.stream_level() == 3);
+        p
+    }
+
+    /// On a moderately slow link the level rises once, to at most
+    /// MODERATE_LEVEL_MAX, when the receipts' spell confirms the rate;
+    /// never on the writes' readings alone, nor with a spell that reads a
+    /// slow link (the slow link's own rules decide there), and a reading
+    /// above MODERATE_BELOW takes it back to the first level for good.
+    #[test]
+    fn a_moderately_slow_link_raises_the_level_once() {
+        const RATE: f64 = 1.5e6;
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(100);
+        let link = |secs: f64, spell: f64| LinkView { receipts: true, ..view(Some(RATE), Some((secs, spell)), secs) };
+        // Not without receipts, nor on a short spell, nor on one that
+        // reads a slow link.
+        let mut p = moderate_policy(RATE, t0);
+        p.choose(view(Some(RATE), Some((1.0, RATE)), 1.0), 2, 4096, t0 + ms);
+        p.choose(link(0.3, RATE), 2, 4096, t0 + ms * 2);
+        p.choose(link(1.0, SLOW), 2, 4096, t0 + ms * 3);
+        assert_eq!(p.stream_level(), 3);
+        assert!(!p.moderate_measured && p.level_state == Levels::First);
+        // Half a second of spell in the range: measured once, raised.
+        p.choose(link(RECEIPT_SPELL_SECS + 0.3, RATE), 2, 4096, t0 + ms * 4);
+        let level = p.stream_level();
+        assert!(level > 3 && level <= MODERATE_LEVEL_MAX, "level {level}");
+        assert!(matches!(p.level_state, Levels::Raised { rises: false, .. }));
+        assert!(!p.first_rise_pending(), "the stream never holds for it");
+        // It stays while the link reads moderately slow...
+        p.choose(link(2.0, RATE), 2, 4096, t0 + ms * 20);
+        assert_eq!(p.stream_level(), level);
+        // ... and goes back for good on a faster reading.
+        p.choose(LinkView { receipts: true, ..view(Some(MODERATE_BELOW * 1.5), None, 2.1) }, 2, 4096, t0 + ms * 21);
+        assert_eq!((p.stream_level(), p.level_state), (3, Levels::Dropped));
+    }
+
+    /// Where no higher level keeps up with the link, the level stays, and
+    /// the levels are not measured again.
+    #[test]
+    fn a_moderately_slow_link_keeps_the_first_level_where_the_cpu_has_no_room() {
+        let rate = MODERATE_BELOW * 0.99;
+        let t0 = Instant::now();
+        let mut p = moderate_policy(rate, t0);
+        // Noise: no level compresses it better, at any CPU.
+        p.observe(&noise(SAMPLE_BYTES));
+        let link = |secs: f64| LinkView { receipts: true, ..view(Some(rate), Some((secs, rate)), secs) };
+        p.choose(link(1.0), 2, 4096, t0 + Duration::from_millis(100));
+        assert!(p.moderate_measured);
+        assert_eq!((p.stream_level(), p.level_state), (3, Levels::First));
+        p.observe(&text(SAMPLE_BYTES));
+        p.choose(link(2.0), 2, 4096, t0 + Duration::from_millis(200));
+        assert_eq!(p.stream_level(), 3, "measured again");
+    }
+
     /// A first rise is pending exactly while the levels' measurement runs
     /// (where no level shows paying), at the first level, in a copy whose
     /// stream may change level.
@@ -1794,7 +1946,14 @@ mod tests {
         p.levels_tick(view(Some(SLOW), None, 0.0), 2, t0 + Duration::from_millis(10));
         assert!(p.measuring.is_none() && !p.first_rise_pending());
         // Raised already: a later measurement holds nothing.
-        p.level_state = Levels::Raised { since: t0, busy: 0.0, compressing: 0.0, below: STREAM_LEVELS[0], rises: true };
+        p.level_state = Levels::Raised {
+            since: t0,
+            busy: 0.0,
+            compressing: 0.0,
+            below: STREAM_LEVELS[0],
+            rises: true,
+            ceiling: LEVELS_BELOW,
+        };
         p.measuring = running();
         assert!(!p.first_rise_pending());
         // A stream that cannot change level never holds.
