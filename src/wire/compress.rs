@@ -989,7 +989,10 @@ impl AutoPolicy {
     /// the highest whose CPU time (with [`LEVEL_CPU_MARGIN`]) stays within
     /// its own output's time on the link: the link stays the bottleneck and
     /// carries fewer bytes. Whether the level rose (no further rise
-    /// follows; the drop rules of a raised level apply).
+    /// follows, even where the link later slows below [`LEVELS_BELOW`];
+    /// the drop rules of a raised level apply). Measured on the calling
+    /// thread: at most three levels of one megabyte, tens of milliseconds,
+    /// once a copy.
     fn moderate_rise(&mut self, link: LinkView, rate: f64) -> bool {
         let moderate = |r: f64| (LEVELS_BELOW..MODERATE_BELOW).contains(&r);
         if self.moderate_measured
