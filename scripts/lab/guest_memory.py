@@ -11,7 +11,6 @@ the payload is $XENMIG_LAB_CACHE/payload.ext4). Prints one line per save
 and restore, then the medians per size.
 """
 import argparse
-import os
 import statistics
 import time
 
