@@ -15,7 +15,7 @@ import statistics
 import time
 
 from console import Host, log
-from checks import wait_heartbeat_above
+from checks import check_lvm, wait_heartbeat_above
 from lab import new_rundir
 
 
@@ -32,7 +32,7 @@ def main():
     try:
         h.start()
         h.wait_shell(300)
-        h.sh("pvcreate -q /dev/vdb && vgcreate -q vg0 /dev/vdb", 120)
+        check_lvm(h)
         h.sh("lvcreate -q -y -L 32M -n g1 vg0 && mkfs.ext4 -q -F /dev/vg0/g1", 120)
         for r in range(args.rounds):
             for m in args.sizes:
@@ -50,9 +50,9 @@ def main():
     finally:
         h.stop()
     for m in args.sizes:
-        print(f"{m} MiB: xl save median {statistics.median(times[m]['save']):.1f} s "
-              f"{[round(x, 1) for x in times[m]['save']]}, xl restore median "
-              f"{statistics.median(times[m]['restore']):.1f} s {[round(x, 1) for x in times[m]['restore']]}")
+        print(f"{m} MiB: " + ", ".join(
+            f"xl {what} median {statistics.median(t):.1f} s {[round(x, 1) for x in t]}"
+            for what, t in times[m].items()))
     print(f"serial log: {h.serial_log}")
 
 
