@@ -25,6 +25,7 @@ mod xen;
 
 const AFTER_HELP: &str = "\
 Examples:
+  xenmig migrate web1 host2                            move a running guest and its LV disks, live
   xenmig copy guest.img root@host2:/dev/vg0/guest      push a disk to another host over ssh
   xenmig copy -r /dev/vg0/debian12 host1:/dev/vg0/web /dev/vg0/web
                                                        pull, reusing blocks of a local template
@@ -32,7 +33,9 @@ Examples:
   xenmig index -o refs.xmi /dev/vg0/debian11 /dev/vg0/debian12
                                                        index reference images (templates, releases)
 
-Exit status: 0 success (copy: target verified), 1 failure, 2 bad usage.
+Exit status: 0 success (migrate: the domain runs on HOST on verified disks;
+copy: the target is verified), 1 failure (migrate: the domain did not move),
+2 bad usage. `xenmig migrate --help` tells how a migration goes.
 Logging: -v, -vv, or RUST_LOG=debug.
 Site defaults: /etc/xenmig/xenmig.yaml (or $XENMIG_CONFIG, or --config FILE);
 flags override it; `xenmig config` shows what applies and why.";
