@@ -42,10 +42,15 @@ pub(super) const MAX_ENTRIES: usize = SFS << 19;
 
 /// Bytes that, arriving at least at [`SLOW_RATE`], show the link fast.
 pub(super) const PROBE_BYTES: u64 = 256 << 10;
-/// Below this rate (bytes a second) the link is slow: about 8 Mbit/s,
-/// where the index's quarter of a second of CPU saves about as much link
-/// time (0.15 MB).
-pub(super) const SLOW_RATE: f64 = 1e6;
+/// Below this rate (bytes a second) the link is slow: about 4 Mbit/s.
+/// At 8 Mbit/s the index's quarter of a second of CPU saves about as much
+/// link time (0.15 MB on the quick images' return copy), so between 4 and
+/// 8 Mbit/s fetching the blocks whole loses next to nothing. Judging at
+/// 8 Mbit/s misread CPU for the link: a return copy of a 4 GiB image at
+/// 100 Mbit/s, both ends hashing on two shared cores, read 0.85 MB/s, and
+/// its blocks waited 1.15 s for an index it then gave up; the same image
+/// into a new DST read 1.22 MB/s (docs/experiments.md, session 31).
+pub(super) const SLOW_RATE: f64 = 0.5e6;
 
 /// Longest the link may stay idle, nothing else awaited, while blocks wait
 /// for an index still being built: then the build is given up and they
@@ -212,14 +217,19 @@ mod tests {
         let ms = Duration::from_millis;
         // 100 Mbit/s: 256 KiB within 21 ms.
         assert_eq!(verdict(PROBE_BYTES, ms(21), false), Verdict::Skip);
-        // 2 Mbit/s: 64 KiB in 262 ms, then the time is up.
-        assert_eq!(verdict(64 << 10, ms(200), false), Verdict::Wait);
-        assert_eq!(verdict(64 << 10, ms(263), false), Verdict::Build);
+        // 2 Mbit/s: 64 KiB in 524 ms, then the time is up.
+        assert_eq!(verdict(64 << 10, ms(400), false), Verdict::Wait);
+        assert_eq!(verdict(64 << 10, ms(525), false), Verdict::Build);
         // Enough bytes, but slowly (a burst held in buffers counts too).
-        assert_eq!(verdict(PROBE_BYTES + 1, ms(400), false), Verdict::Build);
+        assert_eq!(verdict(PROBE_BYTES + 1, ms(800), false), Verdict::Build);
+        // Both ends busy on shared cores at 100 Mbit/s, 0.85 MB/s arriving
+        // (session 31's 4 GiB return, in place): not slow. Judged slow at
+        // 299 ms before; now not yet, and fast once 256 KiB are in.
+        assert_eq!(verdict(254_489, ms(299), false), Verdict::Wait);
+        assert_eq!(verdict(PROBE_BYTES, ms(308), false), Verdict::Skip);
         // Nothing else awaited: no reason to wait, nothing to judge by.
         assert_eq!(verdict(10, ms(5), true), Verdict::Skip);
         // Idle but already known slow.
-        assert_eq!(verdict(10, ms(300), true), Verdict::Build);
+        assert_eq!(verdict(10, ms(600), true), Verdict::Build);
     }
 }
