@@ -217,9 +217,10 @@ mod tests {
         let ms = Duration::from_millis;
         // 100 Mbit/s: 256 KiB within 21 ms.
         assert_eq!(verdict(PROBE_BYTES, ms(21), false), Verdict::Skip);
-        // 2 Mbit/s: 64 KiB in 524 ms, then the time is up.
-        assert_eq!(verdict(64 << 10, ms(400), false), Verdict::Wait);
-        assert_eq!(verdict(64 << 10, ms(525), false), Verdict::Build);
+        // 2 Mbit/s: about 100 KB in 400 ms, 131 KB when the time is up
+        // (256 KiB at 0.5 MB/s: 524 ms).
+        assert_eq!(verdict(100_000, ms(400), false), Verdict::Wait);
+        assert_eq!(verdict(131_000, ms(525), false), Verdict::Build);
         // Enough bytes, but slowly (a burst held in buffers counts too).
         assert_eq!(verdict(PROBE_BYTES + 1, ms(800), false), Verdict::Build);
         // Both ends busy on shared cores at 100 Mbit/s, 0.85 MB/s arriving
