@@ -154,7 +154,9 @@ if [ "$REBUILD" = 1 ] || [ ! -s "$EXP/img/clone.img" ]; then
     resize2fs "$EXP/img/clone.tmp" >/dev/null 2>&1
     # Host is Debian 12, so apt-get download gives bookworm packages.
     EXTRA=${EXTRA:-nginx-light libnginx-mod-http-echo sqlite3 libsqlite3-0 git git-man curl libcurl4 python3-yaml python3-requests python3-urllib3 python3-idna python3-certifi python3-chardet vim-tiny less rsync}
-    (cd "$EXP/debs" && apt-get download $EXTRA >/dev/null 2>&1 || apt-get download $EXTRA)
+    # (A fresh host's package lists may name versions no longer served:
+    # apt-get update once, then again.)
+    (cd "$EXP/debs" && { apt-get download $EXTRA >/dev/null 2>&1 || { apt-get update -qq && apt-get download $EXTRA; }; })
     mount -o loop "$EXP/img/clone.tmp" "$MNT"
     for d in "$EXP"/debs/*.deb; do dpkg-deb -x "$d" "$MNT"; done
     # User data: a small web site, a sqlite-like data file, and some
