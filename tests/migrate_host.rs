@@ -104,6 +104,47 @@ fn a_migration_moves_the_domain_and_its_disk() {
     );
 }
 
+/// A domain with two disks: each moves onto an LV of its own and is, on
+/// the target, the suspended source's disk byte for byte (the guest wrote
+/// to both just before the suspension: the last delta carries both); each
+/// is tagged there and has its verified copy in the report; the domain's
+/// config on the target names both.
+#[test]
+fn a_migration_moves_every_disk_of_the_domain() {
+    let mut w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let want = w.guest_writes_before_suspend(100, 3);
+    let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 7, 2);
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    assert_eq!(w.src_state(), "gone");
+    assert_eq!(w.tgt_domains(), vec![(DOMAIN.to_string(), "r-----".to_string())]);
+    src_unchanged(&w, &want);
+    let (src_data, tgt_data) = (format!("/dev/{}/g1-data", w.src_vg), format!("/dev/{}/g1-data", w.tgt_vg));
+    assert!(fs::read(&src_data).unwrap() == want_data, "the source's second disk changed");
+    assert!(fs::read(w.tgt_disk()).unwrap() == want, "xvda on the target differs from the suspended source");
+    assert!(fs::read(&tgt_data).unwrap() == want_data, "xvdb on the target differs from the suspended source");
+    let disks: Vec<(&str, &str, &str)> =
+        r.disks.iter().map(|d| (d.vdev.as_str(), d.source.as_str(), d.target.as_str())).collect();
+    let (src_root, tgt_root) = (w.src_disk().display().to_string(), w.tgt_disk().display().to_string());
+    assert_eq!(disks, vec![("xvda", src_root.as_str(), tgt_root.as_str()), ("xvdb", &src_data, &tgt_data)]);
+    for d in &r.disks {
+        assert!(d.created, "{d:?}");
+        assert!(d.copy.as_ref().is_some_and(|c| c.verified), "{d:?}");
+    }
+    assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
+    assert_eq!(w.tgt_tags_of("g1-data"), vec![format!("xenmig-{UUID}")]);
+    for disk in [&tgt_root, &tgt_data] {
+        assert!(w.logged(&format!("target: config names disk {disk}")), "{}", w.log());
+    }
+    assert!(!w.journal_file().exists());
+    row(
+        "success, two disks (guest writes to both just before suspend)",
+        format!("migrated; {}; both target disks = suspended source's", where_runs(&w)),
+    );
+}
+
 /// The last delta starts when the source is seen suspended, not at READY:
 /// here the target's xl takes 5 s after the suspension (its last memory
 /// round and the domain's build, under TCG), and the delta is done before
@@ -165,6 +206,42 @@ fn the_last_delta_fails_before_ready_ready_withheld() {
     assert_rolled_back(&w, &want);
     row(
         "last delta: target disk end killed at the suspension, before READY",
+        format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
+    );
+}
+
+/// Two disks, and only the second one's target end dies at the
+/// suspension: its last delta fails, READY is withheld, the source resumes
+/// with both disks as they were, and the target's copy is destroyed.
+#[test]
+fn the_second_disks_last_delta_fails_ready_withheld() {
+    let mut w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let want = w.guest_writes_before_suspend(100, 2);
+    let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 7, 2);
+    w.fault("kill_serve_at_suspend", "g1-data");
+    w.fault("xl_sleep_suspended", "2");
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    let src_data = format!("/dev/{}/g1-data", w.src_vg);
+    let names_it = match &e {
+        MigrateError::FinalDelta { disk, .. } | MigrateError::PreCopy { disk, .. } => *disk == src_data,
+        _ => false,
+    };
+    assert!(names_it, "{e}\n{}", w.log());
+    assert!(w.logged("source: target disk end killed (g1-data)"), "{}", w.log());
+    assert!(!r.migrated);
+    assert_eq!(
+        r.rolled_back,
+        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
+        "{}",
+        w.log()
+    );
+    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
+    assert_rolled_back(&w, &want);
+    assert!(fs::read(&src_data).unwrap() == want_data, "the source's second disk changed");
+    row(
+        "last delta: the second disk's target end killed at the suspension (two disks)",
         format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
     );
 }
@@ -316,6 +393,28 @@ fn another_vg_without_c_the_relay_renames_the_disk_in_xls_config() {
     row("--target-vg without -C, xl's header unreadable", format!("not migrated: {e}; {}", where_runs(&w)));
 }
 
+/// The same with two disks: the relay rewrites both paths in xl's config,
+/// and the target's domain is built on both new LVs.
+#[test]
+fn another_vg_without_c_the_relay_renames_every_disk() {
+    let w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated);
+    let tgt_data = format!("/dev/{}/g1-data", w.tgt_vg);
+    for disk in [w.tgt_disk().display().to_string(), tgt_data.clone()] {
+        assert!(w.logged(&format!("target: config names disk {disk}")), "{}", w.log());
+    }
+    assert!(!w.log().contains(&format!("config names disk /dev/{}/", w.src_vg)), "{}", w.log());
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    assert!(fs::read(&tgt_data).unwrap() == data);
+    row(
+        "--target-vg without -C, two disks",
+        format!("migrated; the relay rewrote both disk paths in xl's config; {}", where_runs(&w)),
+    );
+}
+
 fn o_for(w: &World) -> migrate::MigrateOptions {
     let mut o = w.opts();
     o.config = None;
@@ -456,6 +555,70 @@ fn precopy_target_end_fails_then_a_rerun_succeeds() {
     row(
         "pre-copy: target disk end fails",
         format!("not migrated, guest never suspended ({first}); rerun reuses the LV and migrates"),
+    );
+}
+
+/// A domain with two disks whose second disk's target end fails: nothing
+/// moves, the guest is never suspended, the error names that disk, and a
+/// rerun reuses both LVs and moves the domain.
+#[test]
+fn precopy_second_disk_fails_then_a_rerun_succeeds() {
+    let w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (src_data, tgt_data) = (format!("/dev/{}/g1-data", w.src_vg), format!("/dev/{}/g1-data", w.tgt_vg));
+    w.fault("serve_fail_dst", &tgt_data);
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    assert!(matches!(&e, MigrateError::PreCopy { disk, .. } if *disk == src_data), "{e}\n{}", w.log());
+    assert!(e.to_string().contains(&src_data), "{e}");
+    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
+    assert_rolled_back(&w, &w.src_before);
+    assert!(fs::read(&src_data).unwrap() == data, "the source's second disk changed");
+    assert_eq!(w.tgt_lvs(), vec!["g1-data".to_string(), format!("{DOMAIN}-disk")]);
+    let first = format!("{}; {}", e, where_runs(&w));
+    w.clear_faults();
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated && r.disks.len() == 2 && r.disks.iter().all(|d| !d.created), "both LVs are reused: {r:?}");
+    assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
+    assert!(fs::read(&tgt_data).unwrap() == data);
+    row(
+        "pre-copy: the second disk's target end fails (two disks)",
+        format!("not migrated, guest never suspended ({first}); rerun reuses both LVs and migrates"),
+    );
+}
+
+/// Two disks, and the target cannot create the second LV although the
+/// checks before passed (lvcreate fails): the error names it, the guest is
+/// never touched, the first LV stays there tagged, and a rerun reuses it,
+/// creates the second and moves the domain.
+#[test]
+fn prepare_fails_half_way_then_a_rerun_succeeds() {
+    let w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    w.fault("lvcreate_fail", "g1-data");
+    let (r, res) = run(&w);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrateError::Target(_)), "{e}\n{}", w.log());
+    assert!(e.to_string().contains("g1-data"), "{e}");
+    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
+    assert_rolled_back(&w, &w.src_before);
+    assert_eq!(w.tgt_lvs(), vec![format!("{DOMAIN}-disk")]);
+    assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
+    let first = format!("{}; {}", e, where_runs(&w));
+    w.clear_faults();
+    let (r, res) = run(&w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    let created: Vec<bool> = r.disks.iter().map(|d| d.created).collect();
+    assert!(r.migrated && created == [false, true], "the first LV is reused, the second created: {r:?}");
+    assert!(fs::read(format!("/dev/{}/g1-data", w.tgt_vg)).unwrap() == data);
+    row(
+        "prepare: the second LV cannot be created (two disks)",
+        format!(
+            "not migrated, guest never suspended ({first}); rerun reuses the first LV, creates the second, migrates"
+        ),
     );
 }
 
@@ -1039,6 +1202,40 @@ fn kill_in_final_delta() {
         assert_rolled_back(&w, &want);
         rows_for_kill(&format!("killed in the last delta ({how:?})"), &lines, &w);
     }
+}
+
+/// The same with two disks, xenmig's whole process group killed: the
+/// journal names both, and the recovery puts the domain back here with
+/// both disks as the guest left them.
+#[test]
+fn kill_in_final_delta_two_disks() {
+    let mut w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let want = w.guest_writes_before_suspend(300, 1);
+    let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 9, 1);
+    w.hold_ready(Duration::from_secs(3));
+    let lines = kill_and_recover(
+        &w,
+        "final_delta",
+        Kill::Group,
+        |w| {
+            ready_sent(w);
+            w.signal_serve(libc::SIGSTOP);
+            w.wait_for("final_delta", LONG, || w.journal_phase().as_deref() == Some("final_delta"));
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(w.src_state(), "suspended");
+            let journal = fs::read_to_string(w.journal_file()).unwrap();
+            assert!(journal.contains("g1-data"), "the journal does not name the second disk: {journal}");
+        },
+        |w| {
+            w.signal_serve(libc::SIGCONT);
+            receiver_gone(w);
+        },
+    );
+    assert_eq!(lines, s(&["resumed g1 on this host", "destroyed g1--incoming on tgt"]), "{}", w.log());
+    assert_rolled_back(&w, &want);
+    assert!(fs::read(format!("/dev/{}/g1-data", w.src_vg)).unwrap() == want_data, "the source's second disk changed");
+    rows_for_kill("killed in the last delta, two disks (Group)", &lines, &w);
 }
 
 #[test]

@@ -339,7 +339,7 @@ impl TargetHost {
                     self.xenmig,
                     stderr.trim()
                 )),
-                _ => MigrateError::Target(format!("{} ({op}): {}", self.host, stderr.trim())),
+                _ => MigrateError::Target(format!("{} ({op}): {}", self.host, own_words(&stderr))),
             });
         }
         serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -351,9 +351,35 @@ impl TargetHost {
     }
 }
 
+/// What the target's `migrate-target` said when it failed, without the
+/// prefixes this end adds again ("xenmig: error: on the target: ..." came
+/// out as "on the target: HOST (prepare): xenmig: error: on the target:
+/// ..."). Lines before the error (warnings) are kept.
+fn own_words(stderr: &str) -> String {
+    stderr
+        .trim()
+        .lines()
+        .map(|l| {
+            let l = l.strip_prefix("xenmig: error: ").unwrap_or(l);
+            l.strip_prefix("on the target: ").unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_targets_error_is_said_once() {
+        assert_eq!(
+            own_words("xenmig: error: on the target: volume group vg9: not found\n"),
+            "volume group vg9: not found"
+        );
+        assert_eq!(own_words("warning: x\nxenmig: error: lvcreate failed"), "warning: x\nlvcreate failed");
+        assert_eq!(own_words("sh: 1: oops"), "sh: 1: oops");
+    }
 
     #[test]
     fn lv_requests_round_trip() {

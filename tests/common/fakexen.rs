@@ -88,9 +88,15 @@ migrate)
     log "source: no banner; nothing suspended"; exit 1
   fi
   # xl's save header (xl_saverestore.c): the domain config as JSON names
-  # the disk; with -C (the operator's config) the target's path.
-  cfgdisk=$(cat "$S/src.disk"); [ -n "$cfg" ] && cfgdisk=$(cat "$S/tgt.disk")
-  json="{\"c_info\": {\"name\": \"$dom\"}, \"disks\": [{\"pdev_path\": \"$cfgdisk\", \"vdev\": \"xvda\"}]}"
+  # the disks; with -C (the operator's config) the target's paths.
+  cfgdisk=$(cat "$S/src.disk"); dir=$(dirname "$cfgdisk")
+  [ -n "$cfg" ] && { cfgdisk=$(cat "$S/tgt.disk"); dir=$(dirname "$cfgdisk"); }
+  disks="{\"pdev_path\": \"$cfgdisk\", \"vdev\": \"xvda\"}"
+  # A domain's further disks (World::add_disk): "VDEV LV" a line.
+  if [ -f "$S/disks.extra" ]; then
+    while read -r vdev lv; do disks="$disks, {\"pdev_path\": \"$dir/$lv\", \"vdev\": \"$vdev\"}"; done < "$S/disks.extra"
+  fi
+  json="{\"c_info\": {\"name\": \"$dom\"}, \"disks\": [$disks]}"
   clen=$(( ${#json} + 1 ))
   { printf 'Xen saved domain, xl format\n \0 \r'; le32 $((0x01020304)); le32 "$(f xl_header_flags && fv xl_header_flags || echo 3)"; le32 0; le32 $((clen + 4)); le32 $clen
     printf '%s\0' "$json"; } >&4
@@ -106,11 +112,20 @@ migrate)
     dd if="$S/guest_write" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write.block")" conv=notrunc status=none
     log "source: guest wrote"
   fi
+  # ... and on its further disks (World::guest_writes_to_before_suspend).
+  for w in "$S"/guest_write_extra/*.data; do
+    [ -e "$w" ] || continue
+    lv=$(basename "$w" .data)
+    dd if="$w" of="$(dirname "$(cat "$S/src.disk")")/$lv" bs=4096 seek="$(cat "${w%.data}.block")" conv=notrunc status=none
+    log "source: guest wrote to $lv"
+  done
   setsrc suspended; log "source: suspended"
   # The target's disk end dies the moment the guest is suspended: the last
   # delta, which starts then, must fail and READY be withheld.
+  # (The fault's value, if any, names the one LV whose disk end dies.)
   if f kill_serve_at_suspend; then
-    while read -r p; do kill -9 "$p" 2>/dev/null; done < "$S/serve.pids"; log "source: target disk end killed"
+    which=$(cat "$S/faults/kill_serve_at_suspend"); pids="$S/serve.pids"; [ -n "$which" ] && pids="$S/serve.pids.$which"
+    while read -r p; do kill -9 "$p" 2>/dev/null; done < "$pids"; log "source: target disk end killed${which:+ ($which)}"
   fi
   if f xl_stream_fail; then
     log "source: stream failed; source resumed"; setsrc running; exit 1
@@ -149,9 +164,11 @@ migrate-receive)
   set -- $(head -c 48 | od -An -tu1 -v)
   [ $# = 48 ] || { log "target: short header ($# bytes)"; exit 1; }
   olen=$(( ${45} + ${46} * 256 + ${47} * 65536 + ${48} * 16777216 ))
-  disk=$(head -c "$olen" | tail -c +5 | tr -d '\000' | sed -n 's/.*"pdev_path": "\([^"]*\)".*/\1/p')
-  log "target: config names disk $disk"
-  [ -f "$disk" ] || { log "target: restore failed: no disk $disk"; exit 1; }
+  paths=$(head -c "$olen" | tail -c +5 | tr -d '\000' | grep -o '"pdev_path": "[^"]*"' | sed 's/.*: "\(.*\)"/\1/')
+  for disk in $paths; do
+    log "target: config names disk $disk"
+    [ -f "$disk" ] || { log "target: restore failed: no disk $disk"; exit 1; }
+  done
   n=$(head -c 1000 | wc -c)
   [ "$n" = 1000 ] || { log "target: short stream ($n bytes)"; exit 1; }
   printf "%s\n" "--p---" > "$S/tgt/$NAME--incoming"; log "target: $NAME--incoming built, paused"
@@ -218,6 +235,10 @@ lvcreate)
   # lvcreate --yes -n LV -L SIZEb VG
   while [ $# -gt 1 ]; do case "$1" in -n) lv=$2; shift 2 ;; -L) size=${2%b}; shift 2 ;; *) shift ;; esac; done
   v=$1; [ -f "$S/vg/$v" ] || no_vg "$v"
+  # The fault names the one LV whose creation fails (after the checks passed).
+  if [ -e "$S/faults/lvcreate_fail" ] && [ "$lv" = "$(cat "$S/faults/lvcreate_fail")" ]; then
+    echo "  device-mapper: create ioctl on $v-$lv failed: Device or resource busy" >&2; exit 5
+  fi
   [ -e "/dev/$v/$lv" ] && { echo "  Logical Volume \"$lv\" already exists in volume group \"$v\"" >&2; exit 5; }
   free=$(vg_json "$v" | sed 's/.*"vg_free":"\([0-9]*\)".*/\1/')
   [ "$size" -le "$free" ] || { echo "  Volume group \"$v\" has insufficient free space ($free bytes): $size required." >&2; exit 5; }
@@ -242,6 +263,8 @@ f() { [ -e "$S/faults/$1" ]; }
 if [ "$1" = serve ]; then
   echo $$ >> "$S/serve.pids"
   f serve_fail && { echo "target: cannot open the disk (fault)" >&2; exit 1; }
+  # Only the disk end of the DST this fault names fails.
+  f serve_fail_dst && [ "$3" = "$(cat "$S/faults/serve_fail_dst")" ] && { echo "target: cannot open $3 (fault)" >&2; exit 1; }
   f serve_sleep && sleep "$(cat "$S/faults/serve_sleep")"
   if f faulty_disk_end; then
     # The disk end is a test binary's, writing DST through a FaultyDisk
@@ -264,7 +287,8 @@ if [ "$1" = serve ]; then
   fi
   # setsid forks when this shell leads its process group (xenmig's Link::spawn
   # gives the peer a group of its own): the disk end records its own pid.
-  exec setsid bash -c 'echo $$ >> "$0"; exec "$@"' "$S/serve.pids" @XENMIG@ "$@"
+  # (Also in serve.pids.LV, LV being DST's name: one disk's end.)
+  exec setsid bash -c 'echo $$ >> "$0"; echo $$ >> "$0.$1"; shift; exec "$@"' "$S/serve.pids" "$(basename "$3")" @XENMIG@ "$@"
 fi
 if [ "$1 $2" = "migrate-target cleanup" ] && f cleanup_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
 if [ "$1 $2" = "migrate-target state" ] && f state_fail; then echo "ssh: connect to host tgt: No route to host" >&2; exit 255; fi
@@ -453,6 +477,38 @@ impl World {
             .unwrap_or_default()
     }
 
+    /// The target's tags of LV `lv`.
+    pub fn tgt_tags_of(&self, lv: &str) -> Vec<String> {
+        fs::read_to_string(self.state().join("tags").join(&self.tgt_vg).join(lv))
+            .map(|t| t.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// Give the domain one more disk: LV `lv` of the source VG, `bytes` of
+    /// noise (`seed`), seen by the guest as `vdev`. Returns its content.
+    pub fn add_disk(&self, vdev: &str, lv: &str, bytes: usize, seed: u64) -> Vec<u8> {
+        let data = crate::common::noise(seed, bytes);
+        fs::write(format!("/dev/{}/{lv}", self.src_vg), &data).unwrap();
+        let mut list = fs::read_to_string(self.state().join("disks.extra")).unwrap_or_default();
+        list.push_str(&format!("{vdev} {lv}\n"));
+        fs::write(self.state().join("disks.extra"), list).unwrap();
+        data
+    }
+
+    /// The fake guest writes `blocks` 4 KiB blocks at `block` of its disk
+    /// `lv` (one [`add_disk`](Self::add_disk) gave it, content `before`)
+    /// just before xl suspends it; returns that disk's content afterwards.
+    pub fn guest_writes_to_before_suspend(&self, lv: &str, before: &[u8], block: usize, blocks: usize) -> Vec<u8> {
+        let data = crate::common::noise(97, blocks * 4096);
+        let dir = self.state().join("guest_write_extra");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(format!("{lv}.data")), &data).unwrap();
+        fs::write(dir.join(format!("{lv}.block")), block.to_string()).unwrap();
+        let mut after = before.to_vec();
+        after[block * 4096..(block + blocks) * 4096].copy_from_slice(&data);
+        after
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.state().join("log")).unwrap()
     }
@@ -573,6 +629,16 @@ impl FakeSource {
         fs::read_to_string(self.state.join("src.state")).unwrap().trim().to_string()
     }
 
+    fn disk(&self, vdev: &str, lv: &str) -> DiskInfo {
+        DiskInfo {
+            vdev: vdev.into(),
+            vg: self.src_vg.clone(),
+            lv: lv.into(),
+            // The fake LV is a file: its size is the disk's.
+            size_bytes: fs::metadata(format!("/dev/{}/{lv}", self.src_vg)).unwrap().len(),
+        }
+    }
+
     fn log(&self, line: &str) {
         use std::io::Write;
         let mut f = fs::OpenOptions::new().append(true).open(self.state.join("log")).unwrap();
@@ -592,13 +658,15 @@ impl SourceHost for FakeSource {
             uuid: UUID.into(),
             paused: st == "paused",
             memory_kib: 131072,
-            disks: vec![DiskInfo {
-                vdev: "xvda".into(),
-                vg: self.src_vg.clone(),
-                lv: format!("{DOMAIN}-disk"),
-                // The fake LV is a file: its size is the disk's.
-                size_bytes: fs::metadata(format!("/dev/{}/{DOMAIN}-disk", self.src_vg)).unwrap().len(),
-            }],
+            disks: std::iter::once(self.disk("xvda", &format!("{DOMAIN}-disk")))
+                .chain(
+                    fs::read_to_string(self.state.join("disks.extra"))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| l.split_once(' '))
+                        .map(|(vdev, lv)| self.disk(vdev, lv)),
+                )
+                .collect(),
         })
     }
 
