@@ -436,6 +436,10 @@ pub(super) struct Target<'a> {
     /// keyless but failed their digest, then asked for with every key.
     blocks_keyless: u64,
     groups_rekeyed: u64,
+    /// A group asked for again with every key: its blocks' states then, so
+    /// that a block this copy fetched or reused before counts as such, not
+    /// as found in place, when its key shows DST holds it now.
+    rekeyed: HashMap<u64, Vec<State>>,
     /// `CAP_HELD_KEYS` agreed (with `CAP_SUB_GROUPS` and
     /// `CAP_BLOCK_HINTS`): a DST that holds nothing may send its held set.
     held_keys: bool,
@@ -754,6 +758,7 @@ impl<'a> Target<'a> {
             sub_asked: HashSet::new(),
             blocks_keyless: 0,
             groups_rekeyed: 0,
+            rekeyed: HashMap::new(),
             holds_sent: false,
             unkeyed_runs: HashMap::new(),
             blocks_unkeyed: 0,
@@ -1654,6 +1659,7 @@ impl Target<'_> {
         let mut unkeyed = Vec::new();
         let mut keys = Vec::with_capacity(given.len());
         let mut keyless = Vec::new();
+        let before = self.rekeyed.remove(&g);
         for (k, i) in (a..b).enumerate() {
             let len = self.layout.extent(i).1;
             let key = match given[k] {
@@ -1678,7 +1684,12 @@ impl Target<'_> {
             if self.zeros.is_zero_key(&key, len) {
                 self.set_zero(i)?;
             } else if key_of(&self.have[i as usize]) == key {
-                self.state[i as usize] = State::InPlace;
+                // (Written by this copy before its group was asked for
+                // again: it counts as it came.)
+                self.state[i as usize] = match before.as_ref().map(|b| b[k]) {
+                    Some(s @ (State::Reused | State::Fetched | State::Delta | State::Similar)) => s,
+                    _ => State::InPlace,
+                };
             } else if !self.reuse_block(i, &key)? {
                 missing.push(i);
             }
@@ -2333,6 +2344,7 @@ impl Target<'_> {
             self.blocks_keyless -= keyless as u64;
             self.groups_rekeyed += 1;
             self.keys.remove(&g);
+            self.rekeyed.insert(g, self.state[a as usize..b as usize].to_vec());
             self.state[a as usize..b as usize].fill(State::Pending);
             self.grp[g as usize].pending = (b - a) as u32;
             self.request(Message::WantDigests { first_group: g, count: 1 })?;
