@@ -125,6 +125,9 @@ def check_xm_rolled_back(g, dst, extra, env, want_phase, what, during=None):
 
 
 def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
+    """A live (or --stop-copy) xenmig migrate of g1 to DST. WANT_CREATED:
+    whether its LV is created on DST (True) or reused (False); a list for
+    a guest with several disks, one each in the domain's order."""
     src = g.host
     # live: the domain arrives as g1--incoming (xl's name for it while it is
     # restored) and keeps that console log; --stop-copy: xl restore makes g1
@@ -147,8 +150,9 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
     disks = rep.get("disks", [])
     if not disks or not all(d.get("copy") and d["copy"].get("verified") for d in disks):
         raise LabError(f"not every disk verified: {disks}")
-    if any(d.get("created") != want_created for d in disks):
-        raise LabError(f"LV created={[d.get('created') for d in disks]}, expected {want_created}")
+    want = want_created if isinstance(want_created, list) else [want_created] * len(disks)
+    if [d.get("created") for d in disks] != want:
+        raise LabError(f"LV created={[d.get('created') for d in disks]}, expected {want}")
     size = sum(d["size_bytes"] for d in disks)
     wire = rep.get("bytes_wire", 0)
     if max_wire_fraction is not None and wire > max_wire_fraction * size:
@@ -185,8 +189,8 @@ def check_xm_migrate(g, dst, want_created, max_wire_fraction=None, extra=""):
             f"(last delta {rep.get('final_delta_seconds') or 0:.2f} s), {rep.get('disk_passes')} "
             f"disk passes ({rep.get('disk_passes_during_memory')} during xl's memory copy), heartbeat gap "
             f"{'%.2f s (+-%.2f)' % (hb_gap, measured[1]) if measured else 'not measured'}, "
-            f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LV), LV "
-            f"{'created' if want_created else 'reused'}; last heartbeat on {src.name} {last}, "
+            f"{wire} bytes on the wire ({100.0 * wire / size:.1f}% of the LVs), LVs "
+            f"{' and '.join('created' if w else 'reused' for w in want)}; last heartbeat on {src.name} {last}, "
             f"on {dst.name} {' '.join(map(str, seq[:4]))}", figures)
 
 
@@ -510,6 +514,31 @@ def check_xm_killed_then_rerun(g, dst):
             f"is left for the rerun (next check)")
 
 
+def check_xm_two_disks(g, dst):
+    """A second disk hot-plugged into the running g1 (`xl block-attach`:
+    /dev/vg0/g1b as xvdb, 8 MiB of random bytes dom0 wrote first), then a
+    live xenmig migrate to DST: both disks' copies verified, g1 reused and
+    g1b created there, g1 on DST attached to both, g1b the same bytes on
+    both hosts (read past the page cache; the guest does not write it)."""
+    src = g.host
+    src.sh("lvcreate -q -y -L 8M -n g1b vg0 && "
+           "dd if=/dev/urandom of=/dev/vg0/g1b bs=1M count=8 oflag=direct status=none", 120)
+    src.sh("xl block-attach g1 phy:/dev/vg0/g1b,xvdb,w", 120)
+    attached = src.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='")
+    if "/dev/vg0/g1b" not in attached:
+        raise LabError(f"xl block-attach: g1 on {src.name} is not attached to /dev/vg0/g1b: {attached!r}")
+    summary, figures = check_xm_migrate(g, dst, [False, True], None, FAST_RESCAN)
+    attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
+    if "/dev/vg0/g1\"" not in attached or "/dev/vg0/g1b" not in attached:
+        raise LabError(f"g1 on {dst.name} is not attached to both LVs: {attached!r}")
+    digest = "dd if=/dev/vg0/g1b bs=1M iflag=direct status=none | sha256sum"
+    here, there = src.sh(digest).split()[0], dst.sh(digest).split()[0]
+    if here != there:
+        raise LabError(f"g1b differs: {src.name} {here[:16]}, {dst.name} {there[:16]}")
+    figures["attached"] = attached
+    return f"{summary}; g1b sha256 {here[:16]} on both hosts; attached: {' '.join(attached.split())}", figures
+
+
 def run_xenmig_migrate_checks(checks, hosts):
     h1, h2 = hosts
     g = Guest(h2, "guest-g1.log")
@@ -600,10 +629,13 @@ def run_xenmig_migrate_checks(checks, hosts):
     checks.step(f"the xend hook ({HOOK}, from the .deb) driven step by step around a "
                 "pause of g1: its disk copied live and verified on the other host",
                 lambda: check_xend_hook(g, other()))
+    checks.step(f"xenmig migrate {FAST_RESCAN} of g1 with a second disk hot-plugged (xl block-attach "
+                "vg0/g1b as xvdb): both LVs moved live and verified, g1b the same bytes on both hosts",
+                lambda: check_xm_two_disks(g, other()))
     if os.environ.get("XENMIG_LAB_BENCH") == "1":
         checks.step("migrate benchmark: xl migrate (memory only), xl migrate -p + dd, xenmig live (now and before), --stop-copy at "
                     "64 and 512 MiB under a write load (XENMIG_LAB_BENCH=1)",
                     lambda: check_migrate_bench(hosts))
-    checks.step("guest shut down on xenlab1 after the xenmig migrations: e2fsck -fn clean, "
+    checks.step(f"guest shut down on {g.host.name} after the xenmig migrations: e2fsck -fn clean, "
                 "counter on disk = last heartbeat (or +1 in flight)",
                 lambda: check_shutdown_fsck(g.host, g.log))
