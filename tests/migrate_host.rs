@@ -77,6 +77,46 @@ fn assert_refused(w: &World, r: &MigrateReport, res: &Result<(), MigrateError>) 
     e.to_string()
 }
 
+/// Failed before xl ran: not migrated, nothing rolled back or left to
+/// decide, the guest never touched, and [`assert_rolled_back`]'s state.
+fn assert_failed_before_xl(w: &World, r: &MigrateReport) {
+    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
+    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
+    assert_rolled_back(w, &w.src_before);
+}
+
+/// READY withheld: not migrated, xl resumed the source, the target's copy
+/// destroyed, and [`assert_rolled_back`]'s state (the source disk as
+/// `want_src`).
+fn assert_ready_withheld(w: &World, r: &MigrateReport, want_src: &[u8]) {
+    assert!(!r.migrated);
+    assert_eq!(
+        r.rolled_back,
+        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
+        "{}",
+        w.log()
+    );
+    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
+    assert_rolled_back(w, want_src);
+}
+
+/// A world whose domain has a second disk, xvdb on LV `g1-data` (1 MiB of
+/// noise), and that disk's content.
+fn with_data_disk() -> (World, Vec<u8>) {
+    let w = World::new(VG_BIG);
+    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    (w, data)
+}
+
+/// The faults cleared, migrate again: it must succeed.
+fn rerun(w: &World) -> MigrateReport {
+    w.clear_faults();
+    let (r, res) = run(w);
+    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    assert!(r.migrated, "{r:?}");
+    r
+}
+
 // ---- success ----
 
 #[test]
@@ -111,8 +151,7 @@ fn a_migration_moves_the_domain_and_its_disk() {
 /// config on the target names both.
 #[test]
 fn a_migration_moves_every_disk_of_the_domain() {
-    let mut w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (mut w, data) = with_data_disk();
     let want = w.guest_writes_before_suspend(100, 3);
     let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 7, 2);
     let (r, res) = run(&w);
@@ -194,16 +233,8 @@ fn the_last_delta_fails_before_ready_ready_withheld() {
     // The last pass of the memory phase (sent at the suspension) or the
     // delta itself meets the dead link first.
     assert!(matches!(e, MigrateError::FinalDelta { .. } | MigrateError::PreCopy { .. }), "{e}\n{}", w.log());
-    assert!(!r.migrated);
-    assert_eq!(
-        r.rolled_back,
-        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
-        "{}",
-        w.log()
-    );
-    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
+    assert_ready_withheld(&w, &r, &want);
     assert!(!w.log().contains("GO"), "{}", w.log());
-    assert_rolled_back(&w, &want);
     row(
         "last delta: target disk end killed at the suspension, before READY",
         format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
@@ -215,8 +246,7 @@ fn the_last_delta_fails_before_ready_ready_withheld() {
 /// with both disks as they were, and the target's copy is destroyed.
 #[test]
 fn the_second_disks_last_delta_fails_ready_withheld() {
-    let mut w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (mut w, data) = with_data_disk();
     let want = w.guest_writes_before_suspend(100, 2);
     let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 7, 2);
     w.fault("kill_serve_at_suspend", "g1-data");
@@ -230,15 +260,7 @@ fn the_second_disks_last_delta_fails_ready_withheld() {
     };
     assert!(names_it, "{e}\n{}", w.log());
     assert!(w.logged("source: target disk end killed (g1-data)"), "{}", w.log());
-    assert!(!r.migrated);
-    assert_eq!(
-        r.rolled_back,
-        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
-        "{}",
-        w.log()
-    );
-    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
-    assert_rolled_back(&w, &want);
+    assert_ready_withheld(&w, &r, &want);
     assert!(fs::read(&src_data).unwrap() == want_data, "the source's second disk changed");
     row(
         "last delta: the second disk's target end killed at the suspension (two disks)",
@@ -397,8 +419,7 @@ fn another_vg_without_c_the_relay_renames_the_disk_in_xls_config() {
 /// and the target's domain is built on both new LVs.
 #[test]
 fn another_vg_without_c_the_relay_renames_every_disk() {
-    let w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (w, data) = with_data_disk();
     let (r, res) = migrate::migrate(&w.host(), &o_for(&w), &Progress::hidden());
     res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
     assert!(r.migrated);
@@ -540,17 +561,13 @@ fn precopy_target_end_fails_then_a_rerun_succeeds() {
     let (r, res) = run(&w);
     let e = res.unwrap_err();
     assert!(matches!(e, MigrateError::PreCopy { .. }), "{e}");
-    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
-    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
-    assert_rolled_back(&w, &w.src_before);
+    assert_failed_before_xl(&w, &r);
     // The LV prepared for it stays, tagged, for the rerun.
     assert_eq!(w.tgt_lvs(), vec![format!("{DOMAIN}-disk")]);
     assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
     let first = format!("{}; {}", e, where_runs(&w));
-    w.clear_faults();
-    let (r, res) = run(&w);
-    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
-    assert!(r.migrated && !r.disks[0].created, "the LV is reused: {r:?}");
+    let r = rerun(&w);
+    assert!(!r.disks[0].created, "the LV is reused: {r:?}");
     assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
     row(
         "pre-copy: target disk end fails",
@@ -563,24 +580,19 @@ fn precopy_target_end_fails_then_a_rerun_succeeds() {
 /// rerun reuses both LVs and moves the domain.
 #[test]
 fn precopy_second_disk_fails_then_a_rerun_succeeds() {
-    let w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (w, data) = with_data_disk();
     let (src_data, tgt_data) = (format!("/dev/{}/g1-data", w.src_vg), format!("/dev/{}/g1-data", w.tgt_vg));
     w.fault("serve_fail_dst", &tgt_data);
     let (r, res) = run(&w);
     let e = res.unwrap_err();
     assert!(matches!(&e, MigrateError::PreCopy { disk, .. } if *disk == src_data), "{e}\n{}", w.log());
     assert!(e.to_string().contains(&src_data), "{e}");
-    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
-    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
-    assert_rolled_back(&w, &w.src_before);
+    assert_failed_before_xl(&w, &r);
     assert!(fs::read(&src_data).unwrap() == data, "the source's second disk changed");
     assert_eq!(w.tgt_lvs(), vec!["g1-data".to_string(), format!("{DOMAIN}-disk")]);
     let first = format!("{}; {}", e, where_runs(&w));
-    w.clear_faults();
-    let (r, res) = run(&w);
-    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
-    assert!(r.migrated && r.disks.len() == 2 && r.disks.iter().all(|d| !d.created), "both LVs are reused: {r:?}");
+    let r = rerun(&w);
+    assert!(r.disks.len() == 2 && r.disks.iter().all(|d| !d.created), "both LVs are reused: {r:?}");
     assert!(fs::read(w.tgt_disk()).unwrap() == w.src_before);
     assert!(fs::read(&tgt_data).unwrap() == data);
     row(
@@ -595,24 +607,19 @@ fn precopy_second_disk_fails_then_a_rerun_succeeds() {
 /// creates the second and moves the domain.
 #[test]
 fn prepare_fails_half_way_then_a_rerun_succeeds() {
-    let w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (w, data) = with_data_disk();
     w.fault("lvcreate_fail", "g1-data");
     let (r, res) = run(&w);
     let e = res.unwrap_err();
     assert!(matches!(e, MigrateError::Target(_)), "{e}\n{}", w.log());
     assert!(e.to_string().contains("g1-data"), "{e}");
-    assert!(!r.migrated && r.rolled_back.is_empty() && r.needs_attention.is_empty(), "{r:?}");
-    assert!(!w.log().contains("xl migrate") && !w.log().contains("suspended"), "the guest was touched: {}", w.log());
-    assert_rolled_back(&w, &w.src_before);
+    assert_failed_before_xl(&w, &r);
     assert_eq!(w.tgt_lvs(), vec![format!("{DOMAIN}-disk")]);
     assert_eq!(w.tgt_tags(), vec![format!("xenmig-{UUID}")]);
     let first = format!("{}; {}", e, where_runs(&w));
-    w.clear_faults();
-    let (r, res) = run(&w);
-    res.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+    let r = rerun(&w);
     let created: Vec<bool> = r.disks.iter().map(|d| d.created).collect();
-    assert!(r.migrated && created == [false, true], "the first LV is reused, the second created: {r:?}");
+    assert!(created == [false, true], "the first LV is reused, the second created: {r:?}");
     assert!(fs::read(format!("/dev/{}/g1-data", w.tgt_vg)).unwrap() == data);
     row(
         "prepare: the second LV cannot be created (two disks)",
@@ -751,17 +758,9 @@ fn final_delta_fails_ready_withheld_source_resumes_target_copy_destroyed() {
     killer.join().unwrap();
     let e = res.unwrap_err();
     assert!(matches!(e, MigrateError::FinalDelta { .. }), "{e}\n{}", w.log());
-    assert!(!r.migrated);
-    assert_eq!(
-        r.rolled_back,
-        vec![format!("{DOMAIN} runs on this host (resumed by xl)"), format!("destroyed {DOMAIN}--incoming on {HOST}")],
-        "{}",
-        w.log()
-    );
+    assert_ready_withheld(&w, &r, &want);
     assert!(r.needs_attention.is_empty());
-    assert!(w.logged("source: no READY; source resumed"), "READY reached xl: {}", w.log());
     assert!(!w.log().contains("GO"), "{}", w.log());
-    assert_rolled_back(&w, &want);
     row(
         "last delta: target disk end killed while READY is held",
         format!("not migrated; READY withheld; rolled back: {}; {}", r.rolled_back.join(" / "), where_runs(&w)),
@@ -1209,8 +1208,7 @@ fn kill_in_final_delta() {
 /// both disks as the guest left them.
 #[test]
 fn kill_in_final_delta_two_disks() {
-    let mut w = World::new(VG_BIG);
-    let data = w.add_disk("xvdb", "g1-data", 1 << 20, 8);
+    let (mut w, data) = with_data_disk();
     let want = w.guest_writes_before_suspend(300, 1);
     let want_data = w.guest_writes_to_before_suspend("g1-data", &data, 9, 1);
     w.hold_ready(Duration::from_secs(3));
