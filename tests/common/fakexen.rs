@@ -107,13 +107,9 @@ migrate)
     log "source: guest wrote during the memory copy"
   fi
   f xl_memory_secs && sleep "$(fv xl_memory_secs)"
-  # The guest writes once more before it suspends: the last delta carries it.
-  if [ -e "$S/guest_write" ]; then
-    dd if="$S/guest_write" of="$(cat "$S/src.disk")" bs=4096 seek="$(cat "$S/guest_write.block")" conv=notrunc status=none
-    log "source: guest wrote"
-  fi
-  # ... and on its further disks (World::guest_writes_to_before_suspend).
-  for w in "$S"/guest_write_extra/*.data; do
+  # The guest writes once more before it suspends, on any of its disks
+  # (World::guest_writes_to_before_suspend): the last delta carries it.
+  for w in "$S"/guest_writes/*.data; do
     [ -e "$w" ] || continue
     lv=$(basename "$w" .data)
     dd if="$w" of="$(dirname "$(cat "$S/src.disk")")/$lv" bs=4096 seek="$(cat "${w%.data}.block")" conv=notrunc status=none
@@ -472,9 +468,7 @@ impl World {
     }
 
     pub fn tgt_tags(&self) -> Vec<String> {
-        fs::read_to_string(self.state().join("tags").join(&self.tgt_vg).join(format!("{DOMAIN}-disk")))
-            .map(|t| t.lines().map(String::from).collect())
-            .unwrap_or_default()
+        self.tgt_tags_of(&format!("{DOMAIN}-disk"))
     }
 
     /// The target's tags of LV `lv`.
@@ -496,11 +490,18 @@ impl World {
     }
 
     /// The fake guest writes `blocks` 4 KiB blocks at `block` of its disk
-    /// `lv` (one [`add_disk`](Self::add_disk) gave it, content `before`)
+    /// `lv` (its first, or one [`add_disk`](Self::add_disk) gave it;
+    /// content `before`)
     /// just before xl suspends it; returns that disk's content afterwards.
     pub fn guest_writes_to_before_suspend(&self, lv: &str, before: &[u8], block: usize, blocks: usize) -> Vec<u8> {
-        let data = crate::common::noise(97, blocks * 4096);
-        let dir = self.state().join("guest_write_extra");
+        self.guest_writes(lv, before, block, blocks, 97)
+    }
+
+    /// [`guest_writes_to_before_suspend`](Self::guest_writes_to_before_suspend),
+    /// the data being noise of `seed`.
+    fn guest_writes(&self, lv: &str, before: &[u8], block: usize, blocks: usize, seed: u64) -> Vec<u8> {
+        let data = crate::common::noise(seed, blocks * 4096);
+        let dir = self.state().join("guest_writes");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join(format!("{lv}.data")), &data).unwrap();
         fs::write(dir.join(format!("{lv}.block")), block.to_string()).unwrap();
@@ -520,12 +521,7 @@ impl World {
     /// The fake guest writes `blocks` 4 KiB blocks at `block` just before
     /// xl suspends it; returns the source content expected afterwards.
     pub fn guest_writes_before_suspend(&mut self, block: usize, blocks: usize) -> Vec<u8> {
-        let data = crate::common::noise(99, blocks * 4096);
-        fs::write(self.state().join("guest_write"), &data).unwrap();
-        fs::write(self.state().join("guest_write.block"), block.to_string()).unwrap();
-        let mut after = self.src_before.clone();
-        after[block * 4096..(block + blocks) * 4096].copy_from_slice(&data);
-        after
+        self.guest_writes(&format!("{DOMAIN}-disk"), &self.src_before, block, blocks, 99)
     }
 
     /// The fake guest writes `blocks` 4 KiB blocks at `block` once xl has
@@ -539,8 +535,10 @@ impl World {
         data
     }
 
+    /// The fake guest no longer writes to its first disk before xl
+    /// suspends it.
     pub fn no_guest_writes(&self) {
-        let _ = fs::remove_file(self.state().join("guest_write"));
+        let _ = fs::remove_file(self.state().join("guest_writes").join(format!("{DOMAIN}-disk.data")));
     }
 
     /// Hold the pre-copy this long after pass 1 began (`opts.hold_precopy`).
