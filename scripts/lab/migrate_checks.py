@@ -41,6 +41,16 @@ def xm_migrate(src, dst, extra="", env="", timeout=900):
     return rc, rep, err
 
 
+def attached(h):
+    """xenstore's backend `params` lines of g1's disks on H: what backs them."""
+    return h.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
+
+
+def lv_sha256(h, lv):
+    """The sha256 of LV (e.g. vg0/g1) on H, read past the page cache."""
+    return h.sh(f"dd if=/dev/{lv} bs=1M iflag=direct status=none | sha256sum").split()[0]
+
+
 def domains_on(h):
     return h.sh("xl list | awk 'NR>1{print $1}'").split()
 
@@ -211,10 +221,10 @@ def check_xm_target_vg(g, dst, vg, want_created, template=None, catalog=False, r
     elif template:
         extra += f" -r {template}"
     summary, figures = check_xm_migrate(g, dst, want_created, None, f"{extra} {rescan}")
-    attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
-    if f"/dev/{vg}/g1" not in attached:
-        raise LabError(f"g1 on {dst.name} does not use /dev/{vg}/g1: {attached!r}")
-    figures["attached"] = attached
+    backed = attached(dst)
+    if f"/dev/{vg}/g1" not in backed:
+        raise LabError(f"g1 on {dst.name} does not use /dev/{vg}/g1: {backed!r}")
+    figures["attached"] = backed
     if template:
         rep = json.loads(src.sh("cat /tmp/xm.json").strip().splitlines()[-1])
         used = [(d.get("copy") or {}).get("shared_reference") for d in rep.get("disks", [])]
@@ -223,7 +233,7 @@ def check_xm_target_vg(g, dst, vg, want_created, template=None, catalog=False, r
         figures["shared_reference"] = used
         summary += f"; dictionary {template} on both hosts" + (
             " (the source's from its catalog)" if catalog else " (the source's found at -r's path)")
-    return f"{summary}; attached: {attached}", figures
+    return f"{summary}; attached: {backed}", figures
 
 
 def make_template(src, dst, lv="vg0/tmpl"):
@@ -264,8 +274,7 @@ def check_xend_hook(g, dst):
         said.append(out.strip())
         if rc != 0:
             raise LabError(f"step 3: status {rc}: {out[-800:]}")
-        digest = "dd if=/dev/vg0/g1 bs=1M iflag=direct status=none | sha256sum"
-        here, there = src.sh(digest).split()[0], dst.sh(digest).split()[0]
+        here, there = lv_sha256(src, "vg0/g1"), lv_sha256(dst, "vg0/g1")
     finally:
         src.sh("xl unpause g1")
     if here != there:
@@ -526,19 +535,18 @@ def check_xm_two_disks(g, dst):
     src.sh("lvcreate -q -y -L 8M -n g1b vg0 && "
            "dd if=/dev/urandom of=/dev/vg0/g1b bs=1M count=8 oflag=direct status=none", 120)
     src.sh("xl block-attach g1 phy:/dev/vg0/g1b,xvdb,w", 120)
-    attached = src.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='")
-    if "/dev/vg0/g1b" not in attached:
-        raise LabError(f"xl block-attach: g1 on {src.name} is not attached to /dev/vg0/g1b: {attached!r}")
+    backed = attached(src)
+    if "/dev/vg0/g1b" not in backed:
+        raise LabError(f"xl block-attach: g1 on {src.name} is not attached to /dev/vg0/g1b: {backed!r}")
     summary, figures = check_xm_migrate(g, dst, [False, True], None, FAST_RESCAN)
-    attached = dst.sh("xenstore-ls -f /local/domain/0/backend/vbd/$(xl domid g1) | grep '/params ='").strip()
-    if "/dev/vg0/g1\"" not in attached or "/dev/vg0/g1b" not in attached:
-        raise LabError(f"g1 on {dst.name} is not attached to both LVs: {attached!r}")
-    digest = "dd if=/dev/vg0/g1b bs=1M iflag=direct status=none | sha256sum"
-    here, there = src.sh(digest).split()[0], dst.sh(digest).split()[0]
+    backed = attached(dst)
+    if "/dev/vg0/g1\"" not in backed or "/dev/vg0/g1b" not in backed:
+        raise LabError(f"g1 on {dst.name} is not attached to both LVs: {backed!r}")
+    here, there = lv_sha256(src, "vg0/g1b"), lv_sha256(dst, "vg0/g1b")
     if here != there:
         raise LabError(f"g1b differs: {src.name} {here[:16]}, {dst.name} {there[:16]}")
-    figures["attached"] = attached
-    return f"{summary}; g1b sha256 {here[:16]} on both hosts; attached: {' '.join(attached.split())}", figures
+    figures["attached"] = backed
+    return f"{summary}; g1b sha256 {here[:16]} on both hosts; attached: {' '.join(backed.split())}", figures
 
 
 def run_xenmig_migrate_checks(checks, hosts):
